@@ -1,0 +1,1 @@
+"""Node agent: reads GPU counters (NVML or simulated), builds them on OpenTelemetry, streams to Kafka."""

@@ -1,0 +1,152 @@
+"""Configuration: one YAML file (`--config` or `GPUFLEET_CONFIG`), validated on load, before any data moves.
+
+Every section is a typed struct that refuses unknown keys, so a typo fails at start-up with the
+key's path and the fix. Secrets never live here in clear: passwords come from environment
+variables or files named here, and `Config` never prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the key and how to fix it."""
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base for config sections: unknown keys are errors."""
+
+
+class KafkaConfig(Strict):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "gpufleet.samples"
+    dlq_topic: str = "gpufleet.dlq"
+    partitions: PositiveInt = 8
+    compression: Literal["lz4", "gzip", "zstd", "none"] = "lz4"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password_env: str = "GPUFLEET_KAFKA_PASSWORD"
+    """Name of the environment variable holding the SASL password (never the password itself)."""
+    sasl_password_file: str | None = None
+
+
+class ClickHouseConfig(Strict):
+    dsn: str = "chdb:///var/lib/gpufleet/clickhouse"
+    database: str = "gpufleet"
+    cluster: str | None = None
+    raw_ttl_days: PositiveInt = 30
+
+
+class AllocationConfig(Strict):
+    source: Literal["none", "file", "dcgm_job_dir", "static"] = "none"
+    path: str | None = None
+    """`file`: the scheduler's allocation JSON; `dcgm_job_dir`: dcgm-exporter's HPC job-mapping dir."""
+    static: dict[str, str] = {}
+    """`static`: GPU index (as a string) -> "tenant/job"."""
+
+
+class AgentConfig(Strict):
+    cluster: str = "default"
+    node: str = msgspec.field(default_factory=socket.gethostname)
+    interval_s: Positive = 1.0
+    backend: Literal["nvml", "simulated"] = "nvml"
+    spool_dir: str = "/var/lib/gpufleet/spool"
+    spool_max_bytes: PositiveInt = 512 * 1024 * 1024
+    allocation: AllocationConfig = msgspec.field(default_factory=AllocationConfig)
+    otlp_receiver_host: str = "127.0.0.1"
+    otlp_receiver_port: int = 4318
+    otlp_receiver_enabled: bool = True
+    otlp_export_endpoint: str | None = None
+    """Also export the agent's metrics over OTLP/HTTP to this collector (e.g. http://otel:4318)."""
+
+
+class IngestConfig(Strict):
+    group_id: str = "gpufleet-ingest"
+    batch_rows: PositiveInt = 50_000
+    batch_ms: PositiveInt = 1_000
+    max_poll_interval_ms: PositiveInt = 30_000
+    session_timeout_ms: PositiveInt = 10_000
+    status_port: int = 0
+    """Port of the small HTTP status API while the pipeline runs; 0 picks a free one."""
+
+
+class HealthConfig(Strict):
+    failing_xids: tuple[int, ...] = (46, 48, 62, 64, 74, 79, 95, 119, 120, 136, 140, 143, 155, 156, 158)
+    degrading_xids: tuple[int, ...] = (63, 94, 109, 38, 39, 42, 67, 73, 121, 137)
+    application_xids: tuple[int, ...] = (13, 31, 43, 45, 68, 92)
+    """Application errors (the job's fault, not the GPU's): recorded, never mark the GPU."""
+    temp_degraded_c: float = 87.0
+    temp_failing_c: float = 95.0
+    mem_temp_degraded_c: float = 95.0
+    retired_pages_failing: PositiveInt = 63
+    remapped_rows_uncorrectable_failing: PositiveInt = 512
+    silent_after_s: Positive = 30.0
+    """A GPU with no report for longer than this is `unknown`."""
+
+
+class BillingConfig(Strict):
+    exclude_states: tuple[Literal["failing", "degraded", "unknown"], ...] = ("failing",)
+    """GPU-seconds in these health states are not billed (the SLA policy)."""
+    idle_util_ratio: Ratio = 0.05
+    """An allocated GPU below this utilization is idle."""
+
+
+class AlertsConfig(Strict):
+    rules_file: str | None = None
+    """Declarative rules (YAML); the shipped defaults when unset."""
+    alertmanager_url: str | None = None
+    interval_s: Positive = 5.0
+
+
+class Config(Strict):
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    clickhouse: ClickHouseConfig = msgspec.field(default_factory=ClickHouseConfig)
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
+    peak_flops: dict[str, Positive] = {}
+    """Peak dense BF16 FLOP/s per GPU model name, overriding or extending the built-in table."""
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the config from `path` (or `$GPUFLEET_CONFIG`); defaults when neither is set."""
+    path = path or os.environ.get("GPUFLEET_CONFIG")
+    if not path:
+        return Config()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist: pass --config PATH or unset GPUFLEET_CONFIG") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    return parse(raw, source=str(p))
+
+
+def parse(raw: object, source: str = "config") -> Config:
+    """Validate a decoded mapping into a `Config`; the error names the key path and the fix."""
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        hint = ""
+        if "unknown field" in text:
+            hint = " (remove it or fix its spelling; see docs/configuration.md for the keys)"
+        raise ConfigError(f"{source}: {text.replace('`$.', '`')}{hint}") from None

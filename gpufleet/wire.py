@@ -1,0 +1,154 @@
+"""The wire contract between node agents and the pipeline: one Kafka message per node per interval.
+
+This module is the single definition of the message. The agent encodes with it, the ingester
+decodes and validates with it, `docs/wire-format.md` documents it and `docs/wire-format.schema.json`
+is exported from it (`gpufleet schema`). Every numeric field is in a base unit named in its
+suffix (`_bytes`, `_w`, `_j`, `_c`, `_mhz`, `_ratio` for 0..1 fractions); `None` always means
+"not supported by this GPU or not readable this interval", never zero.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+"""Bumped on any incompatible change; the ingester dead-letters versions it does not know."""
+
+MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+"""Largest decoded message the ingester accepts (a node with 72 GPUs is ~40 KB)."""
+
+Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Label = Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One GPU's counters for one interval. Only `index` and `uuid` are always present."""
+
+    index: Count
+    uuid: Name
+    model: Label | None = None
+    error: Label | None = None
+    """Set when the GPU could not be read at all (e.g. fallen off the bus); the counters are then null."""
+    tenant: Label | None = None
+    """Tenant the GPU is allocated to this interval; null means unallocated."""
+    job: Label | None = None
+    util_gpu_ratio: Ratio | None = None
+    util_mem_ratio: Ratio | None = None
+    mem_used_bytes: Count | None = None
+    mem_total_bytes: Count | None = None
+    power_w: NonNeg | None = None
+    energy_j: NonNeg | None = None
+    """Cumulative energy since the driver loaded (NVML's counter, converted from mJ)."""
+    temp_gpu_c: float | None = None
+    temp_mem_c: float | None = None
+    clock_sm_mhz: Count | None = None
+    clock_mem_mhz: Count | None = None
+    clock_event_reasons: Count | None = None
+    """NVML clocks-event (throttle) bitmask: 0x4 SW power cap, 0x8 HW slowdown, 0x20 SW thermal,
+    0x40 HW thermal, 0x80 HW power brake (see `gpufleet.units.THROTTLE_*`)."""
+    ecc_corrected_volatile: Count | None = None
+    ecc_uncorrected_volatile: Count | None = None
+    ecc_corrected_aggregate: Count | None = None
+    ecc_uncorrected_aggregate: Count | None = None
+    remapped_rows_correctable: Count | None = None
+    remapped_rows_uncorrectable: Count | None = None
+    remap_pending: bool | None = None
+    remap_failure: bool | None = None
+    retired_pages: Count | None = None
+    retired_pages_pending: bool | None = None
+    pcie_replay_count: Count | None = None
+    nvlink_crc_errors: Count | None = None
+    nvlink_replay_errors: Count | None = None
+    nvlink_recovery_errors: Count | None = None
+    nvlink_links_down: Count | None = None
+    xids: list[Annotated[int, msgspec.Meta(ge=0, le=65535)]] = []
+    """XID codes raised during this interval, in order (event-driven, each reported once)."""
+    compute_processes: Count | None = None
+    sm_active_ratio: Ratio | None = None
+    """GPM (Hopper+) SM activity; null on older GPUs."""
+    tensor_active_ratio: Ratio | None = None
+    """GPM (Hopper+) any-tensor-pipe activity; the simulator also fills it."""
+    dram_active_ratio: Ratio | None = None
+    flops_measured: NonNeg | None = None
+    """Model FLOPs the job on this GPU reported executing during the interval (OTLP), or null."""
+
+
+class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The agent's own health for the interval, so the pipeline sees sick agents."""
+
+    collect_seconds: NonNeg = 0.0
+    nvml_errors: Count = 0
+    spool_depth: Count = 0
+    spool_dropped_total: Count = 0
+    send_errors_total: Count = 0
+    otlp_points_accepted_total: Count = 0
+    otlp_points_rejected_total: Count = 0
+
+
+class NodeReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One node's message for one interval: the unit of delivery, dedup and replay.
+
+    `(node, boot_id, seq)` identifies a message uniquely: the ingester drops any message it has
+    already stored under that identity, which makes redelivery and spool replay harmless.
+    """
+
+    schema_version: int
+    cluster: Name
+    node: Name
+    boot_id: Name
+    """Changes when the agent's sequence restarts (new spool); with `seq` it names the message."""
+    seq: Count
+    time_ms: Count
+    """End of the interval, Unix milliseconds UTC, read from the agent's clock."""
+    interval_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)]
+    gpus: list[GpuSample]
+    agent: AgentHealth = msgspec.field(default_factory=AgentHealth)
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(NodeReport)
+
+
+def encode(report: NodeReport) -> bytes:
+    """Serialize a report to the JSON bytes that go on the wire."""
+    return _encoder.encode(report)
+
+
+def decode(data: bytes) -> NodeReport:
+    """Parse and validate wire bytes; raises `WireError` naming what is wrong."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message is {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        report = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"not valid JSON: {exc}") from None
+    if report.schema_version != SCHEMA_VERSION:
+        raise WireError(
+            f"unknown schema_version {report.schema_version} (this ingester reads {SCHEMA_VERSION}); "
+            "upgrade the ingester before the agents"
+        )
+    seen: set[str] = set()
+    for gpu in report.gpus:
+        if gpu.uuid in seen:
+            raise WireError(f"GPU uuid {gpu.uuid!r} appears twice in one message")
+        seen.add(gpu.uuid)
+    return report
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire contract; the text says what is wrong."""
+
+
+def json_schema() -> dict[str, object]:
+    """The machine-readable JSON Schema of `NodeReport`, exported to `docs/wire-format.schema.json`."""
+    return msgspec.json.schema(NodeReport)
+
+
+GPU_FIELDS: Final = tuple(GpuSample.__struct_fields__)

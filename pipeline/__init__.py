@@ -1,0 +1,1 @@
+"""Pipeline: Kafka -> ClickHouse ingestion, rollups, MFU, health, billing, alerts and the embedded demo."""

@@ -1,0 +1,110 @@
+"""Versioned SQL migrations (`pipeline/migrations/NNNN_name.sql`), applied once each, idempotently.
+
+Each file is a list of statements separated by `;` at line end, with `${db}`, `${on_cluster}`,
+`${replicated}` and `${raw_ttl_days}` filled in here, so one set of files serves chDB, a single
+server and a cluster (Replicated engines, `ON CLUSTER`). Applied versions are recorded in
+`schema_migrations` with a checksum; a changed file that was already applied is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from pipeline.store import check_database_name
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+
+class MigrationError(RuntimeError):
+    """A migration failed or an applied one was changed since."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SchemaOptions:
+    """What varies between deployments; the SQL is the same."""
+
+    database: str = "gpufleet"
+    cluster: str | None = None
+    raw_ttl_days: int = 30
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def substitutions(self) -> dict[str, str]:
+        subs = {
+            "db": check_database_name(self.database),
+            "on_cluster": f"ON CLUSTER '{self.cluster}'" if self.cluster else "",
+            "replicated": "Replicated" if self.cluster else "",
+            "raw_ttl_days": str(int(self.raw_ttl_days)),
+        }
+        subs.update(dict(self.extra))
+        return subs
+
+
+def available() -> list[Migration]:
+    """Every migration shipped with the package, in version order."""
+    out = []
+    for entry in resources.files("pipeline.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version, _, name = entry.name.removesuffix(".sql").partition("_")
+            out.append(Migration(int(version), name, entry.read_text()))
+    return sorted(out, key=lambda m: m.version)
+
+
+def statements(migration: Migration, options: SchemaOptions) -> list[str]:
+    """The migration's statements with the deployment's substitutions filled in."""
+    text = string.Template(migration.sql).substitute(options.substitutions())
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
+    parts = "\n".join(lines).split(";\n")
+    return [p.strip().rstrip(";") for p in parts if p.strip()]
+
+
+def migrate(client: Client, options: SchemaOptions) -> list[int]:
+    """Apply every migration not yet applied; returns the versions applied now."""
+    db = check_database_name(options.database)
+    on_cluster = options.substitutions()["on_cluster"]
+    engine = "" if options.cluster else " ENGINE = Atomic"
+    client.command(f"CREATE DATABASE IF NOT EXISTS {db} {on_cluster}{engine}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations {on_cluster} "
+        "(version UInt32, name String, checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+        f"ENGINE = {options.substitutions()['replicated']}ReplacingMergeTree ORDER BY version"
+    )
+    applied = {
+        int(v): c
+        for v, c in client.query(f"SELECT version, checksum FROM {db}.schema_migrations FINAL").result_rows
+    }
+    done = []
+    for m in available():
+        if m.version in applied:
+            if applied[m.version] != m.checksum:
+                raise MigrationError(
+                    f"migration {m.version:04d}_{m.name} changed after it was applied "
+                    f"(checksum {applied[m.version]} -> {m.checksum}); add a new migration instead"
+                )
+            continue
+        for stmt in statements(m, options):
+            try:
+                client.command(stmt)
+            except Exception as exc:
+                raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from None
+        client.insert(
+            f"{db}.schema_migrations", [[m.version, m.name, m.checksum]],
+            column_names=["version", "name", "checksum"],
+        )
+        done.append(m.version)
+    return done

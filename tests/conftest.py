@@ -1,0 +1,52 @@
+"""Shared fixtures: a real tansu broker per test session and a fresh chDB database per test.
+
+chDB allows one process per store path, and pytest-xdist runs workers as processes, so each
+worker opens its own store under pytest's temporary directory.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pipeline.embedded_broker import EmbeddedBroker
+from pipeline.migrate import SchemaOptions, migrate
+from pipeline.store import Target, connect
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A real Kafka-protocol broker (tansu) on a free loopback port, for the whole session."""
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
+
+@pytest.fixture(scope="session")
+def ch_client(chdb_dsn: str) -> Client:
+    return connect(Target(dsn=chdb_dsn))
+
+
+@pytest.fixture
+def ch_target(chdb_dsn: str, ch_client: Client) -> Iterator[Target]:
+    """A freshly migrated database of its own for this test (dropped afterwards)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    migrate(ch_client, SchemaOptions(database=name))
+    yield Target(dsn=chdb_dsn, database=name)
+    ch_client.command(f"DROP DATABASE IF EXISTS {name} SYNC")
+
+
+@pytest.fixture
+def topic() -> str:
+    """A topic name of this test's own, so tests sharing the broker never see each other's data."""
+    return f"t-{uuid.uuid4().hex[:10]}"
