@@ -40,7 +40,7 @@ class KafkaConfig(Strict):
     ssl_keyfile: str | None = None
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
-    sasl_password_env: str = "GPUFLEET_KAFKA_PASSWORD"
+    sasl_password_env: str = "GPUFLEET_KAFKA_PASSWORD"  # noqa: S105 (a variable name, not a secret)
     """Name of the environment variable holding the SASL password (never the password itself)."""
     sasl_password_file: str | None = None
 

@@ -16,8 +16,8 @@ import msgspec
 SCHEMA_VERSION: Final = 1
 """Bumped on any incompatible change; the ingester dead-letters versions it does not know."""
 
-MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
-"""Largest decoded message the ingester accepts (a node with 72 GPUs is ~40 KB)."""
+MAX_MESSAGE_BYTES: Final = 1_000_000
+"""Largest message the ingester accepts: Kafka's default `message.max.bytes` (an 8-GPU node is ~5 KB)."""
 
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]

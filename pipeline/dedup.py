@@ -1,0 +1,62 @@
+"""Exactly-once effect on top of at-least-once delivery: drop messages already stored.
+
+A message is named by `(cluster, node, boot_id, seq)`. Before each insert the ingester drops
+duplicates inside the batch and asks ClickHouse which of the batch's identities are already in
+`gpu_samples` (one query over the batch's nodes and time range: the primary key makes it cheap).
+A message's rows share one timestamp and therefore one partition, and each insert writes each
+partition's part atomically, so a message is stored whole or not at all; redelivery after a crash
+and agent spool replay then add nothing. Kafka keys messages by node, so a node's messages are
+read by one consumer at a time; the one residual race (a partition moving between consumers during
+an insert) is covered by `gpufleet verify` (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from gpufleet.wire import NodeReport
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+Identity = tuple[str, str, str, int]
+
+
+def identity(r: NodeReport) -> Identity:
+    return (r.cluster, r.node, r.boot_id, r.seq)
+
+
+def unique_in_batch(reports: Sequence[NodeReport]) -> tuple[list[NodeReport], int]:
+    """The first copy of each message in arrival order, and how many copies were dropped."""
+    seen: set[Identity] = set()
+    out = []
+    for r in reports:
+        key = identity(r)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out, len(reports) - len(out)
+
+
+def already_stored(client: Client, database: str, reports: Sequence[NodeReport]) -> set[Identity]:
+    """Identities among `reports` that `gpu_samples` already holds."""
+    with_rows = [r for r in reports if r.gpus]
+    if not with_rows:
+        return set()
+    wanted = {identity(r) for r in with_rows}
+    result = client.query(
+        f"SELECT DISTINCT cluster, node, boot_id, seq FROM {database}.gpu_samples "
+        "WHERE cluster IN {clusters:Array(String)} AND node IN {nodes:Array(String)} "
+        "AND time BETWEEN fromUnixTimestamp64Milli({lo:Int64}) AND fromUnixTimestamp64Milli({hi:Int64}) "
+        "AND seq BETWEEN {slo:UInt64} AND {shi:UInt64}",
+        parameters={
+            "clusters": sorted({r.cluster for r in with_rows}),
+            "nodes": sorted({r.node for r in with_rows}),
+            "lo": min(r.time_ms for r in with_rows),
+            "hi": max(r.time_ms for r in with_rows),
+            "slo": min(r.seq for r in with_rows),
+            "shi": max(r.seq for r in with_rows),
+        },
+    )
+    return {(c, n, b, int(s)) for c, n, b, s in result.result_rows} & wanted

@@ -1,0 +1,120 @@
+"""GPU health rules: one sample (and the same GPU's previous counters) -> state and reasons.
+
+States: `ok`, `degraded`, `failing`, and `unknown` (no report for longer than
+`health.silent_after_s`; decided by queries over time, since a missing sample cannot classify itself).
+Rules follow NVIDIA's XID catalog and DCGM's health watches (docs/health.md has the table):
+
+| reason                  | state    | when |
+|-------------------------|----------|------|
+| `unreachable`           | failing  | the GPU could not be read at all (fallen off the bus, GPU is lost) |
+| `xid_<n>`               | failing  | XID in `health.failing_xids` (48, 64, 74, 79, 95, 119, 120, 140...) |
+| `xid_<n>`               | degraded | XID in `health.degrading_xids` (63, 94...); app XIDs never mark |
+| `ecc_dbe`               | failing  | volatile uncorrected ECC count > 0 (double-bit error since the last reset) |
+| `row_remap_failure`     | failing  | NVML reports a failed row remap |
+| `remapped_rows_limit`   | failing  | uncorrectable remapped rows >= the limit (DCGM: 512) |
+| `retired_pages_limit`   | failing  | retired pages >= `retired_pages_failing` (DCGM: 63) |
+| `nvlink_down`           | failing  | an NVLink that exists is down |
+| `temperature_critical`  | failing  | GPU temperature >= `temp_failing_c` |
+| `row_remap_pending`     | degraded | a remap (or page retirement) waits for a GPU reset |
+| `nvlink_errors`         | degraded | NVLink replay or recovery counters grew since the previous sample |
+| `pcie_replay`           | degraded | the PCIe replay counter grew since the previous sample |
+| `thermal_throttle`      | degraded | SW or HW thermal slowdown bit set |
+| `power_brake`           | degraded | HW slowdown or HW power-brake bit set (SW power capping is normal under load) |
+| `temperature_high`      | degraded | GPU >= `temp_degraded_c` or memory >= `mem_temp_degraded_c` |
+
+Everything that can make a GPU *failing* depends on the sample alone, so the billed (SLA) seconds
+never depend on the order samples arrive in; the counter-growth rules only ever degrade.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from gpufleet.config import HealthConfig
+from gpufleet.gpu_facts import THROTTLE_HW_POWER_BRAKE, THROTTLE_HW_SLOWDOWN, THROTTLE_THERMAL_MASK
+from gpufleet.wire import GpuSample
+
+
+class State(IntEnum):
+    """Ordered by severity; values match the ClickHouse Enum8 `health` column."""
+
+    OK = 0
+    DEGRADED = 1
+    FAILING = 2
+    UNKNOWN = 3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: State
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The counters of the GPU's previous sample that growth rules compare against."""
+
+    pcie_replay_count: int | None
+    nvlink_errors: int | None
+
+
+def previous_of(sample: GpuSample) -> Previous:
+    return Previous(sample.pcie_replay_count, _nvlink_errors(sample))
+
+
+def _nvlink_errors(s: GpuSample) -> int | None:
+    if s.nvlink_replay_errors is None and s.nvlink_recovery_errors is None:
+        return None
+    return (s.nvlink_replay_errors or 0) + (s.nvlink_recovery_errors or 0)
+
+
+def _grew(now: int | None, before: int | None) -> bool:
+    return now is not None and before is not None and now > before
+
+
+def classify(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> Verdict:
+    """The health of one GPU for one interval."""
+    failing: list[str] = []
+    degraded: list[str] = []
+    if s.error:
+        failing.append("unreachable")
+    failing_xids, degrading_xids = set(cfg.failing_xids), set(cfg.degrading_xids)
+    for x in dict.fromkeys(s.xids):
+        if x in failing_xids:
+            failing.append(f"xid_{x}")
+        elif x in degrading_xids:
+            degraded.append(f"xid_{x}")
+    if s.ecc_uncorrected_volatile:
+        failing.append("ecc_dbe")
+    if s.remap_failure:
+        failing.append("row_remap_failure")
+    if (s.remapped_rows_uncorrectable or 0) >= cfg.remapped_rows_uncorrectable_failing:
+        failing.append("remapped_rows_limit")
+    if (s.retired_pages or 0) >= cfg.retired_pages_failing:
+        failing.append("retired_pages_limit")
+    if s.nvlink_links_down:
+        failing.append("nvlink_down")
+    if s.temp_gpu_c is not None and s.temp_gpu_c >= cfg.temp_failing_c:
+        failing.append("temperature_critical")
+    if s.remap_pending or s.retired_pages_pending:
+        degraded.append("row_remap_pending")
+    if prev is not None:
+        if _grew(_nvlink_errors(s), prev.nvlink_errors):
+            degraded.append("nvlink_errors")
+        if _grew(s.pcie_replay_count, prev.pcie_replay_count):
+            degraded.append("pcie_replay")
+    reasons_bits = s.clock_event_reasons or 0
+    if reasons_bits & THROTTLE_THERMAL_MASK:
+        degraded.append("thermal_throttle")
+    if reasons_bits & (THROTTLE_HW_SLOWDOWN | THROTTLE_HW_POWER_BRAKE):
+        degraded.append("power_brake")
+    gpu_hot = s.temp_gpu_c is not None and cfg.temp_degraded_c <= s.temp_gpu_c < cfg.temp_failing_c
+    mem_hot = s.temp_mem_c is not None and s.temp_mem_c >= cfg.mem_temp_degraded_c
+    if gpu_hot or mem_hot:
+        degraded.append("temperature_high")
+    if failing:
+        return Verdict(State.FAILING, tuple(failing + degraded))
+    if degraded:
+        return Verdict(State.DEGRADED, tuple(degraded))
+    return Verdict(State.OK, ())

@@ -1,0 +1,44 @@
+"""Hand-built wire messages for tests: every value explicit, nothing from the code under test."""
+
+from __future__ import annotations
+
+from gpufleet.wire import SCHEMA_VERSION, GpuSample, NodeReport
+
+T0_MS = 1_795_000_000_000  # 2026-11-18T08:26:40Z, a fixed instant
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def gpu(index: int, node: str = "n1", **fields: object) -> GpuSample:
+    base: dict[str, object] = {
+        "index": index,
+        "uuid": f"GPU-{node}-{index}",
+        "model": H100,
+        "util_gpu_ratio": 0.5,
+        "power_w": 300.0,
+        "tensor_active_ratio": 0.25,
+        "compute_processes": 1,
+    }
+    base.update(fields)
+    return GpuSample(**base)  # type: ignore[arg-type]
+
+
+def report(
+    node: str = "n1",
+    seq: int = 0,
+    time_ms: int = T0_MS,
+    gpus: list[GpuSample] | None = None,
+    n_gpus: int = 2,
+    interval_ms: int = 1000,
+    cluster: str = "c1",
+    boot_id: str = "boot-1",
+) -> NodeReport:
+    return NodeReport(
+        schema_version=SCHEMA_VERSION,
+        cluster=cluster,
+        node=node,
+        boot_id=boot_id,
+        seq=seq,
+        time_ms=time_ms,
+        interval_ms=interval_ms,
+        gpus=gpus if gpus is not None else [gpu(i, node) for i in range(n_gpus)],
+    )
