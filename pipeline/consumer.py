@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gpufleet import kafka
 from gpufleet.config import Config
 
 if TYPE_CHECKING:
     from pipeline.ingester import Ingester
-
-
-def _security(cfg: Config) -> dict[str, Any]:
-    try:  # TEMPORARY until gpufleet/kafka.py lands
-        from gpufleet import kafka
-    except ImportError:
-        return {}
-    return kafka.security_kwargs(cfg.kafka)
 
 
 def build_consumer(cfg: Config, ingester_ref: list[Ingester]) -> Any:
@@ -35,19 +28,16 @@ def build_consumer(cfg: Config, ingester_ref: list[Ingester]) -> Any:
                 ingester_ref[0].on_partitions_assigned(assigned)
 
     ing = cfg.ingest
-    consumer = KafkaConsumer(
-        bootstrap_servers=cfg.kafka.bootstrap_servers.split(","),
+    consumer = KafkaConsumer(**kafka.consumer_kwargs(
+        cfg.kafka,
         group_id=ing.group_id,
         client_id="gpufleet-ingest",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
         max_poll_interval_ms=ing.max_poll_interval_ms,
         session_timeout_ms=ing.session_timeout_ms,
         heartbeat_interval_ms=max(100, ing.session_timeout_ms // 4),
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=16 * 1024 * 1024,
-        **_security(cfg),
-    )
+    ))
     consumer.subscribe([cfg.kafka.topic], listener=Listener())
     return consumer
 
@@ -56,9 +46,4 @@ def build_producer(cfg: Config) -> Any:
     """The dead-letter producer: acks from all replicas, the original bytes unchanged."""
     from kafka import KafkaProducer
 
-    return KafkaProducer(
-        bootstrap_servers=cfg.kafka.bootstrap_servers.split(","),
-        client_id="gpufleet-ingest-dlq",
-        acks="all",
-        **_security(cfg),
-    )
+    return KafkaProducer(**kafka.producer_kwargs(cfg.kafka, client_id="gpufleet-ingest-dlq"))

@@ -197,7 +197,7 @@ class Ingester:
         s.batches += 1
         s.last_flush_ms = ingest_ms
         if fresh:
-            s.last_sample_ms = max(s.last_sample_ms, max(r.time_ms for r in fresh))
+            s.last_sample_ms = max(s.last_sample_ms, *(r.time_ms for r in fresh))
         s.backing_off = False
         s.last_error = ""
 
@@ -205,7 +205,8 @@ class Ingester:
         futures = []
         for d in dead:
             log.warning("dead-lettered %s/%d@%d: %s", d.topic, d.partition, d.offset, d.reason)
-            headers = [("gpufleet-error", d.reason.encode()), ("gpufleet-source", f"{d.topic}/{d.partition}/{d.offset}".encode())]
+            source = f"{d.topic}/{d.partition}/{d.offset}".encode()
+            headers = [("gpufleet-error", d.reason.encode()), ("gpufleet-source", source)]
             futures.append(self.dlq.send(self.cfg.kafka.dlq_topic, key=d.key, value=d.value, headers=headers))
         self.dlq.flush(timeout=30)
         for f in futures:

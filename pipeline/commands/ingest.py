@@ -1,0 +1,53 @@
+"""`gpufleet ingest`: run the Kafka -> ClickHouse ingester (a consumer-group member) until stopped."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import click
+
+from gpufleet import kafka
+from pipeline.commands.common import load_config, target_options
+from pipeline.commands.migrate import schema_options
+from pipeline.consumer import build_consumer, build_producer
+from pipeline.ingester import Ingester
+from pipeline.migrate import migrate
+from pipeline.status import fleet_status
+from pipeline.status_api import StatusServer
+from pipeline.store import connect, redact
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@target_options
+@click.option("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap_servers).")
+@click.option("--no-migrate", is_flag=True, help="Do not apply schema migrations at start-up.")
+def ingest(config_path: str | None, dsn: str | None, database: str | None, bootstrap: str | None,
+           no_migrate: bool) -> None:
+    """Consume agent messages from Kafka and insert them into ClickHouse (at-least-once, deduplicated)."""
+    import msgspec
+
+    cfg, target = load_config(config_path, dsn, database)
+    if bootstrap:
+        cfg = msgspec.structs.replace(cfg, kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=bootstrap))
+    client = connect(target)
+    if not no_migrate:
+        migrate(client, schema_options(cfg))
+    kafka.ensure_topics(cfg.kafka)
+    ref: list[Ingester] = []
+    ing = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))
+    ref.append(ing)
+    api = StatusServer(lambda: fleet_status(connect(target), cfg), port=cfg.ingest.status_port).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"ingesting {cfg.kafka.topic}@{cfg.kafka.bootstrap_servers} into {redact(target.dsn)} "
+               f"database {target.database}; status API {api.url}/status", err=True)
+    try:
+        ing.run(stop)
+    finally:
+        api.stop()
+        ing.consumer.close()

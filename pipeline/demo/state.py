@@ -1,0 +1,51 @@
+"""The running demo's state file (`<data-dir>/state.json`): where its store and status API are."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DemoState:
+    pid: int
+    status_url: str
+    dsn: str
+    database: str
+    bootstrap: str
+    alertmanager_url: str | None = None
+
+    @staticmethod
+    def path(data_dir: Path) -> Path:
+        return data_dir / "state.json"
+
+    def write(self, data_dir: Path) -> None:
+        tmp = self.path(data_dir).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(self.path(data_dir))
+
+    @classmethod
+    def read(cls, data_dir: Path) -> DemoState | None:
+        try:
+            return cls(**json.loads(cls.path(data_dir).read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def fetch_status(self, timeout_s: float = 30) -> dict[str, Any] | None:
+        """The running demo's status document, or None if its API does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.status_url}/status", timeout=timeout_s) as resp:  # noqa: S310 (loopback URL we wrote)
+                return json.loads(resp.read())
+        except OSError:
+            return None

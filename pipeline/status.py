@@ -1,0 +1,85 @@
+"""The fleet summary behind `gpufleet status --json`, the demo's live view and its status API.
+
+Everything is computed from ClickHouse, so the same answer comes from the running pipeline (over
+its HTTP status API, since chDB lets one process own a store) and from the store after it stopped.
+"Reporting" is relative to the newest sample in the store, not the wall clock, so a summary read
+after the demo stopped still describes the fleet as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import TYPE_CHECKING, Any
+
+from gpufleet.config import Config
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+
+def _iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def basic_summary(client: Client, db: str, window_s: float) -> dict[str, Any]:
+    """Reporting GPUs and nodes (within `window_s` of the newest sample), totals, tenants, DLQ."""
+    last_ms, total = client.query(
+        f"SELECT toUnixTimestamp64Milli(max(time)), count() FROM {db}.gpu_samples"
+    ).result_rows[0]
+    if not total:
+        last_ms = 0
+    gpus, nodes = client.query(
+        f"SELECT uniqExact(gpu_uuid), uniqExact(cluster, node) FROM {db}.gpu_samples "
+        "WHERE time >= fromUnixTimestamp64Milli({since:Int64})",
+        parameters={"since": int(last_ms - window_s * 1000)},
+    ).result_rows[0]
+    tenants = [r[0] for r in client.query(
+        f"SELECT DISTINCT tenant FROM {db}.gpu_samples WHERE tenant != '' ORDER BY tenant").result_rows]
+    dlq = client.query(f"SELECT count() FROM {db}.dead_letters FINAL").result_rows[0][0]
+    lag = client.query(
+        f"SELECT quantileExact(0.5)(d), quantileExact(0.99)(d) FROM (SELECT "
+        f"toUnixTimestamp64Milli(ingest_time) - toUnixTimestamp64Milli(time) AS d FROM {db}.agent_reports "
+        "WHERE time >= fromUnixTimestamp64Milli({since:Int64}))",
+        parameters={"since": int(last_ms - 60_000)},
+    ).result_rows[0]
+    return {
+        "gpus_reporting": int(gpus) if total else 0,
+        "nodes_reporting": int(nodes) if total else 0,
+        "samples_total": int(total),
+        "tenants": tenants,
+        "dlq_total": int(dlq),
+        "last_sample_at": _iso(int(last_ms) if total else None),
+        "ingest_lag_ms": {"p50": _num(lag[0]), "p99": _num(lag[1])} if total else None,
+    }
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return round(f, 1) if math.isfinite(f) else None
+
+
+def fleet_status(client: Client, cfg: Config) -> dict[str, Any]:
+    """The full `gpufleet status --json` document."""
+    db = cfg.clickhouse.database
+    out = basic_summary(client, db, cfg.health.silent_after_s)
+    out.update(_aggregations(client, cfg))
+    out.update(_alerts(client, db))
+    return out
+
+
+def _aggregations(client: Client, cfg: Config) -> dict[str, Any]:
+    from pipeline import summary_sections
+
+    return summary_sections.aggregations(client, cfg)
+
+
+def _alerts(client: Client, db: str) -> dict[str, Any]:
+    from pipeline import summary_sections
+
+    return summary_sections.alerts(client, db)
