@@ -73,8 +73,36 @@ def _grew(now: int | None, before: int | None) -> bool:
     return now is not None and before is not None and now > before
 
 
+_OK = Verdict(State.OK, ())
+_ALARM_BITS = THROTTLE_THERMAL_MASK | THROTTLE_HW_SLOWDOWN | THROTTLE_HW_POWER_BRAKE
+
+
 def classify(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> Verdict:
     """The health of one GPU for one interval."""
+    if _plainly_ok(s, prev, cfg):
+        return _OK
+    return _classify(s, prev, cfg)
+
+
+def _plainly_ok(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> bool:
+    """A cheap test that no rule can fire (the common case), so the full rules run rarely."""
+    if (s.error or s.xids or s.ecc_uncorrected_volatile or s.remap_failure or s.remap_pending
+            or s.retired_pages_pending or s.nvlink_links_down or (s.clock_event_reasons or 0) & _ALARM_BITS):
+        return False
+    if (s.remapped_rows_uncorrectable or 0) >= cfg.remapped_rows_uncorrectable_failing:
+        return False
+    if (s.retired_pages or 0) >= cfg.retired_pages_failing:
+        return False
+    if (s.temp_gpu_c or 0.0) >= cfg.temp_degraded_c or (s.temp_mem_c or 0.0) >= cfg.mem_temp_degraded_c:
+        return False
+    if prev is not None and (
+        _grew(s.pcie_replay_count, prev.pcie_replay_count) or _grew(_nvlink_errors(s), prev.nvlink_errors)
+    ):
+        return False
+    return True
+
+
+def _classify(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> Verdict:
     failing: list[str] = []
     degraded: list[str] = []
     if s.error:

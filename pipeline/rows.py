@@ -8,6 +8,7 @@ dashboards read them as plain columns. Inserting from tests and benchmarks goes 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 # that get their own handling below.
 _SPECIAL = {"index", "uuid", "model", "error", "tenant", "job"}
 COPIED_FIELDS: tuple[str, ...] = tuple(f for f in GPU_FIELDS if f not in _SPECIAL)
+
+_copied = operator.attrgetter(*COPIED_FIELDS)
 
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "time", "interval_ms", "ingest_time", "cluster", "node", "boot_id", "seq",
@@ -100,7 +103,10 @@ def sample_columns(reports: Sequence[NodeReport], ingest_ms: int, deriver: Deriv
         [(g.job or "") if g.tenant else "" for g in gpus],
         [g.error or "" for g in gpus],
     ]
-    data.extend([getattr(g, f) for g in gpus] for f in COPIED_FIELDS)
+    if gpus:
+        data.extend(list(col) for col in zip(*map(_copied, gpus), strict=True))
+    else:
+        data.extend([] for _ in COPIED_FIELDS)
     data.extend([peaks, estimated, [v[0] for v in verdicts], [v[1] for v in verdicts]])
     return Columns(SAMPLE_COLUMNS, data)
 
