@@ -95,11 +95,9 @@ def _plainly_ok(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> bool:
         return False
     if (s.temp_gpu_c or 0.0) >= cfg.temp_degraded_c or (s.temp_mem_c or 0.0) >= cfg.mem_temp_degraded_c:
         return False
-    if prev is not None and (
-        _grew(s.pcie_replay_count, prev.pcie_replay_count) or _grew(_nvlink_errors(s), prev.nvlink_errors)
-    ):
-        return False
-    return True
+    if prev is None:
+        return True
+    return not (_grew(s.pcie_replay_count, prev.pcie_replay_count) or _grew(_nvlink_errors(s), prev.nvlink_errors))
 
 
 def _classify(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> Verdict:
