@@ -27,3 +27,7 @@ class Collector(Protocol):
     def close(self) -> None:
         """Release the backend (NVML shutdown, event sets); idempotent."""
         ...
+
+
+class NodeDown(Exception):
+    """The whole node could not be read this interval (no GPU answered); the agent sends nothing."""

@@ -1,0 +1,151 @@
+"""Injected faults: what can go wrong with a simulated GPU or node, when, and its XID.
+
+A `Fault` is active on the half-open window `[start_ms, end_ms)`. Its XID (if the kind has one) is
+an event at `start_ms`, reported once, in the collect interval that contains that instant.
+`default_faults` gives the demo one fault of every kind shortly after start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+FELL_OFF_BUS: Final = "fell_off_bus"
+ECC_DBE: Final = "ecc_dbe"
+PAGE_RETIREMENT_PENDING: Final = "page_retirement_pending"
+ROW_REMAP_FAILURE: Final = "row_remap_failure"
+THERMAL_THROTTLE: Final = "thermal_throttle"
+POWER_THROTTLE: Final = "power_throttle"
+NVLINK_ERRORS: Final = "nvlink_errors"
+PCIE_REPLAY: Final = "pcie_replay"
+NODE_SILENT: Final = "node_silent"
+ZOMBIE_PROCESS: Final = "zombie_process"
+HELD_NO_PROCESS: Final = "held_no_process"
+IDLE_ALLOCATED: Final = "idle_allocated"
+
+XID_OF: Final[dict[str, int | None]] = {
+    FELL_OFF_BUS: 79,
+    ECC_DBE: 48,
+    PAGE_RETIREMENT_PENDING: 63,
+    ROW_REMAP_FAILURE: 64,
+    THERMAL_THROTTLE: None,
+    POWER_THROTTLE: None,
+    NVLINK_ERRORS: 74,
+    PCIE_REPLAY: None,
+    NODE_SILENT: None,
+    ZOMBIE_PROCESS: None,
+    HELD_NO_PROCESS: None,
+    IDLE_ALLOCATED: None,
+}
+"""Every fault kind and the XID it raises at its start (None: no XID)."""
+
+FAULT_KINDS: Final = tuple(XID_OF)
+
+BOOKING_KINDS: Final = frozenset({HELD_NO_PROCESS, IDLE_ALLOCATED})
+"""Kinds that need the GPU allocated: the scheduler books it for a job around the window."""
+
+FREE_KINDS: Final = frozenset({ZOMBIE_PROCESS})
+"""Kinds that need the GPU unallocated: the scheduler keeps jobs off it during the window."""
+
+
+BOOKING_PAD_MS: Final = 10 * 60_000
+"""A booked job (for held_no_process / idle_allocated) starts this long before the fault and ends
+this long after it, so the fault sits inside an ordinary-looking job."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One injected fault on GPU `gpu` of node index `node` (gpu is None for `node_silent`)."""
+
+    kind: str
+    node: int
+    gpu: int | None
+    start_ms: int
+    end_ms: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in XID_OF:
+            raise ValueError(f"unknown fault kind {self.kind!r}; use one of: {', '.join(FAULT_KINDS)}")
+        if self.end_ms <= self.start_ms:
+            raise ValueError(f"{self.kind} fault ends ({self.end_ms}) before it starts ({self.start_ms})")
+        if self.gpu is None and self.kind != NODE_SILENT:
+            raise ValueError(f"{self.kind} fault needs a gpu index (only node_silent takes gpu=None)")
+
+    @property
+    def xid(self) -> int | None:
+        return XID_OF[self.kind]
+
+    def active(self, t_ms: int) -> bool:
+        return self.start_ms <= t_ms < self.end_ms
+
+
+def validate(faults: Iterable[Fault], nodes: int, gpus_per_node: int) -> list[Fault]:
+    """Check that every fault names a GPU of the fleet and that no GPU needs to be both free and booked."""
+    out = list(faults)
+    for f in out:
+        if not 0 <= f.node < nodes:
+            raise ValueError(f"{f.kind} fault names node {f.node}, but the fleet has nodes 0..{nodes - 1}")
+        if f.gpu is not None and not 0 <= f.gpu < gpus_per_node:
+            raise ValueError(f"{f.kind} fault names gpu {f.gpu}, but nodes have gpus 0..{gpus_per_node - 1}")
+    for a in out:
+        for b in out:
+            if (
+                a.kind in FREE_KINDS
+                and b.kind in BOOKING_KINDS
+                and (a.node, a.gpu) == (b.node, b.gpu)
+                and a.start_ms < b.end_ms + BOOKING_PAD_MS
+                and b.start_ms - BOOKING_PAD_MS < a.end_ms
+            ):
+                raise ValueError(
+                    f"{a.kind} needs node {a.node} gpu {a.gpu} unallocated, but {b.kind} books it "
+                    "for a job at the same time: move one of them"
+                )
+    return out
+
+
+DEFAULT_ORDER: Final[Sequence[str]] = (
+    FELL_OFF_BUS,
+    ECC_DBE,
+    THERMAL_THROTTLE,
+    ZOMBIE_PROCESS,
+    HELD_NO_PROCESS,
+    IDLE_ALLOCATED,
+    NVLINK_ERRORS,
+    PAGE_RETIREMENT_PENDING,
+    ROW_REMAP_FAILURE,
+    POWER_THROTTLE,
+    PCIE_REPLAY,
+)
+_REQUIRED_GPU_FAULTS: Final = 6
+
+
+def default_faults(start_ms: int, *, nodes: int = 32, gpus_per_node: int = 8) -> list[Fault]:
+    """The demo's faults: each kind once, on distinct GPUs, starting 20-60 s after `start_ms`
+    and clearing 60-90 s later. `node_silent` takes the last node; the kinds that pin a GPU's
+    allocation (zombie_process, held_no_process, idle_allocated) share node 0, so only that node
+    is split into one-GPU slots; the others (in `DEFAULT_ORDER`, as many as fit) spread over the
+    remaining nodes."""
+    if nodes < 2:
+        raise ValueError("default_faults needs at least 2 nodes (one of them goes silent)")
+    slots = (nodes - 1) * gpus_per_node
+    if slots < _REQUIRED_GPU_FAULTS:
+        raise ValueError(
+            f"default_faults needs at least {_REQUIRED_GPU_FAULTS} GPUs outside the silent node, the fleet has {slots}"
+        )
+    kinds = [*DEFAULT_ORDER[:slots], NODE_SILENT]
+    spread = [(n, (k + 3 * n) % gpus_per_node) for k in range(gpus_per_node) for n in [*range(1, nodes - 1), 0]]
+    pinned = [(0, g) for g in range(gpus_per_node)] + spread
+    used: set[tuple[int, int]] = set()
+    n = len(kinds)
+    faults = []
+    for i, kind in enumerate(kinds):
+        start = start_ms + 20_000 + 40_000 * i // (n - 1)
+        end = start + 60_000 + 30_000 * ((i * 7) % n) // (n - 1)
+        if kind == NODE_SILENT:
+            faults.append(Fault(kind, nodes - 1, None, start, end))
+            continue
+        node, gpu = next(g for g in (pinned if kind in FREE_KINDS | BOOKING_KINDS else spread) if g not in used)
+        used.add((node, gpu))
+        faults.append(Fault(kind, node, gpu, start, end))
+    return faults

@@ -1,0 +1,220 @@
+"""The simulated fleet: nodes of GPUs running a seeded job schedule, with injected faults.
+
+Every value is a pure function of the fleet's arguments and (node, gpu, time): time is an input
+(`collect(now_ms)`), nothing reads the wall clock or a global RNG, and the same arguments give
+byte-identical output. The schedule and per-GPU timelines are built lazily, forward, one hour of
+simulated time at a time, and cached, so a collect costs a lookup and a few hashes per GPU.
+
+Attribution rule (shared by `allocation_source()` and the ground truth): a sample taken at `t`
+carries the tenant of the allocation whose half-open interval `[start_ms, end_ms)` contains `t`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from agents.allocation import Allocation
+from agents.collectors.base import NodeDown
+from agents.simulation import faults as fk
+from agents.simulation import truth
+from agents.simulation.faults import Fault
+from agents.simulation.jobs import HOUR, Job, Scheduler
+from agents.simulation.rng import gpu_uuid, key, unit
+from agents.simulation.sample import GpuConst, build_sample, health_at
+from agents.simulation.timeline import GIB, GpuTimeline
+from gpufleet.wire import GpuSample
+
+DEFAULT_MODEL: Final = "NVIDIA H100 80GB HBM3"
+CHUNK_MS: Final = HOUR
+"""GPU timelines are built in steps of this much simulated time from the origin."""
+_NOISE, _TEMP, _MEM_TEMP, _IDLE_POWER, _ENERGY = 1, 2, 3, 4, 5
+
+
+def tenant_name(i: int) -> str:
+    """`tenant-a` ... `tenant-z`, then `tenant-aa`, `tenant-ab`, ..."""
+    letters = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        letters = chr(ord("a") + r) + letters
+    return f"tenant-{letters}"
+
+
+class SimulatedFleet:
+    """`nodes` x `gpus_per_node` simulated GPUs shared by `tenants` tenants, starting at `start_ms`.
+
+    The schedule starts `warmup_ms` before `start_ms` so the fleet is already busy at the start.
+    `interval_ms` is the nominal collect interval: the first collect of a node reports the XIDs
+    of `(now_ms - interval_ms, now_ms]`, later ones those since the node's previous collect.
+    """
+
+    def __init__(
+        self,
+        *,
+        nodes: int = 32,
+        gpus_per_node: int = 8,
+        tenants: int = 3,
+        seed: int = 0,
+        start_ms: int,
+        cluster: str = "sim",
+        model: str = DEFAULT_MODEL,
+        faults: Sequence[Fault] | None = None,
+        interval_ms: int = 1000,
+        mem_total_bytes: int = 80 * GIB,
+        warmup_ms: int = 12 * HOUR,
+    ) -> None:
+        if nodes < 1 or gpus_per_node < 1 or tenants < 1:
+            raise ValueError("a simulated fleet needs at least 1 node, 1 GPU per node and 1 tenant")
+        if interval_ms < 1 or warmup_ms < 0:
+            raise ValueError("interval_ms must be positive and warmup_ms not negative")
+        self.seed = seed
+        self.cluster = cluster
+        self.model = model
+        self.gpus_per_node = gpus_per_node
+        self.start_ms = start_ms
+        self.origin_ms = start_ms - warmup_ms
+        self.interval_ms = interval_ms
+        self.faults = fk.validate(faults or [], nodes, gpus_per_node)
+        self.node_names = [f"{cluster}-node-{i:03d}" for i in range(nodes)]
+        self.tenant_names = [tenant_name(i) for i in range(tenants)]
+        self._scheduler = Scheduler(
+            seed=seed,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            tenants=self.tenant_names,
+            origin_ms=self.origin_ms,
+            faults=self.faults,
+        )
+        self._gpu_faults: dict[tuple[int, int], list[Fault]] = defaultdict(list)
+        self._silent: dict[int, list[Fault]] = defaultdict(list)
+        self._xids: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+        for f in self.faults:
+            if f.gpu is None:
+                self._silent[f.node].append(f)
+                continue
+            self._gpu_faults[(f.node, f.gpu)].append(f)
+            if f.xid is not None:
+                self._xids[(f.node, f.gpu)].append((f.start_ms, f.xid))
+        for events in self._xids.values():
+            events.sort()
+        self._consts = {
+            (n, g): GpuConst(
+                index=g,
+                uuid=gpu_uuid(seed, cluster, n, g),
+                model=model,
+                mem_total_bytes=mem_total_bytes,
+                noise_key=key(seed, n, g, _NOISE),
+                temp_offset_c=-2 + 6 * unit(seed, n, g, _TEMP),
+                mem_temp_offset_c=2 + int(5 * unit(seed, n, g, _MEM_TEMP)),
+            )
+            for n in range(nodes)
+            for g in range(gpus_per_node)
+        }
+        self._timelines: dict[tuple[int, int], GpuTimeline] = {}
+        self.nodes = [self.make_node(i) for i in range(nodes)]
+
+    def make_node(self, index: int, interval_ms: int | None = None) -> SimulatedNode:
+        """A fresh collector for node `index` (its own XID bookkeeping; the schedule is shared)."""
+        return SimulatedNode(self, index, interval_ms or self.interval_ms)
+
+    def gpu_const(self, node: int, gpu: int) -> GpuConst:
+        return self._consts[(node, gpu)]
+
+    def silent_fault(self, node: int, t_ms: int) -> Fault | None:
+        """The node_silent fault covering `t_ms` on `node`, if any."""
+        return next((f for f in self._silent.get(node, ()) if f.active(t_ms)), None)
+
+    def sample(self, node: int, gpu: int, t_ms: int, since_ms: int) -> GpuSample:
+        """GPU `gpu` of `node` at `t_ms`, with the XIDs raised in `(since_ms, t_ms]`."""
+        act, energy = self._timeline(node, gpu, t_ms).at(t_ms)
+        events = self._xids.get((node, gpu))
+        xids = [x for ts, x in events if since_ms < ts <= t_ms] if events else []
+        health = health_at(self._gpu_faults.get((node, gpu), ()), t_ms)
+        return build_sample(self._consts[(node, gpu)], act, energy, t_ms, health, xids)
+
+    def job_at(self, node: int, gpu: int, t_ms: int) -> Job | None:
+        """The job holding the GPU at `t_ms` (allocation interval contains `t_ms`), or None."""
+        return self._timeline(node, gpu, t_ms).at(t_ms)[0].job
+
+    def allocations_at(self, node: int, t_ms: int) -> dict[int, Allocation]:
+        """Node `node`'s allocations at `t_ms`, by GPU index (absent: unallocated)."""
+        out = {}
+        for g in range(self.gpus_per_node):
+            job = self.job_at(node, g, t_ms)
+            if job is not None:
+                out[g] = Allocation(job.tenant, job.id)
+        return out
+
+    def jobs_between(self, start_ms: int, end_ms: int) -> list[Job]:
+        """Every job whose allocation overlaps `[start_ms, end_ms)`, by start time."""
+        return self._scheduler.jobs_between(start_ms, end_ms)
+
+    def ground_truth(self, start_ms: int, end_ms: int) -> dict[str, Any]:
+        """What really happened in `[start_ms, end_ms)`: GPUs, allocations and faults (see truth.py)."""
+        return truth.ground_truth(self, start_ms, end_ms)
+
+    def write_ground_truth(self, path: str | os.PathLike[str], start_ms: int, end_ms: int) -> None:
+        truth.write(path, self.ground_truth(start_ms, end_ms))
+
+    def _timeline(self, node: int, gpu: int, t_ms: int) -> GpuTimeline:
+        tl = self._timelines.get((node, gpu))
+        if tl is None:
+            tl = self._timelines[(node, gpu)] = GpuTimeline(
+                idle_power_w=64 + 14 * unit(self.seed, node, gpu, _IDLE_POWER),
+                origin_ms=self.origin_ms,
+                energy0_j=float(round(1e7 + 9e8 * unit(self.seed, node, gpu, _ENERGY))),
+                faults=self._gpu_faults.get((node, gpu), ()),
+            )
+        if t_ms >= tl.covered_ms:
+            until = self.origin_ms + ((t_ms - self.origin_ms) // CHUNK_MS + 1) * CHUNK_MS
+            tl.extend(self._scheduler.gpu_jobs(node, gpu, until), until)
+        return tl
+
+
+class SimulatedNode:
+    """One simulated node: a `Collector` over its GPUs, plus the allocation source that matches."""
+
+    def __init__(self, fleet: SimulatedFleet, index: int, interval_ms: int) -> None:
+        self.fleet = fleet
+        self.index = index
+        self.name = fleet.node_names[index]
+        self.interval_ms = interval_ms
+        self.last_collect_ms: int | None = None
+        self.gpu_uuids = [fleet.gpu_const(index, g).uuid for g in range(fleet.gpus_per_node)]
+
+    def collect(self, now_ms: int) -> list[GpuSample]:
+        """Every GPU at `now_ms`; raises `NodeDown` inside a node_silent window (XIDs raised
+        meanwhile are reported by the first collect after it)."""
+        silent = self.fleet.silent_fault(self.index, now_ms)
+        if silent is not None:
+            raise NodeDown(f"{self.name} is not answering (simulated node_silent until {silent.end_ms})")
+        last = self.last_collect_ms
+        since = last if last is not None and last < now_ms else now_ms - self.interval_ms
+        self.last_collect_ms = now_ms
+        return [self.fleet.sample(self.index, g, now_ms, since) for g in range(self.fleet.gpus_per_node)]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def allocation_at(self, t_ms: int) -> dict[int, Allocation]:
+        return self.fleet.allocations_at(self.index, t_ms)
+
+    def allocation_source(self, clock: Callable[[], int] | None = None) -> SimulatedAllocationSource:
+        """An `AllocationSource` that agrees with the ground truth (see the module docstring)."""
+        return SimulatedAllocationSource(self, clock)
+
+
+class SimulatedAllocationSource:
+    """Reads a simulated node's allocations at `clock()`, or, without a clock, at the node's last
+    collect time (the agent collects, then reads the allocation to stamp that interval)."""
+
+    def __init__(self, node: SimulatedNode, clock: Callable[[], int] | None = None) -> None:
+        self._node = node
+        self._clock = clock
+
+    def read(self) -> dict[int, Allocation]:
+        t = self._clock() if self._clock is not None else self._node.last_collect_ms
+        return {} if t is None else self._node.allocation_at(t)

@@ -1,0 +1,81 @@
+"""Ground truth of a simulated fleet: which GPUs exist, who held them when, and what broke.
+
+The JSON it writes lets tests and benchmarks check the pipeline against what really happened:
+
+    {"cluster", "seed", "start_ms", "end_ms", "nodes": [name, ...],
+     "gpus": [{"node", "index", "uuid", "model"}],
+     "allocations": [{"tenant", "job", "node", "gpu", "uuid", "start_ms", "end_ms"}],
+     "faults": [{"kind", "node", "gpu", "uuid", "xid", "start_ms", "end_ms"}]}
+
+Allocations are half-open `[start_ms, end_ms)` and are listed whole (not clipped) when they
+overlap the requested window; a sample taken at `t` belongs to the allocation containing `t`.
+Faults are listed when their window overlaps; `node_silent` has `gpu` and `uuid` null.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agents.simulation.fleet import SimulatedFleet
+
+
+def ground_truth(fleet: SimulatedFleet, start_ms: int, end_ms: int) -> dict[str, Any]:
+    """The truth of `[start_ms, end_ms)` as plain JSON-ready data."""
+    gpus_per_node = fleet.gpus_per_node
+
+    def uuid(node: int, gpu: int | None) -> str | None:
+        return None if gpu is None else fleet.gpu_const(node, gpu).uuid
+
+    allocations = [
+        {
+            "tenant": job.tenant,
+            "job": job.id,
+            "node": fleet.node_names[node],
+            "gpu": gpu,
+            "uuid": uuid(node, gpu),
+            "start_ms": job.start_ms,
+            "end_ms": job.end_ms,
+        }
+        for job in fleet.jobs_between(start_ms, end_ms)
+        for node, gpu in job.gpus
+    ]
+    allocations.sort(key=lambda a: (a["start_ms"], a["node"], a["gpu"]))
+    faults = [
+        {
+            "kind": f.kind,
+            "node": fleet.node_names[f.node],
+            "gpu": f.gpu,
+            "uuid": uuid(f.node, f.gpu),
+            "xid": f.xid,
+            "start_ms": f.start_ms,
+            "end_ms": f.end_ms,
+        }
+        for f in sorted(fleet.faults, key=lambda f: (f.start_ms, f.node, f.gpu or 0, f.kind))
+        if f.start_ms < end_ms and f.end_ms > start_ms
+    ]
+    return {
+        "cluster": fleet.cluster,
+        "seed": fleet.seed,
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+        "nodes": list(fleet.node_names),
+        "gpus": [
+            {"node": name, "index": g, "uuid": uuid(n, g), "model": fleet.model}
+            for n, name in enumerate(fleet.node_names)
+            for g in range(gpus_per_node)
+        ],
+        "allocations": allocations,
+        "faults": faults,
+    }
+
+
+def write(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Write the truth as JSON (atomically: a reader never sees half a file)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(p)
