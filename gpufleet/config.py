@@ -58,6 +58,8 @@ class AllocationConfig(Strict):
     """`file`: the scheduler's allocation JSON; `dcgm_job_dir`: dcgm-exporter's HPC job-mapping dir."""
     static: dict[str, str] = {}
     """`static`: GPU index (as a string) -> "tenant/job"."""
+    default_tenant: Annotated[str, msgspec.Meta(min_length=1)] = "default"
+    """`dcgm_job_dir`: tenant of a job whose mapping line names no account (`account:jobid`)."""
 
 
 class AgentConfig(Strict):
@@ -111,6 +113,9 @@ class AlertsConfig(Strict):
     """Declarative rules (YAML); the shipped defaults when unset."""
     alertmanager_url: str | None = None
     interval_s: Positive = 5.0
+    """How often the rules are evaluated."""
+    resend_s: Positive = 60.0
+    """Firing alerts are re-sent this often; each says it is valid for 4x this (Alertmanager's endsAt)."""
 
 
 class Config(Strict):
@@ -150,3 +155,8 @@ def parse(raw: object, source: str = "config") -> Config:
         if "unknown field" in text:
             hint = " (remove it or fix its spelling; see docs/configuration.md for the keys)"
         raise ConfigError(f"{source}: {text.replace('`$.', '`')}{hint}") from None
+
+
+def with_clickhouse(cfg: Config, dsn: str, database: str) -> Config:
+    """A copy of `cfg` pointing at another ClickHouse target (command-line overrides)."""
+    return msgspec.structs.replace(cfg, clickhouse=msgspec.structs.replace(cfg.clickhouse, dsn=dsn, database=database))
