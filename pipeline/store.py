@@ -82,7 +82,7 @@ def connect(target: Target) -> Client:
         return clickhouse_connect.get_client(
             host=parts.hostname or "localhost",
             port=parts.port or (8443 if parts.scheme == "https" else 8123),
-            username=parts.username or "default",
+            username=parts.username or os.environ.get("CLICKHOUSE_USER") or "default",
             password=password or "",
             secure=parts.scheme == "https",
             connect_timeout=5,

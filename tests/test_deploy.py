@@ -1,0 +1,371 @@
+"""Node install artefacts: the systemd unit, install.sh with its agent config, and the Kubernetes DaemonSet.
+
+The unit is read with configparser and checked for restart, identity, device access and
+sandboxing, and verified by `systemd-analyze` where present. install.sh passes `bash -n`, and
+the config-writing step it runs is executed here on the shipped template. The DaemonSet is
+parsed (multi-document) and its agent config validated with gpufleet's own loader; where
+kubernetes-validate is installed, every object is checked against the Kubernetes schema.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpufleet.config import Config, load, parse
+from gpufleet.version import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMD = ROOT / "deploy" / "systemd"
+UNIT = SYSTEMD / "gpufleet-agent.service"
+INSTALL = SYSTEMD / "install.sh"
+AGENT_YAML = SYSTEMD / "agent.yaml"
+DAEMONSET = ROOT / "deploy" / "k8s" / "agent-daemonset.yaml"
+DOC = ROOT / "docs" / "deploy.md"
+
+
+# --- systemd unit ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a checker; the test reads its exit code and output."""
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def unit_values(key: str) -> list[str]:
+    """Every value of a key that systemd allows to repeat (configparser keeps only the last)."""
+    return [ln.split("=", 1)[1] for ln in UNIT.read_text().splitlines() if ln.startswith(f"{key}=")]
+
+
+def test_unit_restarts_always_and_never_gives_up(unit: configparser.ConfigParser) -> None:
+    assert unit["Service"]["Restart"] == "always"
+    assert unit["Unit"]["StartLimitIntervalSec"] == "0"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_unit_runs_the_agent_from_the_install_venv_with_its_config(unit: configparser.ConfigParser) -> None:
+    service = unit["Service"]
+    assert service["ExecStart"] == "/opt/gpufleet/venv/bin/gpufleet agent"
+    assert "PREFIX=/opt/gpufleet" in INSTALL.read_text()
+    assert 'VENV="$PREFIX/venv"' in INSTALL.read_text()
+    assert "GPUFLEET_CONFIG=/etc/gpufleet/agent.yaml" in unit_values("Environment")
+    assert unit_values("EnvironmentFile") == ["-/etc/gpufleet/agent.env"]
+
+
+def test_unit_identity_and_spool_state_directory(unit: configparser.ConfigParser) -> None:
+    service = unit["Service"]
+    assert service["DynamicUser"] == "yes"
+    assert service["StateDirectory"] == "gpufleet"
+    # The spool of the shipped agent config lives inside the state directory.
+    assert load(AGENT_YAML).agent.spool_dir.startswith("/var/lib/gpufleet/")
+
+
+def test_unit_grants_nvidia_devices_and_closes_the_rest(unit: configparser.ConfigParser) -> None:
+    service = unit["Service"]
+    assert service["DevicePolicy"] == "closed"
+    assert service["PrivateDevices"] == "no", "PrivateDevices=yes would hide /dev/nvidia*"
+    # Major 195 under the proprietary module ("nvidia-frontend") and the open one ("nvidia", "nvidiactl").
+    assert unit_values("DeviceAllow") == [
+        "char-nvidia-frontend rw",
+        "char-nvidia rw",
+        "char-nvidiactl rw",
+        "char-nvidia-caps r",
+    ]
+
+
+def test_unit_is_sandboxed(unit: configparser.ConfigParser) -> None:
+    service = unit["Service"]
+    expected = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "SystemCallFilter": "@system-service",
+    }
+    assert {k: service[k] for k in expected} == expected
+    assert service["MemoryMax"] == "512M"
+
+
+def _unit_copy_with_runnable_exec(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointed at /bin/true: verify checks the binary exists, and here it does not."""
+    copy = tmp_path / UNIT.name
+    copy.write_text(re.sub(r"^ExecStart=.*$", "ExecStart=/bin/true", UNIT.read_text(), flags=re.MULTILINE))
+    return copy
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed")
+    result = run([tool, "verify", str(_unit_copy_with_runnable_exec(tmp_path))])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert not re.search(r"Unknown (key|section)|Failed to parse|Invalid", output), output
+
+
+def test_unit_exposure_score_is_low(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed")
+    result = run([tool, "security", "--offline=yes", str(_unit_copy_with_runnable_exec(tmp_path))])
+    if result.returncode != 0 and "offline" in result.stderr:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 3.0, result.stdout
+
+
+# --- install.sh and the agent config it writes -------------------------------------------------------------
+
+
+def test_install_script_parses_and_is_executable() -> None:
+    result = run(["bash", "-n", str(INSTALL)])
+    assert result.returncode == 0, result.stderr
+    assert os.access(INSTALL, os.X_OK)
+    assert INSTALL.read_text().startswith("#!/usr/bin/env bash\n")
+
+
+def test_install_script_help_and_bad_option() -> None:
+    ok = run(["bash", str(INSTALL), "--help"])
+    assert ok.returncode == 0
+    assert "Usage: sudo" in ok.stdout
+    assert "--kafka HOST:PORT" in ok.stdout
+    bad = run(["bash", str(INSTALL), "--frobnicate"])
+    assert bad.returncode == 1
+    assert "unknown option '--frobnicate'" in bad.stderr
+
+
+def test_install_script_passes_shellcheck() -> None:
+    tool = shutil.which("shellcheck")
+    if tool is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    result = run([tool, str(INSTALL)])
+    assert result.returncode == 0, result.stdout
+
+
+def test_install_script_installs_the_agent_only_package() -> None:
+    text = INSTALL.read_text()
+    assert f'SOURCE="gpufleet=={__version__}"' in text
+    assert re.search(r'pip" install .*--upgrade "\$\{constraints\[@\]\}" "\$SOURCE"', text)
+    # From a checkout, dependencies are pinned by the project's constraints file.
+    assert 'constraints=(-c "$HERE/../../constraints.txt")' in text
+    assert (SYSTEMD / ".." / ".." / "constraints.txt").resolve() == ROOT / "constraints.txt"
+    assert "gpufleet[" not in text, "the node install takes no extras"
+
+
+def _config_writer() -> str:
+    """The Python that install.sh runs (as a heredoc) to write /etc/gpufleet/agent.yaml."""
+    text = INSTALL.read_text()
+    block = text.split('"$HERE/agent.yaml" "$CONF.new" <<\'PY\'\n', 1)[1]
+    return block.split("\nPY\n", 1)[0]
+
+
+def _write_config(tmp_path: Path, kafka: str, cluster: str) -> tuple[int, str, Path]:
+    out = tmp_path / "agent.yaml"
+    result = run(
+        [sys.executable, "-", str(AGENT_YAML), str(out)],
+        input=_config_writer(),
+        env={**os.environ, "GF_KAFKA": kafka, "GF_CLUSTER": cluster},
+    )
+    return result.returncode, result.stderr, out
+
+
+def test_install_writes_the_given_kafka_and_cluster_and_keeps_comments(tmp_path: Path) -> None:
+    rc, err, out = _write_config(tmp_path, "k1.internal:9092,k2.internal:9092", 'prod "a": b')
+    assert rc == 0, err
+    cfg = load(out)
+    assert cfg.kafka.bootstrap_servers == "k1.internal:9092,k2.internal:9092"
+    assert cfg.agent.cluster == 'prod "a": b'
+    assert "# With SASL over TLS:" in out.read_text()
+
+
+def test_install_without_values_keeps_the_template(tmp_path: Path) -> None:
+    rc, err, out = _write_config(tmp_path, "", "")
+    assert rc == 0, err
+    assert out.read_text() == AGENT_YAML.read_text()
+
+
+def test_shipped_agent_config_is_valid_and_local_only() -> None:
+    cfg: Config = load(AGENT_YAML)
+    assert cfg.agent.backend == "nvml"
+    assert cfg.agent.otlp_receiver_host == "127.0.0.1"
+    assert cfg.agent.otlp_receiver_port == 4318
+    assert not re.search(r"^\s*[a-z_]*password\s*:", AGENT_YAML.read_text(), re.MULTILINE)
+
+
+# --- Kubernetes DaemonSet ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one object of each kind"
+    return by_kind
+
+
+@pytest.fixture(scope="module")
+def pod(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return manifests["DaemonSet"]["spec"]["template"]["spec"]
+
+
+@pytest.fixture(scope="module")
+def agent_container(pod: dict[str, Any]) -> dict[str, Any]:
+    (container,) = [c for c in pod["containers"] if c["name"] == "agent"]
+    return container
+
+
+@pytest.fixture(scope="module")
+def k8s_agent_config(manifests: dict[str, dict[str, Any]]) -> Config:
+    return parse(yaml.safe_load(manifests["ConfigMap"]["data"]["agent.yaml"]), source="ConfigMap agent.yaml")
+
+
+def test_manifest_has_every_object_in_one_namespace(manifests: dict[str, dict[str, Any]]) -> None:
+    assert set(manifests) == {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
+    namespace = manifests["Namespace"]["metadata"]["name"]
+    for kind in ("ServiceAccount", "ConfigMap", "DaemonSet"):
+        assert manifests[kind]["metadata"]["namespace"] == namespace, kind
+
+
+def test_daemonset_selects_its_own_pods_and_service_account(
+    manifests: dict[str, dict[str, Any]], pod: dict[str, Any]
+) -> None:
+    ds = manifests["DaemonSet"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pod["serviceAccountName"] == manifests["ServiceAccount"]["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is False
+    assert manifests["ServiceAccount"]["automountServiceAccountToken"] is False
+
+
+def test_daemonset_runs_on_gpu_nodes_only(pod: dict[str, Any]) -> None:
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_daemonset_has_nvml_access_without_taking_a_gpu(pod: dict[str, Any], agent_container: dict[str, Any]) -> None:
+    assert pod["runtimeClassName"] == "nvidia"
+    env = {e["name"]: e.get("value") for e in agent_container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    for section in agent_container["resources"].values():
+        assert "nvidia.com/gpu" not in section, "requesting a GPU would take it from the jobs"
+    assert agent_container["securityContext"]["privileged"] is False
+
+
+def test_daemonset_has_resource_requests_and_limits(agent_container: dict[str, Any]) -> None:
+    resources = agent_container["resources"]
+    assert set(resources["requests"]) == {"cpu", "memory"}
+    assert set(resources["limits"]) == {"cpu", "memory"}
+
+
+def test_daemonset_image_is_pinned_to_the_package_version(pod: dict[str, Any]) -> None:
+    images = {c["image"] for c in pod["containers"] + pod["initContainers"]}
+    assert len(images) == 1
+    (image,) = images
+    assert image.rsplit(":", 1)[1] == __version__
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in container["volumeMounts"]}
+
+
+def test_spool_and_job_mapping_are_host_paths_matching_the_config(
+    pod: dict[str, Any], agent_container: dict[str, Any], k8s_agent_config: Config
+) -> None:
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = _mounts(agent_container)
+    assert volumes["spool"]["hostPath"]["path"] == "/var/lib/gpufleet/spool"
+    assert mounts["spool"]["mountPath"] == k8s_agent_config.agent.spool_dir
+    assert not mounts["spool"].get("readOnly", False)
+    job_dir = "/var/lib/dcgm-exporter/job-mapping"
+    assert volumes["job-mapping"]["hostPath"]["path"] == job_dir
+    assert mounts["job-mapping"]["mountPath"] == job_dir
+    assert mounts["job-mapping"]["readOnly"] is True
+    assert k8s_agent_config.agent.allocation.source == "dcgm_job_dir"
+    assert k8s_agent_config.agent.allocation.path == job_dir
+    # The spool is handed to the agent's uid by the init container.
+    (init,) = pod["initContainers"]
+    assert init["command"] == [
+        "chown",
+        f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}",
+        k8s_agent_config.agent.spool_dir,
+    ]
+
+
+def test_config_map_is_mounted_where_gpufleet_config_points(
+    manifests: dict[str, dict[str, Any]], pod: dict[str, Any], agent_container: dict[str, Any]
+) -> None:
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == manifests["ConfigMap"]["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in agent_container["env"]}
+    mount = _mounts(agent_container)["config"]
+    assert env["GPUFLEET_CONFIG"] == f"{mount['mountPath']}/agent.yaml"
+    assert mount["readOnly"] is True
+
+
+def test_otlp_receiver_is_on_the_node_loopback(
+    pod: dict[str, Any], agent_container: dict[str, Any], k8s_agent_config: Config
+) -> None:
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert k8s_agent_config.agent.otlp_receiver_host == "127.0.0.1"
+    assert k8s_agent_config.agent.otlp_receiver_enabled is True, "the liveness probe connects to the receiver"
+    port = k8s_agent_config.agent.otlp_receiver_port
+    assert [p["containerPort"] for p in agent_container["ports"]] == [port] == [4318]
+    assert agent_container["livenessProbe"]["tcpSocket"] == {"host": "127.0.0.1", "port": port}
+
+
+def test_kafka_password_comes_from_an_optional_secret(
+    agent_container: dict[str, Any], k8s_agent_config: Config
+) -> None:
+    (entry,) = [e for e in agent_container["env"] if e["name"] == k8s_agent_config.kafka.sasl_password_env]
+    assert entry["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert "value" not in entry
+
+
+def test_containers_drop_privileges(pod: dict[str, Any], agent_container: dict[str, Any]) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    ctx = agent_container["securityContext"]
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    (init,) = pod["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+
+
+def test_manifest_matches_the_kubernetes_schema() -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (offline Kubernetes schemas)")
+    for doc in yaml.safe_load_all(DAEMONSET.read_text()):
+        if doc:
+            kv.validate(doc, "1.28.0", strict=True)
+            kv.validate(doc, kv.latest_version(), strict=True)
+
+
+# --- docs ---------------------------------------------------------------------------------------------
+
+
+def test_docs_give_the_one_install_command_for_each() -> None:
+    doc = DOC.read_text()
+    assert "sudo deploy/systemd/install.sh" in doc
+    assert "kubectl apply -f deploy/k8s/agent-daemonset.yaml" in doc
+    assert "docker compose up -d" in doc
