@@ -1,0 +1,395 @@
+"""The node agent's OTLP/HTTP metrics receiver: jobs POST `/v1/metrics`, the agent takes per-GPU FLOPs.
+
+Listens on 127.0.0.1:4318 by default (`agent.otlp_receiver_host` / `_port`; loopback only unless
+configured otherwise). Handler threads do the expensive part (read, inflate, parse, validate)
+and put accepted points on a bounded queue; the agent's interval loop calls
+`flops_source.take(now_ms, interval_ms)`, which drains the queue into attribution
+(agents.otlp.attribution) and returns the FLOPs per GPU uuid. `take` never waits on a handler:
+it only swaps the queue out under a lock held for O(1). A flood is refused at the door: at most
+`max_concurrent_requests` requests are read at once and at most `queue_points` points wait,
+beyond which the client gets 503 / 429 with `Retry-After` (OTel exporters retry those).
+
+Before the agent knows its GPUs (`set_gpus`, or `tap(collector)` which feeds it on every
+collection) requests get 503 + Retry-After, since no point could be attributed yet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
+
+from agents.otlp import codec
+from agents.otlp.attribution import Attribution, AttributionSettings, AttributionStats
+from agents.otlp.contract import FLOPS, METRICS_PATH
+from agents.otlp.gpus import GpuRoster
+from agents.otlp.metrics import OtlpCounters, OtlpStats
+from agents.otlp.points import Point, extract
+
+if TYPE_CHECKING:
+    from agents.collectors.base import Collector
+    from gpufleet.config import AgentConfig
+    from gpufleet.wire import GpuSample
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+"""Unix milliseconds, the agent's clock."""
+
+_WARN_EVERY_MS: Final = 60_000
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ReceiverError(RuntimeError):
+    """The receiver cannot start; the text says why and which setting to change."""
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    host: str = "127.0.0.1"
+    port: int = 4318
+    """0 picks a free port (tests)."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body accepted as sent (413 above)."""
+    max_inflated_bytes: int = 32 * 1024 * 1024
+    """Largest body after gzip/deflate (413 above: no gzip bombs)."""
+    queue_points: int = 20_000
+    """Points waiting for the next `take` at most; a request that does not fit gets 429."""
+    max_concurrent_requests: int = 8
+    """Requests read at once at most; more get 503 at once."""
+    retry_after_s: int = 1
+    read_timeout_s: float = 5.0
+    """A client that stalls mid-request is cut off after this long."""
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    attributed_metrics: tuple[str, ...] = (FLOPS.name,)
+    """Contract metrics attributed to GPUs; the others are validated, counted and dropped."""
+
+    @classmethod
+    def from_agent_config(cls, agent: AgentConfig, **overrides: object) -> ReceiverSettings:
+        return cls(host=agent.otlp_receiver_host, port=agent.otlp_receiver_port, **overrides)  # type: ignore[arg-type]
+
+
+class MetricSource:
+    """One metric's per-GPU amounts per interval: the runner's `FlopsSource` for `gpufleet.job.flops`."""
+
+    def __init__(self, receiver: OtlpReceiver, metric: str) -> None:
+        self._receiver = receiver
+        self._metric = metric
+
+    def take(self, now_ms: int, interval_ms: int) -> dict[str, float]:
+        """GPU uuid -> amount due in (previous take, now_ms]; `interval_ms` is implied by the previous call."""
+        del interval_ms
+        return self._receiver._take(self._metric, now_ms)
+
+    @property
+    def points_accepted_total(self) -> int:
+        """The receiver's accepted contract points (all metrics), for the agent's health report."""
+        return self._receiver.counters.snapshot().points_accepted_total
+
+    @property
+    def points_rejected_total(self) -> int:
+        return self._receiver.counters.snapshot().points_rejected_total
+
+
+class OtlpReceiver:
+    """OTLP/HTTP receiver plus attribution; start with `start()` or `with`, stop with `close()`."""
+
+    def __init__(
+        self,
+        settings: ReceiverSettings | None = None,
+        *,
+        clock: Clock = wall_clock_ms,
+        gpus: Mapping[int, str] | None = None,
+    ) -> None:
+        self.settings = settings or ReceiverSettings()
+        self.counters = OtlpCounters()
+        self._clock = clock
+        self._roster = GpuRoster(gpus)
+        started = clock()
+        self._engines = {m: Attribution(started, self.settings.attribution) for m in self.settings.attributed_metrics}
+        self._queue: deque[list[Point]] = deque()
+        self._queued = 0
+        self._queue_lock = threading.Lock()
+        self._take_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.settings.max_concurrent_requests)
+        self._in_flight = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._last_warn_ms: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> OtlpReceiver:
+        if self._server is not None:
+            return self
+        host, port = self.settings.host, self.settings.port
+        server_cls = _Server6 if ":" in host else _Server
+        handler = type("BoundHandler", (_Handler,), {"receiver": self, "timeout": self.settings.read_timeout_s})
+        try:
+            self._server = server_cls((host, port), handler)
+        except OSError as exc:
+            raise ReceiverError(
+                f"OTLP receiver cannot listen on {host}:{port}: {exc}; set agent.otlp_receiver_port "
+                "to a free port, or agent.otlp_receiver_enabled: false"
+            ) from None
+        if not _is_loopback(host):
+            log.warning("OTLP receiver listens on %s, not loopback: any host that reaches it can report FLOPs", host)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="otlp-receiver", daemon=True
+        )
+        self._thread.start()
+        log.info("OTLP receiver listening on %s", self.endpoint)
+        return self
+
+    def close(self) -> None:
+        """Stop listening (idempotent); requests in flight are cut off."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> OtlpReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise ReceiverError("the OTLP receiver is not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def endpoint(self) -> str:
+        """Base URL for `OTEL_EXPORTER_OTLP_ENDPOINT` (the exporter appends /v1/metrics)."""
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    # -- the agent's side ----------------------------------------------------------------------
+
+    def set_gpus(self, index_to_uuid: Mapping[int, str]) -> None:
+        """This node's GPUs (NVML index -> uuid); cheap to call every interval."""
+        roster = GpuRoster(index_to_uuid)
+        if roster != self._roster:
+            self._roster = roster
+
+    def tap(self, collector: Collector) -> Collector:
+        """Wrap a collector so every collection updates the receiver's GPU roster."""
+        return _RosterTap(collector, self)
+
+    @property
+    def flops_source(self) -> MetricSource:
+        return self.source(FLOPS.name)
+
+    def source(self, metric: str) -> MetricSource:
+        if metric not in self._engines:
+            raise ValueError(f"{metric!r} is not attributed; list it in ReceiverSettings.attributed_metrics")
+        return MetricSource(self, metric)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being read or parsed now (approximate: for diagnostics and tests)."""
+        return self._in_flight
+
+    def stats(self) -> OtlpStats:
+        return self.counters.snapshot()
+
+    def attribution_stats(self, metric: str = FLOPS.name) -> AttributionStats:
+        with self._take_lock:
+            return self._engines[metric].stats()
+
+    def _take(self, metric: str, now_ms: int) -> dict[str, float]:
+        with self._take_lock:
+            self._drain()
+            return self._engines[metric].take(now_ms)
+
+    def _drain(self) -> None:
+        with self._queue_lock:
+            batches, self._queue = self._queue, deque()
+            self._queued = 0
+        for batch in batches:
+            by_metric: dict[str, list[Point]] = {}
+            for p in batch:
+                by_metric.setdefault(p.metric, []).append(p)
+            try:
+                dropped = sum(self._engines[m].add(ps) for m, ps in by_metric.items() if m in self._engines)
+            except Exception:  # one bad batch must not stop the interval loop
+                log.exception("OTLP attribution failed on a batch of %d points; dropped", len(batch))
+                dropped = len(batch)
+            self.counters.attributed(len(batch) - dropped, dropped)
+
+    # -- the jobs' side --------------------------------------------------------------------------
+
+    def _handle_post(self, h: BaseHTTPRequestHandler) -> tuple[codec.Reply, bool]:
+        """Answer one POST; returns the reply and whether the body was read (else the connection closes)."""
+        media = codec.media_type(h.headers.get("Content-Type"))
+        retry = (("Retry-After", str(self.settings.retry_after_s)),)
+        refused = _check_head(urlsplit(h.path).path, media, h.headers.get("Content-Length"), self.settings)
+        if isinstance(refused, codec.Reply):
+            return refused, False
+        if not self._slots.acquire(blocking=False):
+            return codec.failure(503, "agent is busy with other OTLP requests; retry later", media, retry), False
+        self._count_in_flight(+1)
+        try:
+            body = h.rfile.read(refused)
+            if len(body) < refused:
+                return codec.failure(400, f"body ended after {len(body)} of {refused} bytes", media), False
+            return self._handle_body(body, media, h.headers.get("Content-Encoding", ""), retry), True
+        finally:
+            self._count_in_flight(-1)
+            self._slots.release()
+
+    def _count_in_flight(self, step: int) -> None:
+        with self._queue_lock:
+            self._in_flight += step
+
+    def _handle_body(self, body: bytes, media: str, encoding: str, retry: tuple[tuple[str, str], ...]) -> codec.Reply:
+        try:
+            raw = codec.decompress(body, encoding, self.settings.max_inflated_bytes)
+            request = codec.parse_request(raw, media)
+        except codec.BodyError as exc:
+            return codec.failure(exc.status, str(exc), media)
+        roster = self._roster
+        if not roster:
+            return codec.failure(503, "agent has not discovered this node's GPUs yet; retry later", media, retry)
+        now = self._clock()
+        found = extract(request, roster, now)
+        if len(found.points) > self.settings.queue_points:
+            return codec.failure(413, f"request has {len(found.points)} FLOPs points, over the agent's queue of "
+                                 f"{self.settings.queue_points}; send smaller batches", media)
+        if found.points and not self._enqueue(found.points):
+            return codec.failure(429, "agent's OTLP queue is full; retry later", media, retry)
+        self.counters.refused(found.rejected_total, found.ignored)
+        if found.rejected:
+            self._warn(now, found.message())
+            return codec.success(media, found.rejected_total, found.message())
+        return codec.success(media)
+
+    def _enqueue(self, points: list[Point]) -> bool:
+        with self._queue_lock:
+            if self._queued + len(points) > self.settings.queue_points:
+                return False
+            self._queue.append(points)
+            self._queued += len(points)
+            return True
+
+    def _warn(self, now_ms: int, message: str) -> None:
+        if self._last_warn_ms is None or now_ms - self._last_warn_ms >= _WARN_EVERY_MS:
+            self._last_warn_ms = now_ms
+            log.warning("OTLP receiver %s (further rejections are only counted for a minute)", message)
+
+
+def _check_head(path: str, media: str, content_length: str | None, settings: ReceiverSettings) -> int | codec.Reply:
+    """The body length to read, or the error reply for a request refused on its path and headers alone."""
+    if path != METRICS_PATH:
+        return codec.failure(404, f"{path} is not served here: this agent only receives metrics at {METRICS_PATH} "
+                             "(for a job's traces and logs set OTEL_TRACES_EXPORTER=none, OTEL_LOGS_EXPORTER=none)",
+                             media)
+    if content_length is None:
+        return codec.failure(411, "Content-Length is required (chunked bodies are not accepted)", media)
+    length = int(content_length) if content_length.strip().isdigit() else -1
+    if length < 0:
+        return codec.failure(400, f"Content-Length {content_length!r} is not a byte count", media)
+    if length > settings.max_body_bytes:
+        return codec.failure(413, f"body is {length} bytes, over the agent's {settings.max_body_bytes}-byte limit; "
+                             "send smaller batches (exporter max_export_batch_size)", media)
+    if media not in codec.MEDIA_TYPES:
+        return codec.failure(415, f"Content-Type {media or '(none)'!r} is not supported; "
+                             f"use {' or '.join(codec.MEDIA_TYPES)}", media)
+    return length
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up mid-reply is its own problem: log at debug, never a traceback on stderr."""
+        log.debug("OTLP connection from %s failed", client_address, exc_info=True)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "gpufleet-otlp"
+    receiver: OtlpReceiver
+
+    def do_POST(self) -> None:
+        try:
+            reply, body_read = self.receiver._handle_post(self)
+        except TimeoutError:
+            raise  # the stdlib closes a stalled connection
+        except Exception as exc:  # a bug must cost one request, never the receiver
+            log.exception("OTLP receiver failed on a request")
+            media = codec.media_type(self.headers.get("Content-Type"))
+            reply, body_read = codec.failure(500, f"agent error: {type(exc).__name__}: {exc}", media), False
+        self._send(reply, close=not body_read)
+
+    def _not_allowed(self) -> None:
+        media = codec.media_type(self.headers.get("Content-Type"))
+        reply = codec.failure(405, f"{self.command} is not allowed; POST OTLP metrics to {METRICS_PATH}", media,
+                              (("Allow", "POST"),))
+        self._send(reply, close=True)
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = _not_allowed
+
+    def _send(self, reply: codec.Reply, close: bool) -> None:
+        self.receiver.counters.request(reply.status)
+        self.send_response(reply.status, reply.reason)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("otlp %s - " + format, self.address_string(), *args)
+
+
+class _RosterTap:
+    """A collector that feeds each collection's GPU roster to the receiver, then returns it unchanged."""
+
+    def __init__(self, inner: Collector, receiver: OtlpReceiver) -> None:
+        self._inner = inner
+        self._receiver = receiver
+
+    def collect(self, now_ms: int) -> list[GpuSample]:
+        samples = self._inner.collect(now_ms)
+        self._receiver.set_gpus({s.index: s.uuid for s in samples})
+        return samples
+
+    def close(self) -> None:
+        self._inner.close()
