@@ -1,0 +1,341 @@
+"""Closing a billing period: frozen per-tenant statements, and late usage booked as adjustments.
+
+A period is a calendar month UTC (`2026-11`); its usage is the `usage_hourly` rows whose hour
+starts in it. `close_period`:
+
+1. refuses a period that has not ended, one already closed (statements are immutable: closing
+   again is an error, never a rewrite), and one earlier than the latest closed period (periods
+   close in order, so "the next open period" is well defined);
+2. books, for every period closed before, the difference between its usage now and what its
+   statement plus the adjustments booked since already cover: usage that arrived after the close
+   (late samples, a node's spool replayed days later) lands here, in the period being closed,
+   as `billing_adjustments` rows; a closed statement is never rewritten;
+3. freezes one `billing_statements` row per (tenant, GPU model), then marks the period closed in
+   `billing_periods` (written last: a period is closed exactly when that row exists).
+
+A close that crashed part-way is completed by the next attempt: row sets it already stored (each
+insert is one block, stored whole or not at all) are kept as they are, the rest is computed then.
+
+Each row carries the sha256 of its canonical text (`canonical`), so `verify` detects any edit
+made behind this module's back. The three inserts use fixed deduplication tokens per period, so
+two closes racing store each row set once; whatever usage a lost race leaves out stays pending
+and is booked at the next close.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import astuple, dataclass, fields
+from typing import TYPE_CHECKING, Any, Final
+
+from pipeline.usage import Policy, iso, ms_datetime, read_policy
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+_PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+HOUR_MS: Final = 3_600_000
+MJ_PER_KWH: Final = 3_600_000_000
+Key = tuple[str, str]
+"""(tenant, gpu_model)."""
+
+
+class BillingError(RuntimeError):
+    """A close that must not happen (period open, already closed, out of order); the text says why."""
+
+
+def period_bounds(period: str) -> tuple[int, int]:
+    """`[start_ms, end_ms)` of a `YYYY-MM` period (calendar month, UTC)."""
+    m = _PERIOD.match(period)
+    if not m:
+        raise BillingError(f"period {period!r} is not a month: write it as YYYY-MM, e.g. 2026-11")
+    year, month = int(m.group(1)), int(m.group(2))
+    start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
+    end = dt.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=dt.UTC)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Usage of one (tenant, model) over a period: integer milliseconds and millijoules, so sums are exact."""
+
+    allocated_ms: int = 0
+    unhealthy_ms: int = 0
+    billable_ms: int = 0
+    idle_allocated_ms: int = 0
+    gap_ms: int = 0
+    energy_mj: int = 0
+
+    def minus(self, other: Totals) -> Totals:
+        return Totals(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def plus(self, other: Totals) -> Totals:
+        return Totals(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def is_zero(self) -> bool:
+        return not any(astuple(self))
+
+
+@dataclass(frozen=True)
+class StatementRow:
+    period: str
+    tenant: str
+    gpu_model: str
+    allocated_ms: int
+    unhealthy_ms: int
+    billable_ms: int
+    idle_allocated_ms: int
+    gap_ms: int
+    energy_mj: int
+    energy_kwh: float
+    billable_gpu_hours: float
+    exclude_states: tuple[str, ...]
+    idle_util_pct: int
+    closed_at_ms: int
+    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class AdjustmentRow:
+    booked_period: str
+    usage_period: str
+    tenant: str
+    gpu_model: str
+    delta_allocated_ms: int
+    delta_unhealthy_ms: int
+    delta_billable_ms: int
+    delta_idle_allocated_ms: int
+    delta_gap_ms: int
+    delta_energy_mj: int
+    delta_energy_kwh: float
+    delta_billable_gpu_hours: float
+    closed_at_ms: int
+    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class CloseResult:
+    period: str
+    closed_at_ms: int
+    statements: list[StatementRow]
+    adjustments: list[AdjustmentRow]
+    checksum: str
+
+
+def canonical(row: StatementRow | AdjustmentRow) -> str:
+    """The row's canonical text (every field but the checksum, `|`-separated, floats as repr)."""
+    parts = []
+    for f in fields(row):
+        if f.name == "checksum":
+            continue
+        value = getattr(row, f.name)
+        parts.append(",".join(value) if isinstance(value, tuple) else repr(value))
+    return "|".join(parts)
+
+
+def sealed(row: Any) -> Any:
+    """The row with its checksum set: sha256 of its canonical text."""
+    return type(row)(**{**row.__dict__, "checksum": hashlib.sha256(canonical(row).encode()).hexdigest()})
+
+
+def statement_rows(period: str, totals: Mapping[Key, Totals], policy: Policy, closed_at_ms: int) -> list[StatementRow]:
+    """One sealed statement row per (tenant, model), in key order (pure)."""
+    return [
+        sealed(StatementRow(
+            period, tenant, model, t.allocated_ms, t.unhealthy_ms, t.billable_ms, t.idle_allocated_ms, t.gap_ms,
+            t.energy_mj, t.energy_mj / MJ_PER_KWH, t.billable_ms / HOUR_MS, policy.exclude_states,
+            policy.idle_util_pct, closed_at_ms,
+        ))
+        for (tenant, model), t in sorted(totals.items())
+    ]
+
+
+def deltas(current: Mapping[Key, Totals], covered: Mapping[Key, Totals]) -> dict[Key, Totals]:
+    """Current usage minus what statements and adjustments already cover, non-zero keys only (pure)."""
+    out = {}
+    for key in sorted(set(current) | set(covered)):
+        d = current.get(key, Totals()).minus(covered.get(key, Totals()))
+        if not d.is_zero():
+            out[key] = d
+    return out
+
+
+def adjustment_rows(
+    booked: str, usage_period: str, delta: Mapping[Key, Totals], closed_at_ms: int
+) -> list[AdjustmentRow]:
+    """Sealed adjustment rows for one earlier period's deltas (pure)."""
+    return [
+        sealed(AdjustmentRow(
+            booked, usage_period, tenant, model, d.allocated_ms, d.unhealthy_ms, d.billable_ms, d.idle_allocated_ms,
+            d.gap_ms, d.energy_mj, d.energy_mj / MJ_PER_KWH, d.billable_ms / HOUR_MS, closed_at_ms,
+        ))
+        for (tenant, model), d in sorted(delta.items())
+    ]
+
+
+def combined_checksum(statements: Sequence[StatementRow], adjustments: Sequence[AdjustmentRow]) -> str:
+    h = hashlib.sha256()
+    for row in [*statements, *adjustments]:
+        h.update(row.checksum.encode())
+    return h.hexdigest()
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def current_totals(client: Client, db: str, period: str) -> dict[Key, Totals]:
+    """Usage per (tenant, model) of the period, as `usage_hourly` shows it now."""
+    start, end = period_bounds(period)
+    rows = client.query(
+        "SELECT tenant, gpu_model, "
+        "sum(toUInt64(round(allocated_gpu_seconds * 1000))), sum(toUInt64(round(unhealthy_gpu_seconds * 1000))), "
+        "sum(toUInt64(round(billable_gpu_seconds * 1000))), sum(toUInt64(round(idle_allocated_gpu_hours * 3600000))), "
+        "sum(toUInt64(round(gap_gpu_seconds * 1000))), sum(toUInt64(round(energy_kwh * 3600000000))) "
+        f"FROM {db}.usage_hourly "
+        "WHERE hour >= toDateTime(intDiv({start:Int64}, 1000), 'UTC') "
+        "AND hour < toDateTime(intDiv({end:Int64}, 1000), 'UTC') "
+        "GROUP BY tenant, gpu_model",
+        parameters={"start": start, "end": end},
+    ).result_rows
+    return {(t, m): Totals(int(a), int(u), int(b), int(i), int(g), int(e)) for t, m, a, u, b, i, g, e in rows}
+
+
+def closed_periods(client: Client, db: str) -> dict[str, int]:
+    """Closed period -> closed_at (Unix ms)."""
+    rows = client.query(
+        f"SELECT period, toUnixTimestamp64Milli(min(closed_at)) FROM {db}.billing_periods GROUP BY period"
+    ).result_rows
+    return {p: int(t) for p, t in rows}
+
+
+def covered_totals(client: Client, db: str, period: str) -> dict[Key, Totals]:
+    """What the statement of a closed period plus the adjustments booked for it since add up to."""
+    stmt = client.query(
+        "SELECT tenant, gpu_model, allocated_ms, unhealthy_ms, billable_ms, idle_allocated_ms, gap_ms, energy_mj "
+        f"FROM {db}.billing_statements WHERE period = {{p:String}}", parameters={"p": period},
+    ).result_rows
+    adj = client.query(
+        "SELECT tenant, gpu_model, delta_allocated_ms, delta_unhealthy_ms, delta_billable_ms, delta_idle_allocated_ms, "
+        f"delta_gap_ms, delta_energy_mj FROM {db}.billing_adjustments WHERE usage_period = {{p:String}}",
+        parameters={"p": period},
+    ).result_rows
+    out: dict[Key, Totals] = {}
+    for t, m, *vals in [*stmt, *adj]:
+        row = Totals(*(int(v) for v in vals))
+        out[(t, m)] = out.get((t, m), Totals()).plus(row)
+    return out
+
+
+def pending_adjustments(client: Client, db: str) -> dict[str, dict[Key, Totals]]:
+    """Closed period -> (tenant, model) -> usage that arrived after its close and is not yet booked."""
+    out = {}
+    for period in sorted(closed_periods(client, db)):
+        d = deltas(current_totals(client, db, period), covered_totals(client, db, period))
+        if d:
+            out[period] = d
+    return out
+
+
+def statements(client: Client, db: str, period: str) -> tuple[list[StatementRow], list[AdjustmentRow]]:
+    """The frozen statement of a period and the adjustments booked when it closed."""
+    s = client.query(
+        "SELECT period, tenant, gpu_model, allocated_ms, unhealthy_ms, billable_ms, idle_allocated_ms, gap_ms, "
+        "energy_mj, energy_kwh, billable_gpu_hours, exclude_states, idle_util_pct, toUnixTimestamp64Milli(closed_at), "
+        "checksum "
+        f"FROM {db}.billing_statements WHERE period = {{p:String}} ORDER BY tenant, gpu_model",
+        parameters={"p": period},
+    ).result_rows
+    a = client.query(
+        "SELECT booked_period, usage_period, tenant, gpu_model, delta_allocated_ms, delta_unhealthy_ms, "
+        "delta_billable_ms, delta_idle_allocated_ms, delta_gap_ms, delta_energy_mj, delta_energy_kwh, "
+        "delta_billable_gpu_hours, "
+        f"toUnixTimestamp64Milli(closed_at), checksum FROM {db}.billing_adjustments "
+        "WHERE booked_period = {p:String} ORDER BY usage_period, tenant, gpu_model",
+        parameters={"p": period},
+    ).result_rows
+    stmts = [
+        StatementRow(r[0], r[1], r[2], *(int(v) for v in r[3:9]), float(r[9]), float(r[10]), tuple(r[11]),
+                     int(r[12]), int(r[13]), r[14])
+        for r in s
+    ]
+    adjs = [AdjustmentRow(*r[:4], *(int(v) for v in r[4:10]), float(r[10]), float(r[11]), int(r[12]), r[13]) for r in a]
+    return stmts, adjs
+
+
+def verify(client: Client, db: str) -> list[str]:
+    """Every stored statement or adjustment row whose checksum no longer matches its content."""
+    problems = []
+    for period in sorted(closed_periods(client, db)):
+        stmts, adjs = statements(client, db, period)
+        for row in [*stmts, *adjs]:
+            if sealed(row).checksum != row.checksum:
+                problems.append(f"{type(row).__name__} {period} {row.tenant}/{row.gpu_model}: checksum mismatch")
+    return problems
+
+
+# --- closing ---------------------------------------------------------------------------------------
+
+def close_period(client: Client, db: str, period: str, now_ms: int) -> CloseResult:
+    """Close `period` (see the module docstring); raises `BillingError` when it must not be closed."""
+    _, end = period_bounds(period)
+    if now_ms < end:
+        raise BillingError(f"period {period} has not ended (it ends at {iso(end)}): close it after that")
+    closed = closed_periods(client, db)
+    if period in closed:
+        raise BillingError(
+            f"period {period} was already closed at {iso(closed[period])}; closed statements are immutable, "
+            "and usage that arrives late is booked as adjustments when the next period closes"
+        )
+    later = sorted(p for p in closed if p > period)
+    if later:
+        raise BillingError(
+            f"period {later[-1]} is already closed: periods close in order, so {period} cannot close now"
+        )
+    policy = read_policy(client, db)
+    # A close that crashed part-way left whole row sets (each insert is one atomic block): keep them.
+    stored_stmts, stored_adjs = statements(client, db, period)
+    adjustments = stored_adjs or [
+        row
+        for earlier in sorted(closed)
+        for row in adjustment_rows(
+            period, earlier, deltas(current_totals(client, db, earlier), covered_totals(client, db, earlier)), now_ms
+        )
+    ]
+    if not stored_adjs:
+        _insert(client, f"{db}.billing_adjustments", _adjustment_columns(adjustments), f"adjustments:{period}")
+    stmts = stored_stmts or statement_rows(period, current_totals(client, db, period), policy, now_ms)
+    if not stored_stmts:
+        _insert(client, f"{db}.billing_statements", _statement_columns(stmts), f"statements:{period}")
+    checksum = combined_checksum(stmts, adjustments)
+    _insert(client, f"{db}.billing_periods", {
+        "period": [period], "closed_at": [ms_datetime(now_ms)], "statement_rows": [len(stmts)],
+        "adjustment_rows": [len(adjustments)], "exclude_states": [list(policy.exclude_states)],
+        "idle_util_pct": [policy.idle_util_pct], "checksum": [checksum],
+    }, f"period:{period}")
+    return CloseResult(period, now_ms, stmts, adjustments, checksum)
+
+
+def _statement_columns(rows: Iterable[StatementRow]) -> dict[str, list[Any]]:
+    rows = list(rows)
+    cols: dict[str, list[Any]] = {f.name: [getattr(r, f.name) for r in rows] for f in fields(StatementRow)}
+    cols["exclude_states"] = [list(v) for v in cols["exclude_states"]]
+    cols["closed_at"] = [ms_datetime(ms) for ms in cols.pop("closed_at_ms")]
+    return cols
+
+
+def _adjustment_columns(rows: Iterable[AdjustmentRow]) -> dict[str, list[Any]]:
+    rows = list(rows)
+    cols: dict[str, list[Any]] = {f.name: [getattr(r, f.name) for r in rows] for f in fields(AdjustmentRow)}
+    cols["closed_at"] = [ms_datetime(ms) for ms in cols.pop("closed_at_ms")]
+    return cols
+
+
+def _insert(client: Client, table: str, cols: dict[str, list[Any]], token: str) -> None:
+    if not next(iter(cols.values())):
+        return
+    client.insert(
+        table, list(cols.values()), column_names=list(cols), column_oriented=True,
+        settings={"insert_deduplication_token": token},
+    )

@@ -1,0 +1,115 @@
+"""`gpufleet billing`: close a period (frozen statements + adjustments), show, pending, verify."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from pipeline.commands.common import load_config, target_options
+from pipeline.commands.usage import with_store
+
+
+def _open(config_path: str | None, dsn: str | None, database: str | None) -> tuple[Any, Any, str]:
+    from pipeline.store import connect
+
+    cfg, target = load_config(config_path, dsn, database)
+    return cfg, with_store(lambda: connect(target)), target.database
+
+
+def _echo_rows(title: str, rows: list[Any], as_json: bool) -> None:
+    if as_json:
+        return
+    click.echo(f"{title}: {len(rows)}")
+    for r in rows:
+        d = asdict(r)
+        hours = d.get("billable_gpu_hours", d.get("delta_billable_gpu_hours"))
+        period = d.get("usage_period", d.get("period"))
+        click.echo(f"  {period}  {d['tenant']:<20} {d['gpu_model']:<28} billable_gpu_hours={hours:.6f}")
+
+
+@click.group("billing")
+def billing() -> None:
+    """Billing periods: close a month into immutable statements, list late usage, verify checksums."""
+
+
+@billing.command("close")
+@click.option("--period", required=True, metavar="YYYY-MM", help="The month to close, e.g. 2026-11.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statement as JSON.")
+@target_options
+def close(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None) -> None:
+    """Freeze one statement per tenant and GPU model for PERIOD, booking late usage of earlier closed
+    periods as adjustments; refuses a period already closed or not yet ended."""
+    from pipeline import billing as bill
+    from pipeline.usage import sync_policy
+
+    cfg, client, db = _open(config_path, dsn, database)
+    now_ms = int(time.time() * 1000)
+
+    def run() -> bill.CloseResult:
+        sync_policy(client, db, cfg.billing, now_ms)
+        try:
+            return bill.close_period(client, db, period, now_ms)
+        except bill.BillingError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    result = with_store(run)
+    if as_json:
+        click.echo(json.dumps({"period": result.period, "checksum": result.checksum,
+                               "statements": [asdict(r) for r in result.statements],
+                               "adjustments": [asdict(r) for r in result.adjustments]}, indent=2))
+        return
+    click.echo(f"closed {result.period}: {len(result.statements)} statement rows, "
+               f"{len(result.adjustments)} adjustment rows, checksum {result.checksum}")
+    _echo_rows("statements", result.statements, as_json)
+    _echo_rows("adjustments (late usage of earlier periods)", result.adjustments, as_json)
+
+
+@billing.command("show")
+@click.option("--period", required=True, metavar="YYYY-MM")
+@click.option("--json", "as_json", is_flag=True)
+@target_options
+def show(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None) -> None:
+    """Print a closed period's statement and the adjustments booked with it."""
+    from pipeline import billing as bill
+
+    _, client, db = _open(config_path, dsn, database)
+    if period not in with_store(lambda: bill.closed_periods(client, db)):
+        raise click.ClickException(f"period {period} is not closed: close it with 'gpufleet billing close'")
+    stmts, adjs = with_store(lambda: bill.statements(client, db, period))
+    if as_json:
+        click.echo(json.dumps({"statements": [asdict(r) for r in stmts],
+                               "adjustments": [asdict(r) for r in adjs]}, indent=2))
+        return
+    _echo_rows("statements", stmts, as_json)
+    _echo_rows("adjustments", adjs, as_json)
+
+
+@billing.command("pending")
+@target_options
+def pending(config_path: str | None, dsn: str | None, database: str | None) -> None:
+    """Usage of closed periods that arrived after their close, to be booked at the next close (JSON)."""
+    from pipeline import billing as bill
+
+    _, client, db = _open(config_path, dsn, database)
+    found = with_store(lambda: bill.pending_adjustments(client, db))
+    click.echo(json.dumps({p: [{"tenant": t, "gpu_model": m, **asdict(d)} for (t, m), d in rows.items()]
+                           for p, rows in found.items()}, indent=2))
+
+
+@billing.command("verify")
+@target_options
+def verify(config_path: str | None, dsn: str | None, database: str | None) -> None:
+    """Recompute every statement and adjustment checksum; exit 1 if any row was altered."""
+    from pipeline import billing as bill
+
+    _, client, db = _open(config_path, dsn, database)
+    problems = with_store(lambda: bill.verify(client, db))
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo("all billing checksums match")

@@ -1,0 +1,156 @@
+"""The capacity waterfall: where installed GPU-seconds go, from the minute rollup `gpu_usage_1m`.
+
+    installed  - unknown - unhealthy - unallocated - allocated idle  = busy
+
+over a whole-minute window and a hardware scope (all, a cluster, a node, a GPU model), then the
+achieved FLOPs as a share of the installed peak. Definitions (docs/aggregations.md):
+
+- *installed*: every GPU that reported at least once in the window, for the whole window (a GPU
+  that over-reported, e.g. overlapping intervals after an agent restart, counts what it reported);
+- *unknown*: installed time the GPU did not report (silent agent, node down, not yet installed);
+- *unhealthy*: reported time in a health state the policy excludes (`billing.exclude_states`);
+- *unallocated*: the rest of the reported time with no tenant;
+- *allocated idle*: the rest with a tenant, but no compute process or utilization below the
+  policy's idle threshold;
+- *busy*: what remains.
+
+The steps are integer milliseconds, disjoint, and add up exactly by construction; the result
+carries each one so callers and tests can check that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.usage import Policy, Window, idle_ms_sql
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+
+@dataclass(frozen=True)
+class HardwareScope:
+    """Which GPUs: all of them when every field is None."""
+
+    cluster: str | None = None
+    node: str | None = None
+    model: str | None = None
+
+    def sql(self) -> tuple[str, dict[str, str]]:
+        parts, params = ["1"], {}
+        for name in ("cluster", "node", "model"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name} = {{s_{name}:String}}")
+                params[f"s_{name}"] = value
+        return " AND ".join(parts), params
+
+
+@dataclass(frozen=True)
+class GpuTotals:
+    """One GPU's rollup sums over the window (milliseconds and FLOPs)."""
+
+    model: str
+    reported_ms: int
+    unhealthy_ms: int
+    unallocated_ms: int
+    idle_ms: int
+    achieved_flop: float
+    mfu_ms: int
+    measured_ms: int
+    peak_flop_s: float | None
+
+
+@dataclass(frozen=True)
+class Waterfall:
+    window_ms: int
+    gpus: int
+    installed_ms: int
+    unknown_ms: int
+    unhealthy_ms: int
+    unallocated_ms: int
+    idle_allocated_ms: int
+    busy_ms: int
+    achieved_flop: float
+    installed_peak_flop: float
+    """Peak FLOP/s x installed seconds, over GPUs of known models."""
+    achieved_share_of_peak: float | None
+    measured_coverage: float | None
+    unknown_models: list[dict[str, Any]] = field(default_factory=list)
+
+    def steps(self) -> list[tuple[str, float]]:
+        """The waterfall as (label, GPU-seconds), installed first and busy last."""
+        return [
+            ("installed", self.installed_ms / 1000),
+            ("unknown (not reporting)", -self.unknown_ms / 1000),
+            ("unhealthy", -self.unhealthy_ms / 1000),
+            ("unallocated", -self.unallocated_ms / 1000),
+            ("allocated but idle", -self.idle_allocated_ms / 1000),
+            ("busy", self.busy_ms / 1000),
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["steps"] = [{"step": s, "gpu_seconds": v} for s, v in self.steps()]
+        return out
+
+
+def build(gpus: Sequence[GpuTotals], window_ms: int) -> Waterfall:
+    """The waterfall from per-GPU totals (pure)."""
+    installed = unknown = unhealthy = unallocated = idle = mfu_ms = measured = 0
+    achieved = peak = 0.0
+    unknown_models: dict[str, int] = {}
+    for g in gpus:
+        gpu_installed = max(window_ms, g.reported_ms)
+        installed += gpu_installed
+        unknown += gpu_installed - g.reported_ms
+        unhealthy += g.unhealthy_ms
+        unallocated += g.unallocated_ms
+        idle += g.idle_ms
+        achieved += g.achieved_flop
+        mfu_ms += g.mfu_ms
+        measured += g.measured_ms
+        if g.peak_flop_s is None:
+            unknown_models[g.model] = unknown_models.get(g.model, 0) + gpu_installed
+        else:
+            peak += g.peak_flop_s * gpu_installed / 1000
+    busy = installed - unknown - unhealthy - unallocated - idle
+    return Waterfall(
+        window_ms=window_ms, gpus=len(gpus), installed_ms=installed, unknown_ms=unknown, unhealthy_ms=unhealthy,
+        unallocated_ms=unallocated, idle_allocated_ms=idle, busy_ms=busy, achieved_flop=achieved,
+        installed_peak_flop=peak, achieved_share_of_peak=achieved / peak if peak > 0 else None,
+        measured_coverage=measured / mfu_ms if mfu_ms else None,
+        unknown_models=[{"model": m, "installed_gpu_seconds": ms / 1000} for m, ms in sorted(unknown_models.items())],
+    )
+
+
+def gpu_totals(
+    client: Client, db: str, window: Window, policy: Policy, scope: HardwareScope | None = None
+) -> list[GpuTotals]:
+    """Per-GPU sums over the window, with the policy applied (unhealthy states, idle threshold)."""
+    scope_sql, scope_params = (scope or HardwareScope()).sql()
+    healthy = "NOT has({excl:Array(String)}, toString(health))"
+    rows = client.query(
+        "SELECT argMax(model, reported_ms), sum(reported_ms), "
+        "sumIf(reported_ms, has({excl:Array(String)}, toString(health))), "
+        f"sumIf(reported_ms, {healthy} AND tenant = ''), "
+        f"sumIf({idle_ms_sql()}, {healthy} AND tenant != ''), "
+        "sum(measured_flop) + sum(estimated_unmeasured_flop), sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s) "
+        f"FROM {db}.gpu_usage_1m WHERE {window.sql()} AND {scope_sql} "
+        "GROUP BY cluster, node, gpu_uuid ORDER BY cluster, node, gpu_uuid",
+        parameters={"excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct,
+                    **window.params(), **scope_params},
+    ).result_rows
+    return [
+        GpuTotals(str(m), int(r), int(u), int(ua), int(i), float(a), int(mm), int(me), None if p is None else float(p))
+        for m, r, u, ua, i, a, mm, me, p in rows
+    ]
+
+
+def waterfall(
+    client: Client, db: str, window: Window, policy: Policy, scope: HardwareScope | None = None
+) -> Waterfall:
+    """The capacity waterfall for `scope` over `window`."""
+    return build(gpu_totals(client, db, window, policy, scope), window.length_ms)

@@ -1,0 +1,168 @@
+"""Closing billing periods: frozen statements with checksums, refusals, late data as adjustments."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline import billing
+from pipeline.billing import BillingError, Totals, close_period, pending_adjustments, period_bounds, statements, verify
+from pipeline.commands.billing import billing as billing_cmd
+from pipeline.rows import insert_reports
+from tests.builders import H100, gpu, report
+
+H = 1_794_999_600_000  # 2026-11-18T11:00:00Z
+NOV_END = 1_796_083_200_000  # 2026-12-01T00:00:00Z
+DEC_END = 1_798_761_600_000  # 2027-01-01T00:00:00Z
+
+
+def _ms(*args: int) -> int:
+    return int(dt.datetime(*args, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def _second(i: int, seq: int, acme: bool = True, beta: bool = True, base: int = H) -> object:
+    """Second i of hour `base`: acme's GPUs 0 (300 W) and 1 (failing in seconds 0-2 and 5), beta's GPU 2 (250 W)."""
+    gpus = []
+    if acme:
+        gpus += [gpu(0, tenant="acme"), gpu(1, tenant="acme", xids=[79] if i in (0, 1, 2, 5) else [])]
+    if beta:
+        gpus.append(gpu(2, tenant="beta", power_w=250.0))
+    return report(seq=seq, time_ms=base + (i + 1) * 1000, gpus=gpus)
+
+
+def _november(ch_client, db: str) -> None:
+    """Seconds 0-9, with acme's second 5 missing (it arrives late in one test)."""
+    insert_reports(ch_client, db, [_second(i, i, acme=i != 5) for i in range(10)], ingest_ms=H + 20_000)
+
+
+def test_period_bounds() -> None:
+    assert period_bounds("2026-11") == (_ms(2026, 11, 1), NOV_END)
+    assert period_bounds("2026-12") == (NOV_END, DEC_END)
+    for bad in ("2026-13", "2026-1", "11-2026", "2026-11-01"):
+        with pytest.raises(BillingError, match="write it as YYYY-MM"):
+            period_bounds(bad)
+
+
+def test_close_freezes_a_statement_per_tenant(ch_target, ch_client) -> None:
+    db = ch_target.database
+    _november(ch_client, db)
+    closed_at = NOV_END + 3_600_000
+    result = close_period(ch_client, db, "2026-11", now_ms=closed_at)
+    acme, beta = result.statements
+    # acme: GPUs 0 and 1 for 9 s each; GPU 1 failing for 3 of them; second 5 is a 1 s gap on each
+    assert (acme.tenant, acme.gpu_model) == ("acme", H100)
+    assert (acme.allocated_ms, acme.unhealthy_ms, acme.billable_ms, acme.idle_allocated_ms, acme.gap_ms) == (
+        18_000, 3_000, 15_000, 0, 2_000)
+    assert acme.energy_mj == 18 * 300 * 1000
+    assert acme.billable_gpu_hours == 15_000 / 3_600_000
+    assert (acme.exclude_states, acme.idle_util_pct, acme.closed_at_ms) == (("failing",), 5, closed_at)
+    canonical = (f"'2026-11'|'acme'|'{H100}'|18000|3000|15000|0|2000|5400000|{5_400_000 / 3.6e9!r}|"
+                 f"{15_000 / 3_600_000!r}|failing|5|{closed_at}")
+    assert acme.checksum == hashlib.sha256(canonical.encode()).hexdigest()
+    assert (beta.tenant, beta.allocated_ms, beta.billable_ms, beta.gap_ms, beta.energy_mj) == (
+        "beta", 10_000, 10_000, 0, 10 * 250 * 1000)
+    assert result.adjustments == []
+    # what is stored is exactly what was returned, and its checksums hold
+    assert statements(ch_client, db, "2026-11") == (result.statements, [])
+    assert verify(ch_client, db) == []
+
+
+def test_refusals(ch_target, ch_client) -> None:
+    db = ch_target.database
+    _november(ch_client, db)
+    with pytest.raises(BillingError, match="period 2026-11 has not ended"):
+        close_period(ch_client, db, "2026-11", now_ms=NOV_END - 1)
+    close_period(ch_client, db, "2026-12", now_ms=DEC_END)
+    with pytest.raises(BillingError, match="periods close in order"):
+        close_period(ch_client, db, "2026-11", now_ms=DEC_END)
+    with pytest.raises(BillingError, match="already closed at 2027-01-01T00:00:00Z; closed statements are immutable"):
+        close_period(ch_client, db, "2026-12", now_ms=DEC_END + 1)
+
+
+def test_late_usage_is_booked_in_the_next_period_never_rewriting_a_closed_one(ch_target, ch_client) -> None:
+    db = ch_target.database
+    _november(ch_client, db)
+    frozen = close_period(ch_client, db, "2026-11", now_ms=NOV_END + 1000).statements
+    assert pending_adjustments(ch_client, db) == {}
+    # acme's second 5 of 2026-11-18 arrives in December (GPU 1 was failing in it)
+    insert_reports(ch_client, db, [_second(5, 105, beta=False)], ingest_ms=NOV_END + 86_400_000)
+    late = Totals(allocated_ms=2_000, unhealthy_ms=1_000, billable_ms=1_000, idle_allocated_ms=0, gap_ms=-2_000,
+                  energy_mj=2 * 300 * 1000)
+    assert pending_adjustments(ch_client, db) == {"2026-11": {("acme", H100): late}}
+    assert statements(ch_client, db, "2026-11") == (frozen, [])  # the closed statement did not move
+
+    result = close_period(ch_client, db, "2026-12", now_ms=DEC_END + 1000)
+    assert result.statements == []  # no December usage
+    (adj,) = result.adjustments
+    assert (adj.booked_period, adj.usage_period, adj.tenant, adj.gpu_model) == ("2026-12", "2026-11", "acme", H100)
+    assert (adj.delta_allocated_ms, adj.delta_unhealthy_ms, adj.delta_billable_ms, adj.delta_gap_ms) == (
+        2_000, 1_000, 1_000, -2_000)
+    assert adj.delta_billable_gpu_hours == 1_000 / 3_600_000
+    assert adj.delta_energy_mj == 600_000
+    assert statements(ch_client, db, "2026-12") == ([], [adj])
+    assert pending_adjustments(ch_client, db) == {}  # booked once, never again
+    assert close_period(ch_client, db, "2027-01", now_ms=_ms(2027, 2, 1)).adjustments == []
+    assert statements(ch_client, db, "2026-11") == (frozen, [])
+    assert verify(ch_client, db) == []
+
+
+def test_a_close_retried_after_a_crash_stores_each_row_once(ch_target, ch_client, monkeypatch) -> None:
+    db = ch_target.database
+    _november(ch_client, db)
+    real_insert = billing._insert
+
+    def crash_before_marking_closed(client, table, cols, token):
+        if table.endswith("billing_periods"):
+            raise ConnectionError("ClickHouse went away")
+        real_insert(client, table, cols, token)
+
+    monkeypatch.setattr(billing, "_insert", crash_before_marking_closed)
+    with pytest.raises(ConnectionError):
+        close_period(ch_client, db, "2026-11", now_ms=NOV_END + 1000)
+    monkeypatch.setattr(billing, "_insert", real_insert)
+    # usage arriving between the crash and the retry does not change the rows already frozen
+    insert_reports(ch_client, db, [_second(5, 105, beta=False)], ingest_ms=NOV_END + 1500)
+    result = close_period(ch_client, db, "2026-11", now_ms=NOV_END + 2000)
+    stored, _ = statements(ch_client, db, "2026-11")
+    assert result.statements == stored
+    assert [(s.tenant, s.billable_ms, s.closed_at_ms) for s in stored] == [
+        ("acme", 15_000, NOV_END + 1000), ("beta", 10_000, NOV_END + 1000)]
+    assert list(pending_adjustments(ch_client, db)) == ["2026-11"]  # the late second waits for the next close
+
+
+def test_an_altered_row_is_detected(ch_target, ch_client) -> None:
+    db = ch_target.database
+    _november(ch_client, db)
+    close_period(ch_client, db, "2026-11", now_ms=NOV_END)
+    ch_client.command(f"ALTER TABLE {db}.billing_statements UPDATE billable_ms = 1 WHERE tenant = 'beta' "
+                      "SETTINGS mutations_sync = 2")
+    assert verify(ch_client, db) == [f"StatementRow 2026-11 beta/{H100}: checksum mismatch"]
+
+
+def test_billing_command(ch_target, ch_client, monkeypatch) -> None:
+    monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
+    db = ch_target.database
+    october = _ms(2026, 10, 10)
+    insert_reports(ch_client, db, [_second(i, i, base=october) for i in range(4)], ingest_ms=october + 10_000)
+    target = ["--dsn", ch_target.dsn, "--database", db]
+    runner = CliRunner()
+    out = runner.invoke(billing_cmd, ["close", "--period", "2026-10", *target])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("closed 2026-10: 2 statement rows, 0 adjustment rows")
+    out = runner.invoke(billing_cmd, ["close", "--period", "2026-10", *target])
+    assert out.exit_code == 1
+    assert "period 2026-10 was already closed" in out.output
+    out = runner.invoke(billing_cmd, ["show", "--period", "2026-10", "--json", *target])
+    shown = json.loads(out.output)
+    # acme: 2 GPUs x 4 s, GPU 1 failing in seconds 0-2
+    assert [(s["tenant"], s["allocated_ms"], s["billable_ms"]) for s in shown["statements"]] == [
+        ("acme", 8_000, 5_000), ("beta", 4_000, 4_000)]
+    assert runner.invoke(billing_cmd, ["verify", *target]).exit_code == 0
+    assert json.loads(runner.invoke(billing_cmd, ["pending", *target]).output) == {}
+    out = runner.invoke(billing_cmd, ["close", "--period", "2026-1", *target])
+    assert out.exit_code == 1
+    assert "write it as YYYY-MM" in out.output

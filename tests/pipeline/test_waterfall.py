@@ -1,0 +1,102 @@
+"""The capacity waterfall on hand-built samples: every step by hand, and the steps add up exactly."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.rows import insert_reports
+from pipeline.usage import Policy, Window
+from pipeline.waterfall import GpuTotals, HardwareScope, build, waterfall
+from tests.builders import gpu, report
+
+M = 1_794_999_600_000  # 2026-11-18T11:00:00Z
+H100_PEAK = 989e12
+IDLE_UTIL = 0.03125  # 3 %, below the default 5 % threshold
+WINDOW = Window.covering(M, M + 60_000)  # one minute; six 10 s intervals per GPU
+
+
+def _gpus(i: int) -> list:
+    """Interval i (of six, 10 s each) of node n1's GPUs."""
+    out = [
+        gpu(0, tenant="t"),  # A: busy all minute
+        # B: failing 0-1, idle by utilization 2-3, held with no process 4-5
+        gpu(1, tenant="t", xids=[79] if i < 2 else [], util_gpu_ratio=IDLE_UTIL if i in (2, 3) else 0.5,
+            compute_processes=0 if i >= 4 else 1),
+        gpu(2, tensor_active_ratio=0.0),  # C: unallocated all minute
+        gpu(4, tenant="t", model="Mystery X1"),  # E: busy, unknown model
+        gpu(5, tenant="t", clock_event_reasons=0x20),  # F: busy but degraded (thermal)
+    ]
+    if i < 3:
+        out.append(gpu(3, tenant="t"))  # D: busy, then silent for the last 30 s
+    return out
+
+
+@pytest.fixture
+def db(ch_target, ch_client) -> str:
+    reports = [report(seq=i, time_ms=M + (i + 1) * 10_000, interval_ms=10_000, gpus=_gpus(i)) for i in range(6)]
+    insert_reports(ch_client, ch_target.database, reports, ingest_ms=M + 70_000)
+    return ch_target.database
+
+
+def test_every_step_by_hand_and_they_add_up(ch_client, db) -> None:
+    w = waterfall(ch_client, db, WINDOW, Policy(("failing",), 5))
+    s = 1000  # ms per second
+    assert w.gpus == 6
+    assert w.installed_ms == 6 * 60 * s
+    assert w.unknown_ms == 30 * s  # D silent for 30 s
+    assert w.unhealthy_ms == 20 * s  # B failing 2 x 10 s
+    assert w.unallocated_ms == 60 * s  # C
+    assert w.idle_allocated_ms == 40 * s  # B: 20 s at 3 % + 20 s with no process
+    assert w.busy_ms == (60 + 30 + 60 + 60) * s  # A, D, E, F (degraded is not excluded by this policy)
+    assert w.installed_ms - w.unknown_ms - w.unhealthy_ms - w.unallocated_ms - w.idle_allocated_ms == w.busy_ms
+    assert [v for _, v in w.steps()] == [360.0, -30.0, -20.0, -60.0, -40.0, 210.0]
+    # achieved: 21 known-model intervals at tensor 0.25 (C ran 0; E has no peak, so no estimate)
+    achieved = 21 * 0.25 * H100_PEAK * 10
+    assert w.achieved_flop == pytest.approx(achieved, rel=1e-12)
+    # installed peak: the five known-model GPUs for the whole minute (E is unknown, D counts its silence)
+    assert w.installed_peak_flop == pytest.approx(5 * 60 * H100_PEAK, rel=1e-12)
+    assert w.achieved_share_of_peak == pytest.approx(52.5 / 300, rel=1e-12)
+    assert w.measured_coverage == 0.0
+    assert w.unknown_models == [{"model": "Mystery X1", "installed_gpu_seconds": 60.0}]
+
+
+def test_policy_decides_what_is_unhealthy(ch_client, db) -> None:
+    w = waterfall(ch_client, db, WINDOW, Policy(("degraded", "failing"), 5))
+    assert (w.unhealthy_ms, w.busy_ms) == (80_000, 150_000)  # F's 60 s move from busy to unhealthy
+    w = waterfall(ch_client, db, WINDOW, Policy((), 50))  # nothing excluded; idle below 50 %
+    # B's failing 20 s now count as allocated; its util 0.5 is not below 50 %, so they stay busy;
+    # everything at 0.5 utilization is busy, so idle is B's 3 % and no-process intervals again
+    assert (w.unhealthy_ms, w.idle_allocated_ms, w.busy_ms) == (0, 40_000, 230_000)
+
+
+def test_scope_and_window(ch_client, db) -> None:
+    only_mystery = waterfall(ch_client, db, WINDOW, Policy(), HardwareScope(model="Mystery X1"))
+    assert (only_mystery.gpus, only_mystery.busy_ms, only_mystery.achieved_share_of_peak) == (1, 60_000, None)
+    assert waterfall(ch_client, db, WINDOW, Policy(), HardwareScope(node="n9")).gpus == 0
+    # a two-minute window: every GPU seen is installed for both minutes
+    w = waterfall(ch_client, db, Window.covering(M, M + 120_000), Policy())
+    assert (w.installed_ms, w.unknown_ms) == (6 * 120_000, 30_000 + 6 * 60_000)
+
+
+def test_overlapping_reports_never_make_unknown_negative() -> None:
+    g = GpuTotals("m", reported_ms=70_000, unhealthy_ms=0, unallocated_ms=70_000, idle_ms=0,
+                  achieved_flop=0.0, mfu_ms=0, measured_ms=0, peak_flop_s=None)
+    w = build([g], window_ms=60_000)
+    assert (w.installed_ms, w.unknown_ms, w.busy_ms) == (70_000, 0, 0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 60_000), st.integers(0, 100), st.integers(0, 100), st.integers(0, 100)),
+                max_size=20))
+def test_steps_always_add_up(parts) -> None:
+    gpus = []
+    for reported, unhealthy_pct, unalloc_pct, idle_pct in parts:
+        unhealthy = reported * unhealthy_pct // 100
+        unallocated = (reported - unhealthy) * unalloc_pct // 100
+        idle = (reported - unhealthy - unallocated) * idle_pct // 100
+        gpus.append(GpuTotals("m", reported, unhealthy, unallocated, idle, 0.0, 0, 0, 1.0))
+    w = build(gpus, 60_000)
+    assert w.installed_ms == 60_000 * len(gpus)
+    assert w.installed_ms - w.unknown_ms - w.unhealthy_ms - w.unallocated_ms - w.idle_allocated_ms == w.busy_ms
+    assert min(w.unknown_ms, w.unhealthy_ms, w.unallocated_ms, w.idle_allocated_ms, w.busy_ms) >= 0
