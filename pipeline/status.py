@@ -13,6 +13,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.config import Config
+from pipeline import usage
+from pipeline.alerts.state import firing_alerts
+
+SUMMARY_WINDOW_S = 24 * 3600
+"""MFU and billable hours in the status document cover the last 24 h of data."""
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -68,18 +73,8 @@ def fleet_status(client: Client, cfg: Config) -> dict[str, Any]:
     """The full `gpufleet status --json` document."""
     db = cfg.clickhouse.database
     out = basic_summary(client, db, cfg.health.silent_after_s)
-    out.update(_aggregations(client, cfg))
-    out.update(_alerts(client, db))
+    if out["samples_total"]:
+        now_ms = int(client.query(f"SELECT toUnixTimestamp64Milli(max(time)) FROM {db}.gpu_samples").result_rows[0][0])
+        out.update(usage.fleet_summary(client, db, now_ms, SUMMARY_WINDOW_S, cfg))
+    out["alerts_firing"] = firing_alerts(client, db)
     return out
-
-
-def _aggregations(client: Client, cfg: Config) -> dict[str, Any]:
-    from pipeline import summary_sections
-
-    return summary_sections.aggregations(client, cfg)
-
-
-def _alerts(client: Client, db: str) -> dict[str, Any]:
-    from pipeline import summary_sections
-
-    return summary_sections.alerts(client, db)

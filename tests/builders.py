@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gpufleet.wire import SCHEMA_VERSION, GpuSample, NodeReport
 
-T0_MS = 1_795_000_000_000  # 2026-11-18T08:26:40Z, a fixed instant
+T0_MS = 1_795_000_000_000  # 2026-11-18T11:06:40Z, a fixed instant
 H100 = "NVIDIA H100 80GB HBM3"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import click
 
@@ -17,6 +18,7 @@ from pipeline.migrate import migrate
 from pipeline.status import fleet_status
 from pipeline.status_api import StatusServer
 from pipeline.store import connect, redact
+from pipeline.usage import sync_policy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ def ingest(config_path: str | None, dsn: str | None, database: str | None, boots
     client = connect(target)
     if not no_migrate:
         migrate(client, schema_options(cfg))
+    sync_policy(client, cfg.clickhouse.database, cfg.billing, int(time.time() * 1000))
     kafka.ensure_topics(cfg.kafka)
     ref: list[Ingester] = []
     ing = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))

@@ -35,6 +35,7 @@ from pipeline.migrate import migrate
 from pipeline.status import fleet_status
 from pipeline.status_api import StatusServer
 from pipeline.store import Target, connect
+from pipeline.usage import sync_policy
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class DemoStack:
         kafka.ensure_topics(cfg.kafka)
         client = connect(self.target)
         migrate(client, schema_options(cfg))
+        sync_policy(client, self.target.database, cfg.billing, int(time.time() * 1000))
         say(f"store (chDB) at {store}")
         if o.alertmanager and find_binary():
             self.alertmanager = EmbeddedAlertmanager(o.data_dir / "alertmanager").start()
