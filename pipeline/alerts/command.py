@@ -1,0 +1,145 @@
+"""`gpufleet alerts`: list firing alerts, run the evaluator, check a rules file.
+
+    gpufleet alerts [--json]                    alerts firing now (from the alerts table)
+    gpufleet alerts run [--once] [--alertmanager URL] [--rules FILE]
+    gpufleet alerts check FILE...               validate rules files, run nothing
+
+While `gpufleet demo` runs it owns the chDB store, so the listing asks the demo's status API
+(as `gpufleet status` does); otherwise it reads the ClickHouse named by the config.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpufleet import config as config_mod
+from pipeline.commands.common import load_config, target_options
+
+
+@click.group(invoke_without_command=True)
+@target_options
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/demo"),
+              show_default=True, help="The demo's data directory (used while `gpufleet demo` runs).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def alerts(ctx: click.Context, config_path: str | None, dsn: str | None, database: str | None, data_dir: Path,
+           as_json: bool) -> None:
+    """List the alerts firing now (subcommands: run, check)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    firing = _firing(config_path, dsn, database, data_dir)
+    if as_json:
+        click.echo(json.dumps(firing, indent=2, sort_keys=True))
+        return
+    if not firing:
+        click.echo("no alerts firing")
+        return
+    for a in firing:
+        lab = a["labels"]
+        where = " ".join(f"{k}={lab[k]}" for k in ("cluster", "node", "gpu_index", "tenant") if k in lab)
+        click.echo(f"{a['starts_at']}  {a['severity']:8}  {a['alertname']:22}  {where}")
+        click.echo(f"    {a['annotations'].get('summary', '')}")
+
+
+def _firing(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> list[dict[str, Any]]:
+    if not dsn and not database:
+        from pipeline.demo.state import DemoState
+
+        state = DemoState.read(data_dir)
+        if state and state.alive():
+            doc = state.fetch_status()
+            if doc is None or not isinstance(doc.get("alerts_firing"), list):
+                raise click.ClickException(
+                    f"the demo (pid {state.pid}) owns the store, but its status API at {state.status_url} gave "
+                    "no alerts_firing; retry, or stop the demo and run this again"
+                )
+            return list(doc["alerts_firing"])
+        if state:
+            dsn, database = state.dsn, state.database
+    from pipeline.alerts.state import StateError, firing_alerts
+    from pipeline.store import connect
+
+    _, target = load_config(config_path, dsn, database)
+    try:
+        return firing_alerts(connect(target), target.database)
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        text = str(exc)
+        if "UNKNOWN_TABLE" in text or "UNKNOWN_DATABASE" in text:
+            raise click.ClickException(
+                f"no alerts table in {target.database}: run `gpufleet migrate` (and `gpufleet alerts run`)"
+            ) from None
+        raise
+
+
+@alerts.command("run")
+@target_options
+@click.option("--alertmanager", "alertmanager_url", metavar="URL",
+              help="Alertmanager base URL, e.g. http://127.0.0.1:9093 (default: alerts.alertmanager_url).")
+@click.option("--rules", "rules_path", type=click.Path(dir_okay=False),
+              help="Rules file (default: alerts.rules_file, else the shipped defaults).")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), help="Seconds between evaluations.")
+@click.option("--once", is_flag=True, help="Evaluate once, print what happened as JSON, and exit.")
+def run_cmd(config_path: str | None, dsn: str | None, database: str | None, alertmanager_url: str | None,
+            rules_path: str | None, interval_s: float | None, once: bool) -> None:
+    """Evaluate the alert rules on a schedule and notify Alertmanager, until stopped (SIGTERM, Ctrl-C)."""
+    import msgspec
+
+    from pipeline.alerts.evaluator import Evaluator
+    from pipeline.alerts.rules import RulesError, load_rules
+    from pipeline.store import connect
+
+    cfg, target = load_config(config_path, dsn, database)
+    alerts_cfg = cfg.alerts
+    if rules_path:
+        alerts_cfg = msgspec.structs.replace(alerts_cfg, rules_file=rules_path)
+    if interval_s:
+        alerts_cfg = msgspec.structs.replace(alerts_cfg, interval_s=interval_s)
+    cfg = msgspec.structs.replace(cfg, alerts=alerts_cfg)
+    try:
+        rules = load_rules(cfg.alerts.rules_file)
+    except RulesError as exc:
+        raise config_mod.ConfigError(str(exc)) from None
+    evaluator = Evaluator(cfg, connect(target), alertmanager_url=alertmanager_url, rules=rules)
+    if once:
+        report = evaluator.evaluate_once()
+        click.echo(json.dumps({
+            "now_ms": report.now_ms, "firing": report.firing, "pending": report.pending, "sent": report.sent,
+            "fired": [r.alertname for r in report.fired], "resolved": [r.alertname for r in report.resolved],
+            "errors": report.errors,
+        }, indent=2))
+        if report.errors:
+            raise SystemExit(1)
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"evaluating {len(rules.rules)} rules from {rules.source} every {cfg.alerts.interval_s:g} s; "
+               f"Alertmanager: {evaluator.notifier or 'none (alerts stay in ClickHouse)'}", err=True)
+    evaluator.run(stop)
+
+
+@alerts.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def check_cmd(files: tuple[str, ...]) -> None:
+    """Validate rules files (exit 1 and name the rule and key on the first error)."""
+    from pipeline.alerts.rules import RulesError, load_rules
+
+    failed = False
+    for f in files:
+        try:
+            rs = load_rules(f)
+        except RulesError as exc:
+            click.echo(f"FAIL {exc}", err=True)
+            failed = True
+            continue
+        click.echo(f"OK   {f}: {len(rs.rules)} rules ({', '.join(r.name for r in rs.rules)})")
+    if failed:
+        raise SystemExit(1)

@@ -1,0 +1,240 @@
+"""The alert evaluator: each interval, run every rule over ClickHouse, move alerts through their
+lifecycle, store them, and tell Alertmanager what fires and what resolved.
+
+Time comes from an injected clock (`evaluate_once(now_ms)` in tests, the wall clock in production),
+and only samples up to `now` count. Failures stay local: a rule whose query fails keeps its alerts
+as they were, an unreachable Alertmanager leaves notifications due for the next evaluation, a
+failed write is retried; none of them stops the loop. State is reloaded from the `alerts` table on
+start, so a restarted evaluator keeps each alert's `startsAt` and sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gpufleet.config import Config
+from pipeline.alerts import lifecycle as lc
+from pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError, payload
+from pipeline.alerts.lifecycle import AlertRecord
+from pipeline.alerts.queries import Candidate, build, candidates
+from pipeline.alerts.rules import AnyRule, RuleSet, format_duration, load_rules
+from pipeline.alerts.state import AlertStore
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger("gpufleet.alerts")
+
+Clock = Callable[[], int]
+"""Returns the current time in Unix milliseconds."""
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Notifier(Protocol):
+    """Where alerts go: `AlertmanagerClient`, or anything with its `post`."""
+
+    def post(self, alerts: Sequence[dict[str, Any]]) -> None: ...
+
+
+@dataclass
+class EvalReport:
+    """What one evaluation did."""
+
+    now_ms: int
+    firing: int = 0
+    pending: int = 0
+    fired: list[AlertRecord] = field(default_factory=list)
+    resolved: list[AlertRecord] = field(default_factory=list)
+    sent: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Evaluator:
+    """Evaluates the rules against ClickHouse and notifies Alertmanager; `run()` loops until stopped."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        client: Client,
+        alertmanager_url: str | None = None,
+        *,
+        clock: Clock | None = None,
+        rules: RuleSet | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.db = cfg.clickhouse.database
+        self.rules = rules if rules is not None else load_rules(cfg.alerts.rules_file)
+        self.store = AlertStore(client, self.db)
+        url = alertmanager_url or cfg.alerts.alertmanager_url
+        self.notifier: Notifier | None = notifier or (AlertmanagerClient(url) if url else None)
+        self.clock = clock or wall_ms
+        self.interval_s = cfg.alerts.interval_s
+        self.resend_ms = int(cfg.alerts.resend_s * 1000)
+        self.valid_ms = 4 * max(self.resend_ms, int(self.interval_s * 1000))
+        self._records: dict[str, AlertRecord] | None = None
+        self._written_at: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._logged_errors: set[str] = set()
+        self.last_report: EvalReport | None = None
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Evaluate every `alerts.interval_s` until `stop_event` is set; never raises."""
+        log.info("alert evaluator: %d rules, every %.1f s, Alertmanager %s", len(self.rules.rules), self.interval_s,
+                 self.notifier or "not configured")
+        while not stop_event.is_set():
+            started = time.monotonic()
+            try:
+                self.evaluate_once()
+            except Exception:
+                log.exception("alert evaluation failed; retrying next interval")
+            stop_event.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    def evaluate_once(self, now_ms: int | None = None) -> EvalReport:
+        """One evaluation at `now_ms` (default: the clock): query, transition, store, notify."""
+        now = self.clock() if now_ms is None else int(now_ms)
+        report = EvalReport(now)
+        if self._records is None:
+            try:
+                self._records = self.store.load_open()
+            except Exception as exc:
+                report.errors.append(str(exc))
+                return self._finish(report)
+        records = self._records
+        before = dict(records)
+        names = set()
+        for rule in self.rules.rules:
+            names.add(rule.name)
+            try:
+                q = build(rule, self.db, now)
+                found = candidates(rule, list(self.client.query(q.sql, parameters=q.parameters).named_results()), now)
+            except Exception as exc:
+                report.errors.append(f"rule {rule.name}: query failed, its alerts stay as they were: {exc}")
+                continue
+            self._apply(rule, found, now)
+        for fp, rec in list(records.items()):
+            if rec.open and rec.alertname not in names:  # its rule was removed from the rules file
+                records[fp] = lc.close(rec, now)
+        self._notify(now, report)
+        self._store(before, now, report)
+        for fp, rec in records.items():
+            old = before.get(fp)
+            if rec.state == "firing" and (old is None or old.state != "firing" or old.active_at != rec.active_at):
+                report.fired.append(rec)
+            if rec.state == "resolved" and old is not None and old.state == "firing":
+                report.resolved.append(rec)
+        report.firing = sum(r.state == "firing" for r in records.values())
+        report.pending = sum(r.state == "pending" for r in records.values())
+        return self._finish(report)
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def _apply(self, rule: AnyRule, found: list[Candidate], now: int) -> None:
+        records = self._records
+        assert records is not None
+        seen: set[str] = set()
+        for cand in found:
+            labels = {**rule.labels, **cand.labels, "alertname": rule.name, "severity": rule.severity}
+            fp = lc.fingerprint(labels)
+            seen.add(fp)
+            rec = lc.observe(records.get(fp), alertname=rule.name, severity=rule.severity, labels=labels,
+                             firing=cand.firing, since_ms=cand.since_ms, now_ms=now)
+            records[fp] = _render(rule, rec, cand, now)
+        for fp, rec in list(records.items()):
+            if rec.alertname == rule.name and rec.open and fp not in seen:
+                records[fp] = lc.close(rec, now)
+
+    def _notify(self, now: int, report: EvalReport) -> None:
+        records = self._records
+        assert records is not None
+        due = [r for r in records.values() if lc.due(r, now, self.resend_ms)]
+        if not due or self.notifier is None:
+            return
+        try:
+            self.notifier.post([payload(r, now, self.valid_ms) for r in due])
+        except AlertmanagerError as exc:
+            report.errors.append(f"{exc}; {len(due)} notification(s) kept for the next evaluation"
+                                 if exc.retryable else f"{exc}; dropped (sending again would not help)")
+            if exc.retryable:
+                return
+        except Exception as exc:
+            report.errors.append(f"notifying failed ({type(exc).__name__}: {exc}); retrying next evaluation")
+            return
+        for r in due:
+            records[r.fingerprint] = lc.delivered(r, now)
+        report.sent = len(due)
+
+    def _store(self, before: dict[str, AlertRecord], now: int, report: EvalReport) -> None:
+        records = self._records
+        assert records is not None
+        for fp, rec in records.items():
+            old = before.get(fp)
+            if old is None or _essential(old) != _essential(rec):
+                self._dirty.add(fp)
+            elif rec.open and now - self._written_at.get(fp, 0) >= self.resend_ms:
+                self._dirty.add(fp)  # keep last_eval, value and annotations fresh for dashboards
+        todo = [records[fp] for fp in sorted(self._dirty)]
+        stamped = [dataclasses.replace(r, revision=lc.next_revision(r, now)) for r in todo]
+        try:
+            self.store.write(stamped)
+        except Exception as exc:
+            report.errors.append(f"writing {len(todo)} alert(s) to {self.db}.alerts failed, retrying next "
+                                 f"evaluation: {exc}")
+            return
+        for r in stamped:
+            records[r.fingerprint] = r
+            self._written_at[r.fingerprint] = now
+        self._dirty.clear()
+
+    def _finish(self, report: EvalReport) -> EvalReport:
+        errors = set(report.errors)
+        for e in sorted(errors - self._logged_errors):
+            log.warning("alerts: %s", e)
+        if self._logged_errors and not errors:
+            log.info("alerts: evaluation healthy again")
+        self._logged_errors = errors
+        self.last_report = report
+        return report
+
+    def open_alerts(self) -> list[AlertRecord]:
+        """Pending and firing alerts as this evaluator holds them."""
+        return [r for r in (self._records or {}).values() if r.open]
+
+
+def _essential(rec: AlertRecord) -> tuple[object, ...]:
+    return (rec.state, rec.active_at, rec.starts_at, rec.ends_at, rec.sent_state, rec.last_sent_at)
+
+
+def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int) -> AlertRecord:
+    """Annotations, value and generator URL from the rule's templates and the candidate's context."""
+    ctx = dict(cand.context)
+    ctx["active_for"] = format_duration(max(0, now - rec.active_at))
+    value = cand.value
+    if cand.tracks_waste:
+        hours = max(0, cand.last_ms - rec.active_at) / 3_600_000
+        ctx["gpu_hours_wasted"] = hours
+        if value is None:
+            value = hours
+    ctx["value"] = value if value is not None else float("nan")
+    annotations = {k: _fill(t, ctx) for k, t in rule.annotations.items()}
+    url = _fill(rule.generator_url, ctx) if rule.generator_url else ""
+    return dataclasses.replace(rec, annotations=annotations, value=value, generator_url=url)
+
+
+def _fill(template: str, ctx: dict[str, Any]) -> str:
+    try:
+        return template.format_map(ctx)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:  # validated on load; belt and braces
+        return f"{template} (template error: {exc})"

@@ -1,0 +1,348 @@
+"""Pure functions: a rule and an evaluation instant -> its SQL; the SQL's rows -> alert candidates.
+
+Every value goes to ClickHouse as a bound parameter; identifiers (the database, the group-by keys)
+come only from this code and the validated rules. Only samples with `time <= now` count, so
+evaluating at an injected `now` over stored data gives the same answer every time.
+
+"Sustained for D" means: the GPU's newest sample satisfies the condition and is at most
+`max_sample_age` old, every sample of that GPU ending in `(now - D, now]` satisfies it, and those
+samples reach back to `now - D` and cover at least `coverage` x D (a lost message or two is
+tolerated, a node that stopped reporting is not). A candidate whose newest sample satisfies the
+condition but is not yet sustained is *pending*; `since_ms` is where its current run of
+satisfying samples began within the window.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from gpufleet.gpu_facts import (
+    THROTTLE_HW_POWER_BRAKE,
+    THROTTLE_HW_SLOWDOWN,
+    THROTTLE_HW_THERMAL,
+    THROTTLE_SW_POWER_CAP,
+    THROTTLE_SW_THERMAL,
+)
+from pipeline.alerts.rules import (
+    AnyRule,
+    GpuBusyUnallocated,
+    GpuDegraded,
+    GpuFailing,
+    GpuHeldNoProcess,
+    GpuIdleAllocated,
+    GpuRule,
+    MfuBelowTarget,
+    NodeSilent,
+    duration_ms,
+    format_duration,
+)
+
+GIB: Final = float(1 << 30)
+THROTTLE_NAMES: Final = {
+    THROTTLE_SW_POWER_CAP: "sw_power_cap",
+    THROTTLE_HW_SLOWDOWN: "hw_slowdown",
+    THROTTLE_SW_THERMAL: "sw_thermal",
+    THROTTLE_HW_THERMAL: "hw_thermal",
+    THROTTLE_HW_POWER_BRAKE: "hw_power_brake",
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    sql: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One series (GPU, node, tenant or fleet) whose condition holds at `now`."""
+
+    labels: dict[str, str]
+    """The series' own labels (cluster, node, gpu, gpu_index, tenant...); empty values are dropped."""
+    firing: bool
+    """True: sustained (or a `for: 0` rule); False: pending."""
+    since_ms: int
+    last_ms: int
+    value: float | None
+    """The number the alert is about (see docs/alerts.md); None: the GPU-hours wasted, known to the evaluator."""
+    context: dict[str, Any]
+    tracks_waste: bool = False
+    """The evaluator adds `gpu_hours_wasted` (from the alert's active_at to `last_ms`)."""
+
+
+def _ms(name: str) -> str:
+    return f"fromUnixTimestamp64Milli({{{name}:Int64}}, 'UTC')"
+
+
+_WINDOW = f"time > {_ms('from_ms')} AND time <= {_ms('now_ms')}"
+
+# The per-GPU query: the window's samples with the rule's condition `c`, one row per GPU whose
+# newest sample is fresh and satisfies it (or, for GpuDegraded, whose counters rose).
+_GPU_SQL = """
+SELECT cluster, node, gpu_uuid, gpu_index,
+       argMax(tenant, time) AS tenant, argMax(job, time) AS job, argMax(model, time) AS model,
+       toUnixTimestamp64Milli(max(time)) AS last_ms,
+       toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms,
+       sum(interval_ms) AS covered_ms,
+       argMax(c, time) AS last_c,
+       countIf(c = 0) AS n_false,
+       toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms{extra}
+FROM (
+    SELECT cluster, node, gpu_uuid, gpu_index, tenant, job, model, time, interval_ms{columns},
+           toUInt8(ifNull({cond}, 0)) AS c
+    FROM {db}.gpu_samples
+    WHERE {window}
+)
+GROUP BY cluster, node, gpu_uuid, gpu_index
+HAVING last_ms > {{fresh_ms:Int64}} AND ({having})
+ORDER BY cluster, node, gpu_index
+"""
+
+_SAME_TENANT = "tenant = argMax(tenant, time) OVER (PARTITION BY cluster, node, gpu_uuid)"
+
+
+def _increase(col: str) -> str:
+    """Counter increase over the window, in time order; a reset (a drop) counts the new value."""
+    pairs = f"groupArrayIf((time, assumeNotNull({col})), {col} IS NOT NULL)"
+    vals = f"arrayMap(p -> toInt64(p.2), arraySort(p -> p.1, {pairs}))"
+    return f"arraySum(arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference({vals}), {vals}))"
+
+
+@dataclass(frozen=True)
+class _GpuShape:
+    cond: str
+    columns: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    having: str = "last_c = 1"
+
+
+def _gpu_shape(rule: GpuRule) -> _GpuShape:
+    if isinstance(rule, GpuFailing):
+        return _GpuShape(
+            "health = 'failing'", ("health", "health_reasons"),
+            ("arrayDistinct(arrayFlatten(arrayMap(p -> p.2, arraySort(p -> p.1, "
+             "groupArrayIf((time, health_reasons), c = 1))))) AS reasons",
+             "toUnixTimestamp64Milli(maxIf(time, c = 1)) AS last_true_ms",
+             "toUnixTimestamp64Milli(minIf(time, c = 1)) - argMinIf(interval_ms, time, c = 1) AS first_true_ms"),
+            "last_c = 1 OR last_true_ms > {keep_ms:Int64}",
+        )
+    if isinstance(rule, GpuDegraded):
+        cond = ("bitAnd(ifNull(clock_event_reasons, 0), {mask:UInt64}) != 0"
+                " OR ifNull(temp_gpu_c >= {temp_c:Float64}, 0)"
+                " OR ({remap:UInt8} = 1 AND (ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0)))")
+        nvlink = "nvlink_errors"
+        return _GpuShape(
+            cond,
+            ("clock_event_reasons", "temp_gpu_c", "remap_pending", "retired_pages_pending",
+             "ecc_corrected_volatile", "pcie_replay_count",
+             "if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
+             f"ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)) AS {nvlink}"),
+            ("argMax(ifNull(clock_event_reasons, 0), time) AS throttle_bits",
+             "argMax(temp_gpu_c, time) AS temp_c",
+             "argMax(ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0), time) AS remap",
+             f"{_increase('ecc_corrected_volatile')} AS ecc_inc",
+             f"{_increase('pcie_replay_count')} AS pcie_inc",
+             f"{_increase(nvlink)} AS nvlink_inc"),
+            "last_c = 1 OR ecc_inc >= {ecc_min:Int64} OR pcie_inc >= {pcie_min:Int64}"
+            " OR nvlink_inc >= {nvlink_min:Int64}",
+        )
+    if isinstance(rule, GpuIdleAllocated):
+        return _GpuShape(
+            "tenant != '' AND error = '' AND util_gpu_ratio < {util:Float64}"
+            f" AND (compute_processes IS NULL OR compute_processes > 0) AND {_SAME_TENANT}",
+            ("error", "util_gpu_ratio", "compute_processes"),
+            ("avgIf(util_gpu_ratio, c = 1) AS util",),
+        )
+    if isinstance(rule, GpuHeldNoProcess):
+        return _GpuShape(f"tenant != '' AND error = '' AND compute_processes = 0 AND {_SAME_TENANT}",
+                         ("error", "compute_processes"))
+    if isinstance(rule, GpuBusyUnallocated):
+        return _GpuShape(
+            "tenant = '' AND error = '' AND (compute_processes > 0 OR mem_used_bytes > {mem_bytes:UInt64})",
+            ("error", "compute_processes", "mem_used_bytes"),
+            ("argMax(compute_processes, time) AS processes", "argMax(mem_used_bytes, time) AS mem_used"),
+        )
+    raise TypeError(f"no per-GPU query for {type(rule).__name__}")
+
+
+def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
+    if isinstance(rule, GpuFailing):
+        return {"keep_ms": now_ms - rule.keep_ms}
+    if isinstance(rule, GpuDegraded):
+        return {"mask": rule.throttle_mask, "temp_c": rule.temp_c, "remap": int(rule.remap_pending),
+                "ecc_min": rule.ecc_corrected_increase, "pcie_min": rule.pcie_replay_increase,
+                "nvlink_min": rule.nvlink_error_increase}
+    if isinstance(rule, GpuIdleAllocated):
+        return {"util": rule.util_below}
+    if isinstance(rule, GpuBusyUnallocated):
+        return {"mem_bytes": rule.mem_used_above_bytes}
+    return {}
+
+
+def build(rule: AnyRule, db: str, now_ms: int) -> Query:
+    """The rule's SQL and parameters for an evaluation at `now_ms`."""
+    if isinstance(rule, NodeSilent):
+        return _node_silent(rule, db, now_ms)
+    if isinstance(rule, MfuBelowTarget):
+        return _mfu(rule, db, now_ms)
+    shape = _gpu_shape(rule)
+    sql = _GPU_SQL.format(
+        db=db, window=_WINDOW, cond=shape.cond, having=shape.having,
+        columns="".join(f", {c}" for c in shape.columns), extra="".join(f",\n       {e}" for e in shape.extra),
+    )
+    span = max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
+    params = {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
+              **_gpu_params(rule, now_ms)}
+    return Query(sql, params)
+
+
+def _node_silent(rule: NodeSilent, db: str, now_ms: int) -> Query:
+    # TODO(rollups): read a latest-report-per-node rollup when it lands; this scans `forget_after`
+    # of agent_reports (one row per node per interval).
+    sql = (
+        f"SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms FROM {db}.agent_reports "
+        f"WHERE {_WINDOW} GROUP BY cluster, node HAVING last_ms <= {{silent_ms:Int64}} ORDER BY cluster, node"
+    )
+    return Query(sql, {"from_ms": now_ms - duration_ms(rule.forget_after), "now_ms": now_ms,
+                       "silent_ms": now_ms - duration_ms(rule.silent_after)})
+
+
+def _mfu(rule: MfuBelowTarget, db: str, now_ms: int) -> Query:
+    # TODO(rollups): switch to the per-minute rollup / pipeline/mfu.py when they land. Until then:
+    # model FLOPs (measured, else the hardware estimate) over peak FLOPs x seconds, known models
+    # only, samples whose FLOPs are unknown left out (never counted as zero).
+    keys = list(rule.by)
+    group = f" GROUP BY {', '.join(keys)}" if keys else ""
+    select_keys = "".join(f"{k}, " for k in keys)
+    allocated = " AND tenant != ''" if rule.allocated_only else ""
+    sql = (
+        f"SELECT {select_keys}sum(f) / sum(p) AS mfu, uniqExact(gpu_uuid) AS gpus, "
+        "toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms, "
+        "toUnixTimestamp64Milli(max(time)) AS last_ms "
+        "FROM (SELECT cluster, tenant, gpu_uuid, time, interval_ms, "
+        "coalesce(flops_measured, flops_estimated) AS f, peak_flops * interval_ms / 1000 AS p "
+        f"FROM {db}.gpu_samples WHERE {_WINDOW} AND peak_flops IS NOT NULL{allocated}) "
+        f"WHERE f IS NOT NULL{group} "
+        "HAVING count() > 0 AND last_ms > {fresh_ms:Int64} AND first_start_ms <= {start_ms:Int64} "
+        "AND mfu < {target:Float64}"
+        + (f" ORDER BY {', '.join(keys)}" if keys else "")
+    )
+    window = duration_ms(rule.window)
+    return Query(sql, {"from_ms": now_ms - window, "now_ms": now_ms, "start_ms": now_ms - window,
+                       "fresh_ms": now_ms - duration_ms(rule.max_sample_age), "target": rule.target})
+
+
+def iso(ms: int) -> str:
+    """Unix ms -> `2026-11-18T08:26:40.000Z`."""
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> list[Candidate]:
+    """The query's rows as candidates: firing or pending, with labels and annotation context."""
+    if isinstance(rule, NodeSilent):
+        return [_silent_candidate(r, now_ms) for r in rows]
+    if isinstance(rule, MfuBelowTarget):
+        return [_mfu_candidate(rule, r) for r in rows]
+    if isinstance(rule, GpuFailing) and rule.for_ms > 0:  # keep_firing_for applies to `for: 0` only
+        rows = [r for r in rows if r["last_c"]]
+    return [_gpu_candidate(rule, r, now_ms) for r in rows]
+
+
+def sustained(rule: GpuRule, row: Mapping[str, Any], now_ms: int) -> bool:
+    """Every sample in `(now - for, now]` satisfies the condition and the samples cover the span."""
+    if not row["last_c"]:
+        return False
+    for_ms = rule.for_ms
+    if for_ms == 0:
+        return True
+    return (
+        row["n_false"] == 0
+        and row["first_start_ms"] <= now_ms - for_ms
+        and row["covered_ms"] >= rule.coverage * for_ms
+    )
+
+
+def _gpu_candidate(rule: GpuRule, row: Mapping[str, Any], now_ms: int) -> Candidate:
+    firing = sustained(rule, row, now_ms)
+    since = int(row["last_false_ms"]) if row["n_false"] else int(row["first_start_ms"])
+    labels = {"cluster": row["cluster"], "node": row["node"], "gpu": row["gpu_uuid"],
+              "gpu_index": str(row["gpu_index"])}
+    ctx: dict[str, Any] = {**labels, "tenant": row["tenant"], "job": row["job"], "model": row["model"],
+                           "for": format_duration(rule.for_ms)}
+    value: float | None = 1.0
+    waste = False
+    if isinstance(rule, GpuFailing):
+        if rule.for_ms == 0:
+            firing = True  # newest sample failing, or a failing one within keep_firing_for
+        since = int(row["first_true_ms"])
+        reasons = list(row["reasons"])
+        ctx["reasons"] = ", ".join(reasons) or "failing"
+        value = float(len(reasons))
+    elif isinstance(rule, GpuDegraded):
+        firing = firing or _rising(rule, row)
+        ctx["reasons"] = ", ".join(_degraded_reasons(rule, row)) or "degraded"
+        value = float(row["temp_c"]) if row["temp_c"] is not None else None
+        ctx["temp_c"] = value if value is not None else float("nan")
+    elif isinstance(rule, GpuIdleAllocated):
+        util = float(row["util"]) if row["util"] is not None else 0.0
+        labels["tenant"] = row["tenant"]
+        ctx.update(util_pct=100 * util, threshold_pct=100 * rule.util_below)
+        value, waste = util, True
+    elif isinstance(rule, GpuHeldNoProcess):
+        labels["tenant"] = row["tenant"]
+        value, waste = None, True
+    elif isinstance(rule, GpuBusyUnallocated):
+        mem = int(row["mem_used"] or 0)
+        ctx.update(processes=int(row["processes"] or 0), mem_used_gib=mem / GIB)
+        value = float(mem)
+    ctx["value"] = value
+    return Candidate(_clean(labels), firing, since, int(row["last_ms"]), value, ctx, waste)
+
+
+def _rising(rule: GpuDegraded, row: Mapping[str, Any]) -> bool:
+    return (row["ecc_inc"] >= rule.ecc_corrected_increase or row["pcie_inc"] >= rule.pcie_replay_increase
+            or row["nvlink_inc"] >= rule.nvlink_error_increase)
+
+
+def _degraded_reasons(rule: GpuDegraded, row: Mapping[str, Any]) -> list[str]:
+    out = []
+    bits = int(row["throttle_bits"]) & rule.throttle_mask
+    if bits:
+        names = [name for bit, name in THROTTLE_NAMES.items() if bits & bit]
+        out.append(f"throttling ({'+'.join(names)})")
+    if row["temp_c"] is not None and row["temp_c"] >= rule.temp_c:
+        out.append(f"temperature {row['temp_c']:.0f} C >= {rule.temp_c:.0f} C")
+    if rule.remap_pending and row["remap"]:
+        out.append("row remap / page retirement pending a reset")
+    window = format_duration(max(rule.for_ms, rule.max_age_ms))
+    for key, name, limit in (("ecc_inc", "correctable ECC errors", rule.ecc_corrected_increase),
+                             ("pcie_inc", "PCIe replays", rule.pcie_replay_increase),
+                             ("nvlink_inc", "NVLink replay/recovery errors", rule.nvlink_error_increase)):
+        if row[key] >= limit:
+            out.append(f"{name} +{row[key]} in {window}")
+    return out
+
+
+def _silent_candidate(row: Mapping[str, Any], now_ms: int) -> Candidate:
+    last = int(row["last_ms"])
+    labels = {"cluster": row["cluster"], "node": row["node"]}
+    ctx = {**labels, "last_seen": iso(last), "silent_for": format_duration(now_ms - last),
+           "value": (now_ms - last) / 1000}
+    return Candidate(_clean(labels), True, last, last, (now_ms - last) / 1000, ctx)
+
+
+def _mfu_candidate(rule: MfuBelowTarget, row: Mapping[str, Any]) -> Candidate:
+    labels = {k: str(row[k]) for k in rule.by}
+    mfu = float(row["mfu"])
+    scope = ", ".join(f"{k} {labels[k]}" for k in rule.by) or "fleet"
+    ctx = {"cluster": labels.get("cluster", ""), "tenant": labels.get("tenant", ""), "scope": scope,
+           "mfu_pct": 100 * mfu, "target_pct": 100 * rule.target, "window": format_duration(duration_ms(rule.window)),
+           "gpus": int(row["gpus"]), "value": mfu}
+    return Candidate(_clean(labels), True, int(row["first_start_ms"]), int(row["last_ms"]), mfu, ctx)
+
+
+def _clean(labels: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if v != ""}

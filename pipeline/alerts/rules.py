@@ -1,0 +1,340 @@
+"""The declarative alert rules: one YAML file, validated on load into typed rule structs.
+
+A rules file is a mapping with one key, `rules`, a list of rules. Each rule names its `kind` (which
+query the evaluator builds, see `pipeline/alerts/queries.py`), its alert `name`, `severity`, extra
+`labels`, `annotations` (templates with `{placeholders}`) and the kind's own parameters: thresholds
+and durations (`for: 15m`, Prometheus-style `30s`, `5m`, `1h30m`, or `0`). Unknown keys, wrong
+types, bad durations, unknown placeholders and duplicate names are errors that name the rule and the
+key. `default_rules.yaml` beside this module is the shipped set; docs/alerts.md documents it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, ClassVar, Final, Literal
+
+import msgspec
+import yaml
+
+DEFAULT_RULES: Final = "default_rules.yaml"
+DEMO_RULES: Final = "demo_rules.yaml"
+"""Short durations so `gpufleet demo`'s one-minute faults fire and resolve while one watches."""
+
+LabelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Duration = str | int
+"""`"30s"`, `"15m"`, `"1h30m"`, `"2d"`, or a number of seconds."""
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Increase = Annotated[int, msgspec.Meta(ge=1)]
+
+RESERVED_LABELS: Final = frozenset({"alertname", "severity", "cluster", "node", "gpu", "gpu_index", "tenant"})
+"""Labels the evaluator sets itself; a rule's `labels` may not override them."""
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
+_UNIT_MS: Final = (86_400_000, 3_600_000, 60_000, 1000, 1)
+
+
+class RulesError(ValueError):
+    """The rules file is wrong; the message names the file, the rule and the key, and how to fix it."""
+
+
+def duration_ms(value: Duration) -> int:
+    """Milliseconds of a duration (`"1h30m"`, `"45s"`, `0`); raises ValueError naming the format."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative")
+        return value * 1000
+    m = _DURATION.match(value.strip())
+    if not value.strip() or m is None:
+        if value.strip() == "0":
+            return 0
+        raise ValueError(f"{value!r} is not a duration: write e.g. 30s, 5m, 1h30m, 2d, or 0")
+    return sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_MS, strict=True) if g)
+
+
+def format_duration(ms: int) -> str:
+    """`5400000` -> `"1h30m"`: the short form used in annotations."""
+    if ms <= 0:
+        return "0s"
+    parts = []
+    rest = ms // 1000
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts) or f"{ms}ms"
+
+
+class Rule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="kind"):
+    """Keys every rule has. `name` is the alert's `alertname`."""
+
+    name: LabelName
+    severity: Literal["critical", "warning", "info"]
+    labels: dict[LabelName, str] = {}
+    annotations: dict[LabelName, str]
+    """Templates; `summary` is required, `runbook_url` and `description` are usual."""
+    generator_url: str | None = None
+    """Template of the link Alertmanager shows as the alert's source (e.g. a Grafana panel)."""
+
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        """The rule's duration keys (as written in YAML) and their values, for validation."""
+        return {}
+
+
+class GpuRule(Rule, kw_only=True):
+    """A per-GPU condition that must hold for `for` before the alert fires."""
+
+    for_: Duration = msgspec.field(name="for", default="5m")
+    coverage: Ratio = 0.9
+    """Share of `for` the GPU's samples must cover (a lost sample or two is tolerated)."""
+    max_sample_age: Duration = "60s"
+    """The GPU's newest sample must be at most this old; older data never fires or keeps firing."""
+
+    @property
+    def for_ms(self) -> int:
+        return duration_ms(self.for_)
+
+    @property
+    def max_age_ms(self) -> int:
+        return duration_ms(self.max_sample_age)
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"for": self.for_, "max_sample_age": self.max_sample_age}
+
+
+_GPU_PLACEHOLDERS: Final = (
+    "cluster", "node", "gpu", "gpu_index", "tenant", "job", "model", "for", "active_for", "value",
+)
+
+
+class GpuFailing(GpuRule, tag="gpu_failing", kw_only=True):
+    """The GPU's newest sample has health `failing` (critical XID, DBE, remap failure, off the bus, NVLink down)."""
+
+    for_: Duration = msgspec.field(name="for", default=0)
+    keep_firing_for: Duration = "5m"
+    """With `for: 0`, a failing sample keeps the alert firing this long after it, so a one-sample
+    event (an XID reported once) fires even when newer, healthy samples arrived before the evaluation."""
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "reasons")
+
+    @property
+    def keep_ms(self) -> int:
+        return duration_ms(self.keep_firing_for)
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {**super().durations, "keep_firing_for": self.keep_firing_for}
+
+
+class GpuDegraded(GpuRule, tag="gpu_degraded", kw_only=True):
+    """Throttling, heat or a pending remap sustained for `for`, or error counters rising within `for`."""
+
+    throttle_mask: Count = 0x08 | 0x20 | 0x40 | 0x80
+    """NVML clocks-event bits that count as throttling: HW slowdown, SW/HW thermal, HW power brake
+    (SW power capping, 0x4, is normal under load)."""
+    temp_c: float = 87.0
+    """GPU temperature at or above this counts as near the limit."""
+    remap_pending: bool = True
+    """A row remap or page retirement waiting for a GPU reset counts as degraded."""
+    ecc_corrected_increase: Increase = 10
+    pcie_replay_increase: Increase = 10
+    nvlink_error_increase: Increase = 10
+    """Replay + recovery errors."""
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "reasons", "temp_c")
+
+
+class GpuIdleAllocated(GpuRule, tag="gpu_idle_allocated", kw_only=True):
+    """Allocated to one tenant, a process present (or unknown), utilization below `util_below` for `for`."""
+
+    for_: Duration = msgspec.field(name="for", default="15m")
+    util_below: Ratio = 0.05
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "util_pct", "threshold_pct", "gpu_hours_wasted")
+
+
+class GpuHeldNoProcess(GpuRule, tag="gpu_held_no_process", kw_only=True):
+    """Allocated to one tenant with zero compute processes for `for` (a crashed or never-started job)."""
+
+    for_: Duration = msgspec.field(name="for", default="10m")
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "gpu_hours_wasted")
+
+
+class GpuBusyUnallocated(GpuRule, tag="gpu_busy_unallocated", kw_only=True):
+    """Allocated to no one, yet running a process or holding more than `mem_used_above_bytes` for `for`."""
+
+    mem_used_above_bytes: Count = 1 << 30
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "processes", "mem_used_gib")
+
+
+class NodeSilent(Rule, tag="node_silent", kw_only=True):
+    """A node that reported within `forget_after` sent nothing for `silent_after`."""
+
+    silent_after: Duration = "60s"
+    forget_after: Duration = "24h"
+    """A node silent for longer than this is forgotten (decommissioned); its alert resolves."""
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = ("cluster", "node", "last_seen", "silent_for", "active_for", "value")
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"silent_after": self.silent_after, "forget_after": self.forget_after}
+
+
+class MfuBelowTarget(Rule, tag="mfu_below_target", kw_only=True):
+    """MFU (model FLOPs / peak FLOPs) of the fleet, or of each group in `by`, under `target` over `window`."""
+
+    target: Ratio = 0.5
+    window: Duration = "1h"
+    by: list[Literal["cluster", "tenant"]] = []
+    """Group keys: `[]` is the whole fleet, `[tenant]` one alert per tenant."""
+    allocated_only: bool = True
+    """Count only GPUs allocated to a tenant (idle spare capacity is not a job's inefficiency)."""
+    max_sample_age: Duration = "60s"
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (
+        "cluster", "tenant", "scope", "mfu_pct", "target_pct", "window", "gpus", "active_for", "value",
+    )
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"window": self.window, "max_sample_age": self.max_sample_age}
+
+
+AnyRule = (
+    GpuFailing | GpuDegraded | GpuIdleAllocated | GpuHeldNoProcess | GpuBusyUnallocated | NodeSilent | MfuBelowTarget
+)
+KINDS: Final = {cls.__struct_config__.tag: cls for cls in AnyRule.__args__}  # type: ignore[attr-defined]
+
+
+class RuleSet(msgspec.Struct, frozen=True):
+    """The validated rules, in file order, and where they came from."""
+
+    rules: tuple[AnyRule, ...]
+    source: str
+
+    def by_name(self) -> dict[str, AnyRule]:
+        return {r.name: r for r in self.rules}
+
+
+def _sample_context(rule: Rule) -> dict[str, object]:
+    """Typed stand-ins for every placeholder, to check format specs (`{util_pct:.1f}`) at load time."""
+    numeric = {"value", "util_pct", "threshold_pct", "gpu_hours_wasted", "mem_used_gib", "mfu_pct", "target_pct",
+               "temp_c"}
+    ints = {"processes", "gpus"}
+    return {p: 1.0 if p in numeric else 1 if p in ints else "x" for p in rule.PLACEHOLDERS}
+
+
+def _template_problem(rule: Rule, key: str, text: str) -> str | None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        return f"`{key}`: {exc} (write literal braces as {{{{ and }}}})"
+    for f in fields:
+        if f not in rule.PLACEHOLDERS:
+            allowed = ", ".join("{" + p + "}" for p in rule.PLACEHOLDERS)
+            return f"`{key}` uses {{{f}}}, which kind {_kind(rule)!r} does not provide; use one of {allowed}"
+    try:
+        text.format_map(_sample_context(rule))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        return f"`{key}`: {exc}"
+    return None
+
+
+def _kind(rule: Rule) -> str:
+    return str(type(rule).__struct_config__.tag)
+
+
+def rule_problem(rule: AnyRule) -> str | None:
+    """What is wrong with a rule beyond its types (durations, templates, labels), or None."""
+    return next(_problems(rule), None)
+
+
+def _problems(rule: AnyRule) -> Iterator[str]:
+    for key, value in rule.durations.items():
+        try:
+            duration_ms(value)
+        except ValueError as exc:
+            yield f"`{key}`: {exc}"
+            return
+    if "summary" not in rule.annotations:
+        yield "`annotations` needs a `summary` (one line saying what is wrong)"
+    templates = {f"annotations.{k}": v for k, v in rule.annotations.items()}
+    if rule.generator_url:
+        templates["generator_url"] = rule.generator_url
+    for key, text in templates.items():
+        if problem := _template_problem(rule, key, text):
+            yield problem
+    if clash := sorted(RESERVED_LABELS & set(rule.labels)):
+        yield f"`labels` may not set {', '.join(clash)}: the evaluator sets those"
+    if isinstance(rule, MfuBelowTarget) and len(set(rule.by)) != len(rule.by):
+        yield "`by` lists a key twice"
+    if isinstance(rule, MfuBelowTarget) and duration_ms(rule.window) == 0:
+        yield "`window` must be longer than 0"
+    if isinstance(rule, NodeSilent) and duration_ms(rule.forget_after) <= duration_ms(rule.silent_after):
+        yield "`forget_after` must be longer than `silent_after`"
+
+
+def parse_rules(raw: object, source: str = "rules") -> RuleSet:
+    """Validate a decoded rules document; the error names the rule (by name and position) and the key."""
+    if not isinstance(raw, dict) or set(raw) != {"rules"} or not isinstance(raw["rules"], list):
+        raise RulesError(f"{source}: a rules file is a mapping with one key, `rules`, holding a list of rules")
+    out: list[AnyRule] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw["rules"]):
+        label = f"rules[{i}]"
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            label = f"rule {item['name']!r} (rules[{i}])"
+        if isinstance(item, dict) and "kind" in item and item["kind"] not in KINDS:
+            raise RulesError(f"{source}: {label}: unknown kind {item['kind']!r}; use one of {', '.join(KINDS)}")
+        try:
+            rule = msgspec.convert(item, AnyRule)
+        except msgspec.ValidationError as exc:
+            text = str(exc).replace("`$.", "`").replace("`$`", "the rule")
+            if "unknown field" in text:
+                text += " (remove it or fix its spelling; docs/alerts.md lists each kind's keys)"
+            raise RulesError(f"{source}: {label}: {text}") from None
+        if problem := rule_problem(rule):
+            raise RulesError(f"{source}: {label}: {problem}")
+        if rule.name in seen:
+            raise RulesError(f"{source}: {label}: the name {rule.name!r} is used twice; alert names must be unique")
+        seen.add(rule.name)
+        out.append(rule)
+    return RuleSet(tuple(out), source)
+
+
+def load_rules(path: str | Path | None = None) -> RuleSet:
+    """Load and validate a rules file; the shipped defaults when `path` is None."""
+    if path is None:
+        return packaged_rules(DEFAULT_RULES)
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise RulesError(f"rules file {p} does not exist: fix alerts.rules_file or --rules") from None
+    return _parse_text(text, str(p))
+
+
+def packaged_rules(name: str) -> RuleSet:
+    """A rules file shipped in this package (`default_rules.yaml`, `demo_rules.yaml`)."""
+    text = resources.files("pipeline.alerts").joinpath(name).read_text()
+    return _parse_text(text, f"pipeline/alerts/{name}")
+
+
+def packaged_path(name: str = DEFAULT_RULES) -> Path:
+    """Filesystem path of a shipped rules file (to pass as `alerts.rules_file`)."""
+    return Path(str(resources.files("pipeline.alerts").joinpath(name)))
+
+
+def _parse_text(text: str, source: str) -> RuleSet:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RulesError(f"{source} is not valid YAML: {exc}") from None
+    return parse_rules(raw, source)

@@ -1,0 +1,65 @@
+"""End to end: the simulated fleet's injected faults, through the ingest row builder and the shipped
+default rules, arrive in a real Alertmanager with the right labels and leave it when they clear.
+
+The simulator's ordinary jobs may raise alerts of their own (a long idle phase, a crashed job), so
+this test checks that each injected fault's alert is there, not that nothing else is.
+"""
+
+from __future__ import annotations
+
+from agents.simulation import faults as fk
+from agents.simulation.faults import Fault
+from agents.simulation.fleet import SimulatedFleet
+from agents.simulation.reports import simulate_reports
+from pipeline.alerts.evaluator import Evaluator
+from pipeline.rows import insert_reports
+from tests.alerts.helpers import MIN, am_labels, base_ms
+
+
+def test_injected_faults_fire_and_resolve(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
+    b = base_ms()
+    start, end = b + 5 * MIN, b + 30 * MIN
+    faults = [
+        Fault(fk.FELL_OFF_BUS, 0, 1, start, end),
+        Fault(fk.THERMAL_THROTTLE, 0, 2, start, end),
+        Fault(fk.ZOMBIE_PROCESS, 1, 0, start, end),
+        Fault(fk.HELD_NO_PROCESS, 1, 1, start, end),
+        Fault(fk.IDLE_ALLOCATED, 1, 2, start, end),
+        Fault(fk.NODE_SILENT, 2, None, b + 10 * MIN, end),
+    ]
+    fleet = SimulatedFleet(nodes=3, gpus_per_node=4, tenants=2, seed=7, start_ms=b, cluster="sim", faults=faults,
+                           interval_ms=10_000)
+    insert_reports(ch_client, ch_target.database, simulate_reports(fleet, b, b + 45 * MIN, 10_000), b)
+    ev = Evaluator(alerts_cfg, ch_client, alertmanager_url=alertmanager.url)
+
+    def gpu_labels(alertname: str, severity: str, node: int, g: int, tenant: bool = False) -> dict[str, str]:
+        labels = {"alertname": alertname, "severity": severity, "cluster": "sim", "node": fleet.node_names[node],
+                  "gpu": fleet.gpu_const(node, g).uuid, "gpu_index": str(g)}
+        if tenant:
+            job = fleet.job_at(node, g, b + 22 * MIN)
+            assert job is not None  # the simulator books a job around held/idle faults
+            labels["tenant"] = job.tenant
+        return labels
+
+    expected = [
+        gpu_labels("GpuFailing", "critical", 0, 1),
+        gpu_labels("GpuDegraded", "warning", 0, 2),
+        gpu_labels("GpuBusyUnallocated", "warning", 1, 0),
+        gpu_labels("GpuHeldNoProcess", "warning", 1, 1, tenant=True),
+        gpu_labels("GpuIdleAllocated", "warning", 1, 2, tenant=True),
+        {"alertname": "NodeSilent", "severity": "critical", "cluster": "sim", "node": fleet.node_names[2]},
+    ]
+    # 17 minutes into the faults: every `for` (at most 15m for idle) is met.
+    report = ev.evaluate_once(b + 22 * MIN)
+    assert report.errors == []
+    firing = am_labels(alertmanager.url)
+    for labels in expected:
+        assert labels in firing, f"{labels['alertname']} missing from Alertmanager: {firing}"
+
+    # 15 minutes after the faults cleared (past keep_firing_for and the booked jobs' tails).
+    report = ev.evaluate_once(b + 45 * MIN)
+    assert report.errors == []
+    firing = am_labels(alertmanager.url)
+    for labels in expected:
+        assert labels not in firing, f"{labels['alertname']} did not resolve"
+    assert {r.alertname for r in report.resolved} >= {lab["alertname"] for lab in expected}
