@@ -1,0 +1,232 @@
+"""The agent's per-interval loop: collect, stamp, export through OTel, spool; one node or a whole fleet.
+
+`NodeAgent.tick(now_ms, interval_ms)` is one interval of one node:
+
+1. `collector.collect(now_ms)`: every GPU read once (`NodeDown` -> nothing is sent this interval);
+2. stamp `tenant`/`job` from the allocation source (a GPU it does not list carries none; if the
+   source fails, the last good answer is kept) and `flops_measured` from the optional
+   `FlopsSource` (null when it has nothing for a GPU);
+3. install the snapshot as the meter's `Frame` and collect: OTel callbacks observe it, the
+   `KafkaMetricExporter` turns the points back into the `NodeReport` and spools its bytes under the
+   spool's next seq. The agent's own health rides in the same message and as self-metrics.
+
+`run_many(agents, ...)` drives any number of node agents from one thread and one timer, on
+interval boundaries (sample times are multiples of `interval_ms` since the epoch); a slow
+interval skips the boundaries it missed (logged) rather than bunching samples. The clock is
+injected (`Clock`) so tests run without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+from agents.collectors.base import Collector, NodeDown
+from agents.kafka_exporter import KafkaMetricExporter
+from agents.meter import AgentMeter, Frame, node_resource, otlp_reader
+from agents.spool import Spool
+from gpufleet.wire import AgentHealth, GpuSample, NodeReport
+
+log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    """Wall time for sample stamps and the wait between intervals."""
+
+    def now_ms(self) -> int:
+        """Unix milliseconds."""
+        ...
+
+    def wait(self, seconds: float, stop: threading.Event) -> bool:
+        """Sleep up to `seconds`; True when `stop` is set (return early then)."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def wait(self, seconds: float, stop: threading.Event) -> bool:
+        return stop.wait(max(0.0, seconds))
+
+
+class AllocationReader(Protocol):
+    """`agents.allocation.AllocationSource`: GPU index -> object with `tenant` and `job`."""
+
+    def read(self) -> Mapping[int, Any]: ...
+
+
+@runtime_checkable
+class FlopsSource(Protocol):
+    """Measured model FLOPs per GPU uuid for the interval ending at `now_ms` (the OTLP receiver).
+
+    A source may also expose `points_accepted_total` / `points_rejected_total` (ints); the agent
+    reports them in its health.
+    """
+
+    def take(self, now_ms: int, interval_ms: int) -> dict[str, float]: ...
+
+
+def stamp(gpus: Iterable[GpuSample], allocation: Mapping[int, Any], flops: Mapping[str, float]) -> tuple[
+        GpuSample, ...]:
+    """The samples with tenant/job from `allocation` (by GPU index) and flops from `flops` (by uuid)."""
+    out = []
+    for g in gpus:
+        a = allocation.get(g.index)
+        out.append(msgspec.structs.replace(
+            g, tenant=None if a is None else a.tenant, job=None if a is None else a.job,
+            flops_measured=flops.get(g.uuid)))
+    return tuple(out)
+
+
+class NodeAgent:
+    """One node: its collector, allocation and FLOPs sources, OTel meter and spool."""
+
+    def __init__(
+        self,
+        *,
+        cluster: str,
+        node: str,
+        collector: Collector,
+        spool: Spool,
+        allocation: AllocationReader | None = None,
+        flops: FlopsSource | None = None,
+        send_errors: Callable[[], int] = lambda: 0,
+        otlp_endpoint: str | None = None,
+        otlp_interval_ms: int = 1000,
+        host_id: str | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.node = node
+        self.collector = collector
+        self.spool = spool
+        self._allocation = allocation
+        self._flops = flops
+        self._send_errors = send_errors
+        self._last_allocation: Mapping[int, Any] = {}
+        self._down = False
+        self.exporter = KafkaMetricExporter(lambda: self.meter.frame, spool.append)
+        extra = (lambda: [otlp_reader(otlp_endpoint, otlp_interval_ms)]) if otlp_endpoint else tuple
+        self.meter = AgentMeter(node_resource(cluster, node, spool.boot_id, host_id), self.exporter,
+                                extra_readers=extra)
+
+    def tick(self, now_ms: int, interval_ms: int) -> NodeReport | None:
+        """One interval: collect, stamp, export, spool. Returns the spooled message (None if none)."""
+        started = time.perf_counter()
+        try:
+            samples = self.collector.collect(now_ms)
+        except NodeDown as exc:
+            if not self._down:
+                log.warning("node %s is down, sending nothing until it answers: %s", self.node, exc)
+            self._down = True
+            return None
+        except Exception:
+            log.exception("collecting node %s failed; nothing sent this interval", self.node)
+            return None
+        collect_s = time.perf_counter() - started
+        if self._down:
+            log.info("node %s answers again", self.node)
+            self._down = False
+        gpus = stamp(samples, self._read_allocation(), self._read_flops(now_ms, interval_ms))
+        health = AgentHealth(
+            collect_seconds=collect_s,
+            nvml_errors=self._nvml_errors(gpus),
+            spool_depth=self.spool.depth,
+            spool_dropped_total=self.spool.dropped_total,
+            send_errors_total=self._send_errors(),
+            otlp_points_accepted_total=int(getattr(self._flops, "points_accepted_total", 0)),
+            otlp_points_rejected_total=int(getattr(self._flops, "points_rejected_total", 0)),
+        )
+        self.meter.observe(Frame(self.spool.next_seq, now_ms, interval_ms, gpus, health))
+        self.meter.collect()
+        return self.exporter.last_report
+
+    def close(self) -> None:
+        """Shut the meter, the collector and the spool down (the sender is closed by its owner first)."""
+        for step in (self.meter.shutdown, self.collector.close, self.spool.close):
+            try:
+                step()
+            except Exception:
+                log.exception("closing node %s: %s failed", self.node, getattr(step, "__qualname__", step))
+
+    def _read_allocation(self) -> Mapping[int, Any]:
+        if self._allocation is None:
+            return {}
+        try:
+            self._last_allocation = self._allocation.read()
+        except Exception:
+            log.exception("allocation source failed on node %s; keeping its last answer", self.node)
+        return self._last_allocation
+
+    def _read_flops(self, now_ms: int, interval_ms: int) -> Mapping[str, float]:
+        if self._flops is None:
+            return {}
+        try:
+            return self._flops.take(now_ms, interval_ms)
+        except Exception:
+            log.exception("FLOPs source failed on node %s; no measured FLOPs this interval", self.node)
+            return {}
+
+    def _nvml_errors(self, gpus: Sequence[GpuSample]) -> int:
+        """The collector's failed-read count when it keeps one, else the GPUs that could not be read."""
+        count = getattr(self.collector, "errors_last_interval", None)
+        return int(count) if isinstance(count, int) else sum(g.error is not None for g in gpus)
+
+
+def next_boundary(now_ms: int, interval_ms: int) -> int:
+    """The first multiple of `interval_ms` strictly after `now_ms`."""
+    return (now_ms // interval_ms + 1) * interval_ms
+
+
+def run_many(
+    agents: Sequence[NodeAgent],
+    *,
+    interval_ms: int,
+    stop: threading.Event,
+    clock: Clock | None = None,
+    duration_s: float | None = None,
+    after_tick: Callable[[], None] = lambda: None,
+) -> int:
+    """Tick every agent on each interval boundary until `stop` is set or `duration_s` has passed.
+
+    One thread, one timer, any number of nodes. Returns how many intervals ran.
+    """
+    clock = clock or SystemClock()
+    start = clock.now_ms()
+    end = None if duration_s is None else start + int(duration_s * 1000)
+    due = next_boundary(start, interval_ms)
+    ticks = 0
+    while not stop.is_set():
+        if end is not None and due > end:
+            break
+        now = clock.now_ms()
+        if now < due:
+            if clock.wait((due - now) / 1000, stop):
+                break
+            continue
+        for agent in agents:
+            try:
+                agent.tick(due, interval_ms)
+            except Exception:
+                log.exception("interval %d of node %s failed", due, agent.node)
+        after_tick()
+        ticks += 1
+        late = clock.now_ms() - (due + interval_ms)
+        due += interval_ms
+        if late >= interval_ms:
+            missed = late // interval_ms
+            log.warning("an interval took too long: skipped %d sample time(s) (%d nodes)", missed, len(agents))
+            due += missed * interval_ms
+    return ticks
+
+
+def run_one(agent: NodeAgent, **kwargs: Any) -> int:
+    """`run_many` for a single node."""
+    return run_many([agent], **kwargs)
