@@ -187,6 +187,11 @@ class NvmlCollector:
         for dev in self._devices:
             self._attach(dev)
 
+    @property
+    def gpu_uuids(self) -> list[str]:
+        """UUIDs in index order after `open()` (`unknown-gpu-<i>` for a GPU not attached yet); [] before."""
+        return [d.uuid for d in self._devices or []]
+
     def close(self) -> None:
         """Stop the XID thread, free the event set and GPM samples, shut NVML down; idempotent."""
         if self._closed:

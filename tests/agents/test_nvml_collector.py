@@ -564,3 +564,10 @@ def test_every_name_the_collector_uses_exists_in_real_pynvml_and_the_fake_alike(
             assert fake is real, f"the fake must re-export pynvml's own {name}"
         else:
             assert fake == real, f"{name}: fake {fake!r} != real {real!r}"
+
+
+def test_gpu_uuids_in_index_order_after_open(make_collector: Callable[[FakeNvml], NvmlCollector]) -> None:
+    collector = make_collector(FakeNvml([hopper(), volta()]))
+    assert collector.gpu_uuids == []
+    collector.open()
+    assert collector.gpu_uuids == [UUID0, UUID1]
