@@ -1,0 +1,317 @@
+"""Grafana-managed alert rules that mirror the gpufleet evaluator's rules, for teams alerting from Grafana.
+
+One Grafana rule per rule of the evaluator's shipped rule file (`pipeline/alerts/default_rules.yaml`),
+with the same thresholds and durations read from it, so the two cannot drift. Each rule is a
+ClickHouse query returning one row per series that meets the condition (string columns become the
+alert's labels, one number its value) and a threshold expression on that number.
+
+"Sustained for D" is decided in the query, over the samples, as the evaluator does: the newest
+sample is fresh, every sample of the last D satisfies the condition and they cover the window. So
+the rules' Grafana pending period (`for`) is 0 and a Grafana restart neither delays nor re-fires
+them. Queries use only backend macros (`$__timeFilter`, `$__toTime`...): `$__conditionalAll` and
+dashboard variables do not exist in alert rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from dashboards import fragments as f
+from dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
+from pipeline.alerts.rules import (
+    DEFAULT_RULES,
+    AnyRule,
+    GpuBusyUnallocated,
+    GpuDegraded,
+    GpuFailing,
+    GpuHeldNoProcess,
+    GpuIdleAllocated,
+    GpuRule,
+    MfuBelowTarget,
+    NodeSilent,
+    duration_ms,
+    packaged_rules,
+)
+
+FOLDER_TITLE: Final = "GPU fleet"
+FOLDER_UID: Final = "gpufleet"
+GROUP: Final = "gpufleet"
+GROUP_INTERVAL: Final = "30s"
+ORG_ID: Final = 1
+EXPR_UID: Final = "__expr__"
+
+
+@dataclass(frozen=True)
+class AlertQuery:
+    """A rule's ClickHouse query, the window it looks back over, and how its value is judged."""
+
+    sql: str
+    window_s: int
+    labels: tuple[str, ...]
+    value: str
+    evaluator: str = "gt"
+    threshold: float = 0.0
+
+
+def _fresh(rule: GpuRule) -> str:
+    return f"max(time) > $__toTime - INTERVAL {duration_ms(rule.max_sample_age) // 1000} SECOND"
+
+
+def _sustained(rule: GpuRule) -> str:
+    """Every sample in the window satisfies `c`, and the samples reach back to its start and cover it."""
+    return (
+        "countIf(c = 0) = 0\n"
+        "    AND min(toUnixTimestamp64Milli(time) - interval_ms) <= toUnixTimestamp64Milli($__fromTime_ms)\n"
+        f"    AND sum(interval_ms) >= {rule.coverage} * {rule.for_ms}"
+    )
+
+
+def _increase(column: str) -> str:
+    """A counter's increase over the window in time order; a drop (reset) counts the new value."""
+    pairs = f"groupArrayIf((time, assumeNotNull({column})), {column} IS NOT NULL)"
+    values = f"arrayMap(p -> toInt64(p.2), arraySort(p -> p.1, {pairs}))"
+    return f"arraySum(arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference({values}), {values}))"
+
+
+_GPU_LABELS: Final = ("cluster", "node", "gpu", "gpu_index", "tenant")
+
+
+def _gpu_query(rule: GpuRule, cond: str, having: str, value: str, columns: Sequence[str] = ()) -> AlertQuery:
+    """One row per GPU whose newest sample is fresh and that meets `having` over the window."""
+    window_ms = max(rule.for_ms, duration_ms(rule.max_sample_age),
+                    rule.keep_ms if isinstance(rule, GpuFailing) else 0)
+    text = sql(
+        """
+        SELECT
+            cluster,
+            node,
+            gpu_uuid AS gpu,
+            toString(gpu_index) AS gpu_index,
+            argMax(held_by, time) AS tenant,
+            {value} AS value
+        FROM
+        (
+            SELECT cluster, node, gpu_uuid, gpu_index, tenant AS held_by, time, interval_ms{columns},
+                toUInt8(ifNull({cond}, 0)) AS c
+            FROM gpu_samples
+            WHERE $__timeFilter(time)
+        )
+        GROUP BY cluster, node, gpu_uuid, gpu_index
+        HAVING {fresh}
+            AND ({having})
+        ORDER BY cluster, node, gpu_index
+        """,
+        value=value, columns="".join(f", {c}" for c in columns), cond=cond, fresh=_fresh(rule), having=having,
+    )
+    return AlertQuery(text, window_ms // 1000, _GPU_LABELS, "value")
+
+
+def _failing(rule: GpuFailing) -> AlertQuery:
+    return _gpu_query(
+        rule, "health = 'failing'",
+        f"argMax(c, time) = 1 OR maxIf(time, c = 1) > $__toTime - INTERVAL {rule.keep_ms // 1000} SECOND",
+        "greatest(length(argMaxIf(health_reasons, time, c = 1)), 1)",
+        columns=("health", "health_reasons"),
+    )
+
+
+def _degraded(rule: GpuDegraded) -> AlertQuery:
+    cond = (
+        f"bitAnd(ifNull(clock_event_reasons, 0), {rule.throttle_mask:#x}) != 0"
+        f" OR ifNull(temp_gpu_c >= {rule.temp_c}, 0)"
+        + (" OR ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0)" if rule.remap_pending else "")
+    )
+    nvlink = ("if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
+              "ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)) AS nvlink_errors")
+    rising = (
+        f"{_increase('ecc_corrected_volatile')} >= {rule.ecc_corrected_increase}"
+        f"\n    OR {_increase('pcie_replay_count')} >= {rule.pcie_replay_increase}"
+        f"\n    OR {_increase('nvlink_errors')} >= {rule.nvlink_error_increase}"
+    )
+    return _gpu_query(
+        rule, cond, f"argMax(c, time) = 1 AND {_sustained(rule)}\n    OR {rising}", "1",
+        columns=("clock_event_reasons", "temp_gpu_c", "remap_pending", "retired_pages_pending",
+                 "ecc_corrected_volatile", "pcie_replay_count", nvlink),
+    )
+
+
+def _idle(rule: GpuIdleAllocated) -> AlertQuery:
+    return _gpu_query(
+        rule,
+        f"tenant != '' AND error = '' AND util_gpu_ratio < {rule.util_below}"
+        " AND (compute_processes IS NULL OR compute_processes > 0)",
+        f"argMax(c, time) = 1 AND uniqExact(held_by) = 1 AND {_sustained(rule)}",
+        f"sum(interval_ms) / {f.HOUR_MS}",
+        columns=("error", "util_gpu_ratio", "compute_processes"),
+    )
+
+
+def _held(rule: GpuHeldNoProcess) -> AlertQuery:
+    return _gpu_query(
+        rule, "tenant != '' AND error = '' AND compute_processes = 0",
+        f"argMax(c, time) = 1 AND uniqExact(held_by) = 1 AND {_sustained(rule)}",
+        f"sum(interval_ms) / {f.HOUR_MS}",
+        columns=("error", "compute_processes"),
+    )
+
+
+def _busy(rule: GpuBusyUnallocated) -> AlertQuery:
+    return _gpu_query(
+        rule,
+        f"tenant = '' AND error = '' AND (compute_processes > 0 OR mem_used_bytes > {rule.mem_used_above_bytes})",
+        f"argMax(c, time) = 1 AND {_sustained(rule)}",
+        "greatest(argMax(ifNull(compute_processes, 0), time), 1)",
+        columns=("error", "compute_processes", "mem_used_bytes"),
+    )
+
+
+def _silent(rule: NodeSilent) -> AlertQuery:
+    silent_s = duration_ms(rule.silent_after) // 1000
+    text = sql(
+        """
+        SELECT cluster, node, dateDiff('second', max(time), $__toTime) AS silent_s
+        FROM agent_reports
+        WHERE $__timeFilter(time)
+        GROUP BY cluster, node
+        HAVING max(time) <= $__toTime - INTERVAL {silent} SECOND
+        ORDER BY cluster, node
+        """,
+        silent=str(silent_s),
+    )
+    return AlertQuery(text, duration_ms(rule.forget_after) // 1000, ("cluster", "node"), "silent_s")
+
+
+def _mfu(rule: MfuBelowTarget) -> AlertQuery:
+    keys = list(rule.by)
+    allocated = "\n    AND tenant != ''" if rule.allocated_only else ""
+    text = sql(
+        """
+        SELECT {keys}{mfu} AS mfu
+        FROM gpu_usage_1m
+        WHERE $__timeFilter(minute){allocated}
+        {group}HAVING max(last_end_ms) > toUnixTimestamp64Milli($__toTime_ms) - {fresh_ms}
+            AND min(first_start_ms) <= toUnixTimestamp64Milli($__fromTime_ms)
+            AND sum(peak_capacity_flop) > 0
+        """,
+        keys="".join(f"{k}, " for k in keys), mfu=f.MFU, allocated=allocated,
+        group=f"GROUP BY {', '.join(keys)}\n" if keys else "", fresh_ms=str(duration_ms(rule.max_sample_age)),
+    )
+    return AlertQuery(text, duration_ms(rule.window) // 1000, tuple(keys), "mfu", "lt", rule.target)
+
+
+_BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
+    GpuFailing: _failing,
+    GpuDegraded: _degraded,
+    GpuIdleAllocated: _idle,
+    GpuHeldNoProcess: _held,
+    GpuBusyUnallocated: _busy,
+    NodeSilent: _silent,
+    MfuBelowTarget: _mfu,
+}
+
+_SUMMARIES: Final[dict[type, str]] = {
+    GpuFailing: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is failing",
+    GpuDegraded: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is degraded",
+    GpuIdleAllocated: (
+        "Tenant {{ $labels.tenant }} holds GPU {{ $labels.gpu_index }} on {{ $labels.node }} idle: "
+        "{{ humanize $values.A.Value }} GPU-hours in the window"
+    ),
+    GpuHeldNoProcess: (
+        "Tenant {{ $labels.tenant }} holds GPU {{ $labels.gpu_index }} on {{ $labels.node }} with no process: "
+        "{{ humanize $values.A.Value }} GPU-hours in the window"
+    ),
+    GpuBusyUnallocated: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} is allocated to no one but busy",
+    NodeSilent: "Node {{ $labels.node }} ({{ $labels.cluster }}) has sent nothing for {{ $values.A.Value }} s",
+    MfuBelowTarget: "MFU {{ humanizePercentage $values.A.Value }} over the window, under the target",
+}
+
+
+def query_for(rule: AnyRule) -> AlertQuery:
+    """The Grafana query mirroring one evaluator rule."""
+    return _BUILDERS[type(rule)](rule)
+
+
+def _uid(name: str) -> str:
+    out = "".join("-" + c.lower() if c.isupper() else c for c in name).lstrip("-")
+    return f"gpufleet-{out}"[:40]
+
+
+def grafana_rule(rule: AnyRule) -> JSON:
+    """One rule in Grafana's file-provisioning shape (also what its provisioning API takes)."""
+    q = query_for(rule)
+    summary = _SUMMARIES[type(rule)]
+    if isinstance(rule, MfuBelowTarget) and "tenant" in rule.by:
+        summary = "Tenant {{ $labels.tenant }}: " + summary
+    annotations = {"summary": summary, "description": (type(rule).__doc__ or "").strip()}
+    if runbook := rule.annotations.get("runbook_url"):
+        annotations["runbook_url"] = runbook
+    return {
+        "uid": _uid(rule.name),
+        "title": rule.name,
+        "condition": "B",
+        "data": [
+            {
+                "refId": "A",
+                "relativeTimeRange": {"from": q.window_s, "to": 0},
+                "datasourceUid": DS_UID,
+                "model": {
+                    "datasource": {"type": DS_TYPE, "uid": DS_UID},
+                    "editorType": "sql",
+                    "format": TABLE,
+                    "intervalMs": 1000,
+                    "maxDataPoints": 43200,
+                    "queryType": "table",
+                    "rawSql": q.sql,
+                    "refId": "A",
+                },
+            },
+            {
+                "refId": "B",
+                "datasourceUid": EXPR_UID,
+                "model": {
+                    "conditions": [{"evaluator": {"params": [q.threshold], "type": q.evaluator}}],
+                    "datasource": {"type": EXPR_UID, "uid": EXPR_UID},
+                    "expression": "A",
+                    "refId": "B",
+                    "type": "threshold",
+                },
+            },
+        ],
+        "noDataState": "OK",
+        "execErrState": "Error",
+        "for": "0s",
+        "labels": {"severity": rule.severity, **rule.labels},
+        "annotations": annotations,
+        "isPaused": False,
+    }
+
+
+def rules() -> list[AnyRule]:
+    """The evaluator's shipped rules, the ones mirrored here."""
+    return list(packaged_rules(DEFAULT_RULES).rules)
+
+
+def provisioning() -> JSON:
+    """The whole `provisioning/alerting/gpufleet-rules.yaml` document."""
+    return {
+        "apiVersion": 1,
+        "groups": [
+            {
+                "orgId": ORG_ID,
+                "name": GROUP,
+                "folder": FOLDER_TITLE,
+                "interval": GROUP_INTERVAL,
+                "rules": [grafana_rule(r) for r in rules()],
+            }
+        ],
+    }
+
+
+def labels_of(rule: JSON) -> tuple[str, ...]:
+    """The label columns a generated rule's query returns (for checks)."""
+    for r in rules():
+        if r.name == rule["title"]:
+            return query_for(r).labels
+    raise KeyError(rule["title"])

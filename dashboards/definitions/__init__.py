@@ -1,0 +1,8 @@
+"""The board definitions, one module per board; `BOARDS` lists them in the order they are built."""
+
+from __future__ import annotations
+
+from dashboards.builder import Board
+from dashboards.definitions import alerts, billing, fleet, gpu, health, tenant
+
+BOARDS: tuple[Board, ...] = (fleet.BOARD, tenant.BOARD, health.BOARD, gpu.BOARD, billing.BOARD, alerts.BOARD)

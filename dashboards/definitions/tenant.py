@@ -1,0 +1,201 @@
+"""Tenant board: allocated GPUs, MFU over time, idle allocated GPU-hours, billable hours, per-job MFU."""
+
+from __future__ import annotations
+
+from dashboards import fragments as f
+from dashboards.builder import (
+    TABLE,
+    Board,
+    Panel,
+    Query,
+    datasource_variable,
+    override,
+    rename,
+    sql,
+    thresholds,
+)
+from dashboards.definitions import links
+
+_ROLLUP = f.where("minute")
+
+allocated = Panel(
+    "Allocated GPUs by tenant",
+    "timeseries",
+    (Query(
+        sql(
+            """
+            SELECT $__timeInterval(minute) AS t, tenant, uniqExact(gpu_uuid) AS gpus
+            FROM gpu_usage_1m
+            WHERE {where}
+                AND tenant != ''
+            GROUP BY t, tenant
+            ORDER BY t, tenant
+            """,
+            where=_ROLLUP,
+        ),
+        ("t", "tenant", "gpus"),
+    ),),
+    description="Distinct GPUs allocated to each tenant per interval.",
+    w=12,
+    min_interval=f.MINUTE,
+    defaults={"custom": {"stacking": {"group": "A", "mode": "normal"}, "fillOpacity": 30}},
+)
+
+mfu = Panel(
+    "MFU by tenant (measured where reported, else hardware estimate)",
+    "timeseries",
+    (Query(
+        sql(
+            """
+            SELECT $__timeInterval(minute) AS t, tenant, {mfu} AS mfu
+            FROM gpu_usage_1m
+            WHERE {where}
+                AND tenant != ''
+            GROUP BY t, tenant
+            ORDER BY t, tenant
+            """,
+            mfu=f.MFU, where=_ROLLUP,
+        ),
+        ("t", "tenant", "mfu"),
+    ),),
+    description=(
+        "Achieved / peak FLOPs over the tenant's GPUs. Where a job does not report FLOPs the hardware "
+        "estimate (tensor activity × peak) stands in; the job table shows which is which."
+    ),
+    w=12,
+    unit="percentunit",
+    min_interval=f.MINUTE,
+    defaults={
+        "custom": {"thresholdsStyle": {"mode": "line"}},
+        "min": 0,
+        "thresholds": thresholds((None, "red"), (f.MFU_TARGET, "green")),
+    },
+)
+
+idle = Panel(
+    "Idle allocated GPU-hours",
+    "table",
+    (Query(
+        sql(
+            """
+            {policy}
+            SELECT
+                tenant,
+                sumIf({idle}, {healthy}) / {hour} AS idle_gpu_hours,
+                sumIf({idle}, {healthy}) / nullIf(sumIf(reported_ms, {healthy}), 0) AS idle_share,
+                sumIf(held_no_process_ms, {healthy}) / {hour} AS no_process_gpu_hours
+            FROM gpu_usage_1m
+            WHERE {where}
+                AND tenant != ''
+            GROUP BY tenant
+            ORDER BY idle_gpu_hours DESC, tenant
+            """,
+            policy=f.POLICY, idle=f.IDLE_MS, healthy=f.HEALTHY, hour=f.HOUR_MS, where=_ROLLUP,
+        ),
+        ("tenant", "idle_gpu_hours", "idle_share", "no_process_gpu_hours"),
+        TABLE,
+    ),),
+    description=(
+        "Billable GPU-hours that sat idle (money burning): no compute process, or utilization under "
+        "the SLA policy's idle threshold; and how many of them had no process at all (held by a job "
+        "that crashed or never started)."
+    ),
+    w=12,
+    overrides=(
+        rename("idle_gpu_hours", "idle GPU-h"),
+        override("idle_share", unit="percentunit", custom__cellOptions={"type": "gauge", "mode": "basic"}),
+        rename("no_process_gpu_hours", "of which no process, GPU-h"),
+    ),
+)
+
+billable = Panel(
+    "Billable GPU-hours this period",
+    "table",
+    (Query(
+        sql(
+            """
+            SELECT
+                tenant,
+                sum(billable_gpu_hours) AS billable_gpu_hours,
+                sum(unhealthy_gpu_seconds) / 3600 AS excluded_gpu_hours,
+                sum(gap_gpu_seconds) / 3600 AS unreported_gpu_hours
+            FROM usage_hourly
+            WHERE hour >= toStartOfMonth($__toTime, 'UTC') AND hour <= $__toTime{filters}
+            GROUP BY tenant
+            ORDER BY tenant
+            """,
+            filters=f.filters(f.USAGE_FILTERS, {"model": "gpu_model"}),
+        ),
+        ("tenant", "billable_gpu_hours", "excluded_gpu_hours", "unreported_gpu_hours"),
+        TABLE,
+    ),),
+    description=(
+        "From usage_hourly (what billing reads), from the start of the billing period (the UTC "
+        "calendar month of the range's end) to the end of the range. Unhealthy and unreported "
+        "GPU-hours are not billed. Filtered by tenant and GPU model only."
+    ),
+    w=12,
+    overrides=(
+        rename("billable_gpu_hours", "billable GPU-h"),
+        rename("excluded_gpu_hours", "unhealthy (not billed) GPU-h"),
+        rename("unreported_gpu_hours", "unreported (not billed) GPU-h"),
+    ),
+)
+
+jobs = Panel(
+    "Jobs",
+    "table",
+    (Query(
+        sql(
+            """
+            SELECT
+                tenant,
+                job,
+                uniqExact(gpu_uuid) AS gpus,
+                sum(reported_ms) / {hour} AS gpu_hours,
+                {mfu} AS mfu,
+                {measured} AS mfu_measured,
+                {estimated} AS mfu_hw_estimate,
+                {coverage} AS measured_coverage,
+                fromUnixTimestamp64Milli(min(first_start_ms), 'UTC') AS first_seen,
+                fromUnixTimestamp64Milli(max(last_end_ms), 'UTC') AS last_seen
+            FROM gpu_usage_1m
+            WHERE {where}
+                AND tenant != '' AND job != ''
+            GROUP BY tenant, job
+            ORDER BY gpu_hours DESC, tenant, job
+            LIMIT 200
+            """,
+            hour=f.HOUR_MS, mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
+            coverage=f.COVERAGE, where=_ROLLUP,
+        ),
+        ("tenant", "job", "gpus", "gpu_hours", "mfu", "mfu_measured", "mfu_hw_estimate", "measured_coverage",
+         "first_seen", "last_seen"),
+        TABLE,
+    ),),
+    description=(
+        "Per job: MFU (measured where reported, else hardware estimate), the measured and "
+        "hardware-estimate parts side by side, and the share of GPU-seconds with measured FLOPs."
+    ),
+    w=24,
+    h=10,
+    overrides=(
+        override("mfu", unit="percentunit"),
+        override("mfu_measured", unit="percentunit"),
+        override("mfu_hw_estimate", unit="percentunit"),
+        override("measured_coverage", unit="percentunit"),
+        rename("mfu", "MFU"),
+        rename("mfu_measured", "MFU measured"),
+        rename("mfu_hw_estimate", "MFU hardware estimate"),
+        rename("gpu_hours", "GPU-h"),
+    ),
+)
+
+BOARD = Board(
+    uid=links.TENANT,
+    title="GPU fleet tenants",
+    description="What each tenant holds, how well it uses it, what sits idle, and what is billable.",
+    variables=f.standard_variables(datasource_variable()),
+    panels=(allocated, mfu, idle, billable, jobs),
+    links=links.nav(links.TENANT),
+)
