@@ -7,27 +7,44 @@ to Kafka through one producer. SIGTERM/SIGINT (or `--duration`) stop it cleanly:
 
 With `--backend simulated` every node gets its own spool under `<spool_dir>/<node>`, its own
 MeterProvider and seq; `agent.spool_max_bytes` is then shared evenly between the nodes.
+
+Measured FLOPs (docs/measured-mfu.md): with `--backend nvml` the node's OTLP receiver listens on
+`agent.otlp_receiver_host:otlp_receiver_port` (127.0.0.1:4318) unless `agent.otlp_receiver_enabled`
+is false, and its FLOPs source feeds every interval. With `--backend simulated --flops-jobs N`
+every simulated node gets a receiver of its own on a free loopback port (32 nodes are 32 idle
+HTTP server threads, about 1 % of a core: cheap, and any node may host a reporting job as jobs
+come and go), and after the first interval a child process plays N of the fleet's running jobs,
+reporting FLOPs to them through the OpenTelemetry SDK (agents.flops_jobs). Without
+`--flops-jobs` simulated nodes have no receiver.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
 
+from agents.otlp.receiver import OtlpReceiver, ReceiverError, ReceiverSettings
 from agents.runner import NodeAgent, SystemClock, run_many
 from agents.sender import Sender
 from agents.spool import Spool, SpoolError
 from gpufleet.config import Config, ConfigError, load
 from gpufleet.kafka import producer_kwargs
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from agents.flops_jobs import FleetSpec, JobsSpec
+    from agents.simulation.fleet import SimulatedFleet
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +64,8 @@ class NodeParts:
     allocation: Any
     spool_dir: Path
     host_id: str | None = None
+    receiver: OtlpReceiver | None = None
+    """The node's OTLP receiver for jobs' FLOPs (None: no measured FLOPs)."""
 
 
 def apply_overrides(
@@ -92,26 +111,112 @@ def nvml_node(cfg: Config) -> NodeParts:
     return NodeParts(cfg.agent.node, collector, allocation, Path(cfg.agent.spool_dir), _machine_id())
 
 
-def simulated_nodes(
-    cfg: Config, *, nodes: int, gpus: int, seed: int, tenants: int, faults: str, start_ms: int, interval_ms: int
-) -> tuple[Any, list[NodeParts]]:
+def simulated_nodes(cfg: Config, spec: FleetSpec) -> tuple[SimulatedFleet, list[NodeParts]]:
     """A simulated fleet: one `NodeParts` per node, each spooling under `<spool_dir>/<node>`."""
-    from agents.collectors.simulated import SimulatedFleet, default_faults
-
-    fault_list = []
-    if faults == "default":
-        try:
-            fault_list = default_faults(start_ms, nodes=nodes, gpus_per_node=gpus)
-        except ValueError as exc:
-            log.warning("no faults injected: %s", exc)
     try:
-        fleet = SimulatedFleet(nodes=nodes, gpus_per_node=gpus, tenants=tenants, seed=seed, start_ms=start_ms,
-                               cluster=cfg.agent.cluster, faults=fault_list, interval_ms=interval_ms)
+        fleet = spec.build()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     root = Path(cfg.agent.spool_dir)
     parts = [NodeParts(node.name, node, node.allocation_source(), root / node.name) for node in fleet.nodes]
     return fleet, parts
+
+
+def start_receivers(parts: list[NodeParts], settings: ReceiverSettings, gpus: dict[int, str] | None = None) -> None:
+    """Start one OTLP receiver per node (`settings` for each); on failure close the ones started.
+
+    `gpus` (index -> uuid), when known now, answers jobs before the first interval.
+    """
+    try:
+        for p in parts:
+            p.receiver = OtlpReceiver(settings, gpus=gpus).start()
+    except ReceiverError as exc:
+        close_receivers(parts)
+        raise click.ClickException(str(exc)) from None
+
+
+def close_receivers(parts: list[NodeParts]) -> None:
+    for p in parts:
+        if p.receiver is not None:
+            try:
+                p.receiver.close()
+            except Exception:
+                log.exception("closing the OTLP receiver of node %s failed", p.name)
+            p.receiver = None
+
+
+def open_spools(parts: list[NodeParts], per_node_bytes: int) -> list[Spool]:
+    """One spool per node; on failure the ones opened are closed and `SpoolError` is raised."""
+    spools: list[Spool] = []
+    try:
+        for p in parts:
+            spools.append(Spool(p.spool_dir, per_node_bytes))
+    except SpoolError:
+        for s in spools:
+            s.close()
+        raise
+    return spools
+
+
+def jobs_spec(cfg: Config, fleet: SimulatedFleet, spec: FleetSpec, parts: list[NodeParts], jobs: int) -> JobsSpec:
+    """What the simulated FLOPs jobs need: the fleet, each node's receiver, the GPU's peak FLOP/s."""
+    from agents.flops_jobs import JobsSpec
+    from gpufleet.gpu_facts import peak_flops
+
+    peak = peak_flops(fleet.model, cfg.peak_flops)
+    if peak is None:
+        raise click.ClickException(f"no peak FLOP/s is known for {fleet.model!r}: add it under peak_flops in the "
+                                   "config to run --flops-jobs")
+    return JobsSpec(fleet=spec, endpoints={p.name: p.receiver.endpoint for p in parts if p.receiver is not None},
+                    jobs=jobs, peak_flop_s=peak, step_ms=spec.interval_ms,
+                    export_interval_ms=max(1000, 2 * spec.interval_ms), parent_pid=os.getpid())
+
+
+def attach_receivers(cfg: Config, parts: list[NodeParts], fleet: SimulatedFleet | None, spec: FleetSpec | None,
+                     flops_jobs: int) -> JobsProcess:
+    """Give the nodes their OTLP receivers (see the module docstring); the FLOPs jobs to start, if any."""
+    if fleet is None or spec is None:
+        if cfg.agent.otlp_receiver_enabled:
+            uuids = getattr(parts[0].collector, "gpu_uuids", None)
+            start_receivers(parts, ReceiverSettings.from_agent_config(cfg.agent),
+                            dict(enumerate(uuids)) if uuids else None)
+        return JobsProcess(None)
+    if flops_jobs == 0:
+        return JobsProcess(None)
+    start_receivers(parts, ReceiverSettings(port=0))
+    log.info("OTLP receivers: %s", ", ".join(f"{p.name} {p.receiver.endpoint}" for p in parts if p.receiver))
+    return JobsProcess(jobs_spec(cfg, fleet, spec, parts, flops_jobs))
+
+
+class JobsProcess:
+    """The simulated FLOPs jobs' child process: started once after the first interval, stopped at exit."""
+
+    def __init__(self, spec: JobsSpec | None) -> None:
+        self._spec = spec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._tried = False
+
+    def start_once(self) -> None:
+        if self._spec is None or self._tried:
+            return
+        self._tried = True
+        from agents.flops_jobs import start_process
+
+        try:
+            self.proc = start_process(self._spec)
+            log.info("simulated FLOPs jobs started (pid %d): %d job(s)", self.proc.pid, self._spec.jobs)
+        except OSError as exc:
+            log.error("cannot start the simulated FLOPs jobs: %s; no measured FLOPs this run", exc)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        from agents.flops_jobs import stop_process
+
+        code = stop_process(self.proc)
+        if code not in (0, None, -signal.SIGTERM):  # SIGTERM before its handler was set: stopped all the same
+            log.warning("the simulated FLOPs jobs exited with code %s", code)
+        self.proc = None
 
 
 def _machine_id() -> str | None:
@@ -155,6 +260,8 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
               help="Inject the demo's faults into the simulated fleet.")
 @click.option("--ground-truth", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the simulated fleet's ground truth (JSON) here every minute and on exit.")
+@click.option("--flops-jobs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Simulated jobs that report model FLOPs over OTLP to their nodes' receivers (simulated backend).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
 def agent(
     config_path: str | None,
@@ -169,34 +276,43 @@ def agent(
     tenants: int,
     faults: str,
     ground_truth: Path | None,
+    flops_jobs: int,
     duration: float | None,
 ) -> None:
     """Collect GPU counters every interval and stream them to Kafka (spooling to disk meanwhile)."""
     cfg = apply_overrides(load(config_path), backend=backend, bootstrap=bootstrap, topic=topic,
                           interval=interval, spool_dir=spool_dir)
+    from pipeline.config_check import validate_startup  # light: no ClickHouse or chDB import
+
+    validate_startup(cfg, role="agent")  # every config problem named at once; never probes the network
     interval_ms = max(1, round(cfg.agent.interval_s * 1000))
     kafka_kw = producer_kwargs(cfg.kafka)  # fails fast on TLS/SASL mistakes
     clock = SystemClock()
     start_ms = clock.now_ms()
     fleet = None
+    spec = None
     if cfg.agent.backend == "simulated":
-        fleet, parts = simulated_nodes(cfg, nodes=nodes, gpus=gpus, seed=seed, tenants=tenants, faults=faults,
-                                       start_ms=start_ms, interval_ms=interval_ms)
+        from agents.flops_jobs import FleetSpec
+
+        spec = FleetSpec(cluster=cfg.agent.cluster, nodes=nodes, gpus=gpus, tenants=tenants, seed=seed,
+                         faults=faults, start_ms=start_ms, interval_ms=interval_ms)
+        fleet, parts = simulated_nodes(cfg, spec)
     else:
-        if ground_truth is not None:
-            raise click.UsageError("--ground-truth needs --backend simulated")
+        for flag, given in (("--ground-truth", ground_truth is not None), ("--flops-jobs", flops_jobs > 0)):
+            if given:
+                raise click.UsageError(f"{flag} needs --backend simulated")
         parts = [nvml_node(cfg)]
-    per_node_bytes = max(MIN_NODE_SPOOL_BYTES, cfg.agent.spool_max_bytes // len(parts))
-    spools: list[Spool] = []
     try:
-        for p in parts:
-            spools.append(Spool(p.spool_dir, per_node_bytes))
-    except SpoolError as exc:
-        for s in spools:
-            s.close()
+        jobs = attach_receivers(cfg, parts, fleet, spec, flops_jobs)
+        per_node_bytes = max(MIN_NODE_SPOOL_BYTES, cfg.agent.spool_max_bytes // len(parts))
+        spools = open_spools(parts, per_node_bytes)
+    except (click.ClickException, SpoolError) as exc:
+        close_receivers(parts)
         for p in parts:
             p.collector.close()
-        raise click.ClickException(str(exc)) from None
+        if isinstance(exc, SpoolError):
+            raise click.ClickException(str(exc)) from None
+        raise
 
     from kafka import KafkaProducer
 
@@ -205,6 +321,8 @@ def agent(
     agents = [
         NodeAgent(cluster=cfg.agent.cluster, node=p.name, collector=p.collector, spool=s,
                   allocation=p.allocation, send_errors=lambda i=i: sender.errors_for(i),
+                  flops=p.receiver.flops_source if p.receiver else None,
+                  on_gpus=p.receiver.set_gpus if p.receiver else None,
                   otlp_endpoint=cfg.agent.otlp_export_endpoint, otlp_interval_ms=interval_ms, host_id=p.host_id)
         for i, (p, s) in enumerate(zip(parts, spools, strict=True))
     ]
@@ -222,6 +340,7 @@ def agent(
     def after_tick() -> None:
         sender.notify()
         write_truth()
+        jobs.start_once()  # after the first interval: every receiver knows its node's GPUs by then
 
     sender.start()
     ticks = 0
@@ -230,9 +349,11 @@ def agent(
             ticks = run_many(agents, interval_ms=interval_ms, stop=stop, clock=clock, duration_s=duration,
                              after_tick=after_tick)
     finally:
+        jobs.stop()
         left = sender.stop(SHUTDOWN_FLUSH_S)
         for a in agents:
             a.close()
+        close_receivers(parts)
         write_truth(force=True)
     click.echo(f"gpufleet agent: {ticks} intervals x {len(agents)} node(s); {sender.acked_total} messages "
                f"delivered, {left} left spooled", err=True)

@@ -3,9 +3,10 @@
 `NodeAgent.tick(now_ms, interval_ms)` is one interval of one node:
 
 1. `collector.collect(now_ms)`: every GPU read once (`NodeDown` -> nothing is sent this interval);
-2. stamp `tenant`/`job` from the allocation source (a GPU it does not list carries none; if the
-   source fails, the last good answer is kept) and `flops_measured` from the optional
-   `FlopsSource` (null when it has nothing for a GPU);
+2. tell the optional `on_gpus` hook the node's GPU index -> uuid map (the OTLP receiver resolves
+   jobs' GPU attributes with it), stamp `tenant`/`job` from the allocation source (a GPU it does
+   not list carries none; if the source fails, the last good answer is kept) and
+   `flops_measured` from the optional `FlopsSource` (null when it has nothing for a GPU);
 3. install the snapshot as the meter's `Frame` and collect: OTel callbacks observe it, the
    `KafkaMetricExporter` turns the points back into the `NodeReport` and spools its bytes under the
    spool's next seq. The agent's own health rides in the same message and as self-metrics.
@@ -98,6 +99,7 @@ class NodeAgent:
         spool: Spool,
         allocation: AllocationReader | None = None,
         flops: FlopsSource | None = None,
+        on_gpus: Callable[[Mapping[int, str]], None] | None = None,
         send_errors: Callable[[], int] = lambda: 0,
         otlp_endpoint: str | None = None,
         otlp_interval_ms: int = 1000,
@@ -109,6 +111,7 @@ class NodeAgent:
         self.spool = spool
         self._allocation = allocation
         self._flops = flops
+        self._on_gpus = on_gpus
         self._send_errors = send_errors
         self._last_allocation: Mapping[int, Any] = {}
         self._down = False
@@ -134,6 +137,7 @@ class NodeAgent:
         if self._down:
             log.info("node %s answers again", self.node)
             self._down = False
+        self._report_gpus(samples)
         gpus = stamp(samples, self._read_allocation(), self._read_flops(now_ms, interval_ms))
         health = AgentHealth(
             collect_seconds=collect_s,
@@ -155,6 +159,14 @@ class NodeAgent:
                 step()
             except Exception:
                 log.exception("closing node %s: %s failed", self.node, getattr(step, "__qualname__", step))
+
+    def _report_gpus(self, samples: Sequence[GpuSample]) -> None:
+        if self._on_gpus is None:
+            return
+        try:
+            self._on_gpus({g.index: g.uuid for g in samples})
+        except Exception:
+            log.exception("passing node %s's GPUs to the OTLP receiver failed", self.node)
 
     def _read_allocation(self) -> Mapping[int, Any]:
         if self._allocation is None:

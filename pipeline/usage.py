@@ -178,7 +178,7 @@ def fleet_summary(
         "fleet_mfu": f.mfu if f else None,
         "fleet_mfu_allocated": a.mfu if a else None,
         "mfu_source": f.source if f else "none",
-        "mfu_measured_coverage": f.measured_coverage if f else None,
+        "mfu_measured_coverage": a.measured_coverage if a else None,  # share of *allocated* GPU-seconds
         "mfu": {r.key: r.mfu for r in tenants.rows},
         "billable_gpu_hours": sum(billable.values()),
         "billable_gpu_hours_by_tenant": billable,

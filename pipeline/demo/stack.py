@@ -117,7 +117,7 @@ class DemoStack:
             "--bootstrap", self.broker.bootstrap if self.broker else "", "--topic", self.cfg.kafka.topic,
             "--nodes", str(o.nodes), "--gpus", str(o.gpus), "--tenants", str(o.tenants), "--seed", str(o.seed),
             "--interval", str(o.interval_s), "--faults", o.faults, "--spool-dir", str(o.data_dir / "spool"),
-            "--ground-truth", str(o.data_dir / "ground-truth.json"),
+            "--ground-truth", str(o.data_dir / "ground-truth.json"), "--flops-jobs", str(o.flops_jobs),
         ]
         self._spawn(cmd, o.data_dir / "agents.log")
 
@@ -166,9 +166,11 @@ class DemoStack:
         for t in self.threads:
             t.join(30)
         self.threads.clear()
-        if self.ingester is not None:
+        if self.ingester is not None:  # before the broker goes: no "socket disconnected" errors on a clean stop
             with contextlib.suppress(Exception):
                 self.ingester.consumer.close()
+            with contextlib.suppress(Exception):
+                self.ingester.dlq.close()
         if self.status_api is not None:
             self.status_api.stop()
             self.status_api = None

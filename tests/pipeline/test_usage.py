@@ -205,7 +205,8 @@ def test_fleet_summary_for_status(ch_target, ch_client) -> None:
     assert doc["fleet_mfu"] == pytest.approx(11.75 / 37, rel=1e-12)
     assert doc["fleet_mfu_allocated"] == pytest.approx(9.25 / 27, rel=1e-12)
     assert doc["mfu"] == {"acme": pytest.approx(0.375, rel=1e-12), "beta": pytest.approx(0.25, rel=1e-12)}
-    assert doc["mfu_measured_coverage"] == 10 / 37
+    # share of *allocated* GPU-seconds with measured FLOPs: GPU 0 (10 s) of GPUs 0, 1 and 3 (10 + 10 + 7 s)
+    assert doc["mfu_measured_coverage"] == 10 / 27
     assert doc["billable_gpu_hours_by_tenant"] == {"acme": 17 / 3600, "beta": 7 / 3600}
     assert doc["billable_gpu_hours"] == 17 / 3600 + 7 / 3600
     # latest samples (second 9) are all healthy and 5 s old (< silent_after_s 30 s)
