@@ -28,16 +28,20 @@ from pipeline.store import connect
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Agent interval, seconds.")
 @click.option("--faults", type=click.Choice(["default", "none"]), default="default", show_default=True)
+@click.option("--flops-jobs", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Simulated jobs that report model FLOPs over OTLP (measured MFU).")
 @click.option("--no-alertmanager", is_flag=True, help="Do not start the embedded Alertmanager.")
 @click.option("--keep-data", is_flag=True, help="Keep the previous run's store instead of starting fresh.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="gpufleet YAML config.")
 @click.option("--quiet", is_flag=True, help="No live view (for scripts and CI).")
 def demo(duration: float, data_dir: Path, nodes: int, gpus: int, tenants: int, seed: int, interval: float,
-         faults: str, no_alertmanager: bool, keep_data: bool, config_path: str | None, quiet: bool) -> None:
+         faults: str, flops_jobs: int, no_alertmanager: bool, keep_data: bool, config_path: str | None,
+         quiet: bool) -> None:
     """Run broker, store, simulated fleet, ingester and alerts on this machine, with a live view."""
     console = Console(stderr=quiet)
     opts = DemoOptions(data_dir=data_dir, nodes=nodes, gpus=gpus, tenants=tenants, seed=seed, interval_s=interval,
-                       faults=faults, alertmanager=not no_alertmanager, keep_data=keep_data)
+                       faults=faults, alertmanager=not no_alertmanager, keep_data=keep_data,
+                       flops_jobs=flops_jobs)
     stack = DemoStack(opts, cfg=config_mod.load(config_path))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
