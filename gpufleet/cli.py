@@ -32,6 +32,10 @@ COMMANDS: dict[str, str] = {
 }
 
 
+QUIET_LOGGERS = ("kafka.protocol", "kafka.net.connection")
+"""Loggers that would print secrets at DEBUG (kafka-python's request dumps), capped at INFO."""
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when used."""
 
@@ -66,6 +70,10 @@ def cli(verbose: int) -> None:
     """gpufleet: GPU-fleet telemetry, MFU, health, billing and alerts."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every request it sends, bytes and all, at DEBUG: with SASL PLAIN that includes
+    # the password. Its protocol loggers stay at INFO whatever -v says (docs/security.md).
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
 
 
 def main() -> None:

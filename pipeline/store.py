@@ -8,6 +8,7 @@ project imports `clickhouse_connect`. A password can also come from `CLICKHOUSE_
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class Target:
 
 def redact(dsn: str) -> str:
     """The DSN with any password replaced by `***`, safe to log."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", dsn)  # up to the netloc's last @: a password may hold one
 
 
 def check_database_name(name: str) -> str:
@@ -91,7 +92,18 @@ def connect(target: Target) -> Client:
     except StoreError:
         raise
     except Exception as exc:
-        message = str(exc)
-        if parts_password := urlsplit(dsn).password:
-            message = message.replace(parts_password, "***")
-        raise StoreError(f"cannot open ClickHouse at {redact(dsn)}: {message}") from None
+        raise StoreError(f"cannot open ClickHouse at {redact(dsn)}: {_scrub(str(exc), dsn)}") from None
+
+
+def _scrub(message: str, dsn: str) -> str:
+    """`message` without the password, clear or as the Basic credential a server or proxy may echo back."""
+    parts = urlsplit(dsn)
+    try:
+        password = parts.password if parts.password is not None else _password_from_env()
+    except OSError:
+        password = None
+    if not password:
+        return message
+    user = parts.username or os.environ.get("CLICKHOUSE_USER") or "default"
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return message.replace(basic, "***").replace(password, "***")

@@ -10,14 +10,16 @@ import time
 import click
 
 from gpufleet import kafka
+from gpufleet.config import ConfigError
 from pipeline.commands.common import load_config, target_options
 from pipeline.commands.migrate import schema_options
+from pipeline.config_check import validate_startup
 from pipeline.consumer import build_consumer, build_producer
 from pipeline.ingester import Ingester
 from pipeline.migrate import migrate
 from pipeline.status import fleet_status
 from pipeline.status_api import StatusServer
-from pipeline.store import connect, redact
+from pipeline.store import StoreError, connect, redact
 from pipeline.usage import sync_policy
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,11 @@ def ingest(config_path: str | None, dsn: str | None, database: str | None, boots
     cfg, target = load_config(config_path, dsn, database)
     if bootstrap:
         cfg = msgspec.structs.replace(cfg, kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=bootstrap))
-    client = connect(target)
+    validate_startup(cfg, role="ingest", network=True)  # every config problem named, before any data moves
+    try:
+        client = connect(target)
+    except StoreError as exc:  # e.g. wrong credentials: the DSN is redacted in the message
+        raise ConfigError(f"clickhouse.dsn: {exc}") from None
     if not no_migrate:
         migrate(client, schema_options(cfg))
     sync_policy(client, cfg.clickhouse.database, cfg.billing, int(time.time() * 1000))

@@ -1,0 +1,213 @@
+"""Every SQL statement in pipeline/ takes outside values as bound parameters, never by string interpolation.
+
+The test reads the source (Python's own `ast`, no execution): every f-string, `str.format` call,
+`%` formatting and `+` concatenation whose literal text looks like SQL is found, and each
+expression spliced into it must be listed in `ALLOWED` for that file, with the reason it is safe
+(an identifier checked elsewhere, or a fragment built from constants in the same module). A new
+interpolation fails here until someone either binds it as a parameter (`{name:Type}` plus
+`parameters=`) or adds it to `ALLOWED` with its reason, which a reviewer then sees.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCANNED = ("pipeline",)
+
+SQL = re.compile(
+    r"\b(SELECT|FROM|WHERE|GROUP BY|ORDER BY|HAVING|INSERT|CREATE|ALTER|DROP|TRUNCATE|OPTIMIZE|GRANT|REVOKE|JOIN|"
+    r"ARRAY JOIN|UNION|SETTINGS|ON CLUSTER|AND|OR|IS NULL|IN|AS|LIMIT|FINAL|USING|VALUES)\b|\{\w+:\w+"
+)
+"""Uppercase SQL words or a `{name:Type}` parameter in the literal text: the string is (part of) a statement."""
+
+IDENT = "database name: store.check_database_name / config_check refuse anything but [A-Za-z_][A-Za-z0-9_]*"
+CLUSTER = "clickhouse.cluster from the operator's config: config_check refuses anything but a cluster name"
+CONST = "SQL fragment built in this module from constants only (no caller-supplied text)"
+COLUMNS = "column list from a module-level tuple of column names"
+TABLE = "table name built from the checked database name and a constant or a hash"
+
+ALLOWED: dict[tuple[str, str], str] = {
+    # database names
+    **{(f, "db"): IDENT for f in (
+        "pipeline/billing.py", "pipeline/fleet_health.py", "pipeline/mfu.py", "pipeline/migrate.py",
+        "pipeline/status.py", "pipeline/usage.py", "pipeline/waterfall.py", "pipeline/alerts/queries.py",
+        "pipeline/alerts/state.py", "pipeline/demo/live.py")},
+    **{(f, "database"): IDENT for f in ("pipeline/dedup.py", "pipeline/staging.py")},
+    ("pipeline/alerts/state.py", "self.db"): IDENT,
+    # ON CLUSTER
+    ("pipeline/migrate.py", "self.cluster"): CLUSTER,
+    ("pipeline/migrate.py", "on_cluster"): CLUSTER,
+    ("pipeline/staging.py", "cluster"): CLUSTER,
+    ("pipeline/staging.py", "on_cluster"): CLUSTER,
+    ("pipeline/migrate.py", "engine"): CONST,
+    ("pipeline/migrate.py", "options.substitutions()['replicated']"): CONST,
+    # fragments and column lists
+    ("pipeline/alerts/queries.py", "_WINDOW"): CONST,
+    ("pipeline/alerts/queries.py", "_ms('from_ms')"): "a bound parameter placeholder {from_ms:Int64}",
+    ("pipeline/alerts/queries.py", "_ms('now_ms')"): "a bound parameter placeholder {now_ms:Int64}",
+    ("pipeline/alerts/queries.py", "select_keys"): "rule.by: validated as Literal['cluster', 'tenant']",
+    ("pipeline/alerts/queries.py", "group"): "rule.by: validated as Literal['cluster', 'tenant']",
+    ("pipeline/alerts/queries.py", "', '.join(keys)"): "rule.by: validated as Literal['cluster', 'tenant']",
+    ("pipeline/alerts/queries.py", "allocated"): CONST,
+    ("pipeline/alerts/queries.py", "nvlink"): CONST,
+    ("pipeline/alerts/queries.py", "_SAME_TENANT"): CONST,
+    ("pipeline/alerts/queries.py", "_increase('ecc_corrected_volatile')"): CONST,
+    ("pipeline/alerts/queries.py", "_increase('pcie_replay_count')"): CONST,
+    ("pipeline/alerts/queries.py", "_increase(nvlink)"): CONST,
+    ("pipeline/alerts/queries.py", "window=_WINDOW"): CONST,
+    ("pipeline/alerts/queries.py", "db=db"): IDENT,
+    ("pipeline/alerts/queries.py", "cond=shape.cond"): CONST,
+    ("pipeline/alerts/queries.py", "having=shape.having"): CONST,
+    ("pipeline/alerts/queries.py", "columns=''.join((f', {c}' for c in shape.columns))"): CONST,
+    ("pipeline/alerts/queries.py", "extra=''.join((f',\\n       {e}' for e in shape.extra))"): CONST,
+    ("pipeline/alerts/state.py", "_SELECT"): COLUMNS,
+    ("pipeline/alerts/state.py", "_SEVERITY_ORDER"): CONST,
+    ("pipeline/alerts/state.py", "c"): COLUMNS,
+    ("pipeline/fleet_health.py", "window.sql()"): "Window.sql(): a constant filter with bound {w_start}/{w_end}",
+    ("pipeline/mfu.py", "window.sql() if window else '1'"): "Window.sql(): bound parameters",
+    ("pipeline/mfu.py", "row_filter"): "scope filter from the constant _KEYS table",
+    ("pipeline/mfu.py", "key_expr"): "scope key from the constant _KEYS table (scope is checked against it)",
+    ("pipeline/mfu.py", "where"): CONST,
+    ("pipeline/usage.py", "column"): "a constant column name of the rollups",
+    ("pipeline/usage.py", "', '.join(USAGE_COLUMNS)"): COLUMNS,
+    ("pipeline/usage.py", "' AND '.join(where)"): "constant conditions, each with bound parameters",
+    ("pipeline/usage.py", "where"): "Window.sql() or '1'",
+    ("pipeline/waterfall.py", "healthy"): CONST,
+    ("pipeline/waterfall.py", "name"): "a constant column name; its value is the bound parameter {s_<name>:String}",
+    ("pipeline/waterfall.py", "idle_ms_sql()"): CONST,
+    ("pipeline/waterfall.py", "window.sql()"): "Window.sql(): bound parameters",
+    ("pipeline/waterfall.py", "scope_sql"): CONST,
+    ("pipeline/staging.py", "', '.join(columns)"): "SELECT list generated from the wire contract's field names",
+    ("pipeline/staging.py", "table"): TABLE,
+    ("pipeline/staging.py", "select.format(table=table)"): "the generated SELECT with the generated table name",
+    ("pipeline/staging.py", "view"): TABLE,
+    ("pipeline/staging.py", "staging.table"): TABLE,
+    ("pipeline/staging.py", "structure"): "column types generated from the wire contract and system.columns",
+    ("pipeline/staging.py", "column"): "a gpu_samples column name from the wire contract",
+    ("pipeline/staging.py", "expr"): "an expression built from a wire field name",
+    ("pipeline/tenants.py", "db"): IDENT,
+    ("pipeline/tenants.py", "ident(user)"): "tenants.ident(): a back-quoted identifier, escaped",
+    ("pipeline/tenants.py", "ident(role)"): "tenants.ident(): a back-quoted identifier, escaped",
+    ("pipeline/tenants.py", "ident(policy)"): "tenants.ident(): a back-quoted identifier, escaped",
+    ("pipeline/tenants.py", "table"): "a table name from the constant TABLES, VIEWS and SHARED lists",
+    ("pipeline/tenants.py", "t.name"): "a table name from the constant TABLES list",
+    ("pipeline/tenants.py", "table.name"): "a table name from the constant TABLES list",
+    ("pipeline/tenants.py", "condition(table, tenant)"): "tenants.condition(): the tenant as an escaped literal",
+    ("pipeline/tenants.py", "literal(password_hash)"): "tenants.literal(): an escaped string literal (hex digest)",
+    ("pipeline/tenants.py", "literal(salt)"): "tenants.literal(): an escaped string literal (hex salt)",
+    ("pipeline/tenants.py", "READONLY"): "an integer constant",
+}
+
+
+@dataclass(frozen=True)
+class Splice:
+    path: str
+    line: int
+    expression: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: `{self.expression}` is spliced into SQL"
+
+
+def _literal(node: ast.AST) -> str:
+    """The literal text of a string-ish node (f-string constant parts included)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
+    return ""
+
+
+def _module_strings(tree: ast.Module) -> dict[str, str]:
+    """Module-level NAME = "string" assignments (for `NAME.format(...)` and `NAME % ...`)."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            text = _literal(node.value)
+            if text:
+                out[node.targets[0].id] = text
+    return out
+
+
+def _string_like(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant | ast.JoinedStr):
+        return True
+    if isinstance(node, ast.IfExp):
+        return _string_like(node.body) and _string_like(node.orelse)
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and _string_like(node.left) \
+        and _string_like(node.right)
+
+
+def splices(path: Path) -> Iterator[Splice]:
+    """Every expression spliced into SQL-looking text in one file."""
+    rel = path.relative_to(ROOT).as_posix()
+    tree = ast.parse(path.read_text(), filename=rel)
+    strings = _module_strings(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr) and SQL.search(_literal(node)):
+            for v in node.values:
+                if isinstance(v, ast.FormattedValue):
+                    yield Splice(rel, node.lineno, ast.unparse(v.value))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+            base = node.func.value
+            text = strings.get(base.id, "") if isinstance(base, ast.Name) else _literal(base)
+            if SQL.search(text):
+                for arg in node.args:
+                    yield Splice(rel, node.lineno, ast.unparse(arg))
+                for kw in node.keywords:
+                    yield Splice(rel, node.lineno, f"{kw.arg}={ast.unparse(kw.value)}")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod | ast.Add):
+            left = node.left
+            text = strings.get(left.id, "") if isinstance(left, ast.Name) else _literal(left)
+            if not SQL.search(text):
+                continue
+            if isinstance(node.op, ast.Mod) or not _string_like(node.right):
+                yield Splice(rel, node.lineno, ast.unparse(node.right))
+
+
+def _files() -> list[Path]:
+    return sorted(p for d in SCANNED for p in (ROOT / d).rglob("*.py"))
+
+
+def test_every_spliced_expression_is_an_allowed_identifier_or_constant_fragment() -> None:
+    bad = [str(s) for p in _files() for s in splices(p) if (s.path, s.expression) not in ALLOWED]
+    assert bad == [], (
+        "bind these as query parameters ({name:Type} and parameters=...), or, if each is an identifier "
+        "checked elsewhere or a fragment built from constants, add it to ALLOWED with the reason:\n  "
+        + "\n  ".join(bad)
+    )
+
+
+def test_the_scanner_catches_interpolated_values(tmp_path: Path) -> None:
+    """The scanner itself: each way of splicing a value into SQL is found."""
+    src = tmp_path / "pipeline" / "bad.py"
+    src.parent.mkdir()
+    src.write_text(
+        "Q = 'SELECT * FROM t WHERE a = %s'\n"
+        "def f(client, tenant, db):\n"
+        "    client.query(f\"SELECT * FROM {db}.t WHERE tenant = '{tenant}'\")\n"
+        "    client.query('SELECT * FROM t WHERE x = {}'.format(tenant))\n"
+        "    client.query(Q % tenant)\n"
+        "    client.query(\"SELECT * FROM t WHERE y = '\" + tenant + \"'\")\n"
+        "    client.query('SELECT 1 WHERE tenant = {t:String}', parameters={'t': tenant})\n"
+        "    log = f'tenant {tenant} has no rows'\n"
+    )
+    global ROOT  # noqa: PLW0603 (point the scanner at the fixture tree)
+    saved, ROOT = ROOT, tmp_path
+    try:
+        found = sorted((s.line, s.expression) for s in splices(src))
+    finally:
+        ROOT = saved
+    assert found == [(3, "db"), (3, "tenant"), (4, "tenant"), (5, "tenant"), (6, "tenant")]
+
+
+def test_allowed_entries_are_all_still_used() -> None:
+    """An entry whose splice is gone is removed, so the list stays an honest inventory."""
+    used = {(s.path, s.expression) for p in _files() for s in splices(p)}
+    stale = sorted(k for k in ALLOWED if k not in used and (ROOT / k[0]).exists())
+    assert stale == []
