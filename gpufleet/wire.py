@@ -19,9 +19,20 @@ SCHEMA_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 1_000_000
 """Largest message the ingester accepts: Kafka's default `message.max.bytes` (an 8-GPU node is ~5 KB)."""
 
+# Bounds match the ClickHouse columns the values land in (pipeline/migrations/0001_raw_samples.sql),
+# so a message that passes validation can always be inserted: a value that would overflow its
+# column is refused here and dead-lettered, instead of failing (and stalling) its whole batch.
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Watts = Annotated[float, msgspec.Meta(ge=0.0, le=1e6)]
+Celsius = Annotated[float, msgspec.Meta(ge=-273.15, le=1e4)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=0x7FFF_FFFF_FFFF_FFFF)]
+"""Counters land in UInt64 columns; bounded at the int64 maximum (msgspec checks bounds in int64)."""
+U8 = Annotated[int, msgspec.Meta(ge=0, le=0xFF)]
+U16 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
+UnixMs = Annotated[int, msgspec.Meta(ge=0, le=10_413_792_000_000)]
+"""Unix milliseconds up to 2300-01-01, the end of ClickHouse's DateTime64 range."""
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Label = Annotated[str, msgspec.Meta(max_length=1024)]
 
@@ -29,7 +40,7 @@ Label = Annotated[str, msgspec.Meta(max_length=1024)]
 class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One GPU's counters for one interval. Only `index` and `uuid` are always present."""
 
-    index: Count
+    index: U16
     uuid: Name
     model: Label | None = None
     error: Label | None = None
@@ -41,13 +52,13 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     util_mem_ratio: Ratio | None = None
     mem_used_bytes: Count | None = None
     mem_total_bytes: Count | None = None
-    power_w: NonNeg | None = None
+    power_w: Watts | None = None
     energy_j: NonNeg | None = None
     """Cumulative energy since the driver loaded (NVML's counter, converted from mJ)."""
-    temp_gpu_c: float | None = None
-    temp_mem_c: float | None = None
-    clock_sm_mhz: Count | None = None
-    clock_mem_mhz: Count | None = None
+    temp_gpu_c: Celsius | None = None
+    temp_mem_c: Celsius | None = None
+    clock_sm_mhz: U32 | None = None
+    clock_mem_mhz: U32 | None = None
     clock_event_reasons: Count | None = None
     """NVML clocks-event (throttle) bitmask: 0x4 SW power cap, 0x8 HW slowdown, 0x20 SW thermal,
     0x40 HW thermal, 0x80 HW power brake (see `gpufleet.units.THROTTLE_*`)."""
@@ -55,20 +66,20 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     ecc_uncorrected_volatile: Count | None = None
     ecc_corrected_aggregate: Count | None = None
     ecc_uncorrected_aggregate: Count | None = None
-    remapped_rows_correctable: Count | None = None
-    remapped_rows_uncorrectable: Count | None = None
+    remapped_rows_correctable: U32 | None = None
+    remapped_rows_uncorrectable: U32 | None = None
     remap_pending: bool | None = None
     remap_failure: bool | None = None
-    retired_pages: Count | None = None
+    retired_pages: U32 | None = None
     retired_pages_pending: bool | None = None
     pcie_replay_count: Count | None = None
     nvlink_crc_errors: Count | None = None
     nvlink_replay_errors: Count | None = None
     nvlink_recovery_errors: Count | None = None
-    nvlink_links_down: Count | None = None
+    nvlink_links_down: U8 | None = None
     xids: list[Annotated[int, msgspec.Meta(ge=0, le=65535)]] = []
     """XID codes raised during this interval, in order (event-driven, each reported once)."""
-    compute_processes: Count | None = None
+    compute_processes: U32 | None = None
     sm_active_ratio: Ratio | None = None
     """GPM (Hopper+) SM activity; null on older GPUs."""
     tensor_active_ratio: Ratio | None = None
@@ -81,8 +92,8 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """The agent's own health for the interval, so the pipeline sees sick agents."""
 
-    collect_seconds: NonNeg = 0.0
-    nvml_errors: Count = 0
+    collect_seconds: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.0
+    nvml_errors: U32 = 0
     spool_depth: Count = 0
     spool_dropped_total: Count = 0
     send_errors_total: Count = 0
@@ -103,10 +114,10 @@ class NodeReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     boot_id: Name
     """Changes when the agent's sequence restarts (new spool); with `seq` it names the message."""
     seq: Count
-    time_ms: Count
+    time_ms: UnixMs
     """End of the interval, Unix milliseconds UTC, read from the agent's clock."""
     interval_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)]
-    gpus: list[GpuSample]
+    gpus: Annotated[list[GpuSample], msgspec.Meta(max_length=0xFFFF)]
     agent: AgentHealth = msgspec.field(default_factory=AgentHealth)
 
 
@@ -129,6 +140,8 @@ def decode(data: bytes) -> NodeReport:
         raise WireError(f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise WireError(f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise WireError(f"a string is not valid UTF-8: {exc}") from None
     if report.schema_version != SCHEMA_VERSION:
         raise WireError(
             f"unknown schema_version {report.schema_version} (this ingester reads {SCHEMA_VERSION}); "

@@ -9,6 +9,7 @@ validator see what they must refuse, and many mutations stay valid (a digit chan
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections.abc import Callable
@@ -69,6 +70,11 @@ def splice(rng: random.Random, data: bytes) -> bytes:
 BYTE_OPS: tuple[Callable[[random.Random, bytes], bytes], ...] = (flip_bits, truncate, insert_bytes, delete_span, splice)
 
 
+def _edge(rng: random.Random) -> Any:
+    """A fresh copy of an edge value: the shared list and dict values must never be mutated or nested in themselves."""
+    return copy.deepcopy(rng.choice(EDGE_VALUES))
+
+
 def _paths(doc: Doc, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
     """Every path to a value inside `doc` (the root excluded)."""
     out: list[tuple[object, ...]] = []
@@ -93,9 +99,9 @@ def swap_value(rng: random.Random, doc: Doc) -> Doc:
     """One value anywhere replaced by an edge value or a value of another type."""
     paths = _paths(doc)
     if not paths:
-        return rng.choice(EDGE_VALUES)
+        return _edge(rng)
     path = rng.choice(paths)
-    _parent(doc, path)[path[-1]] = rng.choice(EDGE_VALUES)
+    _parent(doc, path)[path[-1]] = _edge(rng)
     return doc
 
 
@@ -111,7 +117,7 @@ def add_key(rng: random.Random, doc: Doc) -> Doc:
     targets = [doc] + [v for p in _paths(doc) if isinstance(v := _at(doc, p), dict)]
     if not isinstance(doc, dict):
         targets = targets[1:] or [{}]
-    rng.choice(targets)[rng.choice(["extra", "Node", "seq ", "__proto__", "gpus"])] = rng.choice(EDGE_VALUES)
+    rng.choice(targets)[rng.choice(["extra", "Node", "seq ", "__proto__", "gpus"])] = _edge(rng)
     return doc
 
 
@@ -125,7 +131,7 @@ def random_json(rng: random.Random, depth: int = 0) -> Doc:
     """Arbitrary JSON, shallow: objects, arrays and scalars (edge values included)."""
     kind = rng.randrange(6 if depth < 3 else 4)
     if kind == 0:
-        return rng.choice(EDGE_VALUES)
+        return _edge(rng)
     if kind == 1:
         return rng.uniform(-1e6, 1e6)
     if kind == 2:

@@ -7,11 +7,11 @@ land in `gpu_samples` exactly once with exactly its values (through the JSON sta
 column path), an invalid one must be dead-lettered with its reason and its original bytes, and
 the ingester keeps running: a message produced after all of them is ingested as well.
 
-Messages that are valid on the wire but whose values do not fit their ClickHouse columns (an
-`nvlink_links_down` of 300 into UInt8, a temperature beyond Float32) are kept out here: today they
-stall the ingester (the strict xfail at the end shows it), which is reported for the owners of
-gpufleet/wire.py and pipeline/ingester.py to fix. So is a mutated message that happens to repeat
-another's identity (dedup is tested in tests/pipeline/test_ingest.py).
+The wire contract bounds every number by the ClickHouse column it lands in, so every message that
+validates also fits its columns (asserted for each one here); a value that would overflow (an
+`nvlink_links_down` of 300 into UInt8) is dead-lettered instead of stalling its batch (the last
+test). A mutated message that happens to repeat another's identity is kept out (dedup is tested
+in tests/pipeline/test_ingest.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import random
 import struct
 from typing import Any
-
-import pytest
 
 from gpufleet import wire
 from pipeline.ingester import validate
@@ -67,7 +65,7 @@ def fits_columns(r: wire.NodeReport, types: dict[str, str]) -> bool:
 
 
 def messages(types: dict[str, str]) -> tuple[list[tuple[bytes, bytes]], int]:
-    """The produced stream (valid and mutated, interleaved, seeded) and how many poison messages were left out."""
+    """The produced stream (valid and mutated, interleaved, seeded) and how many repeated identities were left out."""
     rng = random.Random(SEED)
     valid = [(f"node-{i % 5}", wire.encode(base_report(f"node-{i % 5}", seq=i, n_gpus=1 + i % 3)))
              for i in range(VALID)]
@@ -82,9 +80,10 @@ def messages(types: dict[str, str]) -> tuple[list[tuple[bytes, bytes]], int]:
         result = validate(key, data)
         if not isinstance(result, str):
             identity = (result.cluster, result.node, result.boot_id, result.seq)
-            if not fits_columns(result, types) or identity in seen:
-                # Column overflow: see the xfail below. A second message under one identity (a mutated
-                # seq): which copy wins then depends on batch boundaries; dedup has its own tests.
+            assert fits_columns(result, types), f"a message passed validation but overflows a column: {result}"
+            if identity in seen:
+                # A second message under one identity (a mutated seq): which copy wins then depends on
+                # batch boundaries; dedup has its own tests.
                 left_out += 1
                 continue
             seen.add(identity)
@@ -143,13 +142,10 @@ def test_mutated_messages_are_dead_lettered_and_valid_neighbours_ingested_exactl
           f"{left_out} left out (column overflow or a repeated identity)")
 
 
-@pytest.mark.xfail(strict=True, reason="a wire-valid message whose number overflows its column (UInt8 "
-                                       "nvlink_links_down = 300) makes every insert of its batch fail, so the "
-                                       "ingester retries it forever and its neighbours never land: the wire contract "
-                                       "(gpufleet/wire.py) or validate() should dead-letter it")
 def test_a_value_that_overflows_its_column_does_not_stall_its_neighbours(broker, ch_target, ch_client, topic) -> None:
     poison = report(node="p1", seq=0, gpus=[gpu(0, "p1", nvlink_links_down=300)])
-    assert isinstance(validate(b"p1", wire.encode(poison)), wire.NodeReport)  # valid on the wire today
+    # The wire contract bounds every field by its column, so the poison is dead-lettered at validation.
+    assert "<= 255" in validate(b"p1", wire.encode(poison))
     good = report(node="p2", seq=0, gpus=[gpu(0, "p2")])
     cfg = ingest_config(broker.bootstrap, ch_target, topic)
     with running_ingester(cfg) as ing:
