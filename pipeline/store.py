@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -79,11 +79,11 @@ def connect(target: Target) -> Client:
                 f"ClickHouse DSN {redact(dsn)!r} has scheme {parts.scheme!r}: use chdb:///path, "
                 "chdb://memory or http(s)://user:pass@host:8123/db"
             )
-        password = parts.password if parts.password is not None else _password_from_env()
+        password = unquote(parts.password) if parts.password is not None else _password_from_env()
         return clickhouse_connect.get_client(
             host=parts.hostname or "localhost",
             port=parts.port or (8443 if parts.scheme == "https" else 8123),
-            username=parts.username or os.environ.get("CLICKHOUSE_USER") or "default",
+            username=unquote(parts.username or "") or os.environ.get("CLICKHOUSE_USER") or "default",
             password=password or "",
             secure=parts.scheme == "https",
             connect_timeout=5,
@@ -99,11 +99,12 @@ def _scrub(message: str, dsn: str) -> str:
     """`message` without the password, clear or as the Basic credential a server or proxy may echo back."""
     parts = urlsplit(dsn)
     try:
-        password = parts.password if parts.password is not None else _password_from_env()
+        password = unquote(parts.password) if parts.password is not None else _password_from_env()
     except OSError:
         password = None
     if not password:
         return message
-    user = parts.username or os.environ.get("CLICKHOUSE_USER") or "default"
+    user = unquote(parts.username or "") or os.environ.get("CLICKHOUSE_USER") or "default"
     basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return message.replace(basic, "***").replace(password, "***")
+    message = message.replace(basic, "***").replace(password, "***")
+    return message.replace(parts.password, "***") if parts.password else message  # the percent-encoded form

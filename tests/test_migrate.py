@@ -44,3 +44,14 @@ def test_bad_database_name_is_refused() -> None:
 
     with pytest.raises(StoreError, match="not allowed"):
         connect(Target(dsn="chdb://memory", database="x; DROP TABLE y"))
+
+
+def test_percent_encoded_password_never_appears_in_the_error() -> None:
+    from pipeline.store import connect
+
+    with pytest.raises(StoreError) as err:
+        connect(Target(dsn="http://bob:p%40ss%3Aw0rd@127.0.0.1:1/db"))
+    text = str(err.value)
+    assert "127.0.0.1:1" in text
+    for secret in ("p%40ss%3Aw0rd", "p@ss:w0rd"):
+        assert secret not in text
