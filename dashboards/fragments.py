@@ -67,6 +67,22 @@ IDLE_MS: Final = "held_no_process_ms + arraySum(mapValues(mapFilter((k, v) -> k 
 """Idle milliseconds of an allocated rollup row: no compute process, or utilization below the policy."""
 
 # --- variable filters ----------------------------------------------------------------------------
+#
+# No variable value may change a query's structure, whatever its characters. Grafana's
+# `${v:singlequote}` escapes `'` as `\'` but leaves backslashes, so a value ending in `\` (or
+# holding `\'`) closes the literal early: `x\') OR 1=1 --` selects every tenant. And a value
+# need not come from the variable's query: Grafana keeps one set in the URL (`var-tenant=...`) or
+# typed as a custom value. So:
+#
+# - each query variable's value is the hex of the string (`hex(tenant)`), its text the string
+#   itself: a list of hex values joined with ',' splits back exactly, whatever the strings hold;
+# - panels read the selection through `${v:percentencode}`, whose output (`A-Z a-z 0-9 - _ . ~ %`)
+#   can neither close a quoted literal nor hold a `$` for the plugin's macros, decode it in
+#   ClickHouse and compare the column with `unhex` of each value: a constant set, so the primary
+#   key still prunes (a filter on `hex(column)` would read every granule).
+#
+# A value that is not hex (a custom or hand-written URL value) unhexes to arbitrary bytes: it
+# matches what it matches, and never alters the query.
 
 SAMPLE_FILTERS: Final = ("cluster", "node", "tenant", "model")
 AGENT_FILTERS: Final = ("cluster", "node")
@@ -75,9 +91,19 @@ USAGE_FILTERS: Final = ("tenant", "model")
 """`usage_hourly` and the billing tables are per tenant and GPU model: no cluster or node."""
 
 
+def selected(variable: str) -> str:
+    """The variable's selected strings as a ClickHouse `Array(String)`, safe for any value.
+
+    `${v:percentencode}` is `{hex1,hex2}` for a list, `hex1` for a single value, percent-encoded;
+    decoded, stripped of the braces, split on ',' and unhexed, it is the strings themselves.
+    """
+    encoded = f"decodeURLComponent('${{{variable}:percentencode}}')"
+    return f"arrayMap(v -> unhex(v), splitByChar(',', trim(BOTH '{{}}' FROM {encoded})))"
+
+
 def condition(variable: str, column: str | None = None) -> str:
-    """`column IN (${variable:singlequote})`, or `1=1` when the variable is All or empty."""
-    return f"$__conditionalAll({column or variable} IN (${{{variable}:singlequote}}), ${variable})"
+    """`column` is one of the variable's selected values, or `1=1` when the variable is All or empty."""
+    return f"$__conditionalAll(has({selected(variable)}, {column or variable}), ${variable})"
 
 
 def filters(names: tuple[str, ...] = SAMPLE_FILTERS, columns: dict[str, str] | None = None) -> str:
@@ -92,6 +118,23 @@ def where(time_column: str = "time", names: tuple[str, ...] = SAMPLE_FILTERS,
     return f"$__timeFilter({time_column})" + filters(names, columns)
 
 
+def options(column: str, source: str, conditions: str) -> str:
+    """A variable query: the distinct values of `column`, hex as the value, the string as the text.
+
+    The ClickHouse plugin takes the first column as each option's value and the second as its
+    text (`CHDatasource.metricFindQuery`); the names `__value`/`__text` only say so.
+    """
+    return sql(
+        """
+        SELECT DISTINCT hex({column}) AS __value, {column} AS __text
+        FROM {source}
+        WHERE {conditions}
+        ORDER BY __text
+        """,
+        column=column, source=source, conditions=conditions,
+    )
+
+
 def standard_variables(datasource: JSON) -> tuple[JSON, ...]:
     """The variables every board has: datasource, cluster, node, tenant and GPU model.
 
@@ -100,40 +143,15 @@ def standard_variables(datasource: JSON) -> tuple[JSON, ...]:
     """
     return (
         datasource,
-        query_variable(
-            "cluster", "Cluster",
-            """
-            SELECT DISTINCT cluster FROM agent_reports
-            WHERE $__timeFilter(time)
-            ORDER BY cluster
-            """,
-        ),
-        query_variable(
-            "node", "Node",
-            """
-            SELECT DISTINCT node FROM agent_reports
-            WHERE $__timeFilter(time)
-                AND $__conditionalAll(cluster IN (${cluster:singlequote}), $cluster)
-            ORDER BY node
-            """,
-        ),
+        query_variable("cluster", "Cluster", options("cluster", "agent_reports", "$__timeFilter(time)")),
+        query_variable("node", "Node", options("node", "agent_reports", where(names=("cluster",)))),
         query_variable(
             "tenant", "Tenant",
-            """
-            SELECT DISTINCT tenant FROM gpu_usage_1h
-            WHERE hour >= toStartOfHour($__fromTime) AND hour <= $__toTime AND tenant != ''
-                AND $__conditionalAll(cluster IN (${cluster:singlequote}), $cluster)
-            ORDER BY tenant
-            """,
+            options(
+                "tenant", "gpu_usage_1h",
+                "hour >= toStartOfHour($__fromTime) AND hour <= $__toTime AND tenant != ''" + filters(("cluster",)),
+            ),
             description="Tenants holding GPUs in the time range (hourly rollup); All also includes unallocated GPUs.",
         ),
-        query_variable(
-            "model", "GPU model",
-            """
-            SELECT DISTINCT model FROM gpu_latest
-            WHERE model != ''
-                AND $__conditionalAll(cluster IN (${cluster:singlequote}), $cluster)
-            ORDER BY model
-            """,
-        ),
+        query_variable("model", "GPU model", options("model", "gpu_latest", "model != ''" + filters(("cluster",)))),
     )

@@ -28,12 +28,13 @@ from dashboards.templating import (
     seconds_to_hms,
     variable_formats,
     variable_names,
+    variable_references,
 )
 
 __all__ = [
     "ALL", "FORMATS", "PLUGIN_MACROS", "MacroError", "TimeRange", "Var", "all_of", "apply_conditional_all",
     "builtin_values", "expand_macros", "go_duration_seconds", "interpolate", "macro_args", "one", "render",
-    "seconds_to_hms", "strip_comments", "variable_formats", "variable_names",
+    "seconds_to_hms", "strip_comments", "variable_formats", "variable_names", "variable_references",
 ]
 
 

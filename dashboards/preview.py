@@ -138,10 +138,12 @@ def _legend(series: Sequence[svg.Series]) -> str:
 
 
 def _table(view: PanelView, names: Mapping[str, str], units: Mapping[str, str], unit: str | None) -> str:
-    head = "".join(f"<th>{html.escape(names.get(c, c))}</th>" for c in view.columns)
+    hidden = {c for c, h in _overrides(view.panel, "custom.hidden").items() if h}
+    shown = [(i, c) for i, c in enumerate(view.columns) if c not in hidden]  # hidden columns feed links only
+    cell_units = {c: units.get(c, unit if _numeric(view.types[i]) else None) for i, c in shown}
+    head = "".join(f"<th>{html.escape(names.get(c, c))}</th>" for _, c in shown)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_text(v, units.get(c, unit if _numeric(t) else None)))}</td>"
-                         for v, c, t in zip(row, view.columns, view.types, strict=True)) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(_text(row[i], cell_units[c]))}</td>" for i, c in shown) + "</tr>"
         for row in view.rows[:TABLE_ROWS]
     )
     more = f"<p>{len(view.rows) - TABLE_ROWS} more rows</p>" if len(view.rows) > TABLE_ROWS else ""

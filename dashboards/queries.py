@@ -88,14 +88,39 @@ def run(client: Client, sql: str) -> Result:
     return Result(tuple(r.column_names), tuple(t.name for t in r.column_types), list(r.result_rows))
 
 
+def _js_order(text: str) -> bytes:
+    """Sort key of JavaScript's string comparison (UTF-16 code units), which lodash `sortBy` uses."""
+    return text.encode("utf-16-be", "surrogatepass")
+
+
+def variable_options(rows: list[tuple[Any, ...]], sort: int) -> list[tuple[str, str]]:
+    """(value, text) options from a variable query's rows, as the plugin and Grafana build them.
+
+    The plugin (`CHDatasource.metricFindQuery`): one column is both value and text; with more, the
+    first is the value and the second the text. Grafana (`metricNamesToVariableValues`): the first
+    option of each value is kept, then `sort` 1 orders by text (2 descending, 0 keeps the query's order).
+    """
+    seen: dict[str, str] = {}
+    for row in rows:
+        text = row[1] if len(row) > 1 and row[1] is not None else row[0]  # `item.text ?? item.value`
+        value = row[0] if row[0] is not None else text
+        seen.setdefault(str(value), str(text))
+    options = list(seen.items())
+    if sort == 0:
+        return options
+    if sort not in (1, 2):
+        raise ValueError(f"variable sort {sort} is not supported here; use 0 (query order) or 1/2 (by text)")
+    return sorted(options, key=lambda o: _js_order(o[1]), reverse=sort == 2)
+
+
 def resolve_variables(
     client: Client, board: Mapping[str, Any], time_range: TimeRange, chosen: Mapping[str, str] | None = None
 ) -> dict[str, Var]:
     """Fill the board's query variables in order, as Grafana does on load.
 
-    A variable named in `chosen` takes that value (a one-element selection when multi-value); the
-    others are All when they include All, else their first option. The value must be one of the
-    options its query returned, or `ValueError` says which options there were.
+    A variable named in `chosen` takes the option whose text (what the drop-down shows) is that
+    string, a one-element selection when multi-value; the others are All when they include All,
+    else their first option. The text must be one of the options, or `ValueError` lists them.
     """
     chosen = chosen or {}
     values: dict[str, Var] = {}
@@ -104,16 +129,21 @@ def resolve_variables(
             continue
         name = variable["name"]
         sql = render(variable["query"]["rawSql"], values, time_range)
-        options = tuple(str(row[0]) for row in run(client, sql).rows)
+        found = variable_options(run(client, sql).rows, int(variable.get("sort", 0)))
+        options = tuple(v for v, _ in found)
         multi = bool(variable.get("multi"))
         if name in chosen:
-            if chosen[name] not in options:
-                raise ValueError(f"variable {name}: {chosen[name]!r} is not among its options {list(options)}")
-            values[name] = Var((chosen[name],) if multi else chosen[name], options)
+            picked = [(v, t) for v, t in found if t == chosen[name]]
+            if not picked:
+                raise ValueError(f"variable {name}: {chosen[name]!r} is not among its options {[t for _, t in found]}")
+            value, text = picked[0]
         elif variable.get("includeAll"):
             values[name] = all_of(options, multi)
-        elif options:
-            values[name] = Var((options[0],) if multi else options[0], options)
+            continue
+        elif found:
+            value, text = found[0]
         else:
             values[name] = Var(() if multi else "", options)
+            continue
+        values[name] = Var((value,) if multi else value, options, label=(text,) if multi else text)
     return values

@@ -7,7 +7,9 @@
 2. Grafana's variable interpolation (`sceneInterpolator` and `formatRegistry`, grafana/scenes):
    `$var`, `${var}`, `${var:format}`, `[[var]]`; with no explicit format the plugin's own formatter
    applies (a list becomes `'a','b'`, a single value stays raw); All without a custom all value is
-   the list of every option.
+   the list of every option. Escaping is Grafana's, faithfully: `singlequote` and `sqlstring` leave
+   backslashes alone, which is why the boards pass values with `percentencode` (see
+   `dashboards.fragments.selected`).
 
 `dashboards.macros` adds the plugin's backend macros and runs the three steps in order. Pure functions.
 """
@@ -18,6 +20,7 @@ import datetime as dt
 import json
 import math
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -38,6 +41,8 @@ class Var:
     """Every option value the variable's query returned (what All stands for)."""
     all_value: str | None = None
     """The variable's custom all value (`allValue`), if set."""
+    label: str | tuple[str, ...] | None = None
+    """The current selection's display text (Grafana's `current.text`); None: the same as `value`."""
 
     @property
     def is_all(self) -> bool:
@@ -49,9 +54,11 @@ class Var:
         return ",".join(self.value) if isinstance(self.value, tuple) else self.value
 
     def text(self) -> str:
+        """`getValueText()`: "All", else the selection's text, a list joined with ' + '."""
         if self.is_all:
             return "All"
-        return " + ".join(self.value) if isinstance(self.value, tuple) else self.value
+        shown = self.value if self.label is None else self.label
+        return " + ".join(shown) if isinstance(shown, tuple) else shown
 
 
 def all_of(options: tuple[str, ...] | list[str], multi: bool = True) -> Var:
@@ -179,6 +186,22 @@ def _json(value: Value) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
+def encode_uri_component_strict(text: str) -> str:
+    """Grafana's `encodeURIComponentStrict`: `encodeURIComponent` (UTF-8, upper-case `%XX`) that also
+    encodes `!'()*`, so only `A-Z a-z 0-9 - _ . ~` and `%` remain."""
+    try:
+        return urllib.parse.quote(text, safe="", encoding="utf-8", errors="strict")
+    except UnicodeEncodeError as exc:  # JavaScript throws URIError on a lone surrogate
+        raise MacroError(f"percentencode: {text!r} is not valid Unicode (URIError in Grafana)") from exc
+
+
+def _percentencode(value: Value) -> str:
+    """`percentencode`: like glob, but URL-escaped; a list is always `{a,b}` (braces even for one)."""
+    if isinstance(value, list):
+        return encode_uri_component_strict("{" + ",".join(value) + "}")
+    return encode_uri_component_strict(value)
+
+
 _FORMATS: dict[str, Callable[[Value], str]] = {
     "raw": _joined(","),
     "csv": _joined(","),
@@ -188,12 +211,13 @@ _FORMATS: dict[str, Callable[[Value], str]] = {
     "singlequote": lambda v: _quote(v, "'", "\\'"),
     "doublequote": lambda v: _quote(v, '"', '\\"'),
     "sqlstring": _sqlstring,
+    "percentencode": _percentencode,
 }
 FORMATS: frozenset[str] = frozenset({*_FORMATS, "text", "date", "join"})
-"""Formats this expander implements (Grafana has a few more: regex, lucene, percentencode, queryparam...)."""
+"""Formats this expander implements (Grafana has a few more: regex, lucene, queryparam...)."""
 
 _GRAFANA_ONLY_FORMATS = frozenset(
-    {"regex", "lucene", "percentencode", "queryparam", "customqueryparam", "distributed", "html", "uriencode"}
+    {"regex", "lucene", "queryparam", "customqueryparam", "distributed", "html", "uriencode"}
 )
 
 
@@ -279,3 +303,9 @@ def variable_formats(text: str) -> list[tuple[str, str]]:
         if fmt:
             out.append((m.group(2) or m.group(4), fmt))
     return out
+
+
+def variable_references(text: str) -> list[tuple[str, str | None, int, str]]:
+    """(name, format or None, offset, the reference as written) for every variable reference in `text`."""
+    return [(m.group(1) or m.group(2) or m.group(4), m.group(3) or m.group(6), m.start(), m.group(0))
+            for m in VARIABLE_RE.finditer(text)]

@@ -2,8 +2,9 @@
 
 What Grafana would reject or silently break on: a uid or schema version it does not accept, panels
 overlapping or off the 24-column grid, a panel or variable not pointing at the ClickHouse
-datasource variable, a `$variable` or `$__macro` that nothing defines, a `$__conditionalAll` whose
-second argument is not a variable, a link to a board or variable that does not exist, a
+datasource variable, a `$variable` or `$__macro` that nothing defines, a variable pasted into SQL
+other than as `${var:percentencode}` (any other format lets some value change the query), a
+`$__conditionalAll` whose second argument is not a variable, a link to a board or variable that does not exist, a
 datasource whose secrets are written out instead of read from the environment, and alert rules
 whose condition, expressions or states are not what Grafana's provisioning expects. Every problem
 is one line naming the file, the panel or rule, and what to fix.
@@ -42,6 +43,10 @@ BROWSER_MACROS: Final = frozenset({"__conditionalAll", "__adHocFilters"})
 NO_DATA_STATES: Final = frozenset({"NoData", "Alerting", "OK", "KeepLast"})
 EXEC_ERR_STATES: Final = frozenset({"Error", "Alerting", "OK", "KeepLast"})
 EXPRESSION_TYPES: Final = frozenset({"threshold", "reduce", "math", "resample", "classic_conditions", "sql"})
+SAFE_FORMAT: Final = "percentencode"
+"""The one way a dashboard variable may reach SQL: `'${var:percentencode}'`, whose content (only
+`A-Z a-z 0-9 - _ . ~ %`) cannot close the quoted literal. `singlequote` and `sqlstring` leave
+backslashes, so `x\\') OR 1=1 --` escapes them; unquoted, even `--` would start a comment."""
 _DURATION_RE: Final = re.compile(r"^(\d+(ms|s|m|h|d|w))+$|^0$")
 _LINK_RE: Final = re.compile(r"/d/([^/?#]+)(?:/[^?#]*)?(?:\?([^#]*))?")
 
@@ -61,7 +66,35 @@ def _references(text: str, where: str, variables: set[str], sql: bool) -> Iterat
     for name, fmt in macros.variable_formats(text):
         if fmt.split(":")[0] not in macros.FORMATS:
             yield f"{where}: ${{{name}:{fmt}}} uses a format this project does not support"
+    if sql:
+        yield from _unsafe_references(text, where, variables)
     yield from _conditional_all(text, where, variables)
+
+
+def _conditional_all_flags(text: str) -> list[tuple[int, int]]:
+    """Spans of `$__conditionalAll`'s second arguments: the browser only reads them, they never reach SQL."""
+    spans = []
+    opening = "$__conditionalAll("
+    start = 0
+    while (i := text.find(opening, start)) >= 0:
+        start = i + len(opening)
+        args = macros.macro_args(text, start - 1)
+        if len(args) == 2:
+            flag = start + len(args[0]) + 1
+            spans.append((flag, flag + len(args[1])))
+    return spans
+
+
+def _unsafe_references(text: str, where: str, variables: set[str]) -> Iterator[str]:
+    flags = _conditional_all_flags(text)
+    for name, fmt, at, written in macros.variable_references(text):
+        if name not in variables or any(a <= at < b for a, b in flags):
+            continue
+        if fmt == SAFE_FORMAT and text[at - 1 : at] == "'" and text[at + len(written) : at + len(written) + 1] == "'":
+            continue
+        yield (f"{where}: {written} lets a value change the query (only '${{{name}:{SAFE_FORMAT}}}' in quotes is "
+               "safe: singlequote and sqlstring leave backslashes, the others quote nothing); "
+               "filter with dashboards.fragments.condition or selected")
 
 
 def _conditional_all(text: str, where: str, variables: set[str]) -> Iterator[str]:

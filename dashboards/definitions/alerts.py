@@ -13,7 +13,6 @@ from dashboards.builder import (
     Board,
     Panel,
     Query,
-    data_link,
     datasource_variable,
     override,
     sql,
@@ -85,21 +84,23 @@ firing = Panel(
                 labels['tenant'] AS tenant,
                 annotations['summary'] AS summary,
                 starts_at,
-                value
+                value,
+                hex(labels['gpu']) AS gpu_hex
             FROM alerts FINAL
             WHERE state = 'firing'{filters}
             ORDER BY {severity}, starts_at, alertname
             """,
             filters=_FILTERS, severity=_SEVERITY_ORDER,
         ),
-        ("alertname", "severity", "cluster", "node", "gpu_uuid", "gpu", "tenant", "summary", "starts_at", "value"),
+        ("alertname", "severity", "cluster", "node", "gpu_uuid", "gpu", "tenant", "summary", "starts_at", "value",
+         links.GPU_KEY),
         TABLE,
     ),),
     description="Every alert firing now, most severe first, with the summary sent to Alertmanager.",
     w=24,
     h=9,
     overrides=(
-        data_link("gpu_uuid", "GPU detail", links.gpu_detail_url()),
+        *links.gpu_detail(),
         override("summary", custom__width=520),
     ),
 )
@@ -122,7 +123,8 @@ history = Panel(
                 starts_at,
                 ends_at,
                 dateDiff('second', active_at, coalesce(ends_at, last_eval)) AS duration_s,
-                annotations['summary'] AS summary
+                annotations['summary'] AS summary,
+                hex(labels['gpu']) AS gpu_hex
             FROM alerts FINAL
             WHERE active_at <= $__toTime AND (ends_at IS NULL OR ends_at >= $__fromTime){filters}
             ORDER BY active_at DESC, alertname
@@ -131,7 +133,7 @@ history = Panel(
             filters=_FILTERS,
         ),
         ("alertname", "severity", "state", "cluster", "node", "gpu_uuid", "tenant", "active_at", "starts_at",
-         "ends_at", "duration_s", "summary"),
+         "ends_at", "duration_s", "summary", links.GPU_KEY),
         TABLE,
     ),),
     description=(
@@ -142,7 +144,7 @@ history = Panel(
     h=10,
     overrides=(
         override("duration_s", unit="s"),
-        data_link("gpu_uuid", "GPU detail", links.gpu_detail_url()),
+        *links.gpu_detail(),
     ),
 )
 

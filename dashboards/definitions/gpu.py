@@ -24,10 +24,12 @@ from dashboards.builder import (
 from dashboards.definitions import links
 from dashboards.definitions.health import HEALTH_MAPPINGS
 
+IS_THIS_GPU = f"has({f.selected('gpu')}, gpu_uuid)"
+"""The row is the chosen GPU's (`gpu` holds the UUID's hex; see `fragments.selected`)."""
 THIS_GPU = (
-    "$__timeFilter(time) AND gpu_uuid = ${gpu:singlequote}\n"
+    f"$__timeFilter(time) AND {IS_THIS_GPU}\n"
     "    AND (cluster, node, gpu_index) IN (\n"
-    "        SELECT cluster, node, gpu_index FROM gpu_latest WHERE gpu_uuid = ${gpu:singlequote}\n"
+    f"        SELECT cluster, node, gpu_index FROM gpu_latest WHERE {IS_THIS_GPU}\n"
     "    )"
 )
 """This GPU's raw samples. The GPU's (cluster, node, gpu_index), looked up in the small `gpu_latest`,
@@ -35,14 +37,7 @@ lets ClickHouse use gpu_samples' primary key instead of scanning every GPU's row
 
 gpu_variable = query_variable(
     "gpu", "GPU",
-    sql(
-        """
-        SELECT DISTINCT gpu_uuid FROM gpu_latest
-        WHERE {filters}
-        ORDER BY gpu_uuid
-        """,
-        filters="1" + f.filters(),
-    ),
+    f.options("gpu_uuid", "gpu_latest", "1" + f.filters()),
     multi=False,
     include_all=False,
     description="The GPU (UUID) this board shows; the other variables narrow the list (by where each GPU is now).",
@@ -116,11 +111,11 @@ mfu = Panel(
                 {measured} AS mfu_measured,
                 {estimated} AS mfu_hw_estimate
             FROM gpu_usage_1m
-            WHERE $__timeFilter(minute) AND gpu_uuid = ${gpu:singlequote}
+            WHERE $__timeFilter(minute) AND {this_gpu}
             GROUP BY t
             ORDER BY t
             """,
-            mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
+            this_gpu=IS_THIS_GPU, mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
         ),
         ("t", "mfu", "mfu_measured", "mfu_hw_estimate"),
     ),),

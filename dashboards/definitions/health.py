@@ -12,7 +12,6 @@ from dashboards.builder import (
     Board,
     Panel,
     Query,
-    data_link,
     datasource_variable,
     override,
     rename,
@@ -261,7 +260,8 @@ worst = Panel(
                 max(temp_gpu_c) AS max_temp_c,
                 max(ifNull(ecc_uncorrected_volatile, 0)) AS ecc_uncorrected,
                 max(ifNull(retired_pages, 0)) AS retired_pages,
-                max(ifNull(pcie_replay_count, 0)) - min(ifNull(pcie_replay_count, 0)) AS pcie_replay_growth
+                max(ifNull(pcie_replay_count, 0)) - min(ifNull(pcie_replay_count, 0)) AS pcie_replay_growth,
+                hex(gpu_uuid) AS gpu_hex
             FROM gpu_samples
             WHERE {where}
             GROUP BY gpu_uuid, cluster, node, gpu
@@ -271,14 +271,15 @@ worst = Panel(
             where=f.where(),
         ),
         ("gpu_uuid", "cluster", "node", "gpu", "gpu_model", "last_health", "failing_share", "degraded_share",
-         "xid_events", "reasons", "max_temp_c", "ecc_uncorrected", "retired_pages", "pcie_replay_growth"),
+         "xid_events", "reasons", "max_temp_c", "ecc_uncorrected", "retired_pages", "pcie_replay_growth",
+         links.GPU_KEY),
         TABLE,
     ),),
     description="GPUs ranked by time failing, then degraded, then XIDs. Click a UUID for the GPU's own board.",
     w=24,
     h=10,
     overrides=(
-        data_link("gpu_uuid", "GPU detail", links.gpu_detail_url()),
+        *links.gpu_detail(),
         override("failing_share", unit="percentunit"),
         override("degraded_share", unit="percentunit"),
         override("max_temp_c", unit="celsius"),
@@ -299,7 +300,8 @@ events = Panel(
                 toString(health) AS state,
                 prev_state,
                 arrayStringConcat(health_reasons, ', ') AS reasons,
-                arrayStringConcat(arrayMap(x -> toString(x), xids), ', ') AS xid_codes
+                arrayStringConcat(arrayMap(x -> toString(x), xids), ', ') AS xid_codes,
+                hex(gpu_uuid) AS gpu_hex
             FROM
             (
                 SELECT
@@ -316,13 +318,13 @@ events = Panel(
             """,
             where=f.where(),
         ),
-        ("time", "node", "gpu", "gpu_uuid", "state", "prev_state", "reasons", "xid_codes"),
+        ("time", "node", "gpu", "gpu_uuid", "state", "prev_state", "reasons", "xid_codes", links.GPU_KEY),
         TABLE,
     ),),
     description="Every change of a GPU's health state and every XID, newest first.",
     w=24,
     h=10,
-    overrides=(data_link("gpu_uuid", "GPU detail", links.gpu_detail_url()),),
+    overrides=links.gpu_detail(),
 )
 
 BOARD = Board(

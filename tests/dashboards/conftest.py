@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from dashboards import build
 from pipeline.migrate import SchemaOptions, migrate
 from pipeline.store import Target, connect
 from tests.dashboards import fleet_data
@@ -35,3 +37,13 @@ def fleet(chdb_dsn: str, ch_client: Client) -> Iterator[Fleet]:
     client.database = db
     yield Fleet(Target(dsn=chdb_dsn, database=db), client, loaded)
     ch_client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+
+
+def committed(uid: str) -> dict[str, Any]:
+    """The committed JSON of board `uid`."""
+    return json.loads((build.ROOT / build.BOARDS_DIR / f"{uid}.json").read_text())
+
+
+def hexed(text: str) -> str:
+    """A variable's value for `text`: its UTF-8 bytes in upper-case hex (what ClickHouse's hex() gives)."""
+    return text.encode().hex().upper()

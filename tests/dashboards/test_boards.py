@@ -126,6 +126,12 @@ def _panel(board: dict[str, Any], title: str) -> dict[str, Any]:
         (lambda b: b["templating"]["list"][2].update(refresh=1), "refresh must be 2"),
         (lambda b: b["links"][0].update(url="/d/nope"), "links to board 'nope'"),
         (lambda b: _panel(b, "Power draw")["targets"][0].update(rawSql="${node:regexx}"), "format"),
+        (lambda b: _panel(b, "Power draw")["targets"][0].update(
+            rawSql="WHERE $__conditionalAll(node IN (${node:singlequote}), $node)"), "lets a value change the query"),
+        (lambda b: _panel(b, "Power draw")["targets"][0].update(rawSql="WHERE node = ${node:percentencode}"),
+         "lets a value change the query"),
+        (lambda b: _panel(b, "Power draw")["targets"][0].update(rawSql="WHERE node = $node"),
+         "lets a value change the query"),
     ],
 )
 def test_validator_catches(change: Any, message: str) -> None:

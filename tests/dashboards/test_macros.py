@@ -156,6 +156,20 @@ def test_conditional_all_quirks_of_the_plugin() -> None:
         ("${v:nosuchformat}", Var(("a", "b")), "{a,b}"),
         ("${v:singlequote}", Var((ALL,), ("a",), all_value=".*"), ".*"),
         ("$vx", one("a"), "$vx"),
+        # Grafana escapes quotes, not backslashes: the value closes the literal (the boards avoid these)
+        ("${v:singlequote}", one("x\\') OR 1=1 --"), "'x\\\\') OR 1=1 --'"),
+        ("${v:sqlstring}", one("x\\' OR 1=1 --"), "'x\\'' OR 1=1 --'"),
+        # percentencode: encodeURIComponent plus !'()*; a list is glob-like, braces even for one value
+        ("${v:percentencode}", one("6E31"), "%7B6E31%7D"),
+        ("${v:percentencode}", Var(("41", "42")), "%7B41%2C42%7D"),
+        ("${v:percentencode}", all_of(["41", "42"]), "%7B41%2C42%7D"),
+        ("${v:percentencode}", Var("6E31"), "6E31"),
+        ("${v:percentencode}", Var("x\\') OR 1=1 --"), "x%5C%27%29%20OR%201%3D1%20--"),
+        ("${v:percentencode}", Var("\u00e9!*~._-$"), "%C3%A9%21%2A~._-%24"),
+        # the text of the selection, not its value
+        ("${v:text}", Var(("41",), label=("A",)), "A"),
+        ("${v:text}", Var(("41", "42"), label=("A", "B")), "A + B"),
+        ("${v:text}", Var(("41", "42")), "41 + 42"),
     ],
 )
 def test_variables_interpolate_as_grafana_does(text: str, var: Var, expected: str) -> None:

@@ -50,6 +50,8 @@ def test_every_panel_is_drawn_with_data(page: Path) -> None:
     assert 'class="err"' not in text
     assert "no data" not in text
     assert text.count("<svg") >= 25  # charts, not only tables
+    assert "<th>gpu_uuid</th>" in text
+    assert "gpu_hex" not in text  # the column the GPU links read is hidden
     for board in BOARDS:
         assert f'id="{board["uid"]}"' in text
         for p in board["panels"]:

@@ -9,7 +9,6 @@ with rows.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -21,14 +20,10 @@ from dashboards.macros import TimeRange, expand_macros
 from dashboards.queries import PanelQuery, panel_queries, panel_range, resolve_variables, run
 from gpufleet.gpu_facts import peak_flops
 from tests.dashboards import fleet_data as fd
-from tests.dashboards.conftest import Fleet
+from tests.dashboards.conftest import Fleet, committed, hexed
 
 SPECS = {(b.uid, pid, q.ref_id): q for b in BOARDS for pid, p in b.query_panels() for q in p.queries}
 TIME_SERIES_PANELS = {"timeseries", "heatmap", "state-timeline"}
-
-
-def committed(uid: str) -> dict[str, Any]:
-    return json.loads((build.ROOT / build.BOARDS_DIR / f"{uid}.json").read_text())
 
 
 def selection(kind: str, fleet: Fleet, uid: str) -> dict[str, str]:
@@ -82,13 +77,17 @@ def _render(q: PanelQuery, values: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("uid", [b.uid for b in BOARDS])
 def test_variable_queries_list_the_fleet(fleet: Fleet, uid: str) -> None:
+    """Each option's value is the string's hex, its text the string; a pick by text selects that value."""
     board = committed(uid)
-    values = resolve_variables(fleet.client, board, TimeRange(fd.START_MS, fd.END_MS, 60_000),
-                               selection("one", fleet, uid))
-    assert set(values["cluster"].options) == {fd.CLUSTER}
-    assert set(values["node"].options) == {f"sim-node-{i:03d}" for i in range(fd.NODES)}
-    assert set(values["tenant"].options) == {"tenant-a", "tenant-b"}
-    assert set(values["model"].options) == {fd.H100}
+    chosen = selection("one", fleet, uid)
+    values = resolve_variables(fleet.client, board, TimeRange(fd.START_MS, fd.END_MS, 60_000), chosen)
+    assert set(values["cluster"].options) == {"73696D"}  # "sim"
+    assert set(values["node"].options) == {hexed(f"sim-node-{i:03d}") for i in range(fd.NODES)}
+    assert set(values["tenant"].options) == {"74656E616E742D61", "74656E616E742D62"}  # tenant-a, tenant-b
+    assert set(values["model"].options) == {hexed(fd.H100)}
+    for name, text in chosen.items():
+        assert values[name].value == ((hexed(text),) if name != "gpu" else hexed(text)), name
+        assert values[name].text() == text, name
 
 
 def test_overrides_name_real_fields(fleet: Fleet) -> None:

@@ -163,14 +163,13 @@ def test_the_dashboard_preview_escapes_hostile_strings(stored, ch_target, tmp_pa
 
 
 GRAFANA_INJECTION = (
-    "Grafana's ${tenant:singlequote} (and :sqlstring) leave backslashes unescaped: a tenant named back\\slash\\ "
-    "breaks every tenant-filtered panel, and choosing one named x\\') OR 1=1 -- selects every tenant's rows "
-    "(SQL injection through a variable; shown in chDB). dashboards/ should filter on hex(tenant), with hex "
-    "values as the variable's values. Row policies (gpufleet tenants) keep a tenant's own user safe regardless."
+    "Grafana's ${tenant:singlequote} (and :sqlstring) leave backslashes unescaped: through them a tenant named "
+    "back\\slash\\ breaks every tenant-filtered panel, and choosing one named x\\') OR 1=1 -- selects every "
+    "tenant's rows. dashboards/ therefore gives each variable the hex of the string as its value and reads it "
+    "through '${tenant:percentencode}' (dashboards.fragments.selected); this test guards that."
 )
 
 
-@pytest.mark.xfail(strict=True, reason=GRAFANA_INJECTION)
 def test_every_panel_runs_with_a_hostile_tenant_chosen(stored, ch_target) -> None:
     """As Grafana does: the tenant variable set to each hostile tenant, every panel's SQL rendered and run."""
     client = connect(Target(ch_target.dsn, ch_target.database))
