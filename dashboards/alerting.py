@@ -22,6 +22,9 @@ from dashboards import fragments as f
 from dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
 from pipeline.alerts.rules import (
     DEFAULT_RULES,
+    AgentCounterRising,
+    AgentSendErrors,
+    AgentSpoolDropping,
     AnyRule,
     GpuBusyUnallocated,
     GpuDegraded,
@@ -201,7 +204,32 @@ def _mfu(rule: MfuBelowTarget) -> AlertQuery:
     return AlertQuery(text, duration_ms(rule.window) // 1000, tuple(keys), "mfu", "lt", rule.target)
 
 
+def _agent_counter(rule: AgentCounterRising) -> AlertQuery:
+    """The counter's rises over the window in seq order, per boot_id (a fall counts the new value), per node."""
+    text = sql(
+        """
+        SELECT cluster, node, sum(rise) AS {count}
+        FROM
+        (
+            SELECT cluster, node, boot_id,
+                arrayMap(p -> p.2, arraySort(p -> p.1, groupArray((seq, toInt64({column}))))) AS vals,
+                arraySum(arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference(vals), vals)) AS rise
+            FROM agent_reports
+            WHERE $__timeFilter(time)
+            GROUP BY cluster, node, boot_id
+        )
+        GROUP BY cluster, node
+        HAVING {count} >= {min}
+        ORDER BY cluster, node
+        """,
+        count=rule.COUNT, column=rule.COLUMN, min=str(rule.min_increase),
+    )
+    return AlertQuery(text, duration_ms(rule.window) // 1000, ("cluster", "node"), rule.COUNT)
+
+
 _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
+    AgentSpoolDropping: _agent_counter,
+    AgentSendErrors: _agent_counter,
     GpuFailing: _failing,
     GpuDegraded: _degraded,
     GpuIdleAllocated: _idle,
@@ -212,6 +240,14 @@ _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
 }
 
 _SUMMARIES: Final[dict[type, str]] = {
+    AgentSpoolDropping: (
+        "The agent on {{ $labels.node }} ({{ $labels.cluster }}) dropped {{ $values.A.Value }} unsent messages "
+        "in the window: its spool was full, those samples are lost"
+    ),
+    AgentSendErrors: (
+        "The agent on {{ $labels.node }} ({{ $labels.cluster }}) failed {{ $values.A.Value }} sends to Kafka "
+        "in the window"
+    ),
     GpuFailing: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is failing",
     GpuDegraded: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is degraded",
     GpuIdleAllocated: (

@@ -10,6 +10,9 @@ samples reach back to `now - D` and cover at least `coverage` x D (a lost messag
 tolerated, a node that stopped reporting is not). A candidate whose newest sample satisfies the
 condition but is not yet sustained is *pending*; `since_ms` is where its current run of
 satisfying samples began within the window.
+
+Agent counters (`agent_spool_dropping`, `agent_send_errors`) read `agent_reports`: the counter's
+increase over `(now - window, now]`, see `AgentCounterRising`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_THERMAL,
 )
 from pipeline.alerts.rules import (
+    AgentCounterRising,
     AnyRule,
     GpuBusyUnallocated,
     GpuDegraded,
@@ -188,6 +192,8 @@ def build(rule: AnyRule, db: str, now_ms: int) -> Query:
         return _node_silent(rule, db, now_ms)
     if isinstance(rule, MfuBelowTarget):
         return _mfu(rule, db, now_ms)
+    if isinstance(rule, AgentCounterRising):
+        return _agent_counter(rule, db, now_ms)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
         db=db, window=_WINDOW, cond=shape.cond, having=shape.having,
@@ -235,6 +241,34 @@ def _mfu(rule: MfuBelowTarget, db: str, now_ms: int) -> Query:
                        "fresh_ms": now_ms - duration_ms(rule.max_sample_age), "target": rule.target})
 
 
+# Per boot_id: the counter in seq order, each step's increase (a fall is a restart: count the new
+# value; the first report is the baseline), and when the first rise was reported. Then per node.
+_AGENT_COUNTER_SQL = """
+SELECT cluster, node, sum(inc) AS increase, minIf(first_rise_ms, inc > 0) AS since_ms, max(newest_ms) AS last_ms
+FROM (
+    SELECT cluster, node, boot_id,
+           arraySort(p -> p.1, groupArray((seq, toInt64({column}), toUnixTimestamp64Milli(time)))) AS points,
+           arrayMap(p -> p.2, points) AS vals,
+           arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference(vals), vals) AS steps,
+           arraySum(steps) AS inc,
+           arrayFirst((t, d) -> d > 0, arrayMap(p -> p.3, points), steps) AS first_rise_ms,
+           toUnixTimestamp64Milli(max(time)) AS newest_ms
+    FROM {db}.agent_reports
+    WHERE {window}
+    GROUP BY cluster, node, boot_id
+)
+GROUP BY cluster, node
+HAVING increase >= {{min_increase:Int64}}
+ORDER BY cluster, node
+"""
+
+
+def _agent_counter(rule: AgentCounterRising, db: str, now_ms: int) -> Query:
+    sql = _AGENT_COUNTER_SQL.format(column=rule.COLUMN, db=db, window=_WINDOW)
+    return Query(sql, {"from_ms": now_ms - duration_ms(rule.window), "now_ms": now_ms,
+                       "min_increase": rule.min_increase})
+
+
 def iso(ms: int) -> str:
     """Unix ms -> `2026-11-18T08:26:40.000Z`."""
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -246,6 +280,8 @@ def candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> lis
         return [_silent_candidate(r, now_ms) for r in rows]
     if isinstance(rule, MfuBelowTarget):
         return [_mfu_candidate(rule, r) for r in rows]
+    if isinstance(rule, AgentCounterRising):
+        return [_agent_candidate(rule, r) for r in rows]
     if isinstance(rule, GpuFailing) and rule.for_ms > 0:  # keep_firing_for applies to `for: 0` only
         rows = [r for r in rows if r["last_c"]]
     return [_gpu_candidate(rule, r, now_ms) for r in rows]
@@ -342,6 +378,14 @@ def _mfu_candidate(rule: MfuBelowTarget, row: Mapping[str, Any]) -> Candidate:
            "mfu_pct": 100 * mfu, "target_pct": 100 * rule.target, "window": format_duration(duration_ms(rule.window)),
            "gpus": int(row["gpus"]), "value": mfu}
     return Candidate(_clean(labels), True, int(row["first_start_ms"]), int(row["last_ms"]), mfu, ctx)
+
+
+def _agent_candidate(rule: AgentCounterRising, row: Mapping[str, Any]) -> Candidate:
+    labels = {"cluster": row["cluster"], "node": row["node"]}
+    increase = int(row["increase"])
+    ctx = {**labels, rule.COUNT: increase, "window": format_duration(duration_ms(rule.window)),
+           "value": float(increase)}
+    return Candidate(_clean(labels), True, int(row["since_ms"]), int(row["last_ms"]), float(increase), ctx)
 
 
 def _clean(labels: Mapping[str, str]) -> dict[str, str]:

@@ -207,8 +207,62 @@ class MfuBelowTarget(Rule, tag="mfu_below_target", kw_only=True):
         return {"window": self.window, "max_sample_age": self.max_sample_age}
 
 
+class AgentCounterRising(Rule, kw_only=True):
+    """A counter the node's agent reports in every message (`agent_reports`) rose within `window`.
+
+    The increase is summed report to report in `seq` order, per `(cluster, node, boot_id)`, then per
+    node: a new `boot_id` starts a new counter (its first report is its baseline, never a rise), and a
+    value that falls within one `boot_id` (the agent process restarted; the counters live in memory)
+    counts its new value, as Prometheus' `increase()` does. One alert per node, firing at the first
+    rise, resolving once `window` has passed with no rise.
+    """
+
+    window: Duration = "15m"
+    COLUMN: ClassVar[str] = ""
+    """The `agent_reports` column (set by each kind, never by the rules file)."""
+    COUNT: ClassVar[str] = ""
+    """The placeholder holding the increase."""
+
+    @property
+    def min_increase(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"window": self.window}
+
+
+class AgentSpoolDropping(AgentCounterRising, tag="agent_spool_dropping", kw_only=True):
+    """The agent dropped at least `min_dropped` unsent messages (its spool was full) within `window`:
+    the samples they held are lost for good."""
+
+    min_dropped: Increase = 1
+    COLUMN: ClassVar[str] = "spool_dropped_total"
+    COUNT: ClassVar[str] = "dropped"
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = ("cluster", "node", "dropped", "window", "active_for", "value")
+
+    @property
+    def min_increase(self) -> int:
+        return self.min_dropped
+
+
+class AgentSendErrors(AgentCounterRising, tag="agent_send_errors", kw_only=True):
+    """The agent's sends to Kafka failed at least `min_errors` times within `window` (the messages stay
+    spooled and are resent; see `agent_spool_dropping` for data actually lost)."""
+
+    min_errors: Increase = 10
+    COLUMN: ClassVar[str] = "send_errors_total"
+    COUNT: ClassVar[str] = "errors"
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = ("cluster", "node", "errors", "window", "active_for", "value")
+
+    @property
+    def min_increase(self) -> int:
+        return self.min_errors
+
+
 AnyRule = (
     GpuFailing | GpuDegraded | GpuIdleAllocated | GpuHeldNoProcess | GpuBusyUnallocated | NodeSilent | MfuBelowTarget
+    | AgentSpoolDropping | AgentSendErrors
 )
 KINDS: Final = {cls.__struct_config__.tag: cls for cls in AnyRule.__args__}  # type: ignore[attr-defined]
 
@@ -227,7 +281,7 @@ def _sample_context(rule: Rule) -> dict[str, object]:
     """Typed stand-ins for every placeholder, to check format specs (`{util_pct:.1f}`) at load time."""
     numeric = {"value", "util_pct", "threshold_pct", "gpu_hours_wasted", "mem_used_gib", "mfu_pct", "target_pct",
                "temp_c"}
-    ints = {"processes", "gpus"}
+    ints = {"processes", "gpus", "dropped", "errors"}
     return {p: 1.0 if p in numeric else 1 if p in ints else "x" for p in rule.PLACEHOLDERS}
 
 
@@ -275,7 +329,7 @@ def _problems(rule: AnyRule) -> Iterator[str]:
         yield f"`labels` may not set {', '.join(clash)}: the evaluator sets those"
     if isinstance(rule, MfuBelowTarget) and len(set(rule.by)) != len(rule.by):
         yield "`by` lists a key twice"
-    if isinstance(rule, MfuBelowTarget) and duration_ms(rule.window) == 0:
+    if isinstance(rule, MfuBelowTarget | AgentCounterRising) and duration_ms(rule.window) == 0:
         yield "`window` must be longer than 0"
     if isinstance(rule, NodeSilent) and duration_ms(rule.forget_after) <= duration_ms(rule.silent_after):
         yield "`forget_after` must be longer than `silent_after`"

@@ -89,7 +89,8 @@ def _measure_flops(reports: list[NodeReport], tenant: str) -> None:
 
 
 def _sick_agent(reports: list[NodeReport], node: str) -> None:
-    """One agent spools and fails to send for five minutes, drops NVML reads and rejects OTLP points."""
+    """One agent spools and fails to send for five minutes, drops NVML reads and rejects OTLP points, and later
+    drops 3 messages from a full spool."""
     errors = 0
     for r in reports:
         if r.node == node and START_MS + 20 * MINUTE < r.time_ms <= START_MS + 25 * MINUTE:
@@ -100,6 +101,9 @@ def _sick_agent(reports: list[NodeReport], node: str) -> None:
             r.agent.otlp_points_rejected_total = 3
         elif r.node == node and r.time_ms > START_MS + 25 * MINUTE:
             r.agent.send_errors_total = errors
+    for r in reports:
+        if r.node == node and r.time_ms > END_MS - 10 * MINUTE:
+            r.agent.spool_dropped_total = 3  # the spool overflowed 10 minutes before the end: 3 messages lost
 
 
 def _insert_in_batches(client: Client, db: str, reports: list[NodeReport], deriver: Deriver) -> None:

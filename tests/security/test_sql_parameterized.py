@@ -48,6 +48,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/migrate.py", "options.substitutions()['replicated']"): CONST,
     # fragments and column lists
     ("pipeline/alerts/queries.py", "_WINDOW"): CONST,
+    ("pipeline/alerts/queries.py", "column=rule.COLUMN"): "an agent_reports column fixed by the rule kind",
     ("pipeline/alerts/queries.py", "_ms('from_ms')"): "a bound parameter placeholder {from_ms:Int64}",
     ("pipeline/alerts/queries.py", "_ms('now_ms')"): "a bound parameter placeholder {now_ms:Int64}",
     ("pipeline/alerts/queries.py", "select_keys"): "rule.by: validated as Literal['cluster', 'tenant']",
