@@ -22,6 +22,12 @@ Failure policy (explicit):
   node.
 - While messages wait, a warning says how far behind the node is (messages, bytes, age of the
   oldest) at most every `lag_log_every_s`.
+- A producer that stops answering: when a node has messages in flight and no future of its has
+  completed (acknowledged or failed) for `stall_s` (longer than the producer's own
+  `delivery_timeout_ms`, after which every future must have completed), the producer is counted
+  as a send error, replaced, and everything spooled is sent again in order. kafka-python 3.0
+  (idempotent producer) was seen to leave futures pending for good after a network partition
+  that ended in connection resets (tests/reliability/test_broker_outage.py).
 
 Shutdown: `stop(deadline_s)` keeps sending until everything is acknowledged or the deadline
 passes, then closes the producer; whatever is unacknowledged stays spooled for the next start.
@@ -73,6 +79,8 @@ class Lane:
     inflight: dict[int, Any] = field(default_factory=dict)
     errors: int = 0
     """Send errors of this node's messages (connection failures are counted apart, for every lane)."""
+    progress_at: float = 0.0
+    """When a future of this lane last completed, or its first message in flight was sent."""
 
 
 class Sender:
@@ -91,6 +99,7 @@ class Sender:
         monotonic: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         poll_s: float = 0.2,
+        stall_s: float = 90.0,
     ) -> None:
         self._factory = producer_factory
         self.topic = topic
@@ -102,6 +111,7 @@ class Sender:
         self._now = monotonic
         self._wall_ms = wall_ms
         self._poll_s = poll_s
+        self._stall_s = stall_s
         self._events: queue.SimpleQueue[tuple[int, int, Any] | None] = queue.SimpleQueue()
         self._producer: Any = None
         self._failures = 0
@@ -164,6 +174,7 @@ class Sender:
         if self._now() >= self._retry_at:
             self._fill()
         self._drain_events(self._poll_s)
+        self._check_stalled()
         self._log_lag()
 
     def _should_exit(self) -> bool:
@@ -207,6 +218,8 @@ class Sender:
                     if not getattr(exc, "retriable", False):
                         self._reset_producer(exc)
                     return
+                if not lane.inflight:
+                    lane.progress_at = self._now()
                 lane.inflight[entry.seq] = fut
                 lane.cursor = entry.seq
                 room -= 1
@@ -227,6 +240,7 @@ class Sender:
             if event is not None:
                 lane_index, seq, fut = event
                 lane = self.lanes[lane_index]
+                lane.progress_at = self._now()
                 current = lane.inflight.get(seq) is fut
                 if current:
                     del lane.inflight[seq]
@@ -255,6 +269,18 @@ class Sender:
             self._failures = 0
             self._retry_at = 0.0
             self._last_error = None
+
+    def _check_stalled(self) -> None:
+        """Replace a producer that has left some node's messages in flight, unanswered, for `stall_s`."""
+        now = self._now()
+        stalled = [lane for lane in self.lanes if lane.inflight and now - lane.progress_at >= self._stall_s]
+        if not stalled or self._producer is None:
+            return
+        count = sum(len(lane.inflight) for lane in stalled)
+        reason = (f"Kafka producer stalled: {count} messages of {len(stalled)} node(s) in flight with no answer "
+                  f"for {self._stall_s:.0f} s")
+        self._failed(reason, None)
+        self._reset_producer(TimeoutError(reason))
 
     def _reset_producer(self, cause: BaseException) -> None:
         """Replace a producer stuck in a non-retriable state (e.g. the broker forgot its producer id).

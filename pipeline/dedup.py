@@ -1,19 +1,31 @@
-"""Exactly-once effect on top of at-least-once delivery: drop messages already stored.
+"""Exactly-once effect on top of at-least-once delivery: drop messages already stored, repeat inserts safely.
 
 A message is named by `(cluster, node, boot_id, seq)`. Before each insert the ingester drops
 duplicates inside the batch and asks ClickHouse which of the batch's identities are already in
 `gpu_samples` (one query over the batch's nodes and time range: the primary key makes it cheap).
 A message's rows share one timestamp and therefore one partition, and each insert writes each
 partition's part atomically, so a message is stored whole or not at all; redelivery after a crash
-and agent spool replay then add nothing. Kafka keys messages by node, so a node's messages are
-read by one consumer at a time; the one residual race (a partition moving between consumers during
-an insert) is covered by `gpufleet verify` (docs/reliability.md).
+and agent spool replay then add nothing.
+
+One insert also feeds the rollups through materialized views, each table committing its own part,
+so an insert can fail (or its process die) after `gpu_samples` took the rows and before a rollup
+did. A batch is therefore planned once (its messages fixed by its first attempt) and every insert
+carries `insert_settings`: a dedup token derived from the batch's identities, with dependent-view
+deduplication on. Repeating the insert (a retry, or the intent log's replay after a crash,
+pipeline/intents.py) then adds nothing where the block landed and completes the tables it missed.
+
+Kafka keys messages by node, so a node's messages are read by one consumer at a time; the one
+residual race (a partition moving between consumers during an insert) and the checks that detect
+it are in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from gpufleet.wire import NodeReport
 
@@ -60,3 +72,20 @@ def already_stored(client: Client, database: str, reports: Sequence[NodeReport])
         },
     )
     return {(c, n, b, int(s)) for c, n, b, s in result.result_rows} & wanted
+
+
+def insert_token(reports: Sequence[NodeReport], planned_ms: int) -> str:
+    """A token naming this set of messages as planned at `planned_ms` (order does not matter).
+
+    The plan's time keeps a later, deliberate re-ingest of the same messages (say after a delete)
+    from being taken for a repeat of this insert while it is still in ClickHouse's dedup window.
+    """
+    ids = sorted(identity(r) for r in reports)
+    return hashlib.sha256(msgspec.msgpack.encode([planned_ms, ids])).hexdigest()[:32]
+
+
+def insert_settings(token: str, target: str) -> dict[str, object]:
+    """Settings for one insert of a planned batch (`target` tells its inserts apart): repeating the insert
+    is dropped by every table that has the block and completes every view target that misses it."""
+    return {"insert_deduplication_token": f"gpufleet-{token}-{target}",
+            "deduplicate_blocks_in_dependent_materialized_views": 1}

@@ -28,8 +28,11 @@ never depend on the order samples arrive in; the counter-growth rules only ever 
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from gpufleet.config import HealthConfig
 from gpufleet.gpu_facts import THROTTLE_HW_POWER_BRAKE, THROTTLE_HW_SLOWDOWN, THROTTLE_THERMAL_MASK
@@ -51,8 +54,7 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Previous:
+class Previous(NamedTuple):
     """The counters of the GPU's previous sample that growth rules compare against."""
 
     pcie_replay_count: int | None
@@ -98,6 +100,52 @@ def _plainly_ok(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> bool:
     if prev is None:
         return True
     return not (_grew(s.pcie_replay_count, prev.pcie_replay_count) or _grew(_nvlink_errors(s), prev.nvlink_errors))
+
+
+_new_previous = tuple.__new__
+_FLAGS = operator.attrgetter(
+    "error", "xids", "ecc_uncorrected_volatile", "remap_failure", "remap_pending", "retired_pages_pending",
+    "nvlink_links_down",
+)
+_LEVELS = operator.attrgetter(
+    "uuid", "clock_event_reasons", "remapped_rows_uncorrectable", "retired_pages", "temp_gpu_c", "temp_mem_c",
+    "pcie_replay_count", "nvlink_replay_errors", "nvlink_recovery_errors",
+)
+
+
+def classify_all(
+    samples: Sequence[GpuSample], previous: dict[str, Previous], cfg: HealthConfig
+) -> tuple[list[int], list[list[str]]]:
+    """`classify` for many samples in order, reading and updating `previous` (uuid -> counters).
+
+    The ingester's hot path: the tests of `_plainly_ok` inlined over two attribute fetches per
+    sample, and the full rules only for the rare sample they do not clear. Returns the states
+    (as ints) and the reasons (lists) in sample order.
+    """
+    states: list[int] = []
+    reasons: list[list[str]] = []
+    add_state, add_reasons, last = states.append, reasons.append, previous.get
+    rows_limit, pages_limit = cfg.remapped_rows_uncorrectable_failing, cfg.retired_pages_failing
+    hot_gpu, hot_mem = cfg.temp_degraded_c, cfg.mem_temp_degraded_c
+    for s in samples:
+        uuid, bits, rows, pages, temp, mem_temp, pcie, replay, recovery = _LEVELS(s)
+        nvlink = None if replay is None and recovery is None else (replay or 0) + (recovery or 0)
+        prev = last(uuid)
+        grew = False
+        if prev is None or prev[0] != pcie or prev[1] != nvlink:
+            previous[uuid] = _new_previous(Previous, (pcie, nvlink))
+            grew = prev is not None and (
+                (pcie is not None and prev[0] is not None and pcie > prev[0])
+                or (nvlink is not None and prev[1] is not None and nvlink > prev[1]))
+        if (grew or any(_FLAGS(s)) or (bits or 0) & _ALARM_BITS or (rows or 0) >= rows_limit
+                or (pages or 0) >= pages_limit or (temp or 0.0) >= hot_gpu or (mem_temp or 0.0) >= hot_mem):
+            v = _classify(s, prev, cfg)
+            add_state(int(v.state))
+            add_reasons(list(v.reasons))
+        else:
+            add_state(0)
+            add_reasons([])
+    return states, reasons
 
 
 def _classify(s: GpuSample, prev: Previous | None, cfg: HealthConfig) -> Verdict:

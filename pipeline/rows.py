@@ -2,21 +2,24 @@
 
 The ingester derives, per GPU sample, the health verdict (pipeline/health.py), the model's peak
 FLOP/s and the hardware FLOPs estimate (tensor-pipe activity x peak x interval), so rollups and
-dashboards read them as plain columns. Inserting from tests and benchmarks goes through
-`insert_reports`, the same code the ingester runs.
+dashboards read them as plain columns. `derive` computes health once per batch, in sample-time
+order (the growth rules compare each GPU with its previous sample); `derived_columns` builds the
+rows, and `pipeline/staging.py` ships the same values beside the message bytes.
+Inserting from tests and benchmarks goes through `insert_reports`, the same code the ingester runs.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from typing import TYPE_CHECKING
 
 from gpufleet.config import HealthConfig
 from gpufleet.gpu_facts import peak_flops
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
-from pipeline.health import Previous, State, classify, previous_of
+from pipeline.health import Previous, State, classify, classify_all, previous_of
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -26,7 +29,12 @@ if TYPE_CHECKING:
 _SPECIAL = {"index", "uuid", "model", "error", "tenant", "job"}
 COPIED_FIELDS: tuple[str, ...] = tuple(f for f in GPU_FIELDS if f not in _SPECIAL)
 
-_copied = operator.attrgetter(*COPIED_FIELDS)
+_gpu_fields = operator.attrgetter("index", "uuid", "model", "tenant", "job", "error",
+                                  *COPIED_FIELDS)
+_report_fields = operator.attrgetter("time_ms", "interval_ms", "cluster", "node", "boot_id", "seq")
+_gpus_of = operator.attrgetter("gpus")
+_time_of = operator.attrgetter("time_ms")
+_model_of = operator.attrgetter("model")
 
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "time", "interval_ms", "ingest_time", "cluster", "node", "boot_id", "seq",
@@ -49,13 +57,11 @@ class Deriver:
     health: HealthConfig = field(default_factory=HealthConfig)
     peak_overrides: Mapping[str, float] = field(default_factory=dict)
     _prev: dict[str, Previous] = field(default_factory=dict)
-    _peaks: dict[str, float | None] = field(default_factory=dict)
+    _peaks: dict[str | None, float | None] = field(default_factory=dict)
 
     def peak(self, model: str | None) -> float | None:
-        if not model:
-            return None
         if model not in self._peaks:
-            self._peaks[model] = peak_flops(model, self.peak_overrides)
+            self._peaks[model] = peak_flops(model, self.peak_overrides) if model else None
         return self._peaks[model]
 
     def verdict(self, gpu: GpuSample) -> tuple[int, list[str]]:
@@ -63,6 +69,31 @@ class Deriver:
         self._prev[gpu.uuid] = previous_of(gpu)
         v = classify(gpu, prev, self.health)
         return int(v.state), list(v.reasons)
+
+    def verdicts(self, gpus: Sequence[GpuSample]) -> tuple[list[int], list[list[str]]]:
+        """`verdict` for each sample in order (states, reasons): the batch form the ingester uses."""
+        return classify_all(gpus, self._prev, self.health)
+
+
+@dataclass
+class Derived:
+    """What the ingester adds to each GPU sample of a batch, flat in `derive`'s sample order."""
+
+    reports: list[NodeReport]
+    """The batch sorted by sample time (stable): the order of every list below."""
+    counts: list[int]
+    """GPU samples per report."""
+    health: list[int]
+    reasons: list[list[str]]
+    peak: Callable[[str | None], float | None]
+    """Peak FLOP/s of a model name (`Deriver.peak`)."""
+
+
+def derive(reports: Sequence[NodeReport], deriver: Deriver) -> Derived:
+    """Health of every GPU sample, reports taken in time order (growth rules read the previous one)."""
+    ordered = sorted(reports, key=_time_of)
+    health, reasons = deriver.verdicts(list(chain.from_iterable(map(_gpus_of, ordered))))
+    return Derived(ordered, [len(r.gpus) for r in ordered], health, reasons, deriver.peak)
 
 
 @dataclass
@@ -79,35 +110,49 @@ class Columns:
 
 def sample_columns(reports: Sequence[NodeReport], ingest_ms: int, deriver: Deriver) -> Columns:
     """One row per GPU per report, in `SAMPLE_COLUMNS` order."""
-    pairs = [(r, g) for r in sorted(reports, key=lambda r: r.time_ms) for g in r.gpus]
-    gpus = [g for _, g in pairs]
-    peaks = [deriver.peak(g.model) for g in gpus]
-    verdicts = [deriver.verdict(g) for g in gpus]
-    estimated = [
-        (g.tensor_active_ratio * p * r.interval_ms / 1000.0)
-        if (p is not None and g.tensor_active_ratio is not None and not g.error) else None
-        for (r, g), p in zip(pairs, peaks, strict=True)
-    ]
+    return derived_columns(derive(reports, deriver), ingest_ms)
+
+
+def estimated_flops(tensor_active_ratio: float | None, peak: float | None, interval_ms: int,
+                    error: str | None) -> float | None:
+    """Hardware FLOPs estimate of one sample: tensor activity x peak FLOP/s x interval (None if unknown).
+
+    `pipeline/staging.py` computes the same expression in SQL, in the same order of operations.
+    """
+    if peak is None or tensor_active_ratio is None or error:
+        return None
+    return tensor_active_ratio * peak * interval_ms / 1000.0
+
+
+def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = None) -> Columns:
+    """The rows of `d` (only the reports whose `keep` flag is set, when given), in `SAMPLE_COLUMNS` order."""
+    reports, counts, health, reasons = d.reports, d.counts, d.health, d.reasons
+    if keep is not None:
+        flags = list(chain.from_iterable(map(repeat, keep, counts)))
+        reports = [r for r, k in zip(reports, keep, strict=True) if k]
+        counts = [c for c, k in zip(counts, keep, strict=True) if k]
+        health, reasons = ([x for x, k in zip(col, flags, strict=True) if k] for col in (health, reasons))
+    n = sum(counts)
+    if not n:
+        return Columns(SAMPLE_COLUMNS, [[] for _ in SAMPLE_COLUMNS])
+    by_report = zip(*map(_report_fields, reports), strict=True)
+    per_report = [list(chain.from_iterable(map(repeat, col, counts))) for col in by_report]
+    gpus = list(chain.from_iterable(map(_gpus_of, reports)))
+    index, uuid, model, tenant, job, error, *copied = zip(*map(_gpu_fields, gpus), strict=True)
+    time, interval, cluster, node, boot, seq = per_report
+    peak_of = {m: d.peak(m) for m in set(model)}
+    peak = list(map(peak_of.__getitem__, model))
+    estimated = list(map(estimated_flops, (g.tensor_active_ratio for g in gpus), peak, interval, error))
     data: list[list[object]] = [
-        [r.time_ms for r, _ in pairs],
-        [r.interval_ms for r, _ in pairs],
-        [ingest_ms] * len(pairs),
-        [r.cluster for r, _ in pairs],
-        [r.node for r, _ in pairs],
-        [r.boot_id for r, _ in pairs],
-        [r.seq for r, _ in pairs],
-        [g.index for g in gpus],
-        [g.uuid for g in gpus],
-        [g.model or "" for g in gpus],
-        [g.tenant or "" for g in gpus],
-        [(g.job or "") if g.tenant else "" for g in gpus],
-        [g.error or "" for g in gpus],
+        time, interval, [ingest_ms] * n, cluster, node, boot, seq,
+        list(index), list(uuid),
+        [m or "" for m in model],
+        [t or "" for t in tenant],
+        [(j or "") if t else "" for t, j in zip(tenant, job, strict=True)],
+        [e or "" for e in error],
+        *map(list, copied),
+        peak, estimated, health, reasons,
     ]
-    if gpus:
-        data.extend(list(col) for col in zip(*map(_copied, gpus), strict=True))
-    else:
-        data.extend([] for _ in COPIED_FIELDS)
-    data.extend([peaks, estimated, [v[0] for v in verdicts], [v[1] for v in verdicts]])
     return Columns(SAMPLE_COLUMNS, data)
 
 
@@ -137,8 +182,8 @@ def insert_reports(
     batch = list(reports)
     deriver = deriver or Deriver()
     cols = sample_columns(batch, ingest_ms, deriver)
-    insert_columns(client, f"{database}.gpu_samples", cols)
     insert_columns(client, f"{database}.agent_reports", agent_columns(batch, ingest_ms))
+    insert_columns(client, f"{database}.gpu_samples", cols)
     return cols.rows
 
 

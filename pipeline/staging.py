@@ -1,0 +1,295 @@
+"""The fast insert path: validated message bytes go to ClickHouse as they arrived, unnested by a view.
+
+Building Python columns and serializing them (clickhouse-connect's Native encoder) cost the
+ingester more CPU than decoding and validating the message itself (BENCHMARKS.md). Here the
+message bytes are sent unchanged as JSONEachRow rows, with the ingester's derived values spliced
+in as extra keys (`_p` peak FLOP/s, `_h` health state, `_r` health reasons: one array each, in
+the message's GPU order; `_t` the ingest time). They land in a `Null` table (which stores
+nothing) whose materialized view `ARRAY JOIN`s the GPUs into `gpu_samples`, so ClickHouse's C++
+parser does the per-value work.
+
+Exactness: the rows equal those of the column path (`rows.derived_columns`) value for value.
+- A message takes this path only if it also decodes with `Staging.decoder`: the wire types with
+  every integer bounded by its column's range and every Float32 column's value finite in Float32.
+  ClickHouse would silently wrap an integer that overflows its column (the column path refuses
+  the batch instead). The wire contract now bounds every number by its column itself, so the
+  two agree and this costs nothing (msgspec checks bounds while decoding); it keeps the JSON path
+  exact should the contract and the columns ever drift apart: a message the columns cannot hold
+  then takes the column path, with exactly the column path's outcome.
+- Floats are parsed with `precise_float_parsing` (correctly rounded, like msgspec) as Float64
+  and cast to Float32 columns by a C cast, as the Native encoder does; the FLOPs estimate is
+  the same IEEE expression as `rows.estimated_flops`, in the same order, with JIT compilation off.
+- JSON that msgspec reads but ClickHouse refuses (a duplicated key: msgspec keeps the last) fails
+  the insert; the ingester then redoes that batch through the column path.
+- One staging row holds one whole message and parallel parsing is off, so a batch parses as one
+  block: a parse error writes nothing, and each message's GPU rows reach `gpu_samples` together.
+
+The staging table and view are generated from the wire contract and `gpu_samples`' own column
+types, and named by a hash of their SQL (`gpu_samples_json_<hash>`), so an ingester of another
+version never inserts through a view that does not match it, and nothing is dropped while a
+running ingester may use it. `ensure` creates them (IF NOT EXISTS, ON CLUSTER when configured);
+if it cannot (no DDL rights, an unexpected column type) the ingester keeps the column path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
+from pipeline.rows import SAMPLE_COLUMNS, Derived
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger(__name__)
+
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MAX = 2**63 - 1
+_UINT_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64}
+_RENAMED = {"index": "gpu_index", "uuid": "gpu_uuid"}
+_DEFAULTED = ("model", "tenant", "job", "error")
+"""Nullable on the wire, '' in gpu_samples."""
+_REPORT_BOUNDS = {"seq": INT64_MAX, "time_ms": INT64_MAX}
+"""gpu_samples.seq is UInt64 and time DateTime64(3) (Int64 milliseconds); msgspec bounds stop at int64."""
+
+INSERT_SETTINGS: Mapping[str, object] = {
+    "precise_float_parsing": 1,
+    "input_format_parallel_parsing": 0,
+    "input_format_skip_unknown_fields": 1,
+    "input_format_json_named_tuples_as_objects": 1,
+    "input_format_json_defaults_for_missing_elements_in_named_tuple": 1,
+    "compile_expressions": 0,
+    "max_insert_block_size": 10_000_000,
+    "max_block_size": 10_000_000,
+}
+"""`skip_unknown_fields` only skips what the staging table leaves out on purpose (`schema_version`,
+`agent`): the decoder already refused any key the wire contract does not define."""
+
+_model_of = operator.attrgetter("model")
+
+
+class StagingUnsupported(RuntimeError):
+    """gpu_samples has a column type the staging path does not map; the column path is used."""
+
+
+def _unwrap(kind: str, wrapper: str) -> tuple[str, bool]:
+    if kind.startswith(wrapper + "(") and kind.endswith(")"):
+        return kind[len(wrapper) + 1:-1], True
+    return kind, False
+
+
+def _bounded(info: Any, *, le: float | None = None, ge: float | None = None) -> Any:
+    """The Python type of an msgspec Int/FloatType, with its constraints tightened to [ge, le]."""
+    if isinstance(info, msgspec.inspect.UnionType):
+        inner = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if len(inner) != 1 or len(info.types) != 2:
+            raise StagingUnsupported(f"cannot bound the union {info}")
+        return _bounded(inner[0], le=le, ge=ge) | None
+    base = {msgspec.inspect.IntType: int, msgspec.inspect.FloatType: float}.get(type(info))
+    if base is None:
+        raise StagingUnsupported(f"cannot bound {info}")
+    new_le = le if info.le is None else (info.le if le is None else min(info.le, le))
+    new_ge = ge if info.ge is None else (info.ge if ge is None else max(info.ge, ge))
+    return Annotated[base, msgspec.Meta(ge=new_ge, le=new_le, gt=info.gt, lt=info.lt,
+                                        multiple_of=info.multiple_of)]
+
+
+def _field_default(f: Any) -> Any:
+    if f.default is not msgspec.NODEFAULT:
+        return f.default
+    if f.default_factory is not msgspec.NODEFAULT:
+        return msgspec.field(default_factory=f.default_factory)
+    return msgspec.NODEFAULT
+
+
+def bounded_report_type(gpu_bounds: Mapping[str, tuple[float | None, float | None]]) -> type[NodeReport]:
+    """A subclass of `NodeReport` (and of `GpuSample` for its GPUs) whose fields in `gpu_bounds`
+    (name -> (ge, le)) and `seq`/`time_ms` are bounded; everything else is the wire contract's."""
+    overrides: list[tuple[Any, ...]] = []
+    for f in msgspec.inspect.type_info(GpuSample).fields:
+        if f.name in gpu_bounds:
+            ge, le = gpu_bounds[f.name]
+            default = _field_default(f)
+            spec = (f.name, _bounded(f.type, ge=ge, le=le))
+            overrides.append(spec if default is msgspec.NODEFAULT else (*spec, default))
+    options = {"forbid_unknown_fields": True, "omit_defaults": True}
+    gpu = msgspec.defstruct("GpuSample", overrides, bases=(GpuSample,), **options)
+    report_fields: list[tuple[Any, ...]] = [("gpus", list[gpu])]  # type: ignore[valid-type]
+    for f in msgspec.inspect.type_info(NodeReport).fields:
+        if f.name in _REPORT_BOUNDS:
+            report_fields.append((f.name, _bounded(f.type, le=_REPORT_BOUNDS[f.name])))
+    return msgspec.defstruct("NodeReport", report_fields, bases=(NodeReport,), **options)
+
+
+@dataclass(frozen=True)
+class Staging:
+    """The staging table of one database, the SQL that made it, and the decoder that admits messages to it."""
+
+    table: str
+    view: str
+    statements: tuple[str, ...]
+    decoder: msgspec.json.Decoder[NodeReport] = field(repr=False, compare=False)
+
+
+def plan(database: str, column_types: Mapping[str, str], cluster: str | None = None) -> Staging:
+    """The staging table and view for `gpu_samples` with these column types (pure: no I/O)."""
+    gpu_types: list[str] = []
+    by_column: dict[str, str] = {}
+    bounds: dict[str, tuple[float | None, float | None]] = {}
+    for f in GPU_FIELDS:
+        column = _RENAMED.get(f, f)
+        target = column_types.get(column)
+        if target is None:
+            raise StagingUnsupported(f"gpu_samples has no column {column!r} for wire field {f!r}")
+        inner, nullable = _unwrap(target, "Nullable")
+        inner = _unwrap(inner, "LowCardinality")[0]
+        expr = f"g.{f}"
+        if f in _DEFAULTED:
+            if inner != "String":
+                raise StagingUnsupported(f"gpu_samples.{column} is {target}, expected a String")
+            stage = "Nullable(String)"
+            expr = "if(ifNull(g.tenant, '') = '', '', ifNull(g.job, ''))" if f == "job" else f"ifNull(g.{f}, '')"
+        elif inner in _UINT_BITS:
+            stage = f"Nullable({inner})" if nullable else inner
+            bounds[f] = (None, min(2 ** _UINT_BITS[inner] - 1, INT64_MAX))  # msgspec bounds stop at int64
+        elif inner == "Float32":
+            stage = "Nullable(Float64)" if nullable else "Float64"
+            bounds[f] = (-FLOAT32_MAX, FLOAT32_MAX)
+        elif inner in ("Float64", "Bool", "String", "Array(UInt16)"):
+            stage = f"Nullable({inner})" if nullable else inner
+        else:
+            raise StagingUnsupported(f"gpu_samples.{column} has type {target}, which the JSON path does not map")
+        gpu_types.append(f"{f} {stage}")
+        by_column[column] = f"{expr} AS {column}"
+    derived = {
+        "time": "fromUnixTimestamp64Milli(time_ms, 'UTC') AS time",
+        "interval_ms": "interval_ms",
+        "ingest_time": "fromUnixTimestamp64Milli(_t, 'UTC') AS ingest_time",
+        "cluster": "cluster", "node": "node", "boot_id": "boot_id", "seq": "seq",
+        "peak_flops": "d_peak AS peak_flops",
+        "flops_estimated": ("if(d_peak IS NULL OR g.tensor_active_ratio IS NULL OR ifNull(g.error, '') != '', NULL, "
+                            "g.tensor_active_ratio * d_peak * interval_ms / 1000.) AS flops_estimated"),
+        "health": "d_health AS health", "health_reasons": "d_reasons AS health_reasons",
+    }
+    columns = [derived.get(c) or by_column[c] for c in SAMPLE_COLUMNS]
+    structure = (
+        "cluster String, node String, boot_id String, seq UInt64, time_ms Int64, interval_ms UInt32, "
+        f"gpus Array(Tuple({', '.join(gpu_types)})), "
+        "_p Array(Nullable(Float64)), _h Array(UInt8), _r Array(Array(String)), _t Int64"
+    )
+    select = (f"SELECT {', '.join(columns)} FROM {{table}} "
+              "ARRAY JOIN gpus AS g, _p AS d_peak, _h AS d_health, _r AS d_reasons")
+    digest = hashlib.sha256(f"{structure}\n{select}".encode()).hexdigest()[:10]
+    table = f"{database}.gpu_samples_json_{digest}"
+    view = f"{table}_mv"
+    on_cluster = f" ON CLUSTER '{cluster}'" if cluster else ""
+    statements = (
+        f"CREATE TABLE IF NOT EXISTS {table}{on_cluster} ({structure}) ENGINE = Null "
+        "COMMENT 'gpufleet ingester staging (pipeline/staging.py): stores nothing'",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view}{on_cluster} TO {database}.gpu_samples AS "
+        + select.format(table=table),
+    )
+    return Staging(table, view, statements, msgspec.json.Decoder(bounded_report_type(bounds)))
+
+
+def ensure(client: Client, database: str, cluster: str | None = None) -> Staging:
+    """Create (if missing) the staging table and view for `database`; raises if it cannot."""
+    rows = client.query(
+        "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = 'gpu_samples'",
+        parameters={"db": database},
+    ).result_rows
+    staging = plan(database, dict(rows), cluster)
+    for statement in staging.statements:
+        client.command(statement)
+    names = {f"{database}.{n}" for (n,) in client.query(
+        "SELECT name FROM system.tables WHERE database = {db:String} AND name LIKE 'gpu_samples_json_%'",
+        parameters={"db": database},
+    ).result_rows}
+    if not {staging.table, staging.view} <= names:
+        raise StagingUnsupported(f"{staging.table} or its view did not appear after CREATE")
+    return staging
+
+
+_TRAILING_WS = b" \t\r\n"
+
+
+class Splicer:
+    """Builds the JSONEachRow block: each message's bytes with the derived arrays added.
+
+    The arrays repeat from message to message (same models, all GPUs healthy), so their encodings
+    are cached: the common message costs a slice, two dictionary lookups and a join.
+    """
+
+    MAX_CACHED = 4096
+
+    def __init__(self, peak: Callable[[str | None], float | None]) -> None:
+        self._peak = peak
+        self._peaks: dict[tuple[str | None, ...], bytes] = {}
+        self._healthy: dict[int, bytes] = {}
+        self._encode = msgspec.json.Encoder().encode
+        self._buf = bytearray()
+
+    def _peaks_part(self, models: tuple[str | None, ...]) -> bytes:
+        part = self._peaks.get(models)
+        if part is None:
+            if len(self._peaks) >= self.MAX_CACHED:
+                self._peaks.clear()
+            part = self._peaks[models] = b',"_p":' + self._encode([self._peak(m) for m in models])
+        return part
+
+    def _health_part(self, health: list[int], reasons: list[list[str]]) -> bytes:
+        if any(health):
+            return b',"_h":' + self._encode(health) + b',"_r":' + self._encode(reasons)
+        n = len(health)
+        part = self._healthy.get(n)
+        if part is None:
+            part = self._healthy[n] = b',"_h":' + self._encode([0] * n) + b',"_r":' + self._encode([[]] * n)
+        return part
+
+    def block(self, derived: Derived, raw_of: Mapping[int, bytes], keep: Sequence[bool],
+              ingest_ms: int) -> memoryview:
+        """JSONEachRow rows for the kept reports of `derived`; `raw_of` maps id(report) to its bytes.
+
+        The rows are written into one buffer the splicer keeps and reuses: a fresh buffer of tens
+        of MB per batch costs more in page faults than the copy itself. The view is valid until
+        the next call (the ingester inserts it before building the next batch).
+        """
+        tail = b',"_t":%d}\n' % ingest_ms
+        health, reasons = derived.health, derived.reasons
+        parts: list[bytes | memoryview] = []
+        add = parts.append
+        size = pos = 0
+        for report, n, k in zip(derived.reports, derived.counts, keep, strict=True):
+            end = pos + n
+            if k:
+                raw = raw_of[id(report)].rstrip(_TRAILING_WS)
+                add(memoryview(raw)[:-1])
+                add(self._peaks_part(tuple(map(_model_of, report.gpus))))
+                add(self._health_part(health[pos:end], reasons[pos:end]))
+                add(tail)
+                size += len(raw) + len(parts[-2]) + len(parts[-3]) + len(tail) - 1
+            pos = end
+        buf = self._buf
+        if size > len(buf):
+            buf = self._buf = bytearray(max(size, 2 * len(buf)))  # the old one lives on while a view holds it
+        at = 0
+        for part in parts:
+            n = len(part)
+            buf[at:at + n] = part
+            at += n
+        return memoryview(buf)[:at]
+
+
+def insert(client: Client, staging: Staging, block: memoryview, settings: Mapping[str, object] | None = None) -> None:
+    """Send a `Splicer.block` through the staging table (its view writes gpu_samples); `settings` add to
+    `INSERT_SETTINGS` (the ingester's dedup token)."""
+    if len(block):
+        client.raw_insert(staging.table, insert_block=block, fmt="JSONEachRow",
+                          settings={**INSERT_SETTINGS, **(settings or {})})
