@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import shutil
 import sys
 import time
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite the table in BENCHMARKS.md")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    logging.getLogger("bench").setLevel(logging.INFO)
     selected = ITEMS if not args.only else tuple(i.strip() for i in args.only.split(",") if i.strip())
     unknown = [i for i in selected if i not in ITEMS]
     if unknown:

@@ -148,8 +148,8 @@ def validate(key: bytes | None, value: bytes | None) -> wire.NodeReport | str:
         return "empty message (tombstone): agents never send one"
     try:
         report = wire.decode(value)
-    except (wire.WireError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
-        return str(exc) if isinstance(exc, wire.WireError) else f"not valid UTF-8: {exc}"
+    except wire.WireError as exc:
+        return str(exc)
     if key is None:
         return "message has no key: agents key each message by node name"
     try:
@@ -334,10 +334,12 @@ class Ingester:
             self._plan(batch)
         assert batch.plan is not None
         fresh, ingest_ms = batch.plan, batch.ingest_ms
-        pending = self._write_plan(batch, pipelined) if fresh else None
         if batch.dead and not batch.dead_written:
             self._dead_letter(batch.dead, ingest_ms)
             batch.dead_written = True
+        # Last: once the GPU-row insert is left running (pipelined), nothing here may fail and retry,
+        # for a retry would build the next JSON block in the buffer that insert is still reading.
+        pending = self._write_plan(batch, pipelined) if fresh else None
         if pending is not None:
             self._inflight = _InFlight(batch, pending, fresh, batch.skipped, ingest_ms)
             return

@@ -7,6 +7,8 @@ this test checks that each injected fault's alert is there, not that nothing els
 
 from __future__ import annotations
 
+import msgspec
+
 from agents.simulation import faults as fk
 from agents.simulation.faults import Fault
 from agents.simulation.fleet import SimulatedFleet
@@ -15,9 +17,19 @@ from pipeline.alerts.evaluator import Evaluator
 from pipeline.rows import insert_reports
 from tests.alerts.helpers import MIN, am_labels, base_ms
 
+DAY = 24 * 60 * MIN
+ANCHOR = 5 * 60 * MIN + 20 * MIN
+"""05:20 UTC. The simulator's schedule follows the diurnal load (time of day), so the scenario always
+starts at this time of day (the latest such instant before the wall clock allows): then the jobs
+around the faults, and what the GPUs do after the faults clear, are the same on every run."""
+
 
 def test_injected_faults_fire_and_resolve(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
-    b = base_ms()
+    latest = base_ms()
+    b = latest - (latest - ANCHOR) % DAY
+    # Up to a day before the wall clock: firing alerts must say they are valid until after it.
+    day_valid = msgspec.structs.replace(alerts_cfg.alerts, resend_s=DAY / 1000)
+    alerts_cfg = msgspec.structs.replace(alerts_cfg, alerts=day_valid)
     start, end = b + 5 * MIN, b + 30 * MIN
     faults = [
         Fault(fk.FELL_OFF_BUS, 0, 1, start, end),
