@@ -105,10 +105,9 @@ def run(workdir: Path, nodes: int = 128, seconds: float = 40.0, warmup_s: float 
     from gpufleet.config import parse
     from pipeline.alerts.alertmanager import AlertmanagerClient
     from pipeline.alerts.evaluator import Evaluator
-    from pipeline.consumer import build_consumer, build_producer
+    from pipeline.consumer import build_ingester
     from pipeline.embedded_alertmanager import EmbeddedAlertmanager, find_binary
     from pipeline.embedded_broker import EmbeddedBroker
-    from pipeline.ingester import Ingester
     from pipeline.migrate import SchemaOptions, migrate
     from pipeline.store import Target, connect
 
@@ -132,9 +131,7 @@ def run(workdir: Path, nodes: int = 128, seconds: float = 40.0, warmup_s: float 
                          "clickhouse": {"dsn": dsn, "database": db},
                          "ingest": {"group_id": f"fresh-{topic}"}})
             kafka.ensure_topics(cfg.kafka)
-            ref: list[Ingester] = []
-            ing = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))
-            ref.append(ing)
+            ing = build_ingester(cfg, client)
             threads.append(threading.Thread(target=ing.run, args=(stop,), name="ingest", daemon=True))
             evaluator = None
             if am is not None:

@@ -47,3 +47,13 @@ def build_producer(cfg: Config) -> Any:
     from kafka import KafkaProducer
 
     return KafkaProducer(**kafka.producer_kwargs(cfg.kafka, client_id="gpufleet-ingest-dlq"))
+
+
+def build_ingester(cfg: Config, client: Any) -> Ingester:
+    """An `Ingester` on `client` with its consumer-group member and DLQ producer, rebalance callbacks wired."""
+    from pipeline.ingester import Ingester
+
+    ref: list[Ingester] = []
+    ingester = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))
+    ref.append(ingester)
+    return ingester

@@ -14,8 +14,7 @@ from gpufleet.config import ConfigError
 from pipeline.commands.common import load_config, target_options
 from pipeline.commands.migrate import schema_options
 from pipeline.config_check import validate_startup
-from pipeline.consumer import build_consumer, build_producer
-from pipeline.ingester import Ingester
+from pipeline.consumer import build_ingester
 from pipeline.migrate import migrate
 from pipeline.status import fleet_status
 from pipeline.status_api import StatusServer
@@ -46,9 +45,7 @@ def ingest(config_path: str | None, dsn: str | None, database: str | None, boots
         migrate(client, schema_options(cfg))
     sync_policy(client, cfg.clickhouse.database, cfg.billing, int(time.time() * 1000))
     kafka.ensure_topics(cfg.kafka)
-    ref: list[Ingester] = []
-    ing = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))
-    ref.append(ing)
+    ing = build_ingester(cfg, client)
     api = StatusServer(lambda: fleet_status(connect(target), cfg), port=cfg.ingest.status_port).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

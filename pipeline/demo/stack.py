@@ -26,7 +26,7 @@ from gpufleet import config as config_mod
 from gpufleet import kafka
 from gpufleet.config import Config
 from pipeline.commands.migrate import schema_options
-from pipeline.consumer import build_consumer, build_producer
+from pipeline.consumer import build_ingester
 from pipeline.demo.state import DemoState
 from pipeline.embedded_alertmanager import EmbeddedAlertmanager, find_binary
 from pipeline.embedded_broker import EmbeddedBroker
@@ -97,9 +97,7 @@ class DemoStack:
             say("Alertmanager not installed (apt-get install prometheus-alertmanager): alerts stay in ClickHouse only")
         self._start_agents()
         say(f"simulated fleet: {o.nodes} nodes x {o.gpus} GPUs, {o.tenants} tenants, faults={o.faults}")
-        ref: list[Ingester] = []
-        self.ingester = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))
-        ref.append(self.ingester)
+        self.ingester = build_ingester(cfg, client)
         self._thread("ingester", self.ingester.run, self.stop_event)
         self._start_evaluator()
         status_client = connect(self.target)

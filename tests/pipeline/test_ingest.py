@@ -12,7 +12,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from gpufleet import wire
 from gpufleet.config import Config, parse
-from pipeline.consumer import build_consumer, build_producer
+from pipeline.consumer import build_ingester
 from pipeline.ingester import Ingester
 from pipeline.store import connect
 from tests.builders import T0_MS, gpu, report
@@ -56,11 +56,7 @@ def _run_until(ing: Ingester, done, timeout_s: float = 60) -> None:
 
 
 def _ingester(cfg: Config, client=None) -> Ingester:
-    ref: list[Ingester] = []
-    consumer = build_consumer(cfg, ref)
-    ing = Ingester(cfg, client or connect_target(cfg), consumer, build_producer(cfg))
-    ref.append(ing)
-    return ing
+    return build_ingester(cfg, client or connect_target(cfg))
 
 
 def connect_target(cfg: Config):

@@ -26,7 +26,7 @@ from agents.spool import RECORD_OVERHEAD, Spool
 from gpufleet.config import Config, KafkaConfig, parse
 from gpufleet.kafka import consumer_kwargs, ensure_topics, producer_kwargs
 from gpufleet.wire import decode
-from pipeline.consumer import build_consumer, build_producer
+from pipeline.consumer import build_ingester
 from pipeline.ingester import Ingester
 from pipeline.store import Target, connect
 from tests.reliability.harness import broker_behind_proxy, wait_until
@@ -59,10 +59,7 @@ class IngestThread:
     """The real ingester on the test's database, in a thread, until stopped."""
 
     def __init__(self, cfg: Config) -> None:
-        ref: list[Ingester] = []
-        self.ingester = Ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)),
-                                 build_consumer(cfg, ref), build_producer(cfg))
-        ref.append(self.ingester)
+        self.ingester = build_ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.ingester.run, args=(self.stop_event,), daemon=True)
 

@@ -24,7 +24,7 @@ from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from gpufleet import wire
 from gpufleet.config import Config, KafkaConfig, parse
 from gpufleet.kafka import ensure_topics
-from pipeline.consumer import build_consumer, build_producer
+from pipeline.consumer import build_ingester
 from pipeline.embedded_broker import EmbeddedBroker
 from pipeline.ingester import Ingester
 from pipeline.store import Target, connect
@@ -74,10 +74,7 @@ def _committed(broker: EmbeddedBroker, topic: str) -> int:
 
 class _Running:
     def __init__(self, cfg: Config) -> None:
-        ref: list[Ingester] = []
-        self.ing = Ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)),
-                            build_consumer(cfg, ref), build_producer(cfg))
-        ref.append(self.ing)
+        self.ing = build_ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.ing.run, args=(self.stop,), daemon=True)
 

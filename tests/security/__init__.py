@@ -22,7 +22,7 @@ from typing import Any
 
 from gpufleet import kafka
 from gpufleet.config import Config, parse
-from pipeline.consumer import build_consumer, build_producer
+from pipeline.consumer import build_ingester
 from pipeline.embedded_broker import free_port, wait_for_port
 from pipeline.ingester import Ingester
 from pipeline.store import Target, connect
@@ -87,10 +87,7 @@ def produce(cfg: Config, items: Sequence[tuple[bytes | None, bytes]]) -> None:
 def running_ingester(cfg: Config) -> Iterator[Ingester]:
     """An ingester on its own thread (its own store client), stopped and closed on exit."""
     kafka.ensure_topics(cfg.kafka)
-    ref: list[Ingester] = []
-    ing = Ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)), build_consumer(cfg, ref),
-                   build_producer(cfg))
-    ref.append(ing)
+    ing = build_ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
     stop = threading.Event()
     thread = threading.Thread(target=ing.run, args=(stop,), daemon=True, name="test-ingester")
     thread.start()
