@@ -33,18 +33,20 @@ from typing import TYPE_CHECKING, Any
 import click
 import msgspec
 
-from agents.otlp.receiver import OtlpReceiver, ReceiverError, ReceiverSettings
-from agents.runner import NodeAgent, SystemClock, run_many
-from agents.sender import Sender
-from agents.spool import Spool, SpoolError
+from gpufleet.agents.config_check import agent_problems
+from gpufleet.agents.otlp.receiver import OtlpReceiver, ReceiverError, ReceiverSettings
+from gpufleet.agents.runner import NodeAgent, SystemClock, run_many
+from gpufleet.agents.sender import Sender
+from gpufleet.agents.spool import Spool, SpoolError
 from gpufleet.config import Config, ConfigError, load
+from gpufleet.config_check import validate_startup
 from gpufleet.kafka import producer_kwargs
 
 if TYPE_CHECKING:
     import subprocess
 
-    from agents.flops_jobs import FleetSpec, JobsSpec
-    from agents.simulation.fleet import SimulatedFleet
+    from gpufleet.agents.flops_jobs import FleetSpec, JobsSpec
+    from gpufleet.agents.simulation.fleet import SimulatedFleet
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,10 @@ def apply_overrides(
 
 def nvml_node(cfg: Config) -> NodeParts:
     """This machine's GPUs through NVML; a clear error when NVML cannot start."""
-    from agents.allocation import build_source
+    from gpufleet.agents.allocation import build_source
 
     try:
-        from agents.collectors.nvml import NvmlCollector, NvmlUnavailable
+        from gpufleet.agents.collectors.nvml import NvmlCollector, NvmlUnavailable
     except ImportError as exc:
         raise click.ClickException(
             f"the NVML backend cannot be loaded ({exc}); install nvidia-ml-py or use --backend simulated"
@@ -160,7 +162,7 @@ def open_spools(parts: list[NodeParts], per_node_bytes: int) -> list[Spool]:
 
 def jobs_spec(cfg: Config, fleet: SimulatedFleet, spec: FleetSpec, parts: list[NodeParts], jobs: int) -> JobsSpec:
     """What the simulated FLOPs jobs need: the fleet, each node's receiver, the GPU's peak FLOP/s."""
-    from agents.flops_jobs import JobsSpec
+    from gpufleet.agents.flops_jobs import JobsSpec
     from gpufleet.gpu_facts import peak_flops
 
     peak = peak_flops(fleet.model, cfg.peak_flops)
@@ -200,7 +202,7 @@ class JobsProcess:
         if self._spec is None or self._tried:
             return
         self._tried = True
-        from agents.flops_jobs import start_process
+        from gpufleet.agents.flops_jobs import start_process
 
         try:
             self.proc = start_process(self._spec)
@@ -211,7 +213,7 @@ class JobsProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        from agents.flops_jobs import stop_process
+        from gpufleet.agents.flops_jobs import stop_process
 
         code = stop_process(self.proc)
         if code not in (0, None, -signal.SIGTERM):  # SIGTERM before its handler was set: stopped all the same
@@ -282,9 +284,8 @@ def agent(
     """Collect GPU counters every interval and stream them to Kafka (spooling to disk meanwhile)."""
     cfg = apply_overrides(load(config_path), backend=backend, bootstrap=bootstrap, topic=topic,
                           interval=interval, spool_dir=spool_dir)
-    from pipeline.config_check import validate_startup  # light: no ClickHouse or chDB import
-
-    validate_startup(cfg, role="agent")  # every config problem named at once; never probes the network
+    # every config problem named at once; never probes the network
+    validate_startup(cfg, role="agent", extra=agent_problems(cfg))
     interval_ms = max(1, round(cfg.agent.interval_s * 1000))
     kafka_kw = producer_kwargs(cfg.kafka)  # fails fast on TLS/SASL mistakes
     clock = SystemClock()
@@ -292,7 +293,7 @@ def agent(
     fleet = None
     spec = None
     if cfg.agent.backend == "simulated":
-        from agents.flops_jobs import FleetSpec
+        from gpufleet.agents.flops_jobs import FleetSpec
 
         spec = FleetSpec(cluster=cfg.agent.cluster, nodes=nodes, gpus=gpus, tenants=tenants, seed=seed,
                          faults=faults, start_ms=start_ms, interval_ms=interval_ms)

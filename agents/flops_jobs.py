@@ -1,10 +1,10 @@
 """The demo's simulated training jobs that report model FLOPs through the real OTLP path.
 
 `gpufleet agent --backend simulated --flops-jobs N` starts this module in a child process
-(`python -m agents.flops_jobs SPEC_JSON`; a child, because a job is a process of its own). The
+(`python -m gpufleet.agents.flops_jobs SPEC_JSON`; a child, because a job is a process of its own). The
 child rebuilds the agent's simulated fleet from the same arguments (`FleetSpec`: the schedule is
 a pure function of them, so both see the same jobs) and plays N of its jobs as instrumented
-ones: for each job's part on each node it runs an `agents.report_flops.Reporter` (the
+ones: for each job's part on each node it runs an `gpufleet.report_flops.Reporter` (the
 OpenTelemetry SDK's `OTLPMetricExporter` over HTTP) pointed at that node's receiver. A job on a
 pod of nodes therefore reports from every node it runs on, as a real multi-node job would.
 
@@ -36,9 +36,9 @@ from typing import Final, Protocol
 
 import msgspec
 
-from agents.simulation.faults import default_faults
-from agents.simulation.fleet import SimulatedFleet
-from agents.simulation.jobs import Job
+from gpufleet.agents.simulation.faults import default_faults
+from gpufleet.agents.simulation.fleet import SimulatedFleet
+from gpufleet.agents.simulation.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Selection:
 
 
 class FlopsReporter(Protocol):
-    """`agents.report_flops.Reporter`, as far as a simulated job uses it."""
+    """`gpufleet.report_flops.Reporter`, as far as a simulated job uses it."""
 
     def report_flops(self, n: float) -> None: ...
 
@@ -185,8 +185,8 @@ class ReportingJob:
 
 
 def otel_reporter(export_interval_ms: int) -> MakeReporter:
-    """The real thing: `agents.report_flops.Reporter` over OTLP/HTTP to the node's receiver."""
-    from agents.report_flops import Reporter
+    """The real thing: `gpufleet.report_flops.Reporter` over OTLP/HTTP to the node's receiver."""
+    from gpufleet.report_flops import Reporter
 
     def make(job_id: str, uuids: Sequence[str], endpoint: str) -> FlopsReporter:
         return Reporter(job_id, gpus=list(uuids), endpoint=endpoint, export_interval_ms=export_interval_ms,
@@ -243,7 +243,7 @@ def step(fleet: SimulatedFleet, spec: JobsSpec, selection: Selection, playing: d
 
 def start_process(spec: JobsSpec) -> subprocess.Popen[bytes]:
     """Start the jobs in a child process (same process group, stderr shared with the agent)."""
-    return subprocess.Popen([sys.executable, "-m", "agents.flops_jobs", msgspec.json.encode(spec).decode()])
+    return subprocess.Popen([sys.executable, "-m", "gpufleet.agents.flops_jobs", msgspec.json.encode(spec).decode()])
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> int | None:
@@ -261,9 +261,9 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m agents.flops_jobs SPEC_JSON`: run until SIGTERM/SIGINT or until the agent is gone."""
+    """`python -m gpufleet.agents.flops_jobs SPEC_JSON`: run until SIGTERM/SIGINT or until the agent is gone."""
     if len(argv) != 1:
-        print("usage: python -m agents.flops_jobs SPEC_JSON (started by gpufleet agent --flops-jobs)",
+        print("usage: python -m gpufleet.agents.flops_jobs SPEC_JSON (started by gpufleet agent --flops-jobs)",
               file=sys.stderr)
         return 2
     try:

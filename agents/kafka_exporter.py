@@ -18,7 +18,7 @@ from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
-from agents.meter import (
+from gpufleet.agents.meter import (
     AGENT_BY_NAME,
     ATTR_INDEX,
     ATTR_JOB,
@@ -50,7 +50,7 @@ def report_from_metrics(data: MetricsData, frame: Frame) -> NodeReport:
     try:
         cluster, node, boot_id = str(res[RES_CLUSTER]), str(res[RES_NODE]), str(res[RES_BOOT_ID])
     except KeyError as exc:
-        raise ExportError(f"resource lacks {exc.args[0]!r}; build it with agents.meter.node_resource") from None
+        raise ExportError(f"resource lacks {exc.args[0]!r}; build it with meter.node_resource") from None
     values: dict[str, dict[str, Any]] = {}
     idents: dict[str, Any] = {}
     health: dict[str, Any] = {}

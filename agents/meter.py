@@ -142,10 +142,10 @@ def _check_table() -> None:
     mapped = {s.field for s in GPU_METRICS}
     expected = set(GPU_FIELDS) - set(IDENTITY_FIELDS) - set(EVENT_FIELDS)
     if mapped != expected:
-        raise RuntimeError(f"agents.meter.GPU_METRICS is out of step with GpuSample: "
+        raise RuntimeError(f"gpufleet.agents.meter.GPU_METRICS is out of step with GpuSample: "
                            f"unmapped {sorted(expected - mapped)}, unknown {sorted(mapped - expected)}")
     if {s.field for s in AGENT_METRICS} != set(AgentHealth.__struct_fields__):
-        raise RuntimeError("agents.meter.AGENT_METRICS is out of step with AgentHealth")
+        raise RuntimeError("gpufleet.agents.meter.AGENT_METRICS is out of step with AgentHealth")
 
 
 _check_table()

@@ -27,10 +27,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from agents.collectors.base import Collector, NodeDown
-from agents.kafka_exporter import KafkaMetricExporter
-from agents.meter import AgentMeter, Frame, node_resource, otlp_reader
-from agents.spool import Spool
+from gpufleet.agents.collectors.base import Collector, NodeDown
+from gpufleet.agents.kafka_exporter import KafkaMetricExporter
+from gpufleet.agents.meter import AgentMeter, Frame, node_resource, otlp_reader
+from gpufleet.agents.spool import Spool
 from gpufleet.wire import AgentHealth, GpuSample, NodeReport
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.spool import Spool
+from gpufleet.agents.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ def _child(bootstrap: str, topic: str, ticks: int, realtime_s: float) -> dict[st
     import psutil
     from kafka import KafkaProducer
 
-    from agents.collectors.simulated import SimulatedFleet
-    from agents.otlp.receiver import OtlpReceiver, ReceiverSettings
-    from agents.runner import NodeAgent, run_one
-    from agents.sender import Sender
-    from agents.spool import Spool
+    from gpufleet.agents.collectors.simulated import SimulatedFleet
+    from gpufleet.agents.otlp.receiver import OtlpReceiver, ReceiverSettings
+    from gpufleet.agents.runner import NodeAgent, run_one
+    from gpufleet.agents.sender import Sender
+    from gpufleet.agents.spool import Spool
     from gpufleet.config import KafkaConfig
     from gpufleet.kafka import producer_kwargs
 
@@ -146,7 +146,7 @@ def run(ticks: int = 500, realtime_s: float = 10.0) -> dict[str, Any]:
 
     from gpufleet import kafka
     from gpufleet.config import KafkaConfig
-    from pipeline.embedded_broker import EmbeddedBroker
+    from gpufleet.embedded.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         topic = f"bench-agent-{uuid.uuid4().hex[:8]}"

@@ -38,8 +38,8 @@ def fleet_messages(count: int, *, nodes: int = 256, interval_ms: int = 1000, see
     """
     import msgspec
 
-    from agents.collectors.simulated import SimulatedFleet, default_faults, simulate_reports
     from gpufleet import wire
+    from gpufleet.agents.collectors.simulated import SimulatedFleet, default_faults, simulate_reports
 
     fleet = SimulatedFleet(nodes=nodes, seed=seed, start_ms=start_ms,
                            faults=default_faults(start_ms, nodes=nodes), interval_ms=interval_ms)

@@ -36,7 +36,7 @@ class _InsertClock:
         self._lock = threading.Lock()
 
     def install(self) -> Any:
-        from pipeline import ingester, staging
+        from gpufleet.pipeline.ingest import ingester, staging
 
         original_json, original_columns = staging.insert, ingester.insert_columns
         clock = self
@@ -72,8 +72,8 @@ def _load(cfg: Any, nodes: int, seconds: float, fail_at_ms: int, stop: threading
     import msgspec
     from kafka import KafkaProducer
 
-    from agents.collectors.simulated import SimulatedFleet
     from gpufleet import kafka, wire
+    from gpufleet.agents.collectors.simulated import SimulatedFleet
 
     start = (int(time.time() * 1000) // 1000 + 1) * 1000
     fleet = SimulatedFleet(nodes=nodes, start_ms=start, faults=[], cluster="fresh")
@@ -103,13 +103,13 @@ def _load(cfg: Any, nodes: int, seconds: float, fail_at_ms: int, stop: threading
 def run(workdir: Path, nodes: int = 128, seconds: float = 40.0, warmup_s: float = 10.0) -> dict[str, Any]:
     from gpufleet import kafka
     from gpufleet.config import parse
-    from pipeline.alerts.alertmanager import AlertmanagerClient
-    from pipeline.alerts.evaluator import Evaluator
-    from pipeline.consumer import build_ingester
-    from pipeline.embedded_alertmanager import EmbeddedAlertmanager, find_binary
-    from pipeline.embedded_broker import EmbeddedBroker
-    from pipeline.migrate import SchemaOptions, migrate
-    from pipeline.store import Target, connect
+    from gpufleet.embedded.alertmanager import EmbeddedAlertmanager, find_binary
+    from gpufleet.embedded.broker import EmbeddedBroker
+    from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient
+    from gpufleet.pipeline.alerts.evaluator import Evaluator
+    from gpufleet.pipeline.ingest.consumer import build_ingester
+    from gpufleet.pipeline.store.client import Target, connect
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     dsn = f"chdb://{(workdir / 'chdb').resolve()}"
     db = f"bench_fresh_{uuid.uuid4().hex[:8]}"

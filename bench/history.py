@@ -103,7 +103,7 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     stored samples, a day at a time (a few parts per day, each already aggregated: what a week of
     inserts leaves once background merges have run), and the views are put back.
     """
-    from pipeline.rows import SAMPLE_COLUMNS
+    from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS
 
     per_day = DAY_MS // interval_ms
     total = int(days * per_day)

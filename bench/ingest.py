@@ -101,7 +101,7 @@ def raw_consume(cfg: Any, count: int, timeout_s: float = 120) -> dict[str, float
     """Read `count` messages with the ingester's consumer settings and do nothing with them."""
     import msgspec
 
-    from pipeline.consumer import build_consumer
+    from gpufleet.pipeline.ingest.consumer import build_consumer
 
     group = f"raw-{uuid.uuid4().hex[:8]}"
     cfg = msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, group_id=group))
@@ -136,7 +136,7 @@ VARIANTS: dict[str, dict[str, bool]] = {
 }
 """Ingester switches per variant: the shipped defaults, then each optimisation taken away in turn
 (`columns_gc_on` is the pre-optimisation insert path: Python columns, collector always on),
-`no_intent_log`: without the embedded store's crash-repair log (pipeline/intents.py), and
+`no_intent_log`: without the embedded store's crash-repair log (pipeline/ingest/intents.py), and
 `no_clickhouse`: the shipped ingester whose inserts are dropped (its own cost, ClickHouse excluded)."""
 
 
@@ -159,8 +159,8 @@ class DiscardingClient:
 def ingest(cfg: Any, client: Any, count: int, samples: int, timeout_s: float = 600,
            profile_to: Path | None = None, switches: dict[str, bool] | None = None) -> dict[str, Any]:
     """Run the real ingester until `count` messages are stored and committed."""
-    from pipeline.consumer import build_consumer, build_producer
-    from pipeline.ingester import Ingester
+    from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
+    from gpufleet.pipeline.ingest.ingester import Ingester
 
     switches = dict(switches or {})
     discard = switches.pop("discard", False)
@@ -229,9 +229,9 @@ def ingest(cfg: Any, client: Any, count: int, samples: int, timeout_s: float = 6
 def clickhouse_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[str, Any]:
     """ClickHouse's own cost of storing a batch (chDB, in this process), per GPU row: the JSON staging
     insert the ingester sends, and the Python-column insert it replaced (Python serialization included)."""
-    from pipeline import staging
-    from pipeline.migrate import SchemaOptions, migrate
-    from pipeline.rows import Deriver, derive, derived_columns, insert_columns
+    from gpufleet.pipeline.ingest import staging
+    from gpufleet.pipeline.ingest.rows import Deriver, derive, derived_columns, insert_columns
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     database = f"bench_chcost_{uuid.uuid4().hex[:8]}"
     migrate(client, SchemaOptions(database=database))
@@ -269,9 +269,9 @@ def run(messages: int = 20_000, partitions: int = 4, workdir: Path | None = None
     import psutil
 
     from gpufleet import kafka
-    from pipeline.embedded_broker import EmbeddedBroker
-    from pipeline.migrate import SchemaOptions, migrate
-    from pipeline.store import Target, connect
+    from gpufleet.embedded.broker import EmbeddedBroker
+    from gpufleet.pipeline.store.client import Target, connect
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     workdir = workdir or Path("var/bench")
     workdir.mkdir(parents=True, exist_ok=True)

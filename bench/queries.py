@@ -109,8 +109,8 @@ def run_boards(client: Any, db: str, end_ms: int, span_ms: int | None, runs: int
                raw_runs: int = 1) -> list[dict[str, Any]]:
     """Every panel of every board over [end - span (the board's default when None), end]; against
     raw samples too when `raw_runs`."""
-    from dashboards.macros import TimeRange, go_duration_seconds, render
-    from dashboards.queries import panel_queries, panel_range, resolve_variables
+    from gpufleet.dashboards.macros import TimeRange, go_duration_seconds, render
+    from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables
 
     out = []
     for path in sorted(BOARDS.glob("*.json")):
@@ -155,7 +155,7 @@ def run_boards(client: Any, db: str, end_ms: int, span_ms: int | None, runs: int
 
 def run_usage(client: Any, db: str, start_ms: int, end_ms: int, runs: int = 5, raw_runs: int = 1) -> dict[str, Any]:
     """`gpufleet usage` for the whole history (`pipeline.usage.usage_rows`), and its raw equivalent."""
-    from pipeline.usage import USAGE_COLUMNS, usage_rows
+    from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
 
     times = []
     rows: list[Any] = []
@@ -182,9 +182,9 @@ def run_usage(client: Any, db: str, start_ms: int, end_ms: int, runs: int = 5, r
 def run(dsn: str, gpus: int = 1000, days: float = 7.0, runs: int = 5, raw_runs: int = 1) -> dict[str, Any]:
     from bench import history
     from gpufleet.config import BillingConfig
-    from pipeline.migrate import SchemaOptions, migrate
-    from pipeline.store import Target, connect
-    from pipeline.usage import sync_policy
+    from gpufleet.pipeline.queries.policy import sync_policy
+    from gpufleet.pipeline.store.client import Target, connect
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     db = f"bench_queries_{uuid.uuid4().hex[:8]}"
     admin = connect(Target(dsn, "default"))

@@ -46,7 +46,7 @@ def _sizes(quick: bool) -> dict[str, dict[str, Any]]:
 
 def _runners(workdir: Path, dsn: str, sizes: dict[str, dict[str, Any]]) -> dict[str, Callable[[], dict[str, Any]]]:
     def client() -> Any:
-        from pipeline.store import Target, connect
+        from gpufleet.pipeline.store.client import Target, connect
 
         return connect(Target(dsn, "default"))
 

@@ -31,10 +31,10 @@ def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str)
     import resource
 
     from bench.ingest import FirstPoll, bench_config
-    from pipeline.consumer import build_consumer, build_producer
-    from pipeline.ingester import Ingester
-    from pipeline.migrate import SchemaOptions, migrate
-    from pipeline.store import Target, connect
+    from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
+    from gpufleet.pipeline.ingest.ingester import Ingester
+    from gpufleet.pipeline.store.client import Target, connect
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     cfg = bench_config(bootstrap, topic, f"chdb://{store}", "scale", 8)
     import msgspec
@@ -136,7 +136,7 @@ def run(workdir: Path, messages: int = 40_000, process_counts: tuple[int, ...] =
     from bench.common import fleet_messages
     from bench.ingest import bench_config, produce
     from gpufleet import kafka
-    from pipeline.embedded_broker import EmbeddedBroker
+    from gpufleet.embedded.broker import EmbeddedBroker
 
     workdir.mkdir(parents=True, exist_ok=True)
     msgs = fleet_messages(messages)

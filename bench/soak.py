@@ -59,8 +59,8 @@ def run_producer(bootstrap: str, topic: str, nodes: int, gpus: int, cluster: str
     """Produce `nodes` simulated nodes' reports every second until SIGTERM; prints {"sent": n}."""
     from kafka import KafkaProducer
 
-    from agents.collectors.simulated import SimulatedFleet, default_faults, simulate_reports
     from gpufleet import wire
+    from gpufleet.agents.collectors.simulated import SimulatedFleet, default_faults, simulate_reports
 
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
@@ -176,7 +176,7 @@ def _stop(proc: Proc, timeout_s: float = 120) -> int:
 
 def _query_store(dsn: str, start_ms: int, every_s: float, warmup_s: float) -> dict[str, Any]:
     """Read the stopped ingester's store back (this process owns no other chDB store)."""
-    from pipeline.store import Target, connect
+    from gpufleet.pipeline.store.client import Target, connect
 
     c = connect(Target(dsn, DATABASE))
     db = DATABASE
@@ -229,8 +229,8 @@ def _producer_sent(log: Path) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gpufleet.config import KafkaConfig
+    from gpufleet.embedded.broker import EmbeddedBroker
     from gpufleet.kafka import ensure_topics
-    from pipeline.embedded_broker import EmbeddedBroker
 
     warmup = min(60.0, args.minutes * 60 / 4)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpufleet-soak-"))

@@ -72,7 +72,7 @@ BLOCK_MS = 2 * 3600 * 1000
 
 def simulated_reports(nodes: int, hours: float, interval_ms: int, seed: int = 3) -> list[Any]:
     """Reports of a simulated fleet over one aligned window of `hours` (at most one 2 h block)."""
-    from agents.collectors.simulated import SimulatedFleet, default_faults, simulate_reports
+    from gpufleet.agents.collectors.simulated import SimulatedFleet, default_faults, simulate_reports
 
     start = (T0_MS // BLOCK_MS) * BLOCK_MS
     end = start + int(hours * 3600 * 1000) - interval_ms  # samples at start+interval .. end: inside one block
@@ -160,9 +160,9 @@ def prometheus_bytes(reports: list[Any], workdir: Path) -> dict[str, Any]:
 def clickhouse_bytes(client: Any, reports: list[Any]) -> dict[str, Any]:
     """Insert through the ingester's JSON staging path, merge everything, measure the active parts."""
     from gpufleet import wire
-    from pipeline import staging
-    from pipeline.migrate import SchemaOptions, migrate
-    from pipeline.rows import Deriver, agent_columns, derive, insert_columns
+    from gpufleet.pipeline.ingest import staging
+    from gpufleet.pipeline.ingest.rows import Deriver, agent_columns, derive, insert_columns
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     database = f"bench_storage_{uuid.uuid4().hex[:8]}"
     migrate(client, SchemaOptions(database=database))

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from dashboards import fragments as f
-from dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
-from pipeline.alerts.rules import (
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
+from gpufleet.pipeline.alerts.rules import (
     DEFAULT_RULES,
     AgentCounterRising,
     AgentSendErrors,

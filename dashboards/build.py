@@ -14,9 +14,9 @@ from typing import Any, Final
 
 import yaml
 
-from dashboards import alerting
-from dashboards.builder import DS_NAME, DS_TYPE, DS_UID, JSON, Board
-from dashboards.definitions import BOARDS
+from gpufleet.dashboards import alerting
+from gpufleet.dashboards.builder import DS_NAME, DS_TYPE, DS_UID, JSON, Board
+from gpufleet.dashboards.definitions import BOARDS
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 BOARDS_DIR: Final = Path("dashboards/boards")

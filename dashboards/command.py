@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.commands.common import target_options
+from gpufleet.pipeline.commands.common import target_options
 
 
 @click.group()
@@ -19,7 +19,7 @@ def dashboards() -> None:
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 if the committed files differ from a fresh build.")
 def build_cmd(check: bool) -> None:
     """Regenerate dashboards/boards/*.json and dashboards/provisioning/ from the board definitions."""
-    from dashboards import build
+    from gpufleet.dashboards import build
 
     if check:
         problems = build.drift()
@@ -40,7 +40,7 @@ def build_cmd(check: bool) -> None:
 @dashboards.command("validate")
 def validate_cmd() -> None:
     """Check every committed board and provisioning file (schema, references, drift); exit 1 on problems."""
-    from dashboards import build, validate
+    from gpufleet.dashboards import build, validate
 
     problems = validate.validate_tree() + build.drift()
     for p in problems:
@@ -62,11 +62,11 @@ def preview_cmd(out_dir: Path, from_: str | None, to: str | None, config_path: s
     """Render every board's panels from the same queries into one offline HTML page."""
     import time
 
-    from dashboards import preview
-    from dashboards.definitions import BOARDS
-    from pipeline.commands.common import load_config
-    from pipeline.commands.usage import parse_time
-    from pipeline.store import connect, redact
+    from gpufleet.dashboards import preview
+    from gpufleet.dashboards.definitions import BOARDS
+    from gpufleet.pipeline.commands.common import load_config
+    from gpufleet.pipeline.commands.usage import parse_time
+    from gpufleet.pipeline.store.client import connect, redact
 
     _, target = load_config(config_path, dsn, database)
     client = connect(target)
@@ -94,7 +94,7 @@ def deploy_cmd(url: str, token: str | None, token_file: str | None) -> None:
     CLICKHOUSE_HOST, CLICKHOUSE_PORT, CLICKHOUSE_USER, CLICKHOUSE_DATABASE and CLICKHOUSE_PASSWORD
     (or CLICKHOUSE_PASSWORD_FILE).
     """
-    from dashboards.deploy import DeployError, read_token, run
+    from gpufleet.dashboards.deploy import DeployError, read_token, run
 
     try:
         report = run(url, read_token(token, token_file))

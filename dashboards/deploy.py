@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dashboards import alerting, build
-from dashboards.builder import DS_UID
-from dashboards.definitions import BOARDS
+from gpufleet.dashboards import alerting, build
+from gpufleet.dashboards.builder import DS_UID
+from gpufleet.dashboards.definitions import BOARDS
 
 if TYPE_CHECKING:
     from grafana_client import GrafanaApi
@@ -87,7 +87,7 @@ def _exists(get: Any, *args: Any) -> bool:
 
 
 def _seconds(duration: str) -> int:
-    from dashboards.macros import go_duration_seconds
+    from gpufleet.dashboards.macros import go_duration_seconds
 
     return int(go_duration_seconds(duration))
 

@@ -1,6 +1,6 @@
 """SQL fragments every board shares: variable filters, rollup MFU and policy expressions, thresholds.
 
-Boards read the rollups wherever one exists (pipeline/migrations/0002_usage_rollups.sql):
+Boards read the rollups wherever one exists (pipeline/store/migrations/0002_usage_rollups.sql):
 `gpu_usage_1m` (per minute, tenant, node, GPU, model, job and health state), `usage_hourly` (what
 billing reads) and `gpu_latest`; raw `gpu_samples` only for what no rollup keeps (XIDs, ECC and link
 counters, temperatures, clock-event bits, one GPU's detail). The SLA policy (excluded health states,
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from dashboards.builder import JSON, query_variable, sql
 from gpufleet.config import BillingConfig, HealthConfig
+from gpufleet.dashboards.builder import JSON, query_variable, sql
 from gpufleet.gpu_facts import (
     THROTTLE_HW_POWER_BRAKE,
     THROTTLE_HW_SLOWDOWN,
@@ -43,7 +43,7 @@ MINUTE: Final = "1m"
 ACHIEVED: Final = "sum(measured_flop) + sum(estimated_unmeasured_flop)"
 """Achieved FLOPs: what jobs measured where they report, else the hardware estimate."""
 MFU: Final = f"({ACHIEVED}) / nullIf(sum(peak_capacity_flop), 0)"
-"""MFU as pipeline/mfu.py computes it: achieved / (peak FLOP/s x seconds), known models only."""
+"""MFU as pipeline/queries/mfu.py computes it: achieved / (peak FLOP/s x seconds), known models only."""
 MFU_MEASURED: Final = "sum(measured_flop) / nullIf(sum(ifNull(model_peak_flop_s, 0) * measured_ms / 1000), 0)"
 """MFU over the GPU-seconds whose jobs reported FLOPs."""
 MFU_ESTIMATED: Final = (

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from dashboards.templating import (
+from gpufleet.dashboards.templating import (
     ALL,
     FORMATS,
     MacroError,

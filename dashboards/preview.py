@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dashboards import svg
-from dashboards.macros import TimeRange
-from dashboards.macros import render as render_sql
-from dashboards.queries import panel_queries, panel_range, resolve_variables, run
+from gpufleet.dashboards import svg
+from gpufleet.dashboards.macros import TimeRange
+from gpufleet.dashboards.macros import render as render_sql
+from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables, run
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

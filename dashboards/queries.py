@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dashboards.macros import TimeRange, Var, all_of, go_duration_seconds, render
+from gpufleet.dashboards.macros import TimeRange, Var, all_of, go_duration_seconds, render
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -20,8 +20,8 @@ from typing import Any, Final
 
 import yaml
 
-from dashboards import build, macros
-from dashboards.builder import DS_REF, DS_TYPE, DS_UID, GRID_COLUMNS
+from gpufleet.dashboards import build, macros
+from gpufleet.dashboards.builder import DS_REF, DS_TYPE, DS_UID, GRID_COLUMNS
 
 UID_RE: Final = re.compile(r"^[a-zA-Z0-9_-]{1,40}$")
 VAR_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -94,7 +94,7 @@ def _unsafe_references(text: str, where: str, variables: set[str]) -> Iterator[s
             continue
         yield (f"{where}: {written} lets a value change the query (only '${{{name}:{SAFE_FORMAT}}}' in quotes is "
                "safe: singlequote and sqlstring leave backslashes, the others quote nothing); "
-               "filter with dashboards.fragments.condition or selected")
+               "filter with gpufleet.dashboards.fragments.condition or selected")
 
 
 def _conditional_all(text: str, where: str, variables: set[str]) -> Iterator[str]:

@@ -18,16 +18,16 @@ from gpufleet.version import __version__
 
 # subcommand -> "module:attribute" of a click command
 COMMANDS: dict[str, str] = {
-    "agent": "agents.command:agent",
-    "ingest": "pipeline.commands.ingest:ingest",
-    "migrate": "pipeline.commands.migrate:migrate_cmd",
-    "demo": "pipeline.demo.command:demo",
-    "status": "pipeline.commands.status:status",
-    "usage": "pipeline.commands.usage:usage",
-    "billing": "pipeline.commands.billing:billing",
-    "alerts": "pipeline.alerts.command:alerts",
-    "dashboards": "dashboards.command:dashboards",
-    "tenants": "pipeline.commands.tenants:tenants",
+    "agent": "gpufleet.agents.command:agent",
+    "ingest": "gpufleet.pipeline.commands.ingest:ingest",
+    "migrate": "gpufleet.pipeline.commands.migrate:migrate_cmd",
+    "demo": "gpufleet.embedded.demo.command:demo",
+    "status": "gpufleet.pipeline.commands.status:status",
+    "usage": "gpufleet.pipeline.commands.usage:usage",
+    "billing": "gpufleet.pipeline.commands.billing:billing",
+    "alerts": "gpufleet.pipeline.alerts.command:alerts",
+    "dashboards": "gpufleet.dashboards.command:dashboards",
+    "tenants": "gpufleet.pipeline.commands.tenants:tenants",
     "schema": "gpufleet.schema_cmd:schema",
 }
 

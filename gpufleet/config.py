@@ -15,13 +15,13 @@ from typing import Annotated, Literal
 import msgspec
 import yaml
 
+from gpufleet.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load", "parse", "with_clickhouse"]
+
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
-
-
-class ConfigError(ValueError):
-    """The configuration is wrong; the message names the key and how to fix it."""
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -19,7 +19,7 @@ SCHEMA_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 1_000_000
 """Largest message the ingester accepts: Kafka's default `message.max.bytes` (an 8-GPU node is ~5 KB)."""
 
-# Bounds match the ClickHouse columns the values land in (pipeline/migrations/0001_raw_samples.sql),
+# Bounds match the ClickHouse columns the values land in (pipeline/store/migrations/0001_raw_samples.sql),
 # so a message that passes validation can always be inserted: a value that would overflow its
 # column is refused here and dead-lettered, instead of failing (and stalling) its whole batch.
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]

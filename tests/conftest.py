@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pipeline.embedded_broker import EmbeddedBroker
-from pipeline.migrate import SchemaOptions, migrate
-from pipeline.store import Target, connect
+from gpufleet.embedded.broker import EmbeddedBroker
+from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -208,8 +208,8 @@ def _run_healthcheck(service: dict[str, Any], replace: tuple[str, str]) -> int:
 def test_ingester_healthcheck_passes_against_the_real_status_api(
     services: dict[str, dict[str, Any]], config: Config
 ) -> None:
-    from pipeline.embedded_broker import free_port
-    from pipeline.status_api import StatusServer
+    from gpufleet.embedded.broker import free_port
+    from gpufleet.pipeline.queries.status_api import StatusServer
 
     server = StatusServer(lambda: {}, port=0).start()
     try:
@@ -459,5 +459,6 @@ def test_dockerfile_installs_the_server_extras_without_chdb_as_non_root() -> Non
 def test_dockerignore_keeps_what_pip_install_needs() -> None:
     ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")}
     assert {".git", ".venv"} <= ignored
-    for needed in ("pyproject.toml", "constraints.txt", "README.md", "gpufleet", "pipeline", "agents", "dashboards"):
+    for needed in ("pyproject.toml", "constraints.txt", "README.md", "gpufleet", "pipeline", "agents", "dashboards",
+                   "embedded"):
         assert needed not in ignored, needed

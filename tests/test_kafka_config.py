@@ -10,6 +10,7 @@ import pytest
 from kafka import KafkaAdminClient
 
 from gpufleet.config import ConfigError, KafkaConfig
+from gpufleet.embedded.broker import EmbeddedBroker
 from gpufleet.kafka import (
     admin_kwargs,
     client_kwargs,
@@ -17,7 +18,6 @@ from gpufleet.kafka import (
     ensure_topics,
     producer_kwargs,
 )
-from pipeline.embedded_broker import EmbeddedBroker
 
 SECRET = "s3cr3t-pa55word"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import migrate as mig
-from pipeline.store import StoreError, Target, redact
+from gpufleet.pipeline.store import migrate as mig
+from gpufleet.pipeline.store.client import StoreError, Target, redact
 
 
 def test_migrate_twice_applies_nothing_the_second_time(ch_client, ch_target: Target) -> None:
@@ -40,14 +40,14 @@ def test_redact_hides_password() -> None:
 
 
 def test_bad_database_name_is_refused() -> None:
-    from pipeline.store import connect
+    from gpufleet.pipeline.store.client import connect
 
     with pytest.raises(StoreError, match="not allowed"):
         connect(Target(dsn="chdb://memory", database="x; DROP TABLE y"))
 
 
 def test_percent_encoded_password_never_appears_in_the_error() -> None:
-    from pipeline.store import connect
+    from gpufleet.pipeline.store.client import connect
 
     with pytest.raises(StoreError) as err:
         connect(Target(dsn="http://bob:p%40ss%3Aw0rd@127.0.0.1:1/db"))

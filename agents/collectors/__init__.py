@@ -1,5 +1,5 @@
 """Collector backends behind one interface (`Collector`): NVML for real GPUs, simulated for no GPU."""
 
-from agents.collectors.base import Collector, GpuReading
+from gpufleet.agents.collectors.base import Collector, GpuReading
 
 __all__ = ["Collector", "GpuReading"]

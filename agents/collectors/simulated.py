@@ -10,10 +10,10 @@ Use it where there is no GPU (demo, tests, benchmarks)::
 The implementation lives in the `agents.simulation` package; this module is its public surface.
 """
 
-from agents.collectors.base import NodeDown
-from agents.simulation.faults import FAULT_KINDS, XID_OF, Fault, default_faults
-from agents.simulation.fleet import SimulatedAllocationSource, SimulatedFleet, SimulatedNode, tenant_name
-from agents.simulation.reports import simulate_reports
+from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.simulation.faults import FAULT_KINDS, XID_OF, Fault, default_faults
+from gpufleet.agents.simulation.fleet import SimulatedAllocationSource, SimulatedFleet, SimulatedNode, tenant_name
+from gpufleet.agents.simulation.reports import simulate_reports
 
 __all__ = [
     "FAULT_KINDS",

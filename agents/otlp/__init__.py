@@ -10,10 +10,10 @@ Modules: `contract` (metric names, attribute keys), `gpus` (attribute -> GPU uui
 (the HTTP server, bounded queue and `flops_source`). docs/measured-mfu.md is the user guide.
 """
 
-from agents.otlp.attribution import Attribution, AttributionSettings
-from agents.otlp.contract import FLOPS, SAMPLES, TOKENS
-from agents.otlp.metrics import OtlpStats
-from agents.otlp.receiver import MetricSource, OtlpReceiver, ReceiverError, ReceiverSettings
+from gpufleet.agents.otlp.attribution import Attribution, AttributionSettings
+from gpufleet.agents.otlp.metrics import OtlpStats
+from gpufleet.agents.otlp.receiver import MetricSource, OtlpReceiver, ReceiverError, ReceiverSettings
+from gpufleet.flops_contract import FLOPS, SAMPLES, TOKENS
 
 __all__ = [
     "FLOPS",

@@ -33,7 +33,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
-from agents.otlp.points import Point
+from gpufleet.agents.otlp.points import Point
 
 _NS_PER_MS = 1_000_000
 

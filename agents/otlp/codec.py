@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from agents.otlp.contract import JSON, PROTOBUF
+from gpufleet.flops_contract import JSON, PROTOBUF
 
 ENCODINGS: Final = ("identity", "gzip", "deflate")
 MEDIA_TYPES: Final = (PROTOBUF, JSON)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
-from agents.otlp.contract import CUDA_VISIBLE_DEVICES, GPU_KEYS, GPU_UUID, GPU_UUIDS, JOB_KEYS
+from gpufleet.flops_contract import CUDA_VISIBLE_DEVICES, GPU_KEYS, GPU_UUID, GPU_UUIDS, JOB_KEYS
 
 AttrValue = str | bool | int | float | bytes | tuple[object, ...] | None
 Attrs = Mapping[str, AttrValue]

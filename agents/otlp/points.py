@@ -1,6 +1,6 @@
 """Turn a decoded OTLP metrics request into validated contract points (pure).
 
-Each data point of a contract metric (agents.otlp.contract) either becomes a `Point` tied to
+Each data point of a contract metric (gpufleet.flops_contract) either becomes a `Point` tied to
 this node's GPUs, or is rejected with a reason (wrong instrument kind, unknown GPU, negative or
 non-finite value, ...). Points of other metrics are ignored: a job may send all its metrics
 here. A point's series is its OTel stream identity (resource, scope, metric name, temporality,
@@ -18,8 +18,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, DataPointFlags, Metric
 
-from agents.otlp.contract import CONTRACT, UNITLESS, MetricContract
-from agents.otlp.gpus import Attrs, AttrValue, GpuError, GpuRoster, job_id, resolve_gpus
+from gpufleet.agents.otlp.gpus import Attrs, AttrValue, GpuError, GpuRoster, job_id, resolve_gpus
+from gpufleet.flops_contract import CONTRACT, UNITLESS, MetricContract
 
 _DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 _CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE

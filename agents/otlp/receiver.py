@@ -27,15 +27,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from agents.otlp import codec
-from agents.otlp.attribution import Attribution, AttributionSettings, AttributionStats
-from agents.otlp.contract import FLOPS, METRICS_PATH
-from agents.otlp.gpus import GpuRoster
-from agents.otlp.metrics import OtlpCounters, OtlpStats
-from agents.otlp.points import Point, extract
+from gpufleet.agents.otlp import codec
+from gpufleet.agents.otlp.attribution import Attribution, AttributionSettings, AttributionStats
+from gpufleet.agents.otlp.gpus import GpuRoster
+from gpufleet.agents.otlp.metrics import OtlpCounters, OtlpStats
+from gpufleet.agents.otlp.points import Point, extract
+from gpufleet.flops_contract import FLOPS, METRICS_PATH
 
 if TYPE_CHECKING:
-    from agents.collectors.base import Collector
+    from gpufleet.agents.collectors.base import Collector
     from gpufleet.config import AgentConfig
     from gpufleet.wire import GpuSample
 

@@ -16,15 +16,15 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from agents.allocation import Allocation
-from agents.collectors.base import NodeDown
-from agents.simulation import faults as fk
-from agents.simulation import truth
-from agents.simulation.faults import Fault
-from agents.simulation.jobs import HOUR, Job, Scheduler
-from agents.simulation.rng import gpu_uuid, key, unit
-from agents.simulation.sample import GpuConst, build_sample, health_at
-from agents.simulation.timeline import GIB, GpuTimeline
+from gpufleet.agents.allocation import Allocation
+from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.simulation import faults as fk
+from gpufleet.agents.simulation import truth
+from gpufleet.agents.simulation.faults import Fault
+from gpufleet.agents.simulation.jobs import HOUR, Job, Scheduler
+from gpufleet.agents.simulation.rng import gpu_uuid, key, unit
+from gpufleet.agents.simulation.sample import GpuConst, build_sample, health_at
+from gpufleet.agents.simulation.timeline import GIB, GpuTimeline
 from gpufleet.wire import GpuSample
 
 DEFAULT_MODEL: Final = "NVIDIA H100 80GB HBM3"

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from agents.simulation.faults import BOOKING_KINDS, BOOKING_PAD_MS, FREE_KINDS, Fault
-from agents.simulation.rng import key
+from gpufleet.agents.simulation.faults import BOOKING_KINDS, BOOKING_PAD_MS, FREE_KINDS, Fault
+from gpufleet.agents.simulation.rng import key
 
 MINUTE: Final = 60_000
 HOUR: Final = 3_600_000

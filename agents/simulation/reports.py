@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from agents.collectors.base import NodeDown
-from agents.simulation.fleet import SimulatedFleet
-from agents.simulation.rng import text_key
+from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.simulation.fleet import SimulatedFleet
+from gpufleet.agents.simulation.rng import text_key
 from gpufleet.wire import SCHEMA_VERSION, NodeReport
 
 

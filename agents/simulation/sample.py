@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from agents.simulation import faults as fk
-from agents.simulation.faults import Fault
-from agents.simulation.rng import lanes, mix
-from agents.simulation.timeline import (
+from gpufleet.agents.simulation import faults as fk
+from gpufleet.agents.simulation.faults import Fault
+from gpufleet.agents.simulation.rng import lanes, mix
+from gpufleet.agents.simulation.timeline import (
     BUSY,
     IDLE,
     LOST,

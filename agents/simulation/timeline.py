@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Final
 
-from agents.simulation import faults as fk
-from agents.simulation.faults import Fault
-from agents.simulation.jobs import Job
+from gpufleet.agents.simulation import faults as fk
+from gpufleet.agents.simulation.faults import Fault
+from gpufleet.agents.simulation.jobs import Job
 
 FREE, BUSY, IDLE, NOPROC, ZOMBIE, LOST = range(6)
 """Activity kinds: unallocated; busy; idle-but-running; allocated without a process; a process

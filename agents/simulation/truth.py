@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agents.simulation.fleet import SimulatedFleet
+    from gpufleet.agents.simulation.fleet import SimulatedFleet
 
 
 def ground_truth(fleet: SimulatedFleet, start_ms: int, end_ms: int) -> dict[str, Any]:

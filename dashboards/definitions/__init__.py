@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dashboards.builder import Board
-from dashboards.definitions import alerts, billing, fleet, gpu, health, tenant
+from gpufleet.dashboards.builder import Board
+from gpufleet.dashboards.definitions import alerts, billing, fleet, gpu, health, tenant
 
 BOARDS: tuple[Board, ...] = (fleet.BOARD, tenant.BOARD, health.BOARD, gpu.BOARD, billing.BOARD, alerts.BOARD)

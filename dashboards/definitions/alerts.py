@@ -1,14 +1,14 @@
 """Alerts board: what fires now and what fired in the range, from the evaluator's `alerts` table.
 
 Each row of `alerts` is one write of one alert episode; `FINAL` keeps an episode's newest revision
-(pipeline/migrations/0010_alerts.sql). The cluster, node and tenant variables match the alerts'
+(pipeline/store/migrations/0010_alerts.sql). The cluster, node and tenant variables match the alerts'
 labels; the GPU model is not a label, so that variable does not apply here.
 """
 
 from __future__ import annotations
 
-from dashboards import fragments as f
-from dashboards.builder import (
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.builder import (
     TABLE,
     Board,
     Panel,
@@ -17,7 +17,7 @@ from dashboards.builder import (
     override,
     sql,
 )
-from dashboards.definitions import links
+from gpufleet.dashboards.definitions import links
 
 _LABELS = {"cluster": "labels['cluster']", "node": "labels['node']", "tenant": "labels['tenant']"}
 _FILTERS = f.filters(("cluster", "node", "tenant"), _LABELS)

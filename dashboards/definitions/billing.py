@@ -7,8 +7,8 @@ tenant and GPU model: the cluster and node variables apply only to the per-node 
 
 from __future__ import annotations
 
-from dashboards import fragments as f
-from dashboards.builder import (
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.builder import (
     TABLE,
     Board,
     Panel,
@@ -17,7 +17,7 @@ from dashboards.builder import (
     rename,
     sql,
 )
-from dashboards.definitions import links
+from gpufleet.dashboards.definitions import links
 
 _USAGE = f.filters(f.USAGE_FILTERS, {"model": "gpu_model"})
 _PERIODS = "formatDateTime($__fromTime, '%Y-%m', 'UTC') AND formatDateTime($__toTime, '%Y-%m', 'UTC')"

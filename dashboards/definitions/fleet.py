@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dashboards import fragments as f
-from dashboards.builder import (
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.builder import (
     TABLE,
     Board,
     Panel,
@@ -15,7 +15,7 @@ from dashboards.builder import (
     sql,
     thresholds,
 )
-from dashboards.definitions import links
+from gpufleet.dashboards.definitions import links
 
 _MFU_NAMES = (
     rename("mfu", "MFU (measured where reported, else hardware estimate)"),
@@ -208,7 +208,7 @@ waterfall = Panel(
         TABLE,
     ),),
     description=(
-        "Where capacity goes, as pipeline/waterfall.py computes it: every GPU seen in the range for the "
+        "Where capacity goes, as pipeline/queries/waterfall.py computes it: every GPU seen in the range for the "
         "whole range (installed) -> minus time it did not report -> minus unhealthy (health states the "
         "SLA policy excludes) -> minus unallocated -> minus allocated but idle (no process, or "
         "utilization under the policy's threshold) -> busy -> achieved FLOPs as GPU-hours at peak "

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards import fragments as f
-from dashboards.builder import (
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.builder import (
     TABLE,
     Board,
     Panel,
@@ -21,8 +21,8 @@ from dashboards.builder import (
     sql,
     thresholds,
 )
-from dashboards.definitions import links
-from dashboards.definitions.health import HEALTH_MAPPINGS
+from gpufleet.dashboards.definitions import links
+from gpufleet.dashboards.definitions.health import HEALTH_MAPPINGS
 
 IS_THIS_GPU = f"has({f.selected('gpu')}, gpu_uuid)"
 """The row is the chosen GPU's (`gpu` holds the UUID's hex; see `fragments.selected`)."""

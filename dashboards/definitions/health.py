@@ -6,8 +6,8 @@ XIDs, error counters, temperatures or clock-event bits (pick a node to keep thos
 
 from __future__ import annotations
 
-from dashboards import fragments as f
-from dashboards.builder import (
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.builder import (
     TABLE,
     Board,
     Panel,
@@ -19,7 +19,7 @@ from dashboards.builder import (
     thresholds,
     value_mappings,
 )
-from dashboards.definitions import links
+from gpufleet.dashboards.definitions import links
 
 HEALTH_MAPPINGS = value_mappings(
     {0: ("ok", "green"), 1: ("degraded", "orange"), 2: ("failing", "red"), 3: ("unknown", "gray")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from dashboards.builder import JSON, board_link, data_link, override
+from gpufleet.dashboards.builder import JSON, board_link, data_link, override
 
 FLEET: Final = "gpufleet-fleet"
 TENANT: Final = "gpufleet-tenant"

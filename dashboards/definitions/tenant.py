@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dashboards import fragments as f
-from dashboards.builder import (
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.builder import (
     TABLE,
     Board,
     Panel,
@@ -14,7 +14,7 @@ from dashboards.builder import (
     sql,
     thresholds,
 )
-from dashboards.definitions import links
+from gpufleet.dashboards.definitions import links
 
 _ROLLUP = f.where("minute")
 

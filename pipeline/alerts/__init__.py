@@ -8,8 +8,8 @@ adapter), `evaluator` (the loop), `command` (`gpufleet alerts`). docs/alerts.md 
 
 from __future__ import annotations
 
-from pipeline.alerts.evaluator import EvalReport, Evaluator
-from pipeline.alerts.rules import RulesError, RuleSet, load_rules
-from pipeline.alerts.state import firing_alerts
+from gpufleet.pipeline.alerts.evaluator import EvalReport, Evaluator
+from gpufleet.pipeline.alerts.rules import RulesError, RuleSet, load_rules
+from gpufleet.pipeline.alerts.state import firing_alerts
 
 __all__ = ["EvalReport", "Evaluator", "RuleSet", "RulesError", "firing_alerts", "load_rules"]

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from pipeline.alerts.lifecycle import AlertRecord
-from pipeline.alerts.queries import iso
-from pipeline.store import redact
+from gpufleet.pipeline.alerts.lifecycle import AlertRecord
+from gpufleet.pipeline.alerts.queries import iso
+from gpufleet.pipeline.store.client import redact
 
 MAX_BATCH: Final = 500
 """Alerts per POST: keeps one request small when a whole rack fails at once."""

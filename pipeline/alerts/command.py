@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from gpufleet import config as config_mod
-from pipeline.commands.common import load_config, target_options
+from gpufleet.pipeline.commands.common import load_config, target_options
 
 
 @click.group(invoke_without_command=True)
@@ -49,7 +49,7 @@ def alerts(ctx: click.Context, config_path: str | None, dsn: str | None, databas
 
 def _firing(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> list[dict[str, Any]]:
     if not dsn and not database:
-        from pipeline.demo.state import DemoState
+        from gpufleet.embedded.demo.state import DemoState
 
         state = DemoState.read(data_dir)
         if state and state.alive():
@@ -62,8 +62,8 @@ def _firing(config_path: str | None, dsn: str | None, database: str | None, data
             return list(doc["alerts_firing"])
         if state:
             dsn, database = state.dsn, state.database
-    from pipeline.alerts.state import StateError, firing_alerts
-    from pipeline.store import connect
+    from gpufleet.pipeline.alerts.state import StateError, firing_alerts
+    from gpufleet.pipeline.store.client import connect
 
     _, target = load_config(config_path, dsn, database)
     try:
@@ -92,9 +92,9 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
     """Evaluate the alert rules on a schedule and notify Alertmanager, until stopped (SIGTERM, Ctrl-C)."""
     import msgspec
 
-    from pipeline.alerts.evaluator import Evaluator
-    from pipeline.alerts.rules import RulesError, load_rules
-    from pipeline.store import connect
+    from gpufleet.pipeline.alerts.evaluator import Evaluator
+    from gpufleet.pipeline.alerts.rules import RulesError, load_rules
+    from gpufleet.pipeline.store.client import connect
 
     cfg, target = load_config(config_path, dsn, database)
     alerts_cfg = cfg.alerts
@@ -130,7 +130,7 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def check_cmd(files: tuple[str, ...]) -> None:
     """Validate rules files (exit 1 and name the rule and key on the first error)."""
-    from pipeline.alerts.rules import RulesError, load_rules
+    from gpufleet.pipeline.alerts.rules import RulesError, load_rules
 
     failed = False
     for f in files:

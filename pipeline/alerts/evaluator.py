@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpufleet.config import Config
-from pipeline.alerts import lifecycle as lc
-from pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError, payload
-from pipeline.alerts.lifecycle import AlertRecord
-from pipeline.alerts.queries import Candidate, build, candidates
-from pipeline.alerts.rules import AnyRule, RuleSet, format_duration, load_rules
-from pipeline.alerts.state import AlertStore
+from gpufleet.pipeline.alerts import lifecycle as lc
+from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError, payload
+from gpufleet.pipeline.alerts.lifecycle import AlertRecord
+from gpufleet.pipeline.alerts.queries import Candidate, build, candidates
+from gpufleet.pipeline.alerts.rules import AnyRule, RuleSet, format_duration, load_rules
+from gpufleet.pipeline.alerts.state import AlertStore
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -29,7 +29,7 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_POWER_CAP,
     THROTTLE_SW_THERMAL,
 )
-from pipeline.alerts.rules import (
+from gpufleet.pipeline.alerts.rules import (
     AgentCounterRising,
     AnyRule,
     GpuBusyUnallocated,
@@ -217,7 +217,7 @@ def _node_silent(rule: NodeSilent, db: str, now_ms: int) -> Query:
 
 
 def _mfu(rule: MfuBelowTarget, db: str, now_ms: int) -> Query:
-    # TODO(rollups): switch to the per-minute rollup / pipeline/mfu.py when they land. Until then:
+    # TODO(rollups): switch to the per-minute rollup / pipeline/queries/mfu.py when they land. Until then:
     # model FLOPs (measured, else the hardware estimate) over peak FLOPs x seconds, known models
     # only, samples whose FLOPs are unknown left out (never counted as zero).
     keys = list(rule.by)

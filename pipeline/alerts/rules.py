@@ -377,13 +377,13 @@ def load_rules(path: str | Path | None = None) -> RuleSet:
 
 def packaged_rules(name: str) -> RuleSet:
     """A rules file shipped in this package (`default_rules.yaml`, `demo_rules.yaml`)."""
-    text = resources.files("pipeline.alerts").joinpath(name).read_text()
+    text = resources.files("gpufleet.pipeline.alerts").joinpath(name).read_text()
     return _parse_text(text, f"pipeline/alerts/{name}")
 
 
 def packaged_path(name: str = DEFAULT_RULES) -> Path:
     """Filesystem path of a shipped rules file (to pass as `alerts.rules_file`)."""
-    return Path(str(resources.files("pipeline.alerts").joinpath(name)))
+    return Path(str(resources.files("gpufleet.pipeline.alerts").joinpath(name)))
 
 
 def _parse_text(text: str, source: str) -> RuleSet:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from pipeline.alerts.lifecycle import AlertRecord
-from pipeline.alerts.queries import iso
-from pipeline.store import check_database_name
+from gpufleet.pipeline.alerts.lifecycle import AlertRecord
+from gpufleet.pipeline.alerts.queries import iso
+from gpufleet.pipeline.store.client import check_database_name
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -9,12 +9,12 @@ from typing import Any
 
 import click
 
-from pipeline.commands.common import load_config, target_options
-from pipeline.commands.usage import with_store
+from gpufleet.pipeline.commands.common import load_config, target_options
+from gpufleet.pipeline.commands.usage import with_store
 
 
 def _open(config_path: str | None, dsn: str | None, database: str | None) -> tuple[Any, Any, str]:
-    from pipeline.store import connect
+    from gpufleet.pipeline.store.client import connect
 
     cfg, target = load_config(config_path, dsn, database)
     return cfg, with_store(lambda: connect(target)), target.database
@@ -43,8 +43,8 @@ def billing() -> None:
 def close(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None) -> None:
     """Freeze one statement per tenant and GPU model for PERIOD, booking late usage of earlier closed
     periods as adjustments; refuses a period already closed or not yet ended."""
-    from pipeline import billing as bill
-    from pipeline.usage import sync_policy
+    from gpufleet.pipeline.queries import billing as bill
+    from gpufleet.pipeline.queries.policy import sync_policy
 
     cfg, client, db = _open(config_path, dsn, database)
     now_ms = int(time.time() * 1000)
@@ -74,7 +74,7 @@ def close(period: str, as_json: bool, config_path: str | None, dsn: str | None, 
 @target_options
 def show(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None) -> None:
     """Print a closed period's statement and the adjustments booked with it."""
-    from pipeline import billing as bill
+    from gpufleet.pipeline.queries import billing as bill
 
     _, client, db = _open(config_path, dsn, database)
     if period not in with_store(lambda: bill.closed_periods(client, db)):
@@ -92,7 +92,7 @@ def show(period: str, as_json: bool, config_path: str | None, dsn: str | None, d
 @target_options
 def pending(config_path: str | None, dsn: str | None, database: str | None) -> None:
     """Usage of closed periods that arrived after their close, to be booked at the next close (JSON)."""
-    from pipeline import billing as bill
+    from gpufleet.pipeline.queries import billing as bill
 
     _, client, db = _open(config_path, dsn, database)
     found = with_store(lambda: bill.pending_adjustments(client, db))
@@ -104,7 +104,7 @@ def pending(config_path: str | None, dsn: str | None, database: str | None) -> N
 @target_options
 def verify(config_path: str | None, dsn: str | None, database: str | None) -> None:
     """Recompute every statement and adjustment checksum; exit 1 if any row was altered."""
-    from pipeline import billing as bill
+    from gpufleet.pipeline.queries import billing as bill
 
     _, client, db = _open(config_path, dsn, database)
     problems = with_store(lambda: bill.verify(client, db))

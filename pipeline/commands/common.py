@@ -9,7 +9,7 @@ import click
 
 from gpufleet import config as config_mod
 from gpufleet.config import Config
-from pipeline.store import Target
+from gpufleet.pipeline.store.client import Target
 
 
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:

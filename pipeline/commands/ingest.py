@@ -11,15 +11,14 @@ import click
 
 from gpufleet import kafka
 from gpufleet.config import ConfigError
-from pipeline.commands.common import load_config, target_options
-from pipeline.commands.migrate import schema_options
-from pipeline.config_check import validate_startup
-from pipeline.consumer import build_ingester
-from pipeline.migrate import migrate
-from pipeline.status import fleet_status
-from pipeline.status_api import StatusServer
-from pipeline.store import StoreError, connect, redact
-from pipeline.usage import sync_policy
+from gpufleet.config_check import validate_startup
+from gpufleet.pipeline.commands.common import load_config, target_options
+from gpufleet.pipeline.ingest.consumer import build_ingester
+from gpufleet.pipeline.queries.policy import sync_policy
+from gpufleet.pipeline.queries.status import fleet_status
+from gpufleet.pipeline.queries.status_api import StatusServer
+from gpufleet.pipeline.store.client import StoreError, connect, redact
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def ingest(config_path: str | None, dsn: str | None, database: str | None, boots
     except StoreError as exc:  # e.g. wrong credentials: the DSN is redacted in the message
         raise ConfigError(f"clickhouse.dsn: {exc}") from None
     if not no_migrate:
-        migrate(client, schema_options(cfg))
+        migrate(client, SchemaOptions.from_config(cfg))
     sync_policy(client, cfg.clickhouse.database, cfg.billing, int(time.time() * 1000))
     kafka.ensure_topics(cfg.kafka)
     ing = build_ingester(cfg, client)

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import click
 
-from pipeline.commands.common import load_config, target_options
-from pipeline.migrate import SchemaOptions, migrate
-from pipeline.store import connect, redact
-
-
-def schema_options(cfg) -> SchemaOptions:
-    ch = cfg.clickhouse
-    return SchemaOptions(database=ch.database, cluster=ch.cluster, raw_ttl_days=ch.raw_ttl_days)
+from gpufleet.pipeline.commands.common import load_config, target_options
+from gpufleet.pipeline.store.client import connect, redact
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 
 @click.command("migrate")
@@ -19,6 +14,6 @@ def schema_options(cfg) -> SchemaOptions:
 def migrate_cmd(config_path: str | None, dsn: str | None, database: str | None) -> None:
     """Create or upgrade the ClickHouse schema; safe to run any number of times."""
     cfg, target = load_config(config_path, dsn, database)
-    applied = migrate(connect(target), schema_options(cfg))
+    applied = migrate(connect(target), SchemaOptions.from_config(cfg))
     where = f"{redact(target.dsn)} database {target.database}"
     click.echo(f"applied migrations {applied} to {where}" if applied else f"schema up to date on {where}")

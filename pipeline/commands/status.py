@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from gpufleet import config as config_mod
-from pipeline.demo.state import DemoState
+from gpufleet.embedded.demo.state import DemoState
 
 
 @click.command()
@@ -31,8 +31,8 @@ def status(config_path: str | None, data_dir: Path, dsn: str | None, database: s
     if state and state.alive():
         doc = state.fetch_status()
     if doc is None:
-        from pipeline.status import fleet_status
-        from pipeline.store import Target, connect
+        from gpufleet.pipeline.queries.status import fleet_status
+        from gpufleet.pipeline.store.client import Target, connect
 
         if state:
             dsn, database = dsn or state.dsn, database or state.database

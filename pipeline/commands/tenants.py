@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from pipeline import tenants as tenants_mod
-from pipeline.commands.common import load_config, target_options
+from gpufleet.pipeline.commands.common import load_config, target_options
+from gpufleet.pipeline.store import tenants as tenants_mod
 
 PASSWORD_FILE = click.option(
     "--password-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -72,7 +72,7 @@ def sql_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: str 
 def create_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: str | None,
                database: str | None) -> None:
     """Create (or update) the tenant's read-only user and its row policies on the ClickHouse server."""
-    from pipeline.store import connect, redact
+    from gpufleet.pipeline.store.client import connect, redact
 
     _, target = load_config(config_path, dsn, database)
     if target.embedded:

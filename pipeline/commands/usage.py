@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.commands.common import load_config, target_options
+from gpufleet.pipeline.commands.common import load_config, target_options
 
 T = TypeVar("T")
 
@@ -92,8 +92,9 @@ def usage(from_: str | None, to: str | None, tenant: str | None, fmt: str,
           config_path: str | None, dsn: str | None, database: str | None) -> None:
     """Hourly usage per tenant and GPU model: allocated, unhealthy and billable GPU time, idle time,
     reporting gaps, energy, utilization and MFU (docs/aggregations.md explains every column)."""
-    from pipeline.store import connect
-    from pipeline.usage import USAGE_COLUMNS, sync_policy, usage_rows
+    from gpufleet.pipeline.queries.policy import sync_policy
+    from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
+    from gpufleet.pipeline.store.client import connect
 
     from_ms, to_ms = parse_time(from_, "--from"), parse_time(to, "--to")
     if from_ms is not None and to_ms is not None and to_ms <= from_ms:

@@ -2,7 +2,7 @@
 
 Covers the runner wiring (exact per-interval FLOPs on the right GPUs, null elsewhere, health counters),
 `gpufleet agent` on NVML (fake pynvml) with the receiver on the configured port, the simulated fleet
-with `--flops-jobs` (a real child process, stopped with the agent), and agents.flops_jobs' pure parts.
+with `--flops-jobs` (a real child process, stopped with the agent), and gpufleet.agents.flops_jobs' pure parts.
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ import pytest
 from click.testing import CliRunner
 from kafka import KafkaConsumer, KafkaProducer
 
-from agents import flops_jobs
-from agents.collectors import nvml as nvml_module
-from agents.flops_jobs import FleetSpec, JobsSpec, ReportingJob, Selection, gpu_flops, gpus_by_node
-from agents.otlp import OtlpReceiver, ReceiverSettings
-from agents.report_flops import Reporter
-from agents.runner import NodeAgent
-from agents.sender import Backoff, Sender
-from agents.simulation.jobs import Job, Phase
-from agents.spool import Spool
+from gpufleet.agents import flops_jobs
+from gpufleet.agents.collectors import nvml as nvml_module
+from gpufleet.agents.flops_jobs import FleetSpec, JobsSpec, ReportingJob, Selection, gpu_flops, gpus_by_node
+from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
+from gpufleet.agents.runner import NodeAgent
+from gpufleet.agents.sender import Backoff, Sender
+from gpufleet.agents.simulation.jobs import Job, Phase
+from gpufleet.agents.spool import Spool
 from gpufleet.cli import cli
 from gpufleet.config import KafkaConfig
+from gpufleet.embedded.broker import EmbeddedBroker, free_port, wait_for_port
 from gpufleet.kafka import consumer_kwargs, ensure_topics, producer_kwargs
+from gpufleet.report_flops import Reporter
 from gpufleet.wire import GpuSample, NodeReport, decode
-from pipeline.embedded_broker import EmbeddedBroker, free_port, wait_for_port
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml
 
 MB = 1024 * 1024
@@ -262,7 +262,8 @@ def test_simulated_flops_jobs_report_through_otlp_and_stop_with_the_agent(broker
     reader = Reader(broker.bootstrap, kafka_topic)
     try:
         measured = reader.until(lambda got: any(g.flops_measured is not None for r in got for g in r.gpus))
-        jobs = [p for p in psutil.Process(agent.pid).children() if "agents.flops_jobs" in " ".join(p.cmdline())]
+        children = psutil.Process(agent.pid).children()
+        jobs = [p for p in children if "gpufleet.agents.flops_jobs" in " ".join(p.cmdline())]
         assert len(jobs) == 1
     finally:
         agent.send_signal(signal.SIGTERM)
@@ -288,7 +289,7 @@ def test_simulated_flops_jobs_report_through_otlp_and_stop_with_the_agent(broker
     assert max(r.agent.otlp_points_accepted_total for r in reports) >= 1
 
 
-# -- agents.flops_jobs' parts --------------------------------------------------------------------------
+# -- gpufleet.agents.flops_jobs' parts --------------------------------------------------------------------------
 
 T = 1_700_000_000_000
 PEAK = 989e12

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.allocation import (
+from gpufleet.agents.allocation import (
     Allocation,
     AllocationSource,
     DcgmJobDirSource,
@@ -55,7 +55,7 @@ def test_file_source_reads_indexes_uuids_numbers_and_nulls(tmp_path):
 def test_file_source_missing_file_is_unallocated_and_logged_once(tmp_path, caplog):
     path = tmp_path / "alloc.json"
     source = SchedulerFileSource(path)
-    with caplog.at_level(logging.WARNING, logger="agents.allocation"):
+    with caplog.at_level(logging.WARNING, logger="gpufleet.agents.allocation"):
         assert source.read() == {}
         assert source.read() == {}
     assert [r.getMessage() for r in caplog.records] == [
@@ -88,7 +88,7 @@ def test_malformed_file_keeps_the_last_good_allocation(tmp_path, caplog, content
     good = {0: Allocation("acme", "1")}
     assert source.read() == good
     write(path, content)
-    with caplog.at_level(logging.WARNING, logger="agents.allocation"):
+    with caplog.at_level(logging.WARNING, logger="gpufleet.agents.allocation"):
         assert source.read() == good
         assert source.read() == good  # unchanged file: not parsed (or logged) again
     assert len(caplog.records) == 1
@@ -165,7 +165,7 @@ def test_dcgm_dir_first_job_wins_and_odd_files_are_ignored(tmp_path, caplog):
     (job_dir / "subdir").mkdir()
     (job_dir / UUID1).write_text("400\n")  # by UUID
     source = DcgmJobDirSource(job_dir, uuid_index={UUID1: 5})
-    with caplog.at_level(logging.WARNING, logger="agents.allocation"):
+    with caplog.at_level(logging.WARNING, logger="gpufleet.agents.allocation"):
         assert source.read() == {0: Allocation("default", "100"), 5: Allocation("default", "400")}
     assert any("GPU 0 lists 2 jobs" in r.getMessage() and "first (100)" in r.getMessage() for r in caplog.records)
 
@@ -196,7 +196,7 @@ def test_dcgm_dir_unreadable_file_keeps_that_gpus_last_reading(tmp_path, caplog)
     (job_dir / "0").unlink()
     (job_dir / "0").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), even as root
     prolog(job_dir, [1], "57")
-    with caplog.at_level(logging.WARNING, logger="agents.allocation"):
+    with caplog.at_level(logging.WARNING, logger="gpufleet.agents.allocation"):
         assert source.read() == {0: Allocation("default", "55"), 1: Allocation("default", "57")}
     assert any(f"{job_dir / '0'} cannot be read" in r.getMessage() for r in caplog.records)
 

@@ -10,14 +10,14 @@ import pytest
 from click.testing import CliRunner
 from kafka import KafkaConsumer, KafkaProducer
 
-from agents.runner import NodeAgent
-from agents.sender import Backoff, Sender
-from agents.spool import Spool
+from gpufleet.agents.runner import NodeAgent
+from gpufleet.agents.sender import Backoff, Sender
+from gpufleet.agents.spool import Spool
 from gpufleet.cli import cli
 from gpufleet.config import KafkaConfig
+from gpufleet.embedded.broker import EmbeddedBroker, free_port
 from gpufleet.kafka import consumer_kwargs, ensure_topics, producer_kwargs
 from gpufleet.wire import SCHEMA_VERSION, AgentHealth, GpuSample, NodeReport, decode
-from pipeline.embedded_broker import EmbeddedBroker, free_port
 
 MB = 1024 * 1024
 FAST = Backoff(initial_s=0.05, max_s=0.3)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from agents.collectors import Collector
-from agents.collectors import nvml as nvml_module
-from agents.collectors.nvml import NvmlCollector, NvmlUnavailable
 from gpufleet import wire
+from gpufleet.agents.collectors import Collector
+from gpufleet.agents.collectors import nvml as nvml_module
+from gpufleet.agents.collectors.nvml import NvmlCollector, NvmlUnavailable
 from tests.fakes.fake_pynvml import H100_MEMORY_BYTES, FakeGpu, FakeNvml
 
 NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from agents.collectors.base import NodeDown
-from agents.kafka_exporter import KafkaMetricExporter
-from agents.meter import AgentMeter, Frame, node_resource
-from agents.runner import NodeAgent, run_many
-from agents.spool import Spool
+from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.kafka_exporter import KafkaMetricExporter
+from gpufleet.agents.meter import AgentMeter, Frame, node_resource
+from gpufleet.agents.runner import NodeAgent, run_many
+from gpufleet.agents.spool import Spool
 from gpufleet.cli import cli
 from gpufleet.wire import SCHEMA_VERSION, AgentHealth, GpuSample, NodeReport, decode
 
@@ -348,7 +348,7 @@ def test_otlp_export_endpoint_adds_an_otlp_http_reader(tmp_path: Path) -> None:
 
 
 def test_flags_override_the_config_file_and_absent_flags_do_not() -> None:
-    from agents.command import apply_overrides
+    from gpufleet.agents.command import apply_overrides
     from gpufleet.config import parse
 
     cfg = parse({"kafka": {"bootstrap_servers": "k:9092", "topic": "file-topic"},

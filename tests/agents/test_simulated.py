@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from agents.collectors.base import Collector
-from agents.collectors.simulated import (
+from gpufleet.agents.collectors.base import Collector
+from gpufleet.agents.collectors.simulated import (
     Fault,
     NodeDown,
     SimulatedFleet,

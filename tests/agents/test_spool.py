@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.spool import RECORD_OVERHEAD, Spool, SpoolError
+from gpufleet.agents.spool import RECORD_OVERHEAD, Spool, SpoolError
 
 MB = 1024 * 1024
 
@@ -120,7 +120,7 @@ def test_state_file_names_boot_id_and_next_seq(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from agents.spool import Spool
+    from gpufleet.agents.spool import Spool
     spool = Spool(sys.argv[1], 1 << 30, fsync=False)
     ack = sys.argv[2] == "ack"
     seq = spool.next_seq

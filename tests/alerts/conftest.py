@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from gpufleet.config import Config, parse
-from pipeline.embedded_alertmanager import EmbeddedAlertmanager, find_binary
-from pipeline.store import Target
+from gpufleet.embedded.alertmanager import EmbeddedAlertmanager, find_binary
+from gpufleet.pipeline.store.client import Target
 
 
 @pytest.fixture

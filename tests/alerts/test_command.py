@@ -8,7 +8,7 @@ import time
 from click.testing import CliRunner
 
 from gpufleet.cli import cli
-from pipeline.rows import insert_reports
+from gpufleet.pipeline.ingest.rows import insert_reports
 from tests.alerts.helpers import am_alerts, iso
 from tests.builders import gpu, report
 

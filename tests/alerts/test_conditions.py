@@ -3,9 +3,9 @@ counters (with a counter reset), MFU per tenant and for the fleet, extra rule la
 
 from __future__ import annotations
 
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.alerts.rules import load_rules, parse_rules
-from pipeline.rows import insert_reports
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.rules import load_rules, parse_rules
+from gpufleet.pipeline.ingest.rows import insert_reports
 from tests.alerts.helpers import MIN, am_alerts, am_labels, base_ms, by_name, minute_reports
 from tests.builders import gpu
 
@@ -61,7 +61,7 @@ def test_degraded_fires_after_five_one_minute_samples_and_on_rising_counters(
 def _raw_default() -> list[dict]:
     import yaml
 
-    from pipeline.alerts.rules import packaged_path
+    from gpufleet.pipeline.alerts.rules import packaged_path
 
     return yaml.safe_load(packaged_path().read_text())["rules"]
 

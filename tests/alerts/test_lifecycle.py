@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.alerts import lifecycle as lc
-from pipeline.alerts.alertmanager import AlertmanagerClient, payload
+from gpufleet.pipeline.alerts import lifecycle as lc
+from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, payload
 
 T = 1_795_000_000_000  # 2026-11-18T11:06:40Z
 LABELS = {"alertname": "GpuIdleAllocated", "severity": "warning", "node": "n1"}

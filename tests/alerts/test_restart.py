@@ -6,11 +6,11 @@ process k=5..40; n1 gpu2 busy and healthy throughout.
 
 from __future__ import annotations
 
-from pipeline.alerts.alertmanager import AlertmanagerClient
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.alerts.state import firing_alerts
-from pipeline.embedded_broker import free_port
-from pipeline.rows import insert_reports
+from gpufleet.embedded.broker import free_port
+from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.state import firing_alerts
+from gpufleet.pipeline.ingest.rows import insert_reports
 from tests.alerts.helpers import MIN, Recording, am_alerts, base_ms, by_name, iso, minute_reports
 from tests.builders import gpu
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.alerts.rules import (
+from gpufleet.pipeline.alerts.rules import (
     DEMO_RULES,
     GpuIdleAllocated,
     RulesError,

@@ -12,10 +12,10 @@ Every other GPU is allocated to acme and busy. Expected alerts are worked out by
 
 from __future__ import annotations
 
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.state import firing_alerts
+from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.wire import GpuSample
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.alerts.state import firing_alerts
-from pipeline.rows import insert_reports
 from tests.alerts.helpers import MIN, am_alerts, am_labels, base_ms, by_name, iso, minute_reports
 from tests.builders import gpu
 

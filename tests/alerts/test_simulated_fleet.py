@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import msgspec
 
-from agents.simulation import faults as fk
-from agents.simulation.faults import Fault
-from agents.simulation.fleet import SimulatedFleet
-from agents.simulation.reports import simulate_reports
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.rows import insert_reports
+from gpufleet.agents.simulation import faults as fk
+from gpufleet.agents.simulation.faults import Fault
+from gpufleet.agents.simulation.fleet import SimulatedFleet
+from gpufleet.agents.simulation.reports import simulate_reports
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.ingest.rows import insert_reports
 from tests.alerts.helpers import MIN, am_labels, base_ms
 
 DAY = 24 * 60 * MIN

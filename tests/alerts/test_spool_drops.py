@@ -19,10 +19,10 @@ import msgspec
 import pytest
 import yaml
 
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.rules import AgentSpoolDropping, RulesError, packaged_path, packaged_rules, parse_rules
+from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.wire import AgentHealth, NodeReport
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.alerts.rules import AgentSpoolDropping, RulesError, packaged_path, packaged_rules, parse_rules
-from pipeline.rows import insert_reports
 from tests.alerts.helpers import MIN, am_alerts, am_labels, base_ms, iso
 from tests.builders import gpu, report
 

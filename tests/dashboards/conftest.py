@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dashboards import build
-from pipeline.migrate import SchemaOptions, migrate
-from pipeline.store import Target, connect
+from gpufleet.dashboards import build
+from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.dashboards import fleet_data
 
 if TYPE_CHECKING:

@@ -19,15 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agents.collectors.simulated import Fault, SimulatedFleet, simulate_reports
-from agents.simulation import faults as fk
+from gpufleet.agents.collectors.simulated import Fault, SimulatedFleet, simulate_reports
+from gpufleet.agents.simulation import faults as fk
 from gpufleet.config import ClickHouseConfig, Config
 from gpufleet.gpu_facts import peak_flops
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.rules import packaged_rules
+from gpufleet.pipeline.ingest.rows import Deriver, insert_reports
+from gpufleet.pipeline.queries import billing
 from gpufleet.wire import GpuSample, NodeReport
-from pipeline import billing
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.alerts.rules import packaged_rules
-from pipeline.rows import Deriver, insert_reports
 from tests.builders import report
 
 if TYPE_CHECKING:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dashboards import build, validate
-from dashboards.builder import DS_REF, DS_UID
-from dashboards.definitions import BOARDS
+from gpufleet.dashboards import build, validate
+from gpufleet.dashboards.builder import DS_REF, DS_UID
+from gpufleet.dashboards.definitions import BOARDS
 
 BOARD_FILES = sorted((build.ROOT / build.BOARDS_DIR).glob("*.json"))
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dashboards import alerting
-from dashboards.command import dashboards
-from dashboards.definitions import BOARDS
-from dashboards.deploy import DeployError, datasource_payload, run
+from gpufleet.dashboards import alerting
+from gpufleet.dashboards.command import dashboards
+from gpufleet.dashboards.definitions import BOARDS
+from gpufleet.dashboards.deploy import DeployError, datasource_payload, run
 from tests.dashboards.fake_grafana import fake_grafana
 
 TOKEN = "glsa_test_token_0123456789"

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from dashboards import fragments as f
-from dashboards.definitions import BOARDS
-from dashboards.macros import TimeRange, Var, render
-from dashboards.queries import panel_queries, panel_range, resolve_variables, run
+from gpufleet.dashboards import fragments as f
+from gpufleet.dashboards.definitions import BOARDS
+from gpufleet.dashboards.macros import TimeRange, Var, render
+from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables, run
 from tests.dashboards import fleet_data as fd
 from tests.dashboards.conftest import Fleet, committed, hexed
 from tests.security import HOSTILE

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dashboards.macros import (
+from gpufleet.dashboards.macros import (
     ALL,
     MacroError,
     TimeRange,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dashboards import build, preview
-from dashboards.command import dashboards
+from gpufleet.dashboards import build, preview
+from gpufleet.dashboards.command import dashboards
 from tests.dashboards import fleet_data as fd
 from tests.dashboards.conftest import Fleet
 

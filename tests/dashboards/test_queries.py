@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from dashboards import alerting, build
-from dashboards.definitions import BOARDS
-from dashboards.macros import TimeRange, expand_macros
-from dashboards.queries import PanelQuery, panel_queries, panel_range, resolve_variables, run
+from gpufleet.dashboards import alerting, build
+from gpufleet.dashboards.definitions import BOARDS
+from gpufleet.dashboards.macros import TimeRange, expand_macros
+from gpufleet.dashboards.queries import PanelQuery, panel_queries, panel_range, resolve_variables, run
 from gpufleet.gpu_facts import peak_flops
 from tests.dashboards import fleet_data as fd
 from tests.dashboards.conftest import Fleet, committed, hexed
@@ -70,7 +70,7 @@ def test_every_panel_query_runs_with_the_expected_columns_and_data(fleet: Fleet,
 
 
 def _render(q: PanelQuery, values: dict[str, Any]) -> str:
-    from dashboards.macros import render
+    from gpufleet.dashboards.macros import render
 
     return render(q.raw_sql, values, panel_range(fd.START_MS, fd.END_MS, q.min_interval))
 

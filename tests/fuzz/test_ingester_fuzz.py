@@ -21,7 +21,7 @@ import struct
 from typing import Any
 
 from gpufleet import wire
-from pipeline.ingester import validate
+from gpufleet.pipeline.ingest.ingester import validate
 from tests.builders import T0_MS, gpu, report
 from tests.fuzz import base_report, mutate
 from tests.security import ingest_config, produce, running_ingester, wait_for

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-from agents.otlp import OtlpReceiver, ReceiverSettings
+from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
 from tests.fuzz import BYTE_OPS, DOC_OPS, random_json
 from tests.otlp.otlp_builders import DELTA, GPUS, A, B, C, D, Dp, post, request
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gpufleet import wire
-from pipeline import staging
-from pipeline.ingester import validate, validate_for_staging
+from gpufleet.pipeline.ingest import staging
+from gpufleet.pipeline.ingest.ingester import validate, validate_for_staging
 from tests.fuzz import base_report, mutate
 
 FUZZ = settings(max_examples=1500, deadline=None, derandomize=True,

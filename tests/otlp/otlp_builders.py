@@ -20,7 +20,7 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality as SdkTempor
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from agents.otlp.points import Point
+from gpufleet.agents.otlp.points import Point
 
 GPUS = {0: "GPU-aaaa0000", 1: "GPU-bbbb1111", 2: "GPU-cccc2222", 3: "GPU-dddd3333"}
 A, B, C, D = GPUS[0], GPUS[1], GPUS[2], GPUS[3]

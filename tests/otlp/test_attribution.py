@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agents.otlp.attribution import Attribution, AttributionSettings
+from gpufleet.agents.otlp.attribution import Attribution, AttributionSettings
 from tests.otlp.otlp_builders import A, B, C, point
 
 T0 = 1_800_000_000_000  # agent clock, ms

@@ -6,9 +6,9 @@ import time
 
 from clickhouse_connect.driver.client import Client
 
-from agents.otlp import OtlpReceiver, ReceiverSettings
-from pipeline.rows import insert_reports
-from pipeline.store import Target
+from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
+from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.store.client import Target
 from tests.builders import gpu, report
 from tests.otlp.otlp_builders import sdk_counter
 

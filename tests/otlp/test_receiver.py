@@ -17,7 +17,7 @@ from google.rpc.status_pb2 import Status
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-from agents.otlp import OtlpReceiver, ReceiverError, ReceiverSettings
+from gpufleet.agents.otlp import OtlpReceiver, ReceiverError, ReceiverSettings
 from gpufleet.config import AgentConfig
 from gpufleet.wire import GpuSample
 from tests.otlp.otlp_builders import GPUS, A, B, C, D, Dp, post, request, sdk_counter
@@ -349,7 +349,7 @@ def test_port_in_use_fails_with_the_setting_to_change(receiver: OtlpReceiver, cl
 def test_a_bug_on_one_request_costs_that_request_only(
     receiver: OtlpReceiver, clock: PinnedClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import agents.otlp.receiver as module
+    import gpufleet.agents.otlp.receiver as module
 
     real = module.extract
     monkeypatch.setattr(module, "extract", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.otlp import OtlpReceiver, ReceiverSettings
-from agents.report_flops import Reporter, gpu_attributes
+from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
+from gpufleet.report_flops import Reporter, gpu_attributes
 from tests.otlp.otlp_builders import GPUS, A, B, C, D
 
 HOUR_MS = 3_600_000
@@ -103,7 +103,7 @@ def test_negative_or_nonfinite_amounts_are_refused(receiver: OtlpReceiver) -> No
 
 def test_a_job_process_reports_through_the_module_level_helper(receiver: OtlpReceiver, pinned: int) -> None:
     job = textwrap.dedent("""
-        from agents import report_flops
+        from gpufleet import report_flops
         report_flops.init(job_id="subprocess-job")
         for step in range(3):
             report_flops.report_flops(6 * 125_000_000 * 4096)

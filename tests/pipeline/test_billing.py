@@ -9,10 +9,18 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline import billing
-from pipeline.billing import BillingError, Totals, close_period, pending_adjustments, period_bounds, statements, verify
-from pipeline.commands.billing import billing as billing_cmd
-from pipeline.rows import insert_reports
+from gpufleet.pipeline.commands.billing import billing as billing_cmd
+from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.queries import billing
+from gpufleet.pipeline.queries.billing import (
+    BillingError,
+    Totals,
+    close_period,
+    pending_adjustments,
+    period_bounds,
+    statements,
+    verify,
+)
 from tests.builders import H100, gpu, report
 
 H = 1_794_999_600_000  # 2026-11-18T11:00:00Z

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.fleet_health import classify_now, current_health, health_history
-from pipeline.rows import insert_reports
-from pipeline.usage import Window
+from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.queries.fleet_health import classify_now, current_health, health_history
+from gpufleet.pipeline.queries.window import Window
 from tests.builders import gpu, report
 
 M = 1_794_999_600_000  # 2026-11-18T11:00:00Z

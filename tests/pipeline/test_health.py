@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpufleet.config import HealthConfig
-from pipeline.health import Previous, State, classify
+from gpufleet.pipeline.ingest.health import Previous, State, classify
 from tests.builders import gpu
 
 CFG = HealthConfig()

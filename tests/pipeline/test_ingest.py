@@ -12,9 +12,9 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from gpufleet import wire
 from gpufleet.config import Config, parse
-from pipeline.consumer import build_ingester
-from pipeline.ingester import Ingester
-from pipeline.store import connect
+from gpufleet.pipeline.ingest.consumer import build_ingester
+from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.store.client import connect
 from tests.builders import T0_MS, gpu, report
 
 
@@ -60,7 +60,7 @@ def _ingester(cfg: Config, client=None) -> Ingester:
 
 
 def connect_target(cfg: Config):
-    from pipeline.store import Target
+    from gpufleet.pipeline.store.client import Target
 
     return connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database))
 
@@ -177,6 +177,6 @@ def test_clickhouse_down_backs_off_and_loses_nothing(broker, ch_target, ch_clien
 
 @pytest.mark.parametrize(("key", "reason"), [(None, "no key"), (b"n2", "does not match its node 'n1'")])
 def test_key_must_name_the_node(key, reason) -> None:
-    from pipeline.ingester import validate
+    from gpufleet.pipeline.ingest.ingester import validate
 
     assert reason in validate(key, wire.encode(report(node="n1")))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.mfu import mfu_by_scope, source_label
-from pipeline.rows import Deriver, insert_reports
-from pipeline.usage import Window
+from gpufleet.pipeline.ingest.rows import Deriver, insert_reports
+from gpufleet.pipeline.queries.mfu import mfu_by_scope, source_label
+from gpufleet.pipeline.queries.window import Window
 from tests.builders import gpu, report
 
 M = 1_794_999_600_000  # 2026-11-18T11:00:00Z, a whole minute

@@ -9,10 +9,10 @@ import msgspec
 import pytest
 
 from gpufleet import wire
-from pipeline import staging
-from pipeline.ingester import validate, validate_for_staging
-from pipeline.migrate import SchemaOptions, migrate
-from pipeline.rows import SAMPLE_COLUMNS, Deriver, derive, derived_columns, insert_columns
+from gpufleet.pipeline.ingest import staging
+from gpufleet.pipeline.ingest.ingester import validate, validate_for_staging
+from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Deriver, derive, derived_columns, insert_columns
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.builders import T0_MS, gpu, report
 
 H100_PEAK = 989e12

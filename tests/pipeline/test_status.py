@@ -6,9 +6,9 @@ import json
 import urllib.request
 
 from gpufleet.config import Config, with_clickhouse
-from pipeline.rows import insert_reports
-from pipeline.status import fleet_status
-from pipeline.status_api import StatusServer
+from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.queries.status import fleet_status
+from gpufleet.pipeline.queries.status_api import StatusServer
 from tests.builders import T0_MS, gpu, report
 
 

@@ -13,11 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from gpufleet.config import BillingConfig
-from pipeline import dedup
-from pipeline.commands.usage import usage as usage_cmd
-from pipeline.migrate import SchemaOptions, migrate
-from pipeline.rows import insert_reports
-from pipeline.usage import USAGE_COLUMNS, Policy, fleet_summary, read_policy, sync_policy, usage_rows
+from gpufleet.pipeline.commands.usage import usage as usage_cmd
+from gpufleet.pipeline.ingest import dedup
+from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.queries.policy import Policy, read_policy, sync_policy
+from gpufleet.pipeline.queries.status import fleet_summary
+from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.builders import H100, gpu, report
 
 H = 1_794_999_600_000  # 2026-11-18T11:00:00Z, a whole hour
@@ -243,11 +245,11 @@ FAILING_FAULTS = {"fell_off_bus", "ecc_dbe", "row_remap_failure", "nvlink_errors
 
 
 def test_simulated_fleet_bills_its_allocations_minus_silence_and_failures(ch_target, ch_client) -> None:
-    from agents.simulation.faults import default_faults
-    from agents.simulation.fleet import SimulatedFleet
-    from agents.simulation.reports import simulate_reports
-    from agents.simulation.truth import ground_truth
-    from pipeline.rows import Deriver
+    from gpufleet.agents.simulation.faults import default_faults
+    from gpufleet.agents.simulation.fleet import SimulatedFleet
+    from gpufleet.agents.simulation.reports import simulate_reports
+    from gpufleet.agents.simulation.truth import ground_truth
+    from gpufleet.pipeline.ingest.rows import Deriver
 
     db, start = ch_target.database, H + 600_000
     end = start + 120_000

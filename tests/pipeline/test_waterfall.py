@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.rows import insert_reports
-from pipeline.usage import Policy, Window
-from pipeline.waterfall import GpuTotals, HardwareScope, build, waterfall
+from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.queries.policy import Policy
+from gpufleet.pipeline.queries.waterfall import GpuTotals, HardwareScope, build, waterfall
+from gpufleet.pipeline.queries.window import Window
 from tests.builders import gpu, report
 
 M = 1_794_999_600_000  # 2026-11-18T11:00:00Z

@@ -16,11 +16,11 @@ import threading
 from typing import Any
 
 from gpufleet.config import load
-from pipeline.consumer import build_consumer, build_producer
-from pipeline.ingester import Ingester
-from pipeline.migrate import SchemaOptions, migrate
-from pipeline.store import Target, connect
-from pipeline.usage import sync_policy
+from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
+from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.queries.policy import sync_policy
+from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 
 class _Tripwire:

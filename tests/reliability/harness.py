@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.embedded_broker import free_port, wait_for_port
+from gpufleet.embedded.broker import free_port, wait_for_port
 from tests.reliability.tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def gpufleet(*args: str) -> list[str]:
 
 _PROBE = textwrap.dedent("""
     import json, sys
-    from pipeline.store import Target, connect
+    from gpufleet.pipeline.store.client import Target, connect
     dsn, db, queries, commands = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
     client = connect(Target(dsn, db))
     for c in commands:

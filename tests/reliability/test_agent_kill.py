@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer
 
-from agents.spool import RECORD_OVERHEAD
+from gpufleet.agents.spool import RECORD_OVERHEAD
 from gpufleet.config import KafkaConfig
 from gpufleet.kafka import consumer_kwargs, ensure_topics
 from gpufleet.wire import decode

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from gpufleet.config import parse
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.alerts.state import firing_alerts
-from pipeline.embedded_alertmanager import EmbeddedAlertmanager, find_binary
-from pipeline.rows import insert_reports
+from gpufleet.embedded.alertmanager import EmbeddedAlertmanager, find_binary
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.state import firing_alerts
+from gpufleet.pipeline.ingest.rows import insert_reports
 from tests.alerts.helpers import MIN, am_alerts, base_ms, minute_reports
 from tests.builders import gpu
 from tests.reliability.harness import wait_until

@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from agents.collectors.simulated import SimulatedFleet
-from agents.runner import NodeAgent
-from agents.sender import Backoff, Sender
-from agents.spool import RECORD_OVERHEAD, Spool
+from gpufleet.agents.collectors.simulated import SimulatedFleet
+from gpufleet.agents.runner import NodeAgent
+from gpufleet.agents.sender import Backoff, Sender
+from gpufleet.agents.spool import RECORD_OVERHEAD, Spool
 from gpufleet.config import Config, KafkaConfig, parse
 from gpufleet.kafka import consumer_kwargs, ensure_topics, producer_kwargs
+from gpufleet.pipeline.ingest.consumer import build_ingester
+from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.store.client import Target, connect
 from gpufleet.wire import decode
-from pipeline.consumer import build_ingester
-from pipeline.ingester import Ingester
-from pipeline.store import Target, connect
 from tests.reliability.harness import broker_behind_proxy, wait_until
 from tests.reliability.tcp_proxy import TcpProxy
 
@@ -178,14 +178,14 @@ def test_full_spool_drops_oldest_first_counted_and_logged(proxied: TcpProxy, tmp
     agent = fleet_agents(tmp_path / "real", base, lambda i: 0, spool_bytes=keep * size + size // 2)[0]
     sender = Sender(producer_factory(proxied.address), topic, [(agent.node, agent.spool)], backoff=FAST,
                     stall_s=STALL_S).start()
-    caplog.set_level(logging.WARNING, logger="agents.spool")
+    caplog.set_level(logging.WARNING, logger="gpufleet.agents.spool")
     try:
         for k in range(1, 26):  # 25 intervals with the broker away: room for about 10 of them
             agent.tick(base + k * 1000, 1000)
         assert agent.spool.depth == keep
         assert agent.spool.dropped_total == 25 - keep
         assert [e.seq for e in agent.spool.peek()] == list(range(25 - keep, 25))  # the oldest went first
-        warnings = [r.getMessage() for r in caplog.records if r.name == "agents.spool"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "gpufleet.agents.spool"]
         assert len(warnings) == 1  # rate-limited, never silent
         assert "is full" in warnings[0]
         assert "dropped the 1 oldest unsent messages" in warnings[0]
@@ -236,7 +236,7 @@ def test_a_producer_that_never_answers_is_replaced_and_everything_resent(broker,
         built.append(_SilentProducer() if not built else real())
         return built[-1]
 
-    caplog.set_level(logging.WARNING, logger="agents.sender")
+    caplog.set_level(logging.WARNING, logger="gpufleet.agents.sender")
     with Spool(tmp_path, MB) as spool:
         for seq in range(3):
             spool.append(seq, f"message-{seq}".encode())

@@ -23,11 +23,11 @@ from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 
 from gpufleet import wire
 from gpufleet.config import Config, KafkaConfig, parse
+from gpufleet.embedded.broker import EmbeddedBroker
 from gpufleet.kafka import ensure_topics
-from pipeline.consumer import build_ingester
-from pipeline.embedded_broker import EmbeddedBroker
-from pipeline.ingester import Ingester
-from pipeline.store import Target, connect
+from gpufleet.pipeline.ingest.consumer import build_ingester
+from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.store.client import Target, connect
 from tests.builders import gpu, report
 from tests.reliability.harness import wait_until
 

@@ -22,8 +22,8 @@ from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 
 from gpufleet import wire
 from gpufleet.config import KafkaConfig
+from gpufleet.embedded.broker import EmbeddedBroker
 from gpufleet.kafka import ensure_topics
-from pipeline.embedded_broker import EmbeddedBroker
 from tests.builders import gpu, report
 from tests.reliability.harness import Child, gpufleet, probe, wait_until, write_config
 
@@ -213,7 +213,7 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
                                                                topic: str) -> None:
     """The hour rollup refuses inserts (disk full), so the batch's insert lands in gpu_samples and the
     minute rollup only; the ingester is then killed. Its restart repeats the batch from the intent log
-    (pipeline/intents.py): ClickHouse drops the rows it has and completes the hour rollup."""
+    (pipeline/ingest/intents.py): ClickHouse drops the rows it has and completes the hour rollup."""
     cfg, dsn, db = _setup(broker, tmp_path, topic)
     sent = [10] * NODES
     assert Child(gpufleet("migrate", "--dsn", dsn, "--database", db), tmp_path / "migrate.log").start().wait() == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.intents import Intent, IntentLog, encode
+from gpufleet.pipeline.ingest.intents import Intent, IntentLog, encode
 
 
 def _intent(token: str, ms: int = 1) -> Intent:
@@ -44,7 +44,7 @@ def test_a_torn_or_damaged_intent_is_set_aside_and_logged(tmp_path: Path, caplog
     (tmp_path / f".{'c' * 32}.intent.tmp").write_bytes(b"half")  # died mid-write: never an intent
     (tmp_path / f"{'d' * 32}.intent").write_bytes(b"\x00garbage")
     (tmp_path / f"{'e' * 32}.intent").write_bytes(b"".join(encode(_intent("e" * 32)))[:-3])  # cut short
-    caplog.set_level(logging.ERROR, logger="pipeline.intents")
+    caplog.set_level(logging.ERROR, logger="gpufleet.pipeline.ingest.intents")
     assert log.pending() == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{'d' * 32}.intent.unreadable",
                                                           f"{'e' * 32}.intent.unreadable"]

@@ -22,10 +22,10 @@ from typing import Any
 
 from gpufleet import kafka
 from gpufleet.config import Config, parse
-from pipeline.consumer import build_ingester
-from pipeline.embedded_broker import free_port, wait_for_port
-from pipeline.ingester import Ingester
-from pipeline.store import Target, connect
+from gpufleet.embedded.broker import free_port, wait_for_port
+from gpufleet.pipeline.ingest.consumer import build_ingester
+from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.store.client import Target, connect
 
 HOSTILE: tuple[str, ...] = (
     "'); DROP TABLE gpu_samples; --",

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from gpufleet.config import ConfigError, parse
-from pipeline.config_check import problems, validate_startup
-from pipeline.embedded_broker import free_port
+from gpufleet.config_check import problems, validate_startup
+from gpufleet.embedded.broker import free_port
 from tests.security import kafka_debug_logging
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,22 +18,23 @@ from pathlib import Path
 
 import pytest
 
-from dashboards import preview
-from dashboards.definitions import BOARDS
-from dashboards.macros import TimeRange
-from dashboards.macros import render as render_sql
-from dashboards.queries import panel_queries, panel_range, resolve_variables, run
 from gpufleet import wire
 from gpufleet.config import Config, with_clickhouse
-from pipeline import mfu
-from pipeline.alerts.evaluator import Evaluator
-from pipeline.alerts.rules import parse_rules
-from pipeline.alerts.state import firing_alerts
-from pipeline.migrate import SchemaOptions, migrate
-from pipeline.rows import insert_reports
-from pipeline.status import fleet_status
-from pipeline.store import Target, connect
-from pipeline.usage import Policy, billable_by_tenant, sync_policy, usage_rows
+from gpufleet.dashboards import preview
+from gpufleet.dashboards.definitions import BOARDS
+from gpufleet.dashboards.macros import TimeRange
+from gpufleet.dashboards.macros import render as render_sql
+from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables, run
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.rules import parse_rules
+from gpufleet.pipeline.alerts.state import firing_alerts
+from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.queries import mfu
+from gpufleet.pipeline.queries.policy import Policy, sync_policy
+from gpufleet.pipeline.queries.status import fleet_status
+from gpufleet.pipeline.queries.usage import billable_by_tenant, usage_rows
+from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.builders import gpu, report
 from tests.security import HOSTILE, ingest_config, produce, running_ingester, wait_for
 

@@ -17,7 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from gpufleet import kafka, wire
 from gpufleet.config import KafkaConfig
-from pipeline.config_check import validate_startup
+from gpufleet.config_check import validate_startup
 from tests.builders import T0_MS, gpu, report
 from tests.security import TlsFiles, ingest_config, make_tls_files, produce, running_ingester, tls_broker, wait_for
 

@@ -23,10 +23,10 @@ from click.testing import CliRunner
 
 from gpufleet import wire
 from gpufleet.cli import cli
-from pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError
-from pipeline.config_check import validate_startup
-from pipeline.embedded_broker import free_port
-from pipeline.store import StoreError, Target, connect, redact
+from gpufleet.config_check import validate_startup
+from gpufleet.embedded.broker import free_port
+from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError
+from gpufleet.pipeline.store.client import StoreError, Target, connect, redact
 from tests.builders import report
 from tests.security import ingest_config, kafka_debug_logging, produce, running_ingester, wait_for
 
@@ -154,7 +154,7 @@ def test_ingest_command_with_a_password_in_the_dsn_prints_it_nowhere(refusing_cl
 
 
 def test_alertmanager_and_grafana_credentials_stay_out_of_errors_and_logs(caplog) -> None:
-    from dashboards.deploy import DeployError, run
+    from gpufleet.dashboards.deploy import DeployError, run
 
     caplog.set_level(logging.DEBUG)
     texts = []

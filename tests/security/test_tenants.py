@@ -29,8 +29,8 @@ from xml.sax.saxutils import escape
 import pytest
 from click.testing import CliRunner
 
-from pipeline import tenants
-from pipeline.commands.tenants import tenants as tenants_cli
+from gpufleet.pipeline.commands.tenants import tenants as tenants_cli
+from gpufleet.pipeline.store import tenants
 from tests.security import HOSTILE, kafka_debug_logging
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,13 +101,13 @@ TENANTS = ("acme", "'); DROP TABLE x; --", "b\\e'ta")
 _WRITE = textwrap.dedent("""
     import datetime as dt, json, sys, time
     from gpufleet.config import Config, with_clickhouse
-    from pipeline.alerts.evaluator import Evaluator
-    from pipeline.alerts.rules import parse_rules
-    from pipeline.billing import close_period
-    from pipeline.migrate import SchemaOptions, migrate
-    from pipeline.rows import insert_reports
-    from pipeline.store import Target, connect
-    from pipeline.usage import sync_policy
+    from gpufleet.pipeline.alerts.evaluator import Evaluator
+    from gpufleet.pipeline.alerts.rules import parse_rules
+    from gpufleet.pipeline.queries.billing import close_period
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
+    from gpufleet.pipeline.ingest.rows import insert_reports
+    from gpufleet.pipeline.store.client import Target, connect
+    from gpufleet.pipeline.queries.policy import sync_policy
     from tests.builders import gpu, report
     dsn, db, tenants = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     client = connect(Target(dsn, db))

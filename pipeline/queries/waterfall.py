@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.usage import Policy, Window, idle_ms_sql
+from gpufleet.pipeline.queries.policy import Policy, idle_ms_sql
+from gpufleet.pipeline.queries.window import Window
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
-from pipeline.store import check_database_name
+from gpufleet.pipeline.store.client import check_database_name
 
 TENANT_ROLE: Final = "gpufleet_tenants"
 """Shared role of every tenant user: holds the SELECT grants, and is excluded from the operators' policy."""

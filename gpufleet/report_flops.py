@@ -1,6 +1,6 @@
 """A job's side of measured MFU: report model FLOPs to the node agent through the OpenTelemetry SDK.
 
-    from agents import report_flops
+    from gpufleet import report_flops
     report_flops.init(job_id="llama-pretrain-42")   # GPUs from CUDA_VISIBLE_DEVICES
     ...
     report_flops.report_flops(6 * n_params * tokens_in_step)
@@ -8,7 +8,7 @@
 It builds a private `MeterProvider` (never the global one, so the job's own OpenTelemetry setup is
 untouched) with a `PeriodicExportingMetricReader` and the standard `OTLPMetricExporter`, which
 sends to `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` (default
-http://localhost:4318, the node agent). The counters follow agents.otlp.contract: cumulative
+http://localhost:4318, the node agent). The counters follow gpufleet.flops_contract: cumulative
 `gpufleet.job.flops` (`{flop}`), and `gpufleet.job.tokens` / `gpufleet.job.samples` if used.
 GPUs go into resource attributes: `gpu.uuids` for explicit UUIDs, else `cuda.visible_devices`
 (indices or UUIDs, resolved by the agent). Amounts are added as floats, since a cumulative FLOPs
@@ -26,8 +26,10 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from agents.otlp.contract import CUDA_VISIBLE_DEVICES, FLOPS, GPU_UUIDS, SAMPLES, TOKENS
+from gpufleet.flops_contract import CUDA_VISIBLE_DEVICES, FLOPS, GPU_UUIDS, SAMPLES, TOKENS
 from gpufleet.version import __version__
+
+__all__ = ["Reporter", "gpu_attributes", "init", "report_flops", "report_samples", "report_tokens", "shutdown"]
 
 DEFAULT_EXPORT_INTERVAL_MS = 10_000
 """How often the counters are sent unless `OTEL_METRIC_EXPORT_INTERVAL` says otherwise; the agent
@@ -161,5 +163,5 @@ def shutdown() -> None:
 
 def _reporter() -> Reporter:
     if _default is None:
-        raise RuntimeError("call agents.report_flops.init(job_id=...) before reporting")
+        raise RuntimeError("call gpufleet.report_flops.init(job_id=...) before reporting")
     return _default

@@ -25,17 +25,16 @@ import msgspec
 from gpufleet import config as config_mod
 from gpufleet import kafka
 from gpufleet.config import Config
-from pipeline.commands.migrate import schema_options
-from pipeline.consumer import build_ingester
-from pipeline.demo.state import DemoState
-from pipeline.embedded_alertmanager import EmbeddedAlertmanager, find_binary
-from pipeline.embedded_broker import EmbeddedBroker
-from pipeline.ingester import Ingester
-from pipeline.migrate import migrate
-from pipeline.status import fleet_status
-from pipeline.status_api import StatusServer
-from pipeline.store import Target, connect
-from pipeline.usage import sync_policy
+from gpufleet.embedded.alertmanager import EmbeddedAlertmanager, find_binary
+from gpufleet.embedded.broker import EmbeddedBroker
+from gpufleet.embedded.demo.state import DemoState
+from gpufleet.pipeline.ingest.consumer import build_ingester
+from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.queries.policy import sync_policy
+from gpufleet.pipeline.queries.status import fleet_status
+from gpufleet.pipeline.queries.status_api import StatusServer
+from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class DemoStack:
         self.cfg = cfg = config_mod.with_clickhouse(cfg, self.target.dsn, self.target.database)
         kafka.ensure_topics(cfg.kafka)
         client = connect(self.target)
-        migrate(client, schema_options(cfg))
+        migrate(client, SchemaOptions.from_config(cfg))
         sync_policy(client, self.target.database, cfg.billing, int(time.time() * 1000))
         say(f"store (chDB) at {store}")
         if o.alertmanager and find_binary():
@@ -126,8 +125,8 @@ class DemoStack:
         return proc
 
     def _start_evaluator(self) -> None:
-        from pipeline.alerts.evaluator import Evaluator
-        from pipeline.alerts.rules import DEMO_RULES, packaged_rules
+        from gpufleet.pipeline.alerts.evaluator import Evaluator
+        from gpufleet.pipeline.alerts.rules import DEMO_RULES, packaged_rules
 
         am = self.alertmanager.url if self.alertmanager else None
         # The demo's faults last a minute, so unless a rules file is configured it uses the packaged

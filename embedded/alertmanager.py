@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.embedded_broker import free_port
+from gpufleet.embedded.broker import free_port
 
 BINARIES = ("prometheus-alertmanager", "alertmanager")
 MINIMAL_CONFIG = """\

@@ -31,7 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeline.usage import Policy, iso, ms_datetime, read_policy
+from gpufleet.pipeline.queries.policy import Policy, read_policy
+from gpufleet.pipeline.queries.window import iso, ms_datetime
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

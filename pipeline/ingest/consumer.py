@@ -8,7 +8,7 @@ from gpufleet import kafka
 from gpufleet.config import Config
 
 if TYPE_CHECKING:
-    from pipeline.ingester import Ingester
+    from gpufleet.pipeline.ingest.ingester import Ingester
 
 
 def build_consumer(cfg: Config, ingester_ref: list[Ingester]) -> Any:
@@ -51,7 +51,7 @@ def build_producer(cfg: Config) -> Any:
 
 def build_ingester(cfg: Config, client: Any) -> Ingester:
     """An `Ingester` on `client` with its consumer-group member and DLQ producer, rebalance callbacks wired."""
-    from pipeline.ingester import Ingester
+    from gpufleet.pipeline.ingest.ingester import Ingester
 
     ref: list[Ingester] = []
     ingester = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))

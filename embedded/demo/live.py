@@ -11,7 +11,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
-    from pipeline.ingester import IngestStats
+    from gpufleet.pipeline.ingest.ingester import IngestStats
 
 
 def tenant_rows(client: Client, db: str, window_s: int = 10) -> list[tuple[Any, ...]]:

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
+from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Derived
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
-from pipeline.rows import SAMPLE_COLUMNS, Derived
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -192,7 +192,7 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
     on_cluster = f" ON CLUSTER '{cluster}'" if cluster else ""
     statements = (
         f"CREATE TABLE IF NOT EXISTS {table}{on_cluster} ({structure}) ENGINE = Null "
-        "COMMENT 'gpufleet ingester staging (pipeline/staging.py): stores nothing'",
+        "COMMENT 'gpufleet ingester staging (pipeline/ingest/staging.py): stores nothing'",
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view}{on_cluster} TO {database}.gpu_samples AS "
         + select.format(table=table),
     )

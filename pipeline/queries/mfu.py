@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pipeline.usage import Window
+from gpufleet.pipeline.queries.window import Window
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

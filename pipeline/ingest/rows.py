@@ -1,10 +1,10 @@
 """Pure functions that turn validated `NodeReport`s into column-oriented rows for ClickHouse.
 
-The ingester derives, per GPU sample, the health verdict (pipeline/health.py), the model's peak
+The ingester derives, per GPU sample, the health verdict (pipeline/ingest/health.py), the model's peak
 FLOP/s and the hardware FLOPs estimate (tensor-pipe activity x peak x interval), so rollups and
 dashboards read them as plain columns. `derive` computes health once per batch, in sample-time
 order (the growth rules compare each GPU with its previous sample); `derived_columns` builds the
-rows, and `pipeline/staging.py` ships the same values beside the message bytes.
+rows, and `pipeline/ingest/staging.py` ships the same values beside the message bytes.
 Inserting from tests and benchmarks goes through `insert_reports`, the same code the ingester runs.
 """
 
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from gpufleet.config import HealthConfig
 from gpufleet.gpu_facts import peak_flops
+from gpufleet.pipeline.ingest.health import Previous, State, classify, classify_all, previous_of
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
-from pipeline.health import Previous, State, classify, classify_all, previous_of
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -117,7 +117,7 @@ def estimated_flops(tensor_active_ratio: float | None, peak: float | None, inter
                     error: str | None) -> float | None:
     """Hardware FLOPs estimate of one sample: tensor activity x peak FLOP/s x interval (None if unknown).
 
-    `pipeline/staging.py` computes the same expression in SQL, in the same order of operations.
+    `pipeline/ingest/staging.py` computes the same expression in SQL, in the same order of operations.
     """
     if peak is None or tensor_active_ratio is None or error:
         return None

@@ -6,7 +6,7 @@ ClickHouse commits each table's part on its own, so an insert cut short in betwe
 whose rollup rows are missing, and billing reads the rollups. ClickHouse's cure is to repeat the
 *same* insert with the same `insert_deduplication_token`: a table that already has the block drops
 it, a table that misses it gets it (`deduplicate_blocks_in_dependent_materialized_views`). A live
-ingester repeats a failed batch that way by itself (pipeline/ingester.py); this log lets a
+ingester repeats a failed batch that way by itself (pipeline/ingest/ingester.py); this log lets a
 *restarted* one do the same for the batch it was writing when it died.
 
 It is kept only for an embedded (chDB) store, where the ingester is the database and its crash is

@@ -1,4 +1,4 @@
-"""Versioned SQL migrations (`pipeline/migrations/NNNN_name.sql`), applied once each, idempotently.
+"""Versioned SQL migrations (`pipeline/store/migrations/NNNN_name.sql`), applied once each, idempotently.
 
 Each file is a list of statements separated by `;` at line end, with `${db}`, `${on_cluster}`,
 `${replicated}` and `${raw_ttl_days}` filled in here, so one set of files serves chDB, a single
@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from pipeline.store import check_database_name
+from gpufleet.pipeline.store.client import check_database_name
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
+
+    from gpufleet.config import Config
 
 
 class MigrationError(RuntimeError):
@@ -44,6 +46,12 @@ class SchemaOptions:
     raw_ttl_days: int = 30
     extra: tuple[tuple[str, str], ...] = ()
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> SchemaOptions:
+        """The deployment's options from its `clickhouse` section."""
+        ch = cfg.clickhouse
+        return cls(database=ch.database, cluster=ch.cluster, raw_ttl_days=ch.raw_ttl_days)
+
     def substitutions(self) -> dict[str, str]:
         subs = {
             "db": check_database_name(self.database),
@@ -58,7 +66,7 @@ class SchemaOptions:
 def available() -> list[Migration]:
     """Every migration shipped with the package, in version order."""
     out = []
-    for entry in resources.files("pipeline.migrations").iterdir():
+    for entry in resources.files("gpufleet.pipeline.store.migrations").iterdir():
         if entry.name.endswith(".sql"):
             version, _, name = entry.name.removesuffix(".sql").partition("_")
             out.append(Migration(int(version), name, entry.read_text()))

@@ -1,6 +1,6 @@
 """Fleet health now (counts by state, reason and node) and its history (GPUs per state per minute).
 
-The per-sample state and reasons are decided by the ingester (pipeline/health.py). Here:
+The per-sample state and reasons are decided by the ingester (pipeline/ingest/health.py). Here:
 - **now**: each GPU's latest sample (table `gpu_latest`); a GPU whose latest sample ended more
   than `health.silent_after_s` before the injected `now_ms` is `unknown` with reason `silent`;
 - **history**: per minute of the window, each GPU counts once in the worst state of its samples
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.usage import MINUTE_MS, STATES, Window
+from gpufleet.pipeline.queries.window import MINUTE_MS, STATES, Window
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -13,8 +13,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.config import Config
-from pipeline import usage
-from pipeline.alerts.state import firing_alerts
+from gpufleet.pipeline.alerts.state import firing_alerts
+from gpufleet.pipeline.queries import fleet_health, mfu
+from gpufleet.pipeline.queries.policy import read_policy
+from gpufleet.pipeline.queries.usage import billable_by_tenant
+from gpufleet.pipeline.queries.window import Window, iso
 
 SUMMARY_WINDOW_S = 24 * 3600
 """MFU and billable hours in the status document cover the last 24 h of data."""
@@ -75,6 +78,37 @@ def fleet_status(client: Client, cfg: Config) -> dict[str, Any]:
     out = basic_summary(client, db, cfg.health.silent_after_s)
     if out["samples_total"]:
         now_ms = int(client.query(f"SELECT toUnixTimestamp64Milli(max(time)) FROM {db}.gpu_samples").result_rows[0][0])
-        out.update(usage.fleet_summary(client, db, now_ms, SUMMARY_WINDOW_S, cfg))
+        out.update(fleet_summary(client, db, now_ms, SUMMARY_WINDOW_S, cfg))
     out["alerts_firing"] = firing_alerts(client, db)
     return out
+
+
+def fleet_summary(
+    client: Client, db: str, now_ms: int, window_s: float | None, cfg: Config | None = None
+) -> dict[str, Any]:
+    """MFU, billable GPU-hours and health for `gpufleet status --json`, over the minutes covering
+    `[now - window_s, now)` (all time when `window_s` is None); health is as of `now_ms`."""
+    cfg = cfg or Config()
+    window = Window.covering(int(now_ms - window_s * 1000), now_ms) if window_s else None
+    policy = read_policy(client, db)
+    fleet = mfu.mfu_by_scope(client, db, "fleet", window)
+    allocated = mfu.mfu_by_scope(client, db, "fleet_allocated", window)
+    tenants = mfu.mfu_by_scope(client, db, "tenant", window)
+    billable = billable_by_tenant(client, db, window, policy)
+    health = fleet_health.current_health(client, db, now_ms, cfg.health.silent_after_s)
+    f = fleet.rows[0] if fleet.rows else None
+    a = allocated.rows[0] if allocated.rows else None
+    return {
+        "fleet_mfu": f.mfu if f else None,
+        "fleet_mfu_allocated": a.mfu if a else None,
+        "mfu_source": f.source if f else "none",
+        "mfu_measured_coverage": a.measured_coverage if a else None,  # share of *allocated* GPU-seconds
+        "mfu": {r.key: r.mfu for r in tenants.rows},
+        "billable_gpu_hours": sum(billable.values()),
+        "billable_gpu_hours_by_tenant": billable,
+        "unknown_models": fleet.unknown_models,
+        "health": health.by_state,
+        "health_by_reason": health.by_reason,
+        "aggregation_window": {"from": iso(window.start_ms), "to": iso(window.end_ms)} if window else None,
+        "billing_policy": {"exclude_states": list(policy.exclude_states), "idle_util_pct": policy.idle_util_pct},
+    }

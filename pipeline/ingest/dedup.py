@@ -12,7 +12,7 @@ so an insert can fail (or its process die) after `gpu_samples` took the rows and
 did. A batch is therefore planned once (its messages fixed by its first attempt) and every insert
 carries `insert_settings`: a dedup token derived from the batch's identities, with dependent-view
 deduplication on. Repeating the insert (a retry, or the intent log's replay after a crash,
-pipeline/intents.py) then adds nothing where the block landed and completes the tables it missed.
+pipeline/ingest/intents.py) then adds nothing where the block landed and completes the tables it missed.
 
 Kafka keys messages by node, so a node's messages are read by one consumer at a time; the one
 residual race (a partition moving between consumers during an insert) and the checks that detect

@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
+
+from gpufleet.dsn import check_database_name, redact
+from gpufleet.errors import StoreError
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
 DEFAULT_DSN = "chdb:///var/lib/gpufleet/clickhouse"
 DEFAULT_DATABASE = "gpufleet"
-_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-
-
-class StoreError(RuntimeError):
-    """ClickHouse could not be opened or reached; the message says which DSN (redacted) and why."""
-
-
 @dataclass(frozen=True)
 class Target:
     """Where the data lives: a DSN and the database inside it."""
@@ -38,20 +33,6 @@ class Target:
     @property
     def embedded(self) -> bool:
         return self.dsn.startswith("chdb:")
-
-
-def redact(dsn: str) -> str:
-    """The DSN with any password replaced by `***`, safe to log."""
-    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", dsn)  # up to the netloc's last @: a password may hold one
-
-
-def check_database_name(name: str) -> str:
-    """Database names go into DDL as identifiers, so they are restricted to a safe pattern."""
-    if not _DB_NAME.match(name):
-        raise StoreError(
-            f"database name {name!r} is not allowed: use letters, digits and '_' (e.g. 'gpufleet')"
-        )
-    return name
 
 
 def _password_from_env() -> str | None:

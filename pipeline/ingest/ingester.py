@@ -3,7 +3,7 @@
 Delivery contract (docs/reliability.md):
 - offsets are committed only after ClickHouse acknowledged the batch (and the DLQ copies of
   its bad messages were acknowledged by the broker): at-least-once, never at-most-once;
-- duplicates (redelivery, agent spool replay) are dropped before insert (pipeline/dedup.py),
+- duplicates (redelivery, agent spool replay) are dropped before insert (pipeline/ingest/dedup.py),
   so queries and rollups see each sample once;
 - a message that fails validation goes to the dead-letter topic with the reason and its original
   bytes, and to `dead_letters` in ClickHouse; its neighbours are ingested;
@@ -12,14 +12,14 @@ Delivery contract (docs/reliability.md):
 - a batch is planned once (`_plan`) and every retry repeats exactly its inserts under its dedup
   token, so an insert cut short between `gpu_samples` and a rollup is completed, not lost or
   doubled; with an embedded store a restarted ingester repeats the batch it was writing
-  (pipeline/intents.py);
+  (pipeline/ingest/intents.py);
 - Kafka unreachable: `_poll` reports it and polls again until the consumer reconnects.
 
 Hot path (BENCHMARKS.md has the measurements): messages are decoded and validated once; the
 derived columns are computed once per batch (a retried batch reuses them, so the health growth
 rules see each sample once); `agent_reports` is written first (a ReplacingMergeTree: a retry
 cannot double it), then the GPU rows go as the validated message bytes through the JSON staging
-path (pipeline/staging.py), or as Python columns where that path cannot take them. While `run`
+path (pipeline/ingest/staging.py), or as Python columns where that path cannot take them. While `run`
 owns the loop, Python's cyclic garbage collector does not run on its own (`gc_paused`): the loop
 collects once a minute, between batches. The batch's objects hold no cycles, and letting the
 collector walk them again and again cost more than decoding them (BENCHMARKS.md).
@@ -42,8 +42,8 @@ import tenacity
 
 from gpufleet import wire
 from gpufleet.config import Config
-from pipeline import dedup, intents, staging
-from pipeline.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
+from gpufleet.pipeline.ingest import dedup, intents, staging
+from gpufleet.pipeline.ingest.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -348,7 +348,7 @@ class Ingester:
     def _plan(self, batch: Batch) -> None:
         """Fix what the batch writes, once: its retries (and a restarted ingester's replay of its intent)
         repeat exactly these inserts under the same dedup token, so ClickHouse drops the parts that
-        landed and completes the tables that missed them (pipeline/dedup.py, pipeline/intents.py)."""
+        landed and completes the tables that missed them (pipeline/ingest/dedup.py, pipeline/ingest/intents.py)."""
         ingest_ms = int(self.clock() * 1000)
         unique, dup_in_batch = dedup.unique_in_batch(batch.reports)
         stored = dedup.already_stored(self.client, self.db, unique)
@@ -388,7 +388,7 @@ class Ingester:
                 [(batch.raw.get(id(r)) or wire.encode(r), id(r) in batch.raw) for r in batch.plan]))
 
     def _replay_intents(self) -> None:
-        """Repeat each batch a previous run of this ingester was writing when it died (pipeline/intents.py)."""
+        """Repeat each batch a previous run of this ingester was writing when it died (pipeline/ingest/intents.py)."""
         if self.intents is None:
             return
         for intent in self.intents.pending():

@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.live import Live
 
 from gpufleet import config as config_mod
-from pipeline.demo.live import LiveView
-from pipeline.demo.stack import DemoOptions, DemoStack
-from pipeline.status import fleet_status
-from pipeline.store import connect
+from gpufleet.embedded.demo.live import LiveView
+from gpufleet.embedded.demo.stack import DemoOptions, DemoStack
+from gpufleet.pipeline.queries.status import fleet_status
+from gpufleet.pipeline.store.client import connect
 
 
 @click.command()

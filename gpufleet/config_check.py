@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 
 from gpufleet import kafka
 from gpufleet.config import Config, ConfigError
-from pipeline.store import StoreError, check_database_name, redact
+from gpufleet.dsn import check_database_name, redact
+from gpufleet.errors import StoreError
 
 Role = Literal["agent", "ingest", "query", "alerts"]
 """What the process does: it decides which sections matter."""
@@ -51,9 +52,11 @@ def validate_startup(
     environ: Mapping[str, str] | None = None,
     network: bool = False,
     timeout_s: float = 2.0,
+    extra: Sequence[Problem] = (),
 ) -> None:
-    """Raise `ConfigError` naming every problem of `cfg` for `role` (and, with `network`, every unreachable host)."""
-    found = problems(cfg, role=role, environ=environ)
+    """Raise `ConfigError` naming every problem of `cfg` for `role`, plus the caller's own `extra` checks
+    (and, with `network`, every unreachable host)."""
+    found = [*problems(cfg, role=role, environ=environ), *extra]
     if network and not found:
         found = unreachable(cfg, role=role, timeout_s=timeout_s)
     if found:
@@ -68,10 +71,8 @@ def problems(cfg: Config, *, role: Role, environ: Mapping[str, str] | None = Non
         out += kafka_problems(cfg, environ)
     if role in ("ingest", "query", "alerts"):
         out += clickhouse_problems(cfg)
-    if role == "agent":
-        out += agent_problems(cfg)
     if role == "ingest":
-        out += _port_problems("ingest.status_port", cfg.ingest.status_port)
+        out += port_problems("ingest.status_port", cfg.ingest.status_port)
         out += health_problems(cfg)
     if role == "alerts":
         out += alerts_problems(cfg)
@@ -133,25 +134,6 @@ def dsn_problems(dsn: str) -> list[str]:
     except ValueError:
         return [f"{shown!r} has a port that is not a number from 1 to 65535"]
     return []
-
-
-def agent_problems(cfg: Config) -> list[Problem]:
-    a = cfg.agent
-    out = _port_problems("agent.otlp_receiver_port", a.otlp_receiver_port)
-    if a.otlp_export_endpoint is not None:
-        parts = urlsplit(a.otlp_export_endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            out.append(Problem("agent.otlp_export_endpoint", f"{redact(a.otlp_export_endpoint)!r} is not an OTLP/HTTP "
-                                                             "URL: use http://collector:4318, or remove the key"))
-    if not a.node.strip():
-        out.append(Problem("agent.node", "is empty: remove it (the host name is used) or name the node"))
-    from agents.allocation import build_source  # the agent's own check of its allocation section
-
-    try:
-        build_source(a.allocation)  # constructs only: reads no file
-    except ConfigError as exc:
-        out.append(Problem("agent.allocation", str(exc)))
-    return out
 
 
 def health_problems(cfg: Config) -> list[Problem]:
@@ -233,7 +215,7 @@ def _server_problems(text: str) -> list[str]:
     return out
 
 
-def _port_problems(key: str, port: int) -> list[Problem]:
+def port_problems(key: str, port: int) -> list[Problem]:
     if 0 <= port <= 65535:
         return []
     return [Problem(key, f"{port} is not a TCP port: use 1-65535, or 0 to pick a free one")]
