@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DURATION ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench soak schema clean setup
+.PHONY: run test test-fast lint bench soak schema clean setup
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -19,9 +19,15 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/gpufleet demo $(if $(filter-out 0,$(DURATION)),--duration $(DURATION))
 
+# The whole suite: the fast unit lane and the integration lane (real broker, chDB, Alertmanager, processes).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# The unit lane alone: no service, no process (tests/conftest.py marks the rest `integration`); seconds.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

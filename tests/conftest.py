@@ -50,3 +50,19 @@ def ch_target(chdb_dsn: str, ch_client: Client) -> Iterator[Target]:
 def topic() -> str:
     """A topic name of this test's own, so tests sharing the broker never see each other's data."""
     return f"t-{uuid.uuid4().hex[:10]}"
+
+
+SERVICE_FIXTURES = frozenset({"broker", "chdb_dsn", "ch_client", "ch_target", "alertmanager", "fleet", "wheel"})
+"""Fixtures that start or open a real service (broker, chDB, Alertmanager) or build the wheel: `integration`."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Two lanes: `integration` (real services or processes) and the rest, the fast unit lane (`make test-fast`).
+
+    A test is integration when it requests a service fixture (directly or through another fixture)
+    or its module says so with `pytestmark = pytest.mark.integration` (tests that start processes).
+    """
+    mark = pytest.mark.integration
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(mark)

@@ -205,6 +205,7 @@ def _run_healthcheck(service: dict[str, Any], replace: tuple[str, str]) -> int:
     return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, timeout=30).returncode
 
 
+@pytest.mark.integration
 def test_ingester_healthcheck_passes_against_the_real_status_api(
     services: dict[str, dict[str, Any]], config: Config
 ) -> None:

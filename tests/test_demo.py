@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.integration  # starts a server or a process
 
 DURATION_S = 40
 NODES, GPUS = 4, 2

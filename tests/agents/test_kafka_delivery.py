@@ -19,6 +19,8 @@ from gpufleet.embedded.broker import EmbeddedBroker, free_port
 from gpufleet.kafka import consumer_kwargs, ensure_topics, producer_kwargs
 from gpufleet.wire import SCHEMA_VERSION, AgentHealth, GpuSample, NodeReport, decode
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 MB = 1024 * 1024
 FAST = Backoff(initial_s=0.05, max_s=0.3)
 WAIT_S = 60.0  # generous bound on waiting for the broker; never a speed assertion

@@ -307,6 +307,7 @@ def test_agent_without_nvml_says_to_use_the_simulated_backend(tmp_path: Path) ->
     assert "Traceback" not in result.output
 
 
+@pytest.mark.integration
 def test_otlp_export_endpoint_adds_an_otlp_http_reader(tmp_path: Path) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

@@ -146,6 +146,7 @@ def _kill_writer_after(tmp_path: Path, mode: str, count: int) -> list[int]:
     return done
 
 
+@pytest.mark.integration
 def test_killed_mid_stream_loses_nothing_acknowledged_and_leaves_no_torn_record(tmp_path: Path) -> None:
     done = _kill_writer_after(tmp_path, "keep", 200)
     with Spool(tmp_path, 1 << 30) as spool:

@@ -15,6 +15,8 @@ from gpufleet.dashboards.definitions import BOARDS
 from gpufleet.dashboards.deploy import DeployError, datasource_payload, run
 from tests.dashboards.fake_grafana import fake_grafana
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 TOKEN = "glsa_test_token_0123456789"
 ENV = {
     "CLICKHOUSE_HOST": "clickhouse",

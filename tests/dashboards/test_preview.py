@@ -17,6 +17,8 @@ from gpufleet.dashboards.command import dashboards
 from tests.dashboards import fleet_data as fd
 from tests.dashboards.conftest import Fleet
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BOARDS = [json.loads(p.read_text()) for p in sorted((build.ROOT / build.BOARDS_DIR).glob("*.json"))]
 QUERY_PANELS = sum(1 for b in BOARDS for p in b["panels"] if p.get("targets"))

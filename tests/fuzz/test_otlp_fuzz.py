@@ -27,6 +27,8 @@ from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
 from tests.fuzz import BYTE_OPS, DOC_OPS, random_json
 from tests.otlp.otlp_builders import DELTA, GPUS, A, B, C, D, Dp, post, request
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 HOUR_MS = 3_600_000
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 ALLOWED = {200, 400, 413, 415}

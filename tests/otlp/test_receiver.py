@@ -22,6 +22,8 @@ from gpufleet.config import AgentConfig
 from gpufleet.wire import GpuSample
 from tests.otlp.otlp_builders import GPUS, A, B, C, D, Dp, post, request, sdk_counter
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 HOUR_MS = 3_600_000
 
 

@@ -17,6 +17,8 @@ from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
 from gpufleet.report_flops import Reporter, gpu_attributes
 from tests.otlp.otlp_builders import GPUS, A, B, C, D
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 HOUR_MS = 3_600_000
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from kafka import KafkaConsumer
 
 from gpufleet.agents.spool import RECORD_OVERHEAD
@@ -18,6 +19,8 @@ from gpufleet.config import KafkaConfig
 from gpufleet.kafka import consumer_kwargs, ensure_topics
 from gpufleet.wire import decode
 from tests.reliability.harness import Child, broker_behind_proxy, gpufleet, wait_until
+
+pytestmark = pytest.mark.integration  # starts a server or a process
 
 NODES = ("default-node-000", "default-node-001")
 

@@ -11,6 +11,8 @@ import pytest
 
 from tests.reliability.tcp_proxy import TcpProxy
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:

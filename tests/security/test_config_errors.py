@@ -167,6 +167,7 @@ def test_a_good_config_has_no_problems(tmp_path: Path) -> None:
     ("ingest", {"clickhouse": {"dsn": "mysql://db/x"}}, "clickhouse.dsn"),
     ("agent", {"agent": {"backend": "simulated", "interval_s": 0}}, "agent.interval_s"),
 ])
+@pytest.mark.integration
 def test_the_installed_command_exits_2_with_the_message(command: str, doc: dict, key: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUFLEET_", "PYTEST_"))}
     env["PYTHONPATH"] = str(REPO)

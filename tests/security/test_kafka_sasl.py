@@ -23,6 +23,8 @@ from gpufleet import kafka
 from gpufleet.config import KafkaConfig
 from tests.security import TlsFiles, kafka_debug_logging, make_tls_files, tansu, tls_broker
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 SECRET = "Sc4am-s3cret-\u00e9-do-not-log"
 ENV = "GPUFLEET_TEST_KAFKA_PASSWORD"
 

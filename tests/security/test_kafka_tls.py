@@ -21,6 +21,8 @@ from gpufleet.config_check import validate_startup
 from tests.builders import T0_MS, gpu, report
 from tests.security import TlsFiles, ingest_config, make_tls_files, produce, running_ingester, tls_broker, wait_for
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:

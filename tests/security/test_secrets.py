@@ -30,6 +30,8 @@ from gpufleet.pipeline.store.client import StoreError, Target, connect, redact
 from tests.builders import report
 from tests.security import ingest_config, kafka_debug_logging, produce, running_ingester, wait_for
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 CH_SECRET = "ch-S3cret-\u00e9xyz"
 KAFKA_SECRET = "kafka-S3cret-pq"
 AM_SECRET = "am-S3cret-rs"

@@ -33,6 +33,8 @@ from gpufleet.pipeline.commands.tenants import tenants as tenants_cli
 from gpufleet.pipeline.store import tenants
 from tests.security import HOSTILE, kafka_debug_logging
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 REPO = Path(__file__).resolve().parents[2]
 H, S = "ab" * 32, "cd" * 16
 """A fixed password hash and salt for the exact-SQL assertions."""
