@@ -41,13 +41,13 @@ class _InsertClock:
         original_json, original_columns = staging.insert, ingester.insert_columns
         clock = self
 
-        def json_insert(client: Any, path: Any, block: Any, *args: Any, **kwargs: Any) -> None:
-            original_json(client, path, block, *args, **kwargs)
+        def json_insert(store: Any, path: Any, block: Any, *args: Any, **kwargs: Any) -> None:
+            original_json(store, path, block, *args, **kwargs)
             clock._stamp(bytes(block[-20:]))
 
-        def columns_insert(client: Any, table: str, cols: Any, *args: Any, **kwargs: Any) -> None:
-            original_columns(client, table, cols, *args, **kwargs)
-            if table.endswith(".gpu_samples") and cols.rows:
+        def columns_insert(store: Any, table: str, cols: Any, *args: Any, **kwargs: Any) -> None:
+            original_columns(store, table, cols, *args, **kwargs)
+            if table == "gpu_samples" and cols.rows:
                 with clock._lock:
                     clock.done.setdefault(int(cols.data[2][0]), time.time() * 1000)
 
@@ -108,6 +108,7 @@ def run(workdir: Path, nodes: int = 128, seconds: float = 40.0, warmup_s: float 
     from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient
     from gpufleet.pipeline.alerts.evaluator import Evaluator
     from gpufleet.pipeline.ingest.consumer import build_ingester
+    from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.client import Target, connect
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
@@ -131,11 +132,11 @@ def run(workdir: Path, nodes: int = 128, seconds: float = 40.0, warmup_s: float 
                          "clickhouse": {"dsn": dsn, "database": db},
                          "ingest": {"group_id": f"fresh-{topic}"}})
             kafka.ensure_topics(cfg.kafka)
-            ing = build_ingester(cfg, client)
+            ing = build_ingester(cfg, Store(client, db))
             threads.append(threading.Thread(target=ing.run, args=(stop,), name="ingest", daemon=True))
             evaluator = None
             if am is not None:
-                evaluator = Evaluator(cfg, connect(Target(dsn, db)), am.url)
+                evaluator = Evaluator(cfg, Store.open(Target(dsn, db)), am.url)
                 result["alerts_interval_s"] = cfg.alerts.interval_s
                 threads.append(threading.Thread(target=evaluator.run, args=(stop,), name="alerts", daemon=True))
             fail_at = (int(time.time() * 1000) // 1000 + int(warmup_s) + 12) * 1000

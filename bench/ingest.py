@@ -161,13 +161,15 @@ def ingest(cfg: Any, client: Any, count: int, samples: int, timeout_s: float = 6
     """Run the real ingester until `count` messages are stored and committed."""
     from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
     from gpufleet.pipeline.ingest.ingester import Ingester
+    from gpufleet.pipeline.store import Store
 
     switches = dict(switches or {})
     discard = switches.pop("discard", False)
     keep_intents = switches.pop("intents", True)
     ref: list[Ingester] = []
     consumer = FirstPoll(build_consumer(cfg, ref))
-    ing = Ingester(cfg, DiscardingClient(client) if discard else client, consumer, build_producer(cfg))
+    store = Store(DiscardingClient(client) if discard else client, cfg.clickhouse.database)
+    ing = Ingester(cfg, store, consumer, build_producer(cfg))
     for name, value in switches.items():
         setattr(ing, name, value)
     if not keep_intents:
@@ -231,12 +233,14 @@ def clickhouse_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[
     insert the ingester sends, and the Python-column insert it replaced (Python serialization included)."""
     from gpufleet.pipeline.ingest import staging
     from gpufleet.pipeline.ingest.rows import Deriver, derive, derived_columns, insert_columns
+    from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     database = f"bench_chcost_{uuid.uuid4().hex[:8]}"
     migrate(client, SchemaOptions(database=database))
+    store = Store(client, database)
     try:
-        path = staging.ensure(client, database)
+        path = staging.ensure(store)
         reports = [path.decoder.decode(m.value) for m in msgs]
         raw = {id(r): m.value for r, m in zip(reports, msgs, strict=True)}
         derived = derive(reports, Deriver())
@@ -245,8 +249,8 @@ def clickhouse_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[
         columns = derived_columns(derived, 0)
         out: dict[str, Any] = {"gpu_rows_per_insert": rows, "messages_per_insert": len(msgs)}
         for name, insert in (
-            ("json_staging", lambda: staging.insert(client, path, memoryview(block))),
-            ("python_columns", lambda: insert_columns(client, f"{database}.gpu_samples", columns)),
+            ("json_staging", lambda: staging.insert(store, path, memoryview(block))),
+            ("python_columns", lambda: insert_columns(store, "gpu_samples", columns)),
         ):
             walls, cpus = [], []
             for _ in range(repeats):

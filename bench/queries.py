@@ -156,13 +156,15 @@ def run_boards(client: Any, db: str, end_ms: int, span_ms: int | None, runs: int
 def run_usage(client: Any, db: str, start_ms: int, end_ms: int, runs: int = 5, raw_runs: int = 1) -> dict[str, Any]:
     """`gpufleet usage` for the whole history (`pipeline.usage.usage_rows`), and its raw equivalent."""
     from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
+    from gpufleet.pipeline.store import Store
 
+    store = Store(client, db)
     times = []
     rows: list[Any] = []
-    usage_rows(client, db, start_ms, end_ms)
+    usage_rows(store, start_ms, end_ms)
     for _ in range(runs):
         t = time.perf_counter()
-        rows = usage_rows(client, db, start_ms, end_ms)
+        rows = usage_rows(store, start_ms, end_ms)
         times.append((time.perf_counter() - t) * 1000)
     sources = raw_sources(client, db, start_ms, end_ms)
     raw_sql = (f"SELECT {', '.join(USAGE_COLUMNS)} FROM ({sources['usage_hourly']}) "
@@ -183,6 +185,7 @@ def run(dsn: str, gpus: int = 1000, days: float = 7.0, runs: int = 5, raw_runs: 
     from bench import history
     from gpufleet.config import BillingConfig
     from gpufleet.pipeline.queries.policy import sync_policy
+    from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.client import Target, connect
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
@@ -192,7 +195,7 @@ def run(dsn: str, gpus: int = 1000, days: float = 7.0, runs: int = 5, raw_runs: 
     try:
         log.info("generating %d GPUs x %g days", gpus, days)
         gen = history.generate(admin, db, gpus=gpus, days=days)
-        sync_policy(admin, db, BillingConfig(), gen["start_ms"])
+        sync_policy(Store(admin, db), BillingConfig(), gen["start_ms"])
         client = connect(Target(dsn, db))
         client.database = db  # unqualified table names, as the Grafana datasource's default database
         log.info("history: %d rows in %.0f s; default ranges", gen["rows"], gen["seconds"])

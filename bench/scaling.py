@@ -33,6 +33,7 @@ def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str)
     from bench.ingest import FirstPoll, bench_config
     from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
     from gpufleet.pipeline.ingest.ingester import Ingester
+    from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.client import Target, connect
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
@@ -44,7 +45,7 @@ def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str)
     migrate(client, SchemaOptions(database="scale"))
     ref: list[Ingester] = []
     consumer = FirstPoll(build_consumer(cfg, ref))
-    ing = Ingester(cfg, client, consumer, build_producer(cfg))
+    ing = Ingester(cfg, Store(client, "scale"), consumer, build_producer(cfg))
     ref.append(ing)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -162,12 +162,14 @@ def clickhouse_bytes(client: Any, reports: list[Any]) -> dict[str, Any]:
     from gpufleet import wire
     from gpufleet.pipeline.ingest import staging
     from gpufleet.pipeline.ingest.rows import Deriver, agent_columns, derive, insert_columns
+    from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     database = f"bench_storage_{uuid.uuid4().hex[:8]}"
     migrate(client, SchemaOptions(database=database))
+    store = Store(client, database)
     try:
-        path = staging.ensure(client, database)
+        path = staging.ensure(store)
         deriver = Deriver()
         splicer = staging.Splicer(deriver.peak)
         step = 2000
@@ -178,8 +180,8 @@ def clickhouse_bytes(client: Any, reports: list[Any]) -> dict[str, Any]:
             derived = derive(decoded, deriver)
             block = splicer.block(derived, {id(r): b for r, b in zip(decoded, raw, strict=True)},
                                   [True] * len(decoded), chunk[-1].time_ms + 500)
-            staging.insert(client, path, block)
-            insert_columns(client, f"{database}.agent_reports", agent_columns(decoded, chunk[-1].time_ms + 500))
+            staging.insert(store, path, block)
+            insert_columns(store, "agent_reports", agent_columns(decoded, chunk[-1].time_ms + 500))
         tables = [r[0] for r in client.query(
             "SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'",
             parameters={"db": database}).result_rows]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from gpufleet.embedded.broker import EmbeddedBroker
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target, connect
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
@@ -44,6 +45,12 @@ def ch_target(chdb_dsn: str, ch_client: Client) -> Iterator[Target]:
     migrate(ch_client, SchemaOptions(database=name))
     yield Target(dsn=chdb_dsn, database=name)
     ch_client.command(f"DROP DATABASE IF EXISTS {name} SYNC")
+
+
+@pytest.fixture
+def ch_store(ch_client: Client, ch_target: Target) -> Store:
+    """This test's database (`ch_target`) as a `Store`."""
+    return Store(ch_client, ch_target.database)
 
 
 @pytest.fixture

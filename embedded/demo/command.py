@@ -15,7 +15,7 @@ from gpufleet import config as config_mod
 from gpufleet.embedded.demo.live import LiveView
 from gpufleet.embedded.demo.stack import DemoOptions, DemoStack
 from gpufleet.pipeline.queries.status import fleet_status
-from gpufleet.pipeline.store.client import connect
+from gpufleet.pipeline.store import Store
 
 
 @click.command()
@@ -51,8 +51,8 @@ def demo(duration: float, data_dir: Path, nodes: int, gpus: int, tenants: int, s
         stack.start(say=lambda m: console.print(f"[dim]started[/dim] {m}"))
         if stack.target is None or stack.ingester is None:
             raise click.ClickException("the demo stack did not start")
-        view_client = connect(stack.target)
-        view = LiveView(view_client, stack.target.database, stack.ingester.stats, nodes * gpus)
+        view_store = Store.open(stack.target)
+        view = LiveView(view_store, stack.ingester.stats, nodes * gpus)
         console.print(f"status API {stack.status_api.url if stack.status_api else '-'}/status; "
                       f"Ctrl-C stops everything" + (f"; stopping after {duration:.0f} s" if duration else ""))
         with Live(console=console, refresh_per_second=2, transient=False, auto_refresh=False,
@@ -65,7 +65,7 @@ def demo(duration: float, data_dir: Path, nodes: int, gpus: int, tenants: int, s
                     console.print(f"[red]a demo process exited early; see the logs in {data_dir}[/red]")
                     break
                 if not quiet:
-                    live.update(view.render(fleet_status(view_client, stack.cfg), elapsed), refresh=True)
+                    live.update(view.render(fleet_status(view_store, stack.cfg), elapsed), refresh=True)
                 stop.wait(1.0)
     finally:
         console.print("stopping ...")

@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from rich.console import Group
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
-
     from gpufleet.pipeline.ingest.ingester import IngestStats
+    from gpufleet.pipeline.store import Store
+
+_TENANTS: Final = """
+SELECT if(tenant = '', '(unallocated)', tenant) AS t, uniqExact(gpu_uuid),
+       avg(util_gpu_ratio),
+       sum(coalesce(flops_measured, flops_estimated)) / sum(peak_flops * interval_ms / 1000),
+       countIf(flops_measured IS NOT NULL) / count(),
+       countIf(health = 'failing')
+FROM {db:Identifier}.gpu_samples
+WHERE time > (SELECT max(time) FROM {db:Identifier}.gpu_samples) - toIntervalSecond({w:UInt32})
+GROUP BY t ORDER BY t
+"""
 
 
-def tenant_rows(client: Client, db: str, window_s: int = 10) -> list[tuple[Any, ...]]:
+def tenant_rows(store: Store, window_s: int = 10) -> list[Any]:
     """Per tenant over the last `window_s` of data: GPUs, mean utilization, estimated/measured MFU."""
-    return client.query(
-        f"""
-        SELECT if(tenant = '', '(unallocated)', tenant) AS t, uniqExact(gpu_uuid),
-               avg(util_gpu_ratio),
-               sum(coalesce(flops_measured, flops_estimated)) / sum(peak_flops * interval_ms / 1000),
-               countIf(flops_measured IS NOT NULL) / count(),
-               countIf(health = 'failing')
-        FROM {db}.gpu_samples
-        WHERE time > (SELECT max(time) FROM {db}.gpu_samples) - toIntervalSecond({{w:UInt32}})
-        GROUP BY t ORDER BY t
-        """,
-        parameters={"w": window_s},
-    ).result_rows
+    return store.rows(_TENANTS, {"w": window_s})
 
 
 def _pct(x: Any) -> str:
@@ -41,8 +39,8 @@ def _pct(x: Any) -> str:
 class LiveView:
     """Builds a rich renderable from the store and the ingester's counters."""
 
-    def __init__(self, client: Client, db: str, stats: IngestStats, expected_gpus: int) -> None:
-        self.client, self.db, self.stats, self.expected = client, db, stats, expected_gpus
+    def __init__(self, store: Store, stats: IngestStats, expected_gpus: int) -> None:
+        self.store, self.stats, self.expected = store, stats, expected_gpus
         self._last = (time.monotonic(), 0)
         self.rate = 0.0
 
@@ -67,7 +65,7 @@ class LiveView:
         tenants = Table(title="last 10 s by tenant", expand=False)
         for col in ("tenant", "GPUs", "util", "MFU", "measured", "failing"):
             tenants.add_column(col, justify="right" if col != "tenant" else "left")
-        for t, gpus, util, mfu, cov, failing in tenant_rows(self.client, self.db):
+        for t, gpus, util, mfu, cov, failing in tenant_rows(self.store):
             tenants.add_row(str(t), str(gpus), _pct(util), _pct(mfu), _pct(cov), str(failing))
         parts: list[Any] = [head, tenants]
         firing = status.get("alerts_firing")

@@ -33,7 +33,8 @@ from gpufleet.pipeline.ingest.ingester import Ingester
 from gpufleet.pipeline.queries.policy import sync_policy
 from gpufleet.pipeline.queries.status import fleet_status
 from gpufleet.pipeline.queries.status_api import StatusServer
-from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store import Store
+from gpufleet.pipeline.store.client import Target
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,9 @@ class DemoStack:
         )
         self.cfg = cfg = config_mod.with_clickhouse(cfg, self.target.dsn, self.target.database)
         kafka.ensure_topics(cfg.kafka)
-        client = connect(self.target)
-        migrate(client, SchemaOptions.from_config(cfg))
-        sync_policy(client, self.target.database, cfg.billing, int(time.time() * 1000))
+        store = Store.open(self.target)
+        migrate(store.client, SchemaOptions.from_config(cfg))
+        sync_policy(store, cfg.billing, int(time.time() * 1000))
         say(f"store (chDB) at {store}")
         if o.alertmanager and find_binary():
             self.alertmanager = EmbeddedAlertmanager(o.data_dir / "alertmanager").start()
@@ -96,11 +97,11 @@ class DemoStack:
             say("Alertmanager not installed (apt-get install prometheus-alertmanager): alerts stay in ClickHouse only")
         self._start_agents()
         say(f"simulated fleet: {o.nodes} nodes x {o.gpus} GPUs, {o.tenants} tenants, faults={o.faults}")
-        self.ingester = build_ingester(cfg, client)
+        self.ingester = build_ingester(cfg, store)
         self._thread("ingester", self.ingester.run, self.stop_event)
         self._start_evaluator()
-        status_client = connect(self.target)
-        self.status_api = StatusServer(lambda: fleet_status(status_client, cfg)).start()
+        status_store = Store.open(self.target)
+        self.status_api = StatusServer(lambda: fleet_status(status_store, cfg)).start()
         DemoState(
             pid=os.getpid(), status_url=self.status_api.url, dsn=self.target.dsn, database=self.target.database,
             bootstrap=self.broker.bootstrap, alertmanager_url=self.alertmanager.url if self.alertmanager else None,
@@ -132,7 +133,7 @@ class DemoStack:
         # The demo's faults last a minute, so unless a rules file is configured it uses the packaged
         # demo rules: the production rules with 15-20 s windows instead of 10-15 minutes.
         rules = None if self.cfg.alerts.rules_file else packaged_rules(DEMO_RULES)
-        self.evaluator = Evaluator(self.cfg, connect(self.target), alertmanager_url=am, rules=rules)
+        self.evaluator = Evaluator(self.cfg, Store.open(self.target), alertmanager_url=am, rules=rules)
         self._thread("alerts", self.evaluator.run, self.stop_event)
 
     def _thread(self, name: str, fn: Callable[..., None], *args: object) -> None:

@@ -63,11 +63,11 @@ def _firing(config_path: str | None, dsn: str | None, database: str | None, data
         if state:
             dsn, database = state.dsn, state.database
     from gpufleet.pipeline.alerts.state import StateError, firing_alerts
-    from gpufleet.pipeline.store.client import connect
+    from gpufleet.pipeline.store import Store
 
     _, target = load_config(config_path, dsn, database)
     try:
-        return firing_alerts(connect(target), target.database)
+        return firing_alerts(Store.open(target))
     except StateError as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
@@ -94,7 +94,7 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
 
     from gpufleet.pipeline.alerts.evaluator import Evaluator
     from gpufleet.pipeline.alerts.rules import RulesError, load_rules
-    from gpufleet.pipeline.store.client import connect
+    from gpufleet.pipeline.store import Store
 
     cfg, target = load_config(config_path, dsn, database)
     alerts_cfg = cfg.alerts
@@ -107,7 +107,7 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
         rules = load_rules(cfg.alerts.rules_file)
     except RulesError as exc:
         raise config_mod.ConfigError(str(exc)) from None
-    evaluator = Evaluator(cfg, connect(target), alertmanager_url=alertmanager_url, rules=rules)
+    evaluator = Evaluator(cfg, Store.open(target), alertmanager_url=alertmanager_url, rules=rules)
     if once:
         report = evaluator.evaluate_once()
         click.echo(json.dumps({

@@ -27,7 +27,7 @@ from gpufleet.pipeline.alerts.rules import AnyRule, RuleSet, format_duration, lo
 from gpufleet.pipeline.alerts.state import AlertStore
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 log = logging.getLogger("gpufleet.alerts")
 
@@ -64,7 +64,7 @@ class Evaluator:
     def __init__(
         self,
         cfg: Config,
-        client: Client,
+        store: Store,
         alertmanager_url: str | None = None,
         *,
         clock: Clock | None = None,
@@ -72,10 +72,9 @@ class Evaluator:
         notifier: Notifier | None = None,
     ) -> None:
         self.cfg = cfg
-        self.client = client
-        self.db = cfg.clickhouse.database
+        self.store = store
         self.rules = rules if rules is not None else load_rules(cfg.alerts.rules_file)
-        self.store = AlertStore(client, self.db)
+        self.alert_store = AlertStore(store)
         url = alertmanager_url or cfg.alerts.alertmanager_url
         self.notifier: Notifier | None = notifier or (AlertmanagerClient(url) if url else None)
         self.clock = clock or wall_ms
@@ -108,7 +107,7 @@ class Evaluator:
         report = EvalReport(now)
         if self._records is None:
             try:
-                self._records = self.store.load_open()
+                self._records = self.alert_store.load_open()
             except Exception as exc:
                 report.errors.append(str(exc))
                 return self._finish(report)
@@ -118,8 +117,8 @@ class Evaluator:
         for rule in self.rules.rules:
             names.add(rule.name)
             try:
-                q = build(rule, self.db, now)
-                found = candidates(rule, list(self.client.query(q.sql, parameters=q.parameters).named_results()), now)
+                q = build(rule, now)
+                found = candidates(rule, list(self.store.query(q.sql, q.parameters).named_results()), now)
             except Exception as exc:
                 report.errors.append(f"rule {rule.name}: query failed, its alerts stay as they were: {exc}")
                 continue
@@ -188,9 +187,9 @@ class Evaluator:
         todo = [records[fp] for fp in sorted(self._dirty)]
         stamped = [dataclasses.replace(r, revision=lc.next_revision(r, now)) for r in todo]
         try:
-            self.store.write(stamped)
+            self.alert_store.write(stamped)
         except Exception as exc:
-            report.errors.append(f"writing {len(todo)} alert(s) to {self.db}.alerts failed, retrying next "
+            report.errors.append(f"writing {len(todo)} alert(s) to {self.store.table('alerts')} failed, retrying next "
                                  f"evaluation: {exc}")
             return
         for r in stamped:

@@ -1,13 +1,15 @@
 """Pure functions: a rule and an evaluation instant -> its SQL; the SQL's rows -> alert candidates.
 
-Every value goes to ClickHouse as a bound parameter; identifiers (the database, the group-by keys)
-come only from this code and the validated rules. Only samples with `time <= now` count, so
-evaluating at an injected `now` over stored data gives the same answer every time.
+Every value goes to ClickHouse as a bound parameter, the database too (`{db:Identifier}`, bound by
+the `Store`); identifiers (the group-by keys) come only from this code and the validated rules.
+Only samples with `time <= now` count, so evaluating at an injected `now` over stored data gives the
+same answer every time.
 
 "Sustained for D" means: the GPU's newest sample satisfies the condition and is at most
 `max_sample_age` old, every sample of that GPU ending in `(now - D, now]` satisfies it, and those
 samples reach back to `now - D` and cover at least `coverage` x D (a lost message or two is
-tolerated, a node that stopped reporting is not). A candidate whose newest sample satisfies the
+tolerated, a node that stopped reporting is not); the SQL is `formulas.sustained`, which the
+Grafana rules (dashboards/alerting.py) use too. A candidate whose newest sample satisfies the
 condition but is not yet sustained is *pending*; `since_ms` is where its current run of
 satisfying samples began within the window.
 
@@ -43,6 +45,7 @@ from gpufleet.pipeline.alerts.rules import (
     duration_ms,
     format_duration,
 )
+from gpufleet.pipeline.queries import formulas
 
 GIB: Final = float(1 << 30)
 THROTTLE_NAMES: Final = {
@@ -93,11 +96,12 @@ SELECT cluster, node, gpu_uuid, gpu_index,
        sum(interval_ms) AS covered_ms,
        argMax(c, time) AS last_c,
        countIf(c = 0) AS n_false,
-       toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms{extra}
+       toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms,
+       toUInt8({sustained}) AS sustained{extra}
 FROM (
     SELECT cluster, node, gpu_uuid, gpu_index, tenant, job, model, time, interval_ms{columns},
            toUInt8(ifNull({cond}, 0)) AS c
-    FROM {db}.gpu_samples
+    FROM {{db:Identifier}}.gpu_samples
     WHERE {window}
 )
 GROUP BY cluster, node, gpu_uuid, gpu_index
@@ -186,37 +190,41 @@ def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
     return {}
 
 
-def build(rule: AnyRule, db: str, now_ms: int) -> Query:
-    """The rule's SQL and parameters for an evaluation at `now_ms`."""
+_SUSTAINED: Final = formulas.sustained("{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
+
+
+def build(rule: AnyRule, now_ms: int) -> Query:
+    """The rule's SQL and parameters for an evaluation at `now_ms` (run it through a `Store`)."""
     if isinstance(rule, NodeSilent):
-        return _node_silent(rule, db, now_ms)
+        return _node_silent(rule, now_ms)
     if isinstance(rule, MfuBelowTarget):
-        return _mfu(rule, db, now_ms)
+        return _mfu(rule, now_ms)
     if isinstance(rule, AgentCounterRising):
-        return _agent_counter(rule, db, now_ms)
+        return _agent_counter(rule, now_ms)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
-        db=db, window=_WINDOW, cond=shape.cond, having=shape.having,
+        window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having,
         columns="".join(f", {c}" for c in shape.columns), extra="".join(f",\n       {e}" for e in shape.extra),
     )
     span = max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
     params = {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
+              "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
               **_gpu_params(rule, now_ms)}
     return Query(sql, params)
 
 
-def _node_silent(rule: NodeSilent, db: str, now_ms: int) -> Query:
+def _node_silent(rule: NodeSilent, now_ms: int) -> Query:
     # TODO(rollups): read a latest-report-per-node rollup when it lands; this scans `forget_after`
     # of agent_reports (one row per node per interval).
     sql = (
-        f"SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms FROM {db}.agent_reports "
+        "SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms FROM {db:Identifier}.agent_reports "
         f"WHERE {_WINDOW} GROUP BY cluster, node HAVING last_ms <= {{silent_ms:Int64}} ORDER BY cluster, node"
     )
     return Query(sql, {"from_ms": now_ms - duration_ms(rule.forget_after), "now_ms": now_ms,
                        "silent_ms": now_ms - duration_ms(rule.silent_after)})
 
 
-def _mfu(rule: MfuBelowTarget, db: str, now_ms: int) -> Query:
+def _mfu(rule: MfuBelowTarget, now_ms: int) -> Query:
     # TODO(rollups): switch to the per-minute rollup / pipeline/queries/mfu.py when they land. Until then:
     # model FLOPs (measured, else the hardware estimate) over peak FLOPs x seconds, known models
     # only, samples whose FLOPs are unknown left out (never counted as zero).
@@ -230,7 +238,7 @@ def _mfu(rule: MfuBelowTarget, db: str, now_ms: int) -> Query:
         "toUnixTimestamp64Milli(max(time)) AS last_ms "
         "FROM (SELECT cluster, tenant, gpu_uuid, time, interval_ms, "
         "coalesce(flops_measured, flops_estimated) AS f, peak_flops * interval_ms / 1000 AS p "
-        f"FROM {db}.gpu_samples WHERE {_WINDOW} AND peak_flops IS NOT NULL{allocated}) "
+        f"FROM {{db:Identifier}}.gpu_samples WHERE {_WINDOW} AND peak_flops IS NOT NULL{allocated}) "
         f"WHERE f IS NOT NULL{group} "
         "HAVING count() > 0 AND last_ms > {fresh_ms:Int64} AND first_start_ms <= {start_ms:Int64} "
         "AND mfu < {target:Float64}"
@@ -253,7 +261,7 @@ FROM (
            arraySum(steps) AS inc,
            arrayFirst((t, d) -> d > 0, arrayMap(p -> p.3, points), steps) AS first_rise_ms,
            toUnixTimestamp64Milli(max(time)) AS newest_ms
-    FROM {db}.agent_reports
+    FROM {{db:Identifier}}.agent_reports
     WHERE {window}
     GROUP BY cluster, node, boot_id
 )
@@ -263,8 +271,8 @@ ORDER BY cluster, node
 """
 
 
-def _agent_counter(rule: AgentCounterRising, db: str, now_ms: int) -> Query:
-    sql = _AGENT_COUNTER_SQL.format(column=rule.COLUMN, db=db, window=_WINDOW)
+def _agent_counter(rule: AgentCounterRising, now_ms: int) -> Query:
+    sql = _AGENT_COUNTER_SQL.format(column=rule.COLUMN, window=_WINDOW)
     return Query(sql, {"from_ms": now_ms - duration_ms(rule.window), "now_ms": now_ms,
                        "min_increase": rule.min_increase})
 
@@ -287,22 +295,14 @@ def candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> lis
     return [_gpu_candidate(rule, r, now_ms) for r in rows]
 
 
-def sustained(rule: GpuRule, row: Mapping[str, Any], now_ms: int) -> bool:
-    """Every sample in `(now - for, now]` satisfies the condition and the samples cover the span."""
-    if not row["last_c"]:
-        return False
-    for_ms = rule.for_ms
-    if for_ms == 0:
-        return True
-    return (
-        row["n_false"] == 0
-        and row["first_start_ms"] <= now_ms - for_ms
-        and row["covered_ms"] >= rule.coverage * for_ms
-    )
+def sustained(rule: GpuRule, row: Mapping[str, Any]) -> bool:
+    """The newest sample satisfies the condition and, unless `for` is 0, the query found it sustained
+    for `for` (`formulas.sustained`)."""
+    return bool(row["last_c"]) and (rule.for_ms == 0 or bool(row["sustained"]))
 
 
 def _gpu_candidate(rule: GpuRule, row: Mapping[str, Any], now_ms: int) -> Candidate:
-    firing = sustained(rule, row, now_ms)
+    firing = sustained(rule, row)
     since = int(row["last_false_ms"]) if row["n_false"] else int(row["first_start_ms"])
     labels = {"cluster": row["cluster"], "node": row["node"], "gpu": row["gpu_uuid"],
               "gpu_index": str(row["gpu_index"])}

@@ -9,14 +9,13 @@ alert and every resolve Alertmanager has not yet acknowledged, so it neither re-
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gpufleet.pipeline.alerts.lifecycle import AlertRecord
 from gpufleet.pipeline.alerts.queries import iso
-from gpufleet.pipeline.store.client import check_database_name
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 COLUMNS: tuple[str, ...] = (
     "alertname", "fingerprint", "active_at", "severity", "state", "labels", "annotations", "starts_at",
@@ -25,6 +24,21 @@ COLUMNS: tuple[str, ...] = (
 _TIMES = frozenset({"active_at", "starts_at", "ends_at", "last_eval", "last_sent_at"})
 _SELECT = ", ".join(f"toUnixTimestamp64Milli({c}) AS {c}" if c in _TIMES else c for c in COLUMNS)
 _SEVERITY_ORDER = "indexOf(['critical', 'warning', 'info'], severity)"
+_OPEN: Final = (
+    f"SELECT {_SELECT} FROM {{db:Identifier}}.alerts FINAL "
+    "WHERE state IN ('pending', 'firing') OR (state = 'resolved' AND sent_state = 'firing') "
+    "ORDER BY active_at"
+)
+_HISTORY: Final = (
+    f"SELECT {_SELECT} FROM {{db:Identifier}}.alerts FINAL "
+    "WHERE active_at <= fromUnixTimestamp64Milli({until:Int64}, 'UTC') "
+    "AND (ends_at IS NULL OR ends_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')) "
+    "ORDER BY active_at, alertname, fingerprint"
+)
+_FIRING: Final = (
+    f"SELECT {_SELECT} FROM {{db:Identifier}}.alerts FINAL WHERE state = 'firing' "
+    f"ORDER BY {_SEVERITY_ORDER}, alertname, starts_at, fingerprint"
+)
 
 
 class StateError(RuntimeError):
@@ -40,28 +54,23 @@ def from_row(row: dict[str, Any]) -> AlertRecord:
 
 
 class AlertStore:
-    """Reads and writes alert records in `<db>.alerts`."""
+    """Reads and writes alert records in the store's `alerts` table."""
 
-    def __init__(self, client: Client, database: str) -> None:
-        self.client = client
-        self.db = check_database_name(database)
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def write(self, records: Iterable[AlertRecord]) -> int:
         rows = [to_row(r) for r in records]
         if rows:
-            self.client.insert(f"{self.db}.alerts", rows, column_names=list(COLUMNS))
+            self.store.insert("alerts", rows, COLUMNS)
         return len(rows)
 
     def load_open(self) -> dict[str, AlertRecord]:
         """Open alerts (pending, firing) and undelivered resolves, newest episode per fingerprint."""
         try:
-            result = self.client.query(
-                f"SELECT {_SELECT} FROM {self.db}.alerts FINAL "
-                "WHERE state IN ('pending', 'firing') OR (state = 'resolved' AND sent_state = 'firing') "
-                "ORDER BY active_at"
-            )
+            result = self.store.query(_OPEN)
         except Exception as exc:
-            raise StateError(_explain(exc, self.db)) from None
+            raise StateError(_explain(exc, self.store.database)) from None
         out: dict[str, AlertRecord] = {}
         for row in result.named_results():
             rec = from_row(row)
@@ -70,13 +79,7 @@ class AlertStore:
 
     def history(self, since_ms: int, until_ms: int) -> list[AlertRecord]:
         """Every episode that was active at some point in `[since_ms, until_ms]`, oldest first."""
-        result = self.client.query(
-            f"SELECT {_SELECT} FROM {self.db}.alerts FINAL "
-            "WHERE active_at <= fromUnixTimestamp64Milli({until:Int64}, 'UTC') "
-            "AND (ends_at IS NULL OR ends_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')) "
-            "ORDER BY active_at, alertname, fingerprint",
-            parameters={"since": since_ms, "until": until_ms},
-        )
+        result = self.store.query(_HISTORY, {"since": since_ms, "until": until_ms})
         return [from_row(r) for r in result.named_results()]
 
 
@@ -87,15 +90,10 @@ def _explain(exc: Exception, db: str) -> str:
     return f"cannot read {db}.alerts: {text.splitlines()[0] if text else type(exc).__name__}"
 
 
-def firing_alerts(client: Client, db: str) -> list[dict[str, Any]]:
+def firing_alerts(store: Store) -> list[dict[str, Any]]:
     """Alerts firing now, most severe first: each with alertname, severity, labels, annotations,
     state, starts_at and active_at (ISO 8601 UTC), value and fingerprint."""
-    check_database_name(db)
-    result = client.query(
-        f"SELECT {_SELECT} FROM {db}.alerts FINAL WHERE state = 'firing' "
-        f"ORDER BY {_SEVERITY_ORDER}, alertname, starts_at, fingerprint"
-    )
-    return [as_dict(from_row(r)) for r in result.named_results()]
+    return [as_dict(from_row(r)) for r in store.query(_FIRING).named_results()]
 
 
 def as_dict(rec: AlertRecord) -> dict[str, Any]:

@@ -13,11 +13,11 @@ from gpufleet.pipeline.commands.common import load_config, target_options
 from gpufleet.pipeline.commands.usage import with_store
 
 
-def _open(config_path: str | None, dsn: str | None, database: str | None) -> tuple[Any, Any, str]:
-    from gpufleet.pipeline.store.client import connect
+def _open(config_path: str | None, dsn: str | None, database: str | None) -> tuple[Any, Any]:
+    from gpufleet.pipeline.store import Store
 
     cfg, target = load_config(config_path, dsn, database)
-    return cfg, with_store(lambda: connect(target)), target.database
+    return cfg, with_store(lambda: Store.open(target))
 
 
 def _echo_rows(title: str, rows: list[Any], as_json: bool) -> None:
@@ -46,13 +46,13 @@ def close(period: str, as_json: bool, config_path: str | None, dsn: str | None, 
     from gpufleet.pipeline.queries import billing as bill
     from gpufleet.pipeline.queries.policy import sync_policy
 
-    cfg, client, db = _open(config_path, dsn, database)
+    cfg, store = _open(config_path, dsn, database)
     now_ms = int(time.time() * 1000)
 
     def run() -> bill.CloseResult:
-        sync_policy(client, db, cfg.billing, now_ms)
+        sync_policy(store, cfg.billing, now_ms)
         try:
-            return bill.close_period(client, db, period, now_ms)
+            return bill.close_period(store, period, now_ms)
         except bill.BillingError as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -76,10 +76,10 @@ def show(period: str, as_json: bool, config_path: str | None, dsn: str | None, d
     """Print a closed period's statement and the adjustments booked with it."""
     from gpufleet.pipeline.queries import billing as bill
 
-    _, client, db = _open(config_path, dsn, database)
-    if period not in with_store(lambda: bill.closed_periods(client, db)):
+    _, store = _open(config_path, dsn, database)
+    if period not in with_store(lambda: bill.closed_periods(store)):
         raise click.ClickException(f"period {period} is not closed: close it with 'gpufleet billing close'")
-    stmts, adjs = with_store(lambda: bill.statements(client, db, period))
+    stmts, adjs = with_store(lambda: bill.statements(store, period))
     if as_json:
         click.echo(json.dumps({"statements": [asdict(r) for r in stmts],
                                "adjustments": [asdict(r) for r in adjs]}, indent=2))
@@ -94,8 +94,8 @@ def pending(config_path: str | None, dsn: str | None, database: str | None) -> N
     """Usage of closed periods that arrived after their close, to be booked at the next close (JSON)."""
     from gpufleet.pipeline.queries import billing as bill
 
-    _, client, db = _open(config_path, dsn, database)
-    found = with_store(lambda: bill.pending_adjustments(client, db))
+    _, store = _open(config_path, dsn, database)
+    found = with_store(lambda: bill.pending_adjustments(store))
     click.echo(json.dumps({p: [{"tenant": t, "gpu_model": m, **asdict(d)} for (t, m), d in rows.items()]
                            for p, rows in found.items()}, indent=2))
 
@@ -106,8 +106,8 @@ def verify(config_path: str | None, dsn: str | None, database: str | None) -> No
     """Recompute every statement and adjustment checksum; exit 1 if any row was altered."""
     from gpufleet.pipeline.queries import billing as bill
 
-    _, client, db = _open(config_path, dsn, database)
-    problems = with_store(lambda: bill.verify(client, db))
+    _, store = _open(config_path, dsn, database)
+    problems = with_store(lambda: bill.verify(store))
     for p in problems:
         click.echo(p, err=True)
     if problems:

@@ -17,7 +17,8 @@ from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.queries.policy import sync_policy
 from gpufleet.pipeline.queries.status import fleet_status
 from gpufleet.pipeline.queries.status_api import StatusServer
-from gpufleet.pipeline.store.client import StoreError, connect, redact
+from gpufleet.pipeline.store import Store
+from gpufleet.pipeline.store.client import StoreError, redact
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,15 @@ def ingest(config_path: str | None, dsn: str | None, database: str | None, boots
         cfg = msgspec.structs.replace(cfg, kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=bootstrap))
     validate_startup(cfg, role="ingest", network=True)  # every config problem named, before any data moves
     try:
-        client = connect(target)
+        store = Store.open(target)
     except StoreError as exc:  # e.g. wrong credentials: the DSN is redacted in the message
         raise ConfigError(f"clickhouse.dsn: {exc}") from None
     if not no_migrate:
-        migrate(client, SchemaOptions.from_config(cfg))
-    sync_policy(client, cfg.clickhouse.database, cfg.billing, int(time.time() * 1000))
+        migrate(store.client, SchemaOptions.from_config(cfg))
+    sync_policy(store, cfg.billing, int(time.time() * 1000))
     kafka.ensure_topics(cfg.kafka)
-    ing = build_ingester(cfg, client)
-    api = StatusServer(lambda: fleet_status(connect(target), cfg), port=cfg.ingest.status_port).start()
+    ing = build_ingester(cfg, store)
+    api = StatusServer(lambda: fleet_status(Store.open(target), cfg), port=cfg.ingest.status_port).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -32,13 +32,14 @@ def status(config_path: str | None, data_dir: Path, dsn: str | None, database: s
         doc = state.fetch_status()
     if doc is None:
         from gpufleet.pipeline.queries.status import fleet_status
-        from gpufleet.pipeline.store.client import Target, connect
+        from gpufleet.pipeline.store import Store
+        from gpufleet.pipeline.store.client import Target
 
         if state:
             dsn, database = dsn or state.dsn, database or state.database
         target = Target(dsn or cfg.clickhouse.dsn, database or cfg.clickhouse.database)
         cfg = config_mod.with_clickhouse(cfg, target.dsn, target.database)
-        doc = fleet_status(connect(target), cfg)
+        doc = fleet_status(Store.open(target), cfg)
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
     else:

@@ -94,16 +94,16 @@ def usage(from_: str | None, to: str | None, tenant: str | None, fmt: str,
     reporting gaps, energy, utilization and MFU (docs/aggregations.md explains every column)."""
     from gpufleet.pipeline.queries.policy import sync_policy
     from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
-    from gpufleet.pipeline.store.client import connect
+    from gpufleet.pipeline.store import Store
 
     from_ms, to_ms = parse_time(from_, "--from"), parse_time(to, "--to")
     if from_ms is not None and to_ms is not None and to_ms <= from_ms:
         raise click.BadParameter("--to must be after --from", param_hint="--to")
     cfg, target = load_config(config_path, dsn, database)
-    client = with_store(lambda: connect(target))
+    store = with_store(lambda: Store.open(target))
 
     def read() -> list[dict[str, Any]]:
-        sync_policy(client, target.database, cfg.billing, int(time.time() * 1000))
-        return usage_rows(client, target.database, from_ms, to_ms, tenant)
+        sync_policy(store, cfg.billing, int(time.time() * 1000))
+        return usage_rows(store, from_ms, to_ms, tenant)
 
     click.echo(render(with_store(read), fmt, USAGE_COLUMNS))

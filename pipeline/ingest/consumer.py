@@ -9,6 +9,7 @@ from gpufleet.config import Config
 
 if TYPE_CHECKING:
     from gpufleet.pipeline.ingest.ingester import Ingester
+    from gpufleet.pipeline.store import Store
 
 
 def build_consumer(cfg: Config, ingester_ref: list[Ingester]) -> Any:
@@ -49,11 +50,11 @@ def build_producer(cfg: Config) -> Any:
     return KafkaProducer(**kafka.producer_kwargs(cfg.kafka, client_id="gpufleet-ingest-dlq"))
 
 
-def build_ingester(cfg: Config, client: Any) -> Ingester:
-    """An `Ingester` on `client` with its consumer-group member and DLQ producer, rebalance callbacks wired."""
+def build_ingester(cfg: Config, store: Store) -> Ingester:
+    """An `Ingester` on `store` with its consumer-group member and DLQ producer, rebalance callbacks wired."""
     from gpufleet.pipeline.ingest.ingester import Ingester
 
     ref: list[Ingester] = []
-    ingester = Ingester(cfg, client, build_consumer(cfg, ref), build_producer(cfg))
+    ingester = Ingester(cfg, store, build_consumer(cfg, ref), build_producer(cfg))
     ref.append(ingester)
     return ingester

@@ -30,9 +30,15 @@ import msgspec
 from gpufleet.wire import NodeReport
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 Identity = tuple[str, str, str, int]
+_STORED = (
+    "SELECT DISTINCT cluster, node, boot_id, seq FROM {db:Identifier}.gpu_samples "
+    "WHERE cluster IN {clusters:Array(String)} AND node IN {nodes:Array(String)} "
+    "AND time BETWEEN fromUnixTimestamp64Milli({lo:Int64}) AND fromUnixTimestamp64Milli({hi:Int64}) "
+    "AND seq BETWEEN {slo:UInt64} AND {shi:UInt64}"
+)
 
 
 def identity(r: NodeReport) -> Identity:
@@ -51,18 +57,15 @@ def unique_in_batch(reports: Sequence[NodeReport]) -> tuple[list[NodeReport], in
     return out, len(reports) - len(out)
 
 
-def already_stored(client: Client, database: str, reports: Sequence[NodeReport]) -> set[Identity]:
+def already_stored(store: Store, reports: Sequence[NodeReport]) -> set[Identity]:
     """Identities among `reports` that `gpu_samples` already holds."""
     with_rows = [r for r in reports if r.gpus]
     if not with_rows:
         return set()
     wanted = {identity(r) for r in with_rows}
-    result = client.query(
-        f"SELECT DISTINCT cluster, node, boot_id, seq FROM {database}.gpu_samples "
-        "WHERE cluster IN {clusters:Array(String)} AND node IN {nodes:Array(String)} "
-        "AND time BETWEEN fromUnixTimestamp64Milli({lo:Int64}) AND fromUnixTimestamp64Milli({hi:Int64}) "
-        "AND seq BETWEEN {slo:UInt64} AND {shi:UInt64}",
-        parameters={
+    rows = store.rows(
+        _STORED,
+        {
             "clusters": sorted({r.cluster for r in with_rows}),
             "nodes": sorted({r.node for r in with_rows}),
             "lo": min(r.time_ms for r in with_rows),
@@ -71,7 +74,7 @@ def already_stored(client: Client, database: str, reports: Sequence[NodeReport])
             "shi": max(r.seq for r in with_rows),
         },
     )
-    return {(c, n, b, int(s)) for c, n, b, s in result.result_rows} & wanted
+    return {(c, n, b, int(s)) for c, n, b, s in rows} & wanted
 
 
 def insert_token(reports: Sequence[NodeReport], planned_ms: int) -> str:

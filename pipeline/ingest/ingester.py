@@ -46,13 +46,14 @@ from gpufleet.pipeline.ingest import dedup, intents, staging
 from gpufleet.pipeline.ingest.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0
 FULL_GC_EVERY_S = 60.0
 STAGING_RETRY_S = 300.0
 POLL_WARN_EVERY_S = 30.0
+DEAD_LETTER_COLUMNS = ("ingest_time", "topic", "partition", "offset", "key", "reason", "payload")
 
 
 @dataclass
@@ -174,19 +175,18 @@ class Ingester:
     def __init__(
         self,
         cfg: Config,
-        client: Client,
+        store: Store,
         consumer: Any,
         dlq_producer: Any,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.client = client
+        self.store = store
         self.consumer = consumer
         self.dlq = dlq_producer
         self.clock = clock
-        self.db = cfg.clickhouse.database
         self.stats = IngestStats()
-        self.intents = intents.IntentLog.for_store(cfg.clickhouse.dsn, self.db)
+        self.intents = intents.IntentLog.for_store(cfg.clickhouse.dsn, store.database)
         self.deriver = Deriver(cfg.health, cfg.peak_flops)
         self.batch = Batch()
         self._stop = threading.Event()
@@ -351,7 +351,7 @@ class Ingester:
         landed and completes the tables that missed them (pipeline/ingest/dedup.py, pipeline/ingest/intents.py)."""
         ingest_ms = int(self.clock() * 1000)
         unique, dup_in_batch = dedup.unique_in_batch(batch.reports)
-        stored = dedup.already_stored(self.client, self.db, unique)
+        stored = dedup.already_stored(self.store, unique)
         batch.plan = [r for r in unique if dedup.identity(r) not in stored]
         batch.skipped = dup_in_batch + len(stored)
         batch.ingest_ms = ingest_ms
@@ -365,7 +365,7 @@ class Ingester:
         if batch.derived is None or not fresh_ids <= {id(r) for r in batch.derived.reports}:
             batch.derived = derive(fresh, self.deriver)
         keep = [id(r) in fresh_ids for r in batch.derived.reports]
-        insert_columns(self.client, f"{self.db}.agent_reports", agent_columns(fresh, batch.ingest_ms),
+        insert_columns(self.store, "agent_reports", agent_columns(fresh, batch.ingest_ms),
                        settings=dedup.insert_settings(batch.token, "agents"))
         return self._insert_samples(batch, batch.derived, keep, batch.ingest_ms, pipelined)
 
@@ -374,7 +374,7 @@ class Ingester:
         landed insert (raw rows in, a rollup refused) must be repeated as it was, under its token."""
         sent = [r for r in batch.plan or () if id(r) in batch.raw]
         try:
-            landed = dedup.already_stored(self.client, self.db, sent)
+            landed = dedup.already_stored(self.store, sent)
         except Exception:
             return  # cannot tell now: repeat the same insert
         if not landed:
@@ -447,19 +447,19 @@ class Ingester:
             columns = [k and not j for k, j in zip(keep, as_json, strict=True)]
             block = self._splicer.block(derived, raw, as_json, ingest_ms)
             if any(columns):
-                insert_columns(self.client, f"{self.db}.gpu_samples", derived_columns(derived, ingest_ms, columns),
+                insert_columns(self.store, "gpu_samples", derived_columns(derived, ingest_ms, columns),
                                settings=dedup.insert_settings(batch.token, "columns"))
             settings = dedup.insert_settings(batch.token, "json")
             if pipelined and self._executor is not None:
-                return self._executor.submit(staging.insert, self.client, path, block, settings)
+                return self._executor.submit(staging.insert, self.store, path, block, settings)
             try:
-                staging.insert(self.client, path, block, settings)
+                staging.insert(self.store, path, block, settings)
             except Exception:
                 self._json_failed(batch)
                 raise
             return pending
         if any(columns):
-            insert_columns(self.client, f"{self.db}.gpu_samples", derived_columns(derived, ingest_ms, columns),
+            insert_columns(self.store, "gpu_samples", derived_columns(derived, ingest_ms, columns),
                            settings=dedup.insert_settings(batch.token, "columns"))
         return None
 
@@ -467,7 +467,7 @@ class Ingester:
         """The JSON staging table, created on first use; None (column path) while it cannot be had."""
         if self._staging is None and self.json_staging and time.monotonic() >= self._staging_next_try:
             try:
-                self._staging = staging.ensure(self.client, self.db, self.cfg.clickhouse.cluster)
+                self._staging = staging.ensure(self.store, self.cfg.clickhouse.cluster)
             except Exception as exc:
                 self._staging_next_try = time.monotonic() + STAGING_RETRY_S
                 log.warning("JSON staging path unavailable, inserting columns (slower; retry in %.0f s): %s",
@@ -489,10 +489,7 @@ class Ingester:
             [(d.key or b"").decode("utf-8", "backslashreplace") for d in dead], [d.reason for d in dead],
             [d.value.decode("utf-8", "backslashreplace") for d in dead],
         ]
-        self.client.insert(
-            f"{self.db}.dead_letters", cols, column_oriented=True,
-            column_names=["ingest_time", "topic", "partition", "offset", "key", "reason", "payload"],
-        )
+        self.store.insert("dead_letters", cols, DEAD_LETTER_COLUMNS, column_oriented=True)
 
     def _commit(self, batch: Batch) -> None:
         from kafka.structs import OffsetAndMetadata

@@ -22,7 +22,7 @@ from gpufleet.pipeline.ingest.health import Previous, State, classify, classify_
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 # Wire fields stored as-is (same name in gpu_samples), except the identity/attribution ones
 # that get their own handling below.
@@ -170,20 +170,21 @@ def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
     return Columns(AGENT_COLUMNS, data)
 
 
-def insert_columns(client: Client, table: str, cols: Columns, settings: dict[str, object] | None = None) -> None:
+def insert_columns(store: Store, table: str, cols: Columns, settings: dict[str, object] | None = None) -> None:
+    """Insert `cols` into the store's `table` (a bare name), as one block."""
     if cols.rows:
-        client.insert(table, cols.data, column_names=list(cols.names), column_oriented=True, settings=settings)
+        store.insert(table, cols.data, cols.names, column_oriented=True, settings=settings)
 
 
 def insert_reports(
-    client: Client, database: str, reports: Iterable[NodeReport], ingest_ms: int, deriver: Deriver | None = None
+    store: Store, reports: Iterable[NodeReport], ingest_ms: int, deriver: Deriver | None = None
 ) -> int:
     """Insert reports as the ingester does (no dedup lookup); returns GPU rows written. For tests and benches."""
     batch = list(reports)
     deriver = deriver or Deriver()
     cols = sample_columns(batch, ingest_ms, deriver)
-    insert_columns(client, f"{database}.agent_reports", agent_columns(batch, ingest_ms))
-    insert_columns(client, f"{database}.gpu_samples", cols)
+    insert_columns(store, "agent_reports", agent_columns(batch, ingest_ms))
+    insert_columns(store, "gpu_samples", cols)
     return cols.rows
 
 

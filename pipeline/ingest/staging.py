@@ -46,7 +46,7 @@ from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Derived
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ _RENAMED = {"index": "gpu_index", "uuid": "gpu_uuid"}
 _DEFAULTED = ("model", "tenant", "job", "error")
 """Nullable on the wire, '' in gpu_samples."""
 _REPORT_BOUNDS = {"seq": INT64_MAX, "time_ms": INT64_MAX}
+_SAMPLE_COLUMNS = "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = 'gpu_samples'"
+_STAGING_TABLES = "SELECT name FROM system.tables WHERE database = {db:String} AND name LIKE 'gpu_samples_json_%'"
 """gpu_samples.seq is UInt64 and time DateTime64(3) (Int64 milliseconds); msgspec bounds stop at int64."""
 
 INSERT_SETTINGS: Mapping[str, object] = {
@@ -199,19 +201,12 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
     return Staging(table, view, statements, msgspec.json.Decoder(bounded_report_type(bounds)))
 
 
-def ensure(client: Client, database: str, cluster: str | None = None) -> Staging:
-    """Create (if missing) the staging table and view for `database`; raises if it cannot."""
-    rows = client.query(
-        "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = 'gpu_samples'",
-        parameters={"db": database},
-    ).result_rows
-    staging = plan(database, dict(rows), cluster)
+def ensure(store: Store, cluster: str | None = None) -> Staging:
+    """Create (if missing) the staging table and view in the store's database; raises if it cannot."""
+    staging = plan(store.database, dict(store.rows(_SAMPLE_COLUMNS)), cluster)
     for statement in staging.statements:
-        client.command(statement)
-    names = {f"{database}.{n}" for (n,) in client.query(
-        "SELECT name FROM system.tables WHERE database = {db:String} AND name LIKE 'gpu_samples_json_%'",
-        parameters={"db": database},
-    ).result_rows}
+        store.command(statement)
+    names = {store.table(n) for (n,) in store.rows(_STAGING_TABLES)}
     if not {staging.table, staging.view} <= names:
         raise StagingUnsupported(f"{staging.table} or its view did not appear after CREATE")
     return staging
@@ -287,9 +282,9 @@ class Splicer:
         return memoryview(buf)[:at]
 
 
-def insert(client: Client, staging: Staging, block: memoryview, settings: Mapping[str, object] | None = None) -> None:
+def insert(store: Store, staging: Staging, block: memoryview, settings: Mapping[str, object] | None = None) -> None:
     """Send a `Splicer.block` through the staging table (its view writes gpu_samples); `settings` add to
     `INSERT_SETTINGS` (the ingester's dedup token)."""
     if len(block):
-        client.raw_insert(staging.table, insert_block=block, fmt="JSONEachRow",
+        store.client.raw_insert(staging.table, insert_block=block, fmt="JSONEachRow",
                           settings={**INSERT_SETTINGS, **(settings or {})})

@@ -35,7 +35,7 @@ from gpufleet.pipeline.queries.policy import Policy, read_policy
 from gpufleet.pipeline.queries.window import iso, ms_datetime
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 _PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 HOUR_MS: Final = 3_600_000
@@ -186,42 +186,58 @@ def combined_checksum(statements: Sequence[StatementRow], adjustments: Sequence[
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def current_totals(client: Client, db: str, period: str) -> dict[Key, Totals]:
+_CURRENT: Final = (
+    "SELECT tenant, gpu_model, "
+    "sum(toUInt64(round(allocated_gpu_seconds * 1000))), sum(toUInt64(round(unhealthy_gpu_seconds * 1000))), "
+    "sum(toUInt64(round(billable_gpu_seconds * 1000))), sum(toUInt64(round(idle_allocated_gpu_hours * 3600000))), "
+    "sum(toUInt64(round(gap_gpu_seconds * 1000))), sum(toUInt64(round(energy_kwh * 3600000000))) "
+    "FROM {db:Identifier}.usage_hourly "
+    "WHERE hour >= toDateTime(intDiv({start:Int64}, 1000), 'UTC') "
+    "AND hour < toDateTime(intDiv({end:Int64}, 1000), 'UTC') "
+    "GROUP BY tenant, gpu_model"
+)
+_CLOSED: Final = (
+    "SELECT period, toUnixTimestamp64Milli(min(closed_at)) FROM {db:Identifier}.billing_periods GROUP BY period"
+)
+_STATEMENT_TOTALS: Final = (
+    "SELECT tenant, gpu_model, allocated_ms, unhealthy_ms, billable_ms, idle_allocated_ms, gap_ms, energy_mj "
+    "FROM {db:Identifier}.billing_statements WHERE period = {p:String}"
+)
+_ADJUSTMENT_TOTALS: Final = (
+    "SELECT tenant, gpu_model, delta_allocated_ms, delta_unhealthy_ms, delta_billable_ms, delta_idle_allocated_ms, "
+    "delta_gap_ms, delta_energy_mj FROM {db:Identifier}.billing_adjustments WHERE usage_period = {p:String}"
+)
+_STATEMENTS: Final = (
+    "SELECT period, tenant, gpu_model, allocated_ms, unhealthy_ms, billable_ms, idle_allocated_ms, gap_ms, "
+    "energy_mj, energy_kwh, billable_gpu_hours, exclude_states, idle_util_pct, toUnixTimestamp64Milli(closed_at), "
+    "checksum "
+    "FROM {db:Identifier}.billing_statements WHERE period = {p:String} ORDER BY tenant, gpu_model"
+)
+_ADJUSTMENTS: Final = (
+    "SELECT booked_period, usage_period, tenant, gpu_model, delta_allocated_ms, delta_unhealthy_ms, "
+    "delta_billable_ms, delta_idle_allocated_ms, delta_gap_ms, delta_energy_mj, delta_energy_kwh, "
+    "delta_billable_gpu_hours, "
+    "toUnixTimestamp64Milli(closed_at), checksum FROM {db:Identifier}.billing_adjustments "
+    "WHERE booked_period = {p:String} ORDER BY usage_period, tenant, gpu_model"
+)
+
+
+def current_totals(store: Store, period: str) -> dict[Key, Totals]:
     """Usage per (tenant, model) of the period, as `usage_hourly` shows it now."""
     start, end = period_bounds(period)
-    rows = client.query(
-        "SELECT tenant, gpu_model, "
-        "sum(toUInt64(round(allocated_gpu_seconds * 1000))), sum(toUInt64(round(unhealthy_gpu_seconds * 1000))), "
-        "sum(toUInt64(round(billable_gpu_seconds * 1000))), sum(toUInt64(round(idle_allocated_gpu_hours * 3600000))), "
-        "sum(toUInt64(round(gap_gpu_seconds * 1000))), sum(toUInt64(round(energy_kwh * 3600000000))) "
-        f"FROM {db}.usage_hourly "
-        "WHERE hour >= toDateTime(intDiv({start:Int64}, 1000), 'UTC') "
-        "AND hour < toDateTime(intDiv({end:Int64}, 1000), 'UTC') "
-        "GROUP BY tenant, gpu_model",
-        parameters={"start": start, "end": end},
-    ).result_rows
+    rows = store.rows(_CURRENT, {"start": start, "end": end})
     return {(t, m): Totals(int(a), int(u), int(b), int(i), int(g), int(e)) for t, m, a, u, b, i, g, e in rows}
 
 
-def closed_periods(client: Client, db: str) -> dict[str, int]:
+def closed_periods(store: Store) -> dict[str, int]:
     """Closed period -> closed_at (Unix ms)."""
-    rows = client.query(
-        f"SELECT period, toUnixTimestamp64Milli(min(closed_at)) FROM {db}.billing_periods GROUP BY period"
-    ).result_rows
-    return {p: int(t) for p, t in rows}
+    return {p: int(t) for p, t in store.rows(_CLOSED)}
 
 
-def covered_totals(client: Client, db: str, period: str) -> dict[Key, Totals]:
+def covered_totals(store: Store, period: str) -> dict[Key, Totals]:
     """What the statement of a closed period plus the adjustments booked for it since add up to."""
-    stmt = client.query(
-        "SELECT tenant, gpu_model, allocated_ms, unhealthy_ms, billable_ms, idle_allocated_ms, gap_ms, energy_mj "
-        f"FROM {db}.billing_statements WHERE period = {{p:String}}", parameters={"p": period},
-    ).result_rows
-    adj = client.query(
-        "SELECT tenant, gpu_model, delta_allocated_ms, delta_unhealthy_ms, delta_billable_ms, delta_idle_allocated_ms, "
-        f"delta_gap_ms, delta_energy_mj FROM {db}.billing_adjustments WHERE usage_period = {{p:String}}",
-        parameters={"p": period},
-    ).result_rows
+    stmt = store.rows(_STATEMENT_TOTALS, {"p": period})
+    adj = store.rows(_ADJUSTMENT_TOTALS, {"p": period})
     out: dict[Key, Totals] = {}
     for t, m, *vals in [*stmt, *adj]:
         row = Totals(*(int(v) for v in vals))
@@ -229,33 +245,20 @@ def covered_totals(client: Client, db: str, period: str) -> dict[Key, Totals]:
     return out
 
 
-def pending_adjustments(client: Client, db: str) -> dict[str, dict[Key, Totals]]:
+def pending_adjustments(store: Store) -> dict[str, dict[Key, Totals]]:
     """Closed period -> (tenant, model) -> usage that arrived after its close and is not yet booked."""
     out = {}
-    for period in sorted(closed_periods(client, db)):
-        d = deltas(current_totals(client, db, period), covered_totals(client, db, period))
+    for period in sorted(closed_periods(store)):
+        d = deltas(current_totals(store, period), covered_totals(store, period))
         if d:
             out[period] = d
     return out
 
 
-def statements(client: Client, db: str, period: str) -> tuple[list[StatementRow], list[AdjustmentRow]]:
+def statements(store: Store, period: str) -> tuple[list[StatementRow], list[AdjustmentRow]]:
     """The frozen statement of a period and the adjustments booked when it closed."""
-    s = client.query(
-        "SELECT period, tenant, gpu_model, allocated_ms, unhealthy_ms, billable_ms, idle_allocated_ms, gap_ms, "
-        "energy_mj, energy_kwh, billable_gpu_hours, exclude_states, idle_util_pct, toUnixTimestamp64Milli(closed_at), "
-        "checksum "
-        f"FROM {db}.billing_statements WHERE period = {{p:String}} ORDER BY tenant, gpu_model",
-        parameters={"p": period},
-    ).result_rows
-    a = client.query(
-        "SELECT booked_period, usage_period, tenant, gpu_model, delta_allocated_ms, delta_unhealthy_ms, "
-        "delta_billable_ms, delta_idle_allocated_ms, delta_gap_ms, delta_energy_mj, delta_energy_kwh, "
-        "delta_billable_gpu_hours, "
-        f"toUnixTimestamp64Milli(closed_at), checksum FROM {db}.billing_adjustments "
-        "WHERE booked_period = {p:String} ORDER BY usage_period, tenant, gpu_model",
-        parameters={"p": period},
-    ).result_rows
+    s = store.rows(_STATEMENTS, {"p": period})
+    a = store.rows(_ADJUSTMENTS, {"p": period})
     stmts = [
         StatementRow(r[0], r[1], r[2], *(int(v) for v in r[3:9]), float(r[9]), float(r[10]), tuple(r[11]),
                      int(r[12]), int(r[13]), r[14])
@@ -265,11 +268,11 @@ def statements(client: Client, db: str, period: str) -> tuple[list[StatementRow]
     return stmts, adjs
 
 
-def verify(client: Client, db: str) -> list[str]:
+def verify(store: Store) -> list[str]:
     """Every stored statement or adjustment row whose checksum no longer matches its content."""
     problems = []
-    for period in sorted(closed_periods(client, db)):
-        stmts, adjs = statements(client, db, period)
+    for period in sorted(closed_periods(store)):
+        stmts, adjs = statements(store, period)
         for row in [*stmts, *adjs]:
             if sealed(row).checksum != row.checksum:
                 problems.append(f"{type(row).__name__} {period} {row.tenant}/{row.gpu_model}: checksum mismatch")
@@ -278,12 +281,12 @@ def verify(client: Client, db: str) -> list[str]:
 
 # --- closing ---------------------------------------------------------------------------------------
 
-def close_period(client: Client, db: str, period: str, now_ms: int) -> CloseResult:
+def close_period(store: Store, period: str, now_ms: int) -> CloseResult:
     """Close `period` (see the module docstring); raises `BillingError` when it must not be closed."""
     _, end = period_bounds(period)
     if now_ms < end:
         raise BillingError(f"period {period} has not ended (it ends at {iso(end)}): close it after that")
-    closed = closed_periods(client, db)
+    closed = closed_periods(store)
     if period in closed:
         raise BillingError(
             f"period {period} was already closed at {iso(closed[period])}; closed statements are immutable, "
@@ -294,23 +297,23 @@ def close_period(client: Client, db: str, period: str, now_ms: int) -> CloseResu
         raise BillingError(
             f"period {later[-1]} is already closed: periods close in order, so {period} cannot close now"
         )
-    policy = read_policy(client, db)
+    policy = read_policy(store)
     # A close that crashed part-way left whole row sets (each insert is one atomic block): keep them.
-    stored_stmts, stored_adjs = statements(client, db, period)
+    stored_stmts, stored_adjs = statements(store, period)
     adjustments = stored_adjs or [
         row
         for earlier in sorted(closed)
         for row in adjustment_rows(
-            period, earlier, deltas(current_totals(client, db, earlier), covered_totals(client, db, earlier)), now_ms
+            period, earlier, deltas(current_totals(store, earlier), covered_totals(store, earlier)), now_ms
         )
     ]
     if not stored_adjs:
-        _insert(client, f"{db}.billing_adjustments", _adjustment_columns(adjustments), f"adjustments:{period}")
-    stmts = stored_stmts or statement_rows(period, current_totals(client, db, period), policy, now_ms)
+        _insert(store, "billing_adjustments", _adjustment_columns(adjustments), f"adjustments:{period}")
+    stmts = stored_stmts or statement_rows(period, current_totals(store, period), policy, now_ms)
     if not stored_stmts:
-        _insert(client, f"{db}.billing_statements", _statement_columns(stmts), f"statements:{period}")
+        _insert(store, "billing_statements", _statement_columns(stmts), f"statements:{period}")
     checksum = combined_checksum(stmts, adjustments)
-    _insert(client, f"{db}.billing_periods", {
+    _insert(store, "billing_periods", {
         "period": [period], "closed_at": [ms_datetime(now_ms)], "statement_rows": [len(stmts)],
         "adjustment_rows": [len(adjustments)], "exclude_states": [list(policy.exclude_states)],
         "idle_util_pct": [policy.idle_util_pct], "checksum": [checksum],
@@ -333,10 +336,8 @@ def _adjustment_columns(rows: Iterable[AdjustmentRow]) -> dict[str, list[Any]]:
     return cols
 
 
-def _insert(client: Client, table: str, cols: dict[str, list[Any]], token: str) -> None:
+def _insert(store: Store, table: str, cols: dict[str, list[Any]], token: str) -> None:
     if not next(iter(cols.values())):
         return
-    client.insert(
-        table, list(cols.values()), column_names=list(cols), column_oriented=True,
-        settings={"insert_deduplication_token": token},
-    )
+    store.insert(table, list(cols.values()), list(cols), column_oriented=True,
+                 settings={"insert_deduplication_token": token})

@@ -13,14 +13,27 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-from gpufleet.pipeline.queries.window import MINUTE_MS, STATES, Window
+from gpufleet.pipeline.queries.window import MINUTE_MS, STATES, WINDOW, Window
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 SILENT = "silent"
+
+_LATEST: Final = (
+    "SELECT gpu_uuid, argMax(cluster, time), argMax(node, time), toString(argMax(health, time)), "
+    "argMax(health_reasons, time), toUnixTimestamp64Milli(max(time)) "
+    "FROM {db:Identifier}.gpu_latest GROUP BY gpu_uuid ORDER BY gpu_uuid"
+)
+_KNOWN_GPUS: Final = f"SELECT uniqExact(cluster, node, gpu_uuid) FROM {{db:Identifier}}.gpu_usage_1m WHERE {WINDOW}"
+_WORST_PER_MINUTE: Final = (
+    "SELECT toInt64(toUnixTimestamp(minute)) * 1000, toString(worst), count() FROM ("
+    f"SELECT minute, max(health) AS worst FROM {{db:Identifier}}.gpu_usage_1m WHERE {WINDOW} "
+    "GROUP BY minute, cluster, node, gpu_uuid) GROUP BY minute, worst"
+)
+"""Per minute of the window, GPUs per worst state of their samples in it (bind `Window.params()`)."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +86,9 @@ def classify_now(latest: Iterable[tuple[str, str, str, str, list[str], int]], no
     return HealthNow(now_ms, gpus, by_state, dict(sorted(by_reason.items())), dict(sorted(by_node.items())))
 
 
-def current_health(client: Client, db: str, now_ms: int, silent_after_s: float) -> HealthNow:
+def current_health(store: Store, now_ms: int, silent_after_s: float) -> HealthNow:
     """Fleet health as of `now_ms` (at or after the newest sample), from each GPU's latest sample."""
-    rows = client.query(
-        "SELECT gpu_uuid, argMax(cluster, time), argMax(node, time), toString(argMax(health, time)), "
-        "argMax(health_reasons, time), toUnixTimestamp64Milli(max(time)) "
-        f"FROM {db}.gpu_latest GROUP BY gpu_uuid ORDER BY gpu_uuid"
-    ).result_rows
+    rows = store.rows(_LATEST)
     return classify_now(((u, c, n, s, list(r), int(t)) for u, c, n, s, r, t in rows), now_ms, silent_after_s)
 
 
@@ -96,16 +105,9 @@ def fill_history(window: Window, known_gpus: int, counts: Iterable[tuple[int, st
     return out
 
 
-def health_history(client: Client, db: str, window: Window) -> list[HealthMinute]:
+def health_history(store: Store, window: Window) -> list[HealthMinute]:
     """GPUs per health state for each minute of `window`."""
     params = window.params()
-    known = client.query(
-        f"SELECT uniqExact(cluster, node, gpu_uuid) FROM {db}.gpu_usage_1m WHERE {window.sql()}", parameters=params
-    ).result_rows[0][0]
-    counts = client.query(
-        "SELECT toInt64(toUnixTimestamp(minute)) * 1000, toString(worst), count() FROM ("
-        f"SELECT minute, max(health) AS worst FROM {db}.gpu_usage_1m WHERE {window.sql()} "
-        "GROUP BY minute, cluster, node, gpu_uuid) GROUP BY minute, worst",
-        parameters=params,
-    ).result_rows
+    known = store.rows(_KNOWN_GPUS, params)[0][0]
+    counts = store.rows(_WORST_PER_MINUTE, params)
     return fill_history(window, int(known), ((int(m), s, int(n)) for m, s, n in counts))

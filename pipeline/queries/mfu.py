@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from gpufleet.pipeline.queries.window import Window
+from gpufleet.pipeline.queries import formulas
+from gpufleet.pipeline.queries.window import ALL_TIME, WINDOW, Window
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 Scope = Literal["fleet", "fleet_allocated", "tenant", "job", "node", "model"]
 
@@ -31,6 +32,27 @@ _KEYS: Final[dict[str, tuple[str, str]]] = {
     "model": ("model", "1"),
 }
 SCOPES: Final = tuple(_KEYS)
+
+
+def _by_key(key: str, rows: str, window: str) -> str:
+    return (f"SELECT {key} AS key, {formulas.ACHIEVED_FLOP}, {formulas.PEAK_FLOP}, {formulas.MFU}, "
+            "sum(mfu_ms), sum(measured_ms), sum(reported_ms), sum(peak_known_ms) "
+            f"FROM {{db:Identifier}}.gpu_usage_1m WHERE {rows} AND {window} GROUP BY key ORDER BY key")
+
+
+def _unknown_models(rows: str, window: str) -> str:
+    return ("SELECT model, sum(reported_ms) - sum(peak_known_ms) AS ms "
+            f"FROM {{db:Identifier}}.gpu_usage_1m WHERE {rows} AND {window} "
+            "GROUP BY model HAVING ms > 0 ORDER BY model")
+
+
+_QUERIES: Final = {
+    # (scope, windowed?) -> (MFU per key, GPU-seconds of models without a peak); bind `Window.params()`
+    (scope, windowed): (_by_key(key, rows, WINDOW if windowed else ALL_TIME),
+                        _unknown_models(rows, WINDOW if windowed else ALL_TIME))
+    for scope, (key, rows) in _KEYS.items()
+    for windowed in (False, True)
+}
 
 
 @dataclass(frozen=True)
@@ -80,12 +102,12 @@ def source_label(mfu_ms: int, measured_ms: int) -> str:
     return "estimated" if measured_ms == 0 else "mixed"
 
 
-def mfu_row(key: str, achieved: float, peak: float, mfu_ms: int, measured_ms: int, reported_ms: int,
-            peak_known_ms: int) -> MfuRow:
-    """One row from the rollup's sums (pure)."""
+def mfu_row(key: str, achieved: float, peak: float, mfu: float | None, mfu_ms: int, measured_ms: int,
+            reported_ms: int, peak_known_ms: int) -> MfuRow:
+    """One row from the rollup's sums and its MFU (`formulas.MFU`) (pure)."""
     return MfuRow(
         key=key,
-        mfu=achieved / peak if peak > 0 else None,
+        mfu=mfu,
         achieved_flop=achieved,
         peak_flop=peak,
         gpu_seconds=mfu_ms / 1000,
@@ -96,27 +118,18 @@ def mfu_row(key: str, achieved: float, peak: float, mfu_ms: int, measured_ms: in
     )
 
 
-def mfu_by_scope(client: Client, db: str, scope: Scope, window: Window | None = None) -> MfuReport:
+def mfu_by_scope(store: Store, scope: Scope, window: Window | None = None) -> MfuReport:
     """MFU for every key of `scope` over `window` (all time when None), keys in order."""
     if scope not in _KEYS:
         raise ValueError(f"unknown MFU scope {scope!r}: use one of {', '.join(SCOPES)}")
-    key_expr, row_filter = _KEYS[scope]
-    where = f"{row_filter} AND {window.sql() if window else '1'}"
+    by_key, unknown_models = _QUERIES[(scope, window is not None)]
     params = window.params() if window else {}
-    rows = client.query(
-        f"SELECT {key_expr} AS key, sum(measured_flop) + sum(estimated_unmeasured_flop), sum(peak_capacity_flop), "
-        "sum(mfu_ms), sum(measured_ms), sum(reported_ms), sum(peak_known_ms) "
-        f"FROM {db}.gpu_usage_1m WHERE {where} GROUP BY key ORDER BY key",
-        parameters=params,
-    ).result_rows
-    unknown = client.query(
-        f"SELECT model, sum(reported_ms) - sum(peak_known_ms) AS ms FROM {db}.gpu_usage_1m WHERE {where} "
-        "GROUP BY model HAVING ms > 0 ORDER BY model",
-        parameters=params,
-    ).result_rows
+    rows = store.rows(by_key, params)
+    unknown = store.rows(unknown_models, params)
     return MfuReport(
         scope=scope,
         window=window,
-        rows=[mfu_row(str(k), float(a), float(p), int(m), int(me), int(r), int(pk)) for k, a, p, m, me, r, pk in rows],
+        rows=[mfu_row(str(k), float(a), float(p), None if m is None else float(m), int(ms), int(me), int(r), int(pk))
+              for k, a, p, m, ms, me, r, pk in rows],
         unknown_models=[{"model": m, "gpu_seconds": int(ms) / 1000} for m, ms in unknown],
     )

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gpufleet.config import BillingConfig
 from gpufleet.pipeline.queries.window import ms_datetime
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
+
+_READ: Final = (
+    "SELECT argMax(exclude_states, updated_at), argMax(idle_util_pct, updated_at), count() "
+    "FROM {db:Identifier}.billing_policy"
+)
+_COLUMNS: Final = ("key", "exclude_states", "idle_util_pct", "updated_at")
 
 
 @dataclass(frozen=True)
@@ -34,28 +40,23 @@ class Policy:
         return cls(tuple(sorted(set(billing.exclude_states))), math.ceil(round(billing.idle_util_ratio * 100, 6)))
 
 
-def read_policy(client: Client, db: str) -> Policy:
+def read_policy(store: Store) -> Policy:
     """The policy in force (the newest `billing_policy` row)."""
-    rows = client.query(
-        "SELECT argMax(exclude_states, updated_at), argMax(idle_util_pct, updated_at), count() "
-        f"FROM {db}.billing_policy"
-    ).result_rows
-    excluded, pct, n = rows[0]
+    excluded, pct, n = store.rows(_READ)[0]
     return Policy(tuple(excluded), int(pct)) if n else Policy()
 
 
-def sync_policy(client: Client, db: str, billing: BillingConfig, now_ms: int) -> Policy:
+def sync_policy(store: Store, billing: BillingConfig, now_ms: int) -> Policy:
     """Make the config's policy the one in force; writes only when it differs. Returns it."""
     wanted = Policy.from_config(billing)
-    if read_policy(client, db) != wanted:
-        client.insert(
-            f"{db}.billing_policy", [[0, list(wanted.exclude_states), wanted.idle_util_pct, ms_datetime(now_ms)]],
-            column_names=["key", "exclude_states", "idle_util_pct", "updated_at"],
-        )
+    if read_policy(store) != wanted:
+        store.insert("billing_policy", [[0, list(wanted.exclude_states), wanted.idle_util_pct, ms_datetime(now_ms)]],
+                     _COLUMNS)
     return wanted
 
 
-def idle_ms_sql(pct_param: str = "idle_pct") -> str:
-    """Idle milliseconds of a rollup row: allocated with no process, or below the idle utilization."""
-    return (f"(held_no_process_ms + arraySum(mapValues(mapFilter((k, v) -> k < {{{pct_param}:UInt8}}, "
-            "active_ms_by_util_pct))))")
+IDLE_MS: Final = (
+    "(held_no_process_ms + arraySum(mapValues(mapFilter((k, v) -> k < {idle_pct:UInt8}, active_ms_by_util_pct))))"
+)
+"""Idle milliseconds of a rollup row: allocated with no process, or below the idle utilization (bind
+`idle_pct`, the policy's `idle_util_pct`)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gpufleet.config import Config
 from gpufleet.pipeline.alerts.state import firing_alerts
@@ -23,7 +23,20 @@ SUMMARY_WINDOW_S = 24 * 3600
 """MFU and billable hours in the status document cover the last 24 h of data."""
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
+
+_NEWEST: Final = "SELECT toUnixTimestamp64Milli(max(time)), count() FROM {db:Identifier}.gpu_samples"
+_REPORTING: Final = (
+    "SELECT uniqExact(gpu_uuid), uniqExact(cluster, node) FROM {db:Identifier}.gpu_samples "
+    "WHERE time >= fromUnixTimestamp64Milli({since:Int64})"
+)
+_TENANTS: Final = "SELECT DISTINCT tenant FROM {db:Identifier}.gpu_samples WHERE tenant != '' ORDER BY tenant"
+_DEAD_LETTERS: Final = "SELECT count() FROM {db:Identifier}.dead_letters FINAL"
+_LAG: Final = (
+    "SELECT quantileExact(0.5)(d), quantileExact(0.99)(d) FROM (SELECT "
+    "toUnixTimestamp64Milli(ingest_time) - toUnixTimestamp64Milli(time) AS d FROM {db:Identifier}.agent_reports "
+    "WHERE time >= fromUnixTimestamp64Milli({since:Int64}))"
+)
 
 
 def _iso(ms: int | None) -> str | None:
@@ -32,27 +45,15 @@ def _iso(ms: int | None) -> str | None:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def basic_summary(client: Client, db: str, window_s: float) -> dict[str, Any]:
+def basic_summary(store: Store, window_s: float) -> dict[str, Any]:
     """Reporting GPUs and nodes (within `window_s` of the newest sample), totals, tenants, DLQ."""
-    last_ms, total = client.query(
-        f"SELECT toUnixTimestamp64Milli(max(time)), count() FROM {db}.gpu_samples"
-    ).result_rows[0]
+    last_ms, total = store.rows(_NEWEST)[0]
     if not total:
         last_ms = 0
-    gpus, nodes = client.query(
-        f"SELECT uniqExact(gpu_uuid), uniqExact(cluster, node) FROM {db}.gpu_samples "
-        "WHERE time >= fromUnixTimestamp64Milli({since:Int64})",
-        parameters={"since": int(last_ms - window_s * 1000)},
-    ).result_rows[0]
-    tenants = [r[0] for r in client.query(
-        f"SELECT DISTINCT tenant FROM {db}.gpu_samples WHERE tenant != '' ORDER BY tenant").result_rows]
-    dlq = client.query(f"SELECT count() FROM {db}.dead_letters FINAL").result_rows[0][0]
-    lag = client.query(
-        f"SELECT quantileExact(0.5)(d), quantileExact(0.99)(d) FROM (SELECT "
-        f"toUnixTimestamp64Milli(ingest_time) - toUnixTimestamp64Milli(time) AS d FROM {db}.agent_reports "
-        "WHERE time >= fromUnixTimestamp64Milli({since:Int64}))",
-        parameters={"since": int(last_ms - 60_000)},
-    ).result_rows[0]
+    gpus, nodes = store.rows(_REPORTING, {"since": int(last_ms - window_s * 1000)})[0]
+    tenants = [r[0] for r in store.rows(_TENANTS)]
+    dlq = store.rows(_DEAD_LETTERS)[0][0]
+    lag = store.rows(_LAG, {"since": int(last_ms - 60_000)})[0]
     return {
         "gpus_reporting": int(gpus) if total else 0,
         "nodes_reporting": int(nodes) if total else 0,
@@ -72,30 +73,27 @@ def _num(x: Any) -> float | None:
     return round(f, 1) if math.isfinite(f) else None
 
 
-def fleet_status(client: Client, cfg: Config) -> dict[str, Any]:
+def fleet_status(store: Store, cfg: Config) -> dict[str, Any]:
     """The full `gpufleet status --json` document."""
-    db = cfg.clickhouse.database
-    out = basic_summary(client, db, cfg.health.silent_after_s)
+    out = basic_summary(store, cfg.health.silent_after_s)
     if out["samples_total"]:
-        now_ms = int(client.query(f"SELECT toUnixTimestamp64Milli(max(time)) FROM {db}.gpu_samples").result_rows[0][0])
-        out.update(fleet_summary(client, db, now_ms, SUMMARY_WINDOW_S, cfg))
-    out["alerts_firing"] = firing_alerts(client, db)
+        now_ms = int(store.rows(_NEWEST)[0][0])
+        out.update(fleet_summary(store, now_ms, SUMMARY_WINDOW_S, cfg))
+    out["alerts_firing"] = firing_alerts(store)
     return out
 
 
-def fleet_summary(
-    client: Client, db: str, now_ms: int, window_s: float | None, cfg: Config | None = None
-) -> dict[str, Any]:
+def fleet_summary(store: Store, now_ms: int, window_s: float | None, cfg: Config | None = None) -> dict[str, Any]:
     """MFU, billable GPU-hours and health for `gpufleet status --json`, over the minutes covering
     `[now - window_s, now)` (all time when `window_s` is None); health is as of `now_ms`."""
     cfg = cfg or Config()
     window = Window.covering(int(now_ms - window_s * 1000), now_ms) if window_s else None
-    policy = read_policy(client, db)
-    fleet = mfu.mfu_by_scope(client, db, "fleet", window)
-    allocated = mfu.mfu_by_scope(client, db, "fleet_allocated", window)
-    tenants = mfu.mfu_by_scope(client, db, "tenant", window)
-    billable = billable_by_tenant(client, db, window, policy)
-    health = fleet_health.current_health(client, db, now_ms, cfg.health.silent_after_s)
+    policy = read_policy(store)
+    fleet = mfu.mfu_by_scope(store, "fleet", window)
+    allocated = mfu.mfu_by_scope(store, "fleet_allocated", window)
+    tenants = mfu.mfu_by_scope(store, "tenant", window)
+    billable = billable_by_tenant(store, window, policy)
+    health = fleet_health.current_health(store, now_ms, cfg.health.silent_after_s)
     f = fleet.rows[0] if fleet.rows else None
     a = allocated.rows[0] if allocated.rows else None
     return {

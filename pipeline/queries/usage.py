@@ -10,10 +10,10 @@ import math
 from typing import TYPE_CHECKING, Any, Final
 
 from gpufleet.pipeline.queries.policy import Policy
-from gpufleet.pipeline.queries.window import HOUR_MS, Window, iso
+from gpufleet.pipeline.queries.window import ALL_TIME, HOUR_MS, WINDOW, Window, iso
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 
 USAGE_COLUMNS: Final = (
@@ -24,25 +24,33 @@ USAGE_COLUMNS: Final = (
 """The columns of the `usage_hourly` view, in order (also the keys of `gpufleet usage --format json`)."""
 
 
+_SELECT: Final = ", ".join(USAGE_COLUMNS)
+_FILTERS: Final = {
+    # argument -> its condition on the view (the value is bound as the parameter of the same name)
+    "from_ms": "hour >= toDateTime(intDiv({from_ms:Int64}, 3600000) * 3600, 'UTC')",
+    "to_ms": "hour < toDateTime(intDiv({to_ms:Int64}, 1000), 'UTC')",
+    "tenant": "tenant = {tenant:String}",
+}
+_BILLABLE: Final = {
+    # windowed? -> billable milliseconds per tenant (bind `excl`, and the window's parameters)
+    windowed: "SELECT tenant, sumIf(reported_ms, NOT has({excl:Array(String)}, toString(health))) "
+              f"FROM {{db:Identifier}}.gpu_usage_1m WHERE tenant != '' AND {WINDOW if windowed else ALL_TIME} "
+              "GROUP BY tenant ORDER BY tenant"
+    for windowed in (False, True)
+}
+
+
 def usage_rows(
-    client: Client, db: str, from_ms: int | None = None, to_ms: int | None = None, tenant: str | None = None
+    store: Store, from_ms: int | None = None, to_ms: int | None = None, tenant: str | None = None
 ) -> list[dict[str, Any]]:
     """`usage_hourly` rows for hours starting in `[from_ms, to_ms)` (from rounded down to the hour), one
     dict per row keyed by the view's columns, `hour` as UTC ISO text, NULLs as None."""
-    where, params = ["1"], {}
-    if from_ms is not None:
-        where.append("hour >= toDateTime(intDiv({from_ms:Int64}, 3600000) * 3600, 'UTC')")
-        params["from_ms"] = from_ms
-    if to_ms is not None:
-        where.append("hour < toDateTime(intDiv({to_ms:Int64}, 1000), 'UTC')")
-        params["to_ms"] = to_ms
-    if tenant is not None:
-        where.append("tenant = {tenant:String}")
-        params["tenant"] = tenant
-    result = client.query(
-        f"SELECT {', '.join(USAGE_COLUMNS)} FROM {db}.usage_hourly WHERE {' AND '.join(where)} "
-        "ORDER BY hour, tenant, gpu_model",
-        parameters=params,
+    given = {"from_ms": from_ms, "to_ms": to_ms, "tenant": tenant}
+    params = {name: value for name, value in given.items() if value is not None}
+    where = " AND ".join(["1", *(_FILTERS[name] for name in params)])
+    result = store.query(
+        f"SELECT {_SELECT} FROM {{db:Identifier}}.usage_hourly WHERE {where} ORDER BY hour, tenant, gpu_model",
+        params,
     )
     return [_clean(dict(zip(USAGE_COLUMNS, row, strict=True))) for row in result.result_rows]
 
@@ -55,12 +63,8 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def billable_by_tenant(client: Client, db: str, window: Window | None, policy: Policy) -> dict[str, float]:
+def billable_by_tenant(store: Store, window: Window | None, policy: Policy) -> dict[str, float]:
     """Billable GPU-hours per tenant in a minute window (None: all time), from the minute rollup."""
-    where = window.sql() if window else "1"
-    rows = client.query(
-        f"SELECT tenant, sumIf(reported_ms, NOT has({{excl:Array(String)}}, toString(health))) "
-        f"FROM {db}.gpu_usage_1m WHERE tenant != '' AND {where} GROUP BY tenant ORDER BY tenant",
-        parameters={"excl": list(policy.exclude_states), **(window.params() if window else {})},
-    ).result_rows
+    rows = store.rows(_BILLABLE[window is not None],
+                      {"excl": list(policy.exclude_states), **(window.params() if window else {})})
     return {t: int(ms) / HOUR_MS for t, ms in rows}

@@ -22,13 +22,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-from gpufleet.pipeline.queries.policy import Policy, idle_ms_sql
-from gpufleet.pipeline.queries.window import Window
+from gpufleet.pipeline.queries import formulas
+from gpufleet.pipeline.queries.policy import IDLE_MS, Policy
+from gpufleet.pipeline.queries.window import WINDOW, Window
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
+
+_SCOPE_COLUMNS: Final = ("cluster", "node", "model")
+_HEALTHY: Final = "NOT has({excl:Array(String)}, toString(health))"
+_GPU_SUMS: Final = (
+    "SELECT argMax(model, reported_ms), sum(reported_ms), "
+    "sumIf(reported_ms, has({excl:Array(String)}, toString(health))), "
+    f"sumIf(reported_ms, {_HEALTHY} AND tenant = ''), "
+    f"sumIf({IDLE_MS}, {_HEALTHY} AND tenant != ''), "
+    f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s)"
+)
+"""Per-GPU sums with the policy applied (bind `excl` and `idle_pct`)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,7 @@ class HardwareScope:
 
     def sql(self) -> tuple[str, dict[str, str]]:
         parts, params = ["1"], {}
-        for name in ("cluster", "node", "model"):
+        for name in _SCOPE_COLUMNS:
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name} = {{s_{name}:String}}")
@@ -127,31 +139,20 @@ def build(gpus: Sequence[GpuTotals], window_ms: int) -> Waterfall:
     )
 
 
-def gpu_totals(
-    client: Client, db: str, window: Window, policy: Policy, scope: HardwareScope | None = None
-) -> list[GpuTotals]:
+def gpu_totals(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None) -> list[GpuTotals]:
     """Per-GPU sums over the window, with the policy applied (unhealthy states, idle threshold)."""
     scope_sql, scope_params = (scope or HardwareScope()).sql()
-    healthy = "NOT has({excl:Array(String)}, toString(health))"
-    rows = client.query(
-        "SELECT argMax(model, reported_ms), sum(reported_ms), "
-        "sumIf(reported_ms, has({excl:Array(String)}, toString(health))), "
-        f"sumIf(reported_ms, {healthy} AND tenant = ''), "
-        f"sumIf({idle_ms_sql()}, {healthy} AND tenant != ''), "
-        "sum(measured_flop) + sum(estimated_unmeasured_flop), sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s) "
-        f"FROM {db}.gpu_usage_1m WHERE {window.sql()} AND {scope_sql} "
+    rows = store.rows(
+        f"{_GPU_SUMS} FROM {{db:Identifier}}.gpu_usage_1m WHERE {WINDOW} AND {scope_sql} "
         "GROUP BY cluster, node, gpu_uuid ORDER BY cluster, node, gpu_uuid",
-        parameters={"excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct,
-                    **window.params(), **scope_params},
-    ).result_rows
+        {"excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct, **window.params(), **scope_params},
+    )
     return [
         GpuTotals(str(m), int(r), int(u), int(ua), int(i), float(a), int(mm), int(me), None if p is None else float(p))
         for m, r, u, ua, i, a, mm, me, p in rows
     ]
 
 
-def waterfall(
-    client: Client, db: str, window: Window, policy: Policy, scope: HardwareScope | None = None
-) -> Waterfall:
+def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None) -> Waterfall:
     """The capacity waterfall for `scope` over `window`."""
-    return build(gpu_totals(client, db, window, policy, scope), window.length_ms)
+    return build(gpu_totals(store, window, policy, scope), window.length_ms)

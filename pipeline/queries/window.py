@@ -33,11 +33,22 @@ class Window:
 
     def sql(self, column: str = "minute") -> str:
         """A filter on a rollup's time column; bind `params()` with it."""
-        return (f"{column} >= toDateTime(intDiv({{w_start:Int64}}, 1000), 'UTC') "
-                f"AND {column} < toDateTime(intDiv({{w_end:Int64}}, 1000), 'UTC')")
+        return window_sql(column)
 
     def params(self) -> dict[str, int]:
         return {"w_start": self.start_ms, "w_end": self.end_ms}
+
+
+def window_sql(column: str = "minute") -> str:
+    """A filter on a rollup's time column to a window; bind a `Window`'s `params()` with it."""
+    return (f"{column} >= toDateTime(intDiv({{w_start:Int64}}, 1000), 'UTC') "
+            f"AND {column} < toDateTime(intDiv({{w_end:Int64}}, 1000), 'UTC')")
+
+
+WINDOW: Final = window_sql()
+"""The filter to a window on the minute rollup's `minute` (bind `Window.params()`)."""
+ALL_TIME: Final = "1"
+"""The filter that keeps every minute: what a query over no window uses in place of `WINDOW`."""
 
 
 def ms_datetime(ms: int) -> dt.datetime:

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from gpufleet.cli import cli
 from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.store import Store
 from tests.alerts.helpers import am_alerts, iso
 from tests.builders import gpu, report
 
@@ -17,7 +18,7 @@ def test_run_once_then_list_as_json(alertmanager, ch_client, ch_target) -> None:
     now = int(time.time() * 1000)
     lost = gpu(0, "n7", tenant="acme", error="GPU is lost", xids=[79], util_gpu_ratio=None, compute_processes=None)
     ok = gpu(1, "n7", tenant="acme")
-    insert_reports(ch_client, ch_target.database, [report(node="n7", time_ms=now - 2000, gpus=[lost, ok])], now)
+    insert_reports(Store(ch_client, ch_target.database), [report(node="n7", time_ms=now - 2000, gpus=[lost, ok])], now)
     target = ["--dsn", ch_target.dsn, "--database", ch_target.database]
     runner = CliRunner()
 

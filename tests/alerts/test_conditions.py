@@ -19,7 +19,7 @@ def _busy(i: int, node: str, **over: object):
 
 
 def test_degraded_fires_after_five_one_minute_samples_and_on_rising_counters(
-        alertmanager, alerts_cfg, ch_client, ch_target) -> None:
+        alertmanager, alerts_cfg, ch_store, ch_target) -> None:
     b = base_ms()
 
     def gpus(k: int):
@@ -29,8 +29,8 @@ def test_degraded_fires_after_five_one_minute_samples_and_on_rising_counters(
         return [_busy(0, "n1", **hot), _busy(1, "n1", pcie_replay_count=pcie),
                 _busy(2, "n1", ecc_corrected_volatile=ecc),
                 _busy(3, "n1", clock_event_reasons=0x4)]  # SW power cap: normal under load, never degraded
-    insert_reports(ch_client, ch_target.database, minute_reports("n1", b, range(1, 31), gpus), b)
-    ev = Evaluator(alerts_cfg, ch_client, alertmanager_url=alertmanager.url,
+    insert_reports(ch_store, minute_reports("n1", b, range(1, 31), gpus), b)
+    ev = Evaluator(alerts_cfg, ch_store, alertmanager_url=alertmanager.url,
                    rules=parse_rules({"rules": [r for r in _raw_default() if r["name"] == "GpuDegraded"]}))
 
     # k=12: gpu0 braked for 3 samples (pending); pcie rose 100 -> 110 within (7m, 12m]; ECC 50 -> 0 -> 12
@@ -76,7 +76,7 @@ RULES_MFU = {"rules": [
 ]}
 
 
-def test_mfu_below_target_per_tenant_and_fleet(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
+def test_mfu_below_target_per_tenant_and_fleet(alertmanager, alerts_cfg, ch_store, ch_target) -> None:
     b = base_ms()
 
     def gpus(k: int):
@@ -87,8 +87,8 @@ def test_mfu_below_target_per_tenant_and_fleet(alertmanager, alerts_cfg, ch_clie
             _busy(3, "n1", model="Mystery GPU 9000", tensor_active_ratio=0.0),           # unknown model: left out
             gpu(4, "n1", tensor_active_ratio=0.0, compute_processes=0),                  # unallocated: left out
         ]
-    insert_reports(ch_client, ch_target.database, minute_reports("n1", b, range(1, 11), gpus), b)
-    ev = Evaluator(alerts_cfg, ch_client, alertmanager_url=alertmanager.url, rules=parse_rules(RULES_MFU))
+    insert_reports(ch_store, minute_reports("n1", b, range(1, 11), gpus), b)
+    ev = Evaluator(alerts_cfg, ch_store, alertmanager_url=alertmanager.url, rules=parse_rules(RULES_MFU))
 
     # k=9: the data reach back 9 minutes only: no verdict over a 10-minute window.
     assert ev.evaluate_once(b + 9 * MIN).fired == []

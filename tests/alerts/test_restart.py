@@ -11,6 +11,7 @@ from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient
 from gpufleet.pipeline.alerts.evaluator import Evaluator
 from gpufleet.pipeline.alerts.state import firing_alerts
 from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.store import Store
 from tests.alerts.helpers import MIN, Recording, am_alerts, base_ms, by_name, iso, minute_reports
 from tests.builders import gpu
 
@@ -23,28 +24,28 @@ def _gpus(k: int):
             gpu(2, "n1", tenant="acme", job="j-a")]
 
 
-def _setup(ch_client, ch_target) -> int:
+def _setup(store: Store) -> int:
     b = base_ms()
-    insert_reports(ch_client, ch_target.database, minute_reports("n1", b, range(1, 41), _gpus), b)
+    insert_reports(store, minute_reports("n1", b, range(1, 41), _gpus), b)
     return b
 
 
-def test_restart_sends_nothing_twice_and_keeps_every_alert(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
-    b = _setup(ch_client, ch_target)
+def test_restart_sends_nothing_twice_and_keeps_every_alert(alertmanager, alerts_cfg, ch_store) -> None:
+    b = _setup(ch_store)
     first = Recording(AlertmanagerClient(alertmanager.url))
-    ev1 = Evaluator(alerts_cfg, ch_client, notifier=first)
+    ev1 = Evaluator(alerts_cfg, ch_store, notifier=first)
     ev1.evaluate_once(b + 10 * MIN)  # failing fires; held (k=5..10, needs 10m) is pending since 4m
     assert [[a["labels"]["alertname"] for a in batch] for batch in first.posts] == [["GpuFailing"]]
-    before = firing_alerts(ch_client, ch_target.database)
+    before = firing_alerts(ch_store)
 
     # A new evaluator on the same database: it loads the state, so nothing is due and nothing is sent.
     second = Recording(AlertmanagerClient(alertmanager.url))
-    ev2 = Evaluator(alerts_cfg, ch_client, notifier=second)
+    ev2 = Evaluator(alerts_cfg, ch_store, notifier=second)
     report = ev2.evaluate_once(b + 11 * MIN)
     assert report.errors == []
     assert report.fired == []
     assert second.posts == []
-    assert firing_alerts(ch_client, ch_target.database) == before
+    assert firing_alerts(ch_store) == before
     assert [(a["labels"]["alertname"], a["startsAt"]) for a in am_alerts(alertmanager.url)] == [
         ("GpuFailing", iso(b + 10 * MIN))]
 
@@ -63,15 +64,15 @@ def test_restart_sends_nothing_twice_and_keeps_every_alert(alertmanager, alerts_
         "0.27 GPU-hours wasted so far")
 
 
-def test_alertmanager_down_keeps_state_and_delivers_later(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
-    b = _setup(ch_client, ch_target)
+def test_alertmanager_down_keeps_state_and_delivers_later(alertmanager, alerts_cfg, ch_store) -> None:
+    b = _setup(ch_store)
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    ev = Evaluator(alerts_cfg, ch_client, alertmanager_url=dead)
+    ev = Evaluator(alerts_cfg, ch_store, alertmanager_url=dead)
     report = ev.evaluate_once(b + 10 * MIN)
     assert report.sent == 0
     assert report.errors == [
         f"Alertmanager at {dead} unreachable: ConnectionError; 1 notification(s) kept for the next evaluation"]
-    assert [a["alertname"] for a in firing_alerts(ch_client, ch_target.database)] == ["GpuFailing"]
+    assert [a["alertname"] for a in firing_alerts(ch_store)] == ["GpuFailing"]
 
     # Alertmanager back: the next evaluation delivers the alert with its original startsAt.
     ev.notifier = AlertmanagerClient(alertmanager.url)
@@ -90,26 +91,26 @@ def test_alertmanager_down_keeps_state_and_delivers_later(alertmanager, alerts_c
     assert [a["labels"]["alertname"] for a in am_alerts(alertmanager.url)] == ["GpuFailing"]
 
     # ...across a restart too: a new evaluator loads the undelivered resolve and sends it.
-    restarted = Evaluator(alerts_cfg, ch_client, alertmanager_url=alertmanager.url)
+    restarted = Evaluator(alerts_cfg, ch_store, alertmanager_url=alertmanager.url)
     report = restarted.evaluate_once(b + 21 * MIN)
     assert report.errors == []
     assert [a["labels"]["alertname"] for a in am_alerts(alertmanager.url)] == ["GpuHeldNoProcess"]
-    assert [a["alertname"] for a in firing_alerts(ch_client, ch_target.database)] == ["GpuHeldNoProcess"]
+    assert [a["alertname"] for a in firing_alerts(ch_store)] == ["GpuHeldNoProcess"]
 
 
-def test_missing_alerts_table_is_reported_not_raised(alerts_cfg, ch_client, ch_target) -> None:
+def test_missing_alerts_table_is_reported_not_raised(alerts_cfg, ch_client, ch_store, ch_target) -> None:
     ch_client.command(f"DROP TABLE {ch_target.database}.alerts")
-    report = Evaluator(alerts_cfg, ch_client).evaluate_once(base_ms())
+    report = Evaluator(alerts_cfg, ch_store).evaluate_once(base_ms())
     assert report.errors == [f"table {ch_target.database}.alerts does not exist: run `gpufleet migrate` first"]
 
 
-def test_run_loop_survives_a_failing_evaluation_and_stops(alerts_cfg, ch_client, ch_target) -> None:
+def test_run_loop_survives_a_failing_evaluation_and_stops(alerts_cfg, ch_client, ch_store, ch_target) -> None:
     import threading
     import time
 
     import msgspec
 
-    b = _setup(ch_client, ch_target)
+    b = _setup(ch_store)
     calls: list[int] = []
 
     def clock() -> int:  # the first evaluation blows up; the loop must carry on
@@ -119,7 +120,7 @@ def test_run_loop_survives_a_failing_evaluation_and_stops(alerts_cfg, ch_client,
         return b + 10 * MIN
 
     cfg = msgspec.structs.replace(alerts_cfg, alerts=msgspec.structs.replace(alerts_cfg.alerts, interval_s=0.05))
-    ev = Evaluator(cfg, ch_client, clock=clock)
+    ev = Evaluator(cfg, ch_store, clock=clock)
     stop = threading.Event()
     t = threading.Thread(target=ev.run, args=(stop,), daemon=True)
     t.start()
@@ -131,4 +132,4 @@ def test_run_loop_survives_a_failing_evaluation_and_stops(alerts_cfg, ch_client,
     assert not t.is_alive()
     assert ev.last_report is not None
     assert ev.last_report.errors == []
-    assert [a["alertname"] for a in firing_alerts(ch_client, ch_target.database)] == ["GpuFailing"]
+    assert [a["alertname"] for a in firing_alerts(ch_store)] == ["GpuFailing"]

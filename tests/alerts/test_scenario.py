@@ -15,6 +15,7 @@ from __future__ import annotations
 from gpufleet.pipeline.alerts.evaluator import Evaluator
 from gpufleet.pipeline.alerts.state import firing_alerts
 from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.store import Store
 from gpufleet.wire import GpuSample
 from tests.alerts.helpers import MIN, am_alerts, am_labels, base_ms, by_name, iso, minute_reports
 from tests.builders import gpu
@@ -88,11 +89,12 @@ def _states(client, db: str) -> dict[tuple[str, str], tuple[str, int, int | None
 def test_every_fault_fires_in_alertmanager_and_resolves(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
     b = base_ms()
     db = ch_target.database
+    store = Store(ch_client, db)
     ks = range(1, 51)
     reports = (minute_reports("n1", b, ks, n1) + minute_reports("n2", b, ks, n2) + minute_reports("n3", b, ks, n3)
                + minute_reports("n4", b, [*range(1, 21), *range(31, 51)], n4))
-    insert_reports(ch_client, db, reports, b + 51 * MIN)
-    ev = Evaluator(alerts_cfg, ch_client, alertmanager_url=alertmanager.url)
+    insert_reports(store, reports, b + 51 * MIN)
+    ev = Evaluator(alerts_cfg, store, alertmanager_url=alertmanager.url)
 
     # k=8: idle, held and busy have held 4 minutes (k=5..8): pending, not sent.
     report = ev.evaluate_once(b + 8 * MIN)
@@ -129,7 +131,7 @@ def test_every_fault_fires_in_alertmanager_and_resolves(alertmanager, alerts_cfg
         "GPU 1 on n3 is allocated to no one but runs 1 process(es) holding 24.0 GiB (a zombie after its job ended?)")
     assert got["GpuDegraded"]["annotations"]["summary"] == (
         "GPU 0 on n2 (c1) is degraded: throttling (hw_thermal), temperature 92 C >= 87 C")
-    listed = firing_alerts(ch_client, db)
+    listed = firing_alerts(store)
     assert [a["alertname"] for a in listed] == [
         "GpuFailing", "GpuBusyUnallocated", "GpuDegraded", "GpuHeldNoProcess", "GpuIdleAllocated"]
     assert all(a["state"] == "firing" and a["starts_at"] == iso(b + 20 * MIN) for a in listed)
@@ -158,5 +160,5 @@ def test_every_fault_fires_in_alertmanager_and_resolves(alertmanager, alerts_cfg
     assert sorted(r.alertname for r in report.resolved) == ["GpuBusyUnallocated", "GpuHeldNoProcess",
                                                               "GpuIdleAllocated"]
     assert am_alerts(alertmanager.url) == []
-    assert firing_alerts(ch_client, db) == []
+    assert firing_alerts(store) == []
     assert {s[0] for s in _states(ch_client, db).values()} == {"resolved"}

@@ -24,7 +24,7 @@ starts at this time of day (the latest such instant before the wall clock allows
 around the faults, and what the GPUs do after the faults clear, are the same on every run."""
 
 
-def test_injected_faults_fire_and_resolve(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
+def test_injected_faults_fire_and_resolve(alertmanager, alerts_cfg, ch_store, ch_target) -> None:
     latest = base_ms()
     b = latest - (latest - ANCHOR) % DAY
     # Up to a day before the wall clock: firing alerts must say they are valid until after it.
@@ -41,8 +41,8 @@ def test_injected_faults_fire_and_resolve(alertmanager, alerts_cfg, ch_client, c
     ]
     fleet = SimulatedFleet(nodes=3, gpus_per_node=4, tenants=2, seed=7, start_ms=b, cluster="sim", faults=faults,
                            interval_ms=10_000)
-    insert_reports(ch_client, ch_target.database, simulate_reports(fleet, b, b + 45 * MIN, 10_000), b)
-    ev = Evaluator(alerts_cfg, ch_client, alertmanager_url=alertmanager.url)
+    insert_reports(ch_store, simulate_reports(fleet, b, b + 45 * MIN, 10_000), b)
+    ev = Evaluator(alerts_cfg, ch_store, alertmanager_url=alertmanager.url)
 
     def gpu_labels(alertname: str, severity: str, node: int, g: int, tenant: bool = False) -> dict[str, str]:
         labels = {"alertname": alertname, "severity": severity, "cluster": "sim", "node": fleet.node_names[node],

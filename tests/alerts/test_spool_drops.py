@@ -56,11 +56,11 @@ def _shipped_spool_rule() -> dict:
     return next(r for r in raw if r["kind"] == "agent_spool_dropping")
 
 
-def test_spool_drops_fire_in_alertmanager_and_resolve(alertmanager, alerts_cfg, ch_client, ch_target) -> None:
+def test_spool_drops_fire_in_alertmanager_and_resolve(alertmanager, alerts_cfg, ch_store, ch_target) -> None:
     b = base_ms()
-    insert_reports(ch_client, ch_target.database, _reports(b), b)
+    insert_reports(ch_store, _reports(b), b)
     rules = parse_rules({"rules": [_shipped_spool_rule(), SEND_ERRORS_RULE]})
-    ev = Evaluator(alerts_cfg, ch_client, alertmanager_url=alertmanager.url, rules=rules)
+    ev = Evaluator(alerts_cfg, ch_store, alertmanager_url=alertmanager.url, rules=rules)
 
     # k=8: no counter has risen yet (n2-a's 7 and n3's 5 are flat in the window).
     report = ev.evaluate_once(b + 8 * MIN)

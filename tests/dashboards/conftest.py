@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from gpufleet.dashboards import build
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target, connect
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.dashboards import fleet_data
@@ -32,7 +33,7 @@ def fleet(chdb_dsn: str, ch_client: Client) -> Iterator[Fleet]:
     """The simulated fleet of `fleet_data`, loaded once per test session (per xdist worker)."""
     db = f"dash_{uuid.uuid4().hex[:10]}"
     migrate(ch_client, SchemaOptions(database=db))
-    loaded = fleet_data.load(ch_client, db)
+    loaded = fleet_data.load(Store(ch_client, db))
     client = connect(Target(dsn=chdb_dsn))
     client.database = db
     yield Fleet(Target(dsn=chdb_dsn, database=db), client, loaded)

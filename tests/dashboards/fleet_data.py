@@ -31,7 +31,7 @@ from gpufleet.wire import GpuSample, NodeReport
 from tests.builders import report
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
+    from gpufleet.pipeline.store import Store
 
 MINUTE = 60_000
 INTERVAL_MS = 20_000
@@ -106,26 +106,25 @@ def _sick_agent(reports: list[NodeReport], node: str) -> None:
             r.agent.spool_dropped_total = 3  # the spool overflowed 10 minutes before the end: 3 messages lost
 
 
-def _insert_in_batches(client: Client, db: str, reports: list[NodeReport], deriver: Deriver) -> None:
+def _insert_in_batches(store: Store, reports: list[NodeReport], deriver: Deriver) -> None:
     """Insert two minutes of reports at a time, ingested 1.5 s after the batch's last sample."""
     batch: list[NodeReport] = []
     for r in sorted(reports, key=lambda r: (r.time_ms, r.node)):
         if batch and r.time_ms // (2 * MINUTE) != batch[0].time_ms // (2 * MINUTE):
-            insert_reports(client, db, batch, max(b.time_ms for b in batch) + 1500, deriver)
+            insert_reports(store, batch, max(b.time_ms for b in batch) + 1500, deriver)
             batch = []
         batch.append(r)
     if batch:
-        insert_reports(client, db, batch, max(b.time_ms for b in batch) + 1500, deriver)
+        insert_reports(store, batch, max(b.time_ms for b in batch) + 1500, deriver)
 
 
-def _dead_letters(client: Client, db: str) -> None:
+def _dead_letters(store: Store) -> None:
     rows = [
         [END_MS - 30 * MINUTE, "gpufleet.samples", 0, 17, "sim-node-002", "not valid JSON: truncated", "{\"sch"],
         [END_MS - 20 * MINUTE, "gpufleet.samples", 1, 40, "sim-node-001", "invalid message: Expected `int`", "{}"],
         [END_MS - 10 * MINUTE, "gpufleet.samples", 1, 41, "sim-node-001", "invalid message: Expected `int`", "{}"],
     ]
-    client.insert(f"{db}.dead_letters", rows,
-                  column_names=["ingest_time", "topic", "partition", "offset", "key", "reason", "payload"])
+    store.insert("dead_letters", rows, ["ingest_time", "topic", "partition", "offset", "key", "reason", "payload"])
 
 
 def _october(tenants: list[str], start_ms: int, minutes: int, seq0: int) -> list[NodeReport]:
@@ -143,18 +142,18 @@ def _october(tenants: list[str], start_ms: int, minutes: int, seq0: int) -> list
     return out
 
 
-def _billing(client: Client, db: str, tenants: list[str]) -> None:
+def _billing(store: Store, tenants: list[str]) -> None:
     """October billed and closed; late October usage; November closed (adjustments booked there)."""
-    insert_reports(client, db, _october(tenants, OCTOBER_MS, 10, 0), OCTOBER_MS + 11 * MINUTE)
-    billing.close_period(client, db, "2026-10", NOV_1_MS + 5 * MINUTE)
-    insert_reports(client, db, _october(tenants, OCTOBER_MS + 10 * MINUTE, 5, 30), END_MS + MINUTE)
-    billing.close_period(client, db, "2026-11", DEC_1_MS + 5 * MINUTE)
+    insert_reports(store, _october(tenants, OCTOBER_MS, 10, 0), OCTOBER_MS + 11 * MINUTE)
+    billing.close_period(store, "2026-10", NOV_1_MS + 5 * MINUTE)
+    insert_reports(store, _october(tenants, OCTOBER_MS + 10 * MINUTE, 5, 30), END_MS + MINUTE)
+    billing.close_period(store, "2026-11", DEC_1_MS + 5 * MINUTE)
 
 
-def _alerts(client: Client, db: str) -> None:
+def _alerts(store: Store) -> None:
     """The real evaluator (default rules, no Alertmanager) every 4 minutes from the 6th minute on."""
-    cfg = Config(clickhouse=ClickHouseConfig(database=db))
-    evaluator = Evaluator(cfg, client, rules=packaged_rules("default_rules.yaml"))
+    cfg = Config(clickhouse=ClickHouseConfig(database=store.database))
+    evaluator = Evaluator(cfg, store, rules=packaged_rules("default_rules.yaml"))
     for now in range(START_MS + 6 * MINUTE, END_MS + 1, 4 * MINUTE):
         report_ = evaluator.evaluate_once(now)
         if report_.errors:
@@ -174,18 +173,18 @@ def simulated_reports(fleet: SimulatedFleet) -> list[NodeReport]:
     return reports
 
 
-def load(client: Client, db: str) -> Loaded:
-    """Load the dataset into the (migrated, empty) database `db`."""
+def load(store: Store) -> Loaded:
+    """Load the dataset into the store's (migrated, empty) database."""
     fleet = simulated_fleet()
     reports = simulated_reports(fleet)
-    _insert_in_batches(client, db, reports, Deriver())
-    _dead_letters(client, db)
-    _billing(client, db, list(fleet.tenant_names))
-    _alerts(client, db)
+    _insert_in_batches(store, reports, Deriver())
+    _dead_letters(store)
+    _billing(store, list(fleet.tenant_names))
+    _alerts(store)
     focus = next(
         g for r in reports if r.node == fleet.node_names[FOCUS_NODE] and r.time_ms == END_MS
         for g in r.gpus if g.index == FOCUS_GPU
     )
     if not focus.tenant:
         raise RuntimeError("the focus GPU should be held by a tenant at the end (its idle_allocated booking)")
-    return Loaded(db, fleet, fleet.node_names[FOCUS_NODE], focus.tenant, focus.uuid, fleet.model)
+    return Loaded(store.database, fleet, fleet.node_names[FOCUS_NODE], focus.tenant, focus.uuid, fleet.model)

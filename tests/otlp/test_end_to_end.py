@@ -8,6 +8,7 @@ from clickhouse_connect.driver.client import Client
 
 from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
 from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target
 from tests.builders import gpu, report
 from tests.otlp.otlp_builders import sdk_counter
@@ -31,7 +32,7 @@ def test_measured_flops_reach_clickhouse_exactly(ch_target: Target, ch_client: C
             measured = source.take(now, 1000)
             gpus = [gpu(i, flops_measured=measured.get(ROSTER[i])) for i in range(3)]
             reports.append(report(seq=seq, time_ms=now, gpus=gpus))
-    insert_reports(ch_client, ch_target.database, reports, ingest_ms=pinned)
+    insert_reports(Store(ch_client, ch_target.database), reports, ingest_ms=pinned)
     rows = ch_client.query(
         f"SELECT gpu_index, sum(flops_measured), count(flops_measured) FROM {ch_target.database}.gpu_samples "
         "GROUP BY gpu_index ORDER BY gpu_index"

@@ -21,6 +21,7 @@ from gpufleet.pipeline.queries.billing import (
     statements,
     verify,
 )
+from gpufleet.pipeline.store import Store
 from tests.builders import H100, gpu, report
 
 H = 1_794_999_600_000  # 2026-11-18T11:00:00Z
@@ -42,9 +43,9 @@ def _second(i: int, seq: int, acme: bool = True, beta: bool = True, base: int = 
     return report(seq=seq, time_ms=base + (i + 1) * 1000, gpus=gpus)
 
 
-def _november(ch_client, db: str) -> None:
+def _november(store: Store) -> None:
     """Seconds 0-9, with acme's second 5 missing (it arrives late in one test)."""
-    insert_reports(ch_client, db, [_second(i, i, acme=i != 5) for i in range(10)], ingest_ms=H + 20_000)
+    insert_reports(store, [_second(i, i, acme=i != 5) for i in range(10)], ingest_ms=H + 20_000)
 
 
 def test_period_bounds() -> None:
@@ -57,9 +58,10 @@ def test_period_bounds() -> None:
 
 def test_close_freezes_a_statement_per_tenant(ch_target, ch_client) -> None:
     db = ch_target.database
-    _november(ch_client, db)
+    store = Store(ch_client, db)
+    _november(store)
     closed_at = NOV_END + 3_600_000
-    result = close_period(ch_client, db, "2026-11", now_ms=closed_at)
+    result = close_period(store, "2026-11", now_ms=closed_at)
     acme, beta = result.statements
     # acme: GPUs 0 and 1 for 9 s each; GPU 1 failing for 3 of them; second 5 is a 1 s gap on each
     assert (acme.tenant, acme.gpu_model) == ("acme", H100)
@@ -75,35 +77,37 @@ def test_close_freezes_a_statement_per_tenant(ch_target, ch_client) -> None:
         "beta", 10_000, 10_000, 0, 10 * 250 * 1000)
     assert result.adjustments == []
     # what is stored is exactly what was returned, and its checksums hold
-    assert statements(ch_client, db, "2026-11") == (result.statements, [])
-    assert verify(ch_client, db) == []
+    assert statements(store, "2026-11") == (result.statements, [])
+    assert verify(store) == []
 
 
 def test_refusals(ch_target, ch_client) -> None:
     db = ch_target.database
-    _november(ch_client, db)
+    store = Store(ch_client, db)
+    _november(store)
     with pytest.raises(BillingError, match="period 2026-11 has not ended"):
-        close_period(ch_client, db, "2026-11", now_ms=NOV_END - 1)
-    close_period(ch_client, db, "2026-12", now_ms=DEC_END)
+        close_period(store, "2026-11", now_ms=NOV_END - 1)
+    close_period(store, "2026-12", now_ms=DEC_END)
     with pytest.raises(BillingError, match="periods close in order"):
-        close_period(ch_client, db, "2026-11", now_ms=DEC_END)
+        close_period(store, "2026-11", now_ms=DEC_END)
     with pytest.raises(BillingError, match="already closed at 2027-01-01T00:00:00Z; closed statements are immutable"):
-        close_period(ch_client, db, "2026-12", now_ms=DEC_END + 1)
+        close_period(store, "2026-12", now_ms=DEC_END + 1)
 
 
 def test_late_usage_is_booked_in_the_next_period_never_rewriting_a_closed_one(ch_target, ch_client) -> None:
     db = ch_target.database
-    _november(ch_client, db)
-    frozen = close_period(ch_client, db, "2026-11", now_ms=NOV_END + 1000).statements
-    assert pending_adjustments(ch_client, db) == {}
+    store = Store(ch_client, db)
+    _november(store)
+    frozen = close_period(store, "2026-11", now_ms=NOV_END + 1000).statements
+    assert pending_adjustments(store) == {}
     # acme's second 5 of 2026-11-18 arrives in December (GPU 1 was failing in it)
-    insert_reports(ch_client, db, [_second(5, 105, beta=False)], ingest_ms=NOV_END + 86_400_000)
+    insert_reports(store, [_second(5, 105, beta=False)], ingest_ms=NOV_END + 86_400_000)
     late = Totals(allocated_ms=2_000, unhealthy_ms=1_000, billable_ms=1_000, idle_allocated_ms=0, gap_ms=-2_000,
                   energy_mj=2 * 300 * 1000)
-    assert pending_adjustments(ch_client, db) == {"2026-11": {("acme", H100): late}}
-    assert statements(ch_client, db, "2026-11") == (frozen, [])  # the closed statement did not move
+    assert pending_adjustments(store) == {"2026-11": {("acme", H100): late}}
+    assert statements(store, "2026-11") == (frozen, [])  # the closed statement did not move
 
-    result = close_period(ch_client, db, "2026-12", now_ms=DEC_END + 1000)
+    result = close_period(store, "2026-12", now_ms=DEC_END + 1000)
     assert result.statements == []  # no December usage
     (adj,) = result.adjustments
     assert (adj.booked_period, adj.usage_period, adj.tenant, adj.gpu_model) == ("2026-12", "2026-11", "acme", H100)
@@ -111,51 +115,54 @@ def test_late_usage_is_booked_in_the_next_period_never_rewriting_a_closed_one(ch
         2_000, 1_000, 1_000, -2_000)
     assert adj.delta_billable_gpu_hours == 1_000 / 3_600_000
     assert adj.delta_energy_mj == 600_000
-    assert statements(ch_client, db, "2026-12") == ([], [adj])
-    assert pending_adjustments(ch_client, db) == {}  # booked once, never again
-    assert close_period(ch_client, db, "2027-01", now_ms=_ms(2027, 2, 1)).adjustments == []
-    assert statements(ch_client, db, "2026-11") == (frozen, [])
-    assert verify(ch_client, db) == []
+    assert statements(store, "2026-12") == ([], [adj])
+    assert pending_adjustments(store) == {}  # booked once, never again
+    assert close_period(store, "2027-01", now_ms=_ms(2027, 2, 1)).adjustments == []
+    assert statements(store, "2026-11") == (frozen, [])
+    assert verify(store) == []
 
 
 def test_a_close_retried_after_a_crash_stores_each_row_once(ch_target, ch_client, monkeypatch) -> None:
     db = ch_target.database
-    _november(ch_client, db)
+    store = Store(ch_client, db)
+    _november(store)
     real_insert = billing._insert
 
-    def crash_before_marking_closed(client, table, cols, token):
-        if table.endswith("billing_periods"):
+    def crash_before_marking_closed(store, table, cols, token):
+        if table == "billing_periods":
             raise ConnectionError("ClickHouse went away")
-        real_insert(client, table, cols, token)
+        real_insert(store, table, cols, token)
 
     monkeypatch.setattr(billing, "_insert", crash_before_marking_closed)
     with pytest.raises(ConnectionError):
-        close_period(ch_client, db, "2026-11", now_ms=NOV_END + 1000)
+        close_period(store, "2026-11", now_ms=NOV_END + 1000)
     monkeypatch.setattr(billing, "_insert", real_insert)
     # usage arriving between the crash and the retry does not change the rows already frozen
-    insert_reports(ch_client, db, [_second(5, 105, beta=False)], ingest_ms=NOV_END + 1500)
-    result = close_period(ch_client, db, "2026-11", now_ms=NOV_END + 2000)
-    stored, _ = statements(ch_client, db, "2026-11")
+    insert_reports(store, [_second(5, 105, beta=False)], ingest_ms=NOV_END + 1500)
+    result = close_period(store, "2026-11", now_ms=NOV_END + 2000)
+    stored, _ = statements(store, "2026-11")
     assert result.statements == stored
     assert [(s.tenant, s.billable_ms, s.closed_at_ms) for s in stored] == [
         ("acme", 15_000, NOV_END + 1000), ("beta", 10_000, NOV_END + 1000)]
-    assert list(pending_adjustments(ch_client, db)) == ["2026-11"]  # the late second waits for the next close
+    assert list(pending_adjustments(store)) == ["2026-11"]  # the late second waits for the next close
 
 
 def test_an_altered_row_is_detected(ch_target, ch_client) -> None:
     db = ch_target.database
-    _november(ch_client, db)
-    close_period(ch_client, db, "2026-11", now_ms=NOV_END)
+    store = Store(ch_client, db)
+    _november(store)
+    close_period(store, "2026-11", now_ms=NOV_END)
     ch_client.command(f"ALTER TABLE {db}.billing_statements UPDATE billable_ms = 1 WHERE tenant = 'beta' "
                       "SETTINGS mutations_sync = 2")
-    assert verify(ch_client, db) == [f"StatementRow 2026-11 beta/{H100}: checksum mismatch"]
+    assert verify(store) == [f"StatementRow 2026-11 beta/{H100}: checksum mismatch"]
 
 
 def test_billing_command(ch_target, ch_client, monkeypatch) -> None:
     monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
     db = ch_target.database
+    store = Store(ch_client, db)
     october = _ms(2026, 10, 10)
-    insert_reports(ch_client, db, [_second(i, i, base=october) for i in range(4)], ingest_ms=october + 10_000)
+    insert_reports(store, [_second(i, i, base=october) for i in range(4)], ingest_ms=october + 10_000)
     target = ["--dsn", ch_target.dsn, "--database", db]
     runner = CliRunner()
     out = runner.invoke(billing_cmd, ["close", "--period", "2026-10", *target])

@@ -14,6 +14,7 @@ from gpufleet import wire
 from gpufleet.config import Config, parse
 from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import connect
 from tests.builders import T0_MS, gpu, report
 
@@ -56,7 +57,7 @@ def _run_until(ing: Ingester, done, timeout_s: float = 60) -> None:
 
 
 def _ingester(cfg: Config, client=None) -> Ingester:
-    return build_ingester(cfg, client or connect_target(cfg))
+    return build_ingester(cfg, Store(client or connect_target(cfg), cfg.clickhouse.database))
 
 
 def connect_target(cfg: Config):

@@ -7,6 +7,7 @@ import pytest
 from gpufleet.pipeline.ingest.rows import Deriver, insert_reports
 from gpufleet.pipeline.queries.mfu import mfu_by_scope, source_label
 from gpufleet.pipeline.queries.window import Window
+from gpufleet.pipeline.store import Store
 from tests.builders import gpu, report
 
 M = 1_794_999_600_000  # 2026-11-18T11:00:00Z, a whole minute
@@ -31,20 +32,20 @@ def _fleet(i: int) -> list:
 
 
 @pytest.fixture
-def db(ch_target, ch_client) -> str:
-    insert_reports(ch_client, ch_target.database, [r for i in range(10) for r in _fleet(i)], ingest_ms=M + 20_000)
-    return ch_target.database
+def store(ch_store: Store) -> Store:
+    insert_reports(ch_store, [r for i in range(10) for r in _fleet(i)], ingest_ms=M + 20_000)
+    return ch_store
 
 
 WINDOW = Window.covering(M, M + 60_000)
 
 
-def _rows(ch_client, db: str, scope: str) -> dict:
-    return {r.key: r for r in mfu_by_scope(ch_client, db, scope, WINDOW).rows}
+def _rows(store: Store, scope: str) -> dict:
+    return {r.key: r for r in mfu_by_scope(store, scope, WINDOW).rows}
 
 
-def test_fleet_mfu_excludes_unknown_models_and_flags_them(ch_client, db) -> None:
-    report_ = mfu_by_scope(ch_client, db, "fleet", WINDOW)
+def test_fleet_mfu_excludes_unknown_models_and_flags_them(store) -> None:
+    report_ = mfu_by_scope(store, "fleet", WINDOW)
     (fleet,) = report_.rows
     # per second: 0.25 + 0.5 H100 peaks, 0.5 A100 peak, 0 (idle H100); GPU n2/3 (no figure) and the
     # unknown model are left out of numerator and denominator
@@ -61,34 +62,34 @@ def test_fleet_mfu_excludes_unknown_models_and_flags_them(ch_client, db) -> None
     assert report_.unknown_models == [{"model": MYSTERY, "gpu_seconds": 10.0}]
 
 
-def test_allocated_only(ch_client, db) -> None:
-    (row,) = mfu_by_scope(ch_client, db, "fleet_allocated", WINDOW).rows
+def test_allocated_only(store) -> None:
+    (row,) = mfu_by_scope(store, "fleet_allocated", WINDOW).rows
     achieved = 10 * (0.75 * H100_PEAK + 0.5 * A100_PEAK)
     assert row.mfu == pytest.approx(achieved / (10 * (2 * H100_PEAK + A100_PEAK)), rel=1e-12)
     assert row.gpu_seconds == 30.0
     assert row.unknown_model_gpu_seconds == 10.0
 
 
-def test_per_tenant_job_node_model(ch_client, db) -> None:
-    tenants = _rows(ch_client, db, "tenant")
+def test_per_tenant_job_node_model(store) -> None:
+    tenants = _rows(store, "tenant")
     assert set(tenants) == {"a", "b"}
     assert tenants["a"].mfu == pytest.approx(0.375, rel=1e-12)
     assert (tenants["a"].source, tenants["a"].measured_coverage) == ("mixed", 0.5)
     assert tenants["b"].mfu == pytest.approx(0.5, rel=1e-12)  # the A100 alone; the unknown model is flagged
     assert (tenants["b"].source, tenants["b"].unknown_model_gpu_seconds) == ("estimated", 10.0)
 
-    jobs = _rows(ch_client, db, "job")
+    jobs = _rows(store, "job")
     assert set(jobs) == {"a/j1", "a/j2", "b/j1"}
     assert jobs["a/j1"].mfu == pytest.approx(0.25, rel=1e-12)
     assert (jobs["a/j1"].source, jobs["a/j2"].source) == ("estimated", "measured")
     assert jobs["a/j2"].mfu == pytest.approx(0.5, rel=1e-12)
     assert jobs["a/j2"].measured_coverage == 1.0
 
-    nodes = _rows(ch_client, db, "node")
+    nodes = _rows(store, "node")
     assert nodes["c1/n1"].mfu == pytest.approx(0.375, rel=1e-12)
     assert nodes["c1/n2"].mfu == pytest.approx(0.5 * A100_PEAK / (A100_PEAK + H100_PEAK), rel=1e-12)
 
-    models = _rows(ch_client, db, "model")
+    models = _rows(store, "model")
     assert models[A100].mfu == pytest.approx(0.5, rel=1e-12)
     assert models["NVIDIA H100 80GB HBM3"].mfu == pytest.approx(0.75 / 3, rel=1e-12)
     assert models[MYSTERY].mfu is None  # unknown: no MFU, never 0
@@ -96,33 +97,33 @@ def test_per_tenant_job_node_model(ch_client, db) -> None:
     assert models[MYSTERY].unknown_model_gpu_seconds == 10.0
 
 
-def test_window_attributes_a_sample_to_the_minute_of_its_interval_start(ch_target, ch_client) -> None:
-    db = ch_target.database
+def test_window_attributes_a_sample_to_the_minute_of_its_interval_start(ch_store) -> None:
+    store = ch_store
     # ends 0.5 s into minute M+1 but started 0.5 s before it: belongs to minute M
     straddling = report(seq=1, time_ms=M + 60_500, gpus=[gpu(0, tenant="a")])
     inside_next = report(seq=2, time_ms=M + 62_000, gpus=[gpu(0, tenant="a", tensor_active_ratio=0.5)])
-    insert_reports(ch_client, db, [straddling, inside_next], ingest_ms=M + 70_000)
-    (first,) = mfu_by_scope(ch_client, db, "fleet", Window.covering(M, M + 60_000)).rows
-    (second,) = mfu_by_scope(ch_client, db, "fleet", Window.covering(M + 60_000, M + 120_000)).rows
+    insert_reports(store, [straddling, inside_next], ingest_ms=M + 70_000)
+    (first,) = mfu_by_scope(store, "fleet", Window.covering(M, M + 60_000)).rows
+    (second,) = mfu_by_scope(store, "fleet", Window.covering(M + 60_000, M + 120_000)).rows
     assert (first.gpu_seconds, first.mfu) == (1.0, 0.25)
     assert (second.gpu_seconds, second.mfu) == (1.0, 0.5)
-    assert mfu_by_scope(ch_client, db, "fleet", Window.covering(M + 120_000, M + 180_000)).rows == []
+    assert mfu_by_scope(store, "fleet", Window.covering(M + 120_000, M + 180_000)).rows == []
 
 
-def test_configured_peak_makes_an_unknown_model_count(ch_target, ch_client) -> None:
-    db = ch_target.database
+def test_configured_peak_makes_an_unknown_model_count(ch_store) -> None:
+    store = ch_store
     reports = [report(seq=i, time_ms=M + (i + 1) * 1000,
                       gpus=[gpu(0, tenant="a", model=MYSTERY, tensor_active_ratio=0.5)]) for i in range(4)]
-    insert_reports(ch_client, db, reports, ingest_ms=M + 10_000, deriver=Deriver(peak_overrides={MYSTERY: 100e12}))
-    report_ = mfu_by_scope(ch_client, db, "model", WINDOW)
+    insert_reports(store, reports, ingest_ms=M + 10_000, deriver=Deriver(peak_overrides={MYSTERY: 100e12}))
+    report_ = mfu_by_scope(store, "model", WINDOW)
     assert report_.unknown_models == []
     assert report_.rows[0].mfu == 0.5
     assert report_.rows[0].peak_flop == 4 * 100e12
 
 
-def test_unknown_scope_is_refused(ch_client, ch_target) -> None:
+def test_unknown_scope_is_refused(ch_store) -> None:
     with pytest.raises(ValueError, match="unknown MFU scope 'rack'"):
-        mfu_by_scope(ch_client, ch_target.database, "rack", WINDOW)  # type: ignore[arg-type]
+        mfu_by_scope(ch_store, "rack", WINDOW)  # type: ignore[arg-type]
 
 
 def test_source_labels() -> None:

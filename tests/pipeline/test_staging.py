@@ -12,6 +12,7 @@ from gpufleet import wire
 from gpufleet.pipeline.ingest import staging
 from gpufleet.pipeline.ingest.ingester import validate, validate_for_staging
 from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Deriver, derive, derived_columns, insert_columns
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.builders import T0_MS, gpu, report
 
@@ -62,8 +63,8 @@ def second_db(ch_client):
     ch_client.command(f"DROP DATABASE IF EXISTS {name} SYNC")
 
 
-def test_json_rows_equal_column_rows(ch_client, ch_target, second_db) -> None:
-    path = staging.ensure(ch_client, ch_target.database)
+def test_json_rows_equal_column_rows(ch_client, ch_store, ch_target, second_db) -> None:
+    path = staging.ensure(ch_store)
     raws = [wire.encode(r) for r in _varied_reports()]
     # Same bytes another encoder might send: pretty-printed, with surrounding whitespace.
     raws[3] = b"  \n" + msgspec.json.format(raws[3], indent=2) + b"\n\t "
@@ -74,16 +75,16 @@ def test_json_rows_equal_column_rows(ch_client, ch_target, second_db) -> None:
     keep = [True] * len(reports)
     block = staging.Splicer(Deriver().peak).block(derived, {id(r): b for r, b in zip(reports, raws, strict=True)},
                                                   keep, T0_MS + 5)
-    staging.insert(ch_client, path, block)
-    insert_columns(ch_client, f"{second_db}.gpu_samples", derived_columns(derive(reports, Deriver()), T0_MS + 5))
+    staging.insert(ch_store, path, block)
+    insert_columns(Store(ch_client, second_db), "gpu_samples", derived_columns(derive(reports, Deriver()), T0_MS + 5))
     via_json, via_columns = _rows(ch_client, ch_target.database), _rows(ch_client, second_db)
     assert len(via_json) == sum(len(r.gpus) for r in reports) > 50
     assert via_json == via_columns
     assert [type(v) for row in via_json for v in row] == [type(v) for row in via_columns for v in row]
 
 
-def test_json_rows_carry_the_derived_values(ch_client, ch_target) -> None:
-    path = staging.ensure(ch_client, ch_target.database)
+def test_json_rows_carry_the_derived_values(ch_client, ch_store, ch_target) -> None:
+    path = staging.ensure(ch_store)
     reports = [
         report(node="n1", seq=0, gpus=[gpu(0, "n1", xids=[79, 13], pcie_replay_count=5)]),
         report(node="n1", seq=1, time_ms=T0_MS + 1000,
@@ -92,7 +93,7 @@ def test_json_rows_carry_the_derived_values(ch_client, ch_target) -> None:
     ]
     raws = {id(r): wire.encode(r) for r in reports}
     block = staging.Splicer(Deriver().peak).block(derive(reports, Deriver()), raws, [True] * 3, T0_MS + 2500)
-    staging.insert(ch_client, path, block)
+    staging.insert(ch_store, path, block)
     got = ch_client.query(
         f"SELECT node, seq, gpu_index, health, health_reasons, peak_flops, flops_estimated, "
         f"toUnixTimestamp64Milli(ingest_time) FROM {ch_target.database}.gpu_samples ORDER BY node, seq, gpu_index"
@@ -113,8 +114,8 @@ def test_json_rows_carry_the_derived_values(ch_client, ch_target) -> None:
         {"temp_gpu_c": -273.15, "xids": [0, 65535]},
     ],
 )
-def test_the_largest_values_the_wire_allows_take_the_json_path(ch_client, ch_target, fields) -> None:
-    path = staging.ensure(ch_client, ch_target.database)
+def test_the_largest_values_the_wire_allows_take_the_json_path(ch_store, ch_target, fields) -> None:
+    path = staging.ensure(ch_store)
     raw = wire.encode(report(node="n1", gpus=[gpu(0, "n1", **fields)]))
     result, json_ok = validate_for_staging(path.decoder, b"n1", raw)
     assert json_ok
@@ -135,18 +136,18 @@ def _with(raw: bytes, field: str, value: int | float) -> bytes:
     [("clock_sm_mhz", 2**32), ("nvlink_links_down", 256), ("mem_used_bytes", 2**63), ("mem_used_bytes", 2**70),
      ("index", 70_000), ("power_w", 3.5e38), ("temp_gpu_c", -3.5e38), ("seq", 2**63)],
 )
-def test_values_a_column_cannot_hold_never_take_the_json_path(ch_client, ch_target, field, value) -> None:
+def test_values_a_column_cannot_hold_never_take_the_json_path(ch_store, ch_target, field, value) -> None:
     """ClickHouse would wrap such a number silently: the staging decoder refuses it, and the message
     gets exactly what `validate` decides for it (the wire contract dead-letters it)."""
-    path = staging.ensure(ch_client, ch_target.database)
+    path = staging.ensure(ch_store)
     raw = _with(wire.encode(report(node="n1")), field, value)
     result, json_ok = validate_for_staging(path.decoder, b"n1", raw)
     assert json_ok is False
     assert result == validate(b"n1", raw)
 
 
-def test_dead_letter_reasons_are_validates(ch_client, ch_target) -> None:
-    path = staging.ensure(ch_client, ch_target.database)
+def test_dead_letter_reasons_are_validates(ch_store, ch_target) -> None:
+    path = staging.ensure(ch_store)
     good = wire.encode(report(node="n1"))
     doc = msgspec.json.decode(good)
     two_uuids = msgspec.json.encode({**doc, "gpus": [doc["gpus"][0], doc["gpus"][0]]})
@@ -162,22 +163,22 @@ def test_dead_letter_reasons_are_validates(ch_client, ch_target) -> None:
         assert (result, json_ok) == (validate(key, value), False)
 
 
-def test_a_duplicated_key_fails_the_json_insert(ch_client, ch_target) -> None:
+def test_a_duplicated_key_fails_the_json_insert(ch_client, ch_store, ch_target) -> None:
     """msgspec keeps the last of two equal keys; ClickHouse refuses the row (the ingester then uses columns)."""
-    path = staging.ensure(ch_client, ch_target.database)
+    path = staging.ensure(ch_store)
     raw = wire.encode(report(node="n1")).replace(b'"seq":0', b'"seq":0,"seq":3')
     r, json_ok = validate_for_staging(path.decoder, b"n1", raw)
     assert json_ok
     assert r.seq == 3
     block = staging.Splicer(Deriver().peak).block(derive([r], Deriver()), {id(r): raw}, [True], T0_MS)
     with pytest.raises(Exception, match="Duplicate field"):
-        staging.insert(ch_client, path, block)
+        staging.insert(ch_store, path, block)
     assert ch_client.query(f"SELECT count() FROM {ch_target.database}.gpu_samples").result_rows == [(0,)]
 
 
-def test_staging_objects_are_named_by_their_sql(ch_client, ch_target) -> None:
-    first = staging.ensure(ch_client, ch_target.database)
-    assert staging.ensure(ch_client, ch_target.database).table == first.table
+def test_staging_objects_are_named_by_their_sql(ch_client, ch_store, ch_target) -> None:
+    first = staging.ensure(ch_store)
+    assert staging.ensure(ch_store).table == first.table
     types = dict(ch_client.query(
         "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = 'gpu_samples'",
         parameters={"db": ch_target.database}).result_rows)

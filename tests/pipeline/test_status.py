@@ -9,10 +9,11 @@ from gpufleet.config import Config, with_clickhouse
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.queries.status import fleet_status
 from gpufleet.pipeline.queries.status_api import StatusServer
+from gpufleet.pipeline.store import Store
 from tests.builders import T0_MS, gpu, report
 
 
-def _load(ch_client, db: str) -> None:
+def _load(store: Store) -> None:
     reports = []
     for s in range(3):
         for n in ("a", "b"):
@@ -20,13 +21,13 @@ def _load(ch_client, db: str) -> None:
             reports.append(report(node=n, seq=s, time_ms=T0_MS + 1000 * (s + 1), gpus=gpus))
     # Node c reported once, 60 s before the newest sample: no longer "reporting".
     reports.append(report(node="c", seq=0, time_ms=T0_MS + 3000 - 60_000, n_gpus=1))
-    insert_reports(ch_client, db, reports, ingest_ms=T0_MS + 5000)
+    insert_reports(store, reports, ingest_ms=T0_MS + 5000)
 
 
-def test_status_document(ch_client, ch_target) -> None:
-    _load(ch_client, ch_target.database)
+def test_status_document(ch_store, ch_target) -> None:
+    _load(ch_store)
     cfg = with_clickhouse(Config(), ch_target.dsn, ch_target.database)
-    doc = fleet_status(ch_client, cfg)
+    doc = fleet_status(ch_store, cfg)
     assert doc["gpus_reporting"] == 4
     assert doc["nodes_reporting"] == 2
     assert doc["samples_total"] == 3 * 2 * 2 + 1
@@ -41,10 +42,10 @@ def test_status_document(ch_client, ch_target) -> None:
         assert key in doc
 
 
-def test_status_api_serves_the_same_document(ch_client, ch_target) -> None:
-    _load(ch_client, ch_target.database)
+def test_status_api_serves_the_same_document(ch_store, ch_target) -> None:
+    _load(ch_store)
     cfg = with_clickhouse(Config(), ch_target.dsn, ch_target.database)
-    server = StatusServer(lambda: fleet_status(ch_client, cfg)).start()
+    server = StatusServer(lambda: fleet_status(ch_store, cfg)).start()
     try:
         with urllib.request.urlopen(f"{server.url}/status", timeout=30) as r:
             served = json.loads(r.read())
@@ -52,4 +53,4 @@ def test_status_api_serves_the_same_document(ch_client, ch_target) -> None:
             assert json.loads(r.read()) == {"ok": True}
     finally:
         server.stop()
-    assert served == json.loads(json.dumps(fleet_status(ch_client, cfg), default=str))
+    assert served == json.loads(json.dumps(fleet_status(ch_store, cfg), default=str))

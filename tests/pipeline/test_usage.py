@@ -19,6 +19,7 @@ from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.queries.policy import Policy, read_policy, sync_policy
 from gpufleet.pipeline.queries.status import fleet_summary
 from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.builders import H100, gpu, report
 
@@ -52,8 +53,9 @@ def _by_tenant(rows: list[dict]) -> dict[str, dict]:
 
 def test_every_column_by_hand(ch_target, ch_client) -> None:
     db = ch_target.database
-    insert_reports(ch_client, db, _reports(), ingest_ms=H + 20_000)
-    rows = usage_rows(ch_client, db)
+    store = Store(ch_client, db)
+    insert_reports(store, _reports(), ingest_ms=H + 20_000)
+    rows = usage_rows(store)
     assert [r["tenant"] for r in rows] == ["acme", "beta"]  # unallocated time is not usage
     acme, beta = _by_tenant(rows)["acme"], _by_tenant(rows)["beta"]
     assert list(acme) == list(USAGE_COLUMNS)
@@ -88,87 +90,92 @@ def test_every_column_by_hand(ch_target, ch_client) -> None:
 
 def test_sla_policy_is_applied_from_config(ch_target, ch_client) -> None:
     db = ch_target.database
-    assert read_policy(ch_client, db) == Policy(("failing",), 5)  # shipped default
+    store = Store(ch_client, db)
+    assert read_policy(store) == Policy(("failing",), 5)  # shipped default
     reports = [report(seq=i, time_ms=H + (i + 1) * 1000, gpus=[
         gpu(0, tenant="acme", xids=[79] if i < 2 else []),  # failing 2 s
         gpu(1, tenant="acme", clock_event_reasons=0x20 if i < 4 else 0),  # degraded (thermal) 4 s
     ]) for i in range(10)]
-    insert_reports(ch_client, db, reports, ingest_ms=H + 20_000)
+    insert_reports(store, reports, ingest_ms=H + 20_000)
 
     def billable() -> tuple[float, float]:
-        row = usage_rows(ch_client, db)[0]
+        row = usage_rows(store)[0]
         return row["unhealthy_gpu_seconds"], row["billable_gpu_seconds"]
 
     assert billable() == (2.0, 18.0)
-    sync_policy(ch_client, db, BillingConfig(exclude_states=("failing", "degraded")), now_ms=H + 30_000)
+    sync_policy(store, BillingConfig(exclude_states=("failing", "degraded")), now_ms=H + 30_000)
     assert billable() == (6.0, 14.0)
-    sync_policy(ch_client, db, BillingConfig(exclude_states=()), now_ms=H + 40_000)
+    sync_policy(store, BillingConfig(exclude_states=()), now_ms=H + 40_000)
     assert billable() == (0.0, 20.0)
 
 
 def test_idle_threshold_is_applied_at_query_time(ch_target, ch_client) -> None:
     db = ch_target.database
+    store = Store(ch_client, db)
     reports = [report(seq=i, time_ms=H + (i + 1) * 1000, gpus=[
         gpu(0, tenant="acme", util_gpu_ratio=[0.0, 0.04, 0.05, 0.09, 0.10, 0.5][i % 6]),
         gpu(1, tenant="acme", compute_processes=0 if i < 3 else 1),  # held, no process: idle 3 s
     ]) for i in range(6)]
-    insert_reports(ch_client, db, reports, ingest_ms=H + 20_000)
+    insert_reports(store, reports, ingest_ms=H + 20_000)
     # default 5 %: 0.0 and 0.04 are idle (2 s), plus 3 s without a process
-    assert usage_rows(ch_client, db)[0]["idle_allocated_gpu_hours"] == 5 / 3600
-    sync_policy(ch_client, db, BillingConfig(idle_util_ratio=0.10), now_ms=H + 30_000)
+    assert usage_rows(store)[0]["idle_allocated_gpu_hours"] == 5 / 3600
+    sync_policy(store, BillingConfig(idle_util_ratio=0.10), now_ms=H + 30_000)
     # 10 %: 0.0, 0.04, 0.05, 0.09 are idle (4 s), plus 3 s without a process
-    assert usage_rows(ch_client, db)[0]["idle_allocated_gpu_hours"] == 7 / 3600
+    assert usage_rows(store)[0]["idle_allocated_gpu_hours"] == 7 / 3600
 
 
 def test_duplicates_change_no_billed_second(ch_target, ch_client) -> None:
     db = ch_target.database
+    store = Store(ch_client, db)
     reports = _reports()
-    insert_reports(ch_client, db, reports, ingest_ms=H + 20_000)
-    before = usage_rows(ch_client, db)
+    insert_reports(store, reports, ingest_ms=H + 20_000)
+    before = usage_rows(store)
     # Redelivery and agent spool replay: the ingester's dedup path drops every message already stored.
     replay = [*reports, *reports[3:6]]
     unique, dropped_in_batch = dedup.unique_in_batch(replay)
-    stored = dedup.already_stored(ch_client, db, unique)
+    stored = dedup.already_stored(store, unique)
     fresh = [r for r in unique if dedup.identity(r) not in stored]
     assert (dropped_in_batch, len(stored), fresh) == (3, 10, [])
     # A client retrying the identical insert: ClickHouse drops the block at the source and at every rollup.
-    insert_reports(ch_client, db, reports, ingest_ms=H + 20_000)
+    insert_reports(store, reports, ingest_ms=H + 20_000)
     assert ch_client.query(f"SELECT count() FROM {db}.gpu_samples").result_rows[0][0] == 37
-    assert usage_rows(ch_client, db) == before
+    assert usage_rows(store) == before
 
 
 def test_late_sample_updates_its_own_hour(ch_target, ch_client) -> None:
     db = ch_target.database
-    insert_reports(ch_client, db, _reports(range(5)), ingest_ms=H + 10_000)
+    store = Store(ch_client, db)
+    insert_reports(store, _reports(range(5)), ingest_ms=H + 10_000)
     later = [report(seq=100 + i, time_ms=H + 3 * HOUR + (i + 1) * 1000, gpus=[gpu(0, tenant="acme")])
              for i in range(4)]
-    insert_reports(ch_client, db, later, ingest_ms=H + 3 * HOUR + 10_000)
+    insert_reports(store, later, ingest_ms=H + 3 * HOUR + 10_000)
     # Second 7 of hour H arrives three hours late (a spool replayed after a network cut).
-    insert_reports(ch_client, db, _reports(range(7, 8)), ingest_ms=H + 3 * HOUR + 60_000)
-    rows = {(r["hour"], r["tenant"]): r for r in usage_rows(ch_client, db)}
+    insert_reports(store, _reports(range(7, 8)), ingest_ms=H + 3 * HOUR + 60_000)
+    rows = {(r["hour"], r["tenant"]): r for r in usage_rows(store)}
     # acme in hour H: GPUs 0 and 1 for seconds 0-4 and 7 = 12 s, of which 3 s failing (GPU 1, 0-2)
     assert rows[("2026-11-18T11:00:00Z", "acme")]["allocated_gpu_seconds"] == 12.0
     assert rows[("2026-11-18T11:00:00Z", "acme")]["billable_gpu_seconds"] == 9.0
     assert rows[("2026-11-18T14:00:00Z", "acme")]["allocated_gpu_seconds"] == 4.0
 
 
-def test_reordering_changes_nothing(ch_target, ch_client) -> None:
-    other = f"t_{uuid.uuid4().hex[:12]}"
-    migrate(ch_client, SchemaOptions(database=other))
+def test_reordering_changes_nothing(ch_store, ch_client) -> None:
+    other = Store(ch_client, f"t_{uuid.uuid4().hex[:12]}")
+    migrate(ch_client, SchemaOptions(database=other.database))
     try:
         reports = _reports()
-        insert_reports(ch_client, ch_target.database, reports, ingest_ms=H + 20_000)
+        insert_reports(ch_store, reports, ingest_ms=H + 20_000)
         shuffled = reports[:]
         random.Random(7).shuffle(shuffled)
         for n, r in enumerate(shuffled):  # one message per insert, in shuffled order
-            insert_reports(ch_client, other, [r], ingest_ms=H + 20_000 + n)
-        assert usage_rows(ch_client, other) == usage_rows(ch_client, ch_target.database)
+            insert_reports(other, [r], ingest_ms=H + 20_000 + n)
+        assert usage_rows(other) == usage_rows(ch_store)
     finally:
-        ch_client.command(f"DROP DATABASE IF EXISTS {other} SYNC")
+        ch_client.command(f"DROP DATABASE IF EXISTS {other.database} SYNC")
 
 
 def test_gaps_are_counted_not_billed_and_charged_to_the_main_tenant(ch_target, ch_client) -> None:
     db = ch_target.database
+    store = Store(ch_client, db)
     reports = []
     for i in range(60):  # one minute; interval [H + i s, H + i + 1 s)
         gpus = [gpu(0, tenant="acme")]  # reports throughout: sets the fleet's reporting span to 60 s
@@ -177,8 +184,8 @@ def test_gaps_are_counted_not_billed_and_charged_to_the_main_tenant(ch_target, c
         elif 10 <= i < 40:
             gpus.append(gpu(1, tenant="acme"))  # ... then 30 s for acme, then silent for 20 s
         reports.append(report(seq=i, time_ms=H + (i + 1) * 1000, gpus=gpus))
-    insert_reports(ch_client, db, reports, ingest_ms=H + 70_000)
-    rows = _by_tenant(usage_rows(ch_client, db))
+    insert_reports(store, reports, ingest_ms=H + 70_000)
+    rows = _by_tenant(usage_rows(store))
     assert rows["acme"]["allocated_gpu_seconds"] == 90.0  # 60 s (GPU 0) + 30 s (GPU 1)
     assert rows["acme"]["billable_gpu_seconds"] == 90.0  # the gap is not billed
     assert rows["acme"]["gap_gpu_seconds"] == 20.0  # GPU 1's gap goes to acme, its main tenant this hour
@@ -188,21 +195,23 @@ def test_gaps_are_counted_not_billed_and_charged_to_the_main_tenant(ch_target, c
 
 def test_window_filters_by_hour_and_tenant(ch_target, ch_client) -> None:
     db = ch_target.database
-    insert_reports(ch_client, db, _reports(), ingest_ms=H + 20_000)
+    store = Store(ch_client, db)
+    insert_reports(store, _reports(), ingest_ms=H + 20_000)
     nxt = [report(seq=50, time_ms=H + HOUR + 1000, gpus=[gpu(0, tenant="acme")])]
-    insert_reports(ch_client, db, nxt, ingest_ms=H + HOUR + 5000)
-    assert [r["hour"] for r in usage_rows(ch_client, db, tenant="acme")] == [
+    insert_reports(store, nxt, ingest_ms=H + HOUR + 5000)
+    assert [r["hour"] for r in usage_rows(store, tenant="acme")] == [
         "2026-11-18T11:00:00Z", "2026-11-18T12:00:00Z"]
     # from is rounded down to its hour; to is exclusive
-    assert [(r["hour"], r["tenant"]) for r in usage_rows(ch_client, db, H + 1_800_000, H + HOUR)] == [
+    assert [(r["hour"], r["tenant"]) for r in usage_rows(store, H + 1_800_000, H + HOUR)] == [
         ("2026-11-18T11:00:00Z", "acme"), ("2026-11-18T11:00:00Z", "beta")]
-    assert [r["hour"] for r in usage_rows(ch_client, db, H + HOUR, H + 2 * HOUR)] == ["2026-11-18T12:00:00Z"]
+    assert [r["hour"] for r in usage_rows(store, H + HOUR, H + 2 * HOUR)] == ["2026-11-18T12:00:00Z"]
 
 
 def test_fleet_summary_for_status(ch_target, ch_client) -> None:
     db = ch_target.database
-    insert_reports(ch_client, db, _reports(), ingest_ms=H + 20_000)
-    doc = fleet_summary(ch_client, db, now_ms=H + 15_000, window_s=600)
+    store = Store(ch_client, db)
+    insert_reports(store, _reports(), ingest_ms=H + 20_000)
+    doc = fleet_summary(store, now_ms=H + 15_000, window_s=600)
     # fleet: GPU0 0.5 x 10 s, GPUs 1-2 0.25 x 10 s, GPU3 0.25 x 7 s, all H100: (5 + 2.5 + 2.5 + 1.75) / 37
     assert doc["fleet_mfu"] == pytest.approx(11.75 / 37, rel=1e-12)
     assert doc["fleet_mfu_allocated"] == pytest.approx(9.25 / 27, rel=1e-12)
@@ -218,7 +227,8 @@ def test_fleet_summary_for_status(ch_target, ch_client) -> None:
 def test_usage_command_json_and_csv_use_the_view_columns(ch_target, ch_client, monkeypatch) -> None:
     monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
     db = ch_target.database
-    insert_reports(ch_client, db, _reports(), ingest_ms=H + 20_000)
+    store = Store(ch_client, db)
+    insert_reports(store, _reports(), ingest_ms=H + 20_000)
     target = ["--dsn", ch_target.dsn, "--database", db]
     out = CliRunner().invoke(usage_cmd, ["--format", "json", "--tenant", "beta", *target])
     assert out.exit_code == 0, out.output
@@ -252,12 +262,14 @@ def test_simulated_fleet_bills_its_allocations_minus_silence_and_failures(ch_tar
     from gpufleet.pipeline.ingest.rows import Deriver
 
     db, start = ch_target.database, H + 600_000
+
+    store = Store(ch_client, db)
     end = start + 120_000
     fleet = SimulatedFleet(nodes=4, gpus_per_node=8, start_ms=start, faults=default_faults(start, nodes=4))
     reports = list(simulate_reports(fleet, start, end, 1000))
     deriver = Deriver()  # one ingester: counter-growth rules see each GPU's previous sample
     for i in range(0, len(reports), 100):
-        insert_reports(ch_client, db, reports[i:i + 100], ingest_ms=end, deriver=deriver)
+        insert_reports(store, reports[i:i + 100], ingest_ms=end, deriver=deriver)
     truth = ground_truth(fleet, start, end)
 
     def inside(t: int, f: dict) -> bool:
@@ -273,7 +285,7 @@ def test_simulated_fleet_bills_its_allocations_minus_silence_and_failures(ch_tar
             allocated[a["tenant"]] = allocated.get(a["tenant"], 0) + 1
             if any(f["kind"] in FAILING_FAULTS and f["uuid"] == a["uuid"] and inside(t, f) for f in truth["faults"]):
                 unhealthy[a["tenant"]] = unhealthy.get(a["tenant"], 0) + 1
-    rows = usage_rows(ch_client, db)
+    rows = usage_rows(store)
     assert {r["tenant"]: r["allocated_gpu_seconds"] for r in rows} == allocated
     assert {r["tenant"]: r["billable_gpu_seconds"] for r in rows} == {
         t: s - unhealthy.get(t, 0) for t, s in allocated.items()}

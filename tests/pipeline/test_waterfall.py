@@ -10,6 +10,7 @@ from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.queries.policy import Policy
 from gpufleet.pipeline.queries.waterfall import GpuTotals, HardwareScope, build, waterfall
 from gpufleet.pipeline.queries.window import Window
+from gpufleet.pipeline.store import Store
 from tests.builders import gpu, report
 
 M = 1_794_999_600_000  # 2026-11-18T11:00:00Z
@@ -35,14 +36,14 @@ def _gpus(i: int) -> list:
 
 
 @pytest.fixture
-def db(ch_target, ch_client) -> str:
+def store(ch_store: Store) -> Store:
     reports = [report(seq=i, time_ms=M + (i + 1) * 10_000, interval_ms=10_000, gpus=_gpus(i)) for i in range(6)]
-    insert_reports(ch_client, ch_target.database, reports, ingest_ms=M + 70_000)
-    return ch_target.database
+    insert_reports(ch_store, reports, ingest_ms=M + 70_000)
+    return ch_store
 
 
-def test_every_step_by_hand_and_they_add_up(ch_client, db) -> None:
-    w = waterfall(ch_client, db, WINDOW, Policy(("failing",), 5))
+def test_every_step_by_hand_and_they_add_up(store) -> None:
+    w = waterfall(store, WINDOW, Policy(("failing",), 5))
     s = 1000  # ms per second
     assert w.gpus == 6
     assert w.installed_ms == 6 * 60 * s
@@ -63,21 +64,21 @@ def test_every_step_by_hand_and_they_add_up(ch_client, db) -> None:
     assert w.unknown_models == [{"model": "Mystery X1", "installed_gpu_seconds": 60.0}]
 
 
-def test_policy_decides_what_is_unhealthy(ch_client, db) -> None:
-    w = waterfall(ch_client, db, WINDOW, Policy(("degraded", "failing"), 5))
+def test_policy_decides_what_is_unhealthy(store) -> None:
+    w = waterfall(store, WINDOW, Policy(("degraded", "failing"), 5))
     assert (w.unhealthy_ms, w.busy_ms) == (80_000, 150_000)  # F's 60 s move from busy to unhealthy
-    w = waterfall(ch_client, db, WINDOW, Policy((), 50))  # nothing excluded; idle below 50 %
+    w = waterfall(store, WINDOW, Policy((), 50))  # nothing excluded; idle below 50 %
     # B's failing 20 s now count as allocated; its util 0.5 is not below 50 %, so they stay busy;
     # everything at 0.5 utilization is busy, so idle is B's 3 % and no-process intervals again
     assert (w.unhealthy_ms, w.idle_allocated_ms, w.busy_ms) == (0, 40_000, 230_000)
 
 
-def test_scope_and_window(ch_client, db) -> None:
-    only_mystery = waterfall(ch_client, db, WINDOW, Policy(), HardwareScope(model="Mystery X1"))
+def test_scope_and_window(store) -> None:
+    only_mystery = waterfall(store, WINDOW, Policy(), HardwareScope(model="Mystery X1"))
     assert (only_mystery.gpus, only_mystery.busy_ms, only_mystery.achieved_share_of_peak) == (1, 60_000, None)
-    assert waterfall(ch_client, db, WINDOW, Policy(), HardwareScope(node="n9")).gpus == 0
+    assert waterfall(store, WINDOW, Policy(), HardwareScope(node="n9")).gpus == 0
     # a two-minute window: every GPU seen is installed for both minutes
-    w = waterfall(ch_client, db, Window.covering(M, M + 120_000), Policy())
+    w = waterfall(store, Window.covering(M, M + 120_000), Policy())
     assert (w.installed_ms, w.unknown_ms) == (6 * 120_000, 30_000 + 6 * 60_000)
 
 

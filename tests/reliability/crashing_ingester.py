@@ -19,6 +19,7 @@ from gpufleet.config import load
 from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
 from gpufleet.pipeline.ingest.ingester import Ingester
 from gpufleet.pipeline.queries.policy import sync_policy
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target, connect
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
@@ -47,7 +48,7 @@ def main(config_path: str, point: str) -> None:
     what, _, n = point.partition(":")
     client = connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database))
     migrate(client, SchemaOptions(database=cfg.clickhouse.database))
-    sync_policy(client, cfg.clickhouse.database, cfg.billing, 0)
+    sync_policy(Store(client, cfg.clickhouse.database), cfg.billing, 0)
     ref: list[Ingester] = []
     consumer = build_consumer(cfg, ref)
     if what == "insert":
@@ -56,7 +57,7 @@ def main(config_path: str, point: str) -> None:
         consumer = _Tripwire(consumer, ("commit",), int(n))
     else:
         raise SystemExit(f"unknown kill point {point!r}: use insert:N or commit:N")
-    ingester = Ingester(cfg, client, consumer, build_producer(cfg))
+    ingester = Ingester(cfg, Store(client, cfg.clickhouse.database), consumer, build_producer(cfg))
     ref.append(ingester)
     ingester.run(threading.Event())
 

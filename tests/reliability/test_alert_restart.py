@@ -87,31 +87,31 @@ class _Died(RuntimeError):
     """Stands for the process dying: nothing after the notification is recorded."""
 
 
-def test_evaluator_dying_after_notifying_sends_nothing_twice(alertmanager, receiver, ch_client, ch_target) -> None:
+def test_evaluator_dying_after_notifying_sends_nothing_twice(alertmanager, receiver, ch_store, ch_target) -> None:
     b = base_ms()
     lost = {"error": "GPU is lost", "util_gpu_ratio": None, "tensor_active_ratio": None, "compute_processes": None}
     reports = minute_reports("n1", b, range(1, 41),
                              lambda k: [gpu(0, "n1", tenant="acme", job="j", **(lost if k <= 12 else {}))])
-    insert_reports(ch_client, ch_target.database, reports, b)
+    insert_reports(ch_store, reports, b)
     cfg = parse({"clickhouse": {"dsn": ch_target.dsn, "database": ch_target.database}, "alerts": {"resend_s": 3600}})
 
-    doomed = Evaluator(cfg, ch_client, alertmanager_url=alertmanager.url)
+    doomed = Evaluator(cfg, ch_store, alertmanager_url=alertmanager.url)
 
     def die(*_: object) -> None:
         raise _Died("killed before recording")
 
-    doomed.store.write = die  # type: ignore[method-assign]
+    doomed.alert_store.write = die  # type: ignore[method-assign]
     report = doomed.evaluate_once(b + 10 * MIN)
     assert report.sent == 1
-    assert firing_alerts(ch_client, ch_target.database) == []  # Alertmanager knows, the table does not
+    assert firing_alerts(ch_store) == []  # Alertmanager knows, the table does not
     wait_until(lambda: receiver.statuses("GpuFailing") == ["firing"], "the firing notification")
 
-    restarted = Evaluator(cfg, ch_client, alertmanager_url=alertmanager.url)
+    restarted = Evaluator(cfg, ch_store, alertmanager_url=alertmanager.url)
     report = restarted.evaluate_once(b + 11 * MIN)
     assert report.errors == []
     assert report.sent == 1  # it cannot know Alertmanager has it, so it says it again...
     assert [a["labels"]["alertname"] for a in am_alerts(alertmanager.url)] == ["GpuFailing"]  # ...as the same alert
-    assert [a["alertname"] for a in firing_alerts(ch_client, ch_target.database)] == ["GpuFailing"]
+    assert [a["alertname"] for a in firing_alerts(ch_store)] == ["GpuFailing"]
 
     report = restarted.evaluate_once(b + 20 * MIN)  # healthy since k=13: resolved
     assert [r.alertname for r in report.resolved] == ["GpuFailing"]

@@ -27,7 +27,8 @@ from gpufleet.config import Config, KafkaConfig, parse
 from gpufleet.kafka import consumer_kwargs, ensure_topics, producer_kwargs
 from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.ingest.ingester import Ingester
-from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store import Store
+from gpufleet.pipeline.store.client import Target
 from gpufleet.wire import decode
 from tests.reliability.harness import broker_behind_proxy, wait_until
 from tests.reliability.tcp_proxy import TcpProxy
@@ -59,7 +60,7 @@ class IngestThread:
     """The real ingester on the test's database, in a thread, until stopped."""
 
     def __init__(self, cfg: Config) -> None:
-        self.ingester = build_ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
+        self.ingester = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.ingester.run, args=(self.stop_event,), daemon=True)
 

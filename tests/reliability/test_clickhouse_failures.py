@@ -27,7 +27,8 @@ from gpufleet.embedded.broker import EmbeddedBroker
 from gpufleet.kafka import ensure_topics
 from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.ingest.ingester import Ingester
-from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store import Store
+from gpufleet.pipeline.store.client import Target
 from tests.builders import gpu, report
 from tests.reliability.harness import wait_until
 
@@ -74,7 +75,7 @@ def _committed(broker: EmbeddedBroker, topic: str) -> int:
 
 class _Running:
     def __init__(self, cfg: Config) -> None:
-        self.ing = build_ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
+        self.ing = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.ing.run, args=(self.stop,), daemon=True)
 

@@ -25,7 +25,8 @@ from gpufleet.config import Config, parse
 from gpufleet.embedded.broker import free_port, wait_for_port
 from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.ingest.ingester import Ingester
-from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store import Store
+from gpufleet.pipeline.store.client import Target
 
 HOSTILE: tuple[str, ...] = (
     "'); DROP TABLE gpu_samples; --",
@@ -87,7 +88,7 @@ def produce(cfg: Config, items: Sequence[tuple[bytes | None, bytes]]) -> None:
 def running_ingester(cfg: Config) -> Iterator[Ingester]:
     """An ingester on its own thread (its own store client), stopped and closed on exit."""
     kafka.ensure_topics(cfg.kafka)
-    ing = build_ingester(cfg, connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
+    ing = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
     stop = threading.Event()
     thread = threading.Thread(target=ing.run, args=(stop,), daemon=True, name="test-ingester")
     thread.start()

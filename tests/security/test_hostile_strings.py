@@ -33,6 +33,7 @@ from gpufleet.pipeline.queries import mfu
 from gpufleet.pipeline.queries.policy import Policy, sync_policy
 from gpufleet.pipeline.queries.status import fleet_status
 from gpufleet.pipeline.queries.usage import billable_by_tenant, usage_rows
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target, connect
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.builders import gpu, report
@@ -91,7 +92,7 @@ def stored(broker, ch_target, ch_client) -> dict[str, list[wire.NodeReport]]:
     staging_tables = ch_client.query("SELECT count() FROM system.tables WHERE database = {db:String} "
                                      "AND name LIKE 'gpu_samples_json_%'", parameters={"db": ch_target.database})
     assert staging_tables.result_rows[0][0] > 0, "the ingester did not use its JSON staging path"
-    insert_reports(ch_client, ch_target.database, by_path["via-columns"], base + 40 * MIN)
+    insert_reports(Store(ch_client, ch_target.database), by_path["via-columns"], base + 40 * MIN)
     return by_path
 
 
@@ -111,36 +112,38 @@ def test_every_string_column_reads_back_byte_identical(stored, ch_target, ch_cli
 
 def test_usage_mfu_billing_and_status_return_the_strings_unchanged(stored, ch_target, ch_client) -> None:
     db = ch_target.database
-    sync_policy(ch_client, db, Config().billing, int(time.time() * 1000))
+    store = Store(ch_client, db)
+    sync_policy(store, Config().billing, int(time.time() * 1000))
     for hostile in HOSTILE:
-        rows = usage_rows(ch_client, db, tenant=hostile)
+        rows = usage_rows(store, tenant=hostile)
         assert {r["tenant"] for r in rows} == {hostile}
         # 3 one-minute samples per insert path, 3 paths: 540 allocated GPU-seconds for this tenant.
         assert sum(r["allocated_gpu_seconds"] for r in rows) == MINUTES * 60 * len(CLUSTERS)
-    assert [r.key for r in mfu.mfu_by_scope(ch_client, db, "tenant").rows] == sorted(HOSTILE)
+    assert [r.key for r in mfu.mfu_by_scope(store, "tenant").rows] == sorted(HOSTILE)
     jobs = {f"{g.tenant}/{g.job}" for r in stored["via-json"] for g in r.gpus}
-    assert {r.key for r in mfu.mfu_by_scope(ch_client, db, "job").rows} == jobs
+    assert {r.key for r in mfu.mfu_by_scope(store, "job").rows} == jobs
     nodes = {f"{r.cluster}/{r.node}" for rs in stored.values() for r in rs}
-    assert {r.key for r in mfu.mfu_by_scope(ch_client, db, "node").rows} == nodes
+    assert {r.key for r in mfu.mfu_by_scope(store, "node").rows} == nodes
     models = {g.model for r in stored["via-json"] for g in r.gpus}
-    assert {m["model"] for m in mfu.mfu_by_scope(ch_client, db, "fleet").unknown_models} == models
-    billable = billable_by_tenant(ch_client, db, None, Policy())
+    assert {m["model"] for m in mfu.mfu_by_scope(store, "fleet").unknown_models} == models
+    billable = billable_by_tenant(store, None, Policy())
     assert billable == {h: MINUTES * len(CLUSTERS) / 60 for h in HOSTILE}
     cfg = with_clickhouse(Config(), ch_target.dsn, db)
-    assert fleet_status(ch_client, cfg)["tenants"] == sorted(HOSTILE)
+    assert fleet_status(store, cfg)["tenants"] == sorted(HOSTILE)
 
 
 def test_alert_labels_and_annotations_keep_the_strings(stored, ch_target, ch_client) -> None:
     db = ch_target.database
+    store = Store(ch_client, db)
     rules = parse_rules({"rules": [{
         "name": "GpuHeldNoProcess", "kind": "gpu_held_no_process", "severity": "warning", "for": "2m",
         "annotations": {"summary": "Tenant {tenant} holds {gpu} on {node}, job '{job}'"},
     }]})
     cfg = with_clickhouse(Config(), ch_target.dsn, db)
     last = max(r.time_ms for r in stored["via-json"])
-    report_ = Evaluator(cfg, ch_client, rules=rules).evaluate_once(last + 1000)
+    report_ = Evaluator(cfg, store, rules=rules).evaluate_once(last + 1000)
     assert report_.errors == []
-    firing = firing_alerts(ch_client, db)
+    firing = firing_alerts(store)
     want = sorted((r.cluster, r.node, g.uuid, g.tenant) for rs in stored.values() for r in rs for g in r.gpus)
     assert sorted({(a["labels"]["cluster"], a["labels"]["node"], a["labels"]["gpu"], a["labels"]["tenant"])
                    for a in firing}) == sorted(set(want))

@@ -5,7 +5,8 @@ The test reads the source (Python's own `ast`, no execution): every f-string, `s
 expression spliced into it must be listed in `ALLOWED` for that file, with the reason it is safe
 (an identifier checked elsewhere, or a fragment built from constants in the same module). A new
 interpolation fails here until someone either binds it as a parameter (`{name:Type}` plus
-`parameters=`) or adds it to `ALLOWED` with its reason, which a reviewer then sees.
+`parameters=`) or adds it to `ALLOWED` with its reason, which a reviewer then sees. Queries name
+their database as the bound `{db:Identifier}` (pipeline/store/store.py); only DDL splices it.
 """
 
 from __future__ import annotations
@@ -30,15 +31,19 @@ CLUSTER = "clickhouse.cluster from the operator's config: config_check refuses a
 CONST = "SQL fragment built in this module from constants only (no caller-supplied text)"
 COLUMNS = "column list from a module-level tuple of column names"
 TABLE = "table name built from the checked database name and a constant or a hash"
+WINDOW = "queries.window's filter: constant text with the bound parameters {w_start:Int64}/{w_end:Int64}"
+FORMULA = "a shared formula from pipeline/queries/formulas.py: constant SQL over rollup columns"
+FRAGMENT_ARG = "SQL its callers pass from constants: bound-parameter placeholders or Grafana macros"
+
+DDL_MODULES = ("pipeline/store/migrate.py", "pipeline/store/tenants.py", "pipeline/ingest/staging.py")
+"""The only modules that splice the database name: DDL, which cannot bind an identifier (a view's
+SELECT keeps no parameters). Every query names its database as `{db:Identifier}`, bound by `Store`."""
 
 ALLOWED: dict[tuple[str, str], str] = {
-    # database names
-    **{(f, "db"): IDENT for f in (
-        "pipeline/queries/billing.py", "pipeline/queries/fleet_health.py", "pipeline/queries/mfu.py", "pipeline/store/migrate.py",
-        "pipeline/queries/status.py", "pipeline/queries/usage.py", "pipeline/queries/policy.py", "pipeline/queries/waterfall.py", "pipeline/alerts/queries.py",
-        "pipeline/alerts/state.py", "embedded/demo/live.py")},
-    **{(f, "database"): IDENT for f in ("pipeline/ingest/dedup.py", "pipeline/ingest/staging.py")},
-    ("pipeline/alerts/state.py", "self.db"): IDENT,
+    # database names, in DDL only
+    ("pipeline/store/migrate.py", "db"): IDENT,
+    ("pipeline/store/tenants.py", "db"): IDENT,
+    ("pipeline/ingest/staging.py", "database"): IDENT,
     # ON CLUSTER
     ("pipeline/store/migrate.py", "self.cluster"): CLUSTER,
     ("pipeline/store/migrate.py", "on_cluster"): CLUSTER,
@@ -46,6 +51,15 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/ingest/staging.py", "on_cluster"): CLUSTER,
     ("pipeline/store/migrate.py", "engine"): CONST,
     ("pipeline/store/migrate.py", "options.substitutions()['replicated']"): CONST,
+    # shared formulas
+    ("pipeline/queries/formulas.py", "FIRST_START_MS"): CONST,
+    ("pipeline/queries/formulas.py", "since_ms"): FRAGMENT_ARG,
+    ("pipeline/queries/formulas.py", "cover_ms"): FRAGMENT_ARG,
+    ("pipeline/queries/mfu.py", "formulas.ACHIEVED_FLOP"): FORMULA,
+    ("pipeline/queries/mfu.py", "formulas.PEAK_FLOP"): FORMULA,
+    ("pipeline/queries/mfu.py", "formulas.MFU"): FORMULA,
+    ("pipeline/queries/waterfall.py", "formulas.ACHIEVED_FLOP"): FORMULA,
+    ("pipeline/alerts/queries.py", "sustained=_SUSTAINED"): FORMULA + " with bound placeholders",
     # fragments and column lists
     ("pipeline/alerts/queries.py", "_WINDOW"): CONST,
     ("pipeline/alerts/queries.py", "column=rule.COLUMN"): "an agent_reports column fixed by the rule kind",
@@ -61,7 +75,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/alerts/queries.py", "_increase('pcie_replay_count')"): CONST,
     ("pipeline/alerts/queries.py", "_increase(nvlink)"): CONST,
     ("pipeline/alerts/queries.py", "window=_WINDOW"): CONST,
-    ("pipeline/alerts/queries.py", "db=db"): IDENT,
     ("pipeline/alerts/queries.py", "cond=shape.cond"): CONST,
     ("pipeline/alerts/queries.py", "having=shape.having"): CONST,
     ("pipeline/alerts/queries.py", "columns=''.join((f', {c}' for c in shape.columns))"): CONST,
@@ -69,19 +82,19 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/alerts/state.py", "_SELECT"): COLUMNS,
     ("pipeline/alerts/state.py", "_SEVERITY_ORDER"): CONST,
     ("pipeline/alerts/state.py", "c"): COLUMNS,
-    ("pipeline/queries/fleet_health.py", "window.sql()"): "Window.sql(): a constant filter with bound {w_start}/{w_end}",
-    ("pipeline/queries/mfu.py", "window.sql() if window else '1'"): "Window.sql(): bound parameters",
-    ("pipeline/queries/mfu.py", "row_filter"): "scope filter from the constant _KEYS table",
-    ("pipeline/queries/mfu.py", "key_expr"): "scope key from the constant _KEYS table (scope is checked against it)",
-    ("pipeline/queries/mfu.py", "where"): CONST,
+    ("pipeline/queries/fleet_health.py", "WINDOW"): WINDOW,
+    ("pipeline/queries/mfu.py", "key"): "scope key from the constant _KEYS table",
+    ("pipeline/queries/mfu.py", "rows"): "scope filter from the constant _KEYS table",
+    ("pipeline/queries/mfu.py", "window"): WINDOW + ", or ALL_TIME ('1')",
     ("pipeline/queries/window.py", "column"): "a constant column name of the rollups",
-    ("pipeline/queries/usage.py", "', '.join(USAGE_COLUMNS)"): COLUMNS,
-    ("pipeline/queries/usage.py", "' AND '.join(where)"): "constant conditions, each with bound parameters",
-    ("pipeline/queries/usage.py", "where"): "Window.sql() or '1'",
-    ("pipeline/queries/waterfall.py", "healthy"): CONST,
+    ("pipeline/queries/usage.py", "_SELECT"): COLUMNS,
+    ("pipeline/queries/usage.py", "where"): "conditions from the constant _FILTERS table, each with bound parameters",
+    ("pipeline/queries/usage.py", "WINDOW if windowed else ALL_TIME"): WINDOW + ", or ALL_TIME ('1')",
+    ("pipeline/queries/waterfall.py", "_HEALTHY"): CONST,
+    ("pipeline/queries/waterfall.py", "IDLE_MS"): "queries.policy.IDLE_MS: constant text with the bound {idle_pct:UInt8}",
+    ("pipeline/queries/waterfall.py", "_GPU_SUMS"): CONST,
+    ("pipeline/queries/waterfall.py", "WINDOW"): WINDOW,
     ("pipeline/queries/waterfall.py", "name"): "a constant column name; its value is the bound parameter {s_<name>:String}",
-    ("pipeline/queries/waterfall.py", "idle_ms_sql()"): CONST,
-    ("pipeline/queries/waterfall.py", "window.sql()"): "Window.sql(): bound parameters",
     ("pipeline/queries/waterfall.py", "scope_sql"): CONST,
     ("pipeline/ingest/staging.py", "', '.join(columns)"): "SELECT list generated from the wire contract's field names",
     ("pipeline/ingest/staging.py", "table"): TABLE,
@@ -91,7 +104,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/ingest/staging.py", "structure"): "column types generated from the wire contract and system.columns",
     ("pipeline/ingest/staging.py", "column"): "a gpu_samples column name from the wire contract",
     ("pipeline/ingest/staging.py", "expr"): "an expression built from a wire field name",
-    ("pipeline/store/tenants.py", "db"): IDENT,
     ("pipeline/store/tenants.py", "ident(user)"): "tenants.ident(): a back-quoted identifier, escaped",
     ("pipeline/store/tenants.py", "ident(role)"): "tenants.ident(): a back-quoted identifier, escaped",
     ("pipeline/store/tenants.py", "ident(policy)"): "tenants.ident(): a back-quoted identifier, escaped",
@@ -205,6 +217,11 @@ def test_the_scanner_catches_interpolated_values(tmp_path: Path) -> None:
     finally:
         ROOT = saved
     assert found == [(3, "db"), (3, "tenant"), (4, "tenant"), (5, "tenant"), (6, "tenant")]
+
+
+def test_only_ddl_splices_the_database_name() -> None:
+    """Queries bind the database (`{db:Identifier}`, through `Store`); only DDL may splice the checked name."""
+    assert sorted({path for (path, _), reason in ALLOWED.items() if reason == IDENT}) == sorted(DDL_MODULES)
 
 
 def test_allowed_entries_are_all_still_used() -> None:

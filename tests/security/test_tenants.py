@@ -108,12 +108,14 @@ _WRITE = textwrap.dedent("""
     from gpufleet.pipeline.queries.billing import close_period
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
     from gpufleet.pipeline.ingest.rows import insert_reports
+    from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.client import Target, connect
     from gpufleet.pipeline.queries.policy import sync_policy
     from tests.builders import gpu, report
     dsn, db, tenants = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     client = connect(Target(dsn, db))
     migrate(client, SchemaOptions(database=db, raw_ttl_days=3650))
+    store = Store(client, db)
     now = int(time.time()) // 60 * 60000
     month_start = dt.datetime.now(dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     last_month = (month_start - dt.timedelta(days=1)).replace(day=5)  # the 5th of the month before this one
@@ -122,13 +124,13 @@ _WRITE = textwrap.dedent("""
         return [report(node=n, seq=seq0 + k, time_ms=base + k * 60000, interval_ms=60000,
                        gpus=[gpu(i, n, tenant=owners[(n, i)], job="j", compute_processes=0) for i in (0, 1)])
                 for n in ("n1", "n2") for k in range(1, minutes + 1)]
-    insert_reports(client, db, fleet(int(last_month.timestamp() * 1000), 3, 0), now)
-    sync_policy(client, db, Config().billing, now)
-    close_period(client, db, last_month.strftime("%Y-%m"), now)
-    insert_reports(client, db, fleet(now - 10 * 60000, 5, 100), now)  # after the close: never in its statements
+    insert_reports(store, fleet(int(last_month.timestamp() * 1000), 3, 0), now)
+    sync_policy(store, Config().billing, now)
+    close_period(store, last_month.strftime("%Y-%m"), now)
+    insert_reports(store, fleet(now - 10 * 60000, 5, 100), now)  # after the close: never in its statements
     rules = parse_rules({"rules": [{"name": "Held", "kind": "gpu_held_no_process", "severity": "warning",
                                     "for": "2m", "annotations": {"summary": "{tenant}"}}]})
-    Evaluator(with_clickhouse(Config(), dsn, db), client, rules=rules).evaluate_once(now - 5 * 60000 + 1000)
+    Evaluator(with_clickhouse(Config(), dsn, db), store, rules=rules).evaluate_once(now - 5 * 60000 + 1000)
     client.command(f"INSERT INTO {db}.dead_letters (topic, reason, payload) VALUES ('t', 'r', 'secret payload')")
     print(json.dumps(sorted(r[0] for r in client.query(f"SELECT DISTINCT tenant FROM {db}.gpu_samples").result_rows)))
 """)
