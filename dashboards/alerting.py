@@ -5,8 +5,9 @@ with the same thresholds and durations read from it, so the two cannot drift. Ea
 ClickHouse query returning one row per series that meets the condition (string columns become the
 alert's labels, one number its value) and a threshold expression on that number.
 
-"Sustained for D" is decided in the query, over the samples, as the evaluator does: the newest
-sample is fresh, every sample of the last D satisfies the condition and they cover the window. So
+"Sustained for D" is decided in the query, over the samples, with the evaluator's own SQL
+(`formulas.sustained`): the newest sample is fresh, every sample of the window satisfies the
+condition, and they reach back to now - D and cover coverage x D. So
 the rules' Grafana pending period (`for`) is 0 and a Grafana restart neither delays nor re-fires
 them. Queries use only backend macros (`$__timeFilter`, `$__toTime`...): `$__conditionalAll` and
 dashboard variables do not exist in alert rules.
@@ -37,6 +38,7 @@ from gpufleet.pipeline.alerts.rules import (
     duration_ms,
     packaged_rules,
 )
+from gpufleet.pipeline.queries import formulas
 
 FOLDER_TITLE: Final = "GPU fleet"
 FOLDER_UID: Final = "gpufleet"
@@ -63,12 +65,9 @@ def _fresh(rule: GpuRule) -> str:
 
 
 def _sustained(rule: GpuRule) -> str:
-    """Every sample in the window satisfies `c`, and the samples reach back to its start and cover it."""
-    return (
-        "countIf(c = 0) = 0\n"
-        "    AND min(toUnixTimestamp64Milli(time) - interval_ms) <= toUnixTimestamp64Milli($__fromTime_ms)\n"
-        f"    AND sum(interval_ms) >= {rule.coverage} * {rule.for_ms}"
-    )
+    """`formulas.sustained` for the rule's `for` D, ending at the evaluation's `$__toTime`."""
+    since = f"toUnixTimestamp64Milli($__toTime_ms) - {rule.for_ms}"
+    return formulas.sustained(since, f"{rule.coverage} * {rule.for_ms}")
 
 
 def _increase(column: str) -> str:

@@ -21,6 +21,7 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_POWER_CAP,
     THROTTLE_THERMAL_MASK,
 )
+from gpufleet.pipeline.queries import formulas
 
 HEALTH: Final = HealthConfig()
 BILLING: Final = BillingConfig()
@@ -40,10 +41,10 @@ MINUTE: Final = "1m"
 
 # --- the rollup (gpu_usage_1m / gpu_usage_1h) ----------------------------------------------------
 
-ACHIEVED: Final = "sum(measured_flop) + sum(estimated_unmeasured_flop)"
+ACHIEVED: Final = formulas.ACHIEVED_FLOP
 """Achieved FLOPs: what jobs measured where they report, else the hardware estimate."""
-MFU: Final = f"({ACHIEVED}) / nullIf(sum(peak_capacity_flop), 0)"
-"""MFU as pipeline/queries/mfu.py computes it: achieved / (peak FLOP/s x seconds), known models only."""
+MFU: Final = formulas.MFU
+"""MFU as `gpufleet status` and usage_hourly compute it: achieved / (peak FLOP/s x seconds), known models only."""
 MFU_MEASURED: Final = "sum(measured_flop) / nullIf(sum(ifNull(model_peak_flop_s, 0) * measured_ms / 1000), 0)"
 """MFU over the GPU-seconds whose jobs reported FLOPs."""
 MFU_ESTIMATED: Final = (

@@ -46,4 +46,5 @@ def sustained(since_ms: str, cover_ms: str) -> str:
     their intervals cover at least `cover_ms` (coverage x D): a lost message or two is tolerated, a
     series that stopped reporting is not. Both arguments are SQL: bound parameters or macros.
     """
-    return f"countIf(c = 0) = 0 AND {FIRST_START_MS} <= {since_ms} AND sum(interval_ms) >= {cover_ms}"
+    return (f"countIf(c = 0) = 0\n    AND {FIRST_START_MS} <= {since_ms}\n"
+            f"    AND sum(interval_ms) >= {cover_ms}")
