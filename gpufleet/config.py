@@ -43,6 +43,10 @@ class KafkaConfig(Strict):
     sasl_password_env: str = "GPUFLEET_KAFKA_PASSWORD"  # noqa: S105 (a variable name, not a secret)
     """Name of the environment variable holding the SASL password (never the password itself)."""
     sasl_password_file: str | None = None
+    retention_ms: PositiveInt = 7 * 24 * 3600 * 1000
+    """`retention.ms` of the samples topic when gpufleet creates it (kafka-init and `ensure_topics`)."""
+    retention_bytes: PositiveInt = 21 * 1024**3
+    """`retention.bytes` of the samples topic, per partition: the disk bound (docs/scaling.md sizes it)."""
 
 
 class ClickHouseConfig(Strict):
@@ -75,6 +79,11 @@ class AgentConfig(Strict):
     otlp_receiver_enabled: bool = True
     otlp_export_endpoint: str | None = None
     """Also export the agent's metrics over OTLP/HTTP to this collector (e.g. http://otel:4318)."""
+    health_host: str = "127.0.0.1"
+    health_port: int = 0
+    """Port of the agent's `/healthz` and `/readyz` (0: not served)."""
+    collect_stale_s: Positive = 60.0
+    """`/healthz` and `/readyz` fail when no collection completed for this long."""
 
 
 class IngestConfig(Strict):
@@ -85,6 +94,10 @@ class IngestConfig(Strict):
     session_timeout_ms: PositiveInt = 10_000
     status_port: int = 0
     """Port of the small HTTP status API while the pipeline runs; 0 picks a free one."""
+    poll_stale_s: Positive = 60.0
+    """`/healthz` fails when the ingester has not polled Kafka for this long."""
+    commit_stale_s: Positive = 300.0
+    """`/healthz` fails when the ingester has held uncommitted messages for this long."""
 
 
 class HealthConfig(Strict):
@@ -116,6 +129,12 @@ class AlertsConfig(Strict):
     """How often the rules are evaluated."""
     resend_s: Positive = 60.0
     """Firing alerts are re-sent this often; each says it is valid for 4x this (Alertmanager's endsAt)."""
+    runbook_base_url: str | None = None
+    """A relative `runbook_url` annotation (`docs/alerts.md#gpufailing`) is joined to this base URL."""
+    status_port: int = 0
+    """Port of the evaluator's `/healthz` and `/readyz` (0: not served)."""
+    eval_stale_s: Positive = 120.0
+    """`/healthz` fails when no evaluation completed without error for this long."""
 
 
 class Config(Strict):

@@ -4,17 +4,19 @@ Producers, consumers and the admin client all get their connection and security 
 (TLS, SASL) from `client_kwargs`, so the agent and the pipeline cannot drift apart. The SASL
 password is read from the environment variable or file the config names, at build time, and
 lives only inside a `KafkaSettings` mapping whose `repr`/`str` mask it: logging the settings
-never prints it. `ensure_topics` creates missing topics and is a no-op for existing ones.
+never prints it. `ensure_topics` creates missing topics with the cluster's default replication and
+the configured retention, and refuses a single-replica topic on a cluster of several brokers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from gpufleet.config import ConfigError, KafkaConfig
 
@@ -45,12 +47,15 @@ def read_password(cfg: KafkaConfig, environ: Mapping[str, str] | None = None) ->
     if cfg.sasl_password_file:
         path = Path(cfg.sasl_password_file)
         try:
-            return path.read_text().rstrip("\r\n")
+            password = path.read_text().rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(
                 f"kafka.sasl_password_file {path} cannot be read ({exc.strerror}); "
                 "fix the path or its permissions, or unset it and use kafka.sasl_password_env"
             ) from None
+        if not password:
+            raise ConfigError(f"kafka.sasl_password_file {path} is empty; write the SASL password into it")
+        return password
     return env.get(cfg.sasl_password_env) or None
 
 
@@ -151,39 +156,102 @@ def admin_kwargs(
     return kw
 
 
+MESSAGE_BYTES_LZ4: Final = 1643
+"""One 8-GPU node report as the agent sends it, lz4-compressed alone (BENCHMARKS.md, docs/scaling.md)."""
+DLQ_RETENTION_MS: Final = 30 * 24 * 3600 * 1000
+DLQ_RETENTION_BYTES: Final = 1024**3
+"""The dead-letter topic (one partition) keeps 30 days of bad messages, at most 1 GiB."""
+CLUSTER_DEFAULT: Final = -1
+"""CreateTopics' "use the broker's `default.replication.factor`" (Kafka 2.4+)."""
+
+
+def retention_bytes(gpus: int, interval_s: float, hours: float, partitions: int,
+                    message_bytes: int = MESSAGE_BYTES_LZ4, gpus_per_node: int = 8) -> int:
+    """`retention.bytes` per partition that holds `hours` of a fleet's reports, rounded up to whole GiB.
+
+    A fleet of `gpus` sends gpus / gpus_per_node messages per interval, spread evenly over the
+    partitions by node key. docs/scaling.md explains the figure the shipped default comes from.
+    """
+    per_s = gpus / gpus_per_node / interval_s * message_bytes
+    per_partition = per_s * hours * 3600 / partitions
+    return math.ceil(per_partition / 1024**3) * 1024**3
+
+
+def topic_specs(cfg: KafkaConfig, topics: Iterable[str] | None = None,
+                partitions: int | None = None) -> dict[str, dict[str, Any]]:
+    """CreateTopics options for each topic: the cluster's default replication, retention by time and bytes.
+
+    Default topics are the samples topic (`kafka.partitions`) and the dead-letter topic (one partition).
+    """
+    names = list(dict.fromkeys(topics)) if topics is not None else [cfg.topic, cfg.dlq_topic]
+    out = {}
+    for name in names:
+        dlq = name == cfg.dlq_topic
+        configs = ({"retention.ms": str(DLQ_RETENTION_MS), "retention.bytes": str(DLQ_RETENTION_BYTES)} if dlq
+                   else {"retention.ms": str(cfg.retention_ms), "retention.bytes": str(cfg.retention_bytes)})
+        out[name] = {"num_partitions": 1 if dlq else (partitions or cfg.partitions),
+                     "replication_factor": CLUSTER_DEFAULT, "configs": configs}
+    return out
+
+
+def replication_problem(topic: Mapping[str, Any], brokers: int) -> str | None:
+    """Why a described topic is unsafe on this cluster (one replica while there are several brokers), or None."""
+    parts = topic.get("partitions") or []
+    if brokers < 2 or not parts:
+        return None
+    replicas = min(len(p.get("replica_nodes") or ()) for p in parts)
+    if replicas > 1:
+        return None
+    return (f"topic {topic['name']} has {replicas} replica(s) on a cluster of {brokers} brokers: a lost disk would "
+            "lose reports not yet ingested. Set default.replication.factor=3 and min.insync.replicas=2 on the "
+            "brokers (docs/deploy.md), then raise the topic's replication (kafka-reassign-partitions.sh) or "
+            "delete it and let gpufleet create it again")
+
+
 def ensure_topics(
     cfg: KafkaConfig,
     topics: Iterable[str] | None = None,
     *,
     partitions: int | None = None,
-    replication_factor: int = 1,
     environ: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet (default: the samples and dead-letter topics).
 
-    Returns the names it created. An existing topic is left alone, whatever its partitions.
+    Topics get the cluster's default replication factor, never a hard-coded one, and their
+    retention (`topic_specs`). Returns the names created. An existing topic keeps its settings,
+    but on a cluster of several brokers a topic with a single replica is refused (`ConfigError`).
     """
     from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
 
-    names = list(topics) if topics is not None else [cfg.topic, cfg.dlq_topic]
     admin = KafkaAdminClient(**admin_kwargs(cfg, environ=environ))
-    created: list[str] = []
     try:
-        existing = set(admin.list_topics())
-        missing = [n for n in dict.fromkeys(names) if n not in existing]
-        for name in missing:
-            try:
-                admin.create_topics([NewTopic(name, partitions or cfg.partitions, replication_factor)])
-                created.append(name)
-            except TopicAlreadyExistsError:
-                pass  # created by someone else in between: that is what we wanted
+        created = create_missing(admin, topic_specs(cfg, topics, partitions))
     finally:
         with contextlib.suppress(Exception):
             admin.close()
     if created:
         log.info("created Kafka topics %s on %s", created, cfg.bootstrap_servers)
+    return created
+
+
+def create_missing(admin: Any, specs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """With an open admin client: create the topics of `specs` that are missing, then check every one's replicas."""
+    from kafka.errors import TopicAlreadyExistsError
+
+    existing = set(admin.list_topics())
+    created: list[str] = []
+    for name, spec in specs.items():
+        if name in existing:
+            continue
+        try:
+            admin.create_topics({name: dict(spec)})
+            created.append(name)
+        except TopicAlreadyExistsError:
+            pass  # created by someone else in between: that is what we wanted
+    brokers = len(admin.describe_cluster()["brokers"])
+    for topic in admin.describe_topics(list(specs)):
+        if problem := replication_problem(topic, brokers):
+            raise ConfigError(problem)
     return created
 
 
