@@ -123,7 +123,17 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
         signal.signal(sig, lambda *_: stop.set())
     click.echo(f"evaluating {len(rules.rules)} rules from {rules.source} every {cfg.alerts.interval_s:g} s; "
                f"Alertmanager: {evaluator.notifier or 'none (alerts stay in ClickHouse)'}", err=True)
-    evaluator.run(stop)
+    health = None
+    if cfg.alerts.status_port:
+        from gpufleet.health_http import HealthServer
+
+        health = HealthServer(evaluator.liveness, port=cfg.alerts.status_port).start()
+        click.echo(f"health: {health.url}/healthz", err=True)
+    try:
+        evaluator.run(stop)
+    finally:
+        if health is not None:
+            health.stop()
 
 
 @alerts.command("check")

@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from gpufleet.config import Config
+from gpufleet.liveness import Liveness
 from gpufleet.pipeline.alerts import lifecycle as lc
 from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError, payload
 from gpufleet.pipeline.alerts.lifecycle import AlertRecord
@@ -33,6 +35,7 @@ log = logging.getLogger("gpufleet.alerts")
 
 Clock = Callable[[], int]
 """Returns the current time in Unix milliseconds."""
+EVALUATED = "evaluated"
 
 
 def wall_ms() -> int:
@@ -70,6 +73,7 @@ class Evaluator:
         clock: Clock | None = None,
         rules: RuleSet | None = None,
         notifier: Notifier | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -86,6 +90,8 @@ class Evaluator:
         self._dirty: set[str] = set()
         self._logged_errors: set[str] = set()
         self.last_report: EvalReport | None = None
+        self.liveness = liveness or Liveness().expect(EVALUATED, cfg.alerts.eval_stale_s)
+        """`evaluated` beats after each evaluation without error (`alerts.status_port` serves it)."""
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -150,7 +156,7 @@ class Evaluator:
             seen.add(fp)
             rec = lc.observe(records.get(fp), alertname=rule.name, severity=rule.severity, labels=labels,
                              firing=cand.firing, since_ms=cand.since_ms, now_ms=now)
-            records[fp] = _render(rule, rec, cand, now)
+            records[fp] = _render(rule, rec, cand, now, self.cfg.alerts.runbook_base_url)
         for fp, rec in list(records.items()):
             if rec.alertname == rule.name and rec.open and fp not in seen:
                 records[fp] = lc.close(rec, now)
@@ -205,6 +211,8 @@ class Evaluator:
             log.info("alerts: evaluation healthy again")
         self._logged_errors = errors
         self.last_report = report
+        if not errors:
+            self.liveness.beat(EVALUATED)
         return report
 
     def open_alerts(self) -> list[AlertRecord]:
@@ -216,7 +224,14 @@ def _essential(rec: AlertRecord) -> tuple[object, ...]:
     return (rec.state, rec.active_at, rec.starts_at, rec.ends_at, rec.sent_state, rec.last_sent_at)
 
 
-def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int) -> AlertRecord:
+def runbook_link(url: str, base: str | None) -> str:
+    """A relative runbook link (`docs/alerts.md#nodesilent`) under `alerts.runbook_base_url`; else unchanged."""
+    if not base or urlsplit(url).scheme:
+        return url
+    return f"{base.rstrip('/')}/{url.lstrip('/')}"
+
+
+def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int, runbook_base: str | None = None) -> AlertRecord:
     """Annotations, value and generator URL from the rule's templates and the candidate's context."""
     ctx = dict(cand.context)
     ctx["active_for"] = format_duration(max(0, now - rec.active_at))
@@ -228,6 +243,8 @@ def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int) -> Alert
             value = hours
     ctx["value"] = value if value is not None else float("nan")
     annotations = {k: _fill(t, ctx) for k, t in rule.annotations.items()}
+    if "runbook_url" in annotations:
+        annotations["runbook_url"] = runbook_link(annotations["runbook_url"], runbook_base)
     url = _fill(rule.generator_url, ctx) if rule.generator_url else ""
     return dataclasses.replace(rec, annotations=annotations, value=value, generator_url=url)
 

@@ -46,7 +46,8 @@ def ingest(config_path: str | None, dsn: str | None, database: str | None, boots
     sync_policy(store, cfg.billing, int(time.time() * 1000))
     kafka.ensure_topics(cfg.kafka)
     ing = build_ingester(cfg, store)
-    api = StatusServer(lambda: fleet_status(Store.open(target), cfg), port=cfg.ingest.status_port).start()
+    api = StatusServer(lambda: fleet_status(Store.open(target), cfg), port=cfg.ingest.status_port,
+                       health=ing.liveness.check).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

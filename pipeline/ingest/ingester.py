@@ -42,7 +42,9 @@ import tenacity
 
 from gpufleet import wire
 from gpufleet.config import Config
+from gpufleet.liveness import Liveness
 from gpufleet.pipeline.ingest import dedup, intents, staging
+from gpufleet.pipeline.ingest.liveness import COMMIT, POLL, ingest_liveness
 from gpufleet.pipeline.ingest.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
 
 if TYPE_CHECKING:
@@ -179,9 +181,12 @@ class Ingester:
         consumer: Any,
         dlq_producer: Any,
         clock: Callable[[], float] = time.time,
+        liveness: Liveness | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
+        self.liveness = liveness or ingest_liveness(cfg.ingest)
+        """Heartbeats `/healthz` reads (pipeline/ingest/liveness.py)."""
         self.consumer = consumer
         self.dlq = dlq_producer
         self.clock = clock
@@ -215,6 +220,8 @@ class Ingester:
             with gc_paused() if self.pause_gc else contextlib.nullcontext():
                 last_full_gc = time.monotonic()
                 while not self._stop.is_set():
+                    if not self.batch and self._inflight is None:
+                        self.liveness.beat(COMMIT)  # nothing read is left uncommitted
                     self.poll_once(timeout_ms=min(200, self.cfg.ingest.batch_ms))
                     if self._inflight is not None and self._inflight.future.done():
                         self._settle()
@@ -255,7 +262,7 @@ class Ingester:
         batches then commit past); instead the error is reported and the loop polls again.
         """
         try:
-            return self.consumer.poll(timeout_ms=timeout_ms, max_records=5000)
+            polled: dict[Any, list[Any]] = self.consumer.poll(timeout_ms=timeout_ms, max_records=5000)
         except Exception as exc:
             self.stats.last_error = f"Kafka: {type(exc).__name__}: {exc}"[:500]
             now = time.monotonic()
@@ -264,6 +271,8 @@ class Ingester:
                 self._last_poll_warning = now
             self._stop.wait(min(1.0, timeout_ms / 1000))
             return {}
+        self.liveness.beat(POLL)
+        return polled
 
     def _add(self, tp: Any, rec: Any) -> None:
         if not self.batch:
@@ -496,6 +505,7 @@ class Ingester:
 
         if batch.offsets:
             self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in batch.offsets.items()})
+            self.liveness.beat(COMMIT)
 
     # --- back-off while ClickHouse (or the DLQ) is down --------------------------------------
     def _note_failure(self, state: tenacity.RetryCallState) -> None:

@@ -1,5 +1,8 @@
 """A small read-only HTTP API of the running pipeline: GET /status (the status document), GET /healthz.
 
+`/healthz` answers 200 while the process's heartbeats are fresh and 503, naming the stale ones,
+once one is older than its bound (gpufleet/liveness.py); without heartbeats it answers 200.
+
 chDB lets one process own a store, so while `gpufleet demo` or `gpufleet ingest` runs, other
 processes (`gpufleet status`) ask it over this API instead of opening the store. It listens on
 loopback only.
@@ -14,19 +17,24 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from gpufleet.liveness import Health
+
 log = logging.getLogger(__name__)
 
 
 class StatusServer:
     """Serves `document()` as JSON on 127.0.0.1:`port` (0 = a free port) in a daemon thread."""
 
-    def __init__(self, document: Callable[[], dict[str, Any]], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, document: Callable[[], dict[str, Any]], host: str = "127.0.0.1", port: int = 0,
+                 health: Callable[[], Health] | None = None) -> None:
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/healthz":
-                    self._send(200, {"ok": True})
+                    state = health() if health is not None else None
+                    self._send(200 if state is None or state.ok else 503,
+                               {"ok": True} if state is None else state.to_json())
                 elif self.path == "/status":
                     try:
                         with lock:
