@@ -16,6 +16,11 @@ HTTP server threads, about 1 % of a core: cheap, and any node may host a reporti
 come and go), and after the first interval a child process plays N of the fleet's running jobs,
 reporting FLOPs to them through the OpenTelemetry SDK (agents.flops_jobs). Without
 `--flops-jobs` simulated nodes have no receiver.
+
+`--dry-run` prints each interval's messages as JSON lines on stdout (agents/dry_run.py) and opens
+no spool, producer or receiver; `--intervals N` stops after N intervals. With `agent.health_port`
+set the agent serves `/healthz` and `/readyz`, failing once no collection completed for
+`agent.collect_stale_s` (`Collected`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,13 +40,16 @@ import click
 import msgspec
 
 from gpufleet.agents.config_check import agent_problems
+from gpufleet.agents.dry_run import StdoutSpool
 from gpufleet.agents.otlp.receiver import OtlpReceiver, ReceiverError, ReceiverSettings
 from gpufleet.agents.runner import NodeAgent, SystemClock, run_many
 from gpufleet.agents.sender import Sender
 from gpufleet.agents.spool import Spool, SpoolError
 from gpufleet.config import Config, ConfigError, load
 from gpufleet.config_check import validate_startup
+from gpufleet.health_http import HealthServer
 from gpufleet.kafka import producer_kwargs
+from gpufleet.liveness import Liveness
 
 if TYPE_CHECKING:
     import subprocess
@@ -55,6 +64,7 @@ SHUTDOWN_FLUSH_S = 5.0
 MIN_NODE_SPOOL_BYTES = 4 * 1024 * 1024
 TRUTH_EVERY_MS = 60_000
 """The simulated fleet's ground truth (`--ground-truth`) is rewritten this often, and on exit."""
+COLLECT = "collect"
 
 
 @dataclass
@@ -78,11 +88,12 @@ def apply_overrides(
     topic: str | None = None,
     interval: float | None = None,
     spool_dir: str | None = None,
+    node: str | None = None,
 ) -> Config:
     """`cfg` with the command-line flags that were given (None or "" means not given) replacing the file's."""
     kafka = {k: v for k, v in (("bootstrap_servers", bootstrap), ("topic", topic)) if v}
-    agent = {k: v for k, v in (("backend", backend), ("interval_s", interval), ("spool_dir", spool_dir))
-             if v is not None and v != ""}
+    agent = {k: v for k, v in (("backend", backend), ("interval_s", interval), ("spool_dir", spool_dir),
+                               ("node", node)) if v is not None and v != ""}
     if interval is not None and interval <= 0:
         raise ConfigError("--interval must be a positive number of seconds")
     return msgspec.structs.replace(
@@ -254,6 +265,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 @click.option("--topic", help="Kafka topic for the samples.")
 @click.option("--interval", type=float, help="Seconds between samples.")
 @click.option("--spool-dir", help="Directory of the on-disk spool (a subdirectory per simulated node).")
+@click.option("--node", help="This node's name (default agent.node, the host name); Kubernetes passes spec.nodeName.")
 @click.option("--nodes", type=click.IntRange(min=1), default=32, show_default=True, help="Simulated nodes.")
 @click.option("--gpus", type=click.IntRange(min=1), default=8, show_default=True, help="GPUs per simulated node.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Simulation seed.")
@@ -265,6 +277,9 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 @click.option("--flops-jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Simulated jobs that report model FLOPs over OTLP to their nodes' receivers (simulated backend).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
+@click.option("--dry-run", is_flag=True,
+              help="Print each interval's messages as JSON lines on stdout; send, spool and listen to nothing.")
+@click.option("--intervals", type=click.IntRange(min=1), help="Stop after this many intervals.")
 def agent(
     config_path: str | None,
     backend: str | None,
@@ -272,6 +287,7 @@ def agent(
     topic: str | None,
     interval: float | None,
     spool_dir: str | None,
+    node: str | None,
     nodes: int,
     gpus: int,
     seed: int,
@@ -280,14 +296,16 @@ def agent(
     ground_truth: Path | None,
     flops_jobs: int,
     duration: float | None,
+    dry_run: bool,
+    intervals: int | None,
 ) -> None:
     """Collect GPU counters every interval and stream them to Kafka (spooling to disk meanwhile)."""
     cfg = apply_overrides(load(config_path), backend=backend, bootstrap=bootstrap, topic=topic,
-                          interval=interval, spool_dir=spool_dir)
+                          interval=interval, spool_dir=spool_dir, node=node)
     # every config problem named at once; never probes the network
     validate_startup(cfg, role="agent", extra=agent_problems(cfg))
     interval_ms = max(1, round(cfg.agent.interval_s * 1000))
-    kafka_kw = producer_kwargs(cfg.kafka)  # fails fast on TLS/SASL mistakes
+    kafka_kw = producer_kwargs(cfg.kafka)  # fails fast on TLS/SASL mistakes, in a dry run too
     clock = SystemClock()
     start_ms = clock.now_ms()
     fleet = None
@@ -303,10 +321,12 @@ def agent(
             if given:
                 raise click.UsageError(f"{flag} needs --backend simulated")
         parts = [nvml_node(cfg)]
+    if dry_run and flops_jobs:
+        raise click.UsageError("--flops-jobs needs receivers, which a --dry-run does not start")
     try:
-        jobs = attach_receivers(cfg, parts, fleet, spec, flops_jobs)
-        per_node_bytes = max(MIN_NODE_SPOOL_BYTES, cfg.agent.spool_max_bytes // len(parts))
-        spools = open_spools(parts, per_node_bytes)
+        jobs = JobsProcess(None) if dry_run else attach_receivers(cfg, parts, fleet, spec, flops_jobs)
+        spools = dry_run_spools(parts) if dry_run else open_spools(
+            parts, max(MIN_NODE_SPOOL_BYTES, cfg.agent.spool_max_bytes // len(parts)))
     except (click.ClickException, SpoolError) as exc:
         close_receivers(parts)
         for p in parts:
@@ -314,23 +334,23 @@ def agent(
         if isinstance(exc, SpoolError):
             raise click.ClickException(str(exc)) from None
         raise
-
-    from kafka import KafkaProducer
-
-    sender = Sender(lambda: KafkaProducer(**kafka_kw), cfg.kafka.topic,
-                    [(p.name, s) for p, s in zip(parts, spools, strict=True)])
+    sender = None if dry_run else _sender(kafka_kw, cfg.kafka.topic, parts, spools)
     agents = [
-        NodeAgent(cluster=cfg.agent.cluster, node=p.name, collector=p.collector, spool=s,
-                  allocation=p.allocation, send_errors=lambda i=i: sender.errors_for(i),
+        NodeAgent(cluster=cfg.agent.cluster, node=p.name, collector=p.collector, spool=s,  # type: ignore[arg-type]
+                  allocation=p.allocation, send_errors=(lambda i=i: sender.errors_for(i)) if sender else lambda: 0,
                   flops=p.receiver.flops_source if p.receiver else None,
                   on_gpus=p.receiver.set_gpus if p.receiver else None,
                   otlp_endpoint=cfg.agent.otlp_export_endpoint, otlp_interval_ms=interval_ms, host_id=p.host_id)
         for i, (p, s) in enumerate(zip(parts, spools, strict=True))
     ]
-    log.info("agent: %d node(s), %s backend, every %d ms -> %s topic %s (spool %s)", len(agents),
-             cfg.agent.backend, interval_ms, cfg.kafka.bootstrap_servers, cfg.kafka.topic, cfg.agent.spool_dir)
+    log.info("agent: %d node(s), %s backend, every %d ms -> %s", len(agents), cfg.agent.backend, interval_ms,
+             "stdout (dry run)" if dry_run else f"{cfg.kafka.bootstrap_servers} topic {cfg.kafka.topic} "
+             f"(spool {cfg.agent.spool_dir})")
     stop = threading.Event()
     truth_written = [start_ms]
+    collected = Collected(spools, cfg.agent.collect_stale_s)
+    health = None if dry_run or not cfg.agent.health_port else HealthServer(
+        collected.liveness, cfg.agent.health_host, cfg.agent.health_port).start()
 
     def write_truth(force: bool = False) -> None:
         now = clock.now_ms()
@@ -339,11 +359,16 @@ def agent(
             truth_written[0] = now
 
     def after_tick() -> None:
-        sender.notify()
+        if sender is not None:
+            sender.notify()
+        collected.check()
         write_truth()
         jobs.start_once()  # after the first interval: every receiver knows its node's GPUs by then
+        if intervals is not None and collected.ticks >= intervals:
+            stop.set()
 
-    sender.start()
+    if sender is not None:
+        sender.start()
     ticks = 0
     try:
         with _stop_on_signals(stop):
@@ -351,10 +376,55 @@ def agent(
                              after_tick=after_tick)
     finally:
         jobs.stop()
-        left = sender.stop(SHUTDOWN_FLUSH_S)
+        left = sender.stop(SHUTDOWN_FLUSH_S) if sender is not None else 0
         for a in agents:
             a.close()
         close_receivers(parts)
         write_truth(force=True)
+        if health is not None:
+            health.stop()
+    if sender is None:
+        click.echo(f"gpufleet agent: {ticks} intervals x {len(agents)} node(s); dry run, "
+                   f"{collected.total()} messages printed, nothing sent", err=True)
+        return
     click.echo(f"gpufleet agent: {ticks} intervals x {len(agents)} node(s); {sender.acked_total} messages "
                f"delivered, {left} left spooled", err=True)
+
+
+def _sender(kafka_kw: dict[str, Any], topic: str, parts: list[NodeParts], spools: list[Spool]) -> Sender:
+    from kafka import KafkaProducer
+
+    return Sender(lambda: KafkaProducer(**kafka_kw), topic, [(p.name, s) for p, s in zip(parts, spools, strict=True)])
+
+
+def dry_run_spools(parts: list[NodeParts]) -> list[Spool]:
+    """One `StdoutSpool` per node, all printing whole lines to stdout."""
+    lock = threading.Lock()
+    out = click.get_binary_stream("stdout")
+    return [StdoutSpool(out, lock) for _ in parts]  # type: ignore[misc]
+
+
+class Collected:
+    """The agent's heartbeat: `collect` beats whenever an interval spooled (or printed) a message.
+
+    Each spool's `next_seq` moves past every message it takes, so their sum grows exactly when a
+    collection completed; `/healthz` and `/readyz` fail after `agent.collect_stale_s` without one.
+    """
+
+    def __init__(self, spools: list[Any], bound_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spools = spools
+        self.liveness = Liveness(clock).expect(COLLECT, bound_s)
+        self.ticks = 0
+        self._start = self.total()
+        self._seen = self._start
+
+    def total(self) -> int:
+        return sum(int(s.next_seq) for s in self.spools)
+
+    def check(self) -> None:
+        """After an interval: count it, and beat if a message was taken since the last check."""
+        self.ticks += 1
+        now = self.total()
+        if now > self._seen:
+            self.liveness.beat(COLLECT)
+        self._seen = now
