@@ -6,7 +6,14 @@ STAMP := $(VENV)/.installed
 DURATION ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint bench soak schema clean setup
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gpufleet/version.py)
+ARCH := $(shell uname -m)
+AGENT_VENV := build/agent-venv
+AGENT_ARTIFACT := dist/gpufleet-agent-$(VERSION)-linux-$(ARCH)
+AGENT_SOURCES := $(shell find gpufleet agents -name '*.py') pyproject.toml constraints.txt deploy/agent/build_artifact.py deploy/agent/entry.py
+WHEELHOUSE := dist/wheelhouse
+
+.PHONY: run test test-fast lint bench soak schema clean setup agent-artifact agent-wheelhouse
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -41,5 +48,22 @@ soak: $(STAMP)
 schema: $(STAMP)
 	$(BIN)/gpufleet schema --out docs/wire-format.schema.json
 
+# The self-contained agent (one executable with its own Python; docs/deploy.md): a build venv with the
+# agent-only install and PyInstaller, pinned by constraints.txt; never part of `make test`'s path.
+agent-artifact: $(AGENT_ARTIFACT)
+
+$(AGENT_ARTIFACT): $(AGENT_SOURCES)
+	rm -rf $(AGENT_VENV)
+	$(PY) -m venv $(AGENT_VENV)
+	$(AGENT_VENV)/bin/pip install -q --upgrade pip
+	$(AGENT_VENV)/bin/pip install -q -c constraints.txt . pyinstaller pyinstaller-hooks-contrib
+	$(AGENT_VENV)/bin/python deploy/agent/build_artifact.py deploy/agent/entry.py
+
+# The agent as wheels with a hash-pinned requirements file, for `install.sh --wheelhouse` (Python 3.11+).
+agent-wheelhouse:
+	rm -rf $(WHEELHOUSE)
+	$(PY) -m pip wheel -q -c constraints.txt -w $(WHEELHOUSE) .
+	$(PY) deploy/agent/wheelhouse_requirements.py $(WHEELHOUSE)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache build dist

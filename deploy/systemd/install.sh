@@ -1,42 +1,60 @@
 #!/usr/bin/env bash
-# Install (or upgrade) the gpufleet agent on this GPU node as a hardened systemd service.
-# The one command, as root, from a checkout of the repository:
+# Install (or upgrade) the gpufleet agent on this GPU node as a hardened systemd service, offline.
+# The one command, as root, from a checkout (or a copy of deploy/systemd and dist/):
 #
-#   sudo deploy/systemd/install.sh --kafka kafka-1.internal:9092 --cluster prod-a
+#   sudo deploy/systemd/install.sh --kafka kafka.internal:9094 --cluster prod-a \
+#        --kafka-ca ./kafka-ca.pem --kafka-password-file ./kafka-agent-password
 #
-# It creates a virtualenv under /opt/gpufleet, installs the agent-only package (no pipeline
-# dependencies, no chdb), writes /etc/gpufleet/agent.yaml once (never overwritten afterwards),
-# validates it, installs gpufleet-agent.service, and enables and (re)starts it. Re-running it
-# upgrades the package and the unit in place; the spool in /var/lib/gpufleet is kept.
+# It installs the agent from the self-contained artifact built by `make agent-artifact` (one file
+# with its own Python: no interpreter, no index, no network needed on the node), checked against
+# its SHA-256 and the glibc it needs; or, with --wheelhouse, from wheels with hashes into a
+# virtualenv (Python 3.11+). It never installs anything from a public index by name. Then it writes
+# /etc/gpufleet/agent.yaml once (never overwritten), the Kafka CA and SCRAM password, validates the
+# config with the agent itself (`gpufleet agent --dry-run`), installs gpufleet-agent.service, and
+# enables and (re)starts it. Re-running it upgrades the agent and the unit; config and spool stay.
+#
+# DESTDIR=DIR stages every file under DIR and touches nothing else (no root, no systemctl).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CHECKOUT="$(cd "$HERE/../.." && pwd)"
+DESTDIR="${DESTDIR:-}"
 PREFIX=/opt/gpufleet
+BIN="$PREFIX/bin/gpufleet"
 VENV="$PREFIX/venv"
 CONF_DIR=/etc/gpufleet
 CONF="$CONF_DIR/agent.yaml"
-ENV_FILE="$CONF_DIR/agent.env"
+CA_FILE="$CONF_DIR/kafka-ca.pem"
+PASSWORD_FILE="$CONF_DIR/kafka-password"
 UNIT_NAME=gpufleet-agent.service
 UNIT_DIR=/etc/systemd/system
 
-SOURCE="gpufleet==0.1.0"
-PYTHON="python3"
+ARTIFACT=""
+WHEELHOUSE=""
+PYTHON=""
 KAFKA=""
 CLUSTER=""
+KAFKA_CA=""
+KAFKA_PASSWORD_FILE=""
 START=1
 
 usage() {
     cat <<EOF
 Usage: sudo $0 [options]
 
-Install the gpufleet agent as the systemd service $UNIT_NAME.
+Install the gpufleet agent as the systemd service $UNIT_NAME, from local files only.
 
 Options:
-  --kafka HOST:PORT[,...]  Kafka bootstrap servers, written into a new $CONF
-  --cluster NAME           cluster name of this node, written into a new $CONF
-  --source SPEC            what pip installs (default: $SOURCE); a version pin, a wheel path,
-                           or a checkout directory, e.g. --source /srv/gpufleet-0.1.0-py3-none-any.whl
-  --python PATH            Python 3.11+ interpreter for the virtualenv (default: $PYTHON)
+  --artifact FILE          the self-contained agent (default: the one \`make agent-artifact\` left in
+                           dist/ for this machine's architecture); FILE.sha256 and FILE.json beside it
+  --wheelhouse DIR         install from wheels instead (\`make agent-wheelhouse\`): every requirement
+                           in DIR/requirements.txt pinned by hash; needs Python 3.11+
+  --python PATH            interpreter for --wheelhouse (default: python3.11, else python3)
+  --kafka HOST:PORT[,...]  Kafka bootstrap servers (the brokers' SASL_SSL listener), for a new $CONF
+  --cluster NAME           cluster name of this node, for a new $CONF
+  --kafka-ca FILE          CA certificate of the brokers' TLS listener, copied to $CA_FILE
+  --kafka-password-file FILE
+                           SCRAM password of the agents' Kafka user, copied to $PASSWORD_FILE (0600)
   --no-start               install and enable, but do not (re)start the service now
   -h, --help               show this help
 EOF
@@ -54,101 +72,164 @@ log() {
 parse_args() {
     while [ $# -gt 0 ]; do
         case "$1" in
+            --artifact) [ $# -ge 2 ] || die "--artifact needs a file"; ARTIFACT="$2"; shift 2 ;;
+            --wheelhouse) [ $# -ge 2 ] || die "--wheelhouse needs a directory"; WHEELHOUSE="$2"; shift 2 ;;
+            --python) [ $# -ge 2 ] || die "--python needs a value"; PYTHON="$2"; shift 2 ;;
             --kafka) [ $# -ge 2 ] || die "--kafka needs a value (HOST:PORT)"; KAFKA="$2"; shift 2 ;;
             --cluster) [ $# -ge 2 ] || die "--cluster needs a value"; CLUSTER="$2"; shift 2 ;;
-            --source) [ $# -ge 2 ] || die "--source needs a value"; SOURCE="$2"; shift 2 ;;
-            --python) [ $# -ge 2 ] || die "--python needs a value"; PYTHON="$2"; shift 2 ;;
+            --kafka-ca) [ $# -ge 2 ] || die "--kafka-ca needs a file"; KAFKA_CA="$2"; shift 2 ;;
+            --kafka-password-file) [ $# -ge 2 ] || die "--kafka-password-file needs a file"
+                KAFKA_PASSWORD_FILE="$2"; shift 2 ;;
             --no-start) START=0; shift ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; echo >&2; die "unknown option '$1'" ;;
         esac
     done
+    [ -z "$ARTIFACT" ] || [ -z "$WHEELHOUSE" ] || die "--artifact and --wheelhouse exclude each other"
 }
 
 preflight() {
-    [ "$(id -u)" -eq 0 ] || die "run as root (sudo $0 ...): it writes $PREFIX, $CONF_DIR and $UNIT_DIR"
-    command -v systemctl >/dev/null || die "systemctl not found: this installer is for systemd hosts (Kubernetes: deploy/k8s/)"
+    if [ -z "$DESTDIR" ]; then
+        [ "$(id -u)" -eq 0 ] || die "run as root (sudo $0 ...): it writes $PREFIX, $CONF_DIR and $UNIT_DIR"
+        command -v systemctl >/dev/null || die "systemctl not found: this installer is for systemd hosts (Kubernetes: deploy/k8s/)"
+        [ -e /dev/nvidiactl ] || log "warning: /dev/nvidiactl not found; the agent will report NVML errors until the NVIDIA driver is loaded"
+    fi
     [ -f "$HERE/$UNIT_NAME" ] || die "$HERE/$UNIT_NAME is missing: run this script from a gpufleet checkout"
     [ -f "$HERE/agent.yaml" ] || die "$HERE/agent.yaml is missing: run this script from a gpufleet checkout"
-    command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python 3.11+ or pass --python PATH"
-    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-        || die "$PYTHON is $("$PYTHON" -V 2>&1); gpufleet needs Python 3.11+ (pass --python PATH)"
-    "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
-        || die "$PYTHON lacks venv/ensurepip (Debian/Ubuntu: apt-get install python3-venv)"
-    if [ ! -e /dev/nvidiactl ]; then
-        log "warning: /dev/nvidiactl not found; the agent will report NVML errors until the NVIDIA driver is loaded"
-    fi
 }
 
-install_package() {
-    if [ ! -x "$VENV/bin/python" ]; then
+# "2.35" >= "2.34"? (version strings, dot-separated numbers)
+version_at_least() {
+    [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]
+}
+
+install_artifact() {
+    if [ -z "$ARTIFACT" ]; then
+        local version arch
+        version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$CHECKOUT/gpufleet/version.py" 2>/dev/null || true)"
+        arch="$(uname -m)"
+        ARTIFACT="$CHECKOUT/dist/gpufleet-agent-${version}-linux-${arch}"
+        [ -f "$ARTIFACT" ] || die "no agent artifact at $ARTIFACT: build it with \`make agent-artifact\` on a machine \
+of this architecture ($arch), copy dist/ here, or pass --artifact FILE or --wheelhouse DIR"
+    fi
+    [ -f "$ARTIFACT" ] || die "--artifact $ARTIFACT does not exist"
+    [ -f "$ARTIFACT.sha256" ] || die "$ARTIFACT.sha256 is missing: the artifact cannot be checked"
+    local want got
+    want="$(cut -d' ' -f1 "$ARTIFACT.sha256")"
+    got="$(sha256sum "$ARTIFACT" | cut -d' ' -f1)"
+    [ "$want" = "$got" ] || die "$ARTIFACT does not match its SHA-256 ($got, expected $want): rebuild or copy it again"
+    if [ -f "$ARTIFACT.json" ]; then
+        local need have
+        need="$(sed -n 's/.*"glibc_min": "\([0-9.]*\)".*/\1/p' "$ARTIFACT.json")"
+        have="$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}')"
+        if [ -n "$need" ] && [ -n "$have" ] && ! version_at_least "$have" "$need"; then
+            die "$ARTIFACT needs glibc $need, this node has $have: build the artifact on the oldest OS you run \
+(\`make agent-artifact\` there) or use --wheelhouse with Python 3.11 (docs/deploy.md)"
+        fi
+    fi
+    log "installing $(basename "$ARTIFACT") (SHA-256 checked) as $BIN"
+    install -d -m 0755 "$DESTDIR$PREFIX/bin"
+    install -m 0755 "$ARTIFACT" "$DESTDIR$BIN.new"
+    mv -f "$DESTDIR$BIN.new" "$DESTDIR$BIN"
+}
+
+install_wheelhouse() {
+    local reqs="$WHEELHOUSE/requirements.txt"
+    [ -f "$reqs" ] || die "$reqs is missing: build the wheelhouse with \`make agent-wheelhouse\`"
+    if grep -v '^\s*\(#\|$\)' "$reqs" | grep -vq -- '--hash=sha256:'; then
+        die "$reqs has a requirement without --hash=sha256: every wheel must be pinned by its hash"
+    fi
+    if [ -z "$PYTHON" ]; then
+        PYTHON="$(command -v python3.11 || command -v python3 || true)"
+    fi
+    if [ -z "$PYTHON" ] || ! command -v "$PYTHON" >/dev/null; then
+        die "no Python found: pass --python PATH (3.11+), or use --artifact"
+    fi
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "$PYTHON is $("$PYTHON" -V 2>&1); the wheelhouse needs Python 3.11+ (RHEL 9: dnf install python3.11), or use --artifact"
+    if [ ! -x "$DESTDIR$VENV/bin/python" ]; then
         log "creating virtualenv $VENV"
-        install -d -m 0755 "$PREFIX"
-        "$PYTHON" -m venv "$VENV"
+        install -d -m 0755 "$DESTDIR$PREFIX"
+        "$PYTHON" -m venv "$DESTDIR$VENV"
     fi
-    # Pin the dependencies to the versions the project tests with, when run from a checkout.
-    local constraints=()
-    if [ -f "$HERE/../../constraints.txt" ]; then
-        constraints=(-c "$HERE/../../constraints.txt")
-    fi
-    log "installing $SOURCE (agent only: no extras)"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade "${constraints[@]}" "$SOURCE"
+    log "installing the agent from $WHEELHOUSE (no index, hashes required)"
+    "$DESTDIR$VENV/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$WHEELHOUSE" \
+        --require-hashes --only-binary :all: -r "$reqs"
     # The agent install must stay light: no ClickHouse client, no embedded engine.
-    "$VENV/bin/python" - <<'PY' || die "the agent virtualenv holds pipeline packages; install without extras"
-import importlib.util, sys
-sys.exit(any(importlib.util.find_spec(m) for m in ("chdb", "clickhouse_connect")))
-PY
-    log "installed $("$VENV/bin/gpufleet" --version)"
+    "$DESTDIR$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ("chdb", "clickhouse_connect")))' \
+        || die "the wheelhouse holds pipeline packages; build it with \`make agent-wheelhouse\`"
+    install -d -m 0755 "$DESTDIR$PREFIX/bin"
+    ln -sfn "$VENV/bin/gpufleet" "$DESTDIR$BIN"
+}
+
+# A YAML double-quoted scalar: backslash and quote escaped, so odd characters cannot break the file.
+yaml_quote() {
+    local v="${1//\\/\\\\}"
+    printf '"%s"' "${v//\"/\\\"}"
+}
+
+write_config() {
+    local text key value
+    text="$(cat "$HERE/agent.yaml")"
+    for key in bootstrap_servers cluster; do
+        if [ "$key" = bootstrap_servers ]; then value="$KAFKA"; else value="$CLUSTER"; fi
+        [ -n "$value" ] || continue
+        [[ "$value" != *$'\n'* ]] || die "--${key/bootstrap_servers/kafka} must be one line"
+        grep -q "^  $key:" <<<"$text" || die "cannot set $key in $HERE/agent.yaml"
+        text="$(GF_KEY="  $key:" GF_VAL="$(yaml_quote "$value")" awk \
+            'index($0, ENVIRON["GF_KEY"]) == 1 && !done { print ENVIRON["GF_KEY"] " " ENVIRON["GF_VAL"]; done = 1; next }
+             { print }' <<<"$text")"
+    done
+    printf '%s\n' "$text" > "$DESTDIR$CONF.new"
+    chmod 0644 "$DESTDIR$CONF.new"
+    mv "$DESTDIR$CONF.new" "$DESTDIR$CONF"
 }
 
 install_config() {
-    install -d -m 0755 "$CONF_DIR"
-    if [ -f "$CONF" ]; then
+    install -d -m 0755 "$DESTDIR$CONF_DIR"
+    if [ -f "$DESTDIR$CONF" ]; then
         log "keeping existing $CONF"
-        if [ -n "$KAFKA$CLUSTER" ]; then
-            log "warning: --kafka/--cluster ignored because $CONF exists; edit it instead"
-        fi
+        [ -z "$KAFKA$CLUSTER" ] || log "warning: --kafka/--cluster ignored because $CONF exists; edit it instead"
     else
         log "writing $CONF"
-        # Only the two values change; the template's comments stay. Values are written as quoted
-        # YAML scalars, so odd characters cannot break the file.
-        GF_KAFKA="$KAFKA" GF_CLUSTER="$CLUSTER" "$VENV/bin/python" - "$HERE/agent.yaml" "$CONF.new" <<'PY'
-import json, os, re, sys
-import yaml
-src, dst = sys.argv[1], sys.argv[2]
-text = open(src).read()
-for section, key, var in (("kafka", "bootstrap_servers", "GF_KAFKA"), ("agent", "cluster", "GF_CLUSTER")):
-    value = os.environ[var]
-    if not value:
-        continue
-    text, n = re.subn(rf"^(  {key}:).*$", lambda m, v=value: f"{m.group(1)} {json.dumps(v)}", text,
-                      count=1, flags=re.MULTILINE)
-    if n != 1 or yaml.safe_load(text)[section][key] != value:
-        sys.exit(f"cannot set {section}.{key} in {src}")
-open(dst, "w").write(text)
-PY
-        chmod 0644 "$CONF.new"
-        mv "$CONF.new" "$CONF"
+        write_config
     fi
-    if [ ! -f "$ENV_FILE" ]; then
-        log "writing $ENV_FILE (root-only; put secrets such as GPUFLEET_KAFKA_PASSWORD here)"
-        install -m 0600 /dev/null "$ENV_FILE"
-        echo "# Secrets for gpufleet-agent.service, one VAR=value per line (e.g. GPUFLEET_KAFKA_PASSWORD=...)." > "$ENV_FILE"
+    if [ -n "$KAFKA_CA" ]; then
+        [ -f "$KAFKA_CA" ] || die "--kafka-ca $KAFKA_CA does not exist"
+        install -m 0644 "$KAFKA_CA" "$DESTDIR$CA_FILE"
     fi
-    # Refuse to enable a service that would fail on its config: validate it as the agent will.
-    GPUFLEET_CONFIG="$CONF" "$VENV/bin/python" -c '
-import sys
-from gpufleet.config import ConfigError, load
-try:
-    load()
-except ConfigError as exc:
-    sys.exit(f"install.sh: {exc}")
-' || die "$CONF is not a valid gpufleet config (see the message above); fix it and re-run"
+    if [ -n "$KAFKA_PASSWORD_FILE" ]; then
+        [ -s "$KAFKA_PASSWORD_FILE" ] || die "--kafka-password-file $KAFKA_PASSWORD_FILE is missing or empty"
+        install -m 0600 "$KAFKA_PASSWORD_FILE" "$DESTDIR$PASSWORD_FILE"
+    elif [ ! -f "$DESTDIR$PASSWORD_FILE" ]; then
+        # The unit loads it as a credential (LoadCredential=), which needs the file to exist.
+        install -m 0600 /dev/null "$DESTDIR$PASSWORD_FILE"
+    fi
+}
+
+# The agent reads the password as the credential systemd hands it; check with the installed copy.
+validate_config() {
+    local check="$DESTDIR$CONF_DIR/.agent-check.yaml" rc=0 err
+    sed "s#/run/credentials/$UNIT_NAME/kafka-password#$DESTDIR$PASSWORD_FILE#; s#$CA_FILE#$DESTDIR$CA_FILE#" \
+        "$DESTDIR$CONF" > "$check"
+    err="$("$DESTDIR$BIN" agent --config "$check" --dry-run --intervals 1 --spool-dir /nonexistent 2>&1 >/dev/null)" \
+        || rc=$?
+    rm -f "$check"
+    case "$rc" in
+        0) log "the agent read this node's GPUs with $CONF (dry run)" ;;
+        2) echo "$err" >&2; die "$CONF is not valid (see above); fix it and re-run" ;;
+        *) log "warning: the agent could not collect yet (the config is valid): ${err##*$'\n'}" ;;
+    esac
 }
 
 install_unit() {
     log "installing $UNIT_DIR/$UNIT_NAME"
-    install -m 0644 "$HERE/$UNIT_NAME" "$UNIT_DIR/$UNIT_NAME"
+    install -d -m 0755 "$DESTDIR$UNIT_DIR"
+    install -m 0644 "$HERE/$UNIT_NAME" "$DESTDIR$UNIT_DIR/$UNIT_NAME"
+    if [ -n "$DESTDIR" ]; then
+        log "staged under $DESTDIR; nothing enabled"
+        return
+    fi
     systemctl daemon-reload
     systemctl enable "$UNIT_NAME" >/dev/null
     if [ "$START" -eq 1 ]; then
@@ -162,8 +243,10 @@ install_unit() {
 main() {
     parse_args "$@"
     preflight
-    install_package
+    if [ -n "$WHEELHOUSE" ]; then install_wheelhouse; else install_artifact; fi
+    log "installed $("$DESTDIR$BIN" --version)"
     install_config
+    validate_config
     install_unit
 }
 
