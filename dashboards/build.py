@@ -55,7 +55,7 @@ def datasource_provisioning() -> JSON:
                     "username": "${CLICKHOUSE_USER}",
                     "defaultDatabase": "${CLICKHOUSE_DATABASE}",
                 },
-                "secureJsonData": {"password": "${CLICKHOUSE_PASSWORD}"},
+                "secureJsonData": {"password": "${GF_CLICKHOUSE_PASSWORD}"},
             }
         ],
     }

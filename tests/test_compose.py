@@ -66,7 +66,7 @@ def host_port_bindings(service: dict[str, Any]) -> list[tuple[str, str, str]]:
         if isinstance(port, dict):
             out.append((str(port.get("host_ip", "")), str(port.get("published", "")), str(port["target"])))
             continue
-        parts = str(port).split(":")
+        parts = str(port).rsplit(":", 2) if str(port).count(":") >= 2 else str(port).split(":")
         if len(parts) == 3:
             out.append((parts[0], parts[1], parts[2]))
         elif len(parts) == 2:
@@ -109,7 +109,7 @@ def test_every_service_the_code_expects_is_present(services: dict[str, dict[str,
 
 def test_gpufleet_services_run_registered_subcommands(services: dict[str, dict[str, Any]]) -> None:
     assert services["migrate"]["command"] == ["migrate"]
-    assert services["ingester"]["command"] == ["ingest"]
+    assert services["ingester"]["command"] == ["ingest", "--no-migrate"]
     assert services["alerts"]["command"] == ["alerts", "run"]
     assert services["agent-sim-1"]["command"] == ["agent", "--backend", "simulated", "--nodes", "4", "--seed", "1"]
     assert services["agent-sim-2"]["command"] == ["agent", "--backend", "simulated", "--nodes", "4", "--seed", "2"]
@@ -189,12 +189,12 @@ def test_start_order_matches_the_data_path(services: dict[str, dict[str, Any]]) 
 
 def test_healthchecks_probe_what_the_config_opens(services: dict[str, dict[str, Any]], config: Config) -> None:
     assert f"'http://127.0.0.1:{config.ingest.status_port}/healthz'" in healthcheck_text(services["ingester"])
-    alerts = healthcheck_text(services["alerts"])
-    assert "('clickhouse', 8123)" in alerts
-    assert "('alertmanager', 9093)" in alerts
+    assert f"'http://127.0.0.1:{config.alerts.status_port}/healthz'" in healthcheck_text(services["alerts"])
+    assert config.alerts.status_port == 8082
     for name, path in AGENT_SIMS.items():
-        host, _, port = load(ROOT / path).kafka.bootstrap_servers.partition(":")
-        assert f"('{host}', {port})" in healthcheck_text(services[name]), name
+        port = load(ROOT / path).agent.health_port
+        assert port == 9410
+        assert f"'http://127.0.0.1:{port}/healthz'" in healthcheck_text(services[name]), name
 
 
 def _run_healthcheck(service: dict[str, Any], replace: tuple[str, str]) -> int:
@@ -222,69 +222,147 @@ def test_ingester_healthcheck_passes_against_the_real_status_api(
     assert _run_healthcheck(services["ingester"], (f":{config.ingest.status_port}/", f":{free_port()}/")) != 0
 
 
-def test_agent_healthcheck_passes_against_a_real_kafka_broker(services: dict[str, dict[str, Any]], broker: Any) -> None:
-    swap = ("('kafka', 9092)", f"('{broker.host}', {broker.port})")
-    assert _run_healthcheck(services["agent-sim-1"], swap) == 0
+def test_evaluator_healthcheck_follows_the_health_endpoint(services: dict[str, dict[str, Any]]) -> None:
+    from gpufleet.embedded.broker import free_port
+    from gpufleet.health_http import HealthServer
+    from gpufleet.liveness import Liveness
+
+    clock = [0.0]
+    live = Liveness(lambda: clock[0]).expect("evaluated", 120)
+    server = HealthServer(live).start()
+    try:
+        swap = (":8082/", f":{server.port}/")
+        assert _run_healthcheck(services["alerts"], swap) == 0
+        clock[0] += 121
+        assert _run_healthcheck(services["alerts"], swap) != 0  # stale: 503 fails the check
+    finally:
+        server.stop()
+    assert _run_healthcheck(services["alerts"], (":8082/", f":{free_port()}/")) != 0
 
 
 # --- exposure and secrets --------------------------------------------------------------------------
 
 
-def test_host_ports_are_bound_to_loopback_only(services: dict[str, dict[str, Any]]) -> None:
+def test_host_ports_are_bound_to_loopback_only_but_the_fleet_listener(services: dict[str, dict[str, Any]]) -> None:
     published = {}
     for name, service in services.items():
         for host_ip, host_port, container in host_port_bindings(service):
-            assert host_ip == "127.0.0.1", f"{name}: port {host_port}->{container} is not bound to 127.0.0.1"
-            published[name] = (host_port, container)
+            published.setdefault(name, []).append((host_ip, host_port, container))
+    fleet_bind = "${KAFKA_FLEET_BIND:?the private address GPU nodes connect to (in .env)}"
     assert published == {
-        "kafka": ("9092", "29092"),
-        "clickhouse": ("8123", "8123"),
-        "alertmanager": ("9093", "9093"),
-        "grafana": ("3000", "3000"),
+        "kafka": [("127.0.0.1", "9092", "29092"), (fleet_bind, "9094", "9094")],
+        "clickhouse": [("127.0.0.1", "8123", "8123")],
+        "alertmanager": [("127.0.0.1", "9093", "9093")],
+        "grafana": [("127.0.0.1", "3000", "3000")],
     }
 
 
-def test_kafka_advertises_the_host_listener_on_the_published_loopback_port(
+def test_kafka_listeners_fleet_is_sasl_ssl_scram_with_the_keystore_from_secrets(
     services: dict[str, dict[str, Any]],
 ) -> None:
     env = env_of(services["kafka"])
     listeners = dict(item.split("://", 1) for item in env["KAFKA_LISTENERS"].split(","))
     advertised = dict(item.split("://", 1) for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
-    assert listeners["HOST"] == ":29092"
+    protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert listeners == {"INTERNAL": ":9092", "CONTROLLER": ":9093", "HOST": ":29092", "FLEET": ":9094"}
     assert advertised["HOST"] == "127.0.0.1:9092"
-    assert listeners["INTERNAL"] == ":9092"
     assert advertised["INTERNAL"] == "kafka:9092"
+    assert advertised["FLEET"].startswith("${KAFKA_FLEET_HOST:?")
+    assert advertised["FLEET"].endswith(":9094")
+    assert protocols == {"INTERNAL": "PLAINTEXT", "CONTROLLER": "PLAINTEXT", "HOST": "PLAINTEXT",
+                         "FLEET": "SASL_SSL"}
+    assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["CLUSTER_ID"].startswith("${KAFKA_CLUSTER_ID:?"), "a generated cluster id, never a shared literal"
+    # The image takes the keystore and its password as files under /etc/kafka/secrets.
+    targets = {s["target"]: s["source"] for s in services["kafka"]["secrets"]}
+    assert targets == {f"/etc/kafka/secrets/{env['KAFKA_SSL_KEYSTORE_FILENAME']}": "kafka_keystore",
+                       f"/etc/kafka/secrets/{env['KAFKA_SSL_KEYSTORE_CREDENTIALS']}": "kafka_keystore_password"}
+    assert env["KAFKA_SSL_KEY_CREDENTIALS"] == env["KAFKA_SSL_KEYSTORE_CREDENTIALS"]
+    jaas = env["KAFKA_OPTS"].split("=", 1)[1]
+    assert f"./deploy/kafka/kafka_server_jaas.conf:{jaas}:ro" in services["kafka"]["volumes"]
+    assert "ScramLoginModule required;" in (ROOT / "deploy/kafka/kafka_server_jaas.conf").read_text()
 
 
-def test_secrets_are_required_variables_never_literals(services: dict[str, dict[str, Any]]) -> None:
+def test_no_secret_is_an_environment_value(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         for key, value in env_of(service).items():
-            if SECRET_KEY.search(key):
-                assert REQUIRED_REF.fullmatch(value), f"{name}: {key} must be ${{VAR:?message}}, not {value!r}"
-
-
-def test_secret_variables_never_have_defaults() -> None:
+            if key.startswith("KAFKA_SSL_") and key.endswith(("_FILENAME", "_CREDENTIALS")):
+                targets = {t["target"] for t in service["secrets"]}
+                assert f"/etc/kafka/secrets/{value}" in targets, f"{name}: {key} names no mounted secret"
+                continue
+            if SECRET_KEY.search(key) and key != "GF_SECURITY_ADMIN_USER":
+                assert key.endswith(("_FILE", "__FILE")), f"{name}: {key} is a value, not a file"
+                assert value.startswith("/run/secrets/"), f"{name}: {key}={value}"
+                secret = value.removeprefix("/run/secrets/")
+                assert secret in (service.get("secrets") or []), f"{name}: {secret} is not mounted"
     text = "\n".join(ln for ln in COMPOSE.read_text().splitlines() if not ln.lstrip().startswith("#"))
-    refs = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}", text)
-    assert refs
-    for var, rest in refs:
-        if SECRET_KEY.search(var):
-            assert rest.startswith(":?"), f"${{{var}{rest}}} must be required (':?'), with no default"
-    assert {var for var, rest in refs if rest.startswith(":?")} == {"CLICKHOUSE_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+    refs = {var for var, _ in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}", text)}
+    assert refs == {"KAFKA_CLUSTER_ID", "KAFKA_FLEET_HOST", "KAFKA_FLEET_BIND"}, "variables name no secret"
 
 
-def test_required_variables_are_documented() -> None:
-    doc = (ROOT / "docs" / "deploy.md").read_text()
-    for var in ("CLICKHOUSE_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
-        assert var in doc
+def test_every_secret_file_is_written_by_make_secrets_or_named_for_the_operator(tmp_path: Path) -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    files = {n: s["file"] for n, s in compose["secrets"].items()}
+    assert all(f.startswith("./secrets/") for f in files.values())
+    done = subprocess.run(["bash", str(ROOT / "deploy/make-secrets.sh"), "--kafka-host", "kafka.fleet.internal",
+                           "--kafka-bind", "10.1.2.3", "--dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    operator = {n for n, f in files.items() if not (tmp_path / f).is_file()}
+    assert operator == {"alertmanager_pagerduty_routing_key", "alertmanager_slack_webhook_url",
+                        "alertmanager_webhook_url"}
+    assert all(f"still to write: {tmp_path}/secrets/{n}" in done.stdout for n in operator)
+    for name in set(files) - operator:
+        assert (tmp_path / files[name]).stat().st_mode & 0o077 == 0, name
+    env = dict(ln.split("=", 1) for ln in (tmp_path / ".env").read_text().splitlines())
+    assert set(env) == {"KAFKA_CLUSTER_ID", "KAFKA_FLEET_HOST", "KAFKA_FLEET_BIND"}
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["KAFKA_CLUSTER_ID"])
+    # The keystore opens with its password file and names the fleet host; the CA signed it.
+    store = tmp_path / "secrets/kafka.keystore.p12"
+    password = (tmp_path / "secrets/kafka_keystore_password").read_text().strip()
+    cert = subprocess.run(["openssl", "pkcs12", "-in", str(store), "-nokeys", "-clcerts",
+                           "-passin", f"pass:{password}"], capture_output=True, text=True, timeout=60, check=True).stdout
+    text = subprocess.run(["openssl", "x509", "-noout", "-text"], input=cert, capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    assert "DNS:kafka.fleet.internal" in text
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "secrets/kafka-ca.pem")], input=cert,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # Run again: nothing is replaced.
+    before = (tmp_path / "secrets/clickhouse_admin_password").read_text()
+    subprocess.run(["bash", str(ROOT / "deploy/make-secrets.sh"), "--kafka-host", "x", "--kafka-bind", "1.2.3.4",
+                    "--dir", str(tmp_path)], capture_output=True, timeout=120, check=True)
+    assert (tmp_path / "secrets/clickhouse_admin_password").read_text() == before
+    assert (tmp_path / ".env").read_text().count("KAFKA_CLUSTER_ID=") == 1
 
 
-def test_agents_get_no_clickhouse_credentials(services: dict[str, dict[str, Any]]) -> None:
+def test_each_service_has_its_own_clickhouse_user(services: dict[str, dict[str, Any]]) -> None:
+    users = {n: (env_of(services[n]).get("CLICKHOUSE_USER"), env_of(services[n]).get("CLICKHOUSE_PASSWORD_FILE"))
+             for n in ("migrate", "ingester", "alerts")}
+    assert users == {
+        "migrate": ("gpufleet_admin", "/run/secrets/clickhouse_admin_password"),
+        "ingester": ("gpufleet_ingest", "/run/secrets/clickhouse_ingest_password"),
+        "alerts": ("gpufleet_alerts", "/run/secrets/clickhouse_alerts_password"),
+    }
+    assert env_of(services["grafana"])["CLICKHOUSE_USER"] == "gpufleet_grafana"
     for name in ("agent-sim-1", "agent-sim-2"):
-        assert not any(SECRET_KEY.search(k) for k in env_of(services[name])), name
-    for name in ("migrate", "ingester", "alerts"):
-        assert "CLICKHOUSE_PASSWORD" in env_of(services[name]), name
+        assert not any(SECRET_KEY.search(k) or "CLICKHOUSE" in k for k in env_of(services[name])), name
+        assert not services[name].get("secrets"), name
+
+
+def test_simulated_agents_are_in_the_demo_profile_only(services: dict[str, dict[str, Any]]) -> None:
+    profiled = {n for n, s in services.items() if s.get("profiles")}
+    assert profiled == {"agent-sim-1", "agent-sim-2"}
+    assert all(services[n]["profiles"] == ["demo"] for n in profiled)
+
+
+def test_every_long_running_service_has_a_memory_limit(services: dict[str, dict[str, Any]]) -> None:
+    limits = {n: s.get("mem_limit") for n, s in services.items() if n not in ONE_SHOTS}
+    assert all(limits.values()), limits
+    assert limits["clickhouse"] == "8g"
+    assert "-Xmx1g" in env_of(services["kafka"])["KAFKA_HEAP_OPTS"]
 
 
 # --- the gpufleet config and the addresses in it ------------------------------------------------------
@@ -316,22 +394,18 @@ def test_kafka_bootstrap_servers_are_a_compose_service(services: dict[str, dict[
         host, _, port = server.strip().rpartition(":")
         assert host in services, f"bootstrap server {server}: no service {host!r}"
         assert int(port) in container_ports(services[host]), f"{host} does not expose {port}"
-        assert server in env_of(services[host])["KAFKA_ADVERTISED_LISTENERS"]
+        assert f"INTERNAL://{server}" in env_of(services[host])["KAFKA_ADVERTISED_LISTENERS"]
     assert config.kafka.bootstrap_servers == "kafka:9092"
 
 
-def test_clickhouse_dsn_is_the_compose_service_and_carries_no_password(
+def test_clickhouse_dsn_is_the_compose_service_and_carries_no_credentials(
     services: dict[str, dict[str, Any]], config: Config
 ) -> None:
     dsn = urlsplit(config.clickhouse.dsn)
-    assert dsn.scheme == "http"
-    assert (dsn.hostname, dsn.port) == ("clickhouse", 8123)
-    assert dsn.hostname in services
+    assert (dsn.scheme, dsn.hostname, dsn.port) == ("http", "clickhouse", 8123)
     assert 8123 in container_ports(services["clickhouse"])
-    assert dsn.password is None, "the password comes from CLICKHOUSE_PASSWORD, never the config file"
-    assert dsn.username == env_of(services["clickhouse"])["CLICKHOUSE_USER"]
-    for name in ("migrate", "ingester", "alerts", "grafana"):
-        assert env_of(services[name])["CLICKHOUSE_USER"] == dsn.username, name
+    assert dsn.username is None, "each service names its own user (CLICKHOUSE_USER)"
+    assert dsn.password is None
 
 
 def test_alertmanager_url_is_the_compose_service(services: dict[str, dict[str, Any]], config: Config) -> None:
@@ -341,33 +415,75 @@ def test_alertmanager_url_is_the_compose_service(services: dict[str, dict[str, A
     assert "--web.listen-address=:9093" in services["alertmanager"]["command"]
 
 
-def test_topics_created_by_kafka_init_match_the_config(services: dict[str, dict[str, Any]], config: Config) -> None:
-    script = services["kafka-init"]["command"][0]
-    assert f"--topic {config.kafka.topic} --partitions {config.kafka.partitions} " in script
-    assert config.kafka.partitions == 8
-    assert f"--topic {config.kafka.dlq_topic} " in script
-    assert script.count("--if-not-exists") == 2
-    assert "$" not in script, "a '$' would be interpolated by compose"
+def test_kafka_init_creates_topics_user_and_acls_as_the_config_says(
+    services: dict[str, dict[str, Any]], config: Config, tmp_path: Path
+) -> None:
+    """deploy/kafka/init.sh run here against recording stand-ins of the Kafka tools: the exact calls."""
+    init = services["kafka-init"]
+    env = env_of(init)
+    assert (env["PARTITIONS"], env["RETENTION_MS"], env["RETENTION_BYTES"]) == (
+        str(config.kafka.partitions), str(config.kafka.retention_ms), str(config.kafka.retention_bytes))
+    assert (config.kafka.topic, config.kafka.dlq_topic) == ("gpufleet.samples", "gpufleet.dlq")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("kafka-topics.sh", "kafka-configs.sh", "kafka-acls.sh"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{tmp_path}/calls"\n')
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "pw").write_text("0123abcd\n")
+    run_env = {**env, "KAFKA_BIN": str(bin_dir), "AGENT_PASSWORD_FILE": str(tmp_path / "pw"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(["bash", str(ROOT / "deploy/kafka/init.sh")], env=run_env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "kafka-topics.sh --bootstrap-server kafka:9092 --create --if-not-exists --topic gpufleet.samples "
+        "--partitions 8 --config retention.ms=604800000 --config retention.bytes=22548578304",
+        "kafka-topics.sh --bootstrap-server kafka:9092 --create --if-not-exists --topic gpufleet.dlq "
+        "--partitions 1 --config retention.ms=2592000000 --config retention.bytes=1073741824",
+        "kafka-configs.sh --bootstrap-server kafka:9092 --alter --entity-type users --entity-name gpufleet-agent "
+        "--add-config SCRAM-SHA-512=[password=0123abcd]",
+        "kafka-acls.sh --bootstrap-server kafka:9092 --add --allow-principal User:gpufleet-agent "
+        "--operation Write --operation Describe --topic gpufleet.samples",
+        "kafka-topics.sh --bootstrap-server kafka:9092 --describe --topic gpufleet.samples,gpufleet.dlq",
+    ]
+    assert "--replication-factor" not in (tmp_path / "calls").read_text(), "the cluster's default replication"
+    (tmp_path / "pw").write_text("a,b]\n")
+    bad = subprocess.run(["bash", str(ROOT / "deploy/kafka/init.sh")], env=run_env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert bad.returncode == 1
+    assert "may hold only letters, digits" in bad.stderr
 
 
 # --- Grafana and Alertmanager -----------------------------------------------------------------------
 
 
-def test_grafana_plugin_is_pinned_and_admin_password_required(services: dict[str, dict[str, Any]]) -> None:
-    env = env_of(services["grafana"])
-    plugin, version = env["GF_INSTALL_PLUGINS"].split(" ")
-    assert plugin == "grafana-clickhouse-datasource"
-    assert EXACT_VERSION.match(version)
-    assert REQUIRED_REF.fullmatch(env["GF_SECURITY_ADMIN_PASSWORD"])
+def test_grafana_has_the_plugin_baked_in_and_secrets_from_files(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    env = env_of(grafana)
+    assert "GF_INSTALL_PLUGINS" not in env
+    assert env["GF_PLUGINS_PREINSTALL_DISABLED"] == "true"
+    assert grafana["build"]["context"] == "deploy/grafana"
+    dockerfile = (ROOT / "deploy/grafana/Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)$", dockerfile, re.MULTILINE).group(1)  # type: ignore[union-attr]
+    assert base == f"grafana/grafana:{image_tag(grafana['image'])}"
+    assert re.search(r"plugins install grafana-clickhouse-datasource \d+\.\d+\.\d+ ", dockerfile)
+    for key, secret in (("GF_SECURITY_ADMIN_PASSWORD__FILE", "grafana_admin_password"),
+                        ("GF_SECURITY_SECRET_KEY__FILE", "grafana_secret_key"),
+                        ("GF_CLICKHOUSE_PASSWORD__FILE", "clickhouse_grafana_password")):
+        assert env[key] == f"/run/secrets/{secret}"
+    datasource = yaml.safe_load((ROOT / "dashboards/provisioning/datasources/clickhouse.yaml").read_text())
+    (ds,) = datasource["datasources"]
+    assert ds["secureJsonData"]["password"] == "${GF_CLICKHOUSE_PASSWORD}"
     assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     assert (env["CLICKHOUSE_HOST"], env["CLICKHOUSE_PORT"]) == ("clickhouse", "8123")
 
 
-def test_grafana_mounts_the_provisioning_and_dashboards_read_only(services: dict[str, dict[str, Any]]) -> None:
+def test_grafana_provisions_no_alert_rules_one_alert_path(services: dict[str, dict[str, Any]]) -> None:
     volumes = services["grafana"]["volumes"]
-    assert "./dashboards/provisioning:/etc/grafana/provisioning:ro" in volumes
+    assert "./dashboards/provisioning/datasources:/etc/grafana/provisioning/datasources:ro" in volumes
+    assert "./dashboards/provisioning/dashboards:/etc/grafana/provisioning/dashboards:ro" in volumes
     assert "./dashboards/boards:/var/lib/grafana/dashboards:ro" in volumes
+    assert not any("alerting" in v or v.startswith("./dashboards/provisioning:") for v in volumes)
 
 
 def test_bind_mounted_repo_paths_exist(services: dict[str, dict[str, Any]]) -> None:
@@ -400,15 +516,49 @@ def test_alertmanager_config_routes_to_a_defined_receiver() -> None:
         assert not re.search(rf"^\s*#?\s*-?\s*{key}:", text, re.MULTILINE), key
 
 
-def test_alertmanager_config_passes_amtool(tmp_path: Path) -> None:
+def _amtool_config(tmp_path: Path) -> Path:
+    """The shipped config for the Debian amtool (0.25): templates from the repository; `url_file`, which
+    Alertmanager has from 0.26 (the compose image is 0.28), as `url`."""
+    text = ALERTMANAGER_CONFIG.read_text().replace("/etc/alertmanager/templates/",
+                                                    f"{ROOT}/deploy/alertmanager/templates/")
+    text = text.replace("url_file: /run/secrets/alertmanager_webhook_url", "url: http://127.0.0.1:9/hook")
+    out = tmp_path / "alertmanager.yml"
+    out.write_text(text)
+    return out
+
+
+def test_alertmanager_config_passes_amtool_and_routes_as_documented(tmp_path: Path) -> None:
     amtool = shutil.which("amtool")
     if amtool is None:
         pytest.skip("amtool not installed (apt-get install prometheus-alertmanager)")
-    result = subprocess.run(
-        [amtool, "check-config", str(ALERTMANAGER_CONFIG)], check=False, capture_output=True, text=True, timeout=30
-    )
+    config = _amtool_config(tmp_path)
+    result = subprocess.run([amtool, "check-config", str(config)], check=False, capture_output=True, text=True,
+                            timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+    assert " - 2 inhibit rules" in result.stdout
+    assert " - 1 templates" in result.stdout
+
+    def route(*labels: str) -> str:
+        done = subprocess.run([amtool, "config", "routes", "test", f"--config.file={config}", *labels],
+                              check=False, capture_output=True, text=True, timeout=30)
+        return done.stdout.strip()
+
+    assert route("severity=critical", "alertname=GpuFailing") == "pagerduty,webhook"
+    assert route("severity=critical", "alertname=NodeSilent") == "pagerduty,webhook"
+    assert route("severity=warning", "alertname=GpuIdleAllocated") == "slack"
+    assert route("severity=info", "alertname=FleetMfuBelowTarget") == "slack"
+
+
+def test_alertmanager_config_inhibits_gpu_alerts_of_a_silent_node() -> None:
+    am = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert {"source_matchers": ['alertname="NodeSilent"'], "target_matchers": ['alertname=~"Gpu.*"'],
+            "equal": ["cluster", "node"]} in am["inhibit_rules"]
+    names = {r["name"]: r for r in am["receivers"]}
+    pagerduty = names["pagerduty"]["pagerduty_configs"][0]
+    assert pagerduty["routing_key_file"] == "/run/secrets/alertmanager_pagerduty_routing_key"
+    assert names["slack"]["slack_configs"][0]["api_url_file"] == "/run/secrets/alertmanager_slack_webhook_url"
+    assert names["webhook"]["webhook_configs"][0]["url_file"] == "/run/secrets/alertmanager_webhook_url"
 
 
 # --- schema and image build -----------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_provisioning_files() -> None:
     assert (ds["uid"], ds["type"]) == (DS_UID, "grafana-clickhouse-datasource")
     assert ds["jsonData"]["host"] == "${CLICKHOUSE_HOST}"
     assert ds["jsonData"]["defaultDatabase"] == "${CLICKHOUSE_DATABASE}"
-    assert ds["secureJsonData"] == {"password": "${CLICKHOUSE_PASSWORD}"}
+    assert ds["secureJsonData"] == {"password": "${GF_CLICKHOUSE_PASSWORD}"}
     provider = load(build.ROOT / build.PROVIDER_FILE)["providers"][0]
     assert provider["options"] == {"path": "/var/lib/grafana/dashboards", "foldersFromFilesStructure": True}
     rules = load(build.ROOT / build.RULES_FILE)["groups"][0]["rules"]
@@ -85,11 +85,14 @@ def test_provisioning_files() -> None:
 def test_compose_mounts_the_provisioning_and_the_boards() -> None:
     compose = yaml.safe_load((build.ROOT / "docker-compose.yml").read_text())
     volumes = compose["services"]["grafana"]["volumes"]
-    assert "./dashboards/provisioning:/etc/grafana/provisioning:ro" in volumes
+    # Datasources and boards; no alert rules: the evaluator and Alertmanager are the one alert path.
+    assert "./dashboards/provisioning/datasources:/etc/grafana/provisioning/datasources:ro" in volumes
+    assert "./dashboards/provisioning/dashboards:/etc/grafana/provisioning/dashboards:ro" in volumes
     assert f"./dashboards/boards:{build.GRAFANA_BOARDS_PATH}:ro" in volumes
     env = compose["services"]["grafana"]["environment"]
     for var in re.findall(r"\$\{([A-Z_]+)\}", (build.ROOT / build.DATASOURCE_FILE).read_text()):
-        assert var in env, f"the datasource reads ${{{var}}}, which compose does not give Grafana"
+        # GF_X is filled by Grafana's image from GF_X__FILE (a secret file).
+        assert var in env or f"{var}__FILE" in env, f"the datasource reads ${{{var}}}, which compose does not give"
 
 
 # --- the validator finds what it should ----------------------------------------------------------
