@@ -322,8 +322,8 @@ def test_every_secret_file_is_written_by_make_secrets_or_named_for_the_operator(
     # The keystore opens with its password file and names the fleet host; the CA signed it.
     store = tmp_path / "secrets/kafka.keystore.p12"
     password = (tmp_path / "secrets/kafka_keystore_password").read_text().strip()
-    cert = subprocess.run(["openssl", "pkcs12", "-in", str(store), "-nokeys", "-clcerts",
-                           "-passin", f"pass:{password}"], capture_output=True, text=True, timeout=60, check=True).stdout
+    cert = subprocess.run(["openssl", "pkcs12", "-in", str(store), "-nokeys", "-clcerts", "-passin",
+                           f"pass:{password}"], capture_output=True, text=True, timeout=60, check=True).stdout
     text = subprocess.run(["openssl", "x509", "-noout", "-text"], input=cert, capture_output=True, text=True,
                           timeout=60, check=True).stdout
     assert "DNS:kafka.fleet.internal" in text
