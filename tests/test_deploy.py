@@ -303,15 +303,43 @@ def test_otlp_receiver_is_on_the_node_loopback(
     assert k8s_agent_config.agent.otlp_receiver_enabled is True, "the liveness probe connects to the receiver"
     port = k8s_agent_config.agent.otlp_receiver_port
     assert [p["containerPort"] for p in agent_container["ports"]] == [port] == [4318]
-    assert agent_container["livenessProbe"]["tcpSocket"] == {"host": "127.0.0.1", "port": port}
 
 
-def test_kafka_password_comes_from_an_optional_secret(
-    agent_container: dict[str, Any], k8s_agent_config: Config
+
+def test_kafka_ca_and_password_are_files_from_a_configmap_and_a_secret(
+    pod: dict[str, Any], agent_container: dict[str, Any], k8s_agent_config: Config
 ) -> None:
-    (entry,) = [e for e in agent_container["env"] if e["name"] == k8s_agent_config.kafka.sasl_password_env]
-    assert entry["valueFrom"]["secretKeyRef"]["optional"] is True
-    assert "value" not in entry
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    sources = volumes["kafka"]["projected"]["sources"]
+    assert sources == [{"configMap": {"name": "gpufleet-kafka-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                       {"secret": {"name": "gpufleet-agent",
+                                   "items": [{"key": "kafka-password", "path": "kafka-password"}]}}]
+    mount = _mounts(agent_container)["kafka"]["mountPath"]
+    assert k8s_agent_config.kafka.ssl_cafile == f"{mount}/ca.crt"
+    assert k8s_agent_config.kafka.sasl_password_file == f"{mount}/kafka-password"
+    assert (k8s_agent_config.kafka.security_protocol, k8s_agent_config.kafka.sasl_mechanism) == (
+        "SASL_SSL", "SCRAM-SHA-512")
+    assert volumes["kafka"]["projected"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in agent_container["env"])
+
+
+def test_daemonset_probes_use_the_agent_health_endpoint(agent_container: dict[str, Any],
+                                                        k8s_agent_config: Config) -> None:
+    port = k8s_agent_config.agent.health_port
+    assert (port, k8s_agent_config.agent.health_host) == (9410, "127.0.0.1")
+    assert agent_container["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": port, "path": "/readyz"}
+    assert agent_container["livenessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": port, "path": "/healthz"}
+
+
+def test_daemonset_is_node_critical_named_by_spec_node_name_and_monitors_mig(
+    pod: dict[str, Any], agent_container: dict[str, Any]
+) -> None:
+    assert pod["priorityClassName"] == "system-node-critical"
+    env = {e["name"]: e for e in agent_container["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert agent_container["args"] == ["agent", "--node", "$(NODE_NAME)"]
+    assert env["NVIDIA_MIG_MONITOR_DEVICES"]["value"] == "all"
 
 
 def test_containers_drop_privileges(pod: dict[str, Any], agent_container: dict[str, Any]) -> None:
