@@ -50,10 +50,10 @@ SILENT = parse_rules({"rules": [{"name": "NodeSilent", "kind": "node_silent", "s
                                      "summary": "{node} silent", "runbook_url": "docs/alerts.md#nodesilent"}}]})
 
 
-def test_healthz_follows_evaluations_without_error(alerts_cfg: Config, ch_client: Any, ch_target: Any) -> None:
+def test_healthz_follows_evaluations_without_error(alerts_cfg: Config, ch_store: Any) -> None:
     clock = Clock()
     live = Liveness(clock).expect(EVALUATED, alerts_cfg.alerts.eval_stale_s)
-    evaluator = Evaluator(alerts_cfg, ch_client, rules=SILENT, liveness=live)
+    evaluator = Evaluator(alerts_cfg, ch_store, rules=SILENT, liveness=live)
     server = HealthServer(live).start()
     try:
         assert get(f"{server.url}/readyz")[0] == 503  # no evaluation yet
@@ -68,8 +68,7 @@ def test_healthz_follows_evaluations_without_error(alerts_cfg: Config, ch_client
         assert get(f"{server.url}/healthz")[0] == 200
         # An evaluation whose notifications fail is no heartbeat: Alertmanager down long enough is unhealthy.
         b = base_ms()
-        insert_reports(ch_client, ch_target.database,
-                       minute_reports("n1", b, range(1, 4), lambda k: [gpu(0, "n1")]), b + 4 * MIN)
+        insert_reports(ch_store, minute_reports("n1", b, range(1, 4), lambda k: [gpu(0, "n1")]), b + 4 * MIN)
         evaluator.notifier = Refusing()
         report = evaluator.evaluate_once(b + 10 * MIN)
         assert report.fired
@@ -81,15 +80,14 @@ def test_healthz_follows_evaluations_without_error(alerts_cfg: Config, ch_client
         server.stop()
 
 
-def test_runbook_links_are_joined_to_the_configured_base(alerts_cfg: Config, ch_client: Any, ch_target: Any) -> None:
+def test_runbook_links_are_joined_to_the_configured_base(alerts_cfg: Config, ch_store: Any) -> None:
     b = base_ms()
-    insert_reports(ch_client, ch_target.database,
-                   minute_reports("n1", b, range(1, 4), lambda k: [gpu(0, "n1")]), b + 4 * MIN)
+    insert_reports(ch_store, minute_reports("n1", b, range(1, 4), lambda k: [gpu(0, "n1")]), b + 4 * MIN)
     cfg = msgspec.structs.replace(alerts_cfg, alerts=msgspec.structs.replace(
         alerts_cfg.alerts, runbook_base_url="https://runbooks.example.com/gpufleet/"))
-    (fired,) = Evaluator(cfg, ch_client, rules=SILENT).evaluate_once(b + 10 * MIN).fired
+    (fired,) = Evaluator(cfg, ch_store, rules=SILENT).evaluate_once(b + 10 * MIN).fired
     assert fired.annotations["runbook_url"] == "https://runbooks.example.com/gpufleet/docs/alerts.md#nodesilent"
-    plain = Evaluator(alerts_cfg, ch_client, rules=SILENT)  # reloads the open alert, renders it again
+    plain = Evaluator(alerts_cfg, ch_store, rules=SILENT)  # reloads the open alert, renders it again
     plain.evaluate_once(b + 11 * MIN)
     (unset,) = plain.open_alerts()
     assert unset.annotations["runbook_url"] == "docs/alerts.md#nodesilent"

@@ -19,6 +19,7 @@ from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
 from gpufleet.pipeline.ingest.ingester import Ingester
 from gpufleet.pipeline.ingest.liveness import ingest_liveness
 from gpufleet.pipeline.queries.status_api import StatusServer
+from gpufleet.pipeline.store.store import Store
 from tests.builders import T0_MS, report
 from tests.pipeline.test_ingest import _cfg, _create, _enc, _produce, connect_target
 
@@ -74,7 +75,8 @@ def running(broker, ch_target, topic) -> Iterator[tuple[Ingester, HangingConsume
     clock = Clock()
     ref: list[Ingester] = []
     consumer = HangingConsumer(build_consumer(cfg, ref))
-    ing = Ingester(cfg, connect_target(cfg), consumer, build_producer(cfg), liveness=ingest_liveness(cfg.ingest, clock))
+    ing = Ingester(cfg, Store(connect_target(cfg), cfg.clickhouse.database), consumer, build_producer(cfg),
+                   liveness=ingest_liveness(cfg.ingest, clock))
     ref.append(ing)
     api = StatusServer(lambda: {}, health=ing.liveness.check).start()
     stop = threading.Event()
@@ -117,7 +119,8 @@ def test_healthz_turns_unhealthy_when_the_ingester_stops_polling_and_healthy_aga
 def test_healthz_turns_unhealthy_when_nothing_is_committed(running, broker, topic) -> None:
     ing, _consumer, clock, url = running
     wait_for(lambda: healthz(url)[0] == 200)
-    ing.client = BrokenClient()  # ClickHouse refuses every insert: the ingester polls, backs off, commits nothing
+    # ClickHouse refuses every insert: the ingester polls, backs off, commits nothing.
+    ing.store = Store(BrokenClient(), ing.store.database)
     _produce(broker, topic, [_enc(report(node="n2", seq=0, time_ms=T0_MS))])
     wait_for(lambda: ing.stats.insert_errors >= 1)
     clock.now += 121
