@@ -5,8 +5,9 @@ uid and written create-or-update, so running it twice changes nothing the second
 
 - the folder (`alerting.FOLDER_UID`) that holds the boards and the rule group;
 - the datasource (`builder.DS_UID`), its `${VAR}` settings filled from this process's
-  environment exactly as Grafana fills the provisioning file (`CLICKHOUSE_HOST`, ...), the password
-  from `CLICKHOUSE_PASSWORD` or the file `CLICKHOUSE_PASSWORD_FILE` names;
+  environment exactly as Grafana fills the provisioning file (`CLICKHOUSE_HOST`, ...): a variable
+  `NAME` may instead come from the file `NAME__FILE` names, Grafana's own convention for secrets
+  (e.g. the Grafana user's password, `GF_CLICKHOUSE_PASSWORD__FILE`);
 - every board (`overwrite: true`), and every alert rule, then the rule group's interval.
 
 The token is sent as a bearer credential and never logged or printed.
@@ -44,12 +45,18 @@ class DeployReport:
 
 
 def expand_env(value: Any, env: Mapping[str, str]) -> Any:
-    """`${VAR}` in every string of `value`, from `env`, as Grafana expands provisioning files."""
+    """`${VAR}` in every string of `value`, from `env` (or the file `VAR__FILE` names), as Grafana does."""
     if isinstance(value, str):
         def one(m: re.Match[str]) -> str:
-            if m.group(1) not in env:
-                raise DeployError(f"the datasource needs ${{{m.group(1)}}}: set {m.group(1)} in the environment")
-            return env[m.group(1)]
+            name = m.group(1)
+            if name in env:
+                return env[name]
+            if path := env.get(f"{name}__FILE"):
+                try:
+                    return Path(path).read_text().strip()
+                except OSError as exc:
+                    raise DeployError(f"cannot read {name}__FILE ({path}): {exc.strerror}") from None
+            raise DeployError(f"the datasource needs ${{{name}}}: set {name} (or {name}__FILE) in the environment")
 
         return _ENV.sub(one, value)
     if isinstance(value, dict):
@@ -60,10 +67,7 @@ def expand_env(value: Any, env: Mapping[str, str]) -> Any:
 
 
 def datasource_payload(env: Mapping[str, str]) -> dict[str, Any]:
-    """The provisioned datasource with its settings filled from `env` (the password from a file if named)."""
-    env = dict(env)
-    if "CLICKHOUSE_PASSWORD" not in env and env.get("CLICKHOUSE_PASSWORD_FILE"):
-        env["CLICKHOUSE_PASSWORD"] = Path(env["CLICKHOUSE_PASSWORD_FILE"]).read_text().strip()
+    """The provisioned datasource with its settings filled from `env` (a secret from a `__FILE` if named)."""
     source = dict(build.datasource_provisioning()["datasources"][0])
     source.pop("orgId", None)
     return expand_env(source, env)

@@ -21,6 +21,8 @@ from gpufleet.config import load
 from gpufleet.version import __version__
 from tests.agents.test_dry_run_and_health import check_dry_run_output
 
+pytestmark = pytest.mark.integration  # builds or runs the artifact and install.sh
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT = ROOT / "dist" / f"gpufleet-agent-{__version__}-linux-{platform.machine()}"
 INSTALL = ROOT / "deploy" / "systemd" / "install.sh"

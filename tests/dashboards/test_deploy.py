@@ -23,7 +23,7 @@ ENV = {
     "CLICKHOUSE_PORT": "8123",
     "CLICKHOUSE_USER": "gpufleet",
     "CLICKHOUSE_DATABASE": "gpufleet",
-    "CLICKHOUSE_PASSWORD": "s3cret-pw",
+    "GF_CLICKHOUSE_PASSWORD": "s3cret-pw",
 }
 CREATES = {("POST", "/api/folders"), ("POST", "/api/datasources"), ("POST", "/api/v1/provisioning/alert-rules")}
 RULE_UIDS = {r["uid"] for r in alerting.provisioning()["groups"][0]["rules"]}
@@ -75,11 +75,12 @@ def test_deploy_reports_a_wrong_token_without_echoing_it() -> None:
 
 def test_datasource_needs_its_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in ENV.items() if k != "CLICKHOUSE_HOST"}
-    with pytest.raises(DeployError, match=r"set CLICKHOUSE_HOST in the environment"):
+    with pytest.raises(DeployError, match=r"set CLICKHOUSE_HOST \(or CLICKHOUSE_HOST__FILE\) in the environment"):
         datasource_payload(env)
     secret = tmp_path / "pw"
     secret.write_text("from-file\n")
-    env = {**{k: v for k, v in ENV.items() if k != "CLICKHOUSE_PASSWORD"}, "CLICKHOUSE_PASSWORD_FILE": str(secret)}
+    env = {k: v for k, v in ENV.items() if k != "GF_CLICKHOUSE_PASSWORD"}
+    env["GF_CLICKHOUSE_PASSWORD__FILE"] = str(secret)
     assert datasource_payload(env)["secureJsonData"] == {"password": "from-file"}
 
 
