@@ -9,7 +9,7 @@ run only when asked (`network=True`): the ingester cannot do anything without Ka
 whereas an agent must start and spool to disk while the broker is down, so it never probes.
 
 `validate_startup` raises one `ConfigError` listing every problem, so an operator fixes them in one go.
-No message ever contains a password: DSNs and URLs are shown through `pipeline.store.redact`.
+No message ever contains a password: DSNs and URLs are shown through `gpufleet.dsn.redact`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from gpufleet import kafka
 from gpufleet.config import Config, ConfigError
-from gpufleet.dsn import check_database_name, redact
+from gpufleet.dsn import check_database_name, parse, redact
 from gpufleet.errors import StoreError
 
 Role = Literal["agent", "ingest", "query", "alerts"]
@@ -126,7 +126,8 @@ def dsn_problems(dsn: str) -> list[str]:
     if scheme not in ("http", "https"):
         what = f"has scheme {scheme!r}" if scheme else "has no scheme"
         return [f"{shown!r} {what}, which gpufleet cannot use: write it as {DSN_FORMS}"]
-    parts = urlsplit(dsn)
+    parsed = parse(dsn)
+    parts = parsed.host_part() if parsed else urlsplit(dsn)
     if not parts.hostname:
         return [f"{shown!r} names no host: write it as {scheme}://user@clickhouse.example:8123"]
     try:
@@ -172,21 +173,23 @@ def unreachable(cfg: Config, *, role: Role, timeout_s: float = 2.0) -> list[Prob
     out = []
     if role in ("agent", "ingest"):
         servers = _servers(cfg.kafka.bootstrap_servers)
-        errors = [f"{h}:{p} ({e})" for h, p in servers if (e := _tcp_error(h, p, timeout_s))]
+        errors = [f"{h}:{p} ({e})" for h, p in servers if (e := tcp_error(h, p, timeout_s))]
         if len(errors) == len(servers):
             out.append(Problem("kafka.bootstrap_servers", f"no broker answers: {', '.join(errors)}; check the "
                                                           "addresses and that Kafka runs and is reachable from here"))
-    if role in ("ingest", "query", "alerts") and not cfg.clickhouse.dsn.startswith("chdb:"):
-        parts = urlsplit(cfg.clickhouse.dsn)
+    parsed = parse(cfg.clickhouse.dsn)
+    if role in ("ingest", "query", "alerts") and parsed is not None and parsed.scheme in ("http", "https"):
+        parts = parsed.host_part()
         port = parts.port or (8443 if parts.scheme == "https" else 8123)
-        error = _tcp_error(parts.hostname or "", port, timeout_s)
+        error = tcp_error(parts.hostname or "", port, timeout_s)
         if error:
             out.append(Problem("clickhouse.dsn", f"ClickHouse at {parts.hostname}:{port} does not answer ({error}); "
                                                  "check the host and port and that the server runs"))
     return out
 
 
-def _tcp_error(host: str, port: int, timeout_s: float) -> str | None:
+def tcp_error(host: str, port: int, timeout_s: float) -> str | None:
+    """Why `host:port` does not accept a TCP connection (one attempt), or None when it does."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             return None
