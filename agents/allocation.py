@@ -43,6 +43,7 @@ from typing import Annotated, Protocol, runtime_checkable
 import msgspec
 
 from gpufleet.config import AllocationConfig, ConfigError
+from gpufleet.errors import GpufleetError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class AllocationSource(Protocol):
         ...
 
 
-class AllocationFileError(ValueError):
+class AllocationFileError(GpufleetError, ValueError):
     """An allocation file that cannot be used; the text says what is wrong."""
 
 

@@ -47,6 +47,7 @@ from gpufleet.agents.sender import Sender
 from gpufleet.agents.spool import Spool, SpoolError
 from gpufleet.config import Config, ConfigError, load
 from gpufleet.config_check import validate_startup
+from gpufleet.errors import GpufleetError, UsageError
 from gpufleet.health_http import HealthServer
 from gpufleet.kafka import producer_kwargs
 from gpufleet.liveness import Liveness
@@ -108,16 +109,13 @@ def nvml_node(cfg: Config) -> NodeParts:
     from gpufleet.agents.allocation import build_source
 
     try:
-        from gpufleet.agents.collectors.nvml import NvmlCollector, NvmlUnavailable
+        from gpufleet.agents.collectors.nvml import NvmlCollector
     except ImportError as exc:
-        raise click.ClickException(
+        raise UsageError(
             f"the NVML backend cannot be loaded ({exc}); install nvidia-ml-py or use --backend simulated"
         ) from None
     collector = NvmlCollector()
-    try:
-        collector.open()
-    except NvmlUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+    collector.open()  # NvmlUnavailable says why and how to fix it
     uuids = getattr(collector, "gpu_uuids", None)
     uuid_index = {u: i for i, u in enumerate(uuids)} if uuids else None
     allocation = build_source(cfg.agent.allocation, uuid_index=uuid_index)
@@ -143,9 +141,9 @@ def start_receivers(parts: list[NodeParts], settings: ReceiverSettings, gpus: di
     try:
         for p in parts:
             p.receiver = OtlpReceiver(settings, gpus=gpus).start()
-    except ReceiverError as exc:
+    except ReceiverError:
         close_receivers(parts)
-        raise click.ClickException(str(exc)) from None
+        raise
 
 
 def close_receivers(parts: list[NodeParts]) -> None:
@@ -178,8 +176,8 @@ def jobs_spec(cfg: Config, fleet: SimulatedFleet, spec: FleetSpec, parts: list[N
 
     peak = peak_flops(fleet.model, cfg.peak_flops)
     if peak is None:
-        raise click.ClickException(f"no peak FLOP/s is known for {fleet.model!r}: add it under peak_flops in the "
-                                   "config to run --flops-jobs")
+        raise ConfigError(f"no peak FLOP/s is known for {fleet.model!r}: add it under peak_flops in the "
+                          "config to run --flops-jobs")
     return JobsSpec(fleet=spec, endpoints={p.name: p.receiver.endpoint for p in parts if p.receiver is not None},
                     jobs=jobs, peak_flop_s=peak, step_ms=spec.interval_ms,
                     export_interval_ms=max(1000, 2 * spec.interval_ms), parent_pid=os.getpid())
@@ -327,12 +325,10 @@ def agent(
         jobs = JobsProcess(None) if dry_run else attach_receivers(cfg, parts, fleet, spec, flops_jobs)
         spools = dry_run_spools(parts) if dry_run else open_spools(
             parts, max(MIN_NODE_SPOOL_BYTES, cfg.agent.spool_max_bytes // len(parts)))
-    except (click.ClickException, SpoolError) as exc:
+    except (GpufleetError, click.ClickException):
         close_receivers(parts)
         for p in parts:
             p.collector.close()
-        if isinstance(exc, SpoolError):
-            raise click.ClickException(str(exc)) from None
         raise
     sender = None if dry_run else _sender(kafka_kw, cfg.kafka.topic, parts, spools)
     agents = [

@@ -32,12 +32,13 @@ from gpufleet.agents.meter import (
     Frame,
     point_value,
 )
+from gpufleet.errors import GpufleetError
 from gpufleet.wire import SCHEMA_VERSION, AgentHealth, GpuSample, NodeReport, encode
 
 log = logging.getLogger(__name__)
 
 
-class ExportError(ValueError):
+class ExportError(GpufleetError, ValueError):
     """The collected data cannot form a message (wrong resource, overflowed attributes)."""
 
 

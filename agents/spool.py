@@ -46,6 +46,8 @@ from pathlib import Path
 
 import crc32c
 
+from gpufleet.errors import GpufleetError
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"GFS1"
@@ -54,7 +56,7 @@ RECORD_OVERHEAD = 8
 _SUFFIX = ".msg"
 
 
-class SpoolError(RuntimeError):
+class SpoolError(GpufleetError, RuntimeError):
     """The spool directory cannot be used; the message says why and what to do."""
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from gpufleet.dashboards import alerting, build
 from gpufleet.dashboards.builder import DS_UID
 from gpufleet.dashboards.definitions import BOARDS
+from gpufleet.errors import ServiceError
 
 if TYPE_CHECKING:
     from grafana_client import GrafanaApi
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class DeployError(RuntimeError):
+class DeployError(ServiceError):
     """Grafana could not be updated; the message says what and how to fix it (never the token)."""
 
 

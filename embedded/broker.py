@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpufleet.errors import ServiceError
 
-class BrokerError(RuntimeError):
+
+class BrokerError(ServiceError):
     """The embedded broker could not be started."""
 
 

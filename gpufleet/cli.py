@@ -1,7 +1,9 @@
 """The `gpufleet` command: one entry point, subcommands loaded lazily from the module that owns them.
 
 Lazy loading keeps `gpufleet agent` on a node free of pipeline imports (no chdb, no ClickHouse
-client) and keeps start-up fast.
+client) and keeps start-up fast. Failures are reported here and nowhere else: a `GpufleetError`
+becomes one line on stderr and its exit code, anything unexpected one line and exit 1; the
+traceback only with `-v` (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import importlib
 import importlib.util
 import logging
 import sys
+import traceback
 
 import click
 
-from gpufleet.config import ConfigError
+from gpufleet.errors import FAILURE, GpufleetError, UsageError, first_line
 from gpufleet.version import __version__
 
 # subcommand -> "module:attribute" of a click command
@@ -34,10 +37,20 @@ COMMANDS: dict[str, str] = {
 
 QUIET_LOGGERS = ("kafka.protocol", "kafka.net.connection")
 """Loggers that would print secrets at DEBUG (kafka-python's request dumps), capped at INFO."""
+CLIENT_LOGGERS = ("urllib3", "clickhouse_connect")
+"""HTTP client loggers whose retry warnings repeat what gpufleet's one-line error says: shown only with -v."""
 
 
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported only when used."""
+    """A click group whose subcommands are imported only when used, and whose failures are reported once."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click's own: usage errors (exit 2), --help, Ctrl-C, output piped into `head`
+        except Exception as exc:  # a GpufleetError's line and code, or one line for the unexpected
+            ctx.exit(report(exc, verbose=bool(ctx.params.get("verbose"))))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(n for n in COMMANDS if _importable(n))
@@ -50,7 +63,7 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except ModuleNotFoundError as exc:
-            raise click.ClickException(
+            raise UsageError(
                 f"'gpufleet {cmd_name}' needs a part that is not installed ({exc.name}); "
                 "install the matching extra, e.g. pip install 'gpufleet[embedded]'"
             ) from None
@@ -74,11 +87,23 @@ def cli(verbose: int) -> None:
     # the password. Its protocol loggers stay at INFO whatever -v says (docs/security.md).
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.INFO))
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(level if verbose else logging.ERROR)
+
+
+def report(exc: Exception, *, verbose: bool) -> int:
+    """Write the one line a failure shows (the traceback first with -v); returns the exit code."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, GpufleetError):  # its text is ours: one line, or a list of problems under one
+        label = f"{exc.label}: " if exc.label else ""
+        click.echo(f"gpufleet: {label}{exc}", err=True)
+        return exc.exit_code
+    hint = "" if verbose else "; rerun with -v for the traceback"
+    click.echo(f"gpufleet: unexpected error: {type(exc).__name__}: {first_line(exc)}{hint}", err=True)
+    return FAILURE
 
 
 def main() -> None:
-    try:
-        cli.main(standalone_mode=True)
-    except ConfigError as exc:
-        click.echo(f"gpufleet: configuration error: {exc}", err=True)
-        sys.exit(2)
+    """The `gpufleet` console script: failures are reported by the group (`report`), once."""
+    cli.main(prog_name="gpufleet")

@@ -6,6 +6,7 @@ worker opens its own store under pytest's temporary directory.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -19,6 +20,17 @@ from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
+
+
+@pytest.fixture(autouse=True)
+def _cli_logger_levels() -> Iterator[None]:
+    """The levels `gpufleet.cli` sets on library loggers when a test runs the CLI, restored after each test."""
+    from gpufleet.cli import CLIENT_LOGGERS
+
+    saved = {name: logging.getLogger(name).level for name in CLIENT_LOGGERS}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import pynvml
 
+from gpufleet.errors import USAGE, GpufleetError
 from gpufleet.wire import GpuSample
 
 __all__ = ["NvmlCollector", "NvmlUnavailable"]
@@ -42,8 +43,10 @@ MAX_XID: Final = 65535
 _ERROR_TEXT_MAX: Final = 1024
 
 
-class NvmlUnavailable(RuntimeError):
+class NvmlUnavailable(GpufleetError, RuntimeError):
     """NVML could not start on this node; the message says why and how to fix it."""
+
+    exit_code = USAGE
 
 
 class _GpuLost(Exception):

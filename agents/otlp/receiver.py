@@ -32,6 +32,7 @@ from gpufleet.agents.otlp.attribution import Attribution, AttributionSettings, A
 from gpufleet.agents.otlp.gpus import GpuRoster
 from gpufleet.agents.otlp.metrics import OtlpCounters, OtlpStats
 from gpufleet.agents.otlp.points import Point, extract
+from gpufleet.errors import ServiceError
 from gpufleet.flops_contract import FLOPS, METRICS_PATH
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class ReceiverError(RuntimeError):
+class ReceiverError(ServiceError):
     """The receiver cannot start; the text says why and which setting to change."""
 
 

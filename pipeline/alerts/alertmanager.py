@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from gpufleet.errors import ServiceError
 from gpufleet.pipeline.alerts.lifecycle import AlertRecord
 from gpufleet.pipeline.alerts.queries import iso
 from gpufleet.pipeline.store.client import redact
@@ -23,7 +24,7 @@ MAX_BATCH: Final = 500
 """Alerts per POST: keeps one request small when a whole rack fails at once."""
 
 
-class AlertmanagerError(RuntimeError):
+class AlertmanagerError(ServiceError):
     """Alertmanager did not accept the alerts; `retryable` says whether sending again may help."""
 
     def __init__(self, message: str, *, retryable: bool) -> None:

@@ -20,6 +20,8 @@ from typing import Annotated, ClassVar, Final, Literal
 import msgspec
 import yaml
 
+from gpufleet.errors import ConfigError
+
 DEFAULT_RULES: Final = "default_rules.yaml"
 DEMO_RULES: Final = "demo_rules.yaml"
 """Short durations so `gpufleet demo`'s one-minute faults fire and resolve while one watches."""
@@ -39,7 +41,7 @@ _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms
 _UNIT_MS: Final = (86_400_000, 3_600_000, 60_000, 1000, 1)
 
 
-class RulesError(ValueError):
+class RulesError(ConfigError):
     """The rules file is wrong; the message names the file, the rule and the key, and how to fix it."""
 
 

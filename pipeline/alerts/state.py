@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
+from gpufleet.errors import StoreError, first_line
 from gpufleet.pipeline.alerts.lifecycle import AlertRecord
 from gpufleet.pipeline.alerts.queries import iso
 
@@ -41,7 +42,7 @@ _FIRING: Final = (
 )
 
 
-class StateError(RuntimeError):
+class StateError(StoreError):
     """The alert table cannot be read or written; the message says why and how to fix it."""
 
 
@@ -87,7 +88,7 @@ def _explain(exc: Exception, db: str) -> str:
     text = str(exc)
     if "UNKNOWN_TABLE" in text or "UNKNOWN_DATABASE" in text or "doesn't exist" in text or "does not exist" in text:
         return f"table {db}.alerts does not exist: run `gpufleet migrate` first"
-    return f"cannot read {db}.alerts: {text.splitlines()[0] if text else type(exc).__name__}"
+    return f"cannot read {db}.alerts: {first_line(exc)}"
 
 
 def firing_alerts(store: Store) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
 
+from gpufleet.errors import GpufleetError
 from gpufleet.pipeline.queries.policy import Policy, read_policy
 from gpufleet.pipeline.queries.window import iso, ms_datetime
 
@@ -44,7 +45,7 @@ Key = tuple[str, str]
 """(tenant, gpu_model)."""
 
 
-class BillingError(RuntimeError):
+class BillingError(GpufleetError, RuntimeError):
     """A close that must not happen (period open, already closed, out of order); the text says why."""
 
 

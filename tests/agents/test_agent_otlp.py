@@ -232,7 +232,7 @@ def test_nvml_agent_says_which_setting_to_change_when_the_receiver_port_is_taken
         config = nvml_config(tmp_path, "127.0.0.1:1", "unused", port)
         result = CliRunner().invoke(cli, ["agent", "--config", str(config), "--duration", "1"],
                                     env={"GPUFLEET_CONFIG": ""})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert f"OTLP receiver cannot listen on 127.0.0.1:{port}" in result.output
     assert "agent.otlp_receiver_port" in result.output
     assert (fake.init_count, fake.shutdown_count) == (1, 1)  # the collector was closed on the way out

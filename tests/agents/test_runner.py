@@ -302,7 +302,7 @@ def test_agent_without_nvml_says_to_use_the_simulated_backend(tmp_path: Path) ->
         pytest.skip("this machine has a working NVML")
     result = CliRunner().invoke(cli, ["agent", "--backend", "nvml", "--spool-dir", str(tmp_path),
                                       "--bootstrap", "127.0.0.1:1", "--duration", "1"], env={"GPUFLEET_CONFIG": ""})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--backend simulated" in result.output
     assert "Traceback" not in result.output
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from gpufleet.cli import cli
 from gpufleet.dashboards import alerting
 from gpufleet.dashboards.command import dashboards
 from gpufleet.dashboards.definitions import BOARDS
@@ -96,6 +97,6 @@ def test_deploy_command_reads_the_token_from_a_file(tmp_path: Path, monkeypatch:
     assert "created 17, updated 0" in result.output
     assert TOKEN not in result.output
     assert len(state.dashboards) == len(BOARDS)
-    missing = CliRunner().invoke(dashboards, ["deploy", "--url", url])
-    assert missing.exit_code == 1
+    missing = CliRunner().invoke(cli, ["dashboards", "deploy", "--url", url])
+    assert missing.exit_code == 2
     assert "no Grafana token" in missing.output
