@@ -114,7 +114,7 @@ def run(workdir: Path, nodes: int = 128, seconds: float = 40.0, warmup_s: float 
 
     dsn = f"chdb://{(workdir / 'chdb').resolve()}"
     db = f"bench_fresh_{uuid.uuid4().hex[:8]}"
-    client = connect(Target(dsn, db))
+    client = connect(Target(dsn, db), create=True)
     migrate(client, SchemaOptions(database=db))
     clock = _InsertClock()
     restore = clock.install()

@@ -283,7 +283,7 @@ def run(messages: int = 20_000, partitions: int = 4, workdir: Path | None = None
     msgs = fleet_messages(messages)
     samples = sum(m.gpus for m in msgs)
     topic = f"bench-{uuid.uuid4().hex[:8]}"
-    client = connect(Target(dsn, "default"))
+    client = connect(Target(dsn, "default"), create=True)
     raw_runs: list[dict[str, float]] = []
     results: dict[str, Any] = {}
     with EmbeddedBroker() as broker:

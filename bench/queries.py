@@ -190,7 +190,7 @@ def run(dsn: str, gpus: int = 1000, days: float = 7.0, runs: int = 5, raw_runs: 
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
     db = f"bench_queries_{uuid.uuid4().hex[:8]}"
-    admin = connect(Target(dsn, "default"))
+    admin = connect(Target(dsn, "default"), create=True)
     migrate(admin, SchemaOptions(database=db))
     try:
         log.info("generating %d GPUs x %g days", gpus, days)

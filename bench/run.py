@@ -48,7 +48,7 @@ def _runners(workdir: Path, dsn: str, sizes: dict[str, dict[str, Any]]) -> dict[
     def client() -> Any:
         from gpufleet.pipeline.store.client import Target, connect
 
-        return connect(Target(dsn, "default"))
+        return connect(Target(dsn, "default"), create=True)
 
     def ingest() -> dict[str, Any]:
         from bench import ingest as item

@@ -41,7 +41,7 @@ def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str)
     import msgspec
 
     cfg = msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, group_id=group))
-    client = connect(Target(cfg.clickhouse.dsn, "scale"))
+    client = connect(Target(cfg.clickhouse.dsn, "scale"), create=True)
     migrate(client, SchemaOptions(database="scale"))
     ref: list[Ingester] = []
     consumer = FirstPoll(build_consumer(cfg, ref))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gpufleet.pipeline.commands.common import target_options
+from gpufleet.pipeline.commands.common import read_options
 
 
 @click.group()
@@ -56,20 +56,20 @@ def validate_cmd() -> None:
               help="Directory to write index.html into.")
 @click.option("--from", "from_", help="Start (ISO-8601, UTC unless zoned); default: 6 h before --to.")
 @click.option("--to", help="End (ISO-8601); default: the newest sample in the store (or now when empty).")
-@target_options
+@read_options
 def preview_cmd(out_dir: Path, from_: str | None, to: str | None, config_path: str | None, dsn: str | None,
-                database: str | None) -> None:
+                database: str | None, data_dir: Path) -> None:
     """Render every board's panels from the same queries into one offline HTML page."""
     import time
 
     from gpufleet.dashboards import preview
     from gpufleet.dashboards.definitions import BOARDS
-    from gpufleet.pipeline.commands.common import load_config
+    from gpufleet.pipeline.commands.common import open_store, resolve
     from gpufleet.pipeline.commands.usage import parse_time
-    from gpufleet.pipeline.store.client import connect, redact
 
-    _, target = load_config(config_path, dsn, database)
-    client = connect(target)
+    source = resolve(config_path, dsn, database, data_dir)
+    target = source.target
+    client = open_store(source).client  # the boards' SQL names tables bare, as Grafana's datasource does
     client.database = target.database
     to_ms = parse_time(to, "--to")
     if to_ms is None:
@@ -79,7 +79,7 @@ def preview_cmd(out_dir: Path, from_: str | None, to: str | None, config_path: s
     if from_ms >= to_ms:
         raise click.BadParameter("--from must be before --to", param_hint="--from")
     boards = [b.to_json() for b in BOARDS]  # the source the committed JSON is built from
-    path = preview.write(client, boards, out_dir, from_ms, to_ms, f"{redact(target.dsn)} / {target.database}")
+    path = preview.write(client, boards, out_dir, from_ms, to_ms, f"{target.where()} / {target.database}")
     click.echo(f"wrote {path}")
 
 
@@ -94,12 +94,9 @@ def deploy_cmd(url: str, token: str | None, token_file: str | None) -> None:
     CLICKHOUSE_HOST, CLICKHOUSE_PORT, CLICKHOUSE_USER, CLICKHOUSE_DATABASE and CLICKHOUSE_PASSWORD
     (or CLICKHOUSE_PASSWORD_FILE).
     """
-    from gpufleet.dashboards.deploy import DeployError, read_token, run
+    from gpufleet.dashboards.deploy import read_token, run
 
-    try:
-        report = run(url, read_token(token, token_file))
-    except DeployError as exc:
-        raise click.ClickException(str(exc)) from None
+    report = run(url, read_token(token, token_file))
     click.echo(f"created {len(report.created)}, updated {len(report.updated)} in {url}")
     for what in report.created:
         click.echo(f"  created {what}")

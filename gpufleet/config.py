@@ -17,7 +17,7 @@ import yaml
 
 from gpufleet.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load", "parse", "with_clickhouse"]
+__all__ = ["Config", "ConfigError", "Loaded", "load", "load_file", "parse", "with_clickhouse"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -149,11 +149,25 @@ class Config(Strict):
     """Peak dense BF16 FLOP/s per GPU model name, overriding or extending the built-in table."""
 
 
+class Loaded(msgspec.Struct, frozen=True):
+    """A loaded config, the file it came from (None: the defaults) and the keys that file sets."""
+
+    config: Config
+    source: str | None = None
+    keys: frozenset[str] = frozenset()
+    """Dotted paths of the keys the file sets, e.g. `clickhouse.dsn` (a default is not "set")."""
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the config from `path` (or `$GPUFLEET_CONFIG`); defaults when neither is set."""
+    return load_file(path).config
+
+
+def load_file(path: str | os.PathLike[str] | None = None) -> Loaded:
+    """`load`, saying also which file was read and which keys it sets."""
     path = path or os.environ.get("GPUFLEET_CONFIG")
     if not path:
-        return Config()
+        return Loaded(Config())
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
@@ -161,7 +175,18 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"config file {p} does not exist: pass --config PATH or unset GPUFLEET_CONFIG") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-    return parse(raw, source=str(p))
+    return Loaded(parse(raw, source=str(p)), str(p), frozenset(_keys(raw)))
+
+
+def _keys(raw: object, prefix: str = "") -> list[str]:
+    if not isinstance(raw, dict):
+        return []
+    out = []
+    for key, value in raw.items():
+        out.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            out += _keys(value, f"{prefix}{key}.")
+    return out
 
 
 def parse(raw: object, source: str = "config") -> Config:

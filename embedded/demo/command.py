@@ -14,13 +14,15 @@ from rich.live import Live
 from gpufleet import config as config_mod
 from gpufleet.embedded.demo.live import LiveView
 from gpufleet.embedded.demo.stack import DemoOptions, DemoStack
+from gpufleet.embedded.demo.state import DEFAULT_DATA_DIR
+from gpufleet.errors import GpufleetError
 from gpufleet.pipeline.queries.status import fleet_status
 from gpufleet.pipeline.store import Store
 
 
 @click.command()
 @click.option("--duration", type=float, default=0, help="Stop by itself after this many seconds (0 = until Ctrl-C).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/demo"),
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
               show_default=True, help="Where the store, logs and ground truth go.")
 @click.option("--nodes", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--gpus", type=click.IntRange(1, 72), default=8, show_default=True, help="GPUs per node.")
@@ -50,7 +52,7 @@ def demo(duration: float, data_dir: Path, nodes: int, gpus: int, tenants: int, s
     try:
         stack.start(say=lambda m: console.print(f"[dim]started[/dim] {m}"))
         if stack.target is None or stack.ingester is None:
-            raise click.ClickException("the demo stack did not start")
+            raise GpufleetError(f"the demo stack did not start; see the logs in {data_dir}")
         view_store = Store.open(stack.target)
         view = LiveView(view_store, stack.ingester.stats, nodes * gpus)
         console.print(f"status API {stack.status_api.url if stack.status_api else '-'}/status; "

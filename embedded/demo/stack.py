@@ -27,7 +27,7 @@ from gpufleet import kafka
 from gpufleet.config import Config
 from gpufleet.embedded.alertmanager import EmbeddedAlertmanager, find_binary
 from gpufleet.embedded.broker import EmbeddedBroker
-from gpufleet.embedded.demo.state import DemoState
+from gpufleet.embedded.demo.state import DEFAULT_DATA_DIR, DemoState
 from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.ingest.ingester import Ingester
 from gpufleet.pipeline.queries.policy import sync_policy
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoOptions:
-    data_dir: Path = Path("var/demo")
+    data_dir: Path = DEFAULT_DATA_DIR
     nodes: int = 32
     gpus: int = 8
     tenants: int = 3
@@ -71,13 +71,13 @@ class DemoStack:
     def start(self, say: Callable[[str], None] = lambda _: None) -> DemoStack:
         o = self.opts
         o.data_dir.mkdir(parents=True, exist_ok=True)
-        store = o.data_dir / "clickhouse"
+        store_dir = o.data_dir / "clickhouse"
         if not o.keep_data:
-            for stale in (store, o.data_dir / "spool", o.data_dir / "alertmanager"):
+            for stale in (store_dir, o.data_dir / "spool", o.data_dir / "alertmanager"):
                 shutil.rmtree(stale, ignore_errors=True)
         self.broker = EmbeddedBroker(log_path=o.data_dir / "broker.log").start()
         say(f"broker (tansu) on {self.broker.bootstrap}")
-        self.target = Target(f"chdb://{store.resolve()}", "gpufleet")
+        self.target = Target(f"chdb://{store_dir.resolve()}", "gpufleet")
         cfg = self.cfg
         cfg = msgspec.structs.replace(
             cfg,
@@ -86,10 +86,10 @@ class DemoStack:
         )
         self.cfg = cfg = config_mod.with_clickhouse(cfg, self.target.dsn, self.target.database)
         kafka.ensure_topics(cfg.kafka)
-        store = Store.open(self.target)
-        migrate(store.client, SchemaOptions.from_config(cfg))
-        sync_policy(store, cfg.billing, int(time.time() * 1000))
-        say(f"store (chDB) at {store}")
+        ch = Store.open(self.target, create=True)  # the demo owns its store, so it creates it
+        migrate(ch.client, SchemaOptions.from_config(cfg))
+        sync_policy(ch, cfg.billing, int(time.time() * 1000))
+        say(f"store (chDB) at {store_dir}")
         if o.alertmanager and find_binary():
             self.alertmanager = EmbeddedAlertmanager(o.data_dir / "alertmanager").start()
             say(f"Alertmanager on {self.alertmanager.url}")
@@ -97,7 +97,7 @@ class DemoStack:
             say("Alertmanager not installed (apt-get install prometheus-alertmanager): alerts stay in ClickHouse only")
         self._start_agents()
         say(f"simulated fleet: {o.nodes} nodes x {o.gpus} GPUs, {o.tenants} tenants, faults={o.faults}")
-        self.ingester = build_ingester(cfg, store)
+        self.ingester = build_ingester(cfg, ch)
         self._thread("ingester", self.ingester.run, self.stop_event)
         self._start_evaluator()
         status_store = Store.open(self.target)

@@ -1,4 +1,8 @@
-"""The running demo's state file (`<data-dir>/state.json`): where its store and status API are."""
+"""The demo's state file (`<data-dir>/state.json`): where its store and status API are, and its pid.
+
+The demo writes it once started and leaves it when it stops, so the read commands find the demo's
+store by default (`gpufleet.pipeline.commands.common.resolve`), and ask its API while it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+DEFAULT_DATA_DIR = Path("var/demo")
+"""Where `gpufleet demo` keeps its data, and where the read commands look for it (`--data-dir`)."""
 
 
 @dataclass
@@ -41,6 +48,16 @@ class DemoState:
         except (ProcessLookupError, PermissionError):
             return False
         return True
+
+    def running(self, timeout_s: float = 2) -> bool:
+        """Whether the demo runs: its process is alive and its status API answers `/healthz`."""
+        if not self.alive():
+            return False
+        try:
+            with urllib.request.urlopen(f"{self.status_url}/healthz", timeout=timeout_s):  # noqa: S310 (loopback URL we wrote)
+                return True
+        except OSError:
+            return False
 
     def fetch_status(self, timeout_s: float = 30) -> dict[str, Any] | None:
         """The running demo's status document, or None if its API does not answer."""

@@ -4,8 +4,9 @@
     gpufleet alerts run [--once] [--alertmanager URL] [--rules FILE]
     gpufleet alerts check FILE...               validate rules files, run nothing
 
-While `gpufleet demo` runs it owns the chDB store, so the listing asks the demo's status API
-(as `gpufleet status` does); otherwise it reads the ClickHouse named by the config.
+The listing finds its store as every read command does (`gpufleet.pipeline.commands.common.resolve`):
+while `gpufleet demo` runs it owns the chDB store, so the listing asks the demo's status API (as
+`gpufleet status` does); otherwise it opens the store.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ from typing import Any
 
 import click
 
-from gpufleet import config as config_mod
-from gpufleet.pipeline.commands.common import load_config, target_options
+from gpufleet.errors import StoreError
+from gpufleet.pipeline.commands.common import (
+    demo_status,
+    load_config,
+    open_store,
+    read_options,
+    resolve,
+    target_options,
+)
 
 
 @click.group(invoke_without_command=True)
-@target_options
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/demo"),
-              show_default=True, help="The demo's data directory (used while `gpufleet demo` runs).")
+@read_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def alerts(ctx: click.Context, config_path: str | None, dsn: str | None, database: str | None, data_dir: Path,
@@ -48,35 +54,16 @@ def alerts(ctx: click.Context, config_path: str | None, dsn: str | None, databas
 
 
 def _firing(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> list[dict[str, Any]]:
-    if not dsn and not database:
-        from gpufleet.embedded.demo.state import DemoState
+    source = resolve(config_path, dsn, database, data_dir)
+    if source.demo is None:
+        from gpufleet.pipeline.alerts.state import firing_alerts
 
-        state = DemoState.read(data_dir)
-        if state and state.alive():
-            doc = state.fetch_status()
-            if doc is None or not isinstance(doc.get("alerts_firing"), list):
-                raise click.ClickException(
-                    f"the demo (pid {state.pid}) owns the store, but its status API at {state.status_url} gave "
-                    "no alerts_firing; retry, or stop the demo and run this again"
-                )
-            return list(doc["alerts_firing"])
-        if state:
-            dsn, database = state.dsn, state.database
-    from gpufleet.pipeline.alerts.state import StateError, firing_alerts
-    from gpufleet.pipeline.store import Store
-
-    _, target = load_config(config_path, dsn, database)
-    try:
-        return firing_alerts(Store.open(target))
-    except StateError as exc:
-        raise click.ClickException(str(exc)) from None
-    except Exception as exc:
-        text = str(exc)
-        if "UNKNOWN_TABLE" in text or "UNKNOWN_DATABASE" in text:
-            raise click.ClickException(
-                f"no alerts table in {target.database}: run `gpufleet migrate` (and `gpufleet alerts run`)"
-            ) from None
-        raise
+        return firing_alerts(open_store(source))
+    firing = demo_status(source.demo).get("alerts_firing")
+    if not isinstance(firing, list):
+        raise StoreError(f"the running demo's status API at {source.demo.status_url} gave no alerts_firing: "
+                         "retry, or stop the demo and run this again")
+    return firing
 
 
 @alerts.command("run")
@@ -93,7 +80,7 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
     import msgspec
 
     from gpufleet.pipeline.alerts.evaluator import Evaluator
-    from gpufleet.pipeline.alerts.rules import RulesError, load_rules
+    from gpufleet.pipeline.alerts.rules import load_rules
     from gpufleet.pipeline.store import Store
 
     cfg, target = load_config(config_path, dsn, database)
@@ -103,10 +90,7 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
     if interval_s:
         alerts_cfg = msgspec.structs.replace(alerts_cfg, interval_s=interval_s)
     cfg = msgspec.structs.replace(cfg, alerts=alerts_cfg)
-    try:
-        rules = load_rules(cfg.alerts.rules_file)
-    except RulesError as exc:
-        raise config_mod.ConfigError(str(exc)) from None
+    rules = load_rules(cfg.alerts.rules_file)
     evaluator = Evaluator(cfg, Store.open(target), alertmanager_url=alertmanager_url, rules=rules)
     if once:
         report = evaluator.evaluate_once()

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from gpufleet.pipeline.commands.common import load_config, target_options
-from gpufleet.pipeline.commands.usage import with_store
+from gpufleet.pipeline.commands.common import open_store, read_options, resolve
 
-
-def _open(config_path: str | None, dsn: str | None, database: str | None) -> tuple[Any, Any]:
+if TYPE_CHECKING:
+    from gpufleet.config import Config
     from gpufleet.pipeline.store import Store
 
-    cfg, target = load_config(config_path, dsn, database)
-    return cfg, with_store(lambda: Store.open(target))
+
+def _open(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> tuple[Config, Store]:
+    source = resolve(config_path, dsn, database, data_dir)
+    return source.cfg, open_store(source)
 
 
 def _echo_rows(title: str, rows: list[Any], as_json: bool) -> None:
@@ -39,24 +41,18 @@ def billing() -> None:
 @billing.command("close")
 @click.option("--period", required=True, metavar="YYYY-MM", help="The month to close, e.g. 2026-11.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statement as JSON.")
-@target_options
-def close(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None) -> None:
+@read_options
+def close(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None,
+          data_dir: Path) -> None:
     """Freeze one statement per tenant and GPU model for PERIOD, booking late usage of earlier closed
     periods as adjustments; refuses a period already closed or not yet ended."""
     from gpufleet.pipeline.queries import billing as bill
     from gpufleet.pipeline.queries.policy import sync_policy
 
-    cfg, store = _open(config_path, dsn, database)
+    cfg, store = _open(config_path, dsn, database, data_dir)
     now_ms = int(time.time() * 1000)
-
-    def run() -> bill.CloseResult:
-        sync_policy(store, cfg.billing, now_ms)
-        try:
-            return bill.close_period(store, period, now_ms)
-        except bill.BillingError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    result = with_store(run)
+    sync_policy(store, cfg.billing, now_ms)
+    result = bill.close_period(store, period, now_ms)
     if as_json:
         click.echo(json.dumps({"period": result.period, "checksum": result.checksum,
                                "statements": [asdict(r) for r in result.statements],
@@ -71,15 +67,16 @@ def close(period: str, as_json: bool, config_path: str | None, dsn: str | None, 
 @billing.command("show")
 @click.option("--period", required=True, metavar="YYYY-MM")
 @click.option("--json", "as_json", is_flag=True)
-@target_options
-def show(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None) -> None:
+@read_options
+def show(period: str, as_json: bool, config_path: str | None, dsn: str | None, database: str | None,
+         data_dir: Path) -> None:
     """Print a closed period's statement and the adjustments booked with it."""
     from gpufleet.pipeline.queries import billing as bill
 
-    _, store = _open(config_path, dsn, database)
-    if period not in with_store(lambda: bill.closed_periods(store)):
-        raise click.ClickException(f"period {period} is not closed: close it with 'gpufleet billing close'")
-    stmts, adjs = with_store(lambda: bill.statements(store, period))
+    _, store = _open(config_path, dsn, database, data_dir)
+    if period not in bill.closed_periods(store):
+        raise bill.BillingError(f"period {period} is not closed: close it with 'gpufleet billing close'")
+    stmts, adjs = bill.statements(store, period)
     if as_json:
         click.echo(json.dumps({"statements": [asdict(r) for r in stmts],
                                "adjustments": [asdict(r) for r in adjs]}, indent=2))
@@ -89,27 +86,29 @@ def show(period: str, as_json: bool, config_path: str | None, dsn: str | None, d
 
 
 @billing.command("pending")
-@target_options
-def pending(config_path: str | None, dsn: str | None, database: str | None) -> None:
+@read_options
+def pending(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> None:
     """Usage of closed periods that arrived after their close, to be booked at the next close (JSON)."""
     from gpufleet.pipeline.queries import billing as bill
 
-    _, store = _open(config_path, dsn, database)
-    found = with_store(lambda: bill.pending_adjustments(store))
+    _, store = _open(config_path, dsn, database, data_dir)
+    found = bill.pending_adjustments(store)
     click.echo(json.dumps({p: [{"tenant": t, "gpu_model": m, **asdict(d)} for (t, m), d in rows.items()]
                            for p, rows in found.items()}, indent=2))
 
 
 @billing.command("verify")
-@target_options
-def verify(config_path: str | None, dsn: str | None, database: str | None) -> None:
+@read_options
+def verify(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> None:
     """Recompute every statement and adjustment checksum; exit 1 if any row was altered."""
     from gpufleet.pipeline.queries import billing as bill
 
-    _, store = _open(config_path, dsn, database)
-    problems = with_store(lambda: bill.verify(store))
+    _, store = _open(config_path, dsn, database, data_dir)
+    problems = bill.verify(store)
     for p in problems:
         click.echo(p, err=True)
     if problems:
-        raise SystemExit(1)
+        raise bill.BillingError(f"{len(problems)} billing row(s) above do not match their checksums: they were "
+                                "changed after their period closed; restore them from a backup (statements are "
+                                "immutable, docs/aggregations.md)")
     click.echo("all billing checksums match")

@@ -1,15 +1,36 @@
-"""Options and set-up shared by the pipeline's commands: config, ClickHouse target overrides."""
+"""Options and set-up shared by the pipeline's commands: config, the ClickHouse target, the front door.
+
+Writers (`ingest`, `migrate`, `alerts run`, `tenants create`) take `target_options` and use the
+config's store. Readers (`status`, `usage`, `billing`, `alerts`, `dashboards preview`, `tenants sql`)
+take `read_options` and find their store with `resolve`, the same way for all:
+
+1. `--dsn`, else
+2. `clickhouse.dsn` when the config file sets it, else
+3. the demo's store, from `<--data-dir>/state.json` (default `var/demo`), else
+4. the default `clickhouse.dsn`.
+
+A reader creates nothing: `open_store` refuses a store that does not exist or lacks the schema, and a
+store the running demo holds open (chDB lets one process open a store), pointing to the demo's API.
+"""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gpufleet import config as config_mod
 from gpufleet.config import Config
+from gpufleet.embedded.demo.state import DEFAULT_DATA_DIR, DemoState
+from gpufleet.errors import StoreError
 from gpufleet.pipeline.store.client import Target
+
+if TYPE_CHECKING:
+    from gpufleet.pipeline.store import Store
 
 
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -20,8 +41,85 @@ def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
                         help="gpufleet YAML config (or $GPUFLEET_CONFIG).")(f)
 
 
+def read_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`target_options` and `--data-dir`: the options of every read command (see `resolve`)."""
+    f = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
+                     show_default=True,
+                     help="The demo's data directory: its store is read unless --dsn or the config names one.")(f)
+    return target_options(f)
+
+
 def load_config(config_path: str | None, dsn: str | None, database: str | None) -> tuple[Config, Target]:
-    """The validated config with command-line ClickHouse overrides applied, and its target."""
-    cfg = config_mod.load(config_path)
+    """The validated config with command-line ClickHouse overrides applied, and its target (a writer's)."""
+    loaded = config_mod.load_file(config_path)
+    cfg = loaded.config
+    origin = "from --dsn" if dsn else _config_origin(loaded)
     cfg = config_mod.with_clickhouse(cfg, dsn or cfg.clickhouse.dsn, database or cfg.clickhouse.database)
-    return cfg, Target(cfg.clickhouse.dsn, cfg.clickhouse.database)
+    return cfg, Target(cfg.clickhouse.dsn, cfg.clickhouse.database, origin)
+
+
+def _config_origin(loaded: config_mod.Loaded) -> str:
+    if "clickhouse.dsn" in loaded.keys:
+        return f"clickhouse.dsn in {loaded.source}"
+    return "the default clickhouse.dsn"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a read command reads: the config pointed at the store, the store, and the demo when it holds it."""
+
+    cfg: Config
+    target: Target
+    demo: DemoState | None = None
+    """The running demo that has `target` open: ask its status API, the store cannot be opened."""
+
+
+def resolve(config_path: str | None, dsn: str | None, database: str | None,
+            data_dir: Path = DEFAULT_DATA_DIR) -> Source:
+    """The store a read command reads (precedence in the module docstring); opens nothing."""
+    loaded = config_mod.load_file(config_path)
+    cfg = loaded.config
+    state = DemoState.read(data_dir)
+    if dsn:
+        origin = "from --dsn"
+    elif "clickhouse.dsn" in loaded.keys:
+        dsn, origin = cfg.clickhouse.dsn, _config_origin(loaded)
+    elif state is not None:
+        dsn, origin = state.dsn, f"the demo's store, from {DemoState.path(data_dir)}"
+        database = database or state.database
+    else:
+        dsn, origin = cfg.clickhouse.dsn, f"the default clickhouse.dsn; no demo state in {data_dir}"
+    target = Target(dsn, database or cfg.clickhouse.database, origin)
+    demo = state if state is not None and state.dsn == target.dsn and state.running() else None
+    return Source(config_mod.with_clickhouse(cfg, target.dsn, target.database), target, demo)
+
+
+def open_store(source: Source) -> Store:
+    """The source's store, which must exist and hold the schema; creates nothing."""
+    from gpufleet.pipeline.store import Store
+    from gpufleet.pipeline.store.migrate import require_schema
+
+    if source.demo is not None:
+        raise StoreError(
+            f"the running demo (pid {source.demo.pid}) has the store at {source.target.where()} open, and chDB "
+            "lets one process open a store: stop the demo (Ctrl-C) and run this again, or read through its "
+            f"API (`gpufleet status --json`, `gpufleet alerts --json`, {source.demo.status_url}/status)")
+    store = Store.open(source.target)
+    require_schema(store, source.target.where(), migrate_hint(source.target))
+    return store
+
+
+def demo_status(demo: DemoState) -> dict[str, Any]:
+    """The running demo's status document, from its API; `StoreError` when the API does not answer."""
+    doc = demo.fetch_status()
+    if doc is None:
+        raise StoreError(f"the running demo (pid {demo.pid}) has the store open, but its status API at "
+                         f"{demo.status_url} did not answer: retry, or stop the demo and run this again")
+    return doc
+
+
+def migrate_hint(target: Target) -> str:
+    """The `gpufleet migrate` command line that creates the schema `target` names (the DSN redacted)."""
+    from gpufleet.dsn import redact
+
+    return f"gpufleet migrate --dsn {shlex.quote(redact(target.dsn))} --database {target.database}"

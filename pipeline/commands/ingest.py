@@ -38,7 +38,7 @@ def ingest(config_path: str | None, dsn: str | None, database: str | None, boots
         cfg = msgspec.structs.replace(cfg, kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=bootstrap))
     validate_startup(cfg, role="ingest", network=True)  # every config problem named, before any data moves
     try:
-        store = Store.open(target)
+        store = Store.open(target, create=True)
     except StoreError as exc:  # e.g. wrong credentials: the DSN is redacted in the message
         raise ConfigError(f"clickhouse.dsn: {exc}") from None
     if not no_migrate:

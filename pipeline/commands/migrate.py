@@ -14,6 +14,6 @@ from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 def migrate_cmd(config_path: str | None, dsn: str | None, database: str | None) -> None:
     """Create or upgrade the ClickHouse schema; safe to run any number of times."""
     cfg, target = load_config(config_path, dsn, database)
-    applied = migrate(connect(target), SchemaOptions.from_config(cfg))
+    applied = migrate(connect(target, create=True), SchemaOptions.from_config(cfg))
     where = f"{redact(target.dsn)} database {target.database}"
     click.echo(f"applied migrations {applied} to {where}" if applied else f"schema up to date on {where}")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from gpufleet.pipeline.commands.common import load_config, target_options
+from gpufleet.errors import StoreError, UsageError, first_line
+from gpufleet.pipeline.commands.common import load_config, read_options, resolve, target_options
 from gpufleet.pipeline.store import tenants as tenants_mod
 
 PASSWORD_FILE = click.option(
@@ -29,7 +30,7 @@ def read_or_create_password(path: Path) -> tuple[str, bool]:
     except FileExistsError:
         return _read_password(path), False
     except OSError as exc:
-        raise click.ClickException(f"cannot create --password-file {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot create --password-file {path}: {exc.strerror}") from None
     password = tenants_mod.new_password()
     with os.fdopen(fd, "w") as f:
         f.write(password + "\n")
@@ -40,9 +41,9 @@ def _read_password(path: Path) -> str:
     try:
         password = path.read_text().rstrip("\r\n")
     except OSError as exc:
-        raise click.ClickException(f"cannot read --password-file {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read --password-file {path}: {exc.strerror}") from None
     if not password:
-        raise click.ClickException(f"--password-file {path} is empty: delete it to have one generated")
+        raise UsageError(f"--password-file {path} is empty: delete it to have one generated")
     return password
 
 
@@ -54,10 +55,11 @@ def tenants() -> None:
 @tenants.command("sql")
 @TENANT
 @PASSWORD_FILE
-@target_options
-def sql_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: str | None, database: str | None) -> None:
+@read_options
+def sql_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: str | None, database: str | None,
+            data_dir: Path) -> None:
     """Print the SQL that `tenants create` runs (for clickhouse-client or a review); changes nothing in ClickHouse."""
-    _, target = load_config(config_path, dsn, database)
+    target = resolve(config_path, dsn, database, data_dir).target
     password, created = read_or_create_password(password_file)
     salt = tenants_mod.new_salt()
     click.echo(tenants_mod.script(tenant, target.database, tenants_mod.password_hash(password, salt), salt), nl=False)
@@ -72,11 +74,11 @@ def sql_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: str 
 def create_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: str | None,
                database: str | None) -> None:
     """Create (or update) the tenant's read-only user and its row policies on the ClickHouse server."""
-    from gpufleet.pipeline.store.client import connect, redact
+    from gpufleet.pipeline.store.client import connect
 
     _, target = load_config(config_path, dsn, database)
     if target.embedded:
-        raise click.ClickException(
+        raise UsageError(
             "chDB (the embedded engine) has no user management: tenant users need a ClickHouse server "
             "(--dsn http(s)://admin@host:8123); `gpufleet tenants sql` prints the statements")
     client = connect(target)
@@ -88,10 +90,9 @@ def create_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: s
         try:
             client.command(statement)
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise click.ClickException(
+            raise StoreError(
                 f"statement {n} of {len(statements)} ({' '.join(statement.split(' ', 3)[:3])} ...) failed on "
-                f"{redact(target.dsn)}: {first}; the connecting user needs ACCESS MANAGEMENT "
+                f"{target.where()}: {first_line(exc)}; the connecting user needs ACCESS MANAGEMENT "
                 "(access_management = 1) and the grants it hands on") from None
     user = tenants_mod.user_name(tenant)
     where = "a new password was written to" if created else "its password is in"

@@ -7,14 +7,13 @@ import datetime as dt
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import click
 
-from gpufleet.pipeline.commands.common import load_config, target_options
-
-T = TypeVar("T")
+from gpufleet.pipeline.commands.common import open_store, read_options, resolve
 
 _TABLE_COLUMNS = (
     ("hour", "hour (UTC)"), ("tenant", "tenant"), ("gpu_model", "GPU model"), ("gpus", "GPUs"),
@@ -70,40 +69,23 @@ def render(rows: Sequence[dict[str, Any]], fmt: str, columns: Sequence[str]) -> 
     return console.export_text().rstrip("\n")
 
 
-def with_store(action: Callable[[], T]) -> T:
-    """Run a ClickHouse action, turning its failures into a clear command-line error."""
-    try:
-        return action()
-    except click.ClickException:
-        raise
-    except Exception as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        hint = " (run 'gpufleet migrate' first)" if "UNKNOWN_TABLE" in text or "does not exist" in text else ""
-        raise click.ClickException(f"{text}{hint}") from None
-
-
 @click.command("usage")
 @click.option("--from", "from_", metavar="TIME", help="First hour (UTC, ISO-8601); default: the earliest.")
 @click.option("--to", "to", metavar="TIME", help="End, exclusive (UTC, ISO-8601); default: the latest.")
 @click.option("--tenant", help="Only this tenant.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@target_options
+@read_options
 def usage(from_: str | None, to: str | None, tenant: str | None, fmt: str,
-          config_path: str | None, dsn: str | None, database: str | None) -> None:
+          config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> None:
     """Hourly usage per tenant and GPU model: allocated, unhealthy and billable GPU time, idle time,
     reporting gaps, energy, utilization and MFU (docs/aggregations.md explains every column)."""
     from gpufleet.pipeline.queries.policy import sync_policy
     from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
-    from gpufleet.pipeline.store import Store
 
     from_ms, to_ms = parse_time(from_, "--from"), parse_time(to, "--to")
     if from_ms is not None and to_ms is not None and to_ms <= from_ms:
         raise click.BadParameter("--to must be after --from", param_hint="--to")
-    cfg, target = load_config(config_path, dsn, database)
-    store = with_store(lambda: Store.open(target))
-
-    def read() -> list[dict[str, Any]]:
-        sync_policy(store, cfg.billing, int(time.time() * 1000))
-        return usage_rows(store, from_ms, to_ms, tenant)
-
-    click.echo(render(with_store(read), fmt, USAGE_COLUMNS))
+    source = resolve(config_path, dsn, database, data_dir)
+    store = open_store(source)
+    sync_policy(store, source.cfg.billing, int(time.time() * 1000))
+    click.echo(render(usage_rows(store, from_ms, to_ms, tenant), fmt, USAGE_COLUMNS))

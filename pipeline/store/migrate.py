@@ -12,17 +12,24 @@ import hashlib
 import string
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from gpufleet.errors import GpufleetError, StoreError, first_line
 from gpufleet.pipeline.store.client import check_database_name
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
     from gpufleet.config import Config
+    from gpufleet.pipeline.store.store import Store
 
 
-class MigrationError(RuntimeError):
+SCHEMA_TABLE_EXISTS: Final = (
+    "SELECT count() FROM system.tables WHERE database = {name:String} AND name = 'schema_migrations'")
+APPLIED_VERSION: Final = "SELECT max(version) FROM {db:Identifier}.schema_migrations FINAL"
+
+
+class MigrationError(GpufleetError, RuntimeError):
     """A migration failed or an applied one was changed since."""
 
 
@@ -81,6 +88,21 @@ def statements(migration: Migration, options: SchemaOptions) -> list[str]:
     return [p.strip().rstrip(";") for p in parts if p.strip()]
 
 
+def require_schema(store: Store, where: str, hint: str = "gpufleet migrate") -> None:
+    """Raise `StoreError` (run `hint`) unless the store's database holds this version's schema; changes nothing.
+
+    `where` names the store in the message. Readers call this once, so a store that was never
+    migrated (or migrated by an older gpufleet) is one clear line, not a missing-table error later.
+    """
+    if not store.rows(SCHEMA_TABLE_EXISTS, {"name": store.database})[0][0]:
+        raise StoreError(f"{where} has no gpufleet schema in database {store.database}: create it with `{hint}`")
+    applied = int(store.rows(APPLIED_VERSION)[0][0])
+    latest = available()[-1].version
+    if applied < latest:
+        raise StoreError(f"the schema in {where} database {store.database} is at version {applied}, this gpufleet "
+                         f"reads version {latest}: upgrade it with `{hint}`")
+
+
 def migrate(client: Client, options: SchemaOptions) -> list[int]:
     """Apply every migration not yet applied; returns the versions applied now."""
     db = check_database_name(options.database)
@@ -109,7 +131,7 @@ def migrate(client: Client, options: SchemaOptions) -> list[int]:
             try:
                 client.command(stmt)
             except Exception as exc:
-                raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from None
+                raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {first_line(exc)}") from None
         client.insert(
             f"{db}.schema_migrations", [[m.version, m.name, m.checksum]],
             column_names=["version", "name", "checksum"],

@@ -35,9 +35,10 @@ class Store:
         check_database_name(self.database)
 
     @classmethod
-    def open(cls, target: Target) -> Store:
-        """Open `target`'s ClickHouse with its database bound (see `connect`)."""
-        return cls(connect(target), target.database)
+    def open(cls, target: Target, *, create: bool = False) -> Store:
+        """Open `target`'s ClickHouse with its database bound (see `connect`: only writers that own a
+        store pass `create=True`)."""
+        return cls(connect(target, create=create), target.database)
 
     def table(self, name: str) -> str:
         """`name` qualified with the store's database (the one place a table name is qualified)."""

@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gpufleet.pipeline.commands.billing import billing as billing_cmd
+from gpufleet.cli import cli
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.queries import billing
 from gpufleet.pipeline.queries.billing import (
@@ -155,6 +155,13 @@ def test_an_altered_row_is_detected(ch_target, ch_client) -> None:
     ch_client.command(f"ALTER TABLE {db}.billing_statements UPDATE billable_ms = 1 WHERE tenant = 'beta' "
                       "SETTINGS mutations_sync = 2")
     assert verify(store) == [f"StatementRow 2026-11 beta/{H100}: checksum mismatch"]
+    out = CliRunner().invoke(cli, ["billing", "verify", "--dsn", ch_target.dsn, "--database", db])
+    assert out.exit_code == 1
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"StatementRow 2026-11 beta/{H100}: checksum mismatch",
+        "gpufleet: 1 billing row(s) above do not match their checksums: they were changed after their period "
+        "closed; restore them from a backup (statements are immutable, docs/aggregations.md)"]
 
 
 def test_billing_command(ch_target, ch_client, monkeypatch) -> None:
@@ -165,19 +172,19 @@ def test_billing_command(ch_target, ch_client, monkeypatch) -> None:
     insert_reports(store, [_second(i, i, base=october) for i in range(4)], ingest_ms=october + 10_000)
     target = ["--dsn", ch_target.dsn, "--database", db]
     runner = CliRunner()
-    out = runner.invoke(billing_cmd, ["close", "--period", "2026-10", *target])
+    out = runner.invoke(cli, ["billing", "close", "--period", "2026-10", *target])
     assert out.exit_code == 0, out.output
     assert out.output.startswith("closed 2026-10: 2 statement rows, 0 adjustment rows")
-    out = runner.invoke(billing_cmd, ["close", "--period", "2026-10", *target])
+    out = runner.invoke(cli, ["billing", "close", "--period", "2026-10", *target])
     assert out.exit_code == 1
     assert "period 2026-10 was already closed" in out.output
-    out = runner.invoke(billing_cmd, ["show", "--period", "2026-10", "--json", *target])
+    out = runner.invoke(cli, ["billing", "show", "--period", "2026-10", "--json", *target])
     shown = json.loads(out.output)
     # acme: 2 GPUs x 4 s, GPU 1 failing in seconds 0-2
     assert [(s["tenant"], s["allocated_ms"], s["billable_ms"]) for s in shown["statements"]] == [
         ("acme", 8_000, 5_000), ("beta", 4_000, 4_000)]
-    assert runner.invoke(billing_cmd, ["verify", *target]).exit_code == 0
-    assert json.loads(runner.invoke(billing_cmd, ["pending", *target]).output) == {}
-    out = runner.invoke(billing_cmd, ["close", "--period", "2026-1", *target])
+    assert runner.invoke(cli, ["billing", "verify", *target]).exit_code == 0
+    assert json.loads(runner.invoke(cli, ["billing", "pending", *target]).output) == {}
+    out = runner.invoke(cli, ["billing", "close", "--period", "2026-1", *target])
     assert out.exit_code == 1
     assert "write it as YYYY-MM" in out.output

@@ -63,7 +63,7 @@ def _ingester(cfg: Config, client=None) -> Ingester:
 def connect_target(cfg: Config):
     from gpufleet.pipeline.store.client import Target
 
-    return connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database))
+    return connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database), create=True)
 
 
 def _enc(r) -> tuple[bytes, bytes]:

@@ -46,7 +46,7 @@ class _Tripwire:
 def main(config_path: str, point: str) -> None:
     cfg = load(config_path)
     what, _, n = point.partition(":")
-    client = connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database))
+    client = connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database), create=True)
     migrate(client, SchemaOptions(database=cfg.clickhouse.database))
     sync_policy(Store(client, cfg.clickhouse.database), cfg.billing, 0)
     ref: list[Ingester] = []

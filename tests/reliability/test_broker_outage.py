@@ -60,7 +60,8 @@ class IngestThread:
     """The real ingester on the test's database, in a thread, until stopped."""
 
     def __init__(self, cfg: Config) -> None:
-        self.ingester = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
+        store = Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database), create=True)
+        self.ingester = build_ingester(cfg, store)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.ingester.run, args=(self.stop_event,), daemon=True)
 

@@ -75,7 +75,7 @@ def _committed(broker: EmbeddedBroker, topic: str) -> int:
 
 class _Running:
     def __init__(self, cfg: Config) -> None:
-        self.ing = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
+        self.ing = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database), create=True))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.ing.run, args=(self.stop,), daemon=True)
 

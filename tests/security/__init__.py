@@ -88,7 +88,7 @@ def produce(cfg: Config, items: Sequence[tuple[bytes | None, bytes]]) -> None:
 def running_ingester(cfg: Config) -> Iterator[Ingester]:
     """An ingester on its own thread (its own store client), stopped and closed on exit."""
     kafka.ensure_topics(cfg.kafka)
-    ing = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database)))
+    ing = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database), create=True))
     stop = threading.Event()
     thread = threading.Thread(target=ing.run, args=(stop,), daemon=True, name="test-ingester")
     thread.start()

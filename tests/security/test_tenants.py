@@ -29,6 +29,7 @@ from xml.sax.saxutils import escape
 import pytest
 from click.testing import CliRunner
 
+from gpufleet.cli import cli
 from gpufleet.pipeline.commands.tenants import tenants as tenants_cli
 from gpufleet.pipeline.store import tenants
 from tests.security import HOSTILE, kafka_debug_logging
@@ -113,7 +114,7 @@ _WRITE = textwrap.dedent("""
     from gpufleet.pipeline.queries.policy import sync_policy
     from tests.builders import gpu, report
     dsn, db, tenants = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    client = connect(Target(dsn, db))
+    client = connect(Target(dsn, db), create=True)
     migrate(client, SchemaOptions(database=db, raw_ttl_days=3650))
     store = Store(client, db)
     now = int(time.time()) // 60 * 60000
@@ -238,17 +239,15 @@ def test_tenants_sql_prints_the_script_and_keeps_the_password_in_its_file(tmp_pa
 
 
 def test_tenants_create_on_chdb_says_a_server_is_needed(tmp_path: Path) -> None:
-    result = CliRunner().invoke(tenants_cli, ["create", "--tenant", "acme", "--password-file", str(tmp_path / "p"),
-                                              "--dsn", f"chdb://{tmp_path / 'store'}"], env={"GPUFLEET_CONFIG": ""})
-    assert result.exit_code == 1
+    result = CliRunner().invoke(cli, ["tenants", "create", "--tenant", "acme", "--password-file", str(tmp_path / "p"),
+                                      "--dsn", f"chdb://{tmp_path / 'store'}"], env={"GPUFLEET_CONFIG": ""})
+    assert result.exit_code == 2
     assert "chDB (the embedded engine) has no user management" in result.output
     assert "gpufleet tenants sql" in result.output
     assert not (tmp_path / "p").exists()
 
 
 def test_the_cli_registers_the_group() -> None:
-    from gpufleet.cli import cli
-
     with kafka_debug_logging():  # the group's callback sets logger levels: restore them for later tests
         result = CliRunner().invoke(cli, ["tenants", "--help"])
     assert result.exit_code == 0
