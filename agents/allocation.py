@@ -43,7 +43,7 @@ from typing import Annotated, Protocol, runtime_checkable
 import msgspec
 
 from gpufleet.config import AllocationConfig, ConfigError
-from gpufleet.errors import GpufleetError
+from gpufleet.errors import USAGE, GpufleetError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class AllocationSource(Protocol):
 
 class AllocationFileError(GpufleetError, ValueError):
     """An allocation file that cannot be used; the text says what is wrong."""
+
+    exit_code = USAGE
 
 
 class NoAllocationSource:

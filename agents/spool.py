@@ -46,7 +46,7 @@ from pathlib import Path
 
 import crc32c
 
-from gpufleet.errors import GpufleetError
+from gpufleet.errors import USAGE, GpufleetError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ _SUFFIX = ".msg"
 
 class SpoolError(GpufleetError, RuntimeError):
     """The spool directory cannot be used; the message says why and what to do."""
+
+    exit_code = USAGE
 
 
 @dataclass(frozen=True, slots=True)
