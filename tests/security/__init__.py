@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,36 @@ def kafka_debug_logging() -> Iterator[None]:
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+class EchoingServer:
+    """An HTTP server that refuses every request with `status`, echoing the request (headers too) in its body,
+    as a misconfigured proxy might: the worst case for an error message that quotes the response."""
+
+    def __init__(self, status: int, body: str) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                sent = self.rfile.read(length)
+                data = f"{outer.body} (request {self.path} {dict(self.headers)} {sent[:100]!r})".encode()
+                self.send_response(outer.status)
+                self.send_header("X-ClickHouse-Exception-Code", "516")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = _reply
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.status, self.body = status, body
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -14,9 +14,7 @@ from __future__ import annotations
 import base64
 import logging
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
@@ -28,7 +26,7 @@ from gpufleet.embedded.broker import free_port
 from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError
 from gpufleet.pipeline.store.client import StoreError, Target, connect, redact
 from tests.builders import report
-from tests.security import ingest_config, kafka_debug_logging, produce, running_ingester, wait_for
+from tests.security import EchoingServer, ingest_config, kafka_debug_logging, produce, running_ingester, wait_for
 
 pytestmark = pytest.mark.integration  # starts a server or a process
 
@@ -57,39 +55,6 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> str:
 def _kafka_loggers() -> Iterator[None]:
     with kafka_debug_logging():
         yield
-
-
-class EchoingServer:
-    """An HTTP server that refuses every request with `status`, echoing the request (headers too) in its body,
-    as a misconfigured proxy might: the worst case for an error message that quotes the response."""
-
-    def __init__(self, status: int, body: str) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                sent = self.rfile.read(length)
-                data = f"{outer.body} (request {self.path} {dict(self.headers)} {sent[:100]!r})".encode()
-                self.send_response(outer.status)
-                self.send_header("X-ClickHouse-Exception-Code", "516")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = _reply
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.status, self.body = status, body
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -155,6 +120,44 @@ def test_ingest_command_with_a_password_in_the_dsn_prints_it_nowhere(refusing_cl
     assert_clean(out.out + out.err + all_logs(caplog), CH_SECRET)
 
 
+SLASH_SECRET = "pa/ss-S3cret"
+QUERY_SECRET = "q-S3cret-xyz"
+DSN_FORMS = {
+    # a password holding an unencoded "/": urlsplit ends the host part there, so the rest looked like a path
+    "slash": ("http://gpufleet:{secret}@127.0.0.1:{port}", SLASH_SECRET, "http://gpufleet:***@127.0.0.1:{port}"),
+    "query": ("http://gpufleet@127.0.0.1:{port}/?password={secret}", QUERY_SECRET,
+              "http://gpufleet@127.0.0.1:{port}/?password=***"),
+}
+
+
+@pytest.mark.parametrize("form", list(DSN_FORMS))
+def test_no_command_prints_a_dsn_password_in_any_form(form: str, refusing_clickhouse: EchoingServer, broker,
+                                                      caplog, monkeypatch, capsys, tmp_path) -> None:
+    from gpufleet.cli import main
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.chdir(tmp_path)
+    for name in ("GPUFLEET_CONFIG", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_PASSWORD_FILE", "CLICKHOUSE_USER"):
+        monkeypatch.delenv(name, raising=False)
+    template, secret, shown = DSN_FORMS[form]
+    texts = []
+    for port in (refusing_clickhouse.port, free_port()):
+        dsn = template.format(secret=secret, port=port)
+        for command in (["usage"], ["status"], ["migrate"], ["ingest", "--bootstrap", broker.bootstrap]):
+            for verbose in ([], ["-vv"]):
+                monkeypatch.setattr(sys, "argv", ["gpufleet", *verbose, *command, "--dsn", dsn])
+                with pytest.raises(SystemExit) as exc:
+                    main()
+                out = capsys.readouterr()
+                assert exc.value.code == 2, (command, out.err)
+                # the DSN, redacted; ingest's start-up check names only the address it could not reach
+                assert (shown.format(port=port) in out.err
+                        or f"ClickHouse at 127.0.0.1:{port} does not answer" in out.err), (command, out.err)
+                texts.append(out.out + out.err)
+    assert "AUTHENTICATION_FAILED" in "\n".join(texts)  # the refusing server's echo was shown, scrubbed
+    assert_clean("\n".join(texts) + all_logs(caplog), secret)
+
+
 def test_alertmanager_and_grafana_credentials_stay_out_of_errors_and_logs(caplog) -> None:
     from gpufleet.dashboards.deploy import DeployError, run
 
@@ -181,6 +184,10 @@ def test_alertmanager_and_grafana_credentials_stay_out_of_errors_and_logs(caplog
 
 def test_redact_hides_passwords_that_contain_at_signs_and_colons() -> None:
     assert redact("http://u:p@ss:w@rd@ch:8123/db?x=@y") == "http://u:***@ch:8123/db?x=@y"
+    assert redact("http://u:pa/ss@ch:8123/db") == "http://u:***@ch:8123/db"
+    assert redact("http://u:a/b@c/d@ch") == "http://u:***@ch"
+    assert redact("https://ch:8443/?user=u&password=p%2Fw&x=1#frag") == "https://ch:8443/?user=u&password=***&x=1#frag"
+    assert redact("http://ch/db?Password=p;access_token=t") == "http://ch/db?Password=***;access_token=***"
     assert redact("https://u:s3cret@ch") == "https://u:***@ch"
     assert redact("chdb:///var/lib/gpufleet") == "chdb:///var/lib/gpufleet"
 
