@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.cli import report
 from gpufleet.embedded.broker import free_port
 from gpufleet.errors import GpufleetError
 from tests.security import EchoingServer
@@ -151,6 +150,8 @@ def test_a_refusing_clickhouse_is_one_line(command: str, refusing_clickhouse: Ec
 
 
 def test_an_unexpected_error_is_one_line_with_a_hint(capsys) -> None:
+    from gpufleet.cli import report
+
     assert report(ZeroDivisionError("division by zero\nsecond line"), verbose=False) == 1
     assert capsys.readouterr().err == ("gpufleet: unexpected error: ZeroDivisionError: division by zero; rerun "
                                        "with -v for the traceback\n")

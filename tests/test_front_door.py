@@ -24,7 +24,6 @@ import pytest
 
 from gpufleet.dashboards import build
 from gpufleet.embedded.demo.state import DemoState
-from gpufleet.pipeline.commands.common import resolve
 from gpufleet.pipeline.store.client import DEFAULT_DSN, Target
 
 NODES, GPUS = 2, 2
@@ -215,6 +214,8 @@ def test_a_store_without_the_schema_says_to_migrate_and_creates_no_database(tmp_
 
 
 def test_the_store_is_found_in_one_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpufleet.pipeline.commands.common import resolve
+
     monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # its pid names no running demo
