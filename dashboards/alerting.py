@@ -37,6 +37,7 @@ from gpufleet.pipeline.alerts.rules import (
     NodeSilent,
     duration_ms,
     packaged_rules,
+    runbook_link,
 )
 from gpufleet.pipeline.queries import formulas
 
@@ -273,15 +274,16 @@ def _uid(name: str) -> str:
     return f"gpufleet-{out}"[:40]
 
 
-def grafana_rule(rule: AnyRule) -> JSON:
-    """One rule in Grafana's file-provisioning shape (also what its provisioning API takes)."""
+def grafana_rule(rule: AnyRule, runbook_base: str | None = None) -> JSON:
+    """One rule in Grafana's file-provisioning shape (also what its provisioning API takes); a relative
+    `runbook_url` goes under `runbook_base` (`alerts.runbook_base_url`), as in the evaluator's alerts."""
     q = query_for(rule)
     summary = _SUMMARIES[type(rule)]
     if isinstance(rule, MfuBelowTarget) and "tenant" in rule.by:
         summary = "Tenant {{ $labels.tenant }}: " + summary
     annotations = {"summary": summary, "description": (type(rule).__doc__ or "").strip()}
     if runbook := rule.annotations.get("runbook_url"):
-        annotations["runbook_url"] = runbook
+        annotations["runbook_url"] = runbook_link(runbook, runbook_base)
     return {
         "uid": _uid(rule.name),
         "title": rule.name,
@@ -328,8 +330,9 @@ def rules() -> list[AnyRule]:
     return list(packaged_rules(DEFAULT_RULES).rules)
 
 
-def provisioning() -> JSON:
-    """The whole `provisioning/alerting/gpufleet-rules.yaml` document."""
+def provisioning(runbook_base: str | None = None) -> JSON:
+    """The whole `provisioning/alerting/gpufleet-rules.yaml` document (committed with repository-relative
+    runbook links; `gpufleet dashboards deploy` puts them under `alerts.runbook_base_url`)."""
     return {
         "apiVersion": 1,
         "groups": [
@@ -338,7 +341,7 @@ def provisioning() -> JSON:
                 "name": GROUP,
                 "folder": FOLDER_TITLE,
                 "interval": GROUP_INTERVAL,
-                "rules": [grafana_rule(r) for r in rules()],
+                "rules": [grafana_rule(r, runbook_base) for r in rules()],
             }
         ],
     }

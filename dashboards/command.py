@@ -87,16 +87,20 @@ def preview_cmd(out_dir: Path, from_: str | None, to: str | None, config_path: s
 @click.option("--url", required=True, envvar="GRAFANA_URL", help="Grafana base URL (or $GRAFANA_URL).")
 @click.option("--token", help="Service-account token. Prefer --token-file or $GRAFANA_TOKEN (not in shell history).")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True), help="File holding the token.")
-def deploy_cmd(url: str, token: str | None, token_file: str | None) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="GPUFLEET_CONFIG",
+              help="gpufleet YAML config (or $GPUFLEET_CONFIG): alerts.runbook_base_url for the rules' runbook links.")
+def deploy_cmd(url: str, token: str | None, token_file: str | None, config_path: str | None) -> None:
     """Create or update the folder, datasource, boards and alert rules in a running Grafana (idempotent).
 
     The datasource's connection comes from this environment, as for the provisioning file:
     CLICKHOUSE_HOST, CLICKHOUSE_PORT, CLICKHOUSE_USER, CLICKHOUSE_DATABASE and CLICKHOUSE_PASSWORD
     (or CLICKHOUSE_PASSWORD_FILE).
     """
+    from gpufleet import config as config_mod
     from gpufleet.dashboards.deploy import read_token, run
 
-    report = run(url, read_token(token, token_file))
+    cfg = config_mod.load(config_path)
+    report = run(url, read_token(token, token_file), runbook_base=cfg.alerts.runbook_base_url)
     click.echo(f"created {len(report.created)}, updated {len(report.updated)} in {url}")
     for what in report.created:
         click.echo(f"  created {what}")

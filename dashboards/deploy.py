@@ -97,8 +97,9 @@ def _seconds(duration: str) -> int:
     return int(go_duration_seconds(duration))
 
 
-def deploy(api: GrafanaApi, env: Mapping[str, str]) -> DeployReport:
-    """Create or update the folder, datasource, boards and alert rules; returns what it did."""
+def deploy(api: GrafanaApi, env: Mapping[str, str], runbook_base: str | None = None) -> DeployReport:
+    """Create or update the folder, datasource, boards and alert rules (runbook links under `runbook_base`,
+    `alerts.runbook_base_url`); returns what it did."""
     report = DeployReport()
 
     def note(created: bool, what: str) -> None:
@@ -130,7 +131,7 @@ def deploy(api: GrafanaApi, env: Mapping[str, str]) -> DeployReport:
         })
         note(not existed, f"dashboard {board.uid}")
 
-    group = alerting.provisioning()["groups"][0]
+    group = alerting.provisioning(runbook_base)["groups"][0]
     for rule in group["rules"]:
         body = rule_payload(rule)
         if _exists(api.alertingprovisioning.get_alertrule, rule["uid"]):
@@ -164,12 +165,13 @@ def connect(url: str, token: str) -> GrafanaApi:
     return GrafanaApi.from_url(url, credential=token)
 
 
-def run(url: str, token: str, env: Mapping[str, str] | None = None) -> DeployReport:
+def run(url: str, token: str, env: Mapping[str, str] | None = None,
+        runbook_base: str | None = None) -> DeployReport:
     """Deploy to the Grafana at `url`; errors become `DeployError` without the token in them."""
     from grafana_client.client import GrafanaException
 
     try:
-        return deploy(connect(url, token), os.environ if env is None else env)
+        return deploy(connect(url, token), os.environ if env is None else env, runbook_base)
     except GrafanaException as exc:
         message = str(exc.message).replace(token, "***")
         hint = " (is the token a service-account token with Admin or Editor role?)" if exc.status_code in (401, 403) \

@@ -130,7 +130,8 @@ class AlertsConfig(Strict):
     resend_s: Positive = 60.0
     """Firing alerts are re-sent this often; each says it is valid for 4x this (Alertmanager's endsAt)."""
     runbook_base_url: str | None = None
-    """A relative `runbook_url` annotation (`docs/alerts.md#gpufailing`) is joined to this base URL."""
+    """A relative `runbook_url` annotation (`docs/alerts.md#gpufailing`) is joined to this base URL, in the
+    alerts sent to Alertmanager and in the generated Grafana rules; unset, links stay relative to the repository."""
     status_port: int = 0
     """Port of the evaluator's `/healthz` and `/readyz` (0: not served)."""
     eval_stale_s: Positive = 120.0

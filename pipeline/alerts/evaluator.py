@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
 
 from gpufleet.config import Config
 from gpufleet.liveness import Liveness
@@ -25,7 +24,7 @@ from gpufleet.pipeline.alerts import lifecycle as lc
 from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError, payload
 from gpufleet.pipeline.alerts.lifecycle import AlertRecord
 from gpufleet.pipeline.alerts.queries import Candidate, build, candidates
-from gpufleet.pipeline.alerts.rules import AnyRule, RuleSet, format_duration, load_rules
+from gpufleet.pipeline.alerts.rules import AnyRule, RuleSet, format_duration, load_rules, runbook_link
 from gpufleet.pipeline.alerts.state import AlertStore
 
 if TYPE_CHECKING:
@@ -224,15 +223,9 @@ def _essential(rec: AlertRecord) -> tuple[object, ...]:
     return (rec.state, rec.active_at, rec.starts_at, rec.ends_at, rec.sent_state, rec.last_sent_at)
 
 
-def runbook_link(url: str, base: str | None) -> str:
-    """A relative runbook link (`docs/alerts.md#nodesilent`) under `alerts.runbook_base_url`; else unchanged."""
-    if not base or urlsplit(url).scheme:
-        return url
-    return f"{base.rstrip('/')}/{url.lstrip('/')}"
-
-
 def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int, runbook_base: str | None = None) -> AlertRecord:
-    """Annotations, value and generator URL from the rule's templates and the candidate's context."""
+    """Annotations, value and generator URL from the rule's templates and the candidate's context; a relative
+    `runbook_url` goes under `runbook_base` (`alerts.runbook_base_url`, `runbook_link`)."""
     ctx = dict(cand.context)
     ctx["active_for"] = format_duration(max(0, now - rec.active_at))
     value = cand.value

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, ClassVar, Final, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -43,6 +44,15 @@ _UNIT_MS: Final = (86_400_000, 3_600_000, 60_000, 1000, 1)
 
 class RulesError(ConfigError):
     """The rules file is wrong; the message names the file, the rule and the key, and how to fix it."""
+
+
+def runbook_link(url: str, base: str | None) -> str:
+    """A relative runbook link (`docs/alerts.md#nodesilent`) under `alerts.runbook_base_url` (where the
+    repository's docs are served); an absolute one, or any link when no base is set, unchanged. The
+    evaluator's alerts and the generated Grafana rules both link through this."""
+    if not base or urlsplit(url).scheme:
+        return url
+    return f"{base.rstrip('/')}/{url.lstrip('/')}"
 
 
 def duration_ms(value: Duration) -> int:

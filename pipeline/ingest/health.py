@@ -1,29 +1,10 @@
 """GPU health rules: one sample (and the same GPU's previous counters) -> state and reasons.
 
-States: `ok`, `degraded`, `failing`, and `unknown` (no report for longer than
-`health.silent_after_s`; decided by queries over time, since a missing sample cannot classify itself).
-Rules follow NVIDIA's XID catalog and DCGM's health watches (docs/health.md has the table):
-
-| reason                  | state    | when |
-|-------------------------|----------|------|
-| `unreachable`           | failing  | the GPU could not be read at all (fallen off the bus, GPU is lost) |
-| `xid_<n>`               | failing  | XID in `health.failing_xids` (48, 64, 74, 79, 95, 119, 120, 140...) |
-| `xid_<n>`               | degraded | XID in `health.degrading_xids` (63, 94...); app XIDs never mark |
-| `ecc_dbe`               | failing  | volatile uncorrected ECC count > 0 (double-bit error since the last reset) |
-| `row_remap_failure`     | failing  | NVML reports a failed row remap |
-| `remapped_rows_limit`   | failing  | uncorrectable remapped rows >= the limit (DCGM: 512) |
-| `retired_pages_limit`   | failing  | retired pages >= `retired_pages_failing` (DCGM: 63) |
-| `nvlink_down`           | failing  | an NVLink that exists is down |
-| `temperature_critical`  | failing  | GPU temperature >= `temp_failing_c` |
-| `row_remap_pending`     | degraded | a remap (or page retirement) waits for a GPU reset |
-| `nvlink_errors`         | degraded | NVLink replay or recovery counters grew since the previous sample |
-| `pcie_replay`           | degraded | the PCIe replay counter grew since the previous sample |
-| `thermal_throttle`      | degraded | SW or HW thermal slowdown bit set |
-| `power_brake`           | degraded | HW slowdown or HW power-brake bit set (SW power capping is normal under load) |
-| `temperature_high`      | degraded | GPU >= `temp_degraded_c` or memory >= `mem_temp_degraded_c` |
-
-Everything that can make a GPU *failing* depends on the sample alone, so the billed (SLA) seconds
-never depend on the order samples arrive in; the counter-growth rules only ever degrade.
+States: `ok`, `degraded`, `failing`; `unknown` (no report for longer than `health.silent_after_s`) is
+decided by queries over time, since a missing sample cannot classify itself. The rules, their
+reasons and the grounding of each threshold are in docs/aggregations.md ("Health"). Everything that
+can make a GPU *failing* depends on the sample alone, so the billed (SLA) seconds never depend on the
+order samples arrive in; the counter-growth rules only ever degrade.
 """
 
 from __future__ import annotations

@@ -40,11 +40,29 @@ def test_run_once_then_list_as_json(alertmanager, ch_client, ch_target) -> None:
     assert a["labels"] == {"alertname": "GpuFailing", "severity": "critical", "cluster": "c1", "node": "n7",
                            "gpu": "GPU-n7-0", "gpu_index": "0"}
     assert a["active_at"] == iso(now - 3000)  # the failing sample's interval began 1 s before it ended
+    assert a["annotations"]["runbook_url"] == "docs/alerts.md#gpufailing"  # no base set: relative to the repository
 
     result = runner.invoke(cli, ["alerts", *target])
     assert result.exit_code == 0
     assert "GpuFailing" in result.output
     assert "GPU 0 on n7 (c1) is failing: unreachable, xid_79" in result.output
+
+
+def test_run_once_puts_runbook_links_under_the_configured_base(ch_client, ch_target, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
+    now = int(time.time() * 1000)
+    lost = gpu(0, "n7", tenant="acme", error="GPU is lost", xids=[79], util_gpu_ratio=None, compute_processes=None)
+    insert_reports(ch_client, ch_target.database, [report(node="n7", time_ms=now - 2000, gpus=[lost])], now)
+    config = tmp_path / "gpufleet.yaml"
+    config.write_text("alerts: {runbook_base_url: 'https://git.example.com/gpufleet/blob/main/'}\n")
+    target = ["--dsn", ch_target.dsn, "--database", ch_target.database]
+    runner = CliRunner()
+    result = runner.invoke(cli, ["alerts", "run", "--once", "--config", str(config), *target])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["alerts", "--json", *target])
+    assert result.exit_code == 0, result.output
+    assert [a["annotations"]["runbook_url"] for a in json.loads(result.output)] == [
+        "https://git.example.com/gpufleet/blob/main/docs/alerts.md#gpufailing"]
 
 
 def test_check_names_the_broken_rule(tmp_path) -> None:

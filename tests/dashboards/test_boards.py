@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpufleet.dashboards import build, validate
+from gpufleet.dashboards import alerting, build, validate
 from gpufleet.dashboards.builder import DS_REF, DS_UID
 from gpufleet.dashboards.definitions import BOARDS
 
@@ -80,6 +80,17 @@ def test_provisioning_files() -> None:
     }
     for r in rules:
         assert "$__conditionalAll" not in r["data"][0]["model"]["rawSql"]
+
+
+def test_runbook_links_go_under_the_configured_base() -> None:
+    shipped = yaml.safe_load((build.ROOT / "pipeline/alerts/default_rules.yaml").read_text())["rules"]
+    links = {r["name"]: r["annotations"]["runbook_url"] for r in shipped}
+    assert all(link.startswith("docs/alerts.md#") for link in links.values())  # relative to the repository
+    committed = load(build.ROOT / build.RULES_FILE)["groups"][0]["rules"]
+    assert {r["title"]: r["annotations"]["runbook_url"] for r in committed} == links  # no base: as written
+    rules = alerting.provisioning("https://git.example.com/gpufleet/blob/main/")["groups"][0]["rules"]
+    assert {r["title"]: r["annotations"]["runbook_url"] for r in rules} == {
+        name: f"https://git.example.com/gpufleet/blob/main/{link}" for name, link in links.items()}
 
 
 def test_compose_mounts_the_provisioning_and_the_boards() -> None:

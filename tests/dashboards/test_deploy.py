@@ -74,6 +74,21 @@ def test_deploy_reports_a_wrong_token_without_echoing_it() -> None:
     assert not state.folders
 
 
+def test_deploy_puts_runbook_links_under_the_configured_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in {**ENV, "GF_CLICKHOUSE_PASSWORD": "s3cret-pw"}.items():  # what the provisioned datasource names
+        monkeypatch.setenv(k, v)
+    config = tmp_path / "gpufleet.yaml"
+    config.write_text("alerts: {runbook_base_url: 'https://git.example.com/gpufleet/blob/main/'}\n")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with fake_grafana(TOKEN) as (url, state):
+        result = CliRunner().invoke(cli, ["dashboards", "deploy", "--url", url, "--token-file", str(token_file),
+                                          "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert state.rules["gpufleet-gpu-failing"]["annotations"]["runbook_url"] == (
+        "https://git.example.com/gpufleet/blob/main/docs/alerts.md#gpufailing")
+
+
 def test_datasource_needs_its_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in ENV.items() if k != "CLICKHOUSE_HOST"}
     with pytest.raises(DeployError, match=r"set CLICKHOUSE_HOST \(or CLICKHOUSE_HOST__FILE\) in the environment"):
