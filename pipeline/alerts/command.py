@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from gpufleet.errors import StoreError
+from gpufleet.errors import GpufleetError, StoreError
 from gpufleet.pipeline.commands.common import (
     demo_status,
     load_config,
@@ -100,7 +100,8 @@ def run_cmd(config_path: str | None, dsn: str | None, database: str | None, aler
             "errors": report.errors,
         }, indent=2))
         if report.errors:
-            raise SystemExit(1)
+            more = f" (and {len(report.errors) - 1} more in the report)" if len(report.errors) > 1 else ""
+            raise GpufleetError(f"the evaluation had errors: {report.errors[0].splitlines()[0]}{more}")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

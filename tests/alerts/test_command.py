@@ -8,6 +8,7 @@ import time
 from click.testing import CliRunner
 
 from gpufleet.cli import cli
+from gpufleet.embedded.broker import free_port
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.store import Store
 from tests.alerts.helpers import am_alerts, iso
@@ -63,6 +64,20 @@ def test_run_once_puts_runbook_links_under_the_configured_base(ch_client, ch_tar
     assert result.exit_code == 0, result.output
     assert [a["annotations"]["runbook_url"] for a in json.loads(result.output)] == [
         "https://git.example.com/gpufleet/blob/main/docs/alerts.md#gpufailing"]
+
+
+def test_run_once_with_an_unreachable_alertmanager_reports_and_exits_1(ch_client, ch_target, monkeypatch) -> None:
+    monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
+    now = int(time.time() * 1000)
+    lost = gpu(0, "n7", tenant="acme", error="GPU is lost", xids=[79], util_gpu_ratio=None, compute_processes=None)
+    insert_reports(ch_client, ch_target.database, [report(node="n7", time_ms=now - 2000, gpus=[lost])], now)
+    url = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(cli, ["alerts", "run", "--once", "--dsn", ch_target.dsn, "--database",
+                                      ch_target.database, "--alertmanager", url])
+    assert result.exit_code == 1
+    expected = f"Alertmanager at {url} unreachable: ConnectionError; 1 notification(s) kept for the next evaluation"
+    assert json.loads(result.stdout)["errors"] == [expected]
+    assert result.stderr == f"gpufleet: the evaluation had errors: {expected}\n"
 
 
 def test_check_names_the_broken_rule(tmp_path) -> None:
