@@ -138,6 +138,7 @@ def test_an_unreachable_clickhouse_is_one_line(command: str, monkeypatch, capsys
                    "from here\n")
 
 
+@pytest.mark.integration  # a real HTTP server refusing as ClickHouse does
 @pytest.mark.parametrize("command", ["status", "migrate"])
 def test_a_refusing_clickhouse_is_one_line(command: str, refusing_clickhouse: EchoingServer, monkeypatch,
                                            capsys) -> None:

@@ -49,11 +49,11 @@ def test_run_once_then_list_as_json(alertmanager, ch_client, ch_target) -> None:
     assert "GPU 0 on n7 (c1) is failing: unreachable, xid_79" in result.output
 
 
-def test_run_once_puts_runbook_links_under_the_configured_base(ch_client, ch_target, tmp_path, monkeypatch) -> None:
+def test_run_once_puts_runbook_links_under_the_configured_base(ch_store, ch_target, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
     now = int(time.time() * 1000)
     lost = gpu(0, "n7", tenant="acme", error="GPU is lost", xids=[79], util_gpu_ratio=None, compute_processes=None)
-    insert_reports(ch_client, ch_target.database, [report(node="n7", time_ms=now - 2000, gpus=[lost])], now)
+    insert_reports(ch_store, [report(node="n7", time_ms=now - 2000, gpus=[lost])], now)
     config = tmp_path / "gpufleet.yaml"
     config.write_text("alerts: {runbook_base_url: 'https://git.example.com/gpufleet/blob/main/'}\n")
     target = ["--dsn", ch_target.dsn, "--database", ch_target.database]
@@ -66,11 +66,11 @@ def test_run_once_puts_runbook_links_under_the_configured_base(ch_client, ch_tar
         "https://git.example.com/gpufleet/blob/main/docs/alerts.md#gpufailing"]
 
 
-def test_run_once_with_an_unreachable_alertmanager_reports_and_exits_1(ch_client, ch_target, monkeypatch) -> None:
+def test_run_once_with_an_unreachable_alertmanager_reports_and_exits_1(ch_store, ch_target, monkeypatch) -> None:
     monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
     now = int(time.time() * 1000)
     lost = gpu(0, "n7", tenant="acme", error="GPU is lost", xids=[79], util_gpu_ratio=None, compute_processes=None)
-    insert_reports(ch_client, ch_target.database, [report(node="n7", time_ms=now - 2000, gpus=[lost])], now)
+    insert_reports(ch_store, [report(node="n7", time_ms=now - 2000, gpus=[lost])], now)
     url = f"http://127.0.0.1:{free_port()}"
     result = CliRunner().invoke(cli, ["alerts", "run", "--once", "--dsn", ch_target.dsn, "--database",
                                       ch_target.database, "--alertmanager", url])
