@@ -25,6 +25,7 @@ import click
 
 from gpufleet import config as config_mod
 from gpufleet.config import Config
+from gpufleet.dsn import redact
 from gpufleet.embedded.demo.state import DEFAULT_DATA_DIR, DemoState
 from gpufleet.errors import StoreError
 from gpufleet.pipeline.store.client import Target
@@ -120,6 +121,4 @@ def demo_status(demo: DemoState) -> dict[str, Any]:
 
 def migrate_hint(target: Target) -> str:
     """The `gpufleet migrate` command line that creates the schema `target` names (the DSN redacted)."""
-    from gpufleet.dsn import redact
-
     return f"gpufleet migrate --dsn {shlex.quote(redact(target.dsn))} --database {target.database}"

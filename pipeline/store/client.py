@@ -52,7 +52,7 @@ class Target:
 
     def where(self) -> str:
         """The DSN (redacted) and its origin, as messages name it."""
-        return f"{redact(self.dsn)}" + (f" ({self.origin})" if self.origin else "")
+        return redact(self.dsn) + (f" ({self.origin})" if self.origin else "")
 
 
 def _password_from_env() -> str | None:
