@@ -13,7 +13,7 @@ AGENT_ARTIFACT := dist/gpufleet-agent-$(VERSION)-linux-$(ARCH)
 AGENT_SOURCES := $(shell find gpufleet agents -name '*.py') pyproject.toml constraints.txt deploy/agent/build_artifact.py deploy/agent/entry.py
 WHEELHOUSE := dist/wheelhouse
 
-.PHONY: run test test-fast lint bench soak schema clean setup agent-artifact agent-wheelhouse
+.PHONY: run test test-fast typecheck lint bench soak schema clean setup agent-artifact agent-wheelhouse
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,12 +29,18 @@ run: $(STAMP)
 # The whole suite: the fast unit lane and the integration lane (real broker, chDB, Alertmanager, processes).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy gpufleet
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 # The unit lane alone: no service, no process (tests/conftest.py marks the rest `integration`); seconds.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy gpufleet
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# Types: the shared core strictly ([tool.mypy] in pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy gpufleet
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -61,12 +61,13 @@ class LazyGroup(click.Group):
             return None
         module, _, attr = target.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
+            command: click.Command = getattr(importlib.import_module(module), attr)
         except ModuleNotFoundError as exc:
             raise UsageError(
                 f"'gpufleet {cmd_name}' needs a part that is not installed ({exc.name}); "
                 "install the matching extra, e.g. pip install 'gpufleet[embedded]'"
             ) from None
+        return command
 
 
 def _importable(name: str) -> bool:
