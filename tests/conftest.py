@@ -7,8 +7,12 @@ worker opens its own store under pytest's temporary directory.
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -63,6 +67,24 @@ def ch_target(chdb_dsn: str, ch_client: Client) -> Iterator[Target]:
 def ch_store(ch_client: Client, ch_target: Target) -> Store:
     """This test's database (`ch_target`) as a `Store`."""
     return Store(ch_client, ch_target.database)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built from a copy of the tracked files (a build in the checkout would share
+    its `build/` folder with concurrent builds of other workers and with `make agent-artifact`)."""
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path_factory.mktemp("src")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (root / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, src / name)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+                   check=True, timeout=300)
+    (whl,) = out.glob("gpufleet-*.whl")
+    return whl
 
 
 @pytest.fixture

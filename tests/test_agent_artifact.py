@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -132,14 +133,12 @@ def test_install_without_an_artifact_names_the_way_to_build_one(tmp_path: Path) 
     assert "requirement without --hash=sha256" in unpinned.stderr
 
 
-def test_install_from_a_hash_pinned_wheelhouse_without_an_index(tmp_path: Path) -> None:
+def test_install_from_a_hash_pinned_wheelhouse_without_an_index(tmp_path: Path, wheel: Path) -> None:
     """A wheelhouse of the agent's wheels (built here from the local wheel cache, `make agent-wheelhouse`
     does the same with the whole closure) installs into a virtualenv with --no-index --require-hashes."""
     wheels = tmp_path / "wheels"
-    build = subprocess.run([os.environ.get("PYTHON", "python3"), "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                            str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300, check=False)
-    if build.returncode != 0:
-        pytest.skip(f"pip wheel failed here: {build.stderr[-300:]}")
+    wheels.mkdir()
+    shutil.copy2(wheel, wheels / wheel.name)
     subprocess.run([os.environ.get("PYTHON", "python3"), str(ROOT / "deploy/agent/wheelhouse_requirements.py"),
                     str(wheels)], check=True, timeout=60)
     reqs = (wheels / "requirements.txt").read_text().splitlines()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import subprocess
-import sys
 import tomllib
 import venv
 import zipfile
@@ -23,15 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"gpufleet": "gpufleet", "agents": "gpufleet.agents", "pipeline": "gpufleet.pipeline",
            "dashboards": "gpufleet.dashboards", "embedded": "gpufleet.embedded"}
 OLD_NAMES = {"agents", "pipeline", "dashboards", "embedded"}
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
-                    str(ROOT)], check=True, timeout=180)
-    (whl,) = out.glob("gpufleet-*.whl")
-    return whl
 
 
 def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
