@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,11 @@ COMPOSE = ROOT / "docker-compose.yml"
 GPUFLEET_CONFIG = ROOT / "deploy" / "compose" / "gpufleet.yaml"
 AGENT_SIMS = {"agent-sim-1": "deploy/compose/agent-sim-1.yaml", "agent-sim-2": "deploy/compose/agent-sim-2.yaml"}
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+ALERTMANAGER_TEMPLATES = ROOT / "deploy" / "alertmanager" / "templates" / "gpufleet.tmpl"
+KAFKA_CLUSTER = ROOT / "deploy" / "compose" / "kafka-cluster.yml"
+CLICKHOUSE_USERS = ROOT / "deploy" / "clickhouse" / "users.d" / "gpufleet.xml"
+CLICKHOUSE_CONFIG = ROOT / "deploy" / "clickhouse" / "config.d" / "gpufleet.xml"
+CLICKHOUSE_ENTRYPOINT = ROOT / "deploy" / "clickhouse" / "entrypoint.sh"
 CONFIG_IN_CONTAINER = "/etc/gpufleet/gpufleet.yaml"
 
 REQUIRED_SERVICES = {"kafka", "clickhouse", "migrate", "ingester", "alerts", "alertmanager", "grafana"}
@@ -365,6 +371,171 @@ def test_every_long_running_service_has_a_memory_limit(services: dict[str, dict[
     assert "-Xmx1g" in env_of(services["kafka"])["KAFKA_HEAP_OPTS"]
 
 
+# --- the three-broker override (deploy/compose/kafka-cluster.yml) ----------------------------------------
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags (`!override`, `!reset`), read as their plain values."""
+
+
+for _tag in ("!override", "!reset"):
+    _ComposeLoader.add_constructor(_tag, lambda loader, node: (
+        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+        else loader.construct_scalar(node)))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, Any]:
+    return yaml.load(KAFKA_CLUSTER.read_text(), Loader=_ComposeLoader)  # a SafeLoader
+
+
+def test_kafka_cluster_override_makes_three_voters_with_replication_three(
+    services: dict[str, dict[str, Any]], cluster: dict[str, Any]
+) -> None:
+    over = cluster["services"]
+    assert set(over) == {"kafka", "kafka-2", "kafka-3", "kafka-init"}
+    brokers = {"kafka": {**env_of(services["kafka"]), **env_of(over["kafka"])}}
+    for name in ("kafka-2", "kafka-3"):
+        extends = over[name]["extends"]
+        assert (KAFKA_CLUSTER.parent / extends["file"]).resolve() == COMPOSE
+        assert extends["service"] == "kafka"
+        assert over[name]["hostname"] == name
+        brokers[name] = {**env_of(services["kafka"]), **env_of(over[name])}
+    voters = {f"{env['KAFKA_NODE_ID']}@{name}:9093" for name, env in brokers.items()}
+    assert len(voters) == 3
+    for name, env in brokers.items():
+        assert set(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == voters, name
+        assert (env["KAFKA_DEFAULT_REPLICATION_FACTOR"], env["KAFKA_MIN_INSYNC_REPLICAS"]) == ("3", "2"), name
+        for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+                    "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR"):
+            assert env[key] == "3", (name, key)
+        for key in ("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR"):
+            assert env[key] == "2", (name, key)
+    assert over["kafka-init"]["depends_on"] == {"kafka-2": {"condition": "service_healthy"},
+                                                "kafka-3": {"condition": "service_healthy"}}
+
+
+def test_kafka_cluster_brokers_publish_and_advertise_their_own_ports_and_disks(
+    services: dict[str, dict[str, Any]], cluster: dict[str, Any]
+) -> None:
+    over = cluster["services"]
+    fleet_bind = re.compile(r"^\$\{KAFKA_FLEET_BIND:\?[^}]*\}$")
+    host_ports = {"9092", "9094"}  # the first broker's, from docker-compose.yml
+    base_jaas = next(v for v in services["kafka"]["volumes"] if "kafka_server_jaas.conf" in v)
+    for name in ("kafka-2", "kafka-3"):
+        service = over[name]
+        advertised = dict(item.split("://", 1) for item in env_of(service)["KAFKA_ADVERTISED_LISTENERS"].split(","))
+        assert advertised["INTERNAL"] == f"{name}:9092"
+        (loop_ip, loop_port, loop_target), (bind, fleet_port, fleet_target) = host_port_bindings(service)
+        assert (loop_ip, loop_target) == ("127.0.0.1", "29092"), "the HOST listener on loopback only"
+        assert advertised["HOST"] == f"127.0.0.1:{loop_port}"
+        assert fleet_bind.match(bind), "the FLEET listener on the private address"
+        assert fleet_target == "9094"
+        assert re.fullmatch(r"\$\{KAFKA_FLEET_HOST:\?[^}]*\}:" + fleet_port, advertised["FLEET"])
+        assert not {loop_port, fleet_port} & host_ports, f"{name} reuses a host port"
+        host_ports |= {loop_port, fleet_port}
+        data = [v for v in service["volumes"] if v.endswith(":/var/lib/kafka/data")]
+        assert data == [f"{name}-data:/var/lib/kafka/data"], "each broker has its own disk"
+        assert f"{name}-data" in cluster["volumes"]
+        assert base_jaas in service["volumes"]
+        assert f"--bootstrap-server {name}:9092" in healthcheck_text(service)
+    assert host_ports == {"9092", "9094", "9095", "9096", "9097", "9098"}
+    text = "\n".join(ln for ln in KAFKA_CLUSTER.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    assert set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text)) == {"KAFKA_FLEET_HOST", "KAFKA_FLEET_BIND"}
+
+
+# --- ClickHouse users, settings and password entrypoint -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clickhouse_users() -> ET.Element:
+    return ET.parse(CLICKHOUSE_USERS).getroot()
+
+
+def _entrypoint_variables() -> list[str]:
+    (line,) = [ln for ln in CLICKHOUSE_ENTRYPOINT.read_text().splitlines() if ln.startswith("for var in ")]
+    return line.removeprefix("for var in ").removesuffix("; do").split()
+
+
+def test_clickhouse_users_are_the_services_own_with_passwords_from_secret_files(
+    services: dict[str, dict[str, Any]], clickhouse_users: ET.Element
+) -> None:
+    users = {u.tag: u for u in clickhouse_users.find("users")}  # type: ignore[union-attr]
+    assert users.pop("default").get("remove") == "remove", "the passwordless default user is removed"
+    assert set(users) == {"gpufleet_admin", "gpufleet_ingest", "gpufleet_alerts", "gpufleet_grafana"}
+    used = {env_of(services[n])["CLICKHOUSE_USER"] for n in ("migrate", "ingester", "alerts", "grafana")}
+    assert used == set(users)
+    from_env = {name: u.find("password").get("from_env") for name, u in users.items()}  # type: ignore[union-attr]
+    assert sorted(from_env.values()) == sorted(_entrypoint_variables())
+    clickhouse = services["clickhouse"]
+    env = env_of(clickhouse)
+    for name, var in from_env.items():
+        secret = env[f"{var}_FILE"].removeprefix("/run/secrets/")
+        assert secret in clickhouse["secrets"], name
+        # The service logging in as this user reads the same secret.
+        for service in ("migrate", "ingester", "alerts"):
+            if env_of(services[service])["CLICKHOUSE_USER"] == name:
+                assert env_of(services[service])["CLICKHOUSE_PASSWORD_FILE"] == f"/run/secrets/{secret}"
+        if name == "gpufleet_grafana":
+            assert env_of(services["grafana"])["GF_CLICKHOUSE_PASSWORD__FILE"] == f"/run/secrets/{secret}"
+    assert f"./{CLICKHOUSE_USERS.relative_to(ROOT)}:/etc/clickhouse-server/users.d/gpufleet.xml:ro" in \
+        clickhouse["volumes"]
+
+
+def test_clickhouse_users_have_least_privilege(clickhouse_users: ET.Element) -> None:
+    users = {u.tag: u for u in clickhouse_users.find("users") if u.tag != "default"}  # type: ignore[union-attr]
+    grants = {name: [q.text for q in u.iter("query")] for name, u in users.items()}
+    assert users["gpufleet_admin"].findtext("access_management") == "1"
+    assert grants["gpufleet_admin"] == [], "no <grants>: every privilege, for migrations and tenants"
+    for name in ("gpufleet_ingest", "gpufleet_alerts", "gpufleet_grafana"):
+        assert users[name].findtext("access_management") is None, name
+    assert grants["gpufleet_alerts"] == ["GRANT SELECT ON gpufleet.*", "GRANT INSERT ON gpufleet.alerts"]
+    assert grants["gpufleet_grafana"] == ["GRANT SELECT ON gpufleet.*"]
+    assert "GRANT SELECT, INSERT ON gpufleet.*" in grants["gpufleet_ingest"]
+    assert not any(re.search(r"\b(ALTER|DROP|TRUNCATE|ALL)\b", q) for q in grants["gpufleet_ingest"])
+    profiles = {p.tag: p for p in clickhouse_users.find("profiles")}  # type: ignore[union-attr]
+    assert {u.findtext("profile") for u in users.values()} <= set(profiles)
+    grafana = profiles[users["gpufleet_grafana"].findtext("profile")]  # type: ignore[index]
+    assert grafana.findtext("readonly") == "2"
+    assert (grafana.findtext("max_memory_usage"), grafana.findtext("max_execution_time")) == ("2147483648", "60")
+    assert profiles["gpufleet"].findtext("max_memory_usage") == "4294967296"
+
+
+def test_clickhouse_server_memory_is_bounded_within_the_container(services: dict[str, dict[str, Any]]) -> None:
+    config = ET.parse(CLICKHOUSE_CONFIG).getroot()
+    assert float(config.findtext("max_server_memory_usage_to_ram_ratio")) == 0.75  # type: ignore[arg-type]
+    assert services["clickhouse"]["mem_limit"] == "8g"
+    caches = int(config.findtext("mark_cache_size")) + int(config.findtext("uncompressed_cache_size"))  # type: ignore[arg-type]
+    assert caches < 8 * 1024**3 * 0.75 / 4, "the caches leave most of the server's bound to queries"
+    assert f"./{CLICKHOUSE_CONFIG.relative_to(ROOT)}:/etc/clickhouse-server/config.d/gpufleet.xml:ro" in \
+        services["clickhouse"]["volumes"]
+
+
+def test_clickhouse_entrypoint_reads_the_password_files_then_runs_the_image_entrypoint(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    clickhouse = services["clickhouse"]
+    assert clickhouse["entrypoint"] == ["/bin/bash", "/opt/gpufleet/entrypoint.sh", "/entrypoint.sh"]
+    assert "./deploy/clickhouse/entrypoint.sh:/opt/gpufleet/entrypoint.sh:ro" in clickhouse["volumes"]
+    env = {"PATH": "/usr/bin:/bin"}
+    for var in _entrypoint_variables():
+        (tmp_path / var).write_text(f"pw-{var}\n")
+        env[f"{var}_FILE"] = str(tmp_path / var)
+    done = subprocess.run(["bash", str(CLICKHOUSE_ENTRYPOINT), "env"], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    seen = dict(ln.split("=", 1) for ln in done.stdout.splitlines() if "=" in ln)
+    for var in _entrypoint_variables():
+        assert seen[var] == f"pw-{var}", "the value, without the newline"
+        assert f"{var}_FILE" not in seen, "the file variables are not passed on"
+    (tmp_path / "CLICKHOUSE_ALERTS_PASSWORD").write_text("")
+    empty = subprocess.run(["bash", str(CLICKHOUSE_ENTRYPOINT), "env"], env=env, capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert empty.returncode == 1
+    assert "(CLICKHOUSE_ALERTS_PASSWORD_FILE) is missing or empty" in empty.stderr
+
+
 # --- the gpufleet config and the addresses in it ------------------------------------------------------
 
 
@@ -559,6 +730,19 @@ def test_alertmanager_config_inhibits_gpu_alerts_of_a_silent_node() -> None:
     assert pagerduty["routing_key_file"] == "/run/secrets/alertmanager_pagerduty_routing_key"
     assert names["slack"]["slack_configs"][0]["api_url_file"] == "/run/secrets/alertmanager_slack_webhook_url"
     assert names["webhook"]["webhook_configs"][0]["url_file"] == "/run/secrets/alertmanager_webhook_url"
+
+
+def test_alertmanager_templates_define_every_template_the_receivers_use(services: dict[str, dict[str, Any]]) -> None:
+    """The receivers' `{{ template "name" . }}` calls name templates of deploy/alertmanager/templates/ (also
+    parsed by amtool, where installed)."""
+    used = set(re.findall(r'template "([^"]+)"', ALERTMANAGER_CONFIG.read_text()))
+    assert sorted(ALERTMANAGER_TEMPLATES.parent.glob("*.tmpl")) == [ALERTMANAGER_TEMPLATES]
+    defined = set(re.findall(r'define "([^"]+)"', ALERTMANAGER_TEMPLATES.read_text()))
+    assert used
+    assert used <= defined, used - defined
+    am = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert am["templates"] == ["/etc/alertmanager/templates/*.tmpl"]
+    assert "./deploy/alertmanager/templates:/etc/alertmanager/templates:ro" in services["alertmanager"]["volumes"]
 
 
 # --- schema and image build -----------------------------------------------------------------------------

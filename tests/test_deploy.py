@@ -300,7 +300,7 @@ def test_otlp_receiver_is_on_the_node_loopback(
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert k8s_agent_config.agent.otlp_receiver_host == "127.0.0.1"
-    assert k8s_agent_config.agent.otlp_receiver_enabled is True, "the liveness probe connects to the receiver"
+    assert k8s_agent_config.agent.otlp_receiver_enabled is True, "jobs on the node push OTLP to the receiver"
     port = k8s_agent_config.agent.otlp_receiver_port
     assert [p["containerPort"] for p in agent_container["ports"]] == [port] == [4318]
 
@@ -368,3 +368,110 @@ def test_docs_give_the_one_install_command_for_each() -> None:
     assert "sudo deploy/systemd/install.sh" in doc
     assert "kubectl apply -f deploy/k8s/agent-daemonset.yaml" in doc
     assert "docker compose up -d" in doc
+
+
+# --- docs/deploy.md names only files that exist and are tested, and quotes commands that parse ------------
+
+DEPLOY_TESTS = [ROOT / "tests" / name for name in ("test_compose.py", "test_deploy.py", "test_agent_artifact.py")]
+NAMED_PATH = re.compile(r"(?<![\w/$.-])(?:\./)?((?:deploy|dashboards|docs|tests|gpufleet)/[\w./-]*"
+                        r"|Dockerfile|docker-compose\.yml|Makefile|\.dockerignore|constraints\.txt)")
+STACK_FILES = ("deploy/", "Dockerfile", "docker-compose.yml")
+"""Named files of the stack itself: the deploy tests must read, run or build each."""
+
+
+def _named_paths() -> set[str]:
+    return {m.rstrip(".,:;)") for m in NAMED_PATH.findall(DOC.read_text())}
+
+
+def _doc_commands() -> list[list[str]]:
+    """The words of each command the doc quotes: lines of bash blocks (continuations joined, comments cut) and
+    inline code spans (wrapped lines joined), split at `&&`, `||`, `|` and `;`."""
+    text = DOC.read_text()
+    lines = [ln.split(" #")[0] for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+             for ln in block.replace("\\\n", " ").splitlines()]
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL).replace("\n", " "))
+    return [part.split() for command in lines + spans for part in re.split(r"&&|\|\||\||;", command) if part.split()]
+
+
+def _help_options(*argv: str) -> set[str]:
+    done = run(["bash", *argv, "--help"])
+    assert done.returncode == 0, done.stderr
+    return set(re.findall(r"--[a-z][a-z-]*", done.stdout))
+
+
+def _options(words: list[str]) -> set[str]:
+    return {w.split("=", 1)[0] for w in words if w.startswith("--")}
+
+
+def test_docs_name_only_files_that_exist_and_stack_files_the_tests_read() -> None:
+    named = _named_paths()
+    assert "deploy/compose/kafka-cluster.yml" in named  # the pattern does find the document's paths
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert missing == [], "named in docs/deploy.md, not in the repository"
+    # What the deploy tests use: the paths they spell (ROOT / "deploy" / "x" joined) and this module's constants.
+    spelled = "\n".join(re.sub(r'"\s*/\s*"', "/", t.read_text()) for t in DEPLOY_TESTS)
+    constants = {v.relative_to(ROOT).as_posix() for v in globals().values()
+                 if isinstance(v, Path) and v.is_relative_to(ROOT)}
+
+    def tested(path: str) -> bool:
+        path = path.rstrip("/")
+        if (ROOT / path).is_dir():
+            return f"{path}/" in spelled or any(c.startswith(f"{path}/") for c in constants)
+        return path in spelled or path in constants
+
+    untested = sorted(p for p in named if p.startswith(STACK_FILES) and not tested(p))
+    assert untested == [], "named in docs/deploy.md, read by no deploy test"
+
+
+def test_docs_quote_only_options_the_scripts_and_commands_take() -> None:
+    import click
+
+    from gpufleet.cli import cli
+
+    commands = _doc_commands()
+    install = _help_options(str(INSTALL))
+    secrets = _help_options(str(ROOT / "deploy/make-secrets.sh"))
+    phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert phony
+    targets = set(phony.group(1).split())
+    checked = {"install.sh": 0, "make-secrets.sh": 0, "make": 0, "gpufleet": 0}
+    for words in commands:
+        for i, word in enumerate(words):
+            rest = words[i + 1:]
+            if word == "install.sh" or word.endswith("/install.sh"):
+                assert _options(rest) <= install, (words, _options(rest) - install)
+                checked["install.sh"] += 1
+            elif word.endswith("make-secrets.sh"):
+                assert _options(rest) <= secrets, (words, _options(rest) - secrets)
+                checked["make-secrets.sh"] += 1
+            elif word == "make" and i == 0 and rest:
+                goals = [w for w in rest if not w.startswith("-") and "=" not in w]
+                assert set(goals) <= targets, (words, set(goals) - targets)
+                checked["make"] += 1
+            elif (word == "gpufleet" or word.endswith("/bin/gpufleet")) and (i == 0 or words[i - 1] != "-n"):
+                # The command, not `-n gpufleet`: follow its subcommands, then check the options left.
+                command: click.Command = cli
+                args = list(rest)
+                while isinstance(command, click.Group) and args and args[0] in command.list_commands(
+                        click.Context(command)):
+                    command = command.get_command(click.Context(command), args.pop(0))  # type: ignore[assignment]
+                known = {o for p in command.params for o in [*p.opts, *p.secondary_opts]} | {"--help"}
+                assert _options(args) <= known, (words, _options(args) - known)
+                checked["gpufleet"] += 1
+    assert all(checked.values()), checked
+
+
+def test_docs_create_the_configmap_and_secret_the_daemonset_mounts(manifests: dict[str, dict[str, Any]],
+                                                                   pod: dict[str, Any]) -> None:
+    (kafka,) = [v for v in pod["volumes"] if v["name"] == "kafka"]
+    want = {(ref["name"], ref["items"][0]["key"])
+            for source in kafka["projected"]["sources"] for ref in source.values()}
+    created = set()
+    for words in _doc_commands():
+        if words[:1] == ["kubectl"] and "create" in words:
+            assert words[words.index("-n") + 1] == manifests["Namespace"]["metadata"]["name"], words
+            at = words.index("create")
+            name = words[at + 3] if words[at + 1] == "secret" else words[at + 2]  # secret generic NAME | configmap NAME
+            (source,) = [w for w in words if w.startswith("--from-file=")]
+            created.add((name, source.split("=")[1]))
+    assert created == want == {("gpufleet-kafka-ca", "ca.crt"), ("gpufleet-agent", "kafka-password")}
