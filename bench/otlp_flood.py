@@ -2,7 +2,8 @@
 
 The real `NodeAgent` (8 simulated H100s, spool without fsync, no Kafka) ticks every second on the
 real clock with its OTLP receiver; a child process posts `rate` one-FLOP delta points per second,
-each covering 10 minutes of job time (two requests a second), for `seconds`. Reported: intervals
+each covering 10 minutes of job time (two requests a second), for `seconds`, against a points budget
+of 20,000 a second (twice the default), so the flood is accepted, not shed. Reported: intervals
 expected and run, skipped-interval warnings, the slowest tick, requests by HTTP status, and the
 agent's RSS before and after. `python -m bench.otlp_flood [--seconds 60] [--rate 18000]`.
 """
@@ -80,7 +81,8 @@ class _Skips(logging.Handler):
             self.skipped += 1
 
 
-def run(seconds: float = 60.0, rate: int = 18_000) -> dict[str, Any]:
+def run(seconds: float = 60.0, rate: int = 18_000, budget: int = 20_000) -> dict[str, Any]:
+    """`budget`: the receiver's `max_points_per_s` (default 10,000; 20,000 here, so the flood is accepted)."""
     import psutil
 
     from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
@@ -90,7 +92,7 @@ def run(seconds: float = 60.0, rate: int = 18_000) -> dict[str, Any]:
     skips = _Skips()
     logging.getLogger("gpufleet.agents.runner").addHandler(skips)
     me = psutil.Process()
-    receiver = OtlpReceiver(ReceiverSettings(port=0), gpus=dict(enumerate(U))).start()
+    receiver = OtlpReceiver(ReceiverSettings(port=0, max_points_per_s=budget), gpus=dict(enumerate(U))).start()
     with tempfile.TemporaryDirectory() as spool_dir:
         agent = NodeAgent(cluster="bench", node="flood", collector=EightH100(),
                           spool=Spool(spool_dir, 256 * 1024 * 1024, fsync=False),
@@ -118,7 +120,8 @@ def run(seconds: float = 60.0, rate: int = 18_000) -> dict[str, Any]:
         receiver.close()
         agent.close()
     return {
-        "seconds": seconds, "points_per_s": rate, "intervals_expected": int(seconds), "intervals_run": ran,
+        "seconds": seconds, "points_per_s": rate, "budget_points_per_s": budget,
+        "intervals_expected": int(seconds), "intervals_run": ran,
         "skipped_warnings": skips.skipped, "slowest_tick_ms": round(max(ticks_ms), 1),
         "median_tick_ms": round(sorted(ticks_ms)[len(ticks_ms) // 2], 1), "requests_by_status": statuses,
         "agent_rss_mb": [round(rss_before, 1), round(rss_after, 1)],
@@ -129,8 +132,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rate", type=int, default=18_000)
+    parser.add_argument("--budget", type=int, default=20_000, help="the receiver's max_points_per_s")
     args = parser.parse_args()
-    print(json.dumps(run(args.seconds, args.rate), indent=2))
+    print(json.dumps(run(args.seconds, args.rate, args.budget), indent=2))
 
 
 if __name__ == "__main__":

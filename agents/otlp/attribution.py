@@ -354,8 +354,11 @@ def _over_ceiling(
     """A rejection when `amount` is more than the point's GPUs execute at their ceilings over its span, or over
     `max_spread_ms` if longer (a job whose steps outlast its export interval reports in lumps)."""
     span = max(span_ns, max_spread_ms * _NS_PER_MS)
-    rate = sum((Fraction(ceilings.get(g, MAX_FLOP_RATE)) for g in p.gpus), _ZERO)
-    limit = rate * span / _NS_PER_S
+    rates = [ceilings.get(g, MAX_FLOP_RATE) for g in p.gpus]
+    rough = _floor_float(amount) / (sum(rates) * span / _NS_PER_S)  # decides all but a hair's breadth
+    if rough < 0.999_999:
+        return None
+    limit = sum((Fraction(r) for r in rates), _ZERO) * span / _NS_PER_S
     if amount <= limit:
         return None
     return Rejection("ceiling", f"{p.metric}: {float(amount):.4g} over {span / _NS_PER_S:.4g} s of job time is "

@@ -73,9 +73,9 @@ class ReceiverSettings:
     """Largest request body accepted as sent (413 above)."""
     max_inflated_bytes: int = 32 * 1024 * 1024
     """Largest body after gzip/deflate (413 above: no gzip bombs)."""
-    max_points_per_s: int = 20_000
-    """Contract points accepted per second (a second's worth at once); a request beyond gets 429, one
-    with more points than this gets 413."""
+    max_points_per_s: int = 10_000
+    """Contract points accepted per second (a second's worth at once; a busy 8-GPU node sends a few a second);
+    a request beyond gets 429, one with more points than this gets 413."""
     max_concurrent_requests: int = 8
     """Request bodies read and processed at once; more get 503, unless one has been reading for longer than
     `evict_slow_after_s` (then it is cut off for the new one)."""

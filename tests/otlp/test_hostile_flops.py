@@ -278,7 +278,8 @@ def test_a_flood_of_long_spans_costs_no_sample(tmp_path: Path, caplog: pytest.Lo
                     resource={"gpu.uuid": U0}, temporality=DELTA).SerializeToString()
     statuses: list[int] = []
     clock = WorkClock(T0 - T0 % interval, lambda _at: statuses.append(post(receiver.address, flood).status))
-    receiver = OtlpReceiver(ReceiverSettings(port=0), clock=clock.now_ms, gpus={0: U0, 1: U1, 2: U2}).start()
+    receiver = OtlpReceiver(ReceiverSettings(port=0, max_points_per_s=20_000), clock=clock.now_ms,
+                            gpus={0: U0, 1: U1, 2: U2}).start()
     agent = NodeAgent(cluster="lab", node="n1", collector=ThreeH100(), spool=Spool(tmp_path, MB, fsync=False),
                       flops=receiver.flops_source, on_gpus=receiver.set_gpus)
     reports: list[NodeReport] = []
