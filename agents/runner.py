@@ -148,7 +148,8 @@ class NodeAgent:
         self._peak_overrides = dict(peak_flops or {})
         self._ceilings: dict[str | None, float] = {}
         self._flops_nulled = 0
-        self._last_warn_ms: int | None = None
+        self._clamped_warned = 0
+        self._warned_at: dict[str, int] = {}
         self._send_errors = send_errors
         self._last_allocation: Mapping[int, Any] = {}
         self._down = False
@@ -187,6 +188,7 @@ class NodeAgent:
             otlp_points_rejected_total=int(getattr(self._flops, "points_rejected_total", 0)),
             flops_clamped_total=int(getattr(self._flops, "flops_clamped_total", 0)) + self._flops_nulled,
         )
+        self._warn_clamped(now_ms, health.flops_clamped_total)
         self.meter.observe(Frame(self.spool.next_seq, now_ms, interval_ms, gpus, health))
         self.meter.collect()
         return self.exporter.last_report
@@ -239,12 +241,27 @@ class NodeAgent:
         kept, bad = bounded_flops(taken, interval_ms)
         if bad:
             self._flops_nulled += len(bad)
-            if self._last_warn_ms is None or now_ms - self._last_warn_ms >= 60_000:
-                self._last_warn_ms = now_ms
+            if self._may_warn("nulled", now_ms):
                 log.warning("node %s: measured FLOPs of GPU(s) %s were not finite or over %.4g for %d ms; sent as "
                             "null (counted in flops_clamped_total)", self.node, ", ".join(bad[:8]),
                             max_flops(interval_ms), interval_ms)
         return kept
+
+    def _warn_clamped(self, now_ms: int, total: int) -> None:
+        if total > self._clamped_warned and self._may_warn("clamped", now_ms):
+            log.warning("node %s: jobs reported more FLOPs than their GPUs' peak x interval in %d GPU-interval(s); "
+                        "clamped at peak, the excess follows in later intervals (flops_clamped_total %d; a job "
+                        "reporting more than it executes, or FP8 FLOPs above the BF16 peak)",
+                        self.node, total - self._clamped_warned, total)
+            self._clamped_warned = total
+
+    def _may_warn(self, what: str, now_ms: int) -> bool:
+        """At most one warning of a kind a minute."""
+        last = self._warned_at.get(what)
+        if last is not None and now_ms - last < 60_000:
+            return False
+        self._warned_at[what] = now_ms
+        return True
 
     def _nvml_errors(self, gpus: Sequence[GpuSample]) -> int:
         """The collector's failed-read count when it keeps one, else the GPUs that could not be read."""

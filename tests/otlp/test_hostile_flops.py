@@ -123,7 +123,9 @@ def test_a_job_cannot_report_flops_on_another_jobs_gpu(shared: Node) -> None:
     assert report.agent.otlp_points_rejected_total == 3
 
 
-def test_many_reporters_together_are_clamped_at_the_gpus_peak_and_the_rest_follows(shared: Node) -> None:
+def test_many_reporters_together_are_clamped_at_the_gpus_peak_and_the_rest_follows(
+    shared: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     # The probe: 200 concurrent clients pushed a GPU to MFU 1.11. Here 200 series of 5.5e12 each
     # (1.1e15 in all, 1.112x the H100's 989e12 FLOP/s) over one second, from 8 threads at once.
     shared.clock[0] = T0 - 1000
@@ -143,6 +145,7 @@ def test_many_reporters_together_are_clamped_at_the_gpus_peak_and_the_rest_follo
     first = shared.tick(T0)
     assert flops(first)[U0] == PEAK  # MFU 1.0 at most, never 1.11
     assert first.agent.flops_clamped_total == 1
+    assert "jobs reported more FLOPs than their GPUs' peak x interval in 1 GPU-interval(s)" in caplog.text
     # The excess is carried, not lost (a job whose steps outlast its export interval reports in lumps).
     second = shared.tick(T0 + 1000)
     assert flops(second)[U0] == 1.1e15 - PEAK
