@@ -249,7 +249,8 @@ def test_one_job_filling_its_series_quota_leaves_room_for_the_others(tmp_path: P
 
 
 class WorkClock:
-    """Simulated time: it jumps over each wait (nothing sleeps) and runs at real speed while the agent works.
+    """Simulated time: it jumps over each wait (nothing sleeps) and advances by the CPU time the agent's
+    loop (this thread) spends working, so a slow interval is slow whatever else the machine runs.
 
     `between(at_ms)` runs inside each wait with the clock stopped at `at_ms`: the flood arrives from other
     processes in parallel, so its cost is not the agent's, but the agent's own work is timed for real.
@@ -257,17 +258,20 @@ class WorkClock:
 
     def __init__(self, start_ms: int, between: Callable[[int], None]) -> None:
         self._base = start_ms
-        self._t0 = time.perf_counter()
+        self._loop = threading.get_ident()  # the thread that runs the agent's loop (and constructs this)
+        self._t0 = time.thread_time()
         self._between = between
         self._stopped = False
 
     def now_ms(self) -> int:
-        return self._base if self._stopped else self._base + int((time.perf_counter() - self._t0) * 1000)
+        if self._stopped or threading.get_ident() != self._loop:
+            return self._base  # the receiver's handlers read the arrival time while the clock stands
+        return self._base + int((time.thread_time() - self._t0) * 1000)
 
     def wait(self, seconds: float, stop: threading.Event) -> bool:
         self._base, self._stopped = self.now_ms() + round(seconds * 1000), True
         self._between(self._base)
-        self._t0, self._stopped = time.perf_counter(), False
+        self._t0, self._stopped = time.thread_time(), False
         return stop.is_set()
 
 
