@@ -33,6 +33,10 @@ _BUSY_REPLY: Final = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nCo
                       % (len(_BUSY_TEXT), _BUSY_TEXT))
 
 
+_EVICT_WAIT_S: Final = 5.0
+"""How long a request waits for the slot of the reader it evicted (that reader's thread only has to wake up)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     """Per-server bounds on connections and on the time one request may take to arrive."""
@@ -204,7 +208,7 @@ class BodySlots:
                     return False
                 self.evicted_total += 1
                 _hang_up(victim)
-                if not self._cond.wait_for(lambda: len(self._holders) < self._n, timeout=1.0):
+                if not self._cond.wait_for(lambda: len(self._holders) < self._n, timeout=_EVICT_WAIT_S):
                     return False
             self._holders[sock] = _Conn(True, time.monotonic())
             return True
