@@ -23,6 +23,8 @@ from gpufleet.agents.spool import Spool
 from gpufleet.wire import NodeReport, decode, encode
 from tests.otlp.otlp_builders import DELTA, Dp, Response, post, request
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 MB = 1024 * 1024
 H100 = "NVIDIA H100 80GB HBM3"
 PEAK = 989e12

@@ -19,6 +19,8 @@ from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
 from gpufleet.httpguard import ConnectionLimits
 from tests.otlp.otlp_builders import GPUS, A, Dp, post, request
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 WAIT_S = 20.0
 HEAD = b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: 100\r\n\r\n"
 

@@ -20,6 +20,8 @@ import pytest
 
 from gpufleet.pipeline.queries.status_api import StatusServer
 
+pytestmark = pytest.mark.integration  # starts a server or a process
+
 WAIT_S = 20.0
 
 
