@@ -19,7 +19,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 
 from gpufleet.agents.otlp import OtlpReceiver, ReceiverError, ReceiverSettings
 from gpufleet.config import AgentConfig
-from gpufleet.httpguard import ConnectionLimits
 from gpufleet.wire import GpuSample
 from tests.otlp.otlp_builders import GPUS, A, B, C, D, Dp, post, request, sdk_counter
 
@@ -312,6 +311,8 @@ def test_request_with_more_points_than_a_second_allows_is_413(clock: PinnedClock
 
 
 def test_stalled_clients_get_cut_off_at_the_door_and_never_block_take(clock: PinnedClock) -> None:
+    from gpufleet.httpguard import ConnectionLimits
+
     limits = ConnectionLimits(request_deadline_s=30.0)
     with start(clock, max_concurrent_requests=2, evict_slow_after_s=30.0, connections=limits) as r:
         assert post(r.address, three_points(clock, 2e12)).status == 200

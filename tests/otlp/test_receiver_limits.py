@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 
 from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
-from gpufleet.httpguard import ConnectionLimits
 from tests.otlp.otlp_builders import GPUS, A, Dp, post, request
 
 pytestmark = pytest.mark.integration  # starts a server or a process
@@ -84,6 +83,8 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
+    from gpufleet.httpguard import ConnectionLimits
+
     limits = ConnectionLimits(max_connections=16, request_deadline_s=2.0)
     r = OtlpReceiver(ReceiverSettings(port=0, connections=limits, evict_slow_after_s=0.5), gpus=GPUS).start()
     yield r
@@ -127,6 +128,8 @@ def test_trickling_headers_are_cut_off_at_the_request_deadline(receiver: OtlpRec
 
 
 def test_idle_connections_beyond_the_cap_make_room_for_new_ones() -> None:
+    from gpufleet.httpguard import ConnectionLimits
+
     limits = ConnectionLimits(max_connections=4, request_deadline_s=30.0)
     with OtlpReceiver(ReceiverSettings(port=0, connections=limits), gpus=GPUS) as r:
         idle = [socket.create_connection(r.address) for _ in range(10)]
