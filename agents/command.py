@@ -335,7 +335,7 @@ def agent(
         NodeAgent(cluster=cfg.agent.cluster, node=p.name, collector=p.collector, spool=s,  # type: ignore[arg-type]
                   allocation=p.allocation, send_errors=(lambda i=i: sender.errors_for(i)) if sender else lambda: 0,
                   flops=p.receiver.flops_source if p.receiver else None,
-                  on_gpus=p.receiver.set_gpus if p.receiver else None,
+                  on_gpus=p.receiver.set_gpus if p.receiver else None, peak_flops=cfg.peak_flops,
                   otlp_endpoint=cfg.agent.otlp_export_endpoint, otlp_interval_ms=interval_ms, host_id=p.host_id)
         for i, (p, s) in enumerate(zip(parts, spools, strict=True))
     ]

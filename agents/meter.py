@@ -124,6 +124,8 @@ AGENT_METRICS: Final[tuple[MetricSpec, ...]] = (
        "FLOPs points accepted by the OTLP receiver"),
     _g("otlp_points_rejected_total", "gpufleet.agent.otlp.points.rejected", "{point}", "counter", "int",
        "FLOPs points rejected by the OTLP receiver"),
+    _g("flops_clamped_total", "gpufleet.agent.flops.clamped", "{interval}", "counter", "int",
+       "GPU-intervals whose measured FLOPs were clamped at the GPU's peak x interval"),
 )
 
 GPU_BY_NAME: Final = {s.name: s for s in GPU_METRICS}

@@ -3,10 +3,13 @@
 `NodeAgent.tick(now_ms, interval_ms)` is one interval of one node:
 
 1. `collector.collect(now_ms)`: every GPU read once (`NodeDown` -> nothing is sent this interval);
-2. tell the optional `on_gpus` hook the node's GPU index -> uuid map (the OTLP receiver resolves
-   jobs' GPU attributes with it), stamp `tenant`/`job` from the allocation source (a GPU it does
-   not list carries none; if the source fails, the last good answer is kept) and
-   `flops_measured` from the optional `FlopsSource` (null when it has nothing for a GPU);
+2. stamp `tenant`/`job` from the allocation source (a GPU it does not list carries none; if the
+   source fails, the last good answer is kept); tell the optional `on_gpus` hook (the OTLP
+   receiver) the node's GPU index -> uuid map, which job the allocation says holds each GPU, and
+   each GPU's FLOP/s ceiling (its model's peak, `gpu_facts`); then stamp `flops_measured` from the
+   optional `FlopsSource` (null when it has nothing for a GPU). The source clamps each GPU at
+   ceiling x interval; a value that is still not finite or beyond the wire's bound is nulled here
+   and counted with the clamps (`AgentHealth.flops_clamped_total`);
 3. install the snapshot as the meter's `Frame` and collect: OTel callbacks observe it, the
    `KafkaMetricExporter` turns the points back into the `NodeReport` and spools its bytes under the
    spool's next seq. The agent's own health rides in the same message and as self-metrics.
@@ -20,6 +23,7 @@ injected (`Clock`) so tests run without sleeping.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +35,8 @@ from gpufleet.agents.collectors.base import Collector, NodeDown
 from gpufleet.agents.kafka_exporter import KafkaMetricExporter
 from gpufleet.agents.meter import AgentMeter, Frame, node_resource, otlp_reader
 from gpufleet.agents.spool import Spool
-from gpufleet.wire import AgentHealth, GpuSample, NodeReport
+from gpufleet.gpu_facts import peak_flops
+from gpufleet.wire import MAX_FLOP_RATE, AgentHealth, GpuSample, NodeReport, max_flops
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +73,25 @@ class AllocationReader(Protocol):
 class FlopsSource(Protocol):
     """Measured model FLOPs per GPU uuid for the interval ending at `now_ms` (the OTLP receiver).
 
-    A source may also expose `points_accepted_total` / `points_rejected_total` (ints); the agent
-    reports them in its health.
+    A source may also expose `points_accepted_total`, `points_rejected_total` and
+    `flops_clamped_total` (ints); the agent reports them in its health.
     """
 
     def take(self, now_ms: int, interval_ms: int) -> dict[str, float]: ...
+
+
+class GpuListener(Protocol):
+    """Told the node's GPUs every interval (`OtlpReceiver.set_gpus`)."""
+
+    def __call__(self, index_to_uuid: Mapping[int, str], *, jobs: Mapping[str, str],
+                 ceilings: Mapping[str, float]) -> None: ...
+
+
+def flop_ceiling(model: str | None, overrides: Mapping[str, float] | None = None) -> float:
+    """FLOP/s one GPU of `model` can execute at most: its peak (config `peak_flops` first, then the table),
+    `MAX_FLOP_RATE` for a model found in neither, never above it."""
+    peak = peak_flops(model, overrides) if model else None
+    return float(MAX_FLOP_RATE) if peak is None else min(peak, float(MAX_FLOP_RATE))
 
 
 def stamp(gpus: Iterable[GpuSample], allocation: Mapping[int, Any], flops: Mapping[str, float]) -> tuple[
@@ -87,6 +106,19 @@ def stamp(gpus: Iterable[GpuSample], allocation: Mapping[int, Any], flops: Mappi
     return tuple(out)
 
 
+def bounded_flops(flops: Mapping[str, float], interval_ms: int) -> tuple[dict[str, float], list[str]]:
+    """`flops` without values the wire would refuse (not finite, negative, over `max_flops`), and their GPUs."""
+    limit = max_flops(interval_ms)
+    kept: dict[str, float] = {}
+    bad: list[str] = []
+    for uuid, value in flops.items():
+        if isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= limit:
+            kept[uuid] = value
+        else:
+            bad.append(uuid)
+    return kept, bad
+
+
 class NodeAgent:
     """One node: its collector, allocation and FLOPs sources, OTel meter and spool."""
 
@@ -99,7 +131,8 @@ class NodeAgent:
         spool: Spool,
         allocation: AllocationReader | None = None,
         flops: FlopsSource | None = None,
-        on_gpus: Callable[[Mapping[int, str]], None] | None = None,
+        on_gpus: GpuListener | None = None,
+        peak_flops: Mapping[str, float] | None = None,
         send_errors: Callable[[], int] = lambda: 0,
         otlp_endpoint: str | None = None,
         otlp_interval_ms: int = 1000,
@@ -112,6 +145,11 @@ class NodeAgent:
         self._allocation = allocation
         self._flops = flops
         self._on_gpus = on_gpus
+        self._peak_overrides = dict(peak_flops or {})
+        self._ceilings: dict[str | None, float] = {}
+        self._flops_nulled = 0
+        self._clamped_warned = 0
+        self._warned_at: dict[str, int] = {}
         self._send_errors = send_errors
         self._last_allocation: Mapping[int, Any] = {}
         self._down = False
@@ -137,8 +175,9 @@ class NodeAgent:
         if self._down:
             log.info("node %s answers again", self.node)
             self._down = False
-        self._report_gpus(samples)
-        gpus = stamp(samples, self._read_allocation(), self._read_flops(now_ms, interval_ms))
+        allocation = self._read_allocation()
+        self._report_gpus(samples, allocation)
+        gpus = stamp(samples, allocation, self._read_flops(now_ms, interval_ms))
         health = AgentHealth(
             collect_seconds=collect_s,
             nvml_errors=self._nvml_errors(gpus),
@@ -147,7 +186,9 @@ class NodeAgent:
             send_errors_total=self._send_errors(),
             otlp_points_accepted_total=int(getattr(self._flops, "points_accepted_total", 0)),
             otlp_points_rejected_total=int(getattr(self._flops, "points_rejected_total", 0)),
+            flops_clamped_total=int(getattr(self._flops, "flops_clamped_total", 0)) + self._flops_nulled,
         )
+        self._warn_clamped(now_ms, health.flops_clamped_total)
         self.meter.observe(Frame(self.spool.next_seq, now_ms, interval_ms, gpus, health))
         self.meter.collect()
         return self.exporter.last_report
@@ -160,13 +201,25 @@ class NodeAgent:
             except Exception:
                 log.exception("closing node %s: %s failed", self.node, getattr(step, "__qualname__", step))
 
-    def _report_gpus(self, samples: Sequence[GpuSample]) -> None:
+    def _report_gpus(self, samples: Sequence[GpuSample], allocation: Mapping[int, Any]) -> None:
         if self._on_gpus is None:
             return
+        jobs = {}
+        for g in samples:
+            a = allocation.get(g.index)
+            if a is not None and a.job is not None:
+                jobs[g.uuid] = a.job
         try:
-            self._on_gpus({g.index: g.uuid for g in samples})
+            self._on_gpus({g.index: g.uuid for g in samples}, jobs=jobs,
+                          ceilings={g.uuid: self._ceiling(g.model) for g in samples})
         except Exception:
             log.exception("passing node %s's GPUs to the OTLP receiver failed", self.node)
+
+    def _ceiling(self, model: str | None) -> float:
+        found = self._ceilings.get(model)
+        if found is None:
+            found = self._ceilings[model] = flop_ceiling(model, self._peak_overrides)
+        return found
 
     def _read_allocation(self) -> Mapping[int, Any]:
         if self._allocation is None:
@@ -181,10 +234,34 @@ class NodeAgent:
         if self._flops is None:
             return {}
         try:
-            return self._flops.take(now_ms, interval_ms)
+            taken = self._flops.take(now_ms, interval_ms)
         except Exception:
             log.exception("FLOPs source failed on node %s; no measured FLOPs this interval", self.node)
             return {}
+        kept, bad = bounded_flops(taken, interval_ms)
+        if bad:
+            self._flops_nulled += len(bad)
+            if self._may_warn("nulled", now_ms):
+                log.warning("node %s: measured FLOPs of GPU(s) %s were not finite or over %.4g for %d ms; sent as "
+                            "null (counted in flops_clamped_total)", self.node, ", ".join(bad[:8]),
+                            max_flops(interval_ms), interval_ms)
+        return kept
+
+    def _warn_clamped(self, now_ms: int, total: int) -> None:
+        if total > self._clamped_warned and self._may_warn("clamped", now_ms):
+            log.warning("node %s: jobs reported more FLOPs than their GPUs' peak x interval in %d GPU-interval(s); "
+                        "clamped at peak, the excess follows in later intervals (flops_clamped_total %d; a job "
+                        "reporting more than it executes, or FP8 FLOPs above the BF16 peak)",
+                        self.node, total - self._clamped_warned, total)
+            self._clamped_warned = total
+
+    def _may_warn(self, what: str, now_ms: int) -> bool:
+        """At most one warning of a kind a minute."""
+        last = self._warned_at.get(what)
+        if last is not None and now_ms - last < 60_000:
+            return False
+        self._warned_at[what] = now_ms
+        return True
 
     def _nvml_errors(self, gpus: Sequence[GpuSample]) -> int:
         """The collector's failed-read count when it keeps one, else the GPUs that could not be read."""

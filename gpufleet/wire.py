@@ -36,6 +36,14 @@ UnixMs = Annotated[int, msgspec.Meta(ge=0, le=10_413_792_000_000)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Label = Annotated[str, msgspec.Meta(max_length=1024)]
 
+MAX_FLOP_RATE: Final = 10**17
+"""FLOP/s one GPU may claim at most: a generous bound, 40x the fastest GPU in `gpu_facts` (GB200,
+2.5e15 dense BF16). A sample's `flops_measured` is refused above `MAX_FLOP_RATE x interval`;
+the agent clamps at the GPU's own peak x interval, which is below it."""
+MAX_INTERVAL_MS: Final = 3_600_000
+Flops = Annotated[float, msgspec.Meta(ge=0.0, le=float(MAX_FLOP_RATE * MAX_INTERVAL_MS // 1000))]
+"""Measured FLOPs of one sample: at most `MAX_FLOP_RATE` x the longest interval (3.6e20)."""
+
 
 class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One GPU's counters for one interval. Only `index` and `uuid` are always present."""
@@ -85,8 +93,9 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     tensor_active_ratio: Ratio | None = None
     """GPM (Hopper+) any-tensor-pipe activity; the simulator also fills it."""
     dram_active_ratio: Ratio | None = None
-    flops_measured: NonNeg | None = None
-    """Model FLOPs the job on this GPU reported executing during the interval (OTLP), or null."""
+    flops_measured: Flops | None = None
+    """Model FLOPs the job on this GPU reported executing during the interval (OTLP), or null; at most
+    `MAX_FLOP_RATE` x `interval_ms` (checked by `decode`)."""
 
 
 class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -99,6 +108,8 @@ class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     send_errors_total: Count = 0
     otlp_points_accepted_total: Count = 0
     otlp_points_rejected_total: Count = 0
+    flops_clamped_total: Count = 0
+    """GPU-intervals whose measured FLOPs the agent clamped at the GPU's peak x interval."""
 
 
 class NodeReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -116,7 +127,7 @@ class NodeReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     seq: Count
     time_ms: UnixMs
     """End of the interval, Unix milliseconds UTC, read from the agent's clock."""
-    interval_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)]
+    interval_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_INTERVAL_MS)]
     gpus: Annotated[list[GpuSample], msgspec.Meta(max_length=0xFFFF)]
     agent: AgentHealth = msgspec.field(default_factory=AgentHealth)
 
@@ -152,7 +163,24 @@ def decode(data: bytes) -> NodeReport:
         if gpu.uuid in seen:
             raise WireError(f"GPU uuid {gpu.uuid!r} appears twice in one message")
         seen.add(gpu.uuid)
+    _check_flops(report)
     return report
+
+
+def max_flops(interval_ms: int) -> int:
+    """The most FLOPs one GPU sample of `interval_ms` may carry (`MAX_FLOP_RATE` x interval, exact)."""
+    return MAX_FLOP_RATE // 1000 * interval_ms
+
+
+def _check_flops(report: NodeReport) -> None:
+    limit = max_flops(report.interval_ms)
+    for gpu in report.gpus:
+        if gpu.flops_measured is not None and gpu.flops_measured > limit:  # float vs int: compared exactly
+            raise WireError(
+                f"GPU uuid {gpu.uuid!r}: flops_measured {gpu.flops_measured:.4g} is more than any GPU can execute in "
+                f"{report.interval_ms} ms (at most {limit:.4g}, {MAX_FLOP_RATE:.0e} FLOP/s); a broken or hostile "
+                "agent: upgrade it (agents clamp at the GPU's peak)"
+            )
 
 
 class WireError(ValueError):

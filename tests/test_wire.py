@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from gpufleet import wire
+from gpufleet.gpu_facts import PEAK_TABLE
 from tests.builders import gpu, report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +53,14 @@ def test_every_field_is_documented() -> None:
     for struct in (wire.NodeReport, wire.GpuSample, wire.AgentHealth):
         for name in struct.__struct_fields__:
             assert f"| `{name}` |" in doc, f"{struct.__name__}.{name} is not documented in docs/wire-format.md"
+
+
+def test_flops_measured_is_bounded_by_the_fastest_gpu_times_the_interval() -> None:
+    # The probe stored flops_measured = 1.79e308 (issue 18 item 5). The bound: 1e17 FLOP/s x interval.
+    assert 10 * max(p.flops for p in PEAK_TABLE.values()) <= wire.MAX_FLOP_RATE
+    at_bound = report(interval_ms=1000, gpus=[gpu(0, flops_measured=1e17)])
+    assert wire.decode(wire.encode(at_bound)) == at_bound
+    for value, interval in ((1.79e308, 1000), (math.nextafter(1e17, math.inf), 1000), (2e14, 1)):
+        bad = report(interval_ms=interval, gpus=[gpu(0, flops_measured=value)])
+        with pytest.raises(wire.WireError, match="flops_measured"):
+            wire.decode(wire.encode(bad))

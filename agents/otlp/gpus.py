@@ -1,7 +1,12 @@
-"""Resolve the GPU attributes of an OTLP point to this node's GPU UUIDs (pure).
+"""Resolve the GPU attributes of an OTLP point to this node's GPU UUIDs, and check the job holds them (pure).
 
 The node's roster (GPU index -> UUID, as the collector reads them) is the only truth: a point
 naming a GPU the node does not have is rejected with a message that says which one and why.
+The roster also carries what the allocation source says about jobs (GPU uuid -> job id, for the
+GPUs whose job it knows) and each GPU's FLOP/s ceiling. `check_job` applies the rule of
+docs/measured-mfu.md ("Whose GPUs"): a GPU whose job is known takes points of that job only, and a
+job the allocation knows lands on its own GPUs only; when the source knows no job, any GPU of the
+node is allowed.
 `cuda.visible_devices` entries are NVML indices (set `CUDA_DEVICE_ORDER=PCI_BUS_ID` in the job
 so CUDA numbers GPUs the same way) or UUIDs, a unique prefix of a `GPU-` UUID included, as CUDA
 accepts them. MIG devices are not attributed (the agent reads whole GPUs).
@@ -13,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from gpufleet.flops_contract import CUDA_VISIBLE_DEVICES, GPU_KEYS, GPU_UUID, GPU_UUIDS, JOB_KEYS
+from gpufleet.wire import MAX_FLOP_RATE
 
 AttrValue = str | bool | int | float | bytes | tuple[object, ...] | None
 Attrs = Mapping[str, AttrValue]
@@ -23,16 +29,29 @@ class GpuError(ValueError):
 
 
 class GpuRoster:
-    """This node's GPUs: NVML index -> UUID, immutable (replaced whole when the node changes)."""
+    """This node's GPUs: NVML index -> UUID, their known jobs and FLOP/s ceilings; immutable (replaced whole)."""
 
-    __slots__ = ("by_index", "uuids")
+    __slots__ = ("by_index", "ceilings", "jobs", "known_jobs", "uuids")
 
-    def __init__(self, by_index: Mapping[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        by_index: Mapping[int, str] | None = None,
+        jobs: Mapping[str, str] | None = None,
+        ceilings: Mapping[str, float] | None = None,
+    ) -> None:
+        """`jobs`: GPU uuid -> the job the allocation source says holds it (only GPUs whose job it knows);
+        `ceilings`: GPU uuid -> FLOP/s at most (`MAX_FLOP_RATE` for a GPU not listed)."""
         self.by_index: Mapping[int, str] = MappingProxyType(dict(by_index or {}))
         self.uuids: frozenset[str] = frozenset(self.by_index.values())
+        self.jobs: Mapping[str, str] = MappingProxyType({u: j for u, j in (jobs or {}).items() if u in self.uuids})
+        self.known_jobs: frozenset[str] = frozenset(self.jobs.values())
+        given = ceilings or {}
+        self.ceilings: Mapping[str, float] = MappingProxyType(
+            {u: min(float(given.get(u, MAX_FLOP_RATE)), float(MAX_FLOP_RATE)) for u in self.uuids})
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, GpuRoster) and dict(self.by_index) == dict(other.by_index)
+        return isinstance(other, GpuRoster) and (dict(self.by_index), dict(self.jobs), dict(self.ceilings)) == (
+            dict(other.by_index), dict(other.jobs), dict(other.ceilings))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -54,6 +73,20 @@ def resolve_gpus(point: Attrs, resource: Attrs, roster: GpuRoster) -> tuple[str,
     raise GpuError(
         f"no GPU attribute: set {GPU_UUID!r}, {GPU_UUIDS!r} or {CUDA_VISIBLE_DEVICES!r} on the resource or the point"
     )
+
+
+def check_job(gpus: tuple[str, ...], job: str | None, roster: GpuRoster) -> None:
+    """Raise `GpuError` unless `job` may report for all of `gpus` (docs/measured-mfu.md, "Whose GPUs")."""
+    if not roster.jobs:
+        return  # the allocation source knows no job on this node: any GPU of the node
+    for gpu in gpus:
+        holder = roster.jobs.get(gpu)
+        if holder is not None and holder != job:
+            who = f"job {job!r}" if job is not None else "a point without job.id"
+            raise GpuError(f"GPU {gpu} is allocated to another job, not to {who}: report only the job's own GPUs "
+                           f"and set {JOB_KEYS[0]!r} to the scheduler's job id")
+        if holder is None and job in roster.known_jobs:
+            raise GpuError(f"GPU {gpu} is not allocated to job {job!r}: report only the job's own GPUs")
 
 
 def job_id(point: Attrs, resource: Attrs) -> str | None:

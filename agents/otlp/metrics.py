@@ -16,9 +16,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class OtlpStats:
     points_accepted_total: int
-    """Contract points taken into attribution (counted when the agent drains its queue, at `take`)."""
+    """Contract points taken into attribution (counted when their request is answered)."""
     points_rejected_total: int
-    """Contract points refused for good (bad kind/unit/value, unknown GPU, series limit)."""
+    """Contract points refused for good (bad kind/unit/value, unknown or another job's GPU, series limits,
+    more FLOPs than the GPUs' peak), each answered as partial success."""
     points_ignored_total: int
     """Points of metrics outside the contract, and points flagged as having no recorded value."""
     requests_total: int
@@ -41,17 +42,12 @@ class OtlpCounters:
         with self._lock:
             self._status[status] += 1
 
-    def refused(self, rejected: int, ignored: int) -> None:
-        """Record the points a successful request rejected or ignored (never for a retried request)."""
-        with self._lock:
-            self._rejected += rejected
-            self._ignored += ignored
-
-    def attributed(self, accepted: int, dropped: int) -> None:
-        """Record queued points once attribution took them: `dropped` hit the series limit (rejected)."""
+    def counted(self, accepted: int, rejected: int, ignored: int) -> None:
+        """Record what a request's points came to (never for a request refused whole, which is retried)."""
         with self._lock:
             self._accepted += accepted
-            self._rejected += dropped
+            self._rejected += rejected
+            self._ignored += ignored
 
     def snapshot(self) -> OtlpStats:
         with self._lock:

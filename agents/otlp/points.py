@@ -4,11 +4,14 @@ Each data point of a contract metric (gpufleet.flops_contract) either becomes a 
 this node's GPUs, or is rejected with a reason (wrong instrument kind, unknown GPU, negative or
 non-finite value, ...). Points of other metrics are ignored: a job may send all its metrics
 here. A point's series is its OTel stream identity (resource, scope, metric name, temporality,
-point attributes), which is what counter state is kept by.
+point attributes), which is what counter state is kept by; it is kept as a 16-byte digest, so a
+series costs the same whatever its attributes weigh. A point must also come from the job that
+holds its GPUs where the allocation source knows it (`gpus.check_job`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Hashable, Iterable
@@ -18,7 +21,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, DataPointFlags, Metric
 
-from gpufleet.agents.otlp.gpus import Attrs, AttrValue, GpuError, GpuRoster, job_id, resolve_gpus
+from gpufleet.agents.otlp.gpus import Attrs, AttrValue, GpuError, GpuRoster, check_job, job_id, resolve_gpus
 from gpufleet.flops_contract import CONTRACT, UNITLESS, MetricContract
 
 _DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
@@ -75,13 +78,13 @@ def extract(request: ExportMetricsServiceRequest, roster: GpuRoster, arrival_ms:
         resource = attributes(rm.resource.attributes)
         resource_key = _frozen(resource)
         for sm in rm.scope_metrics:
-            scope_key = (sm.scope.name, sm.scope.version)
+            stream = (_digest((resource_key, sm.scope.name, sm.scope.version)),)
             for metric in sm.metrics:
                 contract = CONTRACT.get(metric.name)
                 if contract is None:
                     out.ignored += _count(metric)
                     continue
-                _extract_metric(metric, contract, resource, (resource_key, scope_key), roster, arrival_ms, out)
+                _extract_metric(metric, contract, resource, stream, roster, arrival_ms, out)
     return out
 
 
@@ -125,15 +128,17 @@ def _extract_metric(
             out.reject("time", f"{name} point has no time_unix_nano")
             continue
         point_attrs = attributes(dp.attributes)
+        job = job_id(point_attrs, resource)
         try:
             gpus = resolve_gpus(point_attrs, resource, roster)
+            check_job(gpus, job, roster)
         except GpuError as exc:
             out.reject(f"gpu:{exc}", str(exc))
             continue
-        series = (*stream, name, delta, _frozen(point_attrs))
+        series = _digest((*stream, name, delta, _frozen(point_attrs)))
         out.points.append(
             Point(
-                metric=name, series=series, gpus=gpus, job=job_id(point_attrs, resource), delta=delta,
+                metric=name, series=series, gpus=gpus, job=job, delta=delta,
                 start_ns=dp.start_time_unix_nano, time_ns=dp.time_unix_nano, value=value, arrival_ms=arrival_ms,
             )
         )
@@ -156,6 +161,11 @@ def any_value(v: AnyValue) -> AttrValue:
     if which == "kvlist_value":
         return tuple(sorted((kv.key, repr(any_value(kv.value))) for kv in v.kvlist_value.values))
     return None if which is None else getattr(v, which)
+
+
+def _digest(identity: tuple[object, ...]) -> bytes:
+    """A series identity as 16 bytes (attribute values are str/bool/int/float/bytes/tuples: `repr` is exact)."""
+    return hashlib.blake2b(repr(identity).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _frozen(attrs: Attrs) -> tuple[tuple[str, AttrValue], ...]:

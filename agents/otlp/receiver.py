@@ -1,13 +1,18 @@
 """The node agent's OTLP/HTTP metrics receiver: jobs POST `/v1/metrics`, the agent takes per-GPU FLOPs.
 
 Listens on 127.0.0.1:4318 by default (`agent.otlp_receiver_host` / `_port`; loopback only unless
-configured otherwise). Handler threads do the expensive part (read, inflate, parse, validate)
-and put accepted points on a bounded queue; the agent's interval loop calls
-`flops_source.take(now_ms, interval_ms)`, which drains the queue into attribution
-(agents.otlp.attribution) and returns the FLOPs per GPU uuid. `take` never waits on a handler:
-it only swaps the queue out under a lock held for O(1). A flood is refused at the door: at most
-`max_concurrent_requests` requests are read at once and at most `queue_points` points wait,
-beyond which the client gets 503 / 429 with `Retry-After` (OTel exporters retry those).
+configured otherwise). Handler threads do all the work of a request (read, inflate, parse, validate,
+attribute) and answer with what happened to every point: rejected points (unknown GPU, another
+job's GPU, a new series past the limits, more FLOPs than the GPUs' peak) come back as OTLP partial
+success. The agent's interval loop calls `flops_source.take(now_ms, interval_ms)`, which releases
+what is due per GPU uuid; handlers attribute in chunks of `_CHUNK` points and step aside while a take
+waits, so a take waits for one chunk at most, and its own work is bounded by the pending rate
+changes (agents.otlp.attribution), never by how many points arrived.
+
+Every input is bounded (docs/measured-mfu.md, "The receiver"): connections (`gpufleet.httpguard`:
+a total deadline per request, a connection cap), bodies read at once (`max_concurrent_requests`,
+a slow reader is evicted for a new request), body size before and after inflating, and points per
+second (`max_points_per_s`, 429 + Retry-After beyond, which OTel exporters retry).
 
 Before the agent knows its GPUs (`set_gpus`, or `tap(collector)` which feeds it on every
 collection) requests get 503 + Retry-After, since no point could be attributed yet.
@@ -17,13 +22,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
@@ -31,9 +34,10 @@ from gpufleet.agents.otlp import codec
 from gpufleet.agents.otlp.attribution import Attribution, AttributionSettings, AttributionStats
 from gpufleet.agents.otlp.gpus import GpuRoster
 from gpufleet.agents.otlp.metrics import OtlpCounters, OtlpStats
-from gpufleet.agents.otlp.points import Point, extract
+from gpufleet.agents.otlp.points import Extraction, Point, extract
 from gpufleet.errors import ServiceError
 from gpufleet.flops_contract import FLOPS, METRICS_PATH
+from gpufleet.httpguard import BodySlots, ConnectionLimits, GuardedHandler, GuardedServer, GuardedServer6
 
 if TYPE_CHECKING:
     from gpufleet.agents.collectors.base import Collector
@@ -56,6 +60,10 @@ class ReceiverError(ServiceError):
     """The receiver cannot start; the text says why and which setting to change."""
 
 
+_CHUNK: Final = 256
+"""Points attributed per hold of the attribution lock (a take waits for one chunk at most)."""
+
+
 @dataclass(frozen=True)
 class ReceiverSettings:
     host: str = "127.0.0.1"
@@ -65,13 +73,16 @@ class ReceiverSettings:
     """Largest request body accepted as sent (413 above)."""
     max_inflated_bytes: int = 32 * 1024 * 1024
     """Largest body after gzip/deflate (413 above: no gzip bombs)."""
-    queue_points: int = 20_000
-    """Points waiting for the next `take` at most; a request that does not fit gets 429."""
+    max_points_per_s: int = 10_000
+    """Contract points accepted per second (a second's worth at once; a busy 8-GPU node sends a few a second);
+    a request beyond gets 429, one with more points than this gets 413."""
     max_concurrent_requests: int = 8
-    """Requests read at once at most; more get 503 at once."""
+    """Request bodies read and processed at once; more get 503, unless one has been reading for longer than
+    `evict_slow_after_s` (then it is cut off for the new one)."""
+    evict_slow_after_s: float = 1.0
     retry_after_s: int = 1
-    read_timeout_s: float = 5.0
-    """A client that stalls mid-request is cut off after this long."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Connection cap and the total deadline of one request (headers + body)."""
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     attributed_metrics: tuple[str, ...] = (FLOPS.name,)
     """Contract metrics attributed to GPUs; the others are validated, counted and dropped."""
@@ -89,9 +100,13 @@ class MetricSource:
         self._metric = metric
 
     def take(self, now_ms: int, interval_ms: int) -> dict[str, float]:
-        """GPU uuid -> amount due in (previous take, now_ms]; `interval_ms` is implied by the previous call."""
-        del interval_ms
-        return self._receiver._take(self._metric, now_ms)
+        """GPU uuid -> amount due in (previous take, now_ms]; FLOPs clamped at each GPU's ceiling x `interval_ms`."""
+        return self._receiver._take(self._metric, now_ms, interval_ms)
+
+    @property
+    def flops_clamped_total(self) -> int:
+        """GPU-intervals whose FLOPs were clamped at the GPU's ceiling x interval, for the agent's health report."""
+        return self._receiver.attribution_stats(self._metric).clamped_total
 
     @property
     def points_accepted_total(self) -> int:
@@ -101,6 +116,62 @@ class MetricSource:
     @property
     def points_rejected_total(self) -> int:
         return self._receiver.counters.snapshot().points_rejected_total
+
+
+class _Gate:
+    """The attribution lock: handlers hold it a chunk at a time and step aside while a take waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._takers = 0
+
+    @contextmanager
+    def handler(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held and not self._takers)
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def taker(self) -> Iterator[None]:
+        with self._cond:
+            self._takers += 1
+            self._cond.wait_for(lambda: not self._held)
+            self._takers -= 1
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
+class _PointBudget:
+    """A token bucket of points per second on the receiver's clock (a full second's worth at most)."""
+
+    def __init__(self, per_s: int, now_ms: int) -> None:
+        self._per_s = per_s
+        self._tokens = float(per_s)
+        self._at_ms = now_ms
+        self._lock = threading.Lock()
+
+    def spend(self, n: int, now_ms: int) -> bool:
+        with self._lock:
+            if now_ms > self._at_ms:
+                self._tokens = min(float(self._per_s), self._tokens + (now_ms - self._at_ms) * self._per_s / 1000)
+                self._at_ms = now_ms
+            if n > self._tokens:
+                return False
+            self._tokens -= n
+            return True
 
 
 class OtlpReceiver:
@@ -119,13 +190,10 @@ class OtlpReceiver:
         self._roster = GpuRoster(gpus)
         started = clock()
         self._engines = {m: Attribution(started, self.settings.attribution) for m in self.settings.attributed_metrics}
-        self._queue: deque[list[Point]] = deque()
-        self._queued = 0
-        self._queue_lock = threading.Lock()
-        self._take_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(self.settings.max_concurrent_requests)
-        self._in_flight = 0
-        self._server: ThreadingHTTPServer | None = None
+        self._gate = _Gate()
+        self._budget = _PointBudget(self.settings.max_points_per_s, started)
+        self._slots = BodySlots(self.settings.max_concurrent_requests, self.settings.evict_slow_after_s)
+        self._server: GuardedServer | None = None
         self._thread: threading.Thread | None = None
         self._last_warn_ms: int | None = None
 
@@ -135,10 +203,10 @@ class OtlpReceiver:
         if self._server is not None:
             return self
         host, port = self.settings.host, self.settings.port
-        server_cls = _Server6 if ":" in host else _Server
-        handler = type("BoundHandler", (_Handler,), {"receiver": self, "timeout": self.settings.read_timeout_s})
+        server_cls = GuardedServer6 if ":" in host else GuardedServer
+        handler = type("BoundHandler", (_Handler,), {"receiver": self})
         try:
-            self._server = server_cls((host, port), handler)
+            self._server = server_cls((host, port), handler, self.settings.connections)
         except OSError as exc:
             raise ReceiverError(
                 f"OTLP receiver cannot listen on {host}:{port}: {exc}; set agent.otlp_receiver_port "
@@ -184,9 +252,16 @@ class OtlpReceiver:
 
     # -- the agent's side ----------------------------------------------------------------------
 
-    def set_gpus(self, index_to_uuid: Mapping[int, str]) -> None:
-        """This node's GPUs (NVML index -> uuid); cheap to call every interval."""
-        roster = GpuRoster(index_to_uuid)
+    def set_gpus(
+        self,
+        index_to_uuid: Mapping[int, str],
+        *,
+        jobs: Mapping[str, str] | None = None,
+        ceilings: Mapping[str, float] | None = None,
+    ) -> None:
+        """This node's GPUs (NVML index -> uuid), the jobs the allocation source says hold them (uuid -> job,
+        known ones only) and their FLOP/s ceilings (uuid -> FLOP/s); cheap to call every interval."""
+        roster = GpuRoster(index_to_uuid, jobs, ceilings)
         if roster != self._roster:
             self._roster = roster
 
@@ -205,60 +280,47 @@ class OtlpReceiver:
 
     @property
     def in_flight(self) -> int:
-        """Requests being read or parsed now (approximate: for diagnostics and tests)."""
-        return self._in_flight
+        """Requests whose body is being read or processed now (for diagnostics and tests)."""
+        return self._slots.held
+
+    @property
+    def connections(self) -> int:
+        """Connections held now (for diagnostics and tests)."""
+        return 0 if self._server is None else self._server.connections
 
     def stats(self) -> OtlpStats:
         return self.counters.snapshot()
 
     def attribution_stats(self, metric: str = FLOPS.name) -> AttributionStats:
-        with self._take_lock:
+        with self._gate.taker():
             return self._engines[metric].stats()
 
-    def _take(self, metric: str, now_ms: int) -> dict[str, float]:
-        with self._take_lock:
-            self._drain()
-            return self._engines[metric].take(now_ms)
-
-    def _drain(self) -> None:
-        with self._queue_lock:
-            batches, self._queue = self._queue, deque()
-            self._queued = 0
-        for batch in batches:
-            by_metric: dict[str, list[Point]] = {}
-            for p in batch:
-                by_metric.setdefault(p.metric, []).append(p)
-            try:
-                dropped = sum(self._engines[m].add(ps) for m, ps in by_metric.items() if m in self._engines)
-            except Exception:  # one bad batch must not stop the interval loop
-                log.exception("OTLP attribution failed on a batch of %d points; dropped", len(batch))
-                dropped = len(batch)
-            self.counters.attributed(len(batch) - dropped, dropped)
+    def _take(self, metric: str, now_ms: int, interval_ms: int) -> dict[str, float]:
+        ceilings = self._roster.ceilings if metric == FLOPS.name else None
+        with self._gate.taker():
+            return self._engines[metric].take(now_ms, interval_ms, ceilings)
 
     # -- the jobs' side --------------------------------------------------------------------------
 
-    def _handle_post(self, h: BaseHTTPRequestHandler) -> tuple[codec.Reply, bool]:
+    def _handle_post(self, h: _Handler) -> tuple[codec.Reply, bool]:
         """Answer one POST; returns the reply and whether the body was read (else the connection closes)."""
         media = codec.media_type(h.headers.get("Content-Type"))
         retry = (("Retry-After", str(self.settings.retry_after_s)),)
         refused = _check_head(urlsplit(h.path).path, media, h.headers.get("Content-Length"), self.settings)
         if isinstance(refused, codec.Reply):
             return refused, False
-        if not self._slots.acquire(blocking=False):
+        sock = h.connection
+        if not self._slots.acquire(sock):
             return codec.failure(503, "agent is busy with other OTLP requests; retry later", media, retry), False
-        self._count_in_flight(+1)
         try:
             body = h.rfile.read(refused)
             if len(body) < refused:
                 return codec.failure(400, f"body ended after {len(body)} of {refused} bytes", media), False
+            self._slots.body_read(sock)
+            h.request_read()
             return self._handle_body(body, media, h.headers.get("Content-Encoding", ""), retry), True
         finally:
-            self._count_in_flight(-1)
-            self._slots.release()
-
-    def _count_in_flight(self, step: int) -> None:
-        with self._queue_lock:
-            self._in_flight += step
+            self._slots.release(sock)
 
     def _handle_body(self, body: bytes, media: str, encoding: str, retry: tuple[tuple[str, str], ...]) -> codec.Reply:
         try:
@@ -271,24 +333,37 @@ class OtlpReceiver:
             return codec.failure(503, "agent has not discovered this node's GPUs yet; retry later", media, retry)
         now = self._clock()
         found = extract(request, roster, now)
-        if len(found.points) > self.settings.queue_points:
-            return codec.failure(413, f"request has {len(found.points)} FLOPs points, over the agent's queue of "
-                                 f"{self.settings.queue_points}; send smaller batches", media)
-        if found.points and not self._enqueue(found.points):
-            return codec.failure(429, "agent's OTLP queue is full; retry later", media, retry)
-        self.counters.refused(found.rejected_total, found.ignored)
+        limit = self.settings.max_points_per_s
+        if len(found.points) > limit:
+            return codec.failure(413, f"request has {len(found.points)} FLOPs points, over the agent's limit of "
+                                 f"{limit} per second; send smaller batches", media)
+        if found.points and not self._budget.spend(len(found.points), now):
+            return codec.failure(429, f"agent takes at most {limit} points per second; retry later", media, retry)
+        accepted = self._attribute(found, roster)
+        self.counters.counted(accepted, found.rejected_total, found.ignored)
         if found.rejected:
             self._warn(now, found.message())
             return codec.success(media, found.rejected_total, found.message())
         return codec.success(media)
 
-    def _enqueue(self, points: list[Point]) -> bool:
-        with self._queue_lock:
-            if self._queued + len(points) > self.settings.queue_points:
-                return False
-            self._queue.append(points)
-            self._queued += len(points)
-            return True
+    def _attribute(self, found: Extraction, roster: GpuRoster) -> int:
+        """Feed the points to their metrics' attribution, a chunk at a time; rejections go into `found`."""
+        by_metric: dict[str, list[Point]] = {}
+        for p in found.points:
+            by_metric.setdefault(p.metric, []).append(p)
+        rejected = 0
+        for metric, points in by_metric.items():
+            engine = self._engines.get(metric)
+            if engine is None:
+                continue  # validated and counted, not attributed
+            ceilings = roster.ceilings if metric == FLOPS.name else None
+            for i in range(0, len(points), _CHUNK):
+                with self._gate.handler():
+                    refusals = engine.add(points[i:i + _CHUNK], ceilings)
+                for r in refusals:
+                    found.reject(r.reason, r.message)
+                rejected += len(refusals)
+        return len(found.points) - rejected
 
     def _warn(self, now_ms: int, message: str) -> None:
         if self._last_warn_ms is None or now_ms - self._last_warn_ms >= _WARN_EVERY_MS:
@@ -325,20 +400,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """A client that hung up mid-reply is its own problem: log at debug, never a traceback on stderr."""
-        log.debug("OTLP connection from %s failed", client_address, exc_info=True)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(GuardedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gpufleet-otlp"
     receiver: OtlpReceiver
@@ -364,6 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, reply: codec.Reply, close: bool) -> None:
         self.receiver.counters.request(reply.status)
+        self.request_read()
         self.send_response(reply.status, reply.reason)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -375,9 +438,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(reply.body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("otlp %s - " + format, self.address_string(), *args)
 
 
 class _RosterTap:

@@ -43,6 +43,7 @@ def _check_report(r: wire.NodeReport, data: bytes) -> None:
             v = getattr(g, name)
             assert v is None or len(v) <= 1024
         assert all(0 <= x <= 65535 for x in g.xids)
+        assert g.flops_measured is None or 0 <= g.flops_measured <= 10**14 * r.interval_ms  # 1e17 FLOP/s
     assert len(data) <= wire.MAX_MESSAGE_BYTES
     # An accepted message re-encodes to bytes that decode to the same report.
     assert wire.decode(wire.encode(r)) == r
@@ -94,7 +95,8 @@ GPUS = st.builds(
     power_w=st.none() | st.floats(0.0, 1e6), energy_j=NONNEG,
     temp_gpu_c=st.none() | st.floats(-273.15, 1e4), clock_sm_mhz=st.none() | st.integers(0, 2**32 - 1),
     xids=st.lists(st.integers(0, 65535), max_size=5), remap_pending=st.none() | st.booleans(),
-    nvlink_links_down=st.none() | st.integers(0, 255), flops_measured=NONNEG,
+    nvlink_links_down=st.none() | st.integers(0, 255),
+    flops_measured=st.none() | st.floats(0.0, 1e14),  # 1e17 FLOP/s x 1 ms, the shortest interval: always valid
 )
 REPORTS = st.builds(
     wire.NodeReport, schema_version=st.just(wire.SCHEMA_VERSION), cluster=NAMES, node=NAMES, boot_id=NAMES,

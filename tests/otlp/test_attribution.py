@@ -133,11 +133,12 @@ def test_clock_going_backwards_never_gives_negative_amounts() -> None:
 
 def test_series_limit_drops_new_series_and_counts_them() -> None:
     a = engine(max_series=2)
-    dropped = a.add([
+    rejections = a.add([
         point(1e12, start_s=J0 + 1, time_s=J0 + 2, arrival_ms=T0, series="s1"),
         point(1e12, start_s=J0 + 1, time_s=J0 + 2, arrival_ms=T0, series="s2", gpus=(B,)),
         point(1e12, start_s=J0 + 1, time_s=J0 + 2, arrival_ms=T0, series="s3", gpus=(C,)),
     ])
-    assert dropped == 1
+    assert [r.reason for r in rejections] == ["series"]
+    assert "already tracks 2 series" in rejections[0].message
     assert a.take(T0 + 1_000) == {A: 1e12, B: 1e12}
     assert a.stats().dropped_total == 1

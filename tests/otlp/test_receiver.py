@@ -292,25 +292,29 @@ def three_points(clock: PinnedClock, value: float) -> bytes:
     return request(dps).SerializeToString()
 
 
-def test_full_queue_answers_429_and_take_drains_it(clock: PinnedClock) -> None:
-    with start(clock, queue_points=4) as r:
+def test_points_over_the_rate_answer_429_until_the_budget_refills(clock: PinnedClock) -> None:
+    with start(clock, max_points_per_s=4) as r:
         assert post(r.address, three_points(clock, 1e12)).status == 200
-        refused = post(r.address, three_points(clock, 1e12))
+        refused = post(r.address, three_points(clock, 1e12))  # 1 point of budget left
         assert (refused.status, refused.headers["retry-after"]) == (429, "1")
-        assert take_all(r, clock) == {A: 1e12, B: 1e12, C: 1e12}
-        assert post(r.address, three_points(clock, 1e12)).status == 200  # room again after take
+        clock.now += 500  # half a second refills 2 points: 3 in all
+        assert post(r.address, three_points(clock, 1e12)).status == 200
+        assert take_all(r, clock) == {A: 2e12, B: 2e12, C: 2e12}
         assert r.stats().requests_by_status == {200: 2, 429: 1}
 
 
-def test_request_larger_than_the_queue_is_413(clock: PinnedClock) -> None:
-    with start(clock, queue_points=2) as r:
+def test_request_with_more_points_than_a_second_allows_is_413(clock: PinnedClock) -> None:
+    with start(clock, max_points_per_s=2) as r:
         reply = post(r.address, three_points(clock, 1e12))
         assert reply.status == 413
-        assert "request has 3 FLOPs points, over the agent's queue of 2" in reply.reason
+        assert "request has 3 FLOPs points, over the agent's limit of 2 per second" in reply.reason
 
 
 def test_stalled_clients_get_cut_off_at_the_door_and_never_block_take(clock: PinnedClock) -> None:
-    with start(clock, max_concurrent_requests=2, read_timeout_s=30.0) as r:
+    from gpufleet.httpguard import ConnectionLimits
+
+    limits = ConnectionLimits(request_deadline_s=30.0)
+    with start(clock, max_concurrent_requests=2, evict_slow_after_s=30.0, connections=limits) as r:
         assert post(r.address, three_points(clock, 2e12)).status == 200
         stalled = []
         for _ in range(2):  # send headers promising a body that never comes
