@@ -52,6 +52,7 @@ INTERNAL = {
     "MacroError": "a panel's error inside a preview or validation report",
     "NodeDown": "a collector's signal to the runner: the node's interval becomes a health event",
     "StagingUnsupported": "the ingester falls back to its column path",
+    "StatusUnavailable": "answered to a status API client as 503 with the reason",
 }
 """Exception classes that never reach a user as a command's failure, and where they end instead."""
 

@@ -304,5 +304,9 @@ def test_a_flood_of_long_spans_costs_no_sample(tmp_path: Path, caplog: pytest.Lo
     assert [r.time_ms - reports[0].time_ms for r in reports] == [k * interval for k in range(n)]
     assert statuses == [200] * n  # every interval waited for its time: none started late
     # Each batch releases 10,000 FLOPs over 600 s: 10 per 600 ms interval, from the interval after it came.
-    assert [flops(r)[U0] for r in reports] == [10.0 * k for k in range(n)]
+    # A tick reads the FLOPs a few ms of the loop's own CPU time after its nominal instant (that is what the
+    # WorkClock measures), and that drift varies with the machine's load: 1 FLOP is 60 ms of it.
+    got = [flops(r)[U0] for r in reports]
+    assert got[:2] == [0.0, 10.0]
+    assert all(abs(g - 10.0 * k) < 1.0 for k, g in enumerate(got)), got
     assert stats.changes <= 2 * n  # one begin and one end instant per batch, not one entry per point
