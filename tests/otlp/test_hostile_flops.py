@@ -307,6 +307,5 @@ def test_a_flood_of_long_spans_costs_no_sample(tmp_path: Path, caplog: pytest.Lo
     # A tick reads the FLOPs a few ms of the loop's own CPU time after its nominal instant (that is what the
     # WorkClock measures), and that drift varies with the machine's load: 1 FLOP is 60 ms of it.
     got = [flops(r)[U0] for r in reports]
-    assert got[:2] == [0.0, 10.0]
     assert all(abs(g - 10.0 * k) < 1.0 for k, g in enumerate(got)), got
     assert stats.changes <= 2 * n  # one begin and one end instant per batch, not one entry per point
