@@ -181,6 +181,7 @@ class NodeAgent:
         health = AgentHealth(
             collect_seconds=collect_s,
             nvml_errors=self._nvml_errors(gpus),
+            **self._collector_health(),
             spool_depth=self.spool.depth,
             spool_dropped_total=self.spool.dropped_total,
             send_errors_total=self._send_errors(),
@@ -262,6 +263,12 @@ class NodeAgent:
             return False
         self._warned_at[what] = now_ms
         return True
+
+    def _collector_health(self) -> dict[str, int]:
+        """The collector's own figures for `AgentHealth` when it keeps them (`NvmlCollector.stats`)."""
+        stats = getattr(self.collector, "stats", None)
+        names = ("nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total")
+        return {n: int(getattr(stats, n)) for n in names if isinstance(getattr(stats, n, None), int)}
 
     def _nvml_errors(self, gpus: Sequence[GpuSample]) -> int:
         """The collector's failed-read count when it keeps one, else the GPUs that could not be read."""

@@ -284,6 +284,8 @@ class _EventSet:
     waits_started: int = 0
     undefined: bool = False
     freed: bool = False
+    leaked: bool = False
+    """Never freed by the client: released only by the last nvmlShutdown."""
 
 
 @dataclass
@@ -294,6 +296,7 @@ class _GpmSample:
     metrics: dict[int, float] = field(default_factory=dict)
     returns: dict[int, int] = field(default_factory=dict)
     freed: bool = False
+    leaked: bool = False
 
 
 @dataclass
@@ -547,6 +550,11 @@ class FakeNvml:
     def live_gpm_samples(self) -> int:
         return sum(not s.freed for s in self._gpm_samples.values())
 
+    @property
+    def leaked(self) -> int:
+        """Event sets and GPM samples the client never freed (the last nvmlShutdown released them)."""
+        return sum(x.leaked for x in (*self._event_sets.values(), *self._gpm_samples.values()))
+
     # -- internals ---------------------------------------------------------------------------
 
     def _new_handles(self) -> None:
@@ -632,10 +640,17 @@ class FakeNvml:
         self._refcount += 1
 
     def nvmlShutdown(self) -> None:
+        """The last shutdown releases everything the library allocated: event sets and GPM samples die."""
         self.shutdown_count += 1
         if self._refcount == 0:
             raise NVMLError(NVML_ERROR_UNINITIALIZED)
         self._refcount -= 1
+        if self._refcount == 0:
+            with self._events:
+                for item in (*self._event_sets.values(), *self._gpm_samples.values()):
+                    if not item.freed:
+                        item.freed, item.leaked = True, True
+                self._events.notify_all()
 
     def nvmlSystemGetDriverVersion(self) -> str:
         self._require_init("nvmlSystemGetDriverVersion")
@@ -761,7 +776,8 @@ class FakeNvml:
             p.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: lambda: (ull, gpu.energy_mj),
             p.NVML_FI_DEV_POWER_AVERAGE: lambda: (uint, gpu.power_mw) if scope == p.NVML_POWER_SCOPE_GPU
             else NVML_ERROR_NOT_SUPPORTED,
-            p.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_VOLATILE_ECC)]),
+            p.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                                                                    NVML_VOLATILE_ECC)]),
             p.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                                                                     NVML_VOLATILE_ECC)]),
             p.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_CORRECTED,
