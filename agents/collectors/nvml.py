@@ -248,12 +248,7 @@ class NvmlCollector:
 
     def _free_gpm(self) -> None:
         for dev in self._devices:
-            for sample in dev.gpm.samples:
-                try:
-                    self._nvml.nvmlGpmSampleFree(sample)
-                except self._nvml.NVMLError as exc:
-                    log.warning("nvmlGpmSampleFree failed for GPU %d: %s", dev.index, exc)
-            dev.forget()
+            self._reader.forget(dev)
 
     def _teardown(self, *, free: bool) -> None:
         """Let go of NVML: the XID thread first (it must not be inside a call), then GPM, then nvmlShutdown."""
@@ -356,7 +351,7 @@ class NvmlCollector:
                     return Reading(library_down=str(exc))
                 if not attached:
                     return Reading(lost=errors[0] if errors else "GPU handle unavailable")
-                dev.forget()
+                self._reader.forget(dev)
             return self._reader.read(dev, plan)
         return run
 
@@ -399,7 +394,7 @@ class NvmlCollector:
         if dev.lost:
             log.warning("GPU %d (%s) answers again; asking NVML afresh what it supports", dev.index, dev.uuid)
             dev.lost = False
-            dev.forget()
+            self._reader.forget(dev)
             self._xid.watch(dev.index, dev.uuid, dev.handle, dev.pci)
         try:
             return self._reader.commit(dev, reading, now, xids)

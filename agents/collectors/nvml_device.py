@@ -171,8 +171,18 @@ class DeviceReader:
         current = int(mode[0])
         if dev.mig_current is not None and current != dev.mig_current:
             log.info("GPU %d: MIG mode changed to %d; asking NVML afresh what it supports", dev.index, current)
-            dev.forget()
+            self.forget(dev)
         dev.mig_current = current
+
+    def forget(self, dev: DeviceState) -> None:
+        """`dev.forget()`, freeing its GPM buffers first (best effort: NVML may be the reason)."""
+        for sample in dev.gpm.samples:
+            try:
+                self.nvml.nvmlGpmSampleFree(sample)
+            except self.nvml.NVMLError as exc:
+                log.debug("nvmlGpmSampleFree failed for GPU %d: %s", dev.index, exc)
+        dev.gpm.samples = []
+        dev.forget()
 
     def _fast_values(self, dev: DeviceState, fast: FieldReading, r: Reading) -> None:
         ids = self.ids

@@ -17,6 +17,8 @@ delivered, are still seen. Lines are matched to GPUs by PCI address.
 **Once.** `XidLedger` takes both sources. A sighting from one source is reported at once and kept
 for `MATCH_WINDOW_S`; the same XID on the same GPU from the other source within that window is its
 twin and is not reported again (one twin each: two XIDs seen by both sources are reported twice).
+Sightings are stamped when the agent receives them (both sources deliver within about a second);
+kernel-log records from before the agent started keep their own time and never pair with an event.
 The kmsg cursor (last record reported) is saved after the collector has taken the XIDs, at the next
 collection, so a restart reports none twice (a crash between the two can repeat one interval's).
 
@@ -57,6 +59,8 @@ MATCH_WINDOW_S: Final = 10.0
 MAX_SIGHTINGS: Final = 4096
 BACKOFF_MAX_S: Final = 60.0
 KMSG_BACKLOG_S: Final = 600.0
+LIVE_RECORD_S: Final = 60.0
+"""A kernel-log record stamped less than this before it was read counts as live (matched by arrival)."""
 
 
 def address(pointer: Any) -> int:
@@ -432,5 +436,15 @@ class XidWatcher:
             if rec.seq is not None:
                 self.ledger.note_seq(rec.seq)
             return
-        t = rec.ts_s if rec.ts_s is not None else self._s.monotonic()
-        self.ledger.add("kmsg", key, rec.xid.xid, t, rec.seq)
+        self.ledger.add("kmsg", key, rec.xid.xid, self._sighting_time(rec.ts_s), rec.seq)
+
+    def _sighting_time(self, kernel_ts: float | None) -> float:
+        """When a kernel-log XID was seen, on the clock event sightings use.
+
+        A live record is stamped when read, like an event (the kernel's printk clock may drift from
+        CLOCK_MONOTONIC); a backlog record keeps its own, older time, so no event can be its twin.
+        """
+        now = self._s.monotonic()
+        if kernel_ts is None or now - kernel_ts <= LIVE_RECORD_S:
+            return now
+        return kernel_ts

@@ -255,6 +255,7 @@ def test_mig_toggled_clears_what_the_gpu_did_not_support(make_collector: Make) -
     fake.set_mig_mode(0, MIG_OFF)
     assert tick(fake, collector)[0].util_gpu_ratio == 0.7
     assert collector.errors_last_interval == 0
+    assert fake.live_gpm_samples == 2  # GPM restarted on each change, its old buffers freed
 
 
 def test_a_pending_mig_mode_takes_effect_at_the_reset(make_collector: Make) -> None:
