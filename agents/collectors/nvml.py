@@ -41,10 +41,12 @@ from gpufleet.agents.collectors.xid_events import XidSettings, XidWatcher
 from gpufleet.errors import USAGE, GpufleetError
 from gpufleet.wire import GpuSample
 
-__all__ = ["CollectorStats", "NvmlCollector", "NvmlUnavailable"]
+__all__ = ["NVML", "CollectorStats", "NvmlCollector", "NvmlUnavailable"]
 
 log = logging.getLogger(__name__)
 
+NVML: Final[Any] = pynvml
+"""The real binding, for tools that probe NVML beside the collector (bench/gpu_smoke.py) without importing it."""
 EVENT_WAIT_MS: Final = 500
 """One round of event waits over every GPU's set; bounds how long releasing NVML waits for the XID thread."""
 SLOW_EVERY_S: Final = 10.0
