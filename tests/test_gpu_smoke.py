@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import gpu_smoke
+
+pytestmark = pytest.mark.integration  # the whole tool for a few seconds of wall time, not a unit
 
 
 def test_the_smoke_check_runs_against_the_fake_and_writes_one_report(tmp_path: Path) -> None:

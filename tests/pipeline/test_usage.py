@@ -98,8 +98,9 @@ def test_energy_is_the_sum_of_the_counter_deltas(ch_target, ch_client) -> None:
         gpu(0, tenant="acme", power_w=100.0, energy_interval_j=deltas_mj[i] / 1000),
         gpu(1, tenant="acme", power_w=250.0),  # an agent without the counter: power x interval, 2.5 kJ each
     ]) for i in range(4)]
-    insert_reports(ch_client, db, reports, ingest_ms=H + 60_000)
-    (acme,) = usage_rows(ch_client, db)
+    store = Store(ch_client, db)
+    insert_reports(store, reports, ingest_ms=H + 60_000)
+    (acme,) = usage_rows(store)
     expected_mj = sum(deltas_mj) + 4 * 250 * 10_000  # 17,123,580 mJ counted + 10,000,000 mJ estimated
     assert acme["energy_kwh"] == expected_mj / 3_600_000_000
     minute_mj = ch_client.query(f"SELECT sum(energy_mj) FROM {db}.gpu_usage_1m WHERE gpu_uuid = 'GPU-n1-0'")
