@@ -352,7 +352,7 @@ def agent(
              f"(spool {cfg.agent.spool_dir})")
     stop = threading.Event()
     truth_written = [start_ms]
-    collected = Collected(spools, cfg.agent.collect_stale_s)
+    collected = Collected(spools, cfg.agent.collect_stale_s, released=lambda: all(a.released for a in agents))
     health = None if dry_run or not cfg.agent.health_port else HealthServer(
         collected.liveness, cfg.agent.health_host, cfg.agent.health_port).start()
 
@@ -412,11 +412,15 @@ class Collected:
     """The agent's heartbeat: `collect` beats whenever an interval spooled (or printed) a message.
 
     Each spool's `next_seq` moves past every message it takes, so their sum grows exactly when a
-    collection completed; `/healthz` and `/readyz` fail after `agent.collect_stale_s` without one.
+    collection completed; `/healthz` and `/readyz` fail after `agent.collect_stale_s` without one. An
+    agent whose collectors all let go of NVML on the operator's request (`released`) beats too: a liveness
+    probe must not restart it into holding NVML during a driver upgrade or GPU reset.
     """
 
-    def __init__(self, spools: list[Any], bound_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, spools: list[Any], bound_s: float, clock: Callable[[], float] = time.monotonic,
+                 released: Callable[[], bool] = lambda: False) -> None:
         self.spools = spools
+        self._released = released
         self.liveness = Liveness(clock).expect(COLLECT, bound_s)
         self.ticks = 0
         self._start = self.total()
@@ -429,6 +433,6 @@ class Collected:
         """After an interval: count it, and beat if a message was taken since the last check."""
         self.ticks += 1
         now = self.total()
-        if now > self._seen:
+        if now > self._seen or self._released():  # released on request (NodeReleased): alive, by design
             self.liveness.beat(COLLECT)
         self._seen = now

@@ -31,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from gpufleet.agents.collectors.base import Collector, NodeDown
+from gpufleet.agents.collectors.base import Collector, NodeDown, NodeReleased
 from gpufleet.agents.kafka_exporter import KafkaMetricExporter
 from gpufleet.agents.meter import AgentMeter, Frame, node_resource, otlp_reader
 from gpufleet.agents.spool import Spool
@@ -153,6 +153,8 @@ class NodeAgent:
         self._send_errors = send_errors
         self._last_allocation: Mapping[int, Any] = {}
         self._down = False
+        self.released = False
+        """The collector let go of the GPUs on request (`NodeReleased`) at the last interval."""
         self.exporter = KafkaMetricExporter(lambda: self.meter.frame, spool.append)
         extra = (lambda: [otlp_reader(otlp_endpoint, otlp_interval_ms)]) if otlp_endpoint else tuple
         self.meter = AgentMeter(node_resource(cluster, node, spool.boot_id, host_id), self.exporter,
@@ -163,7 +165,13 @@ class NodeAgent:
         started = time.perf_counter()
         try:
             samples = self.collector.collect(now_ms)
+        except NodeReleased as exc:
+            if not self.released:
+                log.warning("node %s: %s; sending nothing until the release is withdrawn", self.node, exc)
+            self.released = True
+            return None
         except NodeDown as exc:
+            self.released = False
             if not self._down:
                 log.warning("node %s is down, sending nothing until it answers: %s", self.node, exc)
             self._down = True
@@ -172,6 +180,7 @@ class NodeAgent:
             log.exception("collecting node %s failed; nothing sent this interval", self.node)
             return None
         collect_s = time.perf_counter() - started
+        self.released = False
         if self._down:
             log.info("node %s answers again", self.node)
             self._down = False

@@ -15,8 +15,9 @@ The pieces (each in its own module, all given the nvml module rather than import
 Lifecycle: `open()` starts NVML (raising `NvmlUnavailable` with the reason and the fix when it
 cannot). Afterwards NVML Uninitialized / DriverNotLoaded / LibRmVersionMismatch never end the
 agent: every GPU is reported in error and NVML is started again with back-off (1 s doubling to 60 s),
-its GPUs re-attached with their caches cleared. While the release switch is on, nothing is sent
-(`NodeDown`). `close()` stops the threads, frees event sets and GPM buffers and shuts NVML down.
+its GPUs re-attached with their caches cleared. While the release switch is on (also at start), NVML
+is not held and nothing is sent (`NodeReleased`, a `NodeDown` the agent counts as healthy). `close()`
+stops the threads, frees event sets and GPM buffers and shuts NVML down.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, Final
 
 import pynvml
 
-from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.collectors.base import NodeReleased
 from gpufleet.agents.collectors.deadline_pool import DeadlinePool
 from gpufleet.agents.collectors.nvml_device import GPM_MIN_GAP_S, DeviceReader, DeviceState, Plan, Reading, error_sample
 from gpufleet.agents.collectors.nvml_fields import FieldIds, read_fields
@@ -155,6 +156,13 @@ class NvmlCollector:
         if self._state == "closed":
             raise RuntimeError("this NvmlCollector is closed; create a new one")
         if self._state != "new":
+            return
+        if self._switch.wanted():  # started (or restarted) during maintenance: do not take NVML
+            log.warning("NVML release requested (%s): not starting NVML until the request is withdrawn",
+                        self._switch.path or "release()")
+            self._state = "released"
+            self._switch.acknowledge(released=True)
+            self._xid.start()
             return
         try:
             self._start(attach_timeout_s=max(self._deadline_s, ATTACH_TIMEOUT_S))
@@ -311,7 +319,7 @@ class NvmlCollector:
                 self._teardown(free=self._state == "up")
                 self._state = "released"
                 self._switch.acknowledge(released=True)
-            raise NodeDown("NVML released for maintenance (driver upgrade or GPU reset)")
+            raise NodeReleased("NVML released for maintenance (driver upgrade or GPU reset)")
         if self._state == "released":
             self._switch.acknowledge(released=False)
             self._state, self._down_reason = "down", "NVML released for maintenance"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.collectors.base import NodeDown, NodeReleased
 from tests.agents.nvml_helpers import (
     NOT_SUPPORTED,
     PCI2,
@@ -203,6 +203,21 @@ def test_the_driver_is_released_unloaded_reloaded_and_reacquired(make_collector:
     fake.inject_xid(1, 45)
     assert fake.wait_for_event_consumer()
     assert [s.xids for s in tick(fake, collector)] == [[], [45]]
+
+
+def test_an_agent_started_during_maintenance_does_not_take_nvml(make_collector: Make, tmp_path: Path) -> None:
+    release = tmp_path / "nvml-release"
+    release.touch()  # the agent (re)started while the operator upgrades the driver
+    fake = FakeNvml([hopper(), volta()])
+    collector = make_collector(fake, release_file=release)
+    collector.open()
+    with pytest.raises(NodeReleased):
+        collector.collect(0)
+    assert (fake.init_count, fake.initialized, collector.state) == (0, False, "released")
+    assert fake.reset_gpu(0) is True  # nothing holds NVML
+    release.unlink()
+    assert [s.error for s in tick(fake, collector)] == [None, None]
+    assert collector.gpu_uuids == [UUID0, UUID1]
 
 
 def test_a_lost_gpu_returns_only_through_a_reset_while_nvml_is_released(make_collector: Make, tmp_path: Path) -> None:

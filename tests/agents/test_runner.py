@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.collectors.base import NodeDown, NodeReleased
 from gpufleet.agents.kafka_exporter import KafkaMetricExporter
 from gpufleet.agents.meter import AgentMeter, Frame, node_resource
 from gpufleet.agents.runner import NodeAgent, run_many
@@ -381,3 +381,21 @@ def test_the_nvml_call_count_and_budget_ride_in_agent_health(tmp_path: Path) -> 
     assert report.agent.nvml_call_budget == 2 * 16
     assert (report.agent.nvml_deadline_misses, report.agent.xids_dropped_total) == (0, 0)
     assert spooled(agent)[-1].agent == report.agent
+
+
+def test_a_released_collector_sends_nothing_and_says_so(tmp_path: Path) -> None:
+    class Releasing(ScriptedCollector):
+        def collect(self, now_ms: int) -> list[GpuSample]:
+            if len(self.calls) < 2:
+                self.calls.append(now_ms)
+                raise NodeReleased("NVML released for maintenance")
+            return super().collect(now_ms)
+
+    agent = make_agent(tmp_path, collector=Releasing())
+    assert agent.tick(1_000, 1000) is None
+    assert agent.released
+    assert agent.tick(2_000, 1000) is None
+    assert agent.tick(3_000, 1000) is not None
+    assert not agent.released
+    assert [r.seq for r in spooled(agent)] == [0]
+    agent.close()
