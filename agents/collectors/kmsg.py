@@ -36,6 +36,8 @@ READ_CHUNK: Final = 8192
 """Bytes per read: more than one /dev/kmsg record (the kernel caps a record at 1 KiB of text)."""
 MAX_RECORDS_PER_POLL: Final = 2000
 """A poll returns at most this many lines; the rest waits for the next poll (a bounded loop)."""
+MAX_PARTIAL_BYTES: Final = 64 * 1024
+"""An unfinished line longer than this (not a kernel record: a file without newlines) is dropped."""
 
 _XID = re.compile(
     r"NVRM: Xid \(PCI:([0-9A-Fa-f]{1,8}):([0-9A-Fa-f]{1,2}):([0-9A-Fa-f]{1,2})(?:\.[0-9A-Fa-f])?\): (\d+)")
@@ -173,6 +175,8 @@ class KmsgReader:
                 break
             data = self._partial + chunk
             *complete, self._partial = data.split(b"\n")
+            if len(self._partial) > MAX_PARTIAL_BYTES:
+                self._partial = b""
             lines.extend(c.decode("utf-8", "replace") for c in complete)
         return lines
 
