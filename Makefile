@@ -13,7 +13,7 @@ AGENT_ARTIFACT := dist/gpufleet-agent-$(VERSION)-linux-$(ARCH)
 AGENT_SOURCES := $(shell find gpufleet agents -name '*.py') pyproject.toml constraints.txt deploy/agent/build_artifact.py deploy/agent/entry.py
 WHEELHOUSE := dist/wheelhouse
 
-.PHONY: run test test-fast typecheck lint bench soak schema clean setup agent-artifact agent-wheelhouse
+.PHONY: run test test-fast typecheck lint bench soak schema clean setup agent-artifact agent-wheelhouse gpu-smoke
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak
+
+# On a GPU node: a few minutes of the real NVML collector, one JSON report (docs/nvml-agent.md).
+gpu-smoke: $(STAMP)
+	$(BIN)/python -m bench.gpu_smoke --out var/gpu-smoke.json
 
 schema: $(STAMP)
 	$(BIN)/gpufleet schema --out docs/wire-format.schema.json

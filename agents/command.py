@@ -104,8 +104,9 @@ def apply_overrides(
     )
 
 
-def nvml_node(cfg: Config) -> NodeParts:
-    """This machine's GPUs through NVML; a clear error when NVML cannot start."""
+def nvml_node(cfg: Config, *, dry_run: bool = False) -> NodeParts:
+    """This machine's GPUs through NVML; a clear error when NVML cannot start. A dry run keeps no kernel-log
+    cursor (what it prints must not count as reported for the real agent)."""
     from gpufleet.agents.allocation import build_source
 
     try:
@@ -114,7 +115,14 @@ def nvml_node(cfg: Config) -> NodeParts:
         raise UsageError(
             f"the NVML backend cannot be loaded ({exc}); install nvidia-ml-py or use --backend simulated"
         ) from None
-    collector = NvmlCollector()
+    agent = cfg.agent
+    collector = NvmlCollector(
+        interval_ms=round(agent.interval_s * 1000), deadline_s=agent.nvml_deadline_s,
+        slow_every_s=agent.nvml_slow_every_s, call_budget_per_gpu=agent.nvml_call_budget_per_gpu,
+        kmsg_path=agent.kmsg_path,
+        kmsg_cursor=Path(agent.spool_dir) / "kmsg-cursor.json" if agent.kmsg_path and not dry_run else None,
+        release_file=Path(agent.nvml_release_file) if agent.nvml_release_file else None,
+    )
     collector.open()  # NvmlUnavailable says why and how to fix it
     uuids = getattr(collector, "gpu_uuids", None)
     uuid_index = {u: i for i, u in enumerate(uuids)} if uuids else None
@@ -318,7 +326,7 @@ def agent(
         for flag, given in (("--ground-truth", ground_truth is not None), ("--flops-jobs", flops_jobs > 0)):
             if given:
                 raise click.UsageError(f"{flag} needs --backend simulated")
-        parts = [nvml_node(cfg)]
+        parts = [nvml_node(cfg, dry_run=dry_run)]
     if dry_run and flops_jobs:
         raise click.UsageError("--flops-jobs needs receivers, which a --dry-run does not start")
     try:
@@ -344,7 +352,7 @@ def agent(
              f"(spool {cfg.agent.spool_dir})")
     stop = threading.Event()
     truth_written = [start_ms]
-    collected = Collected(spools, cfg.agent.collect_stale_s)
+    collected = Collected(spools, cfg.agent.collect_stale_s, released=lambda: all(a.released for a in agents))
     health = None if dry_run or not cfg.agent.health_port else HealthServer(
         collected.liveness, cfg.agent.health_host, cfg.agent.health_port).start()
 
@@ -404,11 +412,15 @@ class Collected:
     """The agent's heartbeat: `collect` beats whenever an interval spooled (or printed) a message.
 
     Each spool's `next_seq` moves past every message it takes, so their sum grows exactly when a
-    collection completed; `/healthz` and `/readyz` fail after `agent.collect_stale_s` without one.
+    collection completed; `/healthz` and `/readyz` fail after `agent.collect_stale_s` without one. An
+    agent whose collectors all let go of NVML on the operator's request (`released`) beats too: a liveness
+    probe must not restart it into holding NVML during a driver upgrade or GPU reset.
     """
 
-    def __init__(self, spools: list[Any], bound_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, spools: list[Any], bound_s: float, clock: Callable[[], float] = time.monotonic,
+                 released: Callable[[], bool] = lambda: False) -> None:
         self.spools = spools
+        self._released = released
         self.liveness = Liveness(clock).expect(COLLECT, bound_s)
         self.ticks = 0
         self._start = self.total()
@@ -421,6 +433,6 @@ class Collected:
         """After an interval: count it, and beat if a message was taken since the last check."""
         self.ticks += 1
         now = self.total()
-        if now > self._seen:
+        if now > self._seen or self._released():  # released on request (NodeReleased): alive, by design
             self.liveness.beat(COLLECT)
         self._seen = now

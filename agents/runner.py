@@ -31,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from gpufleet.agents.collectors.base import Collector, NodeDown
+from gpufleet.agents.collectors.base import Collector, NodeDown, NodeReleased
 from gpufleet.agents.kafka_exporter import KafkaMetricExporter
 from gpufleet.agents.meter import AgentMeter, Frame, node_resource, otlp_reader
 from gpufleet.agents.spool import Spool
@@ -153,6 +153,8 @@ class NodeAgent:
         self._send_errors = send_errors
         self._last_allocation: Mapping[int, Any] = {}
         self._down = False
+        self.released = False
+        """The collector let go of the GPUs on request (`NodeReleased`) at the last interval."""
         self.exporter = KafkaMetricExporter(lambda: self.meter.frame, spool.append)
         extra = (lambda: [otlp_reader(otlp_endpoint, otlp_interval_ms)]) if otlp_endpoint else tuple
         self.meter = AgentMeter(node_resource(cluster, node, spool.boot_id, host_id), self.exporter,
@@ -163,7 +165,13 @@ class NodeAgent:
         started = time.perf_counter()
         try:
             samples = self.collector.collect(now_ms)
+        except NodeReleased as exc:
+            if not self.released:
+                log.warning("node %s: %s; sending nothing until the release is withdrawn", self.node, exc)
+            self.released = True
+            return None
         except NodeDown as exc:
+            self.released = False
             if not self._down:
                 log.warning("node %s is down, sending nothing until it answers: %s", self.node, exc)
             self._down = True
@@ -172,6 +180,7 @@ class NodeAgent:
             log.exception("collecting node %s failed; nothing sent this interval", self.node)
             return None
         collect_s = time.perf_counter() - started
+        self.released = False
         if self._down:
             log.info("node %s answers again", self.node)
             self._down = False
@@ -181,6 +190,7 @@ class NodeAgent:
         health = AgentHealth(
             collect_seconds=collect_s,
             nvml_errors=self._nvml_errors(gpus),
+            **self._collector_health(),
             spool_depth=self.spool.depth,
             spool_dropped_total=self.spool.dropped_total,
             send_errors_total=self._send_errors(),
@@ -262,6 +272,12 @@ class NodeAgent:
             return False
         self._warned_at[what] = now_ms
         return True
+
+    def _collector_health(self) -> dict[str, int]:
+        """The collector's own figures for `AgentHealth` when it keeps them (`NvmlCollector.stats`)."""
+        stats = getattr(self.collector, "stats", None)
+        names = ("nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total")
+        return {n: int(getattr(stats, n)) for n in names if isinstance(getattr(stats, n, None), int)}
 
     def _nvml_errors(self, gpus: Sequence[GpuSample]) -> int:
         """The collector's failed-read count when it keeps one, else the GPUs that could not be read."""

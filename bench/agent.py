@@ -10,6 +10,11 @@ and subtracted, and named as such.
 Two phases: `ticks` intervals back to back (simulated time advancing one interval per tick; CPU
 per interval is steady-state work), then `realtime_s` seconds at the real 1 s cadence (`run_one`),
 which adds what an agent spends between intervals (timers, the sender's and receiver's threads).
+
+Beside them, `nvml_calls` runs the real NVML collector on the pynvml fake (8 H100s, 18 NVLinks
+each) and counts, from the fake's own call counters, the NVML queries per GPU per interval (event
+waits excluded), and the collector's process CPU per interval there (the fake's Python stands in for
+the driver's C, so that CPU is an upper bound of the collector's own share, not NVML's cost).
 """
 
 from __future__ import annotations
@@ -140,6 +145,53 @@ def _child(bootstrap: str, topic: str, ticks: int, realtime_s: float) -> dict[st
     }
 
 
+PREVIOUS_READER_CALLS_PER_GPU = 108.0
+"""The reader before the field-value batches (commit c9fa212), on the same fake and GPUs: measured by
+running its nvml.py against `nvml_calls`' fake (10 steady intervals, 8 H100s)."""
+
+
+def nvml_calls(intervals: int = 200, gpus: int = 8) -> dict[str, Any]:
+    """NVML queries per GPU per interval and the collector's CPU per interval, on the pynvml fake."""
+    import resource
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpufleet.agents.collectors.nvml import NvmlCollector
+    from tests.fakes.fake_pynvml import FakeNvml, h100
+
+    fake = FakeNvml([h100(f"GPU-bench-{i}", pci=(0, 0x18 + i, 0), gpm_metrics={2: 50.0}) for i in range(gpus)])
+    collector = NvmlCollector(nvml=fake, event_wait_ms=100, clock=lambda: fake.now_us / 1e6)
+
+    def queries() -> int:
+        return sum(n for (name, g), n in fake.calls.items() if g is not None and name != "nvmlEventSetWait")
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    try:
+        collector.open()
+        for _ in range(3):  # attach, first GPM pair
+            fake.advance(1.0)
+            collector.collect(0)
+        q0, c0, reported = queries(), cpu(), 0
+        for _ in range(intervals):
+            fake.advance(1.0)
+            collector.collect(0)
+            reported += collector.stats.nvml_calls
+        q1, c1 = queries(), cpu()
+    finally:
+        collector.close()
+    per_gpu = (q1 - q0) / intervals / gpus
+    return {
+        "nvml_gpus": gpus,
+        "nvml_intervals": intervals,
+        "nvml_calls_per_gpu_per_interval": per_gpu,
+        "nvml_calls_reported_per_gpu_per_interval": reported / intervals / gpus,
+        "nvml_calls_previous_reader_per_gpu_per_interval": PREVIOUS_READER_CALLS_PER_GPU,
+        "nvml_collector_cpu_ms_per_interval_on_fake": (c1 - c0) / intervals * 1000,
+    }
+
+
 def run(ticks: int = 500, realtime_s: float = 10.0) -> dict[str, Any]:
     """Start a broker, run the agent child, and derive the figures against the targets."""
     import uuid
@@ -167,6 +219,7 @@ def run(ticks: int = 500, realtime_s: float = 10.0) -> dict[str, Any]:
     r["target_peak_rss_mb"] = 80.0
     r["cpu_ratio_to_target"] = r["cpu_ms_per_interval"] / r["target_cpu_ms_per_interval"]
     r["rss_ratio_to_target"] = r["peak_rss_mb"] / r["target_peak_rss_mb"]
+    r.update(nvml_calls())
     return r
 
 

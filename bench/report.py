@@ -68,6 +68,12 @@ def render(results: dict[str, Any]) -> str:
             f"target 5 ms | {ag['cpu_ratio_to_target']:.2f} | < 5 ms | {_met(ag['cpu_ms_per_interval'] < 5)} |")
         add(f"| 2 | agent peak RSS | {ag['peak_rss_mb']:.0f} MB | target 80 MB | {ag['rss_ratio_to_target']:.2f} | "
             f"< 80 MB | {_met(ag['peak_rss_mb'] < 80)} |")
+        if "nvml_calls_per_gpu_per_interval" in ag:
+            calls, before = ag["nvml_calls_per_gpu_per_interval"], ag["nvml_calls_previous_reader_per_gpu_per_interval"]
+            add(f"| 2 | NVML queries per GPU per interval (collector on the pynvml fake, {ag['nvml_gpus']} H100s; "
+                f"collector CPU there {ag['nvml_collector_cpu_ms_per_interval_on_fake']:.1f} ms per interval) | "
+                f"{calls:.1f} | previous reader {before:.0f} | {calls / before:.2f} | <= 16 (budget) | "
+                f"{_met(calls <= 16)} |")
     else:
         add(f"| 2 | agent | {_missing(results, 'agent')} | | | | |")
     st = _item(results, "storage")

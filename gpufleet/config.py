@@ -84,6 +84,16 @@ class AgentConfig(Strict):
     """Port of the agent's `/healthz` and `/readyz` (0: not served)."""
     collect_stale_s: Positive = 60.0
     """`/healthz` and `/readyz` fail when no collection completed for this long."""
+    nvml_deadline_s: Positive | None = None
+    """How long one interval waits for a GPU's NVML reads; null: 0.8 x interval_s."""
+    nvml_slow_every_s: Positive = 10.0
+    """Slow-changing error counters (ECC, remapped rows, PCIe, NVLink errors) are read this often."""
+    nvml_call_budget_per_gpu: Annotated[int, msgspec.Meta(ge=0)] = 16
+    """NVML queries per GPU per interval the agent expects; more is logged (0: no budget)."""
+    nvml_release_file: str | None = "/run/gpufleet/nvml-release"
+    """While this file exists the agent releases NVML (driver upgrade, GPU reset) and sends nothing."""
+    kmsg_path: str | None = "/dev/kmsg"
+    """The kernel log read for XIDs beside NVML events; null: NVML events only."""
 
 
 class IngestConfig(Strict):

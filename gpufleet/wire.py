@@ -63,6 +63,10 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     power_w: Watts | None = None
     energy_j: NonNeg | None = None
     """Cumulative energy since the driver loaded (NVML's counter, converted from mJ)."""
+    energy_interval_j: NonNeg | None = None
+    """Energy used during the interval: growth of NVML's energy counter since the previous reading (exact
+    to the mJ; a driver reload's restart of the counter handled). Null on the first reading after NVML
+    (re)starts, or without an energy counter; the rollups then use power_w x interval instead."""
     temp_gpu_c: Celsius | None = None
     temp_mem_c: Celsius | None = None
     clock_sm_mhz: U32 | None = None
@@ -70,6 +74,10 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     clock_event_reasons: Count | None = None
     """NVML clocks-event (throttle) bitmask: 0x4 SW power cap, 0x8 HW slowdown, 0x20 SW thermal,
     0x40 HW thermal, 0x80 HW power brake (see `gpufleet.units.THROTTLE_*`)."""
+    throttle_power_ratio: Ratio | None = None
+    """Share of the interval the clocks were held down by the power limit (cumulative NVML counter)."""
+    throttle_thermal_ratio: Ratio | None = None
+    """Share of the interval the clocks were held down for temperature (cumulative NVML counter)."""
     ecc_corrected_volatile: Count | None = None
     ecc_uncorrected_volatile: Count | None = None
     ecc_corrected_aggregate: Count | None = None
@@ -85,6 +93,10 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     nvlink_replay_errors: Count | None = None
     nvlink_recovery_errors: Count | None = None
     nvlink_links_down: U8 | None = None
+    nvlink_symbol_errors: Count | None = None
+    """NVLink5 (Blackwell) received-symbol errors summed over links; null before NVLink5."""
+    nvlink_effective_errors: Count | None = None
+    """NVLink5 (Blackwell) effective errors summed over links; null before NVLink5."""
     xids: list[Annotated[int, msgspec.Meta(ge=0, le=65535)]] = []
     """XID codes raised during this interval, in order (event-driven, each reported once)."""
     compute_processes: U32 | None = None
@@ -103,6 +115,14 @@ class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
 
     collect_seconds: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.0
     nvml_errors: U32 = 0
+    nvml_calls: U32 = 0
+    """NVML queries this interval (reads, attaches, event-set management; event waits excluded)."""
+    nvml_call_budget: U32 = 0
+    """The queries the agent expects to need this interval (per-GPU budget x GPUs); 0 = no budget."""
+    nvml_deadline_misses: U32 = 0
+    """GPUs reported in error this interval because NVML had not answered by the deadline."""
+    xids_dropped_total: Count = 0
+    """XIDs dropped because more than the per-GPU queue bound arrived in one interval (since start)."""
     spool_depth: Count = 0
     spool_dropped_total: Count = 0
     send_errors_total: Count = 0

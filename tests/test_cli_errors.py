@@ -51,6 +51,8 @@ INTERNAL = {
     "GpuError": "answered to an OTLP client as a rejected point",
     "MacroError": "a panel's error inside a preview or validation report",
     "NodeDown": "a collector's signal to the runner: the node's interval becomes a health event",
+    "GpuLost": "the NVML funnel's signal to the collector: that GPU's sample carries `error`",
+    "LibraryDown": "the NVML funnel's signal to the collector: every GPU in error while NVML is re-initialised",
     "StagingUnsupported": "the ingester falls back to its column path",
     "StatusUnavailable": "answered to a status API client as 503 with the reason",
 }

@@ -31,3 +31,8 @@ class Collector(Protocol):
 
 class NodeDown(Exception):
     """The whole node could not be read this interval (no GPU answered); the agent sends nothing."""
+
+
+class NodeReleased(NodeDown):
+    """The backend let go of the GPUs on the operator's request (driver upgrade, GPU reset): nothing is sent,
+    and the agent is healthy, doing what it was asked (its liveness must not get it restarted)."""

@@ -1,46 +1,61 @@
-"""NVML collector: reads real NVIDIA GPUs through `pynvml`, the one module in gpufleet that talks to NVML.
+"""NVML collector: reads real NVIDIA GPUs through `pynvml`, the one module in gpufleet that imports it.
 
-Every device read goes through one funnel (`NvmlCollector._query`, after nvitop's `nvmlQuery`):
+The pieces (each in its own module, all given the nvml module rather than importing it):
 
-* NotSupported / FunctionNotFound -> None, remembered per (GPU, counter) so it is never asked again;
-* GpuIsLost / ResetRequired -> the GPU is reported this interval with `error` set and null counters;
-* any other NVML error -> None for that counter and one more in `errors_last_interval`.
+* `nvml_funnel`: every device call; NotSupported and NoPermission remembered per (GPU, key), a lost
+  GPU or a dead library raised as such, other errors counted;
+* `nvml_device`: one GPU's read, in two steps (NVML calls on a worker, interval figures committed
+  on the collector's thread), through `nvml_fields` (batched field values: fast every interval,
+  slow error counters every `slow_every_s`);
+* `deadline_pool`: one worker per GPU; each interval waits until `deadline_s` and reports a GPU
+  that has not answered with `error` set, while the others report normally;
+* `xid_events`: XIDs from one NVML event set per GPU and from the kernel log, each once;
+* `nvml_session`: re-initialisation back-off and the operator's release switch.
 
-Each value lands in the wire's base unit (mW -> W, mJ -> J, percent -> 0..1 ratio, bytes, MHz).
-XIDs are event-driven: a background thread waits on an NVML event set and queues each XID per GPU;
-`collect()` drains the queues, so every XID is reported exactly once. GPM metrics (Hopper and newer)
-are computed between the previous interval's sample and this one's, so the first interval has none.
-
-NVML is started lazily (first `open()` or `collect()`) and shut down by `close()`.
+Lifecycle: `open()` starts NVML (raising `NvmlUnavailable` with the reason and the fix when it
+cannot). Afterwards NVML Uninitialized / DriverNotLoaded / LibRmVersionMismatch never end the
+agent: every GPU is reported in error and NVML is started again with back-off (1 s doubling to 60 s),
+its GPUs re-attached with their caches cleared. While the release switch is on (also at start), NVML
+is not held and nothing is sent (`NodeReleased`, a `NodeDown` the agent counts as healthy). `close()`
+stops the threads, frees event sets and GPM buffers and shuts NVML down.
 """
 
 from __future__ import annotations
 
-import ctypes
+import concurrent.futures
 import logging
-import math
-import threading
-from collections import deque
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import pynvml
 
+from gpufleet.agents.collectors.base import NodeReleased
+from gpufleet.agents.collectors.deadline_pool import DeadlinePool
+from gpufleet.agents.collectors.nvml_device import GPM_MIN_GAP_S, DeviceReader, DeviceState, Plan, Reading, error_sample
+from gpufleet.agents.collectors.nvml_fields import FieldIds, read_fields
+from gpufleet.agents.collectors.nvml_funnel import Counters, Funnel, GpuLost, LibraryDown
+from gpufleet.agents.collectors.nvml_session import Backoff, ReleaseSwitch
+from gpufleet.agents.collectors.xid_events import XidSettings, XidWatcher
 from gpufleet.errors import USAGE, GpufleetError
 from gpufleet.wire import GpuSample
 
-__all__ = ["NvmlCollector", "NvmlUnavailable"]
+__all__ = ["NVML", "CollectorStats", "NvmlCollector", "NvmlUnavailable"]
 
 log = logging.getLogger(__name__)
 
+NVML: Final[Any] = pynvml
+"""The real binding, for tools that probe NVML beside the collector (bench/gpu_smoke.py) without importing it."""
 EVENT_WAIT_MS: Final = 500
-"""How long one `nvmlEventSetWait` blocks; bounds how long `close()` waits for the XID thread."""
-
-MAX_XID: Final = 65535
-"""Largest XID the wire accepts; anything above is logged and dropped rather than poison a message."""
-
-_ERROR_TEXT_MAX: Final = 1024
+"""One round of event waits over every GPU's set; bounds how long releasing NVML waits for the XID thread."""
+SLOW_EVERY_S: Final = 10.0
+CALL_BUDGET_PER_GPU: Final = 16
+"""NVML queries per GPU per interval the agent expects to need (event waits excluded)."""
+BUDGET_WARN_EVERY_S: Final = 300.0
+ATTACH_TIMEOUT_S: Final = 10.0
+"""How long `open()` waits for the GPUs to be attached (a hung GPU is attached later, or reported in error)."""
 
 
 class NvmlUnavailable(GpufleetError, RuntimeError):
@@ -49,68 +64,17 @@ class NvmlUnavailable(GpufleetError, RuntimeError):
     exit_code = USAGE
 
 
-class _GpuLost(Exception):
-    """Raised inside the funnel when the GPU itself is gone; abandons that GPU for the interval."""
+@dataclass(frozen=True)
+class CollectorStats:
+    """The collector's own health for the last interval (`AgentHealth` carries it)."""
 
-
-@dataclass
-class _Gpm:
-    """One GPU's GPM state: two sample buffers used alternately, and whether the previous is valid."""
-
-    supported: bool
-    samples: list[Any] = field(default_factory=list)
-    cur: int = 0
-    prev_valid: bool = False
-
-
-@dataclass
-class _Device:
-    """What the collector keeps per GPU between intervals."""
-
-    index: int
-    uuid: str
-    """NVML's UUID once read; `unknown-gpu-<index>` until then (a GPU unreachable since start-up)."""
-    handle: Any = None
-    model: str | None = None
-    unsupported: set[Hashable] = field(default_factory=set)
-    """Funnel keys that answered NotSupported: never asked again."""
-    errors: list[str] = field(default_factory=list)
-    """NVML errors seen while reading this GPU in the current interval."""
-    xids: deque[int] = field(default_factory=deque)
-    gpm: _Gpm | None = None
-    events_registered: bool = False
-
-
-@dataclass
-class _NvLink:
-    crc: int | None = None
-    replay: int | None = None
-    recovery: int | None = None
-    down: int | None = None
-
-
-def _address(pointer: Any) -> int | None:
-    """The address a ctypes handle points at: how an event's `device` is matched to a GPU."""
-    return ctypes.cast(pointer, ctypes.c_void_p).value
-
-
-def _ratio(percent: float | None) -> float | None:
-    """NVML percent (0..100) -> wire ratio clamped to 0..1; None and non-finite stay None."""
-    if percent is None or not math.isfinite(percent):
-        return None
-    return min(1.0, max(0.0, percent / 100))
-
-
-def _per_1000(value: int | None) -> float | None:
-    """mW -> W, mJ -> J."""
-    return None if value is None else value / 1000
-
-
-_VALUE_MEMBERS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
-"""`c_nvmlValue_t` union member for each NVML_VALUE_TYPE_* (0..6)."""
-
-_IDENTITY_FIELDS: Final = frozenset({"index", "uuid", "model", "error", "tenant", "job", "xids", "flops_measured"})
-"""GpuSample fields that are not readings: a GPU whose readings are all null after errors is in error."""
+    nvml_errors: int = 0
+    nvml_calls: int = 0
+    """NVML queries made this interval (device reads, attaches, event-set management; not event waits)."""
+    nvml_call_budget: int = 0
+    nvml_deadline_misses: int = 0
+    """GPUs that had not answered by the deadline (or were still stuck in an earlier call)."""
+    xids_dropped_total: int = 0
 
 
 def _init_message(nvml: Any, exc: Exception) -> str:
@@ -132,96 +96,113 @@ def _init_message(nvml: Any, exc: Exception) -> str:
 class NvmlCollector:
     """The `Collector` for real NVIDIA GPUs.
 
-    `nvml` is the pynvml module (tests pass `tests.fakes.fake_pynvml.FakeNvml()`). `event_wait_ms`
-    is one `nvmlEventSetWait` timeout. After each `collect()`, `errors_last_interval` holds how many
-    NVML calls failed (NotSupported excluded) since the previous `collect()`: the agent's `nvml_errors`.
+    `nvml` is the pynvml module (tests pass `tests.fakes.fake_pynvml.FakeNvml()`); `clock` is a
+    monotonic clock in seconds (GPM spacing, slow-counter cadence, back-off). `interval_ms` below
+    100 refuses GPM (nvml.h: samples must be more than 100 ms apart). `deadline_s` (default 0.8 x
+    the interval) bounds how long one interval waits for its GPUs. `kmsg_path` adds the kernel log
+    as an XID source, `kmsg_cursor` remembers what it reported across restarts.
     """
 
-    def __init__(self, nvml: Any = pynvml, *, event_wait_ms: int = EVENT_WAIT_MS) -> None:
+    def __init__(
+        self,
+        nvml: Any = pynvml,
+        *,
+        event_wait_ms: int = EVENT_WAIT_MS,
+        interval_ms: int = 1000,
+        deadline_s: float | None = None,
+        slow_every_s: float = SLOW_EVERY_S,
+        kmsg_path: str | None = None,
+        kmsg_cursor: Path | None = None,
+        release_file: Path | None = None,
+        call_budget_per_gpu: int = CALL_BUDGET_PER_GPU,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._nvml = nvml
+        self._clock = clock
         self._event_wait_ms = event_wait_ms
-        self._absent: tuple[type[BaseException], ...] = (
-            nvml.NVMLError_NotSupported,
-            nvml.NVMLError_FunctionNotFound,
-            nvml.NVMLLibraryMismatchError,
-        )
-        self._lost: tuple[type[BaseException], ...] = (nvml.NVMLError_GpuIsLost, nvml.NVMLError_ResetRequired)
-        self._devices: list[_Device] | None = None
-        self._by_address: dict[int, _Device] = {}
-        self._lock = threading.Lock()
-        self._errors = 0
-        self.errors_last_interval = 0
-        self._event_set: Any = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._deadline_s = deadline_s if deadline_s is not None else max(0.05, 0.8 * interval_ms / 1000)
+        self._slow_every_s = slow_every_s
+        self._budget_per_gpu = call_budget_per_gpu
+        self._gpm_enabled = interval_ms >= GPM_MIN_GAP_S * 1000
+        if not self._gpm_enabled:
+            log.warning("GPM refused: the interval (%d ms) is under the 100 ms NVML needs between GPM samples; "
+                        "SM, tensor and DRAM activity will be null", interval_ms)
+        self._funnel = Funnel(nvml)
+        self._reader = DeviceReader(self._funnel)
+        self._ids = FieldIds.of(nvml)
+        self._own = Counters()
+        self._xid_counters = Counters()
+        self._xid = XidWatcher(nvml, XidSettings(wait_ms=event_wait_ms, kmsg_path=kmsg_path, cursor_path=kmsg_cursor),
+                               self._xid_counters)
+        self._pool = DeadlinePool("nvml-read")
+        self._switch = ReleaseSwitch(release_file)
+        self._backoff = Backoff()
+        self._devices: list[DeviceState] = []
+        self._state = "new"
+        """new, up (NVML held), down (NVML failed; retried with back-off), released, closed."""
+        self._down_reason = ""
         self._started = False
-        self._closed = False
+        self._budget_warned_at: float | None = None
+        self._misses = 0
+        self._fresh = True
+        """The interval attaches GPUs (more calls than the budget counts on): no budget warning."""
+        self.stats = CollectorStats()
+        self.errors_last_interval = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
         """Start NVML and find the GPUs (idempotent); raises `NvmlUnavailable` when NVML cannot start."""
-        if self._closed:
+        if self._state == "closed":
             raise RuntimeError("this NvmlCollector is closed; create a new one")
-        if self._devices is not None:
+        if self._state != "new":
             return
-        nvml = self._nvml
+        if self._switch.wanted():  # started (or restarted) during maintenance: do not take NVML
+            log.warning("NVML release requested (%s): not starting NVML until the request is withdrawn",
+                        self._switch.path or "release()")
+            self._state = "released"
+            self._switch.acknowledge(released=True)
+            self._xid.start()
+            return
         try:
-            nvml.nvmlInit()
-        except nvml.NVMLError as exc:
-            raise NvmlUnavailable(_init_message(nvml, exc)) from exc
-        self._started = True
-        try:
-            count = nvml.nvmlDeviceGetCount()
-        except nvml.NVMLError as exc:
-            self._shutdown()
-            raise NvmlUnavailable(
-                f"NVML started but could not count the GPUs ({exc}); check `nvidia-smi`, "
-                "or run the agent with --backend simulated"
-            ) from exc
-        if count == 0:
-            log.warning("NVML found no GPUs on this node; reports will carry no GPUs")
-        try:
-            self._event_set = nvml.nvmlEventSetCreate()
-        except nvml.NVMLError as exc:
-            self._count_error()
-            log.warning("NVML events unavailable (%s): XIDs will not be reported", exc)
-        self._devices = [_Device(index=i, uuid=f"unknown-gpu-{i}") for i in range(count)]
-        for dev in self._devices:
-            self._attach(dev)
+            self._start(attach_timeout_s=max(self._deadline_s, ATTACH_TIMEOUT_S))
+        except self._nvml.NVMLError as exc:
+            raise NvmlUnavailable(_init_message(self._nvml, exc)) from exc
+        self._xid.start()
 
     @property
     def gpu_uuids(self) -> list[str]:
         """UUIDs in index order after `open()` (`unknown-gpu-<i>` for a GPU not attached yet); [] before."""
-        return [d.uuid for d in self._devices or []]
+        return [d.uuid for d in self._devices]
+
+    @property
+    def state(self) -> str:
+        """new, up, down, released or closed."""
+        return self._state
+
+    @property
+    def xid_watcher(self) -> XidWatcher:
+        return self._xid
+
+    def release(self) -> None:
+        """Let go of NVML at the next interval (as the release file does) until `reacquire()`."""
+        self._switch.requested_in_code = True
+
+    def reacquire(self) -> None:
+        self._switch.requested_in_code = False
 
     def close(self) -> None:
-        """Stop the XID thread, free the event set and GPM samples, shut NVML down; idempotent."""
-        if self._closed:
+        """Stop the XID threads, free event sets and GPM samples, shut NVML down; idempotent."""
+        if self._state == "closed":
             return
-        self._closed = True
-        self._stop.set()
-        thread_stopped = True
-        if self._thread is not None:
-            self._thread.join(timeout=self._event_wait_ms / 1000 + 5)
-            thread_stopped = not self._thread.is_alive()
-        nvml = self._nvml
-        if self._event_set is not None:
-            if thread_stopped:
-                try:
-                    nvml.nvmlEventSetFree(self._event_set)
-                except nvml.NVMLError as exc:
-                    log.warning("nvmlEventSetFree failed: %s", exc)
-            else:
-                log.warning("NVML event thread did not stop; leaving its event set allocated")
-            self._event_set = None
-        for dev in self._devices or []:
-            for sample in dev.gpm.samples if dev.gpm else []:
-                try:
-                    nvml.nvmlGpmSampleFree(sample)
-                except nvml.NVMLError as exc:
-                    log.warning("nvmlGpmSampleFree failed for GPU %d: %s", dev.index, exc)
+        up = self._state == "up"
+        self._state = "closed"
+        if not self._xid.close(self._event_wait_ms / 1000 + 5):
+            log.warning("NVML event thread did not stop; leaving its event sets allocated")
+        if up:
+            self._free_gpm()
         self._shutdown()
+        self._pool.close()
 
     def __enter__(self) -> NvmlCollector:
         self.open()
@@ -229,6 +210,43 @@ class NvmlCollector:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _start(self, attach_timeout_s: float) -> None:
+        """nvmlInit, count the GPUs and attach them (each on its worker, for at most `attach_timeout_s`);
+        raises NVMLError when NVML cannot start. A GPU not attached in time is attached by its next read."""
+        nvml = self._nvml
+        self._own.add(calls=1)
+        nvml.nvmlInit()
+        self._started = True
+        try:
+            self._own.add(calls=1)
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError:
+            self._shutdown()
+            raise
+        if count == 0:
+            log.warning("NVML found no GPUs on this node; reports will carry no GPUs")
+        old = {d.index: d for d in self._devices}
+        self._devices = [old.get(i) or DeviceState(index=i, uuid=f"unknown-gpu-{i}") for i in range(count)]
+        self._pool.ensure(count)
+        self._xid.resume()
+        for dev in self._devices:
+            dev.handle, dev.lost = None, False
+            dev.cache.denied.clear()
+            dev.forget()
+        attaching = [self._pool.submit(d.index, self._attacher(d)) for d in self._devices]
+        concurrent.futures.wait([f for f in attaching if f is not None], timeout=attach_timeout_s)
+        self._state, self._down_reason = "up", ""
+        self._fresh = True
+        self._backoff.reset()
+
+    def _attacher(self, dev: DeviceState) -> Callable[[], bool]:
+        def run() -> bool:
+            try:
+                return self._attach(dev, [])
+            except LibraryDown:
+                return False  # the GPU's first read will find NVML down again and say so
+        return run
 
     def _shutdown(self) -> None:
         if self._started:
@@ -238,324 +256,177 @@ class NvmlCollector:
             except self._nvml.NVMLError as exc:
                 log.warning("nvmlShutdown failed: %s", exc)
 
-    # -- the funnel --------------------------------------------------------------------------
+    def _free_gpm(self) -> None:
+        for dev in self._devices:
+            self._reader.forget(dev)
 
-    def _query(
-        self,
-        dev: _Device,
-        func: str | Callable[..., Any],
-        *args: Any,
-        key: Hashable | None = None,
-        absent: tuple[type[BaseException], ...] = (),
-    ) -> Any:
-        """Call one NVML function for `dev`; the only place device reads meet NVML errors.
+    def _teardown(self, *, free: bool) -> None:
+        """Let go of NVML: the XID thread first (it must not be inside a call), then GPM, then nvmlShutdown."""
+        if not self._xid.suspend(self._event_wait_ms / 1000 + 2):
+            log.warning("the NVML event thread did not pause in time; shutting NVML down anyway")
+        if free:
+            self._free_gpm()
+        for dev in self._devices:
+            dev.handle = None
+            dev.base.energy_mj = None
+            dev.base.throttle.clear()
+            dev.forget()
+        self._shutdown()
 
-        `func` is a pynvml function name (missing from an older binding -> unsupported) or a callable.
-        `key` names the counter for the NotSupported cache; by default the function name plus every
-        argument after the first (the device handle). `absent` adds error types that also mean
-        "this does not exist here" (e.g. InvalidArgument for an NVLink index beyond the GPU's links).
-        """
-        name = func if isinstance(func, str) else func.__name__
-        if key is None:
-            key = (name, *args[1:])
-        if key in dev.unsupported:
-            return None
-        fn = getattr(self._nvml, func, None) if isinstance(func, str) else func
-        if fn is None:
-            dev.unsupported.add(key)
-            return None
+    # -- attaching GPUs ----------------------------------------------------------------------
+
+    def _attach(self, dev: DeviceState, errors: list[str]) -> bool:
+        """Get the GPU's handle, UUID, name, PCI address and NVLink count, and watch its XIDs."""
+        f, c = self._funnel, dev.cache
         try:
-            return fn(*args)
-        except self._absent + absent:
-            dev.unsupported.add(key)
-            return None
-        except self._lost as exc:
-            self._count_error()
-            raise _GpuLost(f"{exc} ({name})") from exc
-        except self._nvml.NVMLError as exc:
-            self._count_error()
-            dev.errors.append(f"{name}: {exc}")
-            log.debug("GPU %d: %s failed: %s", dev.index, name, exc)
-            return None
-
-    def _first(self, dev: _Device, *calls: tuple[Any, ...]) -> Any:
-        """The first of several equivalent calls (newest API first) that this GPU and driver support."""
-        for func, *args in calls:
-            value = self._query(dev, func, *args)
-            if (func, *args[1:]) not in dev.unsupported:
-                return value
-        return None
-
-    def _count_error(self) -> None:
-        with self._lock:
-            self._errors += 1
+            handle = f.call(c, errors, "nvmlDeviceGetHandleByIndex", dev.index)
+            uuid = f.call(c, errors, "nvmlDeviceGetUUID", handle) if handle is not None else None
+            if not uuid:
+                return False
+            dev.handle, dev.uuid = handle, uuid
+            dev.model = f.call(c, errors, "nvmlDeviceGetName", handle)
+            pci = f.call(c, errors, "nvmlDeviceGetPciInfo", handle)
+            dev.pci = None if pci is None else (int(pci.domain), int(pci.bus), int(pci.device))
+            links = read_fields(f, c, errors, handle, [(self._ids.link_count, 0)]).get((self._ids.link_count, 0))
+            dev.links = tuple(range(int(links))) if links else ()
+        except GpuLost as exc:
+            errors.append(str(exc))
+            dev.handle = None
+            return False
+        self._xid.watch(dev.index, dev.uuid, dev.handle, dev.pci)
+        return True
 
     # -- per-interval reads ------------------------------------------------------------------
 
     def collect(self, now_ms: int) -> list[GpuSample]:
         """Read every GPU once. `now_ms` (the interval end) is unused: NVML values are current."""
         self.open()
-        assert self._devices is not None
-        samples = [self._read_device(dev) for dev in self._devices]
-        with self._lock:
-            self.errors_last_interval, self._errors = self._errors, 0
+        if self._state == "closed":
+            raise RuntimeError("this NvmlCollector is closed; create a new one")
+        self._follow_switch()
+        xids = self._xid.drain()
+        samples = self._read_all(xids) if self._state == "up" else self._all_in_error(xids)
+        self._take_stats()
         return samples
 
-    def _read_device(self, dev: _Device) -> GpuSample:
-        dev.errors.clear()
+    def _follow_switch(self) -> None:
+        """Release or re-acquire NVML as the operator asks; re-initialise after a failure when due."""
+        now = self._clock()
+        if self._switch.wanted():
+            if self._state in ("up", "down"):
+                log.warning("releasing NVML as requested (%s): nothing is sent until the request is withdrawn",
+                            self._switch.path or "release()")
+                self._teardown(free=self._state == "up")
+                self._state = "released"
+                self._switch.acknowledge(released=True)
+            raise NodeReleased("NVML released for maintenance (driver upgrade or GPU reset)")
+        if self._state == "released":
+            self._switch.acknowledge(released=False)
+            self._state, self._down_reason = "down", "NVML released for maintenance"
+            self._backoff.reset()
+        if self._state == "down" and self._backoff.due(now):
+            self._restart(now)
+
+    def _restart(self, now: float) -> None:
         try:
-            if dev.handle is None and not self._attach(dev):
-                return self._error_sample(dev, dev.errors[0] if dev.errors else "GPU handle unavailable")
-            sample = self._read_counters(dev)
-        except _GpuLost as exc:
-            if dev.gpm is not None:
-                dev.gpm.prev_valid = False
-            return self._error_sample(dev, str(exc))
+            self._start(attach_timeout_s=self._deadline_s)
+            log.warning("NVML is back: %d GPUs attached", len(self._devices))
+        except self._nvml.NVMLError as exc:
+            delay = self._backoff.failed(now)
+            self._down_reason = f"NVML unavailable ({exc}); next attempt in {delay:.0f} s"
+            log.warning("%s", self._down_reason)
+
+    def _went_down(self, reason: str) -> None:
+        self._teardown(free=False)
+        self._state = "down"
+        delay = self._backoff.failed(self._clock())
+        self._down_reason = f"NVML unavailable ({reason}); next attempt in {delay:.0f} s"
+        log.warning("%s: every GPU is reported in error until NVML is back", self._down_reason)
+
+    def _all_in_error(self, xids: dict[int, list[int]]) -> list[GpuSample]:
+        return [error_sample(d, self._down_reason or "NVML unavailable", xids.get(d.index, [])) for d in self._devices]
+
+    def _plan(self, dev: DeviceState, now: float) -> Plan:
+        slow = dev.slow_at is None or now - dev.slow_at >= self._slow_every_s
+        gpm = self._gpm_enabled and (dev.gpm.taken_at is None or now - dev.gpm.taken_at >= GPM_MIN_GAP_S)
+        return Plan(slow=slow, gpm=gpm)
+
+    def _task(self, dev: DeviceState, plan: Plan) -> Callable[[], Reading]:
+        def run() -> Reading:
+            if dev.handle is None:
+                errors: list[str] = []
+                try:
+                    attached = self._attach(dev, errors)
+                except LibraryDown as exc:
+                    return Reading(library_down=str(exc))
+                if not attached:
+                    return Reading(lost=errors[0] if errors else "GPU handle unavailable")
+                self._reader.forget(dev)
+            return self._reader.read(dev, plan)
+        return run
+
+    def _read_all(self, xids: dict[int, list[int]]) -> list[GpuSample]:
+        now = self._clock()
+        started = time.monotonic()
+        futures = {d.index: self._pool.submit(d.index, self._task(d, self._plan(d, now))) for d in self._devices}
+        for d in self._devices:
+            if futures[d.index] is not None:
+                d.inflight, d.inflight_since = futures[d.index], started
+        pending = [f for f in futures.values() if f is not None]
+        concurrent.futures.wait(pending, timeout=self._deadline_s)
+        outcomes = [self._outcome(d, futures[d.index], xids.get(d.index, []), now) for d in self._devices]
+        down = next((o for o in outcomes if isinstance(o, str)), None)
+        if down is not None:
+            self._went_down(down)
+            return self._all_in_error(xids)
+        return [o for o in outcomes if isinstance(o, GpuSample)]
+
+    def _outcome(self, dev: DeviceState, future: concurrent.futures.Future[Reading] | None, xids: list[int],
+                 now: float) -> GpuSample | str:
+        """One GPU's sample for this interval, or the reason NVML as a whole is down."""
+        if future is None or not future.done():
+            self._misses += 1
+            stuck = dev.cache.current or "its read"
+            since = time.monotonic() - dev.inflight_since
+            return error_sample(dev, f"NVML did not answer within the deadline ({stuck} blocked for {since:.1f} s)",
+                                xids)
+        try:
+            reading = future.result()
         except Exception as exc:  # a bug must not cost the other GPUs their interval
-            log.exception("GPU %d: unexpected failure while reading NVML", dev.index)
-            return self._error_sample(dev, f"collector failure: {exc!r}")
-        readings = (getattr(sample, f) for f in GpuSample.__struct_fields__ if f not in _IDENTITY_FIELDS)
-        if dev.errors and all(v is None for v in readings):
-            more = f" (and {len(dev.errors) - 1} more)" if len(dev.errors) > 1 else ""
-            return self._error_sample(dev, dev.errors[0] + more, xids=sample.xids)
-        return sample
-
-    def _error_sample(self, dev: _Device, error: str, xids: list[int] | None = None) -> GpuSample:
-        return GpuSample(
-            index=dev.index,
-            uuid=dev.uuid,
-            model=dev.model,
-            error=error[:_ERROR_TEXT_MAX],
-            xids=self._drain_xids(dev) if xids is None else xids,
-        )
-
-    def _attach(self, dev: _Device) -> bool:
-        """Get the GPU's handle, UUID and name, and register it for XID events; False if unreachable."""
-        nvml = self._nvml
+            log.error("GPU %d: unexpected failure while reading NVML", dev.index, exc_info=exc)
+            return error_sample(dev, f"collector failure: {exc!r}", xids)
+        if reading.library_down is not None:
+            return reading.library_down
+        if reading.lost is not None:
+            dev.lost = True
+            dev.gpm.prev_valid = False
+            return error_sample(dev, reading.lost, xids)
+        if dev.lost:
+            log.warning("GPU %d (%s) answers again; asking NVML afresh what it supports", dev.index, dev.uuid)
+            dev.lost = False
+            self._reader.forget(dev)
+            self._xid.watch(dev.index, dev.uuid, dev.handle, dev.pci)
         try:
-            handle = self._query(dev, "nvmlDeviceGetHandleByIndex", dev.index)
-            if handle is None:
-                return False
-            uuid = self._query(dev, "nvmlDeviceGetUUID", handle)
-            if not uuid:
-                return False
-            dev.handle, dev.uuid = handle, uuid
-            dev.model = self._query(dev, "nvmlDeviceGetName", handle)
-        except _GpuLost as exc:
-            dev.errors.append(str(exc))
-            return False
-        address = _address(handle)
-        if address is not None:
-            self._by_address[address] = dev
-        if self._event_set is None:
-            return True
-        try:
-            supported = self._query(dev, "nvmlDeviceGetSupportedEventTypes", handle) or 0
-            mask = nvml.nvmlEventTypeXidCriticalError & supported
-            if mask:
-                errors_before = len(dev.errors)
-                self._query(dev, "nvmlDeviceRegisterEvents", handle, mask, self._event_set, key="register")
-                dev.events_registered = "register" not in dev.unsupported and len(dev.errors) == errors_before
-        except _GpuLost as exc:
-            dev.errors.append(str(exc))
-        if dev.events_registered and self._thread is None:
-            self._thread = threading.Thread(target=self._watch_events, name="nvml-xid-events", daemon=True)
-            self._thread.start()
-        return True
+            return self._reader.commit(dev, reading, now, xids)
+        except Exception as exc:  # a value NVML should never give (wrong type, out of the wire's range)
+            log.error("GPU %d: could not build its sample", dev.index, exc_info=exc)
+            return error_sample(dev, f"collector failure: {exc!r}", xids)
 
-    def _read_counters(self, dev: _Device) -> GpuSample:
-        nvml, h, q = self._nvml, dev.handle, self._query
-        util = q(dev, "nvmlDeviceGetUtilizationRates", h)
-        mem = self._first(dev, ("nvmlDeviceGetMemoryInfo", h, nvml.nvmlMemory_v2), ("nvmlDeviceGetMemoryInfo", h))
-        temp = self._first(
-            dev,
-            ("nvmlDeviceGetTemperatureV", h, nvml.NVML_TEMPERATURE_GPU),
-            ("nvmlDeviceGetTemperature", h, nvml.NVML_TEMPERATURE_GPU),
-        )
-        temp_mem = q(dev, self._read_field, h, nvml.NVML_FI_DEV_MEMORY_TEMP)
-        reasons = self._first(
-            dev,
-            ("nvmlDeviceGetCurrentClocksEventReasons", h),
-            ("nvmlDeviceGetCurrentClocksThrottleReasons", h),
-        )
-        corrected, uncorrected = nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
-        volatile, aggregate = nvml.NVML_VOLATILE_ECC, nvml.NVML_AGGREGATE_ECC
-        rows = q(dev, "nvmlDeviceGetRemappedRows", h)
-        sbe, dbe = (
-            nvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
-            nvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
-        )
-        sbe_pages = q(dev, "nvmlDeviceGetRetiredPages", h, sbe)
-        dbe_pages = q(dev, "nvmlDeviceGetRetiredPages", h, dbe)
-        pages_pending = q(dev, "nvmlDeviceGetRetiredPagesPendingStatus", h)
-        processes = q(dev, "nvmlDeviceGetComputeRunningProcesses", h)
-        link = self._read_nvlink(dev)
-        sm_active, tensor_active, dram_active = self._read_gpm(dev)
-        return GpuSample(
-            index=dev.index,
-            uuid=dev.uuid,
-            model=dev.model,
-            util_gpu_ratio=_ratio(util.gpu) if util is not None else None,
-            util_mem_ratio=_ratio(util.memory) if util is not None else None,
-            mem_used_bytes=mem.used if mem is not None else None,
-            mem_total_bytes=mem.total if mem is not None else None,
-            power_w=_per_1000(q(dev, "nvmlDeviceGetPowerUsage", h)),
-            energy_j=_per_1000(q(dev, "nvmlDeviceGetTotalEnergyConsumption", h)),
-            temp_gpu_c=float(temp) if temp is not None else None,
-            temp_mem_c=float(temp_mem) if temp_mem is not None else None,
-            clock_sm_mhz=q(dev, "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_SM),
-            clock_mem_mhz=q(dev, "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_MEM),
-            clock_event_reasons=reasons,
-            ecc_corrected_volatile=q(dev, "nvmlDeviceGetTotalEccErrors", h, corrected, volatile),
-            ecc_uncorrected_volatile=q(dev, "nvmlDeviceGetTotalEccErrors", h, uncorrected, volatile),
-            ecc_corrected_aggregate=q(dev, "nvmlDeviceGetTotalEccErrors", h, corrected, aggregate),
-            ecc_uncorrected_aggregate=q(dev, "nvmlDeviceGetTotalEccErrors", h, uncorrected, aggregate),
-            remapped_rows_correctable=rows[0] if rows is not None else None,
-            remapped_rows_uncorrectable=rows[1] if rows is not None else None,
-            remap_pending=bool(rows[2]) if rows is not None else None,
-            remap_failure=bool(rows[3]) if rows is not None else None,
-            retired_pages=(
-                len(sbe_pages) + len(dbe_pages) if sbe_pages is not None and dbe_pages is not None else None
-            ),
-            retired_pages_pending=(pages_pending == nvml.NVML_FEATURE_ENABLED if pages_pending is not None else None),
-            pcie_replay_count=q(dev, "nvmlDeviceGetPcieReplayCounter", h),
-            nvlink_crc_errors=link.crc,
-            nvlink_replay_errors=link.replay,
-            nvlink_recovery_errors=link.recovery,
-            nvlink_links_down=link.down,
-            xids=self._drain_xids(dev),
-            compute_processes=len(processes) if processes is not None else None,
-            sm_active_ratio=sm_active,
-            tensor_active_ratio=tensor_active,
-            dram_active_ratio=dram_active,
-        )
-
-    def _read_field(self, handle: Any, field_id: int) -> float | int:
-        """One `nvmlDeviceGetFieldValues` entry; its own `nvmlReturn` raised as the matching NVMLError."""
-        nvml = self._nvml
-        value = nvml.nvmlDeviceGetFieldValues(handle, (field_id,))[0]
-        if value.nvmlReturn != nvml.NVML_SUCCESS:
-            raise nvml.NVMLError(value.nvmlReturn)
-        if not 0 <= value.valueType < len(_VALUE_MEMBERS):
-            raise nvml.NVMLError(nvml.NVML_ERROR_UNKNOWN)
-        return getattr(value.value, _VALUE_MEMBERS[value.valueType])
-
-    def _read_nvlink(self, dev: _Device) -> _NvLink:
-        """NVLink error counters summed over the GPU's links, and how many of its links are down.
-
-        A link exists unless its state answers NotSupported or InvalidArgument. A sum is None when
-        any existing link's read failed (a partial sum would look like a counter reset).
-        """
-        nvml, h = self._nvml, dev.handle
-        invalid = (nvml.NVMLError_InvalidArgument,)
-        links, down, state_failed = [], 0, False
-        for link in range(nvml.NVML_NVLINK_MAX_LINKS):
-            state = self._query(dev, "nvmlDeviceGetNvLinkState", h, link, absent=invalid)
-            if ("nvmlDeviceGetNvLinkState", link) in dev.unsupported:
-                continue
-            links.append(link)
-            if state is None:
-                state_failed = True
-            elif state == nvml.NVML_FEATURE_DISABLED:
-                down += 1
-        if not links:
-            return _NvLink()
-
-        def total(*counters: int) -> int | None:
-            values = []
-            for link in links:
-                for counter in counters:
-                    value = self._query(dev, "nvmlDeviceGetNvLinkErrorCounter", h, link, counter, absent=invalid)
-                    if value is None and ("nvmlDeviceGetNvLinkErrorCounter", link, counter) not in dev.unsupported:
-                        return None
-                    if value is not None:
-                        values.append(value)
-            return sum(values) if values else None
-
-        return _NvLink(
-            crc=total(nvml.NVML_NVLINK_ERROR_DL_CRC_FLIT, nvml.NVML_NVLINK_ERROR_DL_CRC_DATA),
-            replay=total(nvml.NVML_NVLINK_ERROR_DL_REPLAY),
-            recovery=total(nvml.NVML_NVLINK_ERROR_DL_RECOVERY),
-            down=None if state_failed else down,
-        )
-
-    def _read_gpm(self, dev: _Device) -> tuple[float | None, float | None, float | None]:
-        """GPM SM, tensor and DRAM activity over the interval since the previous GPM sample."""
-        pair = self._gpm_sample(dev)
-        if pair is None:
-            return (None, None, None)
-        nvml = self._nvml
-        ids = (nvml.NVML_GPM_METRIC_SM_UTIL, nvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, nvml.NVML_GPM_METRIC_DRAM_BW_UTIL)
-        request = nvml.c_nvmlGpmMetricsGet_t()
-        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(ids)
-        request.sample1, request.sample2 = pair
-        for i, metric_id in enumerate(ids):
-            request.metrics[i].metricId = metric_id
-        result = self._query(dev, "nvmlGpmMetricsGet", request, key="nvmlGpmMetricsGet")
-        if result is None:
-            return (None, None, None)
-        ratios: list[float | None] = []
-        for i in range(len(ids)):
-            metric = result.metrics[i]
-            ok = metric.nvmlReturn == nvml.NVML_SUCCESS
-            ratios.append(_ratio(metric.value) if ok else None)
-            if not ok and metric.nvmlReturn != nvml.NVML_ERROR_NOT_SUPPORTED:
-                self._count_error()
-        return ratios[0], ratios[1], ratios[2]
-
-    def _gpm_sample(self, dev: _Device) -> tuple[Any, Any] | None:
-        """Take this interval's GPM sample; (previous, current) when both exist, else None."""
-        h = dev.handle
-        if dev.gpm is None:
-            support = self._query(dev, "nvmlGpmQueryDeviceSupport", h)
-            if support is None and ("nvmlGpmQueryDeviceSupport",) not in dev.unsupported:
-                return None  # transient failure: ask again next interval
-            dev.gpm = _Gpm(supported=support is not None and bool(support.isSupportedDevice))
-        gpm = dev.gpm
-        if not gpm.supported:
-            return None
-        while len(gpm.samples) < 2:
-            sample = self._query(dev, "nvmlGpmSampleAlloc", key="nvmlGpmSampleAlloc")
-            if sample is None:
-                return None
-            gpm.samples.append(sample)
-        current, previous = gpm.samples[gpm.cur], gpm.samples[1 - gpm.cur]
-        if self._query(dev, "nvmlGpmSampleGet", h, current, key="nvmlGpmSampleGet") is None:
-            gpm.prev_valid = False
-            return None
-        had_previous, gpm.prev_valid, gpm.cur = gpm.prev_valid, True, 1 - gpm.cur
-        return (previous, current) if had_previous else None
-
-    # -- XID events --------------------------------------------------------------------------
-
-    def _drain_xids(self, dev: _Device) -> list[int]:
-        with self._lock:
-            xids = list(dev.xids)
-            dev.xids.clear()
-        return xids
-
-    def _watch_events(self) -> None:
-        """Background loop: wait on the event set and queue each XID on its GPU until `close()`."""
-        nvml, failing = self._nvml, False
-        while not self._stop.is_set():
-            try:
-                data = nvml.nvmlEventSetWait(self._event_set, self._event_wait_ms)
-            except nvml.NVMLError_Timeout:
-                failing = False
-                continue
-            except nvml.NVMLError as exc:
-                self._count_error()
-                log.log(logging.DEBUG if failing else logging.WARNING, "nvmlEventSetWait failed: %s", exc)
-                failing = True
-                self._stop.wait(self._event_wait_ms / 1000)
-                continue
-            failing = False
-            if not data.eventType & nvml.nvmlEventTypeXidCriticalError:
-                continue
-            xid, dev = int(data.eventData), self._by_address.get(_address(data.device) or 0)
-            if dev is None or xid > MAX_XID:
-                log.warning("dropping XID %d from an unknown GPU or out of range", xid)
-                continue
-            with self._lock:
-                dev.xids.append(xid)
+    def _take_stats(self) -> None:
+        calls, errors = self._own.take()
+        for counters in (self._xid_counters, *(d.cache.counters for d in self._devices)):
+            c, e = counters.take()
+            calls, errors = calls + c, errors + e
+        budget = self._budget_per_gpu * len(self._devices)
+        if budget and calls > budget and not self._fresh:
+            now = time.monotonic()
+            if self._budget_warned_at is None or now - self._budget_warned_at > BUDGET_WARN_EVERY_S:
+                self._budget_warned_at = now
+                log.warning("%d NVML calls this interval, over the budget of %d (%d per GPU)", calls, budget,
+                            self._budget_per_gpu)
+        self.stats = CollectorStats(nvml_errors=errors, nvml_calls=calls, nvml_call_budget=budget,
+                                    nvml_deadline_misses=self._misses,
+                                    xids_dropped_total=self._xid.ledger.dropped_total)
+        self.errors_last_interval = errors
+        self._misses = 0
+        self._fresh = False

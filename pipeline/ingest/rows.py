@@ -47,6 +47,7 @@ AGENT_COLUMNS: tuple[str, ...] = (
     "time", "ingest_time", "cluster", "node", "boot_id", "seq", "interval_ms", "gpus",
     "collect_seconds", "nvml_errors", "spool_depth", "spool_dropped_total", "send_errors_total",
     "otlp_points_accepted_total", "otlp_points_rejected_total",
+    "nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total",
 )
 
 
@@ -166,6 +167,8 @@ def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
         [x.collect_seconds for x in a], [x.nvml_errors for x in a], [x.spool_depth for x in a],
         [x.spool_dropped_total for x in a], [x.send_errors_total for x in a],
         [x.otlp_points_accepted_total for x in a], [x.otlp_points_rejected_total for x in a],
+        [x.nvml_calls for x in a], [x.nvml_call_budget for x in a], [x.nvml_deadline_misses for x in a],
+        [x.xids_dropped_total for x in a],
     ]
     return Columns(AGENT_COLUMNS, data)
 

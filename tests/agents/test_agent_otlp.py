@@ -163,9 +163,14 @@ def test_sdk_reported_flops_reach_kafka_on_the_job_gpus_exactly(broker: Embedded
 
 def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
     """`gpufleet agent --backend nvml` builds its collector on this fake instead of the real pynvml."""
-    fake = FakeNvml([FakeGpu(uuid=U0), FakeGpu(uuid=U1)])
+    fake = FakeNvml([FakeGpu(uuid=U0), FakeGpu(uuid=U1, pci=(0, 0x3B, 0))], real_time=True)
     real = nvml_module.NvmlCollector
-    monkeypatch.setattr(nvml_module, "NvmlCollector", lambda: real(nvml=fake, event_wait_ms=20))
+
+    def collector(**kwargs: object) -> nvml_module.NvmlCollector:  # the agent's settings, on the fake
+        kwargs.update(event_wait_ms=20, kmsg_path=None, kmsg_cursor=None, release_file=None)
+        return real(nvml=fake, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nvml_module, "NvmlCollector", collector)
     return fake
 
 

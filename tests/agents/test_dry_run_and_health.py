@@ -142,3 +142,17 @@ def test_help_documents_dry_run(tmp_path: Path) -> None:
                           env=child_env(), cwd=tmp_path, timeout=60, check=False)
     for flag in ("--dry-run", "--intervals", "--node"):
         assert flag in done.stdout.decode()
+
+
+def test_an_agent_that_released_nvml_on_request_stays_alive() -> None:
+    spools, clock, released = [Spool()], Clock(), [False]
+    c = Collected(spools, 30.0, clock, released=lambda: released[0])
+    released[0] = True  # the operator's release file: nothing is spooled, by design
+    for _ in range(4):
+        clock.now += 20
+        c.check()
+    assert c.liveness.check(ready=True).ok  # a liveness probe must not restart it into holding NVML
+    released[0] = False
+    clock.now += 31
+    c.check()
+    assert c.liveness.check().stale == ["collect"]

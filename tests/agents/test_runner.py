@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.collectors.base import NodeDown, NodeReleased
 from gpufleet.agents.kafka_exporter import KafkaMetricExporter
 from gpufleet.agents.meter import AgentMeter, Frame, node_resource
 from gpufleet.agents.runner import NodeAgent, run_many
@@ -358,3 +358,44 @@ def test_flags_override_the_config_file_and_absent_flags_do_not() -> None:
     assert (out.kafka.bootstrap_servers, out.kafka.topic) == ("k:9092", "flag-topic")
     assert (out.agent.backend, out.agent.interval_s, out.agent.spool_dir) == ("simulated", 0.5, "/file/spool")
     assert out.kafka.compression == cfg.kafka.compression
+
+
+def test_the_nvml_call_count_and_budget_ride_in_agent_health(tmp_path: Path) -> None:
+    from gpufleet.agents.collectors.nvml import NvmlCollector
+    from tests.agents.nvml_helpers import hopper, volta
+    from tests.fakes.fake_pynvml import FakeNvml
+
+    fake = FakeNvml([hopper(), volta()])
+    collector = NvmlCollector(nvml=fake, event_wait_ms=20, clock=lambda: fake.now_us / 1e6)
+    agent = make_agent(tmp_path, collector=collector)
+    try:
+        agent.tick(1_000, 1000)
+        fake.advance(1.0)
+        before = sum(n for (name, gpu), n in fake.calls.items() if gpu is not None and name != "nvmlEventSetWait")
+        report = agent.tick(2_000, 1000)
+        after = sum(n for (name, gpu), n in fake.calls.items() if gpu is not None and name != "nvmlEventSetWait")
+    finally:
+        agent.close()
+    assert report is not None
+    assert report.agent.nvml_calls == after - before == 12 + 9  # the H100: 12; the V100: no GPM, no MIG
+    assert report.agent.nvml_call_budget == 2 * 16
+    assert (report.agent.nvml_deadline_misses, report.agent.xids_dropped_total) == (0, 0)
+    assert spooled(agent)[-1].agent == report.agent
+
+
+def test_a_released_collector_sends_nothing_and_says_so(tmp_path: Path) -> None:
+    class Releasing(ScriptedCollector):
+        def collect(self, now_ms: int) -> list[GpuSample]:
+            if len(self.calls) < 2:
+                self.calls.append(now_ms)
+                raise NodeReleased("NVML released for maintenance")
+            return super().collect(now_ms)
+
+    agent = make_agent(tmp_path, collector=Releasing())
+    assert agent.tick(1_000, 1000) is None
+    assert agent.released
+    assert agent.tick(2_000, 1000) is None
+    assert agent.tick(3_000, 1000) is not None
+    assert not agent.released
+    assert [r.seq for r in spooled(agent)] == [0]
+    agent.close()

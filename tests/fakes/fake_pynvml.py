@@ -5,23 +5,57 @@ real module rather than inventing an API of its own:
 
 * the functions the collector calls, with the real names and parameter names (a test compares
   signatures with `inspect`, so the fake cannot drift from the installed pynvml);
-* the real constants, the real `NVMLError` class with its generated subclasses
-  (`NVMLError_NotSupported`, `NVMLError_GpuIsLost`, `NVMLError_Timeout`, ...) and the real ctypes
-  structs (`c_nvmlMemory_t`, `c_nvmlUtilization_t`, `c_nvmlFieldValue_t`, `c_nvmlEventData_t`,
-  `c_nvmlGpmMetricsGet_t`, ...), all re-exported from pynvml itself;
-* handles, event sets and GPM samples are real ctypes pointers (`c_nvmlDevice_t`, ...) holding
-  made-up addresses that are never dereferenced, as the real library's are opaque;
-* NVML's rules: calls before `nvmlInit` raise Uninitialized, `nvmlShutdown` is reference counted,
-  an unknown handle or link raises InvalidArgument, `nvmlEventSetWait` blocks up to its timeout and
-  raises Timeout, events reach only the sets registered for them, registering an unsupported event
-  type raises NotSupported, GPM metrics need two samples of the same GPU taken in order.
+* the real constants, the real `NVMLError` class with its generated subclasses and the real ctypes
+  structs (`c_nvmlFieldValue_t`, `c_nvmlSample_t`, `c_nvmlEventData_t`, `c_nvmlGpmMetricsGet_t`, ...),
+  all re-exported from pynvml itself; handles, event sets and GPM samples are real ctypes pointers
+  holding made-up addresses that are never dereferenced, as the real library's are opaque.
 
-What a test controls lives on `FakeGpu` (one per GPU, mutable between intervals): the values each
-call returns, `errors` (call name, or call name plus arguments after the handle -> NVML error code,
-e.g. `{"nvmlDeviceGetPowerUsage": NVML_ERROR_NOT_SUPPORTED}` or
-`{("nvmlDeviceGetNvLinkState", 3): NVML_ERROR_UNKNOWN}`), and `lost` (every call raises GpuIsLost).
-The fake counts calls per (function, GPU index) in `calls`, injects XIDs with `inject_xid()`, and
-`wait_for_event_consumer()` blocks until a consumer has taken every queued event and is waiting again.
+NVML's documented rules (nvml.h, quoted where it matters) that the fake keeps:
+
+* calls before `nvmlInit` raise Uninitialized; `nvmlShutdown` is reference counted (a second
+  component in the process calling it once too often leaves the collector Uninitialized);
+* an unknown handle or link raises InvalidArgument; a lost GPU (`FakeGpu.lost`, "fallen off the
+  bus") raises GpuIsLost on every call about it, and a lost GPU stays lost until it is reset;
+* **events**: `nvmlEventSetWait` blocks up to its timeout and raises Timeout; events reach only the
+  sets registered for them; it "returns GPU_IS_LOST if a GPU has fallen off the bus": here, on every
+  wait of a set in which a lost GPU is registered (the narrow reading; the collector also survives
+  the wide one); registering for an unsupported type raises NotSupported (the set stays usable), a
+  registration that fails with Unknown leaves the set "in undefined state and [it] should be
+  freed": every later wait on it raises Unknown;
+* **fields**: `nvmlDeviceGetFieldValues` answers each entry with its own `nvmlReturn`, `timestamp`
+  (CPU microseconds) and scope (link id for NVLink fields); NVLink DL replay/recovery/CRC fields are
+  "unsupported for Blackwell+", where the NVLink5 counters answer instead;
+  `NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION` is mJ "since the driver was last reloaded";
+  the clocks-event (throttle) counters are cumulative nanoseconds;
+* **samples**: `nvmlDeviceGetSamples` returns the driver's buffered utilization samples newer than
+  `lastSeenTimeStamp` (CPU microseconds), NotFound when there are none, and NotSupported for
+  utilization samples on a MIG-enabled GPU ("not currently supported");
+* **GPM**: metrics need two samples of the same GPU taken in order, and "the interval between two
+  nvmlGpmSampleGet() calls should be greater than 100ms due to the internal sample refresh rate":
+  NVML does not say what it returns otherwise; the fake returns zero activity for samples taken
+  within one 100 ms refresh period (the counters did not move), the quietly wrong answer a
+  collector must refuse to produce;
+* **MIG**: `nvmlDeviceGetMigMode` answers (current, pending); a mode change is pending until the GPU
+  is reset (or at once on a GPU that supports resetless MIG), and utilization is NotSupported while
+  MIG is on;
+* **resets and the driver**: a GPU reset (`reset_gpu`) and a driver unload (`unload_driver`) are
+  refused while any client holds NVML open (`nvidia-smi -r` answers "in use"), so a GPU never
+  "returns" under a collector that keeps NVML open; a driver load gives new handles and restarts
+  the energy counters and the volatile ECC counts;
+* **permissions**: an unprivileged caller (`privileged=False`) gets NoPermission from
+  `nvmlDeviceGetComputeRunningProcesses` ("if the user doesn't have permission").
+
+Time: the fake keeps its own clock (`now_us`, CPU microseconds). In the default manual mode only
+`advance(seconds)` moves it; with `real_time=True` it follows the wall clock. While time passes each
+GPU's energy counter integrates `power_mw`, its throttle counters integrate the active
+clocks-event bits, and its sampler records `util_gpu_pct`/`util_mem_pct` every
+`util_sample_period_us`, so interval averages can be checked by hand.
+
+What a test controls lives on `FakeGpu` (one per GPU, mutable between intervals): the values,
+`errors` (call name, or call name plus arguments after the handle, or ("field", field id[, scope])
+-> NVML error code), `lost`, `hang` (calls that block until `release_hangs()`). The fake counts
+calls per (function, GPU index) in `calls`, injects XIDs with `inject_xid()`, and
+`wait_for_event_consumer()` blocks until a consumer has handled every queued event.
 """
 
 from __future__ import annotations
@@ -29,8 +63,9 @@ from __future__ import annotations
 import ctypes
 import itertools
 import threading
+import time
 from collections import Counter, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +77,15 @@ from pynvml import (
     NVML_CLOCK_SM,
     NVML_CLOCK_VIDEO,
     NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
+    NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_INVALID_ARGUMENT,
+    NVML_ERROR_NO_PERMISSION,
+    NVML_ERROR_NOT_FOUND,
     NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_TIMEOUT,
     NVML_ERROR_UNINITIALIZED,
+    NVML_ERROR_UNKNOWN,
     NVML_FEATURE_DISABLED,
     NVML_FI_DEV_MEMORY_TEMP,
     NVML_GPM_METRIC_MAX,
@@ -65,6 +104,7 @@ from pynvml import (
     NVML_SUCCESS,
     NVML_TEMPERATURE_GPU,
     NVML_VALUE_TYPE_UNSIGNED_INT,
+    NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
     NVML_VOLATILE_ECC,
     NVMLError,
     c_nvmlDevice_t,
@@ -76,9 +116,11 @@ from pynvml import (
     c_nvmlMemory_t,
     c_nvmlMemory_v2_t,
     c_nvmlProcessInfo_v3_t,
+    c_nvmlSample_t,
     c_nvmlUtilization_t,
     nvmlEventTypeXidCriticalError,
     nvmlMemory_v2,
+    nvmlPciInfo_t,
     nvmlStructToFriendlyObject,
     nvmlTemperature_v1,
 )
@@ -95,6 +137,15 @@ ALL_SUPPORTED_EVENTS = (
 )
 """What `nvmlDeviceGetSupportedEventTypes` answers on a data-centre GPU."""
 
+T0_US = 1_760_000_000_000_000
+"""Where the fake's clock starts (CPU microseconds, 2025-10-09)."""
+GPM_REFRESH_US = 100_000
+"""GPM's internal sample refresh period (nvml.h: samples should be more than 100 ms apart)."""
+SAMPLE_BUFFER = 120
+"""How many utilization samples the driver keeps per type (a bounded ring, oldest dropped)."""
+HANG_LIMIT_S = 60.0
+"""A hung call gives up after this long even if the test never releases it (no test waits that long)."""
+
 _NO_INSTANCE = 0xFFFFFFFF
 _ECC_KEYS = [
     (t, c)
@@ -110,45 +161,64 @@ _NVLINK_COUNTERS = frozenset(
         NVML_NVLINK_ERROR_DL_ECC_DATA,
     }
 )
+NVLINK5_FIELDS = frozenset(
+    {
+        pynvml.NVML_FI_DEV_NVLINK_COUNT_SYMBOL_ERRORS,
+        pynvml.NVML_FI_DEV_NVLINK_COUNT_EFFECTIVE_ERRORS,
+        pynvml.NVML_FI_DEV_NVLINK_COUNT_LINK_RECOVERY_EVENTS,
+    }
+)
+"""NVLink5 per-link counters (Blackwell and newer), keyed in `FakeGpu.nvlink5_errors` by (link, field)."""
+THROTTLE_BITS = {
+    pynvml.NVML_FI_DEV_PERF_POLICY_POWER: 0x04,  # SW power cap
+    pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL: 0x20 | 0x40,  # SW or HW thermal slowdown
+}
+"""Throttle-time field -> the clocks-event bits whose active time it accumulates (ns)."""
+_UTIL_SAMPLES = (pynvml.NVML_GPU_UTILIZATION_SAMPLES, pynvml.NVML_MEMORY_UTILIZATION_SAMPLES)
 
 
 @dataclass
 class FakeGpu:
-    """One fake GPU: what each NVML call answers, in NVML's own units (mW, mJ, percent, bytes, MHz)."""
+    """One fake GPU: what each NVML call answers, in NVML's own units (mW, mJ, percent, bytes, MHz, ns)."""
 
     uuid: str
     name: str = "NVIDIA H100 80GB HBM3"
+    architecture: int = pynvml.NVML_DEVICE_ARCH_HOPPER
+    pci: tuple[int, int, int] = (0, 0x18, 0)
+    """(domain, bus, device) as `nvmlDeviceGetPciInfo` answers and the kernel's XID lines name it."""
     util_gpu_pct: int = 0
     util_mem_pct: int = 0
+    util_sample_period_us: int = 166_667
+    """The driver's utilization sampling period (1/6 s on recent data-centre GPUs)."""
     mem_total: int = H100_MEMORY_BYTES
     mem_reserved: int = 0
     mem_used: int = 0
     """Used memory as the v2 call reports it (excluding `mem_reserved`); v1 reports used + reserved."""
     power_mw: int = 0
     energy_mj: int = 0
+    """The energy counter (mJ since the driver loaded); integrates `power_mw` as the clock advances."""
     temp_gpu_c: int = 30
     temp_mem_c: int | None = 30
     """None: the NVML_FI_DEV_MEMORY_TEMP field answers NOT_SUPPORTED (consumer GPUs)."""
     clock_sm_mhz: int = 1980
     clock_mem_mhz: int = 2619
     clocks_event_reasons: int = 0
+    throttle_ns: dict[int, int] = field(default_factory=lambda: dict.fromkeys(THROTTLE_BITS, 0))
+    """Throttle-time field id -> cumulative ns; grows while the matching `clocks_event_reasons` bits are set."""
     ecc: dict[tuple[int, int], int] = field(default_factory=lambda: dict.fromkeys(_ECC_KEYS, 0))
     """(NVML_MEMORY_ERROR_TYPE_*, NVML_VOLATILE_ECC | NVML_AGGREGATE_ECC) -> count."""
-    remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)
-    """(correctable, uncorrectable, isPending, failureOccurred) as nvmlDeviceGetRemappedRows returns."""
-    retired_pages: dict[int, list[int]] = field(
-        default_factory=lambda: {
-            NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS: [],
-            NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR: [],
-        }
-    )
-    """Cause -> retired page addresses."""
+    remapped_rows: tuple[int, int, int, int] | None = (0, 0, 0, 0)
+    """(correctable, uncorrectable, isPending, failureOccurred); None: not supported (pre-Ampere)."""
+    retired_pages: dict[int, list[int]] | None = None
+    """Cause -> retired page addresses; None: page retirement not supported (Ampere and newer)."""
     retired_pages_pending: int = NVML_FEATURE_DISABLED
     pcie_replay: int = 0
     nvlink_states: dict[int, int] = field(default_factory=dict)
-    """Link -> 1 active / 0 inactive. Empty: no NVLink at all (every link call answers NotSupported)."""
+    """Link -> NVML_NVLINK_STATE_* (1 active, 0 inactive). Empty: no NVLink (every link query: NotSupported)."""
     nvlink_errors: dict[tuple[int, int], int] = field(default_factory=dict)
-    """(link, NVML_NVLINK_ERROR_DL_*) -> count; an existing link's counter not listed is 0."""
+    """(link, NVML_NVLINK_ERROR_DL_*) -> count (NVLink 4 and older); an existing link's counter not listed is 0."""
+    nvlink5_errors: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(link, NVML_FI_DEV_NVLINK_COUNT_*) -> count (NVLink5, Blackwell); not listed is 0."""
     process_pids: list[int] = field(default_factory=list)
     supported_events: int = ALL_SUPPORTED_EVENTS
     gpm_supported: bool = False
@@ -156,10 +226,54 @@ class FakeGpu:
     """GPM metric id -> value (percent) over the interval ending at the next `nvmlGpmSampleGet`."""
     gpm_metric_returns: dict[int, int] = field(default_factory=dict)
     """GPM metric id -> the nvmlReturn that metric reports instead of a value."""
+    mig_mode: tuple[int, int] | None = None
+    """(current, pending) NVML_DEVICE_MIG_*; None: the GPU has no MIG (nvmlDeviceGetMigMode: NotSupported)."""
+    resetless_mig: bool = False
     errors: dict[Hashable, int] = field(default_factory=dict)
-    """Call name, or (call name, *arguments after the handle) -> NVML error code that call raises."""
+    """Call name, (call name, *arguments after the handle), or ("field", id[, scope]) -> NVML error code."""
     lost: bool = False
-    """The GPU has fallen off the bus: every call about it raises NVMLError_GpuIsLost."""
+    """The GPU has fallen off the bus: every call about it raises NVMLError_GpuIsLost until `reset_gpu`."""
+    hang: set[str] = field(default_factory=set)
+    """Call names that block (a GSP timeout) until `FakeNvml.release_hangs()`."""
+
+    @property
+    def nvlink5(self) -> bool:
+        return self.architecture >= pynvml.NVML_DEVICE_ARCH_BLACKWELL
+
+    @property
+    def mig_enabled(self) -> bool:
+        return self.mig_mode is not None and self.mig_mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+
+
+def h100(uuid: str, **overrides: Any) -> FakeGpu:
+    """An H100 SXM: remapped rows, no page retirement, 18 NVLink 4 links, GPM, MIG capable."""
+    values: dict[str, Any] = {"uuid": uuid, "nvlink_states": dict.fromkeys(range(18), 1), "gpm_supported": True,
+                              "mig_mode": (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_DISABLE)}
+    values.update(overrides)
+    return FakeGpu(**values)
+
+
+def b200(uuid: str, **overrides: Any) -> FakeGpu:
+    """A B200: NVLink5 (18 links; DL replay/recovery/CRC unsupported, symbol/effective/recovery counters), GPM."""
+    values: dict[str, Any] = {"uuid": uuid, "name": "NVIDIA B200", "architecture": pynvml.NVML_DEVICE_ARCH_BLACKWELL,
+                              "mem_total": 183_359 * 1024 * 1024, "nvlink_states": dict.fromkeys(range(18), 1),
+                              "gpm_supported": True,
+                              "mig_mode": (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_DISABLE)}
+    values.update(overrides)
+    return FakeGpu(**values)
+
+
+def v100(uuid: str, **overrides: Any) -> FakeGpu:
+    """A V100 PCIe: page retirement, no remapped rows, GPM, NVLink, MIG or memory temperature."""
+    values: dict[str, Any] = {
+        "uuid": uuid, "name": "Tesla V100-PCIE-32GB", "architecture": pynvml.NVML_DEVICE_ARCH_VOLTA,
+        "mem_total": 34_359_738_368, "temp_mem_c": None, "remapped_rows": None,
+        "retired_pages": {NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS: [],
+                          NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR: []},
+        "throttle_ns": {}, "util_sample_period_us": 1_000_000,
+    }
+    values.update(overrides)
+    return FakeGpu(**values)
 
 
 @dataclass
@@ -167,16 +281,31 @@ class _EventSet:
     registered: dict[int, int] = field(default_factory=dict)
     queue: deque[tuple[int, int, int]] = field(default_factory=deque)
     waiting: int = 0
+    waits_started: int = 0
+    undefined: bool = False
     freed: bool = False
+    leaked: bool = False
+    """Never freed by the client: released only by the last nvmlShutdown."""
 
 
 @dataclass
 class _GpmSample:
     device: int | None = None
     seq: int = 0
+    refresh: int = 0
     metrics: dict[int, float] = field(default_factory=dict)
     returns: dict[int, int] = field(default_factory=dict)
     freed: bool = False
+    leaked: bool = False
+
+
+@dataclass
+class _Driver:
+    """Per-GPU driver state the fake keeps beside the test's `FakeGpu` (sample buffers, sub-unit remainders)."""
+
+    samples: dict[int, deque[tuple[int, int]]] = field(
+        default_factory=lambda: {t: deque(maxlen=SAMPLE_BUFFER) for t in _UTIL_SAMPLES})
+    energy_remainder_nj: int = 0
 
 
 def _pointer(kind: Any, address: int) -> Any:
@@ -186,6 +315,11 @@ def _pointer(kind: Any, address: int) -> Any:
 
 def _address(pointer: Any) -> int:
     return ctypes.cast(pointer, ctypes.c_void_p).value or 0
+
+
+def _field_key(requested: int | tuple[int, int]) -> tuple[int, int]:
+    """Like pynvml: a field entry is a field id or a (field id, scope id) pair."""
+    return requested if isinstance(requested, tuple) else (requested, 0)
 
 
 class FakeNvml:
@@ -205,16 +339,19 @@ class FakeNvml:
     NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
     NVMLError_DriverNotLoaded = pynvml.NVMLError_DriverNotLoaded
     NVMLError_NoPermission = pynvml.NVMLError_NoPermission
+    NVMLError_NotFound = pynvml.NVMLError_NotFound
     NVMLError_LibRmVersionMismatch = pynvml.NVMLError_LibRmVersionMismatch
     NVMLError_Unknown = pynvml.NVMLError_Unknown
     c_nvmlGpmMetricsGet_t = pynvml.c_nvmlGpmMetricsGet_t
     NVML_SUCCESS = NVML_SUCCESS
     NVML_ERROR_NOT_SUPPORTED = NVML_ERROR_NOT_SUPPORTED
+    NVML_ERROR_NO_PERMISSION = NVML_ERROR_NO_PERMISSION
+    NVML_ERROR_GPU_IS_LOST = NVML_ERROR_GPU_IS_LOST
     NVML_ERROR_UNKNOWN = pynvml.NVML_ERROR_UNKNOWN
+    NVML_ERROR_INVALID_ARGUMENT = NVML_ERROR_INVALID_ARGUMENT
     NVML_FEATURE_DISABLED = NVML_FEATURE_DISABLED
     NVML_FEATURE_ENABLED = pynvml.NVML_FEATURE_ENABLED
     NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
-    NVML_FI_DEV_MEMORY_TEMP = NVML_FI_DEV_MEMORY_TEMP
     NVML_CLOCK_SM = NVML_CLOCK_SM
     NVML_CLOCK_MEM = NVML_CLOCK_MEM
     NVML_MEMORY_ERROR_TYPE_CORRECTED = NVML_MEMORY_ERROR_TYPE_CORRECTED
@@ -230,30 +367,81 @@ class FakeNvml:
     NVML_NVLINK_ERROR_DL_RECOVERY = NVML_NVLINK_ERROR_DL_RECOVERY
     NVML_NVLINK_ERROR_DL_CRC_FLIT = NVML_NVLINK_ERROR_DL_CRC_FLIT
     NVML_NVLINK_ERROR_DL_CRC_DATA = NVML_NVLINK_ERROR_DL_CRC_DATA
+    NVML_GPU_UTILIZATION_SAMPLES = pynvml.NVML_GPU_UTILIZATION_SAMPLES
+    NVML_MEMORY_UTILIZATION_SAMPLES = pynvml.NVML_MEMORY_UTILIZATION_SAMPLES
+    NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
+    NVML_NVLINK_STATE_INACTIVE = pynvml.NVML_NVLINK_STATE_INACTIVE
+    NVML_FI_DEV_MEMORY_TEMP = NVML_FI_DEV_MEMORY_TEMP
+    NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION = pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION
+    NVML_FI_DEV_POWER_AVERAGE = pynvml.NVML_FI_DEV_POWER_AVERAGE
+    NVML_FI_DEV_PERF_POLICY_POWER = pynvml.NVML_FI_DEV_PERF_POLICY_POWER
+    NVML_FI_DEV_PERF_POLICY_THERMAL = pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL
+    NVML_FI_DEV_ECC_SBE_VOL_TOTAL = pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL
+    NVML_FI_DEV_ECC_DBE_VOL_TOTAL = pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL
+    NVML_FI_DEV_ECC_SBE_AGG_TOTAL = pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL
+    NVML_FI_DEV_ECC_DBE_AGG_TOTAL = pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL
+    NVML_FI_DEV_RETIRED_SBE = pynvml.NVML_FI_DEV_RETIRED_SBE
+    NVML_FI_DEV_RETIRED_DBE = pynvml.NVML_FI_DEV_RETIRED_DBE
+    NVML_FI_DEV_RETIRED_PENDING = pynvml.NVML_FI_DEV_RETIRED_PENDING
+    NVML_FI_DEV_REMAPPED_COR = pynvml.NVML_FI_DEV_REMAPPED_COR
+    NVML_FI_DEV_REMAPPED_UNC = pynvml.NVML_FI_DEV_REMAPPED_UNC
+    NVML_FI_DEV_REMAPPED_PENDING = pynvml.NVML_FI_DEV_REMAPPED_PENDING
+    NVML_FI_DEV_REMAPPED_FAILURE = pynvml.NVML_FI_DEV_REMAPPED_FAILURE
+    NVML_FI_DEV_PCIE_REPLAY_COUNTER = pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER
+    NVML_FI_DEV_NVLINK_LINK_COUNT = pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT
+    NVML_FI_DEV_NVLINK_GET_STATE = pynvml.NVML_FI_DEV_NVLINK_GET_STATE
+    NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY = pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY
+    NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY = pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY
+    NVML_FI_DEV_NVLINK_ERROR_DL_CRC = pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_CRC
+    NVML_FI_DEV_NVLINK_COUNT_SYMBOL_ERRORS = pynvml.NVML_FI_DEV_NVLINK_COUNT_SYMBOL_ERRORS
+    NVML_FI_DEV_NVLINK_COUNT_EFFECTIVE_ERRORS = pynvml.NVML_FI_DEV_NVLINK_COUNT_EFFECTIVE_ERRORS
+    NVML_FI_DEV_NVLINK_COUNT_LINK_RECOVERY_EVENTS = pynvml.NVML_FI_DEV_NVLINK_COUNT_LINK_RECOVERY_EVENTS
     NVML_GPM_METRIC_SM_UTIL = pynvml.NVML_GPM_METRIC_SM_UTIL
     NVML_GPM_METRIC_ANY_TENSOR_UTIL = pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL
     NVML_GPM_METRIC_DRAM_BW_UTIL = pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL
     NVML_GPM_METRICS_GET_VERSION = NVML_GPM_METRICS_GET_VERSION
+    NVML_VALUE_TYPE_UNSIGNED_INT = NVML_VALUE_TYPE_UNSIGNED_INT
     nvmlEventTypeXidCriticalError = nvmlEventTypeXidCriticalError
+    nvmlEventTypePState = pynvml.nvmlEventTypePState
+    nvmlEventTypeClock = pynvml.nvmlEventTypeClock
     nvmlMemory_v2 = nvmlMemory_v2
 
-    def __init__(self, gpus: Sequence[FakeGpu] = (), *, init_error: int | None = None) -> None:
-        """`init_error`: the NVML error code `nvmlInit` raises (e.g. NVML_ERROR_LIBRARY_NOT_FOUND)."""
+    def __init__(
+        self,
+        gpus: Sequence[FakeGpu] = (),
+        *,
+        init_error: int | None = None,
+        privileged: bool = True,
+        real_time: bool = False,
+    ) -> None:
+        """`init_error`: the NVML error code `nvmlInit` raises (e.g. NVML_ERROR_LIBRARY_NOT_FOUND);
+        `privileged`: the caller is root (else per-user restrictions apply); `real_time`: the clock
+        follows the wall clock instead of `advance()`."""
         self.gpus = list(gpus)
         self.init_error = init_error
+        self.privileged = privileged
         self.calls: Counter[tuple[str, int | None]] = Counter()
         """(function name, GPU index or None) -> how many times it was called."""
+        self.field_requests: Counter[tuple[int, int, int]] = Counter()
+        """(GPU index, field id, scope id) -> how many `nvmlDeviceGetFieldValues` entries asked for it."""
         self.init_count = 0
         self.shutdown_count = 0
+        self.driver_loaded = True
+        self._real_time = real_time
+        self._now_us = time.time_ns() // 1000 if real_time else T0_US
         self._refcount = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._events = threading.Condition(self._lock)
+        self._hangs = threading.Event()
         self._addresses = itertools.count(0x7F0000001000, 0x100)
-        self._handles = [_pointer(c_nvmlDevice_t, next(self._addresses)) for _ in self.gpus]
-        self._by_address = {_address(h): i for i, h in enumerate(self._handles)}
+        self._drivers = [_Driver() for _ in self.gpus]
+        self._handles: list[Any] = []
+        self._by_address: dict[int, int] = {}
+        self._new_handles()
         self._event_sets: dict[int, _EventSet] = {}
         self._gpm_samples: dict[int, _GpmSample] = {}
         self._gpm_seq = itertools.count(1)
+        self._record_samples(self._now_us - 1_000_000, self._now_us)  # the driver has been sampling for a while
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -261,30 +449,111 @@ class FakeNvml:
     def initialized(self) -> bool:
         return self._refcount > 0
 
+    @property
+    def now_us(self) -> int:
+        """The fake's CPU clock in microseconds (what timestamps in samples and field values use)."""
+        with self._lock:
+            self._sync_clock()
+            return self._now_us
+
+    def advance(self, seconds: float) -> None:
+        """Let `seconds` pass: counters integrate and the sampler records the current values."""
+        with self._lock:
+            start = self._now_us
+            self._now_us += round(seconds * 1_000_000)
+            self._integrate(start, self._now_us)
+
     def calls_to(self, name: str, gpu: int | None = None) -> int:
         """How many times `name` was called for GPU `gpu` (None: calls not about one GPU)."""
         return self.calls[(name, gpu)]
 
-    def inject_xid(self, gpu: int, xid: int) -> None:
-        """The driver raises XID `xid` on GPU `gpu`: every event set registered for XIDs there gets it."""
+    def calls_for_gpu(self, gpu: int) -> int:
+        """Every call made about GPU `gpu`."""
+        return sum(n for (_, index), n in self.calls.items() if index == gpu)
+
+    def handle(self, gpu: int) -> Any:
+        """GPU `gpu`'s current handle (tests build event data with it)."""
+        return self._handles[gpu]
+
+    def inject_xid(self, gpu: int, xid: int, *, alias: bool = False) -> None:
+        """The driver raises XID `xid` on GPU `gpu`: every event set registered for XIDs there gets it.
+
+        `alias`: the event names the GPU by another handle value than the one the client holds (NVML's
+        handles are opaque; only `nvmlDeviceGetUUID` of the event's handle says which GPU it is).
+        """
         address = _address(self._handles[gpu])
+        delivered = address
+        if alias:
+            delivered = next(self._addresses)
+            self._by_address[delivered] = gpu
         with self._events:
             for es in self._event_sets.values():
                 if not es.freed and es.registered.get(address, 0) & nvmlEventTypeXidCriticalError:
-                    es.queue.append((address, nvmlEventTypeXidCriticalError, xid))
+                    es.queue.append((delivered, nvmlEventTypeXidCriticalError, xid))
             self._events.notify_all()
 
     def wait_for_event_consumer(self, timeout: float = 10.0) -> bool:
-        """Block until every live event set is empty and has a thread waiting on it again.
+        """Block until every usable event set is empty and a consumer has begun a new wait on each since.
 
-        A consumer loop (wait -> handle -> wait) that is back in `nvmlEventSetWait` with nothing
-        queued has finished handling everything injected before; False if that never happens.
+        A consumer loop (wait -> handle -> wait on the next set) that has gone round every set with
+        nothing queued has finished handling everything injected before; False if that never happens.
         """
+        def usable() -> list[_EventSet]:
+            return [es for es in self._event_sets.values() if not es.freed and not es.undefined]
+
         with self._events:
+            if not self._events.wait_for(lambda: all(not es.queue for es in usable()), timeout):
+                return False
+            marks = {id(es): es.waits_started for es in usable()}
             return self._events.wait_for(
-                lambda: all(not es.queue and es.waiting > 0 for es in self._event_sets.values() if not es.freed),
-                timeout,
-            )
+                lambda: all(es.waits_started > marks.get(id(es), -1) for es in usable()), timeout)
+
+    def release_hangs(self) -> None:
+        """Every hung call returns (its answer as if it had not hung)."""
+        self._hangs.set()
+
+    def reset_gpu(self, gpu: int) -> bool:
+        """`nvidia-smi -r -i gpu`: refused (False) while any client holds NVML open, as a real reset is.
+
+        A reset brings a lost GPU back, clears its volatile ECC counts and applies a pending MIG mode.
+        """
+        with self._lock:
+            if self._refcount > 0:
+                return False
+            g = self.gpus[gpu]
+            g.lost = False
+            for key in list(g.ecc):
+                if key[1] == NVML_VOLATILE_ECC:
+                    g.ecc[key] = 0
+            if g.mig_mode is not None:
+                g.mig_mode = (g.mig_mode[1], g.mig_mode[1])
+            return True
+
+    def set_mig_mode(self, gpu: int, mode: int) -> None:
+        """`nvidia-smi -mig 0|1`: pending until the next reset, or current at once with resetless MIG."""
+        g = self.gpus[gpu]
+        if g.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        g.mig_mode = (mode, mode) if g.resetless_mig else (g.mig_mode[0], mode)
+
+    def unload_driver(self) -> bool:
+        """`rmmod nvidia`: refused (False) while a client holds NVML open (the module is in use)."""
+        with self._lock:
+            if self._refcount > 0:
+                return False
+            self.driver_loaded = False
+            return True
+
+    def load_driver(self) -> None:
+        """`modprobe nvidia`: new handles, energy counters from 0, volatile ECC cleared, lost GPUs back."""
+        with self._lock:
+            self.driver_loaded = True
+            for g, d in zip(self.gpus, self._drivers, strict=True):
+                g.energy_mj, d.energy_remainder_nj, g.lost = 0, 0, False
+                for key in list(g.ecc):
+                    if key[1] == NVML_VOLATILE_ECC:
+                        g.ecc[key] = 0
+            self._new_handles()
 
     @property
     def live_event_sets(self) -> int:
@@ -294,11 +563,51 @@ class FakeNvml:
     def live_gpm_samples(self) -> int:
         return sum(not s.freed for s in self._gpm_samples.values())
 
+    @property
+    def leaked(self) -> int:
+        """Event sets and GPM samples the client never freed (the last nvmlShutdown released them)."""
+        return sum(x.leaked for x in (*self._event_sets.values(), *self._gpm_samples.values()))
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _new_handles(self) -> None:
+        self._handles = [_pointer(c_nvmlDevice_t, next(self._addresses)) for _ in self.gpus]
+        self._by_address = {_address(h): i for i, h in enumerate(self._handles)}
+        self._registered_address = dict(self._by_address)
+
+    def _sync_clock(self) -> None:
+        if self._real_time:
+            now = time.time_ns() // 1000
+            if now > self._now_us:
+                start, self._now_us = self._now_us, now
+                self._integrate(start, now)
+
+    def _integrate(self, start_us: int, end_us: int) -> None:
+        """Counters and samplers over (start, end]: energy, throttle time, utilization samples."""
+        dt_us = end_us - start_us
+        for g, d in zip(self.gpus, self._drivers, strict=True):
+            if g.lost:
+                continue
+            nj = g.power_mw * dt_us + d.energy_remainder_nj  # mW x us = nJ
+            g.energy_mj += nj // 1_000_000
+            d.energy_remainder_nj = nj % 1_000_000
+            for fid, bits in THROTTLE_BITS.items():
+                if fid in g.throttle_ns and g.clocks_event_reasons & bits:
+                    g.throttle_ns[fid] += dt_us * 1000
+        self._record_samples(start_us, end_us)
+
+    def _record_samples(self, start_us: int, end_us: int) -> None:
+        for g, d in zip(self.gpus, self._drivers, strict=True):
+            period = g.util_sample_period_us
+            first = (start_us // period + 1) * period
+            for ts in range(max(first, end_us - period * SAMPLE_BUFFER), end_us + 1, period):
+                d.samples[pynvml.NVML_GPU_UTILIZATION_SAMPLES].append((ts, g.util_gpu_pct))
+                d.samples[pynvml.NVML_MEMORY_UTILIZATION_SAMPLES].append((ts, g.util_mem_pct))
 
     def _require_init(self, name: str, gpu: int | None = None) -> None:
         with self._lock:
             self.calls[(name, gpu)] += 1
+            self._sync_clock()
         if self._refcount == 0:
             raise NVMLError(NVML_ERROR_UNINITIALIZED)
 
@@ -312,10 +621,11 @@ class FakeNvml:
         self._raise_injected(gpu, name, *args)
         return gpu
 
-    @staticmethod
-    def _raise_injected(gpu: FakeGpu, name: str, *args: Hashable) -> None:
+    def _raise_injected(self, gpu: FakeGpu, name: str, *args: Hashable) -> None:
         if gpu.lost:
             raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+        if name in gpu.hang:
+            self._hangs.wait(HANG_LIMIT_S)
         for key in (name, (name, *args)):
             if key in gpu.errors:
                 raise NVMLError(gpu.errors[key])
@@ -338,13 +648,26 @@ class FakeNvml:
         self.init_count += 1
         if self.init_error is not None:
             raise NVMLError(self.init_error)
+        if not self.driver_loaded:
+            raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
         self._refcount += 1
 
     def nvmlShutdown(self) -> None:
+        """The last shutdown releases everything the library allocated: event sets and GPM samples die."""
         self.shutdown_count += 1
         if self._refcount == 0:
             raise NVMLError(NVML_ERROR_UNINITIALIZED)
         self._refcount -= 1
+        if self._refcount == 0:
+            with self._events:
+                for item in (*self._event_sets.values(), *self._gpm_samples.values()):
+                    if not item.freed:
+                        item.freed, item.leaked = True, True
+                self._events.notify_all()
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._require_init("nvmlSystemGetDriverVersion")
+        return "580.95.05"
 
     def nvmlDeviceGetCount(self) -> int:
         self._require_init("nvmlDeviceGetCount")
@@ -365,9 +688,42 @@ class FakeNvml:
     def nvmlDeviceGetUUID(self, handle: Any) -> str:
         return self._device("nvmlDeviceGetUUID", handle).uuid
 
+    def nvmlDeviceGetArchitecture(self, device: Any) -> int:
+        return self._device("nvmlDeviceGetArchitecture", device).architecture
+
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> Any:
+        gpu = self._device("nvmlDeviceGetPciInfo", handle)
+        domain, bus, dev = gpu.pci
+        bus_id = f"{domain:08X}:{bus:02X}:{dev:02X}.0".encode()
+        return nvmlPciInfo_t(busIdLegacy=bus_id, domain=domain, bus=bus, device=dev, busId=bus_id)
+
+    def nvmlDeviceGetMigMode(self, device: Any) -> list[int]:
+        gpu = self._device("nvmlDeviceGetMigMode", device)
+        if gpu.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return list(gpu.mig_mode)
+
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
         gpu = self._device("nvmlDeviceGetUtilizationRates", handle)
+        if gpu.mig_enabled:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return c_nvmlUtilization_t(gpu=gpu.util_gpu_pct, memory=gpu.util_mem_pct)
+
+    def nvmlDeviceGetSamples(self, device: Any, sampling_type: int, timeStamp: int) -> Any:
+        gpu = self._device("nvmlDeviceGetSamples", device, sampling_type)
+        if sampling_type not in _UTIL_SAMPLES or gpu.mig_enabled:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        with self._lock:
+            buffered = self._drivers[self.gpus.index(gpu)].samples[sampling_type]
+            newer = [(ts, v) for ts, v in buffered if ts > timeStamp]
+        if not newer:
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        out = []
+        for ts, value in newer:
+            sample = c_nvmlSample_t()
+            sample.timeStamp, sample.sampleValue.uiVal = ts, value
+            out.append(sample)
+        return (NVML_VALUE_TYPE_UNSIGNED_INT, out)
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
         gpu = self._device("nvmlDeviceGetMemoryInfo", handle, *(() if not version else (version,)))
@@ -403,18 +759,92 @@ class FakeNvml:
 
     def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[int | tuple[int, int]]) -> Any:
         gpu = self._device("nvmlDeviceGetFieldValues", handle)
+        index = self._by_address[_address(handle)]
+        now = self.now_us
         values = (c_nvmlFieldValue_t * len(fieldIds))()
         for value, requested in zip(values, fieldIds, strict=True):
-            # like pynvml: an entry is a field id or a (field id, scope id) pair
-            field_id, scope_id = requested if isinstance(requested, tuple) else (requested, 0)
-            value.fieldId, value.scopeId = field_id, scope_id
-            if field_id == NVML_FI_DEV_MEMORY_TEMP and gpu.temp_mem_c is not None:
-                value.valueType = NVML_VALUE_TYPE_UNSIGNED_INT
-                value.value.uiVal = gpu.temp_mem_c
+            field_id, scope_id = _field_key(requested)
+            self.field_requests[(index, field_id, scope_id)] += 1
+            value.fieldId, value.scopeId, value.timestamp, value.latencyUsec = field_id, scope_id, now, 0
+            injected = gpu.errors.get(("field", field_id, scope_id), gpu.errors.get(("field", field_id)))
+            answer = self._field(gpu, field_id, scope_id) if injected is None else injected
+            if isinstance(answer, tuple):
+                value.valueType, number = answer
+                if value.valueType == NVML_VALUE_TYPE_UNSIGNED_INT:
+                    value.value.uiVal = number
+                else:
+                    value.value.ullVal = number
                 value.nvmlReturn = NVML_SUCCESS
             else:
-                value.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+                value.nvmlReturn = answer
         return values
+
+    def _field(self, gpu: FakeGpu, field_id: int, scope: int) -> tuple[int, int] | int:
+        """One field's (value type, value), or the NVML error code its entry reports."""
+        uint, ull = NVML_VALUE_TYPE_UNSIGNED_INT, NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+        p = pynvml
+        simple: dict[int, Callable[[], tuple[int, int] | int]] = {
+            NVML_FI_DEV_MEMORY_TEMP: lambda: (uint, gpu.temp_mem_c) if gpu.temp_mem_c is not None
+            else NVML_ERROR_NOT_SUPPORTED,
+            p.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: lambda: (ull, gpu.energy_mj),
+            p.NVML_FI_DEV_POWER_AVERAGE: lambda: (uint, gpu.power_mw) if scope == p.NVML_POWER_SCOPE_GPU
+            else NVML_ERROR_NOT_SUPPORTED,
+            p.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                                                                    NVML_VOLATILE_ECC)]),
+            p.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                                                                    NVML_VOLATILE_ECC)]),
+            p.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                                                                    NVML_AGGREGATE_ECC)]),
+            p.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: lambda: (ull, gpu.ecc[(NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                                                                    NVML_AGGREGATE_ECC)]),
+            p.NVML_FI_DEV_PCIE_REPLAY_COUNTER: lambda: (ull, gpu.pcie_replay),
+            p.NVML_FI_DEV_NVLINK_LINK_COUNT: lambda: (uint, len(gpu.nvlink_states)) if gpu.nvlink_states
+            else NVML_ERROR_NOT_SUPPORTED,
+        }
+        if field_id in simple:
+            return simple[field_id]()
+        if field_id in THROTTLE_BITS:
+            return (ull, gpu.throttle_ns[field_id]) if field_id in gpu.throttle_ns else NVML_ERROR_NOT_SUPPORTED
+        if field_id in (p.NVML_FI_DEV_REMAPPED_COR, p.NVML_FI_DEV_REMAPPED_UNC, p.NVML_FI_DEV_REMAPPED_PENDING,
+                        p.NVML_FI_DEV_REMAPPED_FAILURE):
+            if gpu.remapped_rows is None:
+                return NVML_ERROR_NOT_SUPPORTED
+            return (uint, gpu.remapped_rows[field_id - p.NVML_FI_DEV_REMAPPED_COR])
+        if field_id in (p.NVML_FI_DEV_RETIRED_SBE, p.NVML_FI_DEV_RETIRED_DBE, p.NVML_FI_DEV_RETIRED_PENDING):
+            return self._retired_field(gpu, field_id)
+        return self._nvlink_field(gpu, field_id, scope)
+
+    @staticmethod
+    def _retired_field(gpu: FakeGpu, field_id: int) -> tuple[int, int] | int:
+        if gpu.retired_pages is None:
+            return NVML_ERROR_NOT_SUPPORTED
+        if field_id == pynvml.NVML_FI_DEV_RETIRED_PENDING:
+            return (NVML_VALUE_TYPE_UNSIGNED_INT, int(gpu.retired_pages_pending == pynvml.NVML_FEATURE_ENABLED))
+        cause = (NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS if field_id == pynvml.NVML_FI_DEV_RETIRED_SBE
+                 else NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)
+        return (NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, len(gpu.retired_pages[cause]))
+
+    @staticmethod
+    def _nvlink_field(gpu: FakeGpu, field_id: int, link: int) -> tuple[int, int] | int:
+        p = pynvml
+        dl = {p.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY: (NVML_NVLINK_ERROR_DL_REPLAY,),
+              p.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY: (NVML_NVLINK_ERROR_DL_RECOVERY,),
+              p.NVML_FI_DEV_NVLINK_ERROR_DL_CRC: (NVML_NVLINK_ERROR_DL_CRC_FLIT, NVML_NVLINK_ERROR_DL_CRC_DATA)}
+        if field_id not in (*dl, p.NVML_FI_DEV_NVLINK_GET_STATE, *NVLINK5_FIELDS):
+            return NVML_ERROR_NOT_SUPPORTED
+        if not gpu.nvlink_states:
+            return NVML_ERROR_NOT_SUPPORTED
+        if link not in gpu.nvlink_states:
+            return NVML_ERROR_INVALID_ARGUMENT
+        if field_id == p.NVML_FI_DEV_NVLINK_GET_STATE:
+            return (NVML_VALUE_TYPE_UNSIGNED_INT, gpu.nvlink_states[link])
+        if field_id in NVLINK5_FIELDS:
+            if not gpu.nvlink5:
+                return NVML_ERROR_NOT_SUPPORTED
+            return (NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, gpu.nvlink5_errors.get((link, field_id), 0))
+        if gpu.nvlink5:
+            return NVML_ERROR_NOT_SUPPORTED  # "This is unsupported for Blackwell+"
+        return (NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, sum(gpu.nvlink_errors.get((link, c), 0) for c in dl[field_id]))
 
     def nvmlDeviceGetClockInfo(self, handle: Any, type: int) -> int:
         gpu = self._device("nvmlDeviceGetClockInfo", handle, type)
@@ -441,16 +871,24 @@ class FakeNvml:
         return gpu.ecc[(errorType, counterType)]
 
     def nvmlDeviceGetRemappedRows(self, device: Any) -> tuple[int, int, int, int]:
-        return tuple(self._device("nvmlDeviceGetRemappedRows", device).remapped_rows)  # type: ignore[return-value]
+        gpu = self._device("nvmlDeviceGetRemappedRows", device)
+        if gpu.remapped_rows is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return tuple(gpu.remapped_rows)  # type: ignore[return-value]
 
     def nvmlDeviceGetRetiredPages(self, device: Any, sourceFilter: int) -> list[int]:
         gpu = self._device("nvmlDeviceGetRetiredPages", device, sourceFilter)
+        if gpu.retired_pages is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         if sourceFilter not in gpu.retired_pages:
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         return list(gpu.retired_pages[sourceFilter])
 
     def nvmlDeviceGetRetiredPagesPendingStatus(self, device: Any) -> int:
-        return self._device("nvmlDeviceGetRetiredPagesPendingStatus", device).retired_pages_pending
+        gpu = self._device("nvmlDeviceGetRetiredPagesPendingStatus", device)
+        if gpu.retired_pages is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.retired_pages_pending
 
     def nvmlDeviceGetPcieReplayCounter(self, handle: Any) -> int:
         return self._device("nvmlDeviceGetPcieReplayCounter", handle).pcie_replay
@@ -468,12 +906,14 @@ class FakeNvml:
 
     def nvmlDeviceGetNvLinkErrorCounter(self, device: Any, link: int, counter: int) -> int:
         gpu = self._nvlink("nvmlDeviceGetNvLinkErrorCounter", device, link, counter)
-        if counter not in _NVLINK_COUNTERS:
-            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if counter not in _NVLINK_COUNTERS or gpu.nvlink5:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED if gpu.nvlink5 else NVML_ERROR_INVALID_ARGUMENT)
         return gpu.nvlink_errors.get((link, counter), 0)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
         gpu = self._device("nvmlDeviceGetComputeRunningProcesses", handle)
+        if not self.privileged:
+            raise NVMLError(NVML_ERROR_NO_PERMISSION)
         return [
             nvmlStructToFriendlyObject(
                 c_nvmlProcessInfo_v3_t(
@@ -496,11 +936,16 @@ class FakeNvml:
         return self._device("nvmlDeviceGetSupportedEventTypes", handle).supported_events
 
     def nvmlDeviceRegisterEvents(self, handle: Any, eventTypes: int, eventSet: Any) -> None:
-        gpu = self._device("nvmlDeviceRegisterEvents", handle, eventTypes)
-        if eventTypes & ~gpu.supported_events:
-            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         with self._events:
             es = self._event_set(eventSet)
+            try:
+                gpu = self._device("nvmlDeviceRegisterEvents", handle, eventTypes)
+            except NVMLError as exc:
+                if exc.value == NVML_ERROR_UNKNOWN:
+                    es.undefined = True
+                raise
+            if eventTypes & ~gpu.supported_events:
+                raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
             address = _address(handle)
             es.registered[address] = es.registered.get(address, 0) | eventTypes
 
@@ -509,16 +954,23 @@ class FakeNvml:
         with self._events:
             es = self._event_set(eventSet)
             es.waiting += 1
+            es.waits_started += 1
             self._events.notify_all()
             try:
-                self._events.wait_for(lambda: bool(es.queue) or es.freed, timeoutms / 1000)
+                self._events.wait_for(lambda: bool(es.queue) or es.freed or es.undefined or self._set_has_lost(es),
+                                      timeoutms / 1000)
             finally:
                 es.waiting -= 1
             if es.freed:
                 raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            if es.undefined:
+                raise NVMLError(NVML_ERROR_UNKNOWN)
+            if self._set_has_lost(es):
+                raise NVMLError(NVML_ERROR_GPU_IS_LOST)
             if not es.queue:
                 raise NVMLError(NVML_ERROR_TIMEOUT)
             address, event_type, event_data = es.queue.popleft()
+            self._events.notify_all()
         data = c_nvmlEventData_t()
         data.device = _pointer(c_nvmlDevice_t, address)
         data.eventType = event_type
@@ -526,6 +978,9 @@ class FakeNvml:
         data.gpuInstanceId = _NO_INSTANCE
         data.computeInstanceId = _NO_INSTANCE
         return data
+
+    def _set_has_lost(self, es: _EventSet) -> bool:
+        return any(self.gpus[i].lost for a, i in self._registered_address.items() if a in es.registered)
 
     def nvmlEventSetFree(self, eventSet: Any) -> None:
         self._require_init("nvmlEventSetFree")
@@ -556,6 +1011,7 @@ class FakeNvml:
         sample = self._gpm_sample(gpmSample)
         sample.device = _address(device)
         sample.seq = next(self._gpm_seq)
+        sample.refresh = self.now_us // GPM_REFRESH_US
         sample.metrics = dict(gpu.gpm_metrics)
         sample.returns = dict(gpu.gpm_metric_returns)
         return gpmSample
@@ -574,13 +1030,14 @@ class FakeNvml:
         ):
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         self._raise_injected(self.gpus[index], "nvmlGpmMetricsGet")
+        stale = first.refresh == second.refresh  # within one internal refresh: the counters did not move
         for i in range(metricsGet.numMetrics):
             metric = metricsGet.metrics[i]
             metric_id = metric.metricId
             if metric_id in second.returns:
                 metric.nvmlReturn = second.returns[metric_id]
             elif metric_id in second.metrics:
-                metric.nvmlReturn, metric.value = NVML_SUCCESS, second.metrics[metric_id]
+                metric.nvmlReturn, metric.value = NVML_SUCCESS, 0.0 if stale else second.metrics[metric_id]
             else:
                 metric.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
         return metricsGet

@@ -88,6 +88,25 @@ def test_every_column_by_hand(ch_target, ch_client) -> None:
     assert beta["measured_coverage"] == 0.0
 
 
+def test_energy_is_the_sum_of_the_counter_deltas(ch_target, ch_client) -> None:
+    """The agent's per-interval energy (counter growth) is billed, not power at the read x the interval."""
+    db = ch_target.database
+    # a bursty job at 10 s intervals: NVML's 1 s power average at each read says 100 W (the job idles
+    # just then), while the energy counter grew by these exact mJ over each interval
+    deltas_mj = [5_123_457, 5_000_001, 123, 6_999_999]
+    reports = [report(seq=i, time_ms=H + (i + 1) * 10_000, interval_ms=10_000, gpus=[
+        gpu(0, tenant="acme", power_w=100.0, energy_interval_j=deltas_mj[i] / 1000),
+        gpu(1, tenant="acme", power_w=250.0),  # an agent without the counter: power x interval, 2.5 kJ each
+    ]) for i in range(4)]
+    store = Store(ch_client, db)
+    insert_reports(store, reports, ingest_ms=H + 60_000)
+    (acme,) = usage_rows(store)
+    expected_mj = sum(deltas_mj) + 4 * 250 * 10_000  # 17,123,580 mJ counted + 10,000,000 mJ estimated
+    assert acme["energy_kwh"] == expected_mj / 3_600_000_000
+    minute_mj = ch_client.query(f"SELECT sum(energy_mj) FROM {db}.gpu_usage_1m WHERE gpu_uuid = 'GPU-n1-0'")
+    assert minute_mj.result_rows == [(17_123_580,)]
+
+
 def test_sla_policy_is_applied_from_config(ch_target, ch_client) -> None:
     db = ch_target.database
     store = Store(ch_client, db)
