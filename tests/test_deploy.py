@@ -383,11 +383,25 @@ def _named_paths() -> set[str]:
     return {m.rstrip(".,:;)") for m in NAMED_PATH.findall(DOC.read_text())}
 
 
-def _doc_commands() -> list[list[str]]:
-    """The words of each command the doc quotes: lines of bash blocks (continuations joined, comments cut) and
-    inline code spans (wrapped lines joined), split at `&&`, `||`, `|` and `;`."""
-    text = DOC.read_text()
-    lines = [ln.split(" #")[0] for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+def _section(path: Path, heading: str) -> str:
+    """The text of `path` under the heading `heading`, up to the next heading of its level or above (code blocks
+    skipped, so a `# comment` in one is no heading)."""
+    levels, fenced = [], False
+    lines = path.read_text().splitlines()
+    for line in lines:
+        fenced ^= line.startswith("```")
+        hashes = len(line) - len(line.lstrip("#"))
+        levels.append(hashes if hashes and not fenced and line[hashes:hashes + 1] == " " else 0)
+    (at,) = [i for i, line in enumerate(lines) if levels[i] and line[levels[i] + 1:] == heading]
+    end = next((i for i in range(at + 1, len(lines)) if 0 < levels[i] <= levels[at]), len(lines))
+    return "\n".join(lines[at + 1:end])
+
+
+def _doc_commands(text: str | None = None) -> list[list[str]]:
+    """The words of each command `text` (default: the doc) quotes: lines of bash and sh blocks (continuations
+    joined, comments cut) and inline code spans (wrapped lines joined), split at `&&`, `||`, `|` and `;`."""
+    text = DOC.read_text() if text is None else text
+    lines = [ln.split(" #")[0] for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.DOTALL)
              for ln in block.replace("\\\n", " ").splitlines()]
     spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL).replace("\n", " "))
     return [part.split() for command in lines + spans for part in re.split(r"&&|\|\||\||;", command) if part.split()]
@@ -423,12 +437,13 @@ def test_docs_name_only_files_that_exist_and_stack_files_the_tests_read() -> Non
     assert untested == [], "named in docs/deploy.md, read by no deploy test"
 
 
-def test_docs_quote_only_options_the_scripts_and_commands_take() -> None:
+def _check_commands(commands: list[list[str]]) -> dict[str, int]:
+    """Assert that each quoted command of install.sh, make-secrets.sh, make and gpufleet takes the options (and
+    make the goals) it is quoted with; return how many of each were checked."""
     import click
 
     from gpufleet.cli import cli
 
-    commands = _doc_commands()
     install = _help_options(str(INSTALL))
     secrets = _help_options(str(ROOT / "deploy/make-secrets.sh"))
     phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
@@ -458,20 +473,78 @@ def test_docs_quote_only_options_the_scripts_and_commands_take() -> None:
                 known = {o for p in command.params for o in [*p.opts, *p.secondary_opts]} | {"--help"}
                 assert _options(args) <= known, (words, _options(args) - known)
                 checked["gpufleet"] += 1
+    return checked
+
+
+def test_docs_quote_only_options_the_scripts_and_commands_take() -> None:
+    checked = _check_commands(_doc_commands())
     assert all(checked.values()), checked
 
 
 def test_docs_create_the_configmap_and_secret_the_daemonset_mounts(manifests: dict[str, dict[str, Any]],
                                                                    pod: dict[str, Any]) -> None:
+    assert _created(_doc_commands(), manifests) == _mounted(pod) == {("gpufleet-kafka-ca", "ca.crt"),
+                                                                    ("gpufleet-agent", "kafka-password")}
+
+
+def _mounted(pod: dict[str, Any]) -> set[tuple[str, str]]:
+    """(ConfigMap or Secret, key) of each source of the DaemonSet's projected `kafka` volume."""
     (kafka,) = [v for v in pod["volumes"] if v["name"] == "kafka"]
-    want = {(ref["name"], ref["items"][0]["key"])
-            for source in kafka["projected"]["sources"] for ref in source.values()}
+    sources = kafka["projected"]["sources"]
+    return {(ref["name"], ref["items"][0]["key"]) for source in sources for ref in source.values()}
+
+
+def _created(commands: list[list[str]], manifests: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
+    """(name, key) of each ConfigMap and Secret the quoted `kubectl create` commands make (in the manifest's
+    namespace)."""
     created = set()
-    for words in _doc_commands():
+    for words in commands:
         if words[:1] == ["kubectl"] and "create" in words:
             assert words[words.index("-n") + 1] == manifests["Namespace"]["metadata"]["name"], words
             at = words.index("create")
             name = words[at + 3] if words[at + 1] == "secret" else words[at + 2]  # secret generic NAME | configmap NAME
             (source,) = [w for w in words if w.startswith("--from-file=")]
             created.add((name, source.split("=")[1]))
-    assert created == want == {("gpufleet-kafka-ca", "ca.crt"), ("gpufleet-agent", "kafka-password")}
+    return created
+
+
+# --- README.md's install section is docs/deploy.md's ---------------------------------------------------
+
+README = ROOT / "README.md"
+
+
+def _install_options(commands: list[list[str]]) -> dict[str, str]:
+    """The options of the one `sudo deploy/systemd/install.sh` command among `commands`, each with its value."""
+    (words,) = [w for w in commands if w[:2] == ["sudo", "deploy/systemd/install.sh"]]
+    args = words[2:]
+    assert all(a.startswith("--") for a in args[::2]), words
+    return dict(zip(args[::2], args[1::2], strict=True))
+
+
+def _fleet_port() -> str:
+    """The port of the brokers' SASL_SSL listener for GPU nodes, from docker-compose.yml."""
+    env = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["kafka"]["environment"]
+    listeners = dict(item.split("://", 1) for item in env["KAFKA_LISTENERS"].split(","))
+    return str(listeners["FLEET"]).rsplit(":", 1)[1]
+
+
+def test_readme_installs_the_agent_as_docs_deploy_does(manifests: dict[str, dict[str, Any]],
+                                                       pod: dict[str, Any]) -> None:
+    readme = _section(README, "Installing the agent on GPU nodes")
+    commands = _doc_commands(readme)
+    checked = _check_commands(commands)
+    assert checked["install.sh"] >= 1
+    assert checked["make"] >= 1
+    ours = _install_options(commands)
+    documented = _install_options(_doc_commands(_section(DOC, "Install")))
+    assert set(ours) == set(documented) == {"--artifact", "--kafka", "--cluster", "--kafka-ca", "--kafka-password-file"}
+    assert ours["--artifact"] == documented["--artifact"] == f"dist/gpufleet-agent-{__version__}-linux-x86_64"
+    assert {server.rsplit(":", 1)[1] for server in ours["--kafka"].split(",")} == {_fleet_port()} == {"9094"}
+    # The CA and the password are make-secrets.sh's files, copied to the node.
+    assert (ours["--kafka-ca"], ours["--kafka-password-file"]) == ("kafka-ca.pem", "kafka_agent_password")
+    assert "`secrets/kafka-ca.pem`" in readme
+    assert "`secrets/kafka_agent_password`" in readme
+    assert ["make", "agent-artifact"] in commands
+    assert _created(commands, manifests) == _mounted(pod)
+    # Nodes never install from an index by name.
+    assert "pip install gpufleet" not in README.read_text()
