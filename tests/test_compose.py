@@ -797,3 +797,24 @@ def test_dockerignore_keeps_what_pip_install_needs() -> None:
     for needed in ("pyproject.toml", "constraints.txt", "README.md", "gpufleet", "pipeline", "agents", "dashboards",
                    "embedded"):
         assert needed not in ignored, needed
+
+
+# --- docs/security.md describes this stack ---------------------------------------------------------------
+
+
+def test_security_doc_names_the_secret_variables_and_users_of_this_stack(
+    services: dict[str, dict[str, Any]], clickhouse_users: ET.Element
+) -> None:
+    text = (ROOT / "docs" / "security.md").read_text()
+    section = text[text.index("\n## docker compose\n"):]
+    named = set(re.findall(r"`([A-Z][A-Z0-9]*_[A-Z0-9_]+)`", section))
+    set_here = {key for service in services.values() for key in env_of(service)}
+    env_file = {"KAFKA_CLUSTER_ID", "KAFKA_FLEET_HOST", "KAFKA_FLEET_BIND"}
+    # Every variable it names is one the stack sets or .env holds (no retired CLICKHOUSE_PASSWORD) ...
+    assert named - set_here - env_file == set()
+    # ... and it names every secret file variable and every .env variable.
+    assert {key for key in set_here if key.endswith("_FILE")} | env_file <= named
+    users = {u.tag for u in clickhouse_users.find("users") if u.get("remove") is None}  # type: ignore[union-attr]
+    assert len(users) == 4
+    assert {user for user in users if f"`{user}`" in section} == users
+    assert "`deploy/make-secrets.sh`" in section
