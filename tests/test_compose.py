@@ -732,6 +732,29 @@ def test_alertmanager_config_inhibits_gpu_alerts_of_a_silent_node() -> None:
     assert names["webhook"]["webhook_configs"][0]["url_file"] == "/run/secrets/alertmanager_webhook_url"
 
 
+def test_alerts_doc_routing_example_is_the_shipped_config() -> None:
+    """docs/alerts.md shows the shipped routes and inhibitions as they are, and the receivers by their names and
+    secret files (their texts left out)."""
+    text = (ROOT / "docs" / "alerts.md").read_text()
+    section = text[text.index("## Routing, silences and receivers"):text.index("## Runbooks")]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    doc = yaml.safe_load(block)
+    am = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert doc["route"] == am["route"]
+    assert doc["inhibit_rules"] == am["inhibit_rules"]
+    shipped = {r["name"]: r for r in am["receivers"]}
+    assert [r["name"] for r in doc["receivers"]] == list(shipped)
+    for receiver in doc["receivers"]:
+        for kind, configs in receiver.items():
+            if kind == "name":
+                continue
+            want = shipped[receiver["name"]][kind]
+            assert len(configs) == len(want), (receiver["name"], kind)
+            for shown, real in zip(configs, want, strict=True):
+                assert shown.items() <= real.items(), (receiver["name"], kind)
+                assert {k for k in real if k.endswith("_file")} <= set(shown), "every secret file is shown"
+
+
 def test_alertmanager_templates_define_every_template_the_receivers_use(services: dict[str, dict[str, Any]]) -> None:
     """The receivers' `{{ template "name" . }}` calls name templates of deploy/alertmanager/templates/ (also
     parsed by amtool, where installed)."""
