@@ -9,6 +9,7 @@ file is also checked against the Compose Specification and the Alertmanager conf
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.resources
 import json
 import re
@@ -814,12 +815,27 @@ def test_dockerfile_installs_the_server_extras_without_chdb_as_non_root() -> Non
     assert "chdb" in _extras_closure(optional, ["dev"])  # the closure does follow gpufleet[...] references
 
 
-def test_dockerignore_keeps_what_pip_install_needs() -> None:
+def _dockerignored(path: str, patterns: set[str]) -> bool:
+    """Whether the build context leaves `path` out: a pattern matches it or a folder above it (Docker's rule for
+    the plain patterns used here; no `!` exceptions, which the test below refuses)."""
+    parts = path.split("/")
+    return any(fnmatch.fnmatchcase("/".join(parts[:n]), p) for n in range(1, len(parts) + 1) for p in patterns)
+
+
+def test_dockerignore_keeps_what_pip_install_needs_and_leaves_secrets_out() -> None:
     ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")}
     assert {".git", ".venv"} <= ignored
     for needed in ("pyproject.toml", "constraints.txt", "README.md", "gpufleet", "pipeline", "agents", "dashboards",
                    "embedded"):
         assert needed not in ignored, needed
+    # `COPY . .` must never carry make-secrets.sh's output or local build outputs into the image's build.
+    assert not any(p.startswith("!") for p in ignored)
+    assert {"secrets", ".env", "dist", "build"} <= ignored
+    for kept_out in ("secrets/kafka_agent_password", "secrets/kafka-ca.key", ".env", f"dist/gpufleet-agent-"
+                     f"{__version__}-linux-x86_64", "dist/wheelhouse/requirements.txt", "build/lib/gpufleet/cli.py"):
+        assert _dockerignored(kept_out, ignored), kept_out
+    for kept in ("pyproject.toml", "gpufleet/cli.py", "pipeline/store/client.py", "README.md"):
+        assert not _dockerignored(kept, ignored), kept
 
 
 # --- docs/security.md describes this stack ---------------------------------------------------------------
