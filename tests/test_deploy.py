@@ -10,7 +10,9 @@ kubernetes-validate is installed, every object is checked against the Kubernetes
 from __future__ import annotations
 
 import configparser
+import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -548,3 +550,49 @@ def test_readme_installs_the_agent_as_docs_deploy_does(manifests: dict[str, dict
     assert _created(commands, manifests) == _mounted(pod)
     # Nodes never install from an index by name.
     assert "pip install gpufleet" not in README.read_text()
+
+
+# --- install.sh's header: its one command works from a copy of deploy/systemd and dist/ ------------------
+
+
+def _header_command() -> list[str]:
+    """The `sudo deploy/systemd/install.sh ...` example of install.sh's header comment, continuations joined."""
+    header = [ln.removeprefix("#").strip() for ln in INSTALL.read_text().splitlines()[1:] if ln.startswith("#")]
+    text = " ".join(header).replace("\\ ", " ")
+    (command,) = re.findall(r"sudo deploy/systemd/install\.sh .*?(?= [A-Z]|$)", text)
+    return command.split()
+
+
+def _copy_for_a_node(tmp_path: Path) -> tuple[Path, Path]:
+    """deploy/systemd/, dist/ with a stand-in artifact (SHA-256 beside it), the CA and the password, in a folder
+    of their own: what an operator copies to a node. Returns (the copy, the artifact)."""
+    node = tmp_path / "node"
+    shutil.copytree(SYSTEMD, node / "deploy" / "systemd")
+    artifact = node / "dist" / f"gpufleet-agent-{__version__}-linux-{platform.machine()}"
+    artifact.parent.mkdir()
+    artifact.write_text(f"#!/bin/sh\necho 'gpufleet, version {__version__}'\n")
+    artifact.chmod(0o755)
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    Path(f"{artifact}.sha256").write_text(f"{digest}  {artifact.name}\n")
+    (node / "kafka-ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (node / "kafka_agent_password").write_text("s3cret\n")
+    return node, artifact
+
+
+def test_install_header_command_works_from_a_copy_of_deploy_systemd_and_dist(tmp_path: Path) -> None:
+    node, artifact = _copy_for_a_node(tmp_path)
+    words = _header_command()
+    assert _options(words) <= _help_options(str(INSTALL))
+    assert "--artifact" in words
+    argv = [w.replace("<version>", __version__).replace("<arch>", platform.machine()) for w in words[1:]]
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "DESTDIR": str(tmp_path / "root")}
+    done = subprocess.run(["bash", *argv], cwd=node, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "root/opt/gpufleet/bin/gpufleet").read_bytes() == artifact.read_bytes()
+    assert load(tmp_path / "root/etc/gpufleet/agent.yaml").kafka.bootstrap_servers == "kafka.internal:9094"
+    # Without --artifact, the copy has no gpufleet/version.py to name the default by.
+    at = argv.index("--artifact")
+    bare = subprocess.run(["bash", *argv[:at], *argv[at + 2:]], cwd=node, env={**env, "DESTDIR": str(tmp_path / "r2")},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert bare.returncode == 1
+    assert "pass --artifact FILE" in bare.stderr

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Install (or upgrade) the gpufleet agent on this GPU node as a hardened systemd service, offline.
-# The one command, as root, from a checkout (or a copy of deploy/systemd and dist/):
+# The one command, as root, from a copy of deploy/systemd and dist/ (docs/deploy.md, section 2):
 #
-#   sudo deploy/systemd/install.sh --kafka kafka.internal:9094 --cluster prod-a \
-#        --kafka-ca ./kafka-ca.pem --kafka-password-file ./kafka-agent-password
+#   sudo deploy/systemd/install.sh --artifact dist/gpufleet-agent-<version>-linux-<arch> \
+#        --kafka kafka.internal:9094 --cluster prod-a \
+#        --kafka-ca ./kafka-ca.pem --kafka-password-file ./kafka_agent_password
+#
+# Only in a full checkout may --artifact be left out: it then defaults to the artifact in dist/ named
+# with the version in the checkout's gpufleet/version.py, which a copy of deploy/systemd and dist/
+# lacks. To install from wheels instead, copy dist/wheelhouse/ and pass --wheelhouse DIR.
 #
 # It installs the agent from the self-contained artifact built by `make agent-artifact` (one file
 # with its own Python: no interpreter, no index, no network needed on the node), checked against
