@@ -2,7 +2,9 @@
 # Generate what the compose stack needs before its first start (docs/deploy.md, step 1): random
 # passwords, the Grafana secret key, a CA and the Kafka brokers' TLS keystore for the GPU nodes'
 # SASL_SSL listener, and .env with a fresh Kafka cluster id and the fleet listener's address.
-# Existing files are kept (re-running is safe); everything is written mode 0600 under ./secrets/.
+# Existing files are kept (re-running is safe). Every file under ./secrets/ is mode 0600 but the
+# CA certificate kafka-ca.pem, which is public (GPU nodes trust it): 0644. Its key, kafka-ca.key,
+# is 0600: it signs broker certificates, so keep it offline once the keystore exists.
 #
 #   deploy/make-secrets.sh --kafka-host kafka.example.internal --kafka-bind 10.0.0.5 [--dir .]
 #
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
         --kafka-host) [ $# -ge 2 ] || die "--kafka-host needs a name"; HOST="$2"; shift 2 ;;
         --kafka-bind) [ $# -ge 2 ] || die "--kafka-bind needs an address"; BIND="$2"; shift 2 ;;
         --dir) [ $# -ge 2 ] || die "--dir needs a directory"; DIR="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
         *) die "unknown option '$1'" ;;
     esac
 done

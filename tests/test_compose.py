@@ -323,6 +323,15 @@ def test_every_secret_file_is_written_by_make_secrets_or_named_for_the_operator(
     assert all(f"still to write: {tmp_path}/secrets/{n}" in done.stdout for n in operator)
     for name in set(files) - operator:
         assert (tmp_path / files[name]).stat().st_mode & 0o077 == 0, name
+    # Every file it wrote is 0600 but the CA certificate, which is public (GPU nodes trust it), as its help says.
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "secrets").iterdir()}
+    assert {n: m for n, m in modes.items() if m != 0o600} == {"kafka-ca.pem": 0o644}
+    assert modes["kafka-ca.key"] == 0o600
+    usage = subprocess.run(["bash", str(ROOT / "deploy/make-secrets.sh"), "--help"], capture_output=True, text=True,
+                           timeout=30, check=True).stdout
+    assert all(ln.startswith("#") for ln in usage.splitlines()), "the help is the header comment, no code"
+    assert ("Every file under ./secrets/ is mode 0600 but the CA certificate kafka-ca.pem, which is public (GPU "
+            "nodes trust it): 0644.") in " ".join(usage.replace("#", " ").split())
     env = dict(ln.split("=", 1) for ln in (tmp_path / ".env").read_text().splitlines())
     assert set(env) == {"KAFKA_CLUSTER_ID", "KAFKA_FLEET_HOST", "KAFKA_FLEET_BIND"}
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["KAFKA_CLUSTER_ID"])
