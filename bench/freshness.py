@@ -36,9 +36,9 @@ class _InsertClock:
         self._lock = threading.Lock()
 
     def install(self) -> Any:
-        from gpufleet.pipeline.ingest import ingester, staging
+        from gpufleet.pipeline.ingest import staging, writer
 
-        original_json, original_columns = staging.insert, ingester.insert_columns
+        original_json, original_columns = staging.insert, writer.insert_columns
         clock = self
 
         def json_insert(store: Any, path: Any, block: Any, *args: Any, **kwargs: Any) -> None:
@@ -52,10 +52,10 @@ class _InsertClock:
                     clock.done.setdefault(int(cols.data[2][0]), time.time() * 1000)
 
         staging.insert = json_insert
-        ingester.insert_columns = columns_insert
+        writer.insert_columns = columns_insert
 
         def restore() -> None:
-            staging.insert, ingester.insert_columns = original_json, original_columns
+            staging.insert, writer.insert_columns = original_json, original_columns
 
         return restore
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,12 @@ def raw_consume(cfg: Any, count: int, timeout_s: float = 120) -> dict[str, float
     """Read `count` messages with the ingester's consumer settings and do nothing with them."""
     import msgspec
 
-    from gpufleet.pipeline.ingest.consumer import build_consumer
+    from gpufleet.pipeline.ingest.consumer import build_consumer, subscribe
 
     group = f"raw-{uuid.uuid4().hex[:8]}"
     cfg = msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, group_id=group))
-    consumer = build_consumer(cfg, [])
+    consumer = build_consumer(cfg)
+    subscribe(consumer, cfg.kafka.topic)
     n, nbytes, first = 0, 0, None
     c0 = cpu_seconds()
     deadline = time.monotonic() + timeout_s
@@ -131,13 +133,26 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "serial": {"pipelined": False},
     "columns": {"pipelined": False, "json_staging": False},
     "columns_gc_on": {"pipelined": False, "json_staging": False, "pause_gc": False},
-    "no_intent_log": {"intents": False},
+    "no_intent_log": {"intent_log": False},
     "no_clickhouse": {"discard": True},
 }
-"""Ingester switches per variant: the shipped defaults, then each optimisation taken away in turn
-(`columns_gc_on` is the pre-optimisation insert path: Python columns, collector always on),
-`no_intent_log`: without the embedded store's crash-repair log (pipeline/ingest/intents.py), and
-`no_clickhouse`: the shipped ingester whose inserts are dropped (its own cost, ClickHouse excluded)."""
+"""Ingester options per variant (`IngestOptions` fields, plus `discard`): the shipped defaults, then each
+optimisation taken away in turn (`columns_gc_on` is the pre-optimisation insert path: Python columns,
+collector always on), `no_intent_log`: without the embedded store's crash-repair log
+(pipeline/ingest/intents.py), and `no_clickhouse`: the shipped ingester whose inserts are dropped (its
+own cost, ClickHouse excluded)."""
+
+
+def newest_ms(msgs: list[Message]) -> int:
+    """The newest sample time among `msgs`."""
+    return max(msgspec.json.decode(m.value)["time_ms"] for m in msgs)
+
+
+def clock_from(start_ms: int) -> Callable[[], float]:
+    """An ingester clock that reads `start_ms` now and runs on from there: simulated data dated at a fixed
+    instant stays inside the ingester's time window (pipeline/ingest/validation.py) whatever today's date."""
+    started = time.monotonic()
+    return lambda: start_ms / 1000 + (time.monotonic() - started)
 
 
 class DiscardingClient:
@@ -157,24 +172,18 @@ class DiscardingClient:
 
 
 def ingest(cfg: Any, client: Any, count: int, samples: int, timeout_s: float = 600,
-           profile_to: Path | None = None, switches: dict[str, bool] | None = None) -> dict[str, Any]:
+           profile_to: Path | None = None, switches: dict[str, bool] | None = None,
+           clock: Callable[[], float] = time.time) -> dict[str, Any]:
     """Run the real ingester until `count` messages are stored and committed."""
-    from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
-    from gpufleet.pipeline.ingest.ingester import Ingester
+    from gpufleet.pipeline.ingest.consumer import build_consumer, build_ingester
+    from gpufleet.pipeline.ingest.ingester import IngestOptions
     from gpufleet.pipeline.store import Store
 
     switches = dict(switches or {})
     discard = switches.pop("discard", False)
-    keep_intents = switches.pop("intents", True)
-    ref: list[Ingester] = []
-    consumer = FirstPoll(build_consumer(cfg, ref))
+    consumer = FirstPoll(build_consumer(cfg))
     store = Store(DiscardingClient(client) if discard else client, cfg.clickhouse.database)
-    ing = Ingester(cfg, store, consumer, build_producer(cfg))
-    for name, value in switches.items():
-        setattr(ing, name, value)
-    if not keep_intents:
-        ing.intents = None
-    ref.append(ing)
+    ing = build_ingester(cfg, store, consumer=consumer, clock=clock, options=IngestOptions(**switches))
     stop = threading.Event()
     thread_cpu: dict[str, float] = {}
 
@@ -311,7 +320,7 @@ def run(messages: int = 20_000, partitions: int = 4, workdir: Path | None = None
             vcfg = msgspec.structs.replace(vcfg, ingest=msgspec.structs.replace(
                 vcfg.ingest, group_id=f"ingest-{name}-{uuid.uuid4().hex[:6]}"))
             b0 = broker_cpu()
-            r = ingest(vcfg, client, len(msgs), samples, switches=VARIANTS[name])
+            r = ingest(vcfg, client, len(msgs), samples, switches=VARIANTS[name], clock=clock_from(newest_ms(msgs)))
             r["broker_cpu_s"] = broker_cpu() - b0
             results[name] = r
             client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
@@ -322,7 +331,8 @@ def run(messages: int = 20_000, partitions: int = 4, workdir: Path | None = None
             pcfg = bench_config(broker.bootstrap, topic, dsn, database, partitions)
             pcfg = msgspec.structs.replace(pcfg, ingest=msgspec.structs.replace(
                 pcfg.ingest, group_id=f"ingest-profile-{uuid.uuid4().hex[:6]}"))
-            ingest(pcfg, client, len(msgs), samples, profile_to=workdir / "ingest_profile.txt")
+            ingest(pcfg, client, len(msgs), samples, profile_to=workdir / "ingest_profile.txt",
+                   clock=clock_from(newest_ms(msgs)))
             client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
     ch_cost = clickhouse_cost(client, msgs[:5000])
     raw_rates = sorted(r["messages_per_s"] for r in raw_runs)

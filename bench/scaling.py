@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 
-def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str) -> None:
+def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str, data_ms: str) -> None:
     import resource
 
-    from bench.ingest import FirstPoll, bench_config
-    from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
-    from gpufleet.pipeline.ingest.ingester import Ingester
+    from bench.ingest import FirstPoll, bench_config, clock_from
+    from gpufleet.pipeline.ingest.consumer import build_consumer, build_ingester
     from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.client import Target, connect
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
@@ -43,10 +42,8 @@ def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str)
     cfg = msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, group_id=group))
     client = connect(Target(cfg.clickhouse.dsn, "scale"), create=True)
     migrate(client, SchemaOptions(database="scale"))
-    ref: list[Ingester] = []
-    consumer = FirstPoll(build_consumer(cfg, ref))
-    ing = Ingester(cfg, Store(client, "scale"), consumer, build_producer(cfg))
-    ref.append(ing)
+    consumer = FirstPoll(build_consumer(cfg))
+    ing = build_ingester(cfg, Store(client, "scale"), consumer=consumer, clock=clock_from(int(data_ms)))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     th = threading.Thread(target=ing.run, args=(stop,), daemon=True)
@@ -75,7 +72,7 @@ def _child(bootstrap: str, topic: str, group: str, store: str, status_path: str)
     consumer.close()
 
 
-def run_group(bootstrap: str, topic: str, processes: int, count: int, workdir: Path,
+def run_group(bootstrap: str, topic: str, processes: int, count: int, workdir: Path, data_ms: int,
               timeout_s: float = 300) -> dict[str, Any]:
     """Start `processes` ingesters in a new group; wait until they stored `count` messages together."""
     group = f"scale-{processes}-{uuid.uuid4().hex[:6]}"
@@ -86,7 +83,8 @@ def run_group(bootstrap: str, topic: str, processes: int, count: int, workdir: P
         path = run_dir / f"status{i}.json"
         status.append(path)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "bench.scaling", "--child", bootstrap, topic, group, str(store), str(path)],
+            [sys.executable, "-m", "bench.scaling", "--child", bootstrap, topic, group, str(store), str(path),
+             str(data_ms)],
             stdout=subprocess.DEVNULL, stderr=open(run_dir / f"child{i}.log", "wb"), start_new_session=True))  # noqa: SIM115
 
     def read() -> list[dict[str, Any]]:
@@ -135,7 +133,7 @@ def run(workdir: Path, messages: int = 40_000, process_counts: tuple[int, ...] =
     import psutil
 
     from bench.common import fleet_messages
-    from bench.ingest import bench_config, produce
+    from bench.ingest import bench_config, newest_ms, produce
     from gpufleet import kafka
     from gpufleet.embedded.broker import EmbeddedBroker
 
@@ -151,7 +149,7 @@ def run(workdir: Path, messages: int = 40_000, process_counts: tuple[int, ...] =
         broker_proc = psutil.Process(broker._proc.pid)  # type: ignore[union-attr]
         for n in process_counts:
             b0 = sum(broker_proc.cpu_times()[:2])
-            r = run_group(broker.bootstrap, topic, n, len(msgs), workdir)
+            r = run_group(broker.bootstrap, topic, n, len(msgs), workdir, newest_ms(msgs))
             r["broker_cpu_s_per_message"] = (sum(broker_proc.cpu_times()[:2]) - b0) / len(msgs)
             runs.append(r)
     cores = os.cpu_count() or 1
@@ -168,6 +166,6 @@ def run(workdir: Path, messages: int = 40_000, process_counts: tuple[int, ...] =
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:7])
+        _child(*sys.argv[2:8])
     else:
         print(json.dumps(run(Path("var/bench/scaling")), indent=2))

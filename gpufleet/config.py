@@ -108,6 +108,9 @@ class IngestConfig(Strict):
     """`/healthz` fails when the ingester has not polled Kafka for this long."""
     commit_stale_s: Positive = 300.0
     """`/healthz` fails when the ingester has held uncommitted messages for this long."""
+    max_future_s: PositiveInt = 3600
+    """A message dated further than this ahead of the ingester's clock is dead-lettered (the past
+    bound is `clickhouse.raw_ttl_days`): pipeline/ingest/validation.py `TimeWindow`."""
 
 
 class HealthConfig(Strict):

@@ -16,8 +16,8 @@ ingester lives is repaired by the ingester's own retry with the same token.
 
 Layout: `<store>/gpufleet-intents/<database>/<token>.intent`: one JSON line (the intent without
 its messages, plus their count), then per message a 5-byte frame head (length, big-endian u32;
-1 if it went through the JSON path) and its bytes. Written with `writev` straight from the
-batch's buffers (about 18 ms for a 50,000-row batch of 31 MB here, a third of what one msgpack
+its insert path, `COLUMNS`, `JSON` or `JSON_AS_COLUMNS`) and its bytes. Written with `writev`
+straight from the batch's buffers (about 18 ms for a 50,000-row batch of 31 MB here, a third of what one msgpack
 copy cost) to a temporary name and renamed, so a reader sees a whole intent or none; rewritten
 when the batch changes insert path; removed once the batch's offsets are committed. No fsync:
 the log guards against a process crash, like the store's own parts, which chDB does not fsync
@@ -39,6 +39,11 @@ import msgspec
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".intent"
+
+COLUMNS, JSON, JSON_AS_COLUMNS = 0, 1, 2
+"""A message's insert path: Python columns; the JSON staging path; the column path taken after the
+JSON insert of its block failed with none of it stored (a token of its own: pipeline/ingest/writer.py)."""
+_PATHS = (COLUMNS, JSON, JSON_AS_COLUMNS)
 _TOKEN = re.compile(r"^[0-9a-f]{16,64}$")
 
 
@@ -49,11 +54,12 @@ class Intent(msgspec.Struct, frozen=True):
     """The batch's dedup token (`dedup.insert_token` of its messages)."""
     ingest_ms: int
     columns_only: bool
-    """True once the batch switched from the JSON staging path to the column path."""
+    """Written by earlier versions only (True: every message went as columns); now always False, the
+    path is per message."""
     staging_table: str
     """The JSON staging table its JSON part went through ("" when none): a repeat must use the same one."""
-    messages: list[tuple[bytes, bool]]
-    """Each message's wire bytes, and whether it went through the JSON staging path."""
+    messages: list[tuple[bytes, int]]
+    """Each message's wire bytes and its insert path (`COLUMNS`, `JSON`, `JSON_AS_COLUMNS`)."""
 
 
 class _Head(msgspec.Struct, frozen=True):
@@ -78,8 +84,8 @@ def encode(intent: Intent) -> list[bytes]:
     """The file's contents as buffers (the messages are not copied)."""
     head = _Head(intent.token, intent.ingest_ms, intent.columns_only, intent.staging_table, len(intent.messages))
     parts = [_encode_head(head) + b"\n"]
-    for data, as_json in intent.messages:
-        parts.append(_FRAME.pack(len(data), as_json))
+    for data, path in intent.messages:
+        parts.append(_FRAME.pack(len(data), path))
         parts.append(data)
     return parts
 
@@ -93,11 +99,13 @@ def decode(raw: bytes) -> Intent:
     for _ in range(head.count):
         if pos + _FRAME.size > len(view):
             raise _Damaged("truncated")
-        size, as_json = _FRAME.unpack_from(view, pos)
+        size, path = _FRAME.unpack_from(view, pos)
         pos += _FRAME.size
+        if path not in _PATHS:
+            raise _Damaged(f"unknown insert path {path}")
         if pos + size > len(view):
             raise _Damaged("truncated")
-        messages.append((bytes(view[pos:pos + size]), bool(as_json)))
+        messages.append((bytes(view[pos:pos + size]), path))
         pos += size
     if pos != len(view):
         raise _Damaged("trailing bytes")

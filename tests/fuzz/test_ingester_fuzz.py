@@ -2,10 +2,11 @@
 
 A fixed, seeded list of 300 mutated messages (tests/fuzz: bit flips, truncation, type swaps,
 edge values, random JSON) is produced between 100 valid ones on a one-partition topic. Each
-message's fate is known beforehand from `validate` (the ingester's own gate): a valid one must
-land in `gpu_samples` exactly once with exactly its values (through the JSON staging path or the
-column path), an invalid one must be dead-lettered with its reason and its original bytes, and
-the ingester keeps running: a message produced after all of them is ingested as well.
+message's fate is known beforehand from the ingester's own gates (`validate`, and the time
+window around its clock, fixed here): a valid one must land in `gpu_samples` exactly once with
+exactly its values (through the JSON staging path or the column path), an invalid one must be
+dead-lettered with its reason and its original bytes, and the ingester keeps running: a message
+produced after all of them is ingested as well.
 
 The wire contract bounds every number by the ClickHouse column it lands in, so every message that
 validates also fits its columns (asserted for each one here); a value that would overflow (an
@@ -21,7 +22,8 @@ import struct
 from typing import Any
 
 from gpufleet import wire
-from gpufleet.pipeline.ingest.ingester import validate
+from gpufleet.config import Config
+from gpufleet.pipeline.ingest.validation import TimeWindow, validate
 from tests.builders import T0_MS, gpu, report
 from tests.fuzz import base_report, mutate
 from tests.security import ingest_config, produce, running_ingester, wait_for
@@ -31,6 +33,17 @@ VALID, MUTATED = 100, 300
 _RENAMED = {"index": "gpu_index", "uuid": "gpu_uuid"}
 _UINT_MAX = {"UInt8": 2**8 - 1, "UInt16": 2**16 - 1, "UInt32": 2**32 - 1, "UInt64": 2**64 - 1}
 FLOAT32_MAX = struct.unpack("f", struct.pack("I", 0x7F7FFFFF))[0]
+NOW_MS = T0_MS + 3_600_000
+"""The ingester's clock, fixed, so each dead letter's reason is known beforehand."""
+WINDOW = TimeWindow.from_config(Config())
+
+
+def fate(key: bytes | None, value: bytes) -> wire.NodeReport | str:
+    """What the ingester makes of a message: the report, or the reason it is dead-lettered."""
+    result = validate(key, value)
+    if isinstance(result, str):
+        return result
+    return WINDOW.check(result.time_ms, NOW_MS) or result
 
 
 def column_types(ch_client, database: str) -> dict[str, str]:
@@ -77,7 +90,7 @@ def messages(types: dict[str, str]) -> tuple[list[tuple[bytes, bytes]], int]:
         node = f"node-{i % 5}"
         data = mutate(rng, wire.encode(base_report(node, seq=i, n_gpus=1 + i % 3)))
         key = node.encode() if rng.random() < 0.95 else rng.choice([b"other", b"\xff"])
-        result = validate(key, data)
+        result = fate(key, data)
         if not isinstance(result, str):
             identity = (result.cluster, result.node, result.boot_id, result.seq)
             assert fits_columns(result, types), f"a message passed validation but overflows a column: {result}"
@@ -98,7 +111,7 @@ def expected_rows(stream: list[tuple[bytes, bytes]]) -> list[tuple[Any, ...]]:
     seen: set[tuple[str, str, str, int]] = set()
     rows = []
     for key, value in stream:
-        r = validate(key, value)
+        r = fate(key, value)
         if isinstance(r, str) or (r.cluster, r.node, r.boot_id, r.seq) in seen:
             continue
         seen.add((r.cluster, r.node, r.boot_id, r.seq))
@@ -115,12 +128,12 @@ def test_mutated_messages_are_dead_lettered_and_valid_neighbours_ingested_exactl
     stream, left_out = messages(column_types(ch_client, db))
     reasons = {}
     for offset, (key, value) in enumerate(stream):
-        result = validate(key, value)
+        result = fate(key, value)
         if isinstance(result, str):
             reasons[offset] = result
     want = expected_rows(stream)
     cfg = ingest_config(broker.bootstrap, ch_target, topic)
-    with running_ingester(cfg) as ing:
+    with running_ingester(cfg, clock=lambda: NOW_MS / 1000) as ing:
         produce(cfg, stream)
         wait_for(ing, lambda: ing.stats.dead_letters == len(reasons) and ing.stats.rows == len(want),
                  f"{len(reasons)} dead letters and {len(want)} GPU rows")
@@ -148,7 +161,7 @@ def test_a_value_that_overflows_its_column_does_not_stall_its_neighbours(broker,
     assert "<= 255" in validate(b"p1", wire.encode(poison))
     good = report(node="p2", seq=0, gpus=[gpu(0, "p2")])
     cfg = ingest_config(broker.bootstrap, ch_target, topic)
-    with running_ingester(cfg) as ing:
+    with running_ingester(cfg, clock=lambda: NOW_MS / 1000) as ing:
         produce(cfg, [(b"p1", wire.encode(poison)), (b"p2", wire.encode(good))])
         wait_for(ing, lambda: ing.stats.rows >= 1 or ing.stats.dead_letters >= 1, "the good neighbour", timeout_s=8)
     rows = ch_client.query(f"SELECT node FROM {ch_target.database}.gpu_samples").result_rows
@@ -159,6 +172,6 @@ def test_the_stream_is_what_the_docstring_says() -> None:
     """The seeded stream holds the promised mix (a guard against mutations that stop producing variety)."""
     types = {"gpu_index": "UInt16", "nvlink_links_down": "UInt8", "power_w": "Float32"}
     stream, _ = messages(types)
-    kinds = [isinstance(validate(k, v), str) for k, v in stream]
+    kinds = [isinstance(fate(k, v), str) for k, v in stream]
     assert len(stream) == VALID + MUTATED
     assert sum(kinds) > MUTATED // 2

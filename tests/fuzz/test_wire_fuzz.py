@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gpufleet import wire
 from gpufleet.pipeline.ingest import staging
-from gpufleet.pipeline.ingest.ingester import validate, validate_for_staging
+from gpufleet.pipeline.ingest.validation import validate, validate_for_staging
 from tests.fuzz import base_report, mutate
 
 FUZZ = settings(max_examples=1500, deadline=None, derandomize=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -13,10 +14,11 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from gpufleet import wire
 from gpufleet.config import Config, parse
 from gpufleet.pipeline.ingest.consumer import build_ingester
+from gpufleet.pipeline.ingest.dead_letters import EXCERPT_BYTES
 from gpufleet.pipeline.ingest.ingester import Ingester
 from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import connect
-from tests.builders import T0_MS, gpu, report
+from tests.builders import T0_MS, clock_at, gpu, report
 
 
 def _cfg(broker, ch_target, topic: str, **ingest: object) -> Config:
@@ -56,8 +58,8 @@ def _run_until(ing: Ingester, done, timeout_s: float = 60) -> None:
     assert done(), f"ingester did not reach the expected state: {ing.stats}"
 
 
-def _ingester(cfg: Config, client=None) -> Ingester:
-    return build_ingester(cfg, Store(client or connect_target(cfg), cfg.clickhouse.database))
+def _ingester(cfg: Config, client=None, clock=None) -> Ingester:
+    return build_ingester(cfg, Store(client or connect_target(cfg), cfg.clickhouse.database), clock=clock or clock_at())
 
 
 def connect_target(cfg: Config):
@@ -119,14 +121,18 @@ def test_bad_messages_go_to_the_dlq_and_neighbours_are_ingested(broker, ch_targe
     assert len(stored) == len(bad)
     by_content = {(k, p): reason for k, p, reason in stored}
     for key, value, expected in bad:
-        reason = by_content[(key.decode("utf-8", "backslashreplace"), value.decode("utf-8", "backslashreplace"))]
+        # Kept whole up to the excerpt bound (the oversized one: its first EXCERPT_BYTES, and its digest).
+        kept = value[:EXCERPT_BYTES]
+        reason = by_content[(key.decode("utf-8", "backslashreplace"), kept.decode("utf-8", "backslashreplace"))]
         assert expected in reason
-    # The DLQ topic holds the original bytes with the reason in a header.
+        assert (hashlib.sha256(value).hexdigest() in reason) == (len(value) > EXCERPT_BYTES)
+    # The DLQ topic holds the original bytes (up to the bound) with the reason, size and digest in headers.
     c = KafkaConsumer(cfg.kafka.dlq_topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
                       consumer_timeout_ms=5000)
-    got = sorted((m.value, dict(m.headers)["gpufleet-error"].decode()) for m in c)
+    got = sorted((m.value, dict(m.headers)["gpufleet-size"], dict(m.headers)["gpufleet-sha256"]) for m in c)
     c.close()
-    assert sorted(v for _, v, _ in bad) == [v for v, _ in got]
+    assert got == sorted((v[:EXCERPT_BYTES], str(len(v)).encode(), hashlib.sha256(v).hexdigest().encode())
+                         for _, v, _ in bad)
 
 
 def test_redelivery_and_replay_leave_one_copy(broker, ch_target, ch_client, topic) -> None:
@@ -178,6 +184,7 @@ def test_clickhouse_down_backs_off_and_loses_nothing(broker, ch_target, ch_clien
 
 @pytest.mark.parametrize(("key", "reason"), [(None, "no key"), (b"n2", "does not match its node 'n1'")])
 def test_key_must_name_the_node(key, reason) -> None:
-    from gpufleet.pipeline.ingest.ingester import validate
+    from gpufleet.pipeline.ingest.validation import validate
 
     assert reason in validate(key, wire.encode(report(node="n1")))
+

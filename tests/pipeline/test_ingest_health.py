@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from gpufleet.liveness import Liveness
-from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
+from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer, subscribe
 from gpufleet.pipeline.ingest.ingester import Ingester
 from gpufleet.pipeline.ingest.liveness import ingest_liveness
 from gpufleet.pipeline.queries.status_api import StatusServer
 from gpufleet.pipeline.store.store import Store
-from tests.builders import T0_MS, report
+from tests.builders import T0_MS, clock_at, report
 from tests.pipeline.test_ingest import _cfg, _create, _enc, _produce, connect_target
 
 
@@ -73,11 +73,10 @@ def running(broker, ch_target, topic) -> Iterator[tuple[Ingester, HangingConsume
     cfg = _cfg(broker, ch_target, topic, poll_stale_s=30, commit_stale_s=120)
     _create(broker, topic, cfg.kafka.dlq_topic)
     clock = Clock()
-    ref: list[Ingester] = []
-    consumer = HangingConsumer(build_consumer(cfg, ref))
+    consumer = HangingConsumer(build_consumer(cfg))
     ing = Ingester(cfg, Store(connect_target(cfg), cfg.clickhouse.database), consumer, build_producer(cfg),
-                   liveness=ingest_liveness(cfg.ingest, clock))
-    ref.append(ing)
+                   clock=clock_at(), liveness=ingest_liveness(cfg.ingest, clock))
+    subscribe(consumer, cfg.kafka.topic, ing)
     api = StatusServer(lambda: {}, health=ing.liveness.check).start()
     stop = threading.Event()
     thread = threading.Thread(target=ing.run, args=(stop,), daemon=True)
@@ -120,7 +119,7 @@ def test_healthz_turns_unhealthy_when_nothing_is_committed(running, broker, topi
     ing, _consumer, clock, url = running
     wait_for(lambda: healthz(url)[0] == 200)
     # ClickHouse refuses every insert: the ingester polls, backs off, commits nothing.
-    ing.store = Store(BrokenClient(), ing.store.database)
+    ing.writer.store = Store(BrokenClient(), ing.store.database)
     _produce(broker, topic, [_enc(report(node="n2", seq=0, time_ms=T0_MS))])
     wait_for(lambda: ing.stats.insert_errors >= 1)
     clock.now += 121

@@ -10,8 +10,8 @@ import pytest
 
 from gpufleet import wire
 from gpufleet.pipeline.ingest import staging
-from gpufleet.pipeline.ingest.ingester import validate, validate_for_staging
 from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Deriver, derive, derived_columns, insert_columns
+from gpufleet.pipeline.ingest.validation import validate, validate_for_staging
 from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 from tests.builders import T0_MS, gpu, report

@@ -16,8 +16,7 @@ import threading
 from typing import Any
 
 from gpufleet.config import load
-from gpufleet.pipeline.ingest.consumer import build_consumer, build_producer
-from gpufleet.pipeline.ingest.ingester import Ingester
+from gpufleet.pipeline.ingest.consumer import build_consumer, build_ingester
 from gpufleet.pipeline.queries.policy import sync_policy
 from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target, connect
@@ -49,17 +48,14 @@ def main(config_path: str, point: str) -> None:
     client = connect(Target(cfg.clickhouse.dsn, cfg.clickhouse.database), create=True)
     migrate(client, SchemaOptions(database=cfg.clickhouse.database))
     sync_policy(Store(client, cfg.clickhouse.database), cfg.billing, 0)
-    ref: list[Ingester] = []
-    consumer = build_consumer(cfg, ref)
+    consumer: Any = build_consumer(cfg)
     if what == "insert":
         client = _Tripwire(client, ("insert", "raw_insert"), int(n))
     elif what == "commit":
         consumer = _Tripwire(consumer, ("commit",), int(n))
     else:
         raise SystemExit(f"unknown kill point {point!r}: use insert:N or commit:N")
-    ingester = Ingester(cfg, Store(client, cfg.clickhouse.database), consumer, build_producer(cfg))
-    ref.append(ingester)
-    ingester.run(threading.Event())
+    build_ingester(cfg, Store(client, cfg.clickhouse.database), consumer=consumer).run(threading.Event())
 
 
 if __name__ == "__main__":

@@ -86,13 +86,18 @@ def produce(cfg: Config, items: Sequence[tuple[bytes | None, bytes]]) -> None:
 
 
 @contextmanager
-def running_ingester(cfg: Config) -> Iterator[Ingester]:
-    """An ingester on its own thread (its own store client), stopped and closed on exit."""
+def running_ingester(cfg: Config, clock: Callable[[], float] = time.time, client: Any = None,
+                     start: bool = True) -> Iterator[Ingester]:
+    """An ingester on its own thread (its own store client unless `client` is given, its clock `clock`),
+    stopped and closed on exit. `start=False` leaves `ing.thread` for the test to start."""
     kafka.ensure_topics(cfg.kafka)
-    ing = build_ingester(cfg, Store.open(Target(cfg.clickhouse.dsn, cfg.clickhouse.database), create=True))
+    target = Target(cfg.clickhouse.dsn, cfg.clickhouse.database)
+    ing = build_ingester(cfg, Store(client, target.database) if client else Store.open(target, create=True),
+                         clock=clock)
     stop = threading.Event()
     thread = threading.Thread(target=ing.run, args=(stop,), daemon=True, name="test-ingester")
-    thread.start()
+    if start:
+        thread.start()
     ing.thread = thread  # type: ignore[attr-defined]
     try:
         yield ing

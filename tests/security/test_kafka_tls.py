@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from gpufleet import kafka, wire
 from gpufleet.config import KafkaConfig
 from gpufleet.config_check import validate_startup
-from tests.builders import T0_MS, gpu, report
+from tests.builders import T0_MS, clock_at, gpu, report
 from tests.security import TlsFiles, ingest_config, make_tls_files, produce, running_ingester, tls_broker, wait_for
 
 pytestmark = pytest.mark.integration  # starts a server or a process
@@ -38,7 +38,7 @@ def test_agents_and_ingester_move_data_over_tls_only(tls_files: TlsFiles, ch_tar
                           gpus=[gpu(0, f"n{n}", tenant="acme", job="j1", power_w=250.5)]) for n in range(3)
                    for s in range(4)]
         bad = b'{"schema_version": 1, "not": "a report"}'
-        with running_ingester(cfg) as ing:
+        with running_ingester(cfg, clock=clock_at()) as ing:
             produce(cfg, [(r.node.encode(), wire.encode(r)) for r in reports] + [(b"n0", bad)])
             wait_for(ing, lambda: ing.stats.rows == 12 and ing.stats.dead_letters == 1, "12 rows and 1 dead letter")
         dead = _read(cfg.kafka, cfg.kafka.dlq_topic, 1)
