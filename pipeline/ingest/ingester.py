@@ -59,6 +59,7 @@ class IngestStats:
     duplicates: int = 0
     dead_letters: int = 0
     insert_errors: int = 0
+    commit_errors: int = 0
     last_flush_ms: int = 0
     last_sample_ms: int = 0
     last_error: str = ""
@@ -280,9 +281,7 @@ class Ingester:
 
     def _done(self, batch: Batch) -> None:
         """The batch is stored: commit its offsets, forget its intent, count it."""
-        kafka_io.commit(self.consumer, batch.offsets)
-        if batch.offsets:
-            self.liveness.beat(COMMIT)
+        committed = self._commit(batch)
         self.writer.done(batch)
         fresh = batch.plan or []
         s = self.stats
@@ -295,7 +294,24 @@ class Ingester:
         if fresh:
             s.last_sample_ms = max(s.last_sample_ms, *(r.time_ms for r in fresh))
         s.backing_off = False
-        s.last_error = ""
+        if committed:
+            s.last_error = ""
+
+    def _commit(self, batch: Batch) -> bool:
+        """Commit the stored batch's offsets. A refused commit (the group rebalanced meanwhile, the broker
+        away) is reported, not raised: the batch is stored, and its messages, redelivered to whoever owns
+        their partition, are dropped as duplicates (G6). Raising here used to end the loop."""
+        try:
+            kafka_io.commit(self.consumer, batch.offsets)
+            if batch.offsets:
+                self.liveness.beat(COMMIT)
+        except Exception as exc:
+            self.stats.commit_errors += 1
+            self.stats.last_error = f"Kafka commit: {type(exc).__name__}: {exc}"[:500]
+            log.warning("offset commit refused; the batch is stored, and its messages will be redelivered and "
+                        "dropped as duplicates: %s", self.stats.last_error)
+            return False
+        return True
 
     # --- back-off while ClickHouse (or the DLQ) is down --------------------------------------
     def _note_failure(self, state: tenacity.RetryCallState) -> None:

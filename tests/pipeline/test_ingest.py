@@ -188,3 +188,47 @@ def test_key_must_name_the_node(key, reason) -> None:
 
     assert reason in validate(key, wire.encode(report(node="n1")))
 
+
+class RefusingFirstCommit:
+    """Wraps the real consumer; its first commit is refused as after a rebalance (the group moved on)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.commits = real, 0
+
+    def commit(self, offsets):
+        from kafka.errors import CommitFailedError
+
+        self.commits += 1
+        if self.commits == 1:
+            raise CommitFailedError("the group has already rebalanced (injected)")
+        return self.real.commit(offsets)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_refused_commit_does_not_end_the_loop(broker, ch_target, ch_client, topic) -> None:
+    from gpufleet.pipeline.ingest.consumer import build_consumer
+
+    cfg = _cfg(broker, ch_target, topic)
+    _create(broker, topic, cfg.kafka.dlq_topic)
+    consumer = RefusingFirstCommit(build_consumer(cfg))
+    ing = build_ingester(cfg, Store(connect_target(cfg), cfg.clickhouse.database), clock=clock_at(), consumer=consumer)
+    stop = threading.Event()
+    t = threading.Thread(target=ing.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        _produce(broker, topic, [_enc(report(node="n1", seq=0))])
+        deadline = time.monotonic() + 60
+        while ing.stats.commit_errors < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The loop goes on: a later message is stored and committed.
+        _produce(broker, topic, [_enc(report(node="n1", seq=1, time_ms=T0_MS + 1000))])
+        while (ing.stats.messages < 2 or consumer.commits < 2) and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        t.join(30)
+    assert (ing.stats.messages, ing.stats.commit_errors) == (2, 1), ing.stats
+    assert consumer.commits >= 2
+    assert ch_client.query(f"SELECT count() FROM {ch_target.database}.gpu_samples").result_rows == [(4,)]
