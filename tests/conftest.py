@@ -21,6 +21,7 @@ from gpufleet.embedded.broker import EmbeddedBroker
 from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target, connect
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
+from tests.builders import TEST_RAW_TTL_DAYS
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -58,7 +59,7 @@ def ch_client(chdb_dsn: str) -> Client:
 def ch_target(chdb_dsn: str, ch_client: Client) -> Iterator[Target]:
     """A freshly migrated database of its own for this test (dropped afterwards)."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    migrate(ch_client, SchemaOptions(database=name))
+    migrate(ch_client, SchemaOptions(database=name, raw_ttl_days=TEST_RAW_TTL_DAYS))
     yield Target(dsn=chdb_dsn, database=name)
     ch_client.command(f"DROP DATABASE IF EXISTS {name} SYNC")
 
