@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.pipeline.ingest.intents import Intent, IntentLog, encode
+from gpufleet.pipeline.ingest.intents import COLUMNS, JSON, JSON_AS_COLUMNS, Intent, IntentLog, decode, encode
 
 
 def _intent(token: str, ms: int = 1) -> Intent:
@@ -49,3 +49,13 @@ def test_a_torn_or_damaged_intent_is_set_aside_and_logged(tmp_path: Path, caplog
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{'d' * 32}.intent.unreadable",
                                                           f"{'e' * 32}.intent.unreadable"]
     assert "run the check in docs/reliability.md" in caplog.records[0].getMessage()
+
+
+def test_each_message_keeps_its_insert_path_and_an_unknown_path_is_damage() -> None:
+    intent = Intent("f" * 32, 7, False, "db.t", [(b"a", JSON), (b"b", COLUMNS), (b"c", JSON_AS_COLUMNS)])
+    raw = b"".join(encode(intent))
+    assert decode(raw) == intent
+    head = raw.index(b"\n") + 1
+    bad = raw[:head + 4] + bytes([3]) + raw[head + 5:]  # the first frame's path byte
+    with pytest.raises(ValueError, match="unknown insert path 3"):
+        decode(bad)
