@@ -1,6 +1,6 @@
 """What the ingester admits: a message that follows the wire contract, keyed by its node, dated inside
 the time window around the ingester's clock. Anything else is dead-lettered with the reason these
-functions return (docs/security.md, "Bad input"; docs/reliability.md, G11).
+functions return (docs/security.md, "Bad input"; docs/reliability.md, G14).
 """
 
 from __future__ import annotations
