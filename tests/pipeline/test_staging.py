@@ -14,7 +14,7 @@ from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Deriver, derive, deriv
 from gpufleet.pipeline.ingest.validation import validate, validate_for_staging
 from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
-from tests.builders import T0_MS, gpu, report
+from tests.builders import T0_MS, TEST_RAW_TTL_DAYS, gpu, report
 
 H100_PEAK = 989e12
 
@@ -58,7 +58,7 @@ def _rows(client, database: str) -> list[tuple]:
 @pytest.fixture
 def second_db(ch_client):
     name = f"t_{uuid.uuid4().hex[:12]}"
-    migrate(ch_client, SchemaOptions(database=name))
+    migrate(ch_client, SchemaOptions(database=name, raw_ttl_days=TEST_RAW_TTL_DAYS))
     yield name
     ch_client.command(f"DROP DATABASE IF EXISTS {name} SYNC")
 
