@@ -53,7 +53,8 @@ class ClickHouseConfig(Strict):
     dsn: str = "chdb:///var/lib/gpufleet/clickhouse"
     database: str = "gpufleet"
     cluster: str | None = None
-    raw_ttl_days: PositiveInt = 30
+    raw_ttl_days: Annotated[int, msgspec.Meta(gt=0, le=3650)] = 30
+    """At most ten years: ClickHouse's DateTime ends in 2106; a TTL past it wraps and deletes every raw row."""
 
 
 class AllocationConfig(Strict):

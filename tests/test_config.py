@@ -60,3 +60,12 @@ def test_every_key_is_documented() -> None:
                         assert f"`allocation.{sub}`" in doc, f"{section}.allocation.{sub}"
                 else:
                     assert f"`{key}`" in doc, f"{section}.{key} is not documented"
+
+
+def test_a_raw_ttl_past_clickhouse_s_datetime_range_is_refused() -> None:
+    """A TTL reaching past 2106 wraps in ClickHouse and deletes every raw row at once: refused at load."""
+    from gpufleet.config import ConfigError, parse
+
+    assert parse({"clickhouse": {"raw_ttl_days": 3650}}).clickhouse.raw_ttl_days == 3650
+    with pytest.raises(ConfigError, match=r"raw_ttl_days"):
+        parse({"clickhouse": {"raw_ttl_days": 40000}})
