@@ -1,1 +1,1 @@
-"""Pipeline: Kafka -> ClickHouse ingestion, rollups, MFU, health, billing, alerts and the embedded demo."""
+"""The pipeline: Kafka -> ClickHouse ingestion (`ingest`), the read side (`queries`), alerts, and the store."""

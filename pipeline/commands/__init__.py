@@ -1,0 +1,1 @@
+"""The pipeline's CLI commands (`gpufleet ingest`, `migrate`, `status`, `usage`, `billing`, `tenants`)."""

@@ -1,0 +1,1 @@
+"""The read side: usage and billing, MFU, health, the capacity waterfall and the status document, from ClickHouse."""
