@@ -65,7 +65,8 @@ def raw_sources(client: Any, db: str, from_ms: int, to_ms: int) -> dict[str, str
         "s.gpu_uuid AS gpu_uuid" if c == "gpu_uuid" else
         ("max(s.time) AS time" if c == "time" else f"argMax(s.{c}, s.time) AS {c}")
         for c in latest_cols) + f" FROM {db}.gpu_samples AS s GROUP BY s.gpu_uuid"
-    usage = views["usage_hourly"].replace(f"{db}.gpu_usage_1h", f"({hour})")
+    usage = views["usage_hourly"].replace(f"{db}.gpu_usage_1h", f"({hour})").replace(
+        f"{db}.gpu_usage_1m", f"({minute})")  # its outranked claims (gpu_claim_outranked) stay the view
     return {"gpu_usage_1m": minute, "gpu_usage_1h": hour, "gpu_latest": latest, "usage_hourly": usage}
 
 

@@ -112,6 +112,9 @@ class IngestConfig(Strict):
     max_future_s: PositiveInt = 3600
     """A message dated further than this ahead of the ingester's clock is dead-lettered (the past
     bound is `clickhouse.raw_ttl_days`): pipeline/ingest/validation.py `TimeWindow`."""
+    max_claim_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 60_000
+    """The most one sample may claim (bill) of its interval: its last `max_claim_ms`. At least the
+    agents' `interval_s` (docs/aggregations.md, "Claims")."""
 
 
 class HealthConfig(Strict):

@@ -74,6 +74,7 @@ def problems(cfg: Config, *, role: Role, environ: Mapping[str, str] | None = Non
     if role == "ingest":
         out += port_problems("ingest.status_port", cfg.ingest.status_port)
         out += health_problems(cfg)
+        out += claim_problems(cfg)
     if role == "alerts":
         out += alerts_problems(cfg)
     return out
@@ -134,6 +135,17 @@ def dsn_problems(dsn: str) -> list[str]:
         parts.port  # noqa: B018 (urlsplit checks the port when it is read)
     except ValueError:
         return [f"{shown!r} has a port that is not a number from 1 to 65535"]
+    return []
+
+
+def claim_problems(cfg: Config) -> list[Problem]:
+    """A sample never bills more than `ingest.max_claim_ms`: below the agents' interval, each sample loses time."""
+    interval_ms = cfg.agent.interval_s * 1000
+    if cfg.ingest.max_claim_ms < interval_ms:
+        return [Problem("ingest.max_claim_ms", f"is {cfg.ingest.max_claim_ms} ms, shorter than agent.interval_s "
+                                               f"({cfg.agent.interval_s:g} s): each sample would bill only "
+                                               f"{cfg.ingest.max_claim_ms} ms of its interval; set it to at least "
+                                               f"{interval_ms:.0f}")]
     return []
 
 

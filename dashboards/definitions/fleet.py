@@ -184,9 +184,9 @@ waterfall = Panel(
                 (
                     SELECT
                         toUnixTimestamp64Milli($__toTime_ms) - toUnixTimestamp64Milli($__fromTime_ms) AS window_ms,
-                        sum(reported_ms) AS reported,
-                        sumIf(reported_ms, NOT {healthy}) AS unhealthy,
-                        sumIf(reported_ms, {healthy} AND tenant = '') AS unallocated,
+                        sum(claimed_ms) AS reported,
+                        sumIf(claimed_ms, NOT {healthy}) AS unhealthy,
+                        sumIf(claimed_ms, {healthy} AND tenant = '') AS unallocated,
                         sumIf({idle}, {healthy} AND tenant != '') AS idle,
                         {achieved} AS achieved,
                         max(model_peak_flop_s) AS peak

@@ -82,7 +82,7 @@ idle = Panel(
             SELECT
                 tenant,
                 sumIf({idle}, {healthy}) / {hour} AS idle_gpu_hours,
-                sumIf({idle}, {healthy}) / nullIf(sumIf(reported_ms, {healthy}), 0) AS idle_share,
+                sumIf({idle}, {healthy}) / nullIf(sumIf(claimed_ms, {healthy}), 0) AS idle_share,
                 sumIf(held_no_process_ms, {healthy}) / {hour} AS no_process_gpu_hours
             FROM gpu_usage_1m
             WHERE {where}
@@ -152,7 +152,7 @@ jobs = Panel(
                 tenant,
                 job,
                 uniqExact(gpu_uuid) AS gpus,
-                sum(reported_ms) / {hour} AS gpu_hours,
+                sum(claimed_ms) / {hour} AS gpu_hours,
                 {mfu} AS mfu,
                 {measured} AS mfu_measured,
                 {estimated} AS mfu_hw_estimate,

@@ -100,11 +100,18 @@ def pending(config_path: str | None, dsn: str | None, database: str | None, data
 @billing.command("verify")
 @read_options
 def verify(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> None:
-    """Recompute every statement and adjustment checksum; exit 1 if any row was altered."""
+    """Recompute every statement and adjustment checksum (exit 1 if any row was altered), and list the GPU
+    time claimed by more than one node that was billed to one of them only."""
     from gpufleet.pipeline.queries import billing as bill
+    from gpufleet.pipeline.queries.claims import unbilled_claims
 
     _, store = _open(config_path, dsn, database, data_dir)
     problems = bill.verify(store)
+    conflicts = unbilled_claims(store)
+    if conflicts:
+        click.echo(f"conflicting claims (each second billed once, to the node named last): {len(conflicts)}")
+    for c in conflicts:
+        click.echo(f"  {c.describe()}")
     for p in problems:
         click.echo(p, err=True)
     if problems:

@@ -251,6 +251,7 @@ class Ingester:
         except Exception as exc:
             log.error("batch of %d messages not written (offsets not committed, will be redelivered): %s",
                       len(batch), exc)
+            self.writer.deriver.claims.forget()  # it claimed time it did not store: read claims from the store again
             return False
         finally:
             self._resume()
@@ -356,6 +357,7 @@ class Ingester:
 
     def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         log.info("assigned %d partitions", len(assigned))
+        self.writer.deriver.claims.forget()  # another consumer may have claimed time meanwhile: read claims again
 
 
 class _Abandon(RuntimeError):

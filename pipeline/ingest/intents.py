@@ -1,7 +1,7 @@
 """The ingester's intent log: the batch being written, kept on disk until its offsets are committed.
 
 Why: one insert of GPU rows writes `gpu_samples` and then, one table after another, the
-materialized views that feed the rollups (`gpu_usage_1m` -> `gpu_usage_1h`, `gpu_latest`).
+materialized views that feed the rollups (`gpu_usage_1m` -> `gpu_usage_1h`, `gpu_latest`, `gpu_claim_homes`).
 ClickHouse commits each table's part on its own, so an insert cut short in between leaves raw rows
 whose rollup rows are missing, and billing reads the rollups. ClickHouse's cure is to repeat the
 *same* insert with the same `insert_deduplication_token`: a table that already has the block drops

@@ -1,10 +1,11 @@
 """Pure functions that turn validated `NodeReport`s into column-oriented rows for ClickHouse.
 
 The ingester derives, per GPU sample, the health verdict (pipeline/ingest/health.py), the model's peak
-FLOP/s and the hardware FLOPs estimate (tensor-pipe activity x peak x interval), so rollups and
-dashboards read them as plain columns. `derive` computes health once per batch, in sample-time
-order (the growth rules compare each GPU with its previous sample); `derived_columns` builds the
-rows, and `pipeline/ingest/staging.py` ships the same values beside the message bytes.
+FLOP/s, the hardware FLOPs estimate (tensor-pipe activity x peak x interval) and the time the
+sample claims (pipeline/ingest/claims.py), so rollups and dashboards read them as plain columns.
+`derive` computes health and claims once per batch, in sample-time order (the growth rules compare
+each GPU with its previous sample; a claim takes what earlier samples left); `derived_columns`
+builds the rows, and `pipeline/ingest/staging.py` ships the same values beside the message bytes.
 Inserting from tests and benchmarks goes through `insert_reports`, the same code the ingester runs.
 """
 
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from gpufleet.config import HealthConfig
 from gpufleet.gpu_facts import peak_flops
+from gpufleet.pipeline.ingest import claims
+from gpufleet.pipeline.ingest.claims import ClaimBook
 from gpufleet.pipeline.ingest.health import Previous, State, classify, classify_all, previous_of
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
 
@@ -37,7 +40,7 @@ _time_of = operator.attrgetter("time_ms")
 _model_of = operator.attrgetter("model")
 
 SAMPLE_COLUMNS: tuple[str, ...] = (
-    "time", "interval_ms", "ingest_time", "cluster", "node", "boot_id", "seq",
+    "time", "interval_ms", "claimed_ms", "claim_start", "ingest_time", "cluster", "node", "boot_id", "seq",
     "gpu_index", "gpu_uuid", "model", "tenant", "job", "error",
     *COPIED_FIELDS,
     "peak_flops", "flops_estimated", "health", "health_reasons",
@@ -53,10 +56,11 @@ AGENT_COLUMNS: tuple[str, ...] = (
 
 @dataclass
 class Deriver:
-    """Per-GPU state the health growth rules need (previous counters), plus the peak table."""
+    """Per-GPU state: previous counters (health growth rules) and claimed time; plus the peak table."""
 
     health: HealthConfig = field(default_factory=HealthConfig)
     peak_overrides: Mapping[str, float] = field(default_factory=dict)
+    claims: ClaimBook = field(default_factory=ClaimBook)
     _prev: dict[str, Previous] = field(default_factory=dict)
     _peaks: dict[str | None, float | None] = field(default_factory=dict)
 
@@ -88,13 +92,20 @@ class Derived:
     reasons: list[list[str]]
     peak: Callable[[str | None], float | None]
     """Peak FLOP/s of a model name (`Deriver.peak`)."""
+    claimed: list[int] = field(default_factory=list)
+    """Milliseconds each sample claims (`claims.ClaimBook.claim_all`)."""
+    claim_start: list[int] = field(default_factory=list)
+    """Where each sample's claim starts, Unix ms."""
 
 
 def derive(reports: Sequence[NodeReport], deriver: Deriver) -> Derived:
-    """Health of every GPU sample, reports taken in time order (growth rules read the previous one)."""
+    """Health and claimed time of every GPU sample, reports taken in time order (growth rules read the
+    previous sample; a claim takes what earlier samples left). Load the claims it needs first
+    (`claims.load`), or the book takes the GPUs it does not know as never claimed."""
     ordered = sorted(reports, key=_time_of)
     health, reasons = deriver.verdicts(list(chain.from_iterable(map(_gpus_of, ordered))))
-    return Derived(ordered, [len(r.gpus) for r in ordered], health, reasons, deriver.peak)
+    claimed, claim_start = deriver.claims.claim_all(ordered)
+    return Derived(ordered, [len(r.gpus) for r in ordered], health, reasons, deriver.peak, claimed, claim_start)
 
 
 @dataclass
@@ -128,11 +139,13 @@ def estimated_flops(tensor_active_ratio: float | None, peak: float | None, inter
 def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = None) -> Columns:
     """The rows of `d` (only the reports whose `keep` flag is set, when given), in `SAMPLE_COLUMNS` order."""
     reports, counts, health, reasons = d.reports, d.counts, d.health, d.reasons
+    claimed, claim_start = d.claimed, d.claim_start
     if keep is not None:
         flags = list(chain.from_iterable(map(repeat, keep, counts)))
         reports = [r for r, k in zip(reports, keep, strict=True) if k]
         counts = [c for c, k in zip(counts, keep, strict=True) if k]
-        health, reasons = ([x for x, k in zip(col, flags, strict=True) if k] for col in (health, reasons))
+        health, reasons, claimed, claim_start = (
+            [x for x, k in zip(col, flags, strict=True) if k] for col in (health, reasons, claimed, claim_start))
     n = sum(counts)
     if not n:
         return Columns(SAMPLE_COLUMNS, [[] for _ in SAMPLE_COLUMNS])
@@ -145,7 +158,7 @@ def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = No
     peak = list(map(peak_of.__getitem__, model))
     estimated = list(map(estimated_flops, (g.tensor_active_ratio for g in gpus), peak, interval, error))
     data: list[list[object]] = [
-        time, interval, [ingest_ms] * n, cluster, node, boot, seq,
+        time, interval, claimed, claim_start, [ingest_ms] * n, cluster, node, boot, seq,
         list(index), list(uuid),
         [m or "" for m in model],
         [t or "" for t in tenant],
@@ -182,9 +195,11 @@ def insert_columns(store: Store, table: str, cols: Columns, settings: dict[str, 
 def insert_reports(
     store: Store, reports: Iterable[NodeReport], ingest_ms: int, deriver: Deriver | None = None
 ) -> int:
-    """Insert reports as the ingester does (no dedup lookup); returns GPU rows written. For tests and benches."""
+    """Insert reports as the ingester does (no dedup lookup; the claims it needs read from the store first);
+    returns GPU rows written. For tests and benches."""
     batch = list(reports)
     deriver = deriver or Deriver()
+    claims.load(store, deriver.claims, batch, ingest_ms)
     cols = sample_columns(batch, ingest_ms, deriver)
     insert_columns(store, "agent_reports", agent_columns(batch, ingest_ms))
     insert_columns(store, "gpu_samples", cols)

@@ -4,7 +4,8 @@ Building Python columns and serializing them (clickhouse-connect's Native encode
 ingester more CPU than decoding and validating the message itself (BENCHMARKS.md). Here the
 message bytes are sent unchanged as JSONEachRow rows, with the ingester's derived values spliced
 in as extra keys (`_p` peak FLOP/s, `_h` health state, `_r` health reasons: one array each, in
-the message's GPU order; `_t` the ingest time). They land in a `Null` table (which stores
+the message's GPU order; `_c` claimed ms and `_s` claim starts, only when a sample claims less
+than its whole interval; `_t` the ingest time). They land in a `Null` table (which stores
 nothing) whose materialized view `ARRAY JOIN`s the GPUs into `gpu_samples`, so ClickHouse's C++
 parser does the per-value work.
 
@@ -173,6 +174,8 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
     derived = {
         "time": "fromUnixTimestamp64Milli(time_ms, 'UTC') AS time",
         "interval_ms": "interval_ms",
+        "claimed_ms": "d_claimed AS claimed_ms",
+        "claim_start": "fromUnixTimestamp64Milli(d_claim_start, 'UTC') AS claim_start",
         "ingest_time": "fromUnixTimestamp64Milli(_t, 'UTC') AS ingest_time",
         "cluster": "cluster", "node": "node", "boot_id": "boot_id", "seq": "seq",
         "peak_flops": "d_peak AS peak_flops",
@@ -184,10 +187,13 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
     structure = (
         "cluster String, node String, boot_id String, seq UInt64, time_ms Int64, interval_ms UInt32, "
         f"gpus Array(Tuple({', '.join(gpu_types)})), "
-        "_p Array(Nullable(Float64)), _h Array(UInt8), _r Array(Array(String)), _t Int64"
+        "_p Array(Nullable(Float64)), _h Array(UInt8), _r Array(Array(String)), "
+        "_c Array(UInt32), _s Array(Int64), _t Int64"
     )
     select = (f"SELECT {', '.join(columns)} FROM {{table}} "
-              "ARRAY JOIN gpus AS g, _p AS d_peak, _h AS d_health, _r AS d_reasons")
+              "ARRAY JOIN gpus AS g, _p AS d_peak, _h AS d_health, _r AS d_reasons, "
+              "if(empty(_c), arrayWithConstant(length(gpus), interval_ms), _c) AS d_claimed, "
+              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start")
     digest = hashlib.sha256(f"{structure}\n{select}".encode()).hexdigest()[:10]
     table = f"{database}.gpu_samples_json_{digest}"
     view = f"{table}_mv"
@@ -248,6 +254,12 @@ class Splicer:
             part = self._healthy[n] = b',"_h":' + self._encode([0] * n) + b',"_r":' + self._encode([[]] * n)
         return part
 
+    def _claims_part(self, report: NodeReport, claimed: list[int], starts: list[int]) -> bytes:
+        """Nothing when every sample claims its whole interval (the view fills that in), else `_c` and `_s`."""
+        if claimed.count(report.interval_ms) == len(claimed):
+            return b""
+        return b',"_c":' + self._encode(claimed) + b',"_s":' + self._encode(starts)
+
     def block(self, derived: Derived, raw_of: Mapping[int, bytes], keep: Sequence[bool],
               ingest_ms: int) -> memoryview:
         """JSONEachRow rows for the kept reports of `derived`; `raw_of` maps id(report) to its bytes.
@@ -257,7 +269,7 @@ class Splicer:
         the next call (the ingester inserts it before building the next batch).
         """
         tail = b',"_t":%d}\n' % ingest_ms
-        health, reasons = derived.health, derived.reasons
+        health, reasons, claimed, starts = derived.health, derived.reasons, derived.claimed, derived.claim_start
         parts: list[bytes | memoryview] = []
         add = parts.append
         size = pos = 0
@@ -265,11 +277,16 @@ class Splicer:
             end = pos + n
             if k:
                 raw = raw_of[id(report)].rstrip(_TRAILING_WS)
+                peaks = self._peaks_part(tuple(map(_model_of, report.gpus)))
+                state = self._health_part(health[pos:end], reasons[pos:end])
+                claims = self._claims_part(report, claimed[pos:end], starts[pos:end])
                 add(memoryview(raw)[:-1])
-                add(self._peaks_part(tuple(map(_model_of, report.gpus))))
-                add(self._health_part(health[pos:end], reasons[pos:end]))
+                add(peaks)
+                add(state)
+                if claims:
+                    add(claims)
                 add(tail)
-                size += len(raw) + len(parts[-2]) + len(parts[-3]) + len(tail) - 1
+                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(tail)
             pos = end
         buf = self._buf
         if size > len(buf):

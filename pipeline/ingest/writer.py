@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from gpufleet import wire
 from gpufleet.config import Config
-from gpufleet.pipeline.ingest import dead_letters, dedup, intents, staging
+from gpufleet.pipeline.ingest import claims, dead_letters, dedup, intents, staging
 from gpufleet.pipeline.ingest.dead_letters import DeadLetter
 from gpufleet.pipeline.ingest.kafka_io import Producer, TopicPartition
 from gpufleet.pipeline.ingest.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
@@ -114,7 +114,7 @@ class BatchWriter:
         self.clock = clock
         self.json_staging = json_staging
         self.intents = intents.IntentLog.for_store(cfg.clickhouse.dsn, store.database) if intent_log else None
-        self.deriver = Deriver(cfg.health, cfg.peak_flops)
+        self.deriver = Deriver(cfg.health, cfg.peak_flops, claims.ClaimBook(cfg.ingest.max_claim_ms))
         self.staging: staging.Staging | None = None
         self._staging_next_try = 0.0
         self._splicer = staging.Splicer(self.deriver.peak)
@@ -195,6 +195,7 @@ class BatchWriter:
         fresh = batch.plan or []
         fresh_ids = {id(r) for r in fresh}
         if batch.derived is None or not fresh_ids <= {id(r) for r in batch.derived.reports}:
+            claims.load(self.store, self.deriver.claims, fresh, batch.ingest_ms)
             batch.derived = derive(fresh, self.deriver)
         derived = batch.derived
         kept = [r for r in derived.reports if id(r) in fresh_ids]

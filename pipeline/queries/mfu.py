@@ -36,12 +36,12 @@ SCOPES: Final = tuple(_KEYS)
 
 def _by_key(key: str, rows: str, window: str) -> str:
     return (f"SELECT {key} AS key, {formulas.ACHIEVED_FLOP}, {formulas.PEAK_FLOP}, {formulas.MFU}, "
-            "sum(mfu_ms), sum(measured_ms), sum(reported_ms), sum(peak_known_ms) "
+            "sum(mfu_ms), sum(measured_ms), sum(claimed_ms), sum(peak_known_ms) "
             f"FROM {{db:Identifier}}.gpu_usage_1m WHERE {rows} AND {window} GROUP BY key ORDER BY key")
 
 
 def _unknown_models(rows: str, window: str) -> str:
-    return ("SELECT model, sum(reported_ms) - sum(peak_known_ms) AS ms "
+    return ("SELECT model, sum(claimed_ms) - sum(peak_known_ms) AS ms "
             f"FROM {{db:Identifier}}.gpu_usage_1m WHERE {rows} AND {window} "
             "GROUP BY model HAVING ms > 0 ORDER BY model")
 
@@ -103,7 +103,7 @@ def source_label(mfu_ms: int, measured_ms: int) -> str:
 
 
 def mfu_row(key: str, achieved: float, peak: float, mfu: float | None, mfu_ms: int, measured_ms: int,
-            reported_ms: int, peak_known_ms: int) -> MfuRow:
+            claimed_ms: int, peak_known_ms: int) -> MfuRow:
     """One row from the rollup's sums and its MFU (`formulas.MFU`) (pure)."""
     return MfuRow(
         key=key,
@@ -113,7 +113,7 @@ def mfu_row(key: str, achieved: float, peak: float, mfu: float | None, mfu_ms: i
         gpu_seconds=mfu_ms / 1000,
         measured_coverage=measured_ms / mfu_ms if mfu_ms else None,
         source=source_label(mfu_ms, measured_ms),
-        unknown_model_gpu_seconds=(reported_ms - peak_known_ms) / 1000,
+        unknown_model_gpu_seconds=(claimed_ms - peak_known_ms) / 1000,
         no_flops_gpu_seconds=(peak_known_ms - mfu_ms) / 1000,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Final
 
+from gpufleet.pipeline.queries.claims import not_outranked
 from gpufleet.pipeline.queries.policy import Policy
 from gpufleet.pipeline.queries.window import ALL_TIME, HOUR_MS, WINDOW, Window, iso
 
@@ -33,7 +34,8 @@ _FILTERS: Final = {
 }
 _BILLABLE: Final = {
     # windowed? -> billable milliseconds per tenant (bind `excl`, and the window's parameters)
-    windowed: "SELECT tenant, sumIf(reported_ms, NOT has({excl:Array(String)}, toString(health))) "
+    windowed: "SELECT tenant, sumIf(claimed_ms, NOT has({excl:Array(String)}, toString(health)) "
+              f"AND {not_outranked(WINDOW if windowed else ALL_TIME)}) "
               f"FROM {{db:Identifier}}.gpu_usage_1m WHERE tenant != '' AND {WINDOW if windowed else ALL_TIME} "
               "GROUP BY tenant ORDER BY tenant"
     for windowed in (False, True)
@@ -64,7 +66,8 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def billable_by_tenant(store: Store, window: Window | None, policy: Policy) -> dict[str, float]:
-    """Billable GPU-hours per tenant in a minute window (None: all time), from the minute rollup."""
+    """Billable GPU-hours per tenant in a minute window (None: all time), from the minute rollup: claimed
+    time in a billed health state, less the claims another node outranked (`claims.not_outranked`)."""
     rows = store.rows(_BILLABLE[window is not None],
                       {"excl": list(policy.exclude_states), **(window.params() if window else {})})
     return {t: int(ms) / HOUR_MS for t, ms in rows}

@@ -6,10 +6,11 @@ over a whole-minute window and a hardware scope (all, a cluster, a node, a GPU m
 achieved FLOPs as a share of the installed peak. Definitions (docs/aggregations.md):
 
 - *installed*: every GPU that reported at least once in the window, for the whole window (a GPU
-  that over-reported, e.g. overlapping intervals after an agent restart, counts what it reported);
+  claimed from two nodes for the same time counts what it claimed, per node);
 - *unknown*: installed time the GPU did not report (silent agent, node down, not yet installed);
-- *unhealthy*: reported time in a health state the policy excludes (`billing.exclude_states`);
-- *unallocated*: the rest of the reported time with no tenant;
+- *unhealthy*: claimed time (each second once per node) in a health state the policy excludes
+  (`billing.exclude_states`);
+- *unallocated*: the rest of the claimed time with no tenant;
 - *allocated idle*: the rest with a tenant, but no compute process or utilization below the
   policy's idle threshold;
 - *busy*: what remains.
@@ -34,9 +35,9 @@ if TYPE_CHECKING:
 _SCOPE_COLUMNS: Final = ("cluster", "node", "model")
 _HEALTHY: Final = "NOT has({excl:Array(String)}, toString(health))"
 _GPU_SUMS: Final = (
-    "SELECT argMax(model, reported_ms), sum(reported_ms), "
-    "sumIf(reported_ms, has({excl:Array(String)}, toString(health))), "
-    f"sumIf(reported_ms, {_HEALTHY} AND tenant = ''), "
+    "SELECT argMax(model, claimed_ms), sum(claimed_ms), "
+    "sumIf(claimed_ms, has({excl:Array(String)}, toString(health))), "
+    f"sumIf(claimed_ms, {_HEALTHY} AND tenant = ''), "
     f"sumIf({IDLE_MS}, {_HEALTHY} AND tenant != ''), "
     f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s)"
 )
@@ -66,7 +67,8 @@ class GpuTotals:
     """One GPU's rollup sums over the window (milliseconds and FLOPs)."""
 
     model: str
-    reported_ms: int
+    claimed_ms: int
+    """Time the GPU's samples claimed (each second once per node: docs/aggregations.md, "Claims")."""
     unhealthy_ms: int
     unallocated_ms: int
     idle_ms: int
@@ -116,9 +118,9 @@ def build(gpus: Sequence[GpuTotals], window_ms: int) -> Waterfall:
     achieved = peak = 0.0
     unknown_models: dict[str, int] = {}
     for g in gpus:
-        gpu_installed = max(window_ms, g.reported_ms)
+        gpu_installed = max(window_ms, g.claimed_ms)
         installed += gpu_installed
-        unknown += gpu_installed - g.reported_ms
+        unknown += gpu_installed - g.claimed_ms
         unhealthy += g.unhealthy_ms
         unallocated += g.unallocated_ms
         idle += g.idle_ms

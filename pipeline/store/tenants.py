@@ -46,6 +46,7 @@ TABLES: Final[tuple[TenantTable, ...]] = (
     TenantTable("gpu_usage_1m", "tenant"),
     TenantTable("gpu_usage_1h", "tenant"),
     TenantTable("gpu_latest", "tenant"),
+    TenantTable("gpu_claim_homes", "tenant"),
     TenantTable("billing_statements", "tenant"),
     TenantTable("billing_adjustments", "tenant"),
     TenantTable("alerts", "labels['tenant']"),
@@ -55,8 +56,11 @@ TABLES: Final[tuple[TenantTable, ...]] = (
 VIEWS: Final[tuple[str, ...]] = ("usage_hourly",)
 """Views a tenant reads: they run with the reader's rights, so the policies of their tables filter them."""
 
-SHARED: Final[tuple[str, ...]] = ("billing_policy",)
-"""Tables without tenant data that a tenant's views need (the SLA policy in force)."""
+SHARED: Final[tuple[str, ...]] = ("billing_policy", "gpu_claim_outranked")
+"""What a tenant's views need besides: the SLA policy in force, and the view of outranked claims
+(`usage_hourly` reads it; it runs with the reader's rights over `gpu_claim_homes` and `gpu_usage_1m`,
+so a tenant sees only its own claims, and its usage leaves out only those of them that its own
+other claims outranked: the statements, computed with every claim, are what it is billed)."""
 
 READONLY: Final = 2
 """`readonly = 2`: reads and per-query settings (Grafana sends some), no writes, no DDL."""

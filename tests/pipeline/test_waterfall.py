@@ -83,7 +83,7 @@ def test_scope_and_window(store) -> None:
 
 
 def test_overlapping_reports_never_make_unknown_negative() -> None:
-    g = GpuTotals("m", reported_ms=70_000, unhealthy_ms=0, unallocated_ms=70_000, idle_ms=0,
+    g = GpuTotals("m", claimed_ms=70_000, unhealthy_ms=0, unallocated_ms=70_000, idle_ms=0,
                   achieved_flop=0.0, mfu_ms=0, measured_ms=0, peak_flop_s=None)
     w = build([g], window_ms=60_000)
     assert (w.installed_ms, w.unknown_ms, w.busy_ms) == (70_000, 0, 0)

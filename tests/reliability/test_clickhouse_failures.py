@@ -33,7 +33,8 @@ from tests.builders import gpu, report
 from tests.reliability.harness import wait_until
 
 FULL = "min_free_disk_bytes_to_perform_insert = 1000000000000000000"
-WRITTEN = ("agent_reports", "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "dead_letters")
+WRITTEN = ("agent_reports", "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
+           "dead_letters")
 PARTITIONS = 2
 
 

@@ -81,6 +81,11 @@ INGEST_CASES = {
                                    ["health.temp_degraded_c", "not below health.temp_failing_c (95 °C)"]),
     "an XID in two lists": ({"health": {"degrading_xids": [79, 63]}},
                             ["health.degrading_xids", "XID(s) [79] are also in health.failing_xids"]),
+    "a claim shorter than the interval": ({"agent": {"interval_s": 10}, "ingest": {"max_claim_ms": 5000}},
+                                          ["ingest.max_claim_ms", "is 5000 ms, shorter than agent.interval_s (10 s)",
+                                           "set it to at least 10000"]),
+    "a claim longer than the wire allows": ({"ingest": {"max_claim_ms": 7_200_000}},
+                                            ["Expected `int` <= 3600000", "`ingest.max_claim_ms`"]),
 }
 
 

@@ -60,6 +60,11 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/mfu.py", "formulas.MFU"): FORMULA,
     ("pipeline/queries/waterfall.py", "formulas.ACHIEVED_FLOP"): FORMULA,
     ("pipeline/alerts/queries.py", "sustained=_SUSTAINED"): FORMULA + " with bound placeholders",
+    # claims (pipeline/queries/claims.py): which claims billing leaves out, in a window or all time
+    ("pipeline/queries/claims.py", "where"): "queries.window's WINDOW or ALL_TIME, passed by this package's callers",
+    ("pipeline/queries/claims.py", "WINDOW if windowed else ALL_TIME"): WINDOW,
+    ("pipeline/queries/usage.py", "not_outranked(WINDOW if windowed else ALL_TIME)"):
+        "claims.not_outranked() over queries.window's filter: constant SQL with bound parameters",
     # fragments and column lists
     ("pipeline/alerts/queries.py", "_WINDOW"): CONST,
     ("pipeline/alerts/queries.py", "column=rule.COLUMN"): "an agent_reports column fixed by the rule kind",

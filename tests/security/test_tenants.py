@@ -44,10 +44,10 @@ H, S = "ab" * 32, "cd" * 16
 def test_the_sql_for_one_tenant_is_exactly_the_documented_sql() -> None:
     u = "`gpufleet_t_acme_" + hashlib.sha256(b"acme").hexdigest()[:10] + "`"
     grants = [f"GRANT SELECT ON gpufleet.{t} TO `gpufleet_tenants`" for t in (
-        "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "billing_statements", "billing_adjustments",
-        "alerts", "usage_hourly", "billing_policy")]
-    tables = ["gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "billing_statements",
-              "billing_adjustments", "alerts"]
+        "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
+        "billing_statements", "billing_adjustments", "alerts", "usage_hourly", "billing_policy", "gpu_claim_outranked")]
+    tables = ["gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
+              "billing_statements", "billing_adjustments", "alerts"]
     assert tenants.setup_sql("gpufleet") == [
         "CREATE ROLE IF NOT EXISTS `gpufleet_tenants`", *grants,
         *[f"CREATE ROW POLICY OR REPLACE `gpufleet_operators` ON gpufleet.{t} FOR SELECT USING 1 "
@@ -157,6 +157,7 @@ QUERIES = {
     "usage_1m": "SELECT tenant, sum(samples) FROM {db}.gpu_usage_1m GROUP BY tenant",
     "usage_1h": "SELECT tenant, sum(samples) FROM {db}.gpu_usage_1h GROUP BY tenant",
     "latest": "SELECT tenant, count() FROM {db}.gpu_latest FINAL GROUP BY tenant",
+    "claim_homes": "SELECT tenant, count() FROM {db}.gpu_claim_homes FINAL GROUP BY tenant",
     "usage_hourly": "SELECT tenant, sum(allocated_gpu_seconds) FROM {db}.usage_hourly GROUP BY tenant",
     "statements": "SELECT tenant, allocated_ms FROM {db}.billing_statements",
     "adjustments": "SELECT count() FROM {db}.billing_adjustments",
@@ -204,6 +205,7 @@ def test_a_tenant_user_sees_only_its_own_rows_on_the_engine(tmp_path: Path, who:
     assert got["usage_1m"] == [[tenant, "8"]]
     assert got["usage_1h"] == [[tenant, "8"]]
     assert got["latest"] == [[tenant, "1"]]
+    assert got["claim_homes"] == [[tenant, "1"]]
     assert got["usage_hourly"] == [[tenant, "480.0"]]
     assert got["statements"] == [[tenant, "180000"]]
     assert got["adjustments"] == [["0"]]
