@@ -28,6 +28,7 @@ from gpufleet.pipeline.alerts.rules import (
     AgentSpoolDropping,
     AnyRule,
     GpuBusyUnallocated,
+    GpuClaimConflict,
     GpuDegraded,
     GpuFailing,
     GpuHeldNoProcess,
@@ -96,7 +97,7 @@ def _gpu_query(rule: GpuRule, cond: str, having: str, value: str, columns: Seque
             {value} AS value
         FROM
         (
-            SELECT cluster, node, gpu_uuid, gpu_index, tenant AS held_by, time, interval_ms{columns},
+            SELECT cluster, node, gpu_uuid, gpu_index, tenant AS held_by, time, interval_ms, claimed_ms{columns},
                 toUInt8(ifNull({cond}, 0)) AS c
             FROM gpu_samples
             WHERE $__timeFilter(time)
@@ -146,7 +147,7 @@ def _idle(rule: GpuIdleAllocated) -> AlertQuery:
         f"tenant != '' AND error = '' AND util_gpu_ratio < {rule.util_below}"
         " AND (compute_processes IS NULL OR compute_processes > 0)",
         f"argMax(c, time) = 1 AND uniqExact(held_by) = 1 AND {_sustained(rule)}",
-        f"sum(interval_ms) / {f.HOUR_MS}",
+        f"sum(claimed_ms) / {f.HOUR_MS}",
         columns=("error", "util_gpu_ratio", "compute_processes"),
     )
 
@@ -155,7 +156,7 @@ def _held(rule: GpuHeldNoProcess) -> AlertQuery:
     return _gpu_query(
         rule, "tenant != '' AND error = '' AND compute_processes = 0",
         f"argMax(c, time) = 1 AND uniqExact(held_by) = 1 AND {_sustained(rule)}",
-        f"sum(interval_ms) / {f.HOUR_MS}",
+        f"sum(claimed_ms) / {f.HOUR_MS}",
         columns=("error", "compute_processes"),
     )
 
@@ -227,9 +228,61 @@ def _agent_counter(rule: AgentCounterRising) -> AlertQuery:
     return AlertQuery(text, duration_ms(rule.window) // 1000, ("cluster", "node"), rule.COUNT)
 
 
+def _claim_conflict(rule: GpuClaimConflict) -> AlertQuery:
+    """GPUs whose streams' reported spans overlap (`gpu_claim_homes` first, then their samples' spans per minute,
+    compared in every minute both touch), as the evaluator decides it; an interval is at most an hour long."""
+    text = sql(
+        """
+        WITH
+            homes AS
+            (
+                SELECT gpu_uuid, cluster, node, boot_id, min(first_start_ms) AS lo, max(last_end_ms) AS hi
+                FROM gpu_claim_homes
+                GROUP BY gpu_uuid, cluster, node, boot_id
+                HAVING hi > toUnixTimestamp64Milli($__fromTime_ms) - 3660000
+                    AND lo < toUnixTimestamp64Milli($__toTime_ms)
+            ),
+            suspects AS
+            (
+                SELECT DISTINCT a.gpu_uuid AS gpu_uuid
+                FROM homes AS a
+                INNER JOIN homes AS b ON a.gpu_uuid = b.gpu_uuid
+                WHERE (a.cluster, a.node, a.boot_id) < (b.cluster, b.node, b.boot_id) AND a.lo < b.hi AND b.lo < a.hi
+            ),
+            spans AS
+            (
+                SELECT intDiv(toUnixTimestamp64Milli(time) - interval_ms, 60000) AS minute,
+                    gpu_uuid, cluster, node, boot_id,
+                    min(toUnixTimestamp64Milli(time) - interval_ms) AS lo, max(toUnixTimestamp64Milli(time)) AS hi
+                FROM gpu_samples
+                WHERE (cluster, node) IN
+                    (SELECT cluster, node FROM homes WHERE gpu_uuid IN (SELECT gpu_uuid FROM suspects))
+                    AND gpu_uuid IN (SELECT gpu_uuid FROM suspects)
+                    AND time > $__fromTime_ms - INTERVAL 61 MINUTE AND time <= $__toTime_ms
+                GROUP BY minute, gpu_uuid, cluster, node, boot_id
+            ),
+            spread AS
+            (
+                SELECT gpu_uuid, cluster, node, boot_id, lo, hi,
+                    arrayJoin(range(intDiv(lo, 60000), intDiv(hi - 1, 60000) + 1)) AS bucket
+                FROM spans
+            )
+        SELECT a.gpu_uuid AS gpu, toFloat64(uniqExact(a.cluster, a.node, a.boot_id)) AS streams
+        FROM spread AS a
+        INNER JOIN spread AS b ON a.gpu_uuid = b.gpu_uuid AND a.bucket = b.bucket
+        WHERE (a.cluster, a.node, a.boot_id) != (b.cluster, b.node, b.boot_id) AND a.lo < b.hi AND b.lo < a.hi
+        GROUP BY gpu
+        HAVING max(least(a.hi, b.hi)) > toUnixTimestamp64Milli($__fromTime_ms)
+        ORDER BY gpu
+        """
+    )
+    return AlertQuery(text, duration_ms(rule.window) // 1000, ("gpu",), "streams")
+
+
 _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
     AgentSpoolDropping: _agent_counter,
     AgentSendErrors: _agent_counter,
+    GpuClaimConflict: _claim_conflict,
     GpuFailing: _failing,
     GpuDegraded: _degraded,
     GpuIdleAllocated: _idle,
@@ -247,6 +300,10 @@ _SUMMARIES: Final[dict[type, str]] = {
     AgentSendErrors: (
         "The agent on {{ $labels.node }} ({{ $labels.cluster }}) failed {{ $values.A.Value }} sends to Kafka "
         "in the window"
+    ),
+    GpuClaimConflict: (
+        "GPU {{ $labels.gpu }} is reported by {{ $values.A.Value }} streams (cluster/node/boot id) for the same "
+        "time: billed once, the other streams' overlapping time is not billed"
     ),
     GpuFailing: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is failing",
     GpuDegraded: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is degraded",

@@ -7,14 +7,16 @@ same answer every time.
 
 "Sustained for D" means: the GPU's newest sample satisfies the condition and is at most
 `max_sample_age` old, every sample of that GPU ending in `(now - D, now]` satisfies it, and those
-samples reach back to `now - D` and cover at least `coverage` x D (a lost message or two is
-tolerated, a node that stopped reporting is not); the SQL is `formulas.sustained`, which the
-Grafana rules (dashboards/alerting.py) use too. A candidate whose newest sample satisfies the
+samples reach back to `now - D` and their claimed time covers at least `coverage` x D (a lost
+message or two is tolerated, a node that stopped reporting is not; a second agent reporting the
+same seconds adds nothing); the SQL is `formulas.sustained`, which the Grafana rules
+(dashboards/alerting.py) use too. A candidate whose newest sample satisfies the
 condition but is not yet sustained is *pending*; `since_ms` is where its current run of
 satisfying samples began within the window.
 
 Agent counters (`agent_spool_dropping`, `agent_send_errors`) read `agent_reports`: the counter's
-increase over `(now - window, now]`, see `AgentCounterRising`.
+increase over `(now - window, now]`, see `AgentCounterRising`. Claim conflicts (`gpu_claim_conflict`)
+read `gpu_claim_homes`, then the suspect GPUs' samples.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from gpufleet.pipeline.alerts.rules import (
     AgentCounterRising,
     AnyRule,
     GpuBusyUnallocated,
+    GpuClaimConflict,
     GpuDegraded,
     GpuFailing,
     GpuHeldNoProcess,
@@ -93,13 +96,13 @@ SELECT cluster, node, gpu_uuid, gpu_index,
        argMax(tenant, time) AS tenant, argMax(job, time) AS job, argMax(model, time) AS model,
        toUnixTimestamp64Milli(max(time)) AS last_ms,
        toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms,
-       sum(interval_ms) AS covered_ms,
+       sum(claimed_ms) AS covered_ms,
        argMax(c, time) AS last_c,
        countIf(c = 0) AS n_false,
        toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms,
        toUInt8({sustained}) AS sustained{extra}
 FROM (
-    SELECT cluster, node, gpu_uuid, gpu_index, tenant, job, model, time, interval_ms{columns},
+    SELECT cluster, node, gpu_uuid, gpu_index, tenant, job, model, time, interval_ms, claimed_ms{columns},
            toUInt8(ifNull({cond}, 0)) AS c
     FROM {{db:Identifier}}.gpu_samples
     WHERE {window}
@@ -201,6 +204,8 @@ def build(rule: AnyRule, now_ms: int) -> Query:
         return _mfu(rule, now_ms)
     if isinstance(rule, AgentCounterRising):
         return _agent_counter(rule, now_ms)
+    if isinstance(rule, GpuClaimConflict):
+        return _claim_conflict(rule, now_ms)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
         window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having,
@@ -227,7 +232,8 @@ def _node_silent(rule: NodeSilent, now_ms: int) -> Query:
 def _mfu(rule: MfuBelowTarget, now_ms: int) -> Query:
     # TODO(rollups): switch to the per-minute rollup / pipeline/queries/mfu.py when they land. Until then:
     # model FLOPs (measured, else the hardware estimate) over peak FLOPs x seconds, known models
-    # only, samples whose FLOPs are unknown left out (never counted as zero).
+    # only, samples whose FLOPs are unknown left out (never counted as zero); claimed seconds, FLOPs
+    # scaled to them, as in the rollups.
     keys = list(rule.by)
     group = f" GROUP BY {', '.join(keys)}" if keys else ""
     select_keys = "".join(f"{k}, " for k in keys)
@@ -237,7 +243,9 @@ def _mfu(rule: MfuBelowTarget, now_ms: int) -> Query:
         "toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms, "
         "toUnixTimestamp64Milli(max(time)) AS last_ms "
         "FROM (SELECT cluster, tenant, gpu_uuid, time, interval_ms, "
-        "coalesce(flops_measured, flops_estimated) AS f, peak_flops * interval_ms / 1000 AS p "
+        "if(claimed_ms = interval_ms, coalesce(flops_measured, flops_estimated), "
+        "coalesce(flops_measured, flops_estimated) * claimed_ms / interval_ms) AS f, "
+        "peak_flops * claimed_ms / 1000 AS p "
         f"FROM {{db:Identifier}}.gpu_samples WHERE {_WINDOW} AND peak_flops IS NOT NULL{allocated}) "
         f"WHERE f IS NOT NULL{group} "
         "HAVING count() > 0 AND last_ms > {fresh_ms:Int64} AND first_start_ms <= {start_ms:Int64} "
@@ -277,6 +285,58 @@ def _agent_counter(rule: AgentCounterRising, now_ms: int) -> Query:
                        "min_increase": rule.min_increase})
 
 
+# GPUs whose streams' reported spans overlap (from `gpu_claim_homes`, a few rows per GPU), then their
+# streams' samples (`gpu_samples`, over its primary key): each stream's span of reported intervals per
+# minute of interval start, compared in every minute both touch. An interval is at most an hour long,
+# so the scan reaches an hour and a minute back.
+_CLAIM_CONFLICT_SQL = """
+WITH
+    homes AS (
+        SELECT gpu_uuid, cluster, node, boot_id, min(first_start_ms) AS lo, max(last_end_ms) AS hi
+        FROM {db:Identifier}.gpu_claim_homes
+        GROUP BY gpu_uuid, cluster, node, boot_id
+        HAVING hi > {scan_ms:Int64} AND lo < {now_ms:Int64}
+    ),
+    suspects AS (
+        SELECT DISTINCT a.gpu_uuid AS gpu_uuid
+        FROM homes AS a
+        INNER JOIN homes AS b ON a.gpu_uuid = b.gpu_uuid
+        WHERE (a.cluster, a.node, a.boot_id) < (b.cluster, b.node, b.boot_id) AND a.lo < b.hi AND b.lo < a.hi
+    ),
+    spans AS (
+        SELECT intDiv(toUnixTimestamp64Milli(time) - interval_ms, 60000) AS minute, gpu_uuid, cluster, node, boot_id,
+               min(toUnixTimestamp64Milli(time) - interval_ms) AS lo, max(toUnixTimestamp64Milli(time)) AS hi
+        FROM {db:Identifier}.gpu_samples
+        WHERE (cluster, node) IN (SELECT cluster, node FROM homes WHERE gpu_uuid IN (SELECT gpu_uuid FROM suspects))
+          AND gpu_uuid IN (SELECT gpu_uuid FROM suspects)
+          AND time > fromUnixTimestamp64Milli({scan_ms:Int64}, 'UTC')
+          AND time <= fromUnixTimestamp64Milli({now_ms:Int64}, 'UTC')
+        GROUP BY minute, gpu_uuid, cluster, node, boot_id
+    ),
+    spread AS (
+        SELECT gpu_uuid, cluster, node, boot_id, lo, hi,
+               arrayJoin(range(intDiv(lo, 60000), intDiv(hi - 1, 60000) + 1)) AS bucket
+        FROM spans
+    )
+SELECT a.gpu_uuid AS gpu_uuid,
+       arraySort(groupUniqArray(concat(a.cluster, '/', a.node, ' (boot ', a.boot_id, ')'))) AS claimers,
+       min(greatest(a.lo, b.lo)) AS since_ms,
+       max(least(a.hi, b.hi)) AS last_ms
+FROM spread AS a
+INNER JOIN spread AS b ON a.gpu_uuid = b.gpu_uuid AND a.bucket = b.bucket
+WHERE (a.cluster, a.node, a.boot_id) != (b.cluster, b.node, b.boot_id) AND a.lo < b.hi AND b.lo < a.hi
+GROUP BY gpu_uuid
+HAVING last_ms > {from_ms:Int64}
+ORDER BY gpu_uuid
+"""
+
+
+def _claim_conflict(rule: GpuClaimConflict, now_ms: int) -> Query:
+    window = duration_ms(rule.window)
+    return Query(_CLAIM_CONFLICT_SQL, {"from_ms": now_ms - window, "now_ms": now_ms,
+                                       "scan_ms": now_ms - window - 3_660_000})
+
+
 def iso(ms: int) -> str:
     """Unix ms -> `2026-11-18T08:26:40.000Z`."""
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -290,6 +350,8 @@ def candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> lis
         return [_mfu_candidate(rule, r) for r in rows]
     if isinstance(rule, AgentCounterRising):
         return [_agent_candidate(rule, r) for r in rows]
+    if isinstance(rule, GpuClaimConflict):
+        return [_conflict_candidate(rule, r) for r in rows]
     if isinstance(rule, GpuFailing) and rule.for_ms > 0:  # keep_firing_for applies to `for: 0` only
         rows = [r for r in rows if r["last_c"]]
     return [_gpu_candidate(rule, r, now_ms) for r in rows]
@@ -386,6 +448,14 @@ def _agent_candidate(rule: AgentCounterRising, row: Mapping[str, Any]) -> Candid
     ctx = {**labels, rule.COUNT: increase, "window": format_duration(duration_ms(rule.window)),
            "value": float(increase)}
     return Candidate(_clean(labels), True, int(row["since_ms"]), int(row["last_ms"]), float(increase), ctx)
+
+
+def _conflict_candidate(rule: GpuClaimConflict, row: Mapping[str, Any]) -> Candidate:
+    labels = {"gpu": row["gpu_uuid"]}
+    claimers = list(row["claimers"])
+    ctx = {**labels, "streams": len(claimers), "claimers": ", ".join(claimers),
+           "window": format_duration(duration_ms(rule.window)), "value": float(len(claimers))}
+    return Candidate(_clean(labels), True, int(row["since_ms"]), int(row["last_ms"]), float(len(claimers)), ctx)
 
 
 def _clean(labels: Mapping[str, str]) -> dict[str, str]:

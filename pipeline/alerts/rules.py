@@ -272,9 +272,24 @@ class AgentSendErrors(AgentCounterRising, tag="agent_send_errors", kw_only=True)
         return self.min_errors
 
 
+class GpuClaimConflict(Rule, tag="gpu_claim_conflict", kw_only=True):
+    """One GPU reported by more than one stream (cluster, node, boot id) for overlapping time within
+    `window`: the agent installed twice, a node renamed while its old agent still runs, two nodes
+    configured with one name's GPUs. Each GPU-second is billed once (docs/aggregations.md, "Claims");
+    the other streams' overlapping time is not billed. One alert per GPU, firing at the first overlap,
+    resolving once `window` has passed without one."""
+
+    window: Duration = "15m"
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = ("gpu", "streams", "claimers", "window", "active_for", "value")
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"window": self.window}
+
+
 AnyRule = (
     GpuFailing | GpuDegraded | GpuIdleAllocated | GpuHeldNoProcess | GpuBusyUnallocated | NodeSilent | MfuBelowTarget
-    | AgentSpoolDropping | AgentSendErrors
+    | AgentSpoolDropping | AgentSendErrors | GpuClaimConflict
 )
 KINDS: Final = {cls.__struct_config__.tag: cls for cls in AnyRule.__args__}  # type: ignore[attr-defined]
 
@@ -293,7 +308,7 @@ def _sample_context(rule: Rule) -> dict[str, object]:
     """Typed stand-ins for every placeholder, to check format specs (`{util_pct:.1f}`) at load time."""
     numeric = {"value", "util_pct", "threshold_pct", "gpu_hours_wasted", "mem_used_gib", "mfu_pct", "target_pct",
                "temp_c"}
-    ints = {"processes", "gpus", "dropped", "errors"}
+    ints = {"processes", "gpus", "dropped", "errors", "streams"}
     return {p: 1.0 if p in numeric else 1 if p in ints else "x" for p in rule.PLACEHOLDERS}
 
 
@@ -341,7 +356,7 @@ def _problems(rule: AnyRule) -> Iterator[str]:
         yield f"`labels` may not set {', '.join(clash)}: the evaluator sets those"
     if isinstance(rule, MfuBelowTarget) and len(set(rule.by)) != len(rule.by):
         yield "`by` lists a key twice"
-    if isinstance(rule, MfuBelowTarget | AgentCounterRising) and duration_ms(rule.window) == 0:
+    if isinstance(rule, MfuBelowTarget | AgentCounterRising | GpuClaimConflict) and duration_ms(rule.window) == 0:
         yield "`window` must be longer than 0"
     if isinstance(rule, NodeSilent) and duration_ms(rule.forget_after) <= duration_ms(rule.silent_after):
         yield "`forget_after` must be longer than `silent_after`"

@@ -43,8 +43,9 @@ def sustained(since_ms: str, cover_ms: str) -> str:
     """"Sustained for D", as an aggregate over one series' samples whose condition is the column `c` (1 or 0).
 
     True when no sample fails the condition, the samples reach back to `since_ms` (now - D) and
-    their intervals cover at least `cover_ms` (coverage x D): a lost message or two is tolerated, a
-    series that stopped reporting is not. Both arguments are SQL: bound parameters or macros.
+    their claimed time covers at least `cover_ms` (coverage x D): a lost message or two is tolerated,
+    a series that stopped reporting is not, a second agent reporting the same seconds adds nothing.
+    Both arguments are SQL: bound parameters or macros; the samples must carry `claimed_ms`.
     """
     return (f"countIf(c = 0) = 0\n    AND {FIRST_START_MS} <= {since_ms}\n"
-            f"    AND sum(interval_ms) >= {cover_ms}")
+            f"    AND sum(claimed_ms) >= {cover_ms}")

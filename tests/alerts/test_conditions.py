@@ -108,5 +108,5 @@ def test_mfu_below_target_per_tenant_and_fleet(alertmanager, alerts_cfg, ch_stor
 def test_shipped_rules_load() -> None:
     assert [r.name for r in load_rules().rules] == [
         "GpuFailing", "GpuDegraded", "GpuIdleAllocated", "GpuHeldNoProcess", "GpuBusyUnallocated", "NodeSilent",
-        "AgentSpoolDropping",
+        "AgentSpoolDropping", "GpuClaimConflict",
         "FleetMfuBelowTarget", "TenantMfuBelowTarget"]

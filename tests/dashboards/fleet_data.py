@@ -3,7 +3,8 @@
 70 minutes of a 4-node x 4-GPU simulated fleet (`agents.collectors.simulated`) at 20 s, with one
 fault of every kind placed so that, at the end `END_MS`, each Grafana alert rule's condition holds;
 jobs of the first tenant report measured FLOPs (as jobs using the OTLP helper would); some agents
-report spool depth and send errors; three messages sit in the dead-letter table; October usage is
+report spool depth and send errors; for the last 8 minutes a second agent (another boot id) on one
+node reports one of its GPUs again; three messages sit in the dead-letter table; October usage is
 billed and closed, more October usage arrives late, and November is closed too, so statements and
 adjustments exist; and the real alert evaluator has run over the data, so the `alerts` table holds
 firing and resolved episodes. Everything goes through the pipeline's own insert path
@@ -106,6 +107,18 @@ def _sick_agent(reports: list[NodeReport], node: str) -> None:
             r.agent.spool_dropped_total = 3  # the spool overflowed 10 minutes before the end: 3 messages lost
 
 
+def _second_agent(reports: list[NodeReport], node: str, index: int) -> list[NodeReport]:
+    """The agent installed twice on `node` for the last 8 minutes: a second boot id reports GPU `index` again
+    (same samples; its time is claimed already, so it bills nothing and GpuClaimConflict fires)."""
+    out = []
+    for r in reports:
+        if r.node == node and r.time_ms > END_MS - 8 * MINUTE:
+            gpus = [g for g in r.gpus if g.index == index]
+            out.append(report(node=node, cluster=r.cluster, seq=len(out), time_ms=r.time_ms, gpus=gpus,
+                              interval_ms=r.interval_ms, boot_id=f"{node}-second-agent"))
+    return out
+
+
 def _insert_in_batches(store: Store, reports: list[NodeReport], deriver: Deriver) -> None:
     """Insert two minutes of reports at a time, ingested 1.5 s after the batch's last sample."""
     batch: list[NodeReport] = []
@@ -177,7 +190,7 @@ def load(store: Store) -> Loaded:
     """Load the dataset into the store's (migrated, empty) database."""
     fleet = simulated_fleet()
     reports = simulated_reports(fleet)
-    _insert_in_batches(store, reports, Deriver())
+    _insert_in_batches(store, reports + _second_agent(reports, fleet.node_names[2], 3), Deriver())
     _dead_letters(store)
     _billing(store, list(fleet.tenant_names))
     _alerts(store)

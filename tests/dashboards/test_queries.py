@@ -159,8 +159,12 @@ def test_alert_rules_fire_for_exactly_the_injected_faults(fleet: Fleet) -> None:
         if rule["title"] not in expected:
             continue
         columns, _, rows = run_rule(fleet, rule)
-        got = {(d["node"], d.get("gpu_index")) for d in firing(rule, columns, rows)}
+        got = {(d.get("node"), d.get("gpu_index")) for d in firing(rule, columns, rows)}
         assert got == expected[rule["title"]], rule["title"]
+    conflict = next(r for r in RULES if r["title"] == "GpuClaimConflict")  # labelled by GPU UUID only
+    twice = next(g.uuid for r in fd.simulated_reports(fleet.data.fleet) if r.node == "sim-node-002"
+                 for g in r.gpus if g.index == 3)
+    assert [d["gpu"] for d in firing(conflict, *run_rule(fleet, conflict)[::2])] == [twice]
     idle = next(r for r in RULES if r["title"] == "GpuIdleAllocated")
     (row,) = firing(idle, *run_rule(fleet, idle)[::2])
     assert row["tenant"] == fleet.data.focus_tenant
@@ -169,7 +173,7 @@ def test_alert_rules_fire_for_exactly_the_injected_faults(fleet: Fleet) -> None:
 def test_grafana_rules_agree_with_the_gpufleet_evaluator(fleet: Fleet) -> None:
     """The alerts the evaluator has firing at the end are the ones the Grafana rules fire."""
     evaluator = {
-        (name, labels.get("node", ""), labels.get("gpu_index", ""))
+        (name, labels.get("node", ""), labels.get("gpu_index", ""), labels.get("gpu", ""))
         for name, labels in fleet.client.query(
             "SELECT alertname, labels FROM alerts FINAL WHERE state = 'firing' AND alertname NOT LIKE '%Mfu%'"
         ).result_rows
@@ -179,7 +183,8 @@ def test_grafana_rules_agree_with_the_gpufleet_evaluator(fleet: Fleet) -> None:
         if "Mfu" in rule["title"]:
             continue
         columns, _, rows = run_rule(fleet, rule)
-        grafana |= {(rule["title"], d["node"], d.get("gpu_index", "")) for d in firing(rule, columns, rows)}
+        grafana |= {(rule["title"], d.get("node", ""), d.get("gpu_index", ""), d.get("gpu", ""))
+                    for d in firing(rule, columns, rows)}
     assert grafana == evaluator
 
 
