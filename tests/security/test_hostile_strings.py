@@ -56,8 +56,10 @@ def fleet(cluster: str, base_ms: int) -> list[wire.NodeReport]:
     n = len(HOSTILE)
     for i, hostile in enumerate(HOSTILE):
         node = _name(f"{i:02d}{hostile}")
-        g = gpu(0, node, uuid=_name(f"GPU-{i}-{hostile}"), tenant=hostile, job=HOSTILE[(i + 1) % n],
-                model=HOSTILE[(i + 2) % n], error=None, compute_processes=0, util_gpu_ratio=0.0)
+        # each path's copy has GPUs of its own: one GPU reported by three clusters would be billed once
+        g = gpu(0, node, uuid=_name(f"GPU-{CLUSTERS.index(cluster)}-{i}-{hostile}"), tenant=hostile,
+                job=HOSTILE[(i + 1) % n], model=HOSTILE[(i + 2) % n], error=None, compute_processes=0,
+                util_gpu_ratio=0.0)
         out += [report(node=node, cluster=_name(cluster + hostile[:8]) if i % 2 else cluster, seq=k,
                        time_ms=base_ms + k * MIN, interval_ms=MIN, gpus=[g]) for k in range(1, MINUTES + 1)]
     return out
