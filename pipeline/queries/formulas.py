@@ -3,8 +3,8 @@
 The read side (pipeline/queries/mfu.py, waterfall.py), the alert evaluator (pipeline/alerts/queries.py)
 and the Grafana boards and alert rules (dashboards/) all build their SQL from these, so a board, an
 alert and `gpufleet status` cannot disagree on what they mean. The `usage_hourly` view (migration
-0002, immutable once applied) spells the same MFU; tests/pipeline/test_formulas.py holds it to this
-definition.
+0032, immutable once applied) spells the same MFU over signed sums (the outranked claims subtracted);
+tests/pipeline/test_formulas.py holds it to this definition.
 """
 
 from __future__ import annotations

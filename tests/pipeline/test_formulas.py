@@ -1,14 +1,14 @@
 """The shared formulas: MFU and "sustained for D" are one definition wherever they are computed.
 
 MFU is computed in four places: `pipeline/queries/mfu.py` (status, the MFU commands), the
-`usage_hourly` view (billing), the boards and the Grafana MFU rule. The view comes from migration
-0002, which cannot change once applied, so it is held to `formulas` by its text and by its numbers.
+`usage_hourly` view (billing), the boards and the Grafana MFU rule. The view comes from a migration
+(the newest that defines it, 0032), which cannot change once applied, so it is held to `formulas` by
+its text and by its numbers.
 """
 
 from __future__ import annotations
 
 import re
-from importlib import resources
 
 import pytest
 
@@ -22,6 +22,7 @@ from gpufleet.pipeline.queries import formulas
 from gpufleet.pipeline.queries.mfu import _QUERIES, mfu_by_scope
 from gpufleet.pipeline.queries.usage import usage_rows
 from gpufleet.pipeline.queries.window import Window
+from gpufleet.pipeline.store.migrate import available
 from tests.builders import H100, gpu, report
 
 H = 1_794_999_600_000  # 2026-11-18T11:00:00Z, a whole hour
@@ -29,14 +30,24 @@ MYSTERY = "Mystery X1"  # no peak FLOP/s known: no MFU
 
 
 def _usage_view_sql() -> str:
-    text = resources.files("gpufleet.pipeline.store.migrations").joinpath("0002_usage_rollups.sql").read_text()
-    return text[text.index("CREATE VIEW IF NOT EXISTS ${db}.usage_hourly"):]
+    """The `usage_hourly` the store runs: the newest migration that defines it."""
+    defines = re.compile(r"CREATE (?:OR REPLACE )?VIEW (?:IF NOT EXISTS )?\$\{db\}\.usage_hourly")
+    for m in reversed(available()):
+        found = defines.search(m.sql)
+        if found:
+            return m.sql[found.start():]
+    raise AssertionError("no migration defines usage_hourly")
 
 
 def test_the_usage_view_spells_the_shared_mfu() -> None:
     view = _usage_view_sql()
-    assert f"{formulas.achieved_flop('u.')} AS achieved_flop" in view
-    assert f"{formulas.peak_flop('u.')} AS peak_flop" in view
+    # 0032 sums the hour rollup's rows (sign 1) less the outranked claims' minute rows (sign -1)
+    # per GPU, then per tenant and model: the same sums as `formulas`, signed.
+    assert ("sum(r.sign * r.measured_flop) + sum(r.sign * r.estimated_unmeasured_flop) AS achieved_flop"
+            in view)
+    assert "sum(r.sign * r.peak_capacity_flop) AS peak_flop" in view
+    assert "sum(g.achieved_flop) AS achieved_flop" in view
+    assert "sum(g.peak_flop) AS peak_flop" in view
     assert f"{formulas.ratio('u.achieved_flop', 'u.peak_flop')} AS mfu" in view
 
 
