@@ -34,13 +34,16 @@ from gpufleet.pipeline.alerts.rules import (
     GpuHeldNoProcess,
     GpuIdleAllocated,
     GpuRule,
+    JobRule,
+    JobStalled,
+    JobStraggler,
     MfuBelowTarget,
     NodeSilent,
     duration_ms,
     packaged_rules,
     runbook_link,
 )
-from gpufleet.pipeline.queries import formulas
+from gpufleet.pipeline.queries import formulas, job_signals
 
 FOLDER_TITLE: Final = "GPU fleet"
 FOLDER_UID: Final = "gpufleet"
@@ -70,13 +73,6 @@ def _sustained(rule: GpuRule) -> str:
     """`formulas.sustained` for the rule's `for` D, ending at the evaluation's `$__toTime`."""
     since = f"toUnixTimestamp64Milli($__toTime_ms) - {rule.for_ms}"
     return formulas.sustained(since, f"{rule.coverage} * {rule.for_ms}")
-
-
-def _increase(column: str) -> str:
-    """A counter's increase over the window in time order; a drop (reset) counts the new value."""
-    pairs = f"groupArrayIf((time, assumeNotNull({column})), {column} IS NOT NULL)"
-    values = f"arrayMap(p -> toInt64(p.2), arraySort(p -> p.1, {pairs}))"
-    return f"arraySum(arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference({values}), {values}))"
 
 
 _GPU_LABELS: Final = ("cluster", "node", "gpu", "gpu_index", "tenant")
@@ -130,9 +126,9 @@ def _degraded(rule: GpuDegraded) -> AlertQuery:
     nvlink = ("if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
               "ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)) AS nvlink_errors")
     rising = (
-        f"{_increase('ecc_corrected_volatile')} >= {rule.ecc_corrected_increase}"
-        f"\n    OR {_increase('pcie_replay_count')} >= {rule.pcie_replay_increase}"
-        f"\n    OR {_increase('nvlink_errors')} >= {rule.nvlink_error_increase}"
+        f"{formulas.increase('ecc_corrected_volatile')} >= {rule.ecc_corrected_increase}"
+        f"\n    OR {formulas.increase('pcie_replay_count')} >= {rule.pcie_replay_increase}"
+        f"\n    OR {formulas.increase('nvlink_errors')} >= {rule.nvlink_error_increase}"
     )
     return _gpu_query(
         rule, cond, f"argMax(c, time) = 1 AND {_sustained(rule)}\n    OR {rising}", "1",
@@ -169,6 +165,41 @@ def _busy(rule: GpuBusyUnallocated) -> AlertQuery:
         "greatest(argMax(ifNull(compute_processes, 0), time), 1)",
         columns=("error", "compute_processes", "mem_used_bytes"),
     )
+
+
+def _job_span(rule: JobRule) -> job_signals.Span:
+    """The evaluator's window, freshness and "sustained for D", ending at the evaluation's `$__toTime`."""
+    to = "toUnixTimestamp64Milli($__toTime_ms)"
+    return job_signals.Span("$__timeFilter(time)", f"{to} - {rule.max_age_ms}", f"{to} - {rule.for_ms}",
+                            f"{rule.coverage} * {rule.for_ms}")
+
+
+def _window_s(rule: JobRule) -> int:
+    return max(rule.for_ms, rule.max_age_ms) // 1000
+
+
+def _stalled(rule: JobStalled) -> AlertQuery:
+    """One row per job every fresh GPU of which has been stall-like for `for` (`job_signals.stalled_jobs`)."""
+    inner = job_signals.stalled_jobs("gpu_samples", _job_span(rule), job_signals.stall_literal(rule))
+    text = sql("""
+        SELECT cluster, tenant, job, gpus
+        FROM
+        ({inner})
+        WHERE sustained = 1
+        """, inner=inner.strip())
+    return AlertQuery(text, _window_s(rule), ("cluster", "tenant", "job"), "gpus")
+
+
+def _straggler(rule: JobStraggler) -> AlertQuery:
+    """One row per straggling GPU, sustained for `for` (`job_signals.stragglers`); its value is 1."""
+    inner = job_signals.stragglers("gpu_samples", _job_span(rule), job_signals.straggler_literal(rule))
+    text = sql("""
+        SELECT cluster, node, gpu_uuid AS gpu, toString(gpu_index) AS gpu_index, tenant, job, toUInt8(1) AS value
+        FROM
+        ({inner})
+        WHERE sustained = 1
+        """, inner=inner.strip())
+    return AlertQuery(text, _window_s(rule), ("cluster", "node", "gpu", "gpu_index", "tenant", "job"), "value")
 
 
 def _silent(rule: NodeSilent) -> AlertQuery:
@@ -290,6 +321,8 @@ _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
     GpuBusyUnallocated: _busy,
     NodeSilent: _silent,
     MfuBelowTarget: _mfu,
+    JobStalled: _stalled,
+    JobStraggler: _straggler,
 }
 
 _SUMMARIES: Final[dict[type, str]] = {
@@ -318,6 +351,14 @@ _SUMMARIES: Final[dict[type, str]] = {
     GpuBusyUnallocated: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} is allocated to no one but busy",
     NodeSilent: "Node {{ $labels.node }} ({{ $labels.cluster }}) has sent nothing for {{ $values.A.Value }} s",
     MfuBelowTarget: "MFU {{ humanizePercentage $values.A.Value }} over the window, under the target",
+    JobStalled: (
+        "Job {{ $labels.job }} of tenant {{ $labels.tenant }} looks hung: {{ $values.A.Value }} GPU(s) busy "
+        "with no tensor work at near-idle power"
+    ),
+    JobStraggler: (
+        "Job {{ $labels.job }} ({{ $labels.tenant }}) is held back by GPU {{ $labels.gpu_index }} on "
+        "{{ $labels.node }}"
+    ),
 }
 
 

@@ -138,6 +138,48 @@ class BillingConfig(Strict):
     """An allocated GPU below this utilization is idle."""
 
 
+class StallConfig(Strict):
+    """What a stalled job looks like, sample by sample (docs/alerts.md, JobStalled; docs/aggregations.md)."""
+
+    for_s: Positive = 600.0
+    """A GPU counts as stalled (the waterfall's `stalled`, `gpufleet jobs`) once its run of stall-like samples
+    lasted this long; shorter runs (a slow step) stay busy."""
+    util_above: Ratio = 0.9
+    """Utilization at or above this: kernels are resident (a hung collective spins at ~100 %)."""
+    tensor_below: Ratio = 0.05
+    """Tensor-pipe activity at or below this: no math is done (a GPU without the counter: `sm_below`)."""
+    sm_below: Ratio = 0.3
+    """SM activity at or below this, where tensor activity is unknown (neither known: never stalled)."""
+    power_below_ratio: Ratio = 0.3
+    """Power at or below this share of the GPU's power limit (the enforced limit, else the model's default
+    board power, `gpu_facts.POWER_LIMIT_TABLE`; neither known: never stalled)."""
+    flops_below_ratio: Ratio = 0.01
+    """Measured FLOPs, where the job reports them, at or below this share of peak x interval (flat)."""
+    max_gap_s: Positive = 60.0
+    """A run of stall-like samples ends at a gap in the GPU's samples longer than this."""
+
+
+class StragglerConfig(Strict):
+    """Which GPU of a job drags it (docs/alerts.md, JobStraggler); `gpufleet jobs` lists them with these."""
+
+    for_s: Positive = 600.0
+    below_ratio: Ratio = 0.9
+    """A sample below this share of the job's median (SM clock, tensor activity, measured FLOP/s) is slow."""
+    throttle_mask: int = 0xEC
+    """Clock-event bits that count as throttling: SW power cap, HW slowdown, SW/HW thermal, HW power brake."""
+    peers_throttling_below: Ratio = 0.5
+    """Throttling makes a straggler only while fewer than this share of the job's other GPUs throttle."""
+    min_job_util: Ratio = 0.5
+    """Only a busy job has stragglers: its GPUs' median utilization over the window at least this."""
+    min_job_tensor: Ratio = 0.05
+    """Tensor activity is compared only when the job's median is at least this (no math, no straggler)."""
+
+
+class JobsConfig(Strict):
+    stall: StallConfig = msgspec.field(default_factory=StallConfig)
+    straggler: StragglerConfig = msgspec.field(default_factory=StragglerConfig)
+
+
 class AlertsConfig(Strict):
     rules_file: str | None = None
     """Declarative rules (YAML); the shipped defaults when unset."""
@@ -163,6 +205,7 @@ class Config(Strict):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     peak_flops: dict[str, Positive] = {}
     """Peak dense BF16 FLOP/s per GPU model name, overriding or extending the built-in table."""
 

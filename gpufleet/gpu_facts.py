@@ -1,4 +1,4 @@
-"""Facts about GPUs that several parts share: peak FLOP/s per model and NVML's throttle bits.
+"""Facts about GPUs that several parts share: peak FLOP/s and default power limit per model, NVML's throttle bits.
 
 Peak figures are dense BF16 tensor FLOP/s per GPU (half the datasheet's "with sparsity" figure),
 the denominator of MFU. Sources: NVIDIA and AMD datasheets, as tabulated by torchtitan's
@@ -54,6 +54,37 @@ def peak_flops(name: str, overrides: Mapping[str, float] | None = None) -> float
         return float(overrides[name])
     key = canonical_model(name)
     return PEAK_TABLE[key].flops if key else None
+
+
+@dataclass(frozen=True)
+class PowerLimit:
+    watts: float
+    """The board's default power limit (TDP), W."""
+    source: str
+    patterns: tuple[str, ...]
+    """Lower-case substrings of NVML's model name (first match wins), as in `PEAK_TABLE`."""
+
+
+# The fallback for a GPU whose enforced power limit is not known (no NVML reading on the sample):
+# the model's default board power. Order matters, as in PEAK_TABLE (specific names first).
+POWER_LIMIT_TABLE: Final[dict[str, PowerLimit]] = {
+    "GB200": PowerLimit(1200, "NVIDIA GB200 NVL72 datasheet, per GPU (configurable up to 1,200 W)", ("gb200",)),
+    "B200": PowerLimit(1000, "NVIDIA B200 datasheet (HGX B200), up to 1,000 W", ("b200",)),
+    "H200 NVL": PowerLimit(600, "NVIDIA H200 NVL datasheet, up to 600 W", ("h200 nvl",)),
+    "H200": PowerLimit(700, "NVIDIA H200 SXM datasheet, up to 700 W", ("h200",)),
+    "H100 NVL": PowerLimit(400, "NVIDIA H100 NVL datasheet, 350-400 W", ("h100 nvl",)),
+    "H100 PCIe": PowerLimit(350, "NVIDIA H100 PCIe datasheet, 300-350 W", ("h100 pcie",)),
+    "H100 SXM": PowerLimit(700, "NVIDIA H100 SXM datasheet, up to 700 W", ("h100",)),
+    "A100 PCIe": PowerLimit(300, "NVIDIA A100 PCIe 80GB datasheet, 300 W", ("a100 80gb pcie", "a100-pcie")),
+    "A100": PowerLimit(400, "NVIDIA A100 SXM datasheet, 400 W", ("a100",)),
+    "MI300X": PowerLimit(750, "AMD Instinct MI300X datasheet, 750 W", ("mi300x",)),
+}
+
+
+def default_power_limit_w(name: str) -> float | None:
+    """The model's default power limit (W) for an NVML model name, or None when the table does not know it."""
+    low = name.lower()
+    return next((p.watts for p in POWER_LIMIT_TABLE.values() if any(s in low for s in p.patterns)), None)
 
 
 # NVML clocks-event (throttle) reason bits, nvmlClocksEventReason*.

@@ -230,7 +230,7 @@ def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int, runbook_
     ctx["active_for"] = format_duration(max(0, now - rec.active_at))
     value = cand.value
     if cand.tracks_waste:
-        hours = max(0, cand.last_ms - rec.active_at) / 3_600_000
+        hours = cand.gpus * max(0, cand.last_ms - rec.active_at) / 3_600_000
         ctx["gpu_hours_wasted"] = hours
         if value is None:
             value = hours

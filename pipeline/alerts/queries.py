@@ -16,7 +16,8 @@ satisfying samples began within the window.
 
 Agent counters (`agent_spool_dropping`, `agent_send_errors`) read `agent_reports`: the counter's
 increase over `(now - window, now]`, see `AgentCounterRising`. Claim conflicts (`gpu_claim_conflict`)
-read `gpu_claim_homes`, then the suspect GPUs' samples.
+read `gpu_claim_homes`, then the suspect GPUs' samples. Job kinds (`job_stalled`, `job_straggler`) are
+built by `pipeline/queries/job_signals.py`, which the Grafana rules share.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ from gpufleet.pipeline.alerts.rules import (
     GpuHeldNoProcess,
     GpuIdleAllocated,
     GpuRule,
+    JobRule,
+    JobStalled,
+    JobStraggler,
     MfuBelowTarget,
     NodeSilent,
     duration_ms,
     format_duration,
 )
-from gpufleet.pipeline.queries import formulas
+from gpufleet.pipeline.queries import formulas, job_signals
 
 GIB: Final = float(1 << 30)
 THROTTLE_NAMES: Final = {
@@ -80,7 +84,9 @@ class Candidate:
     """The number the alert is about (see docs/alerts.md); None: the GPU-hours wasted, known to the evaluator."""
     context: dict[str, Any]
     tracks_waste: bool = False
-    """The evaluator adds `gpu_hours_wasted` (from the alert's active_at to `last_ms`)."""
+    """The evaluator adds `gpu_hours_wasted` (from the alert's active_at to `last_ms`, times `gpus`)."""
+    gpus: int = 1
+    """GPUs the alert holds (a job's): what `gpu_hours_wasted` multiplies."""
 
 
 def _ms(name: str) -> str:
@@ -115,13 +121,6 @@ ORDER BY cluster, node, gpu_index
 _SAME_TENANT = "tenant = argMax(tenant, time) OVER (PARTITION BY cluster, node, gpu_uuid)"
 
 
-def _increase(col: str) -> str:
-    """Counter increase over the window, in time order; a reset (a drop) counts the new value."""
-    pairs = f"groupArrayIf((time, assumeNotNull({col})), {col} IS NOT NULL)"
-    vals = f"arrayMap(p -> toInt64(p.2), arraySort(p -> p.1, {pairs}))"
-    return f"arraySum(arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference({vals}), {vals}))"
-
-
 @dataclass(frozen=True)
 class _GpuShape:
     cond: str
@@ -154,9 +153,9 @@ def _gpu_shape(rule: GpuRule) -> _GpuShape:
             ("argMax(ifNull(clock_event_reasons, 0), time) AS throttle_bits",
              "argMax(temp_gpu_c, time) AS temp_c",
              "argMax(ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0), time) AS remap",
-             f"{_increase('ecc_corrected_volatile')} AS ecc_inc",
-             f"{_increase('pcie_replay_count')} AS pcie_inc",
-             f"{_increase(nvlink)} AS nvlink_inc"),
+             f"{formulas.increase('ecc_corrected_volatile')} AS ecc_inc",
+             f"{formulas.increase('pcie_replay_count')} AS pcie_inc",
+             f"{formulas.increase(nvlink)} AS nvlink_inc"),
             "last_c = 1 OR ecc_inc >= {ecc_min:Int64} OR pcie_inc >= {pcie_min:Int64}"
             " OR nvlink_inc >= {nvlink_min:Int64}",
         )
@@ -206,6 +205,8 @@ def build(rule: AnyRule, now_ms: int) -> Query:
         return _agent_counter(rule, now_ms)
     if isinstance(rule, GpuClaimConflict):
         return _claim_conflict(rule, now_ms)
+    if isinstance(rule, JobRule):
+        return _job(rule, now_ms)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
         window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having,
@@ -216,6 +217,22 @@ def build(rule: AnyRule, now_ms: int) -> Query:
               "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
               **_gpu_params(rule, now_ms)}
     return Query(sql, params)
+
+
+def _job(rule: JobRule, now_ms: int) -> Query:
+    span = job_signals.Span(_WINDOW, "{fresh_ms:Int64}", "{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
+    params: dict[str, Any] = {
+        "from_ms": now_ms - max(rule.for_ms, rule.max_age_ms), "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
+        "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
+    }
+    table = "{db:Identifier}.gpu_samples"
+    if isinstance(rule, JobStalled):
+        return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND),
+                     {**params, **job_signals.stall_params(rule)})
+    if isinstance(rule, JobStraggler):
+        return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND),
+                     {**params, **job_signals.straggler_params(rule)})
+    raise TypeError(f"no job query for {type(rule).__name__}")
 
 
 def _node_silent(rule: NodeSilent, now_ms: int) -> Query:
@@ -352,6 +369,8 @@ def candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> lis
         return [_agent_candidate(rule, r) for r in rows]
     if isinstance(rule, GpuClaimConflict):
         return [_conflict_candidate(rule, r) for r in rows]
+    if isinstance(rule, JobRule):
+        return _job_candidates(rule, rows)
     if isinstance(rule, GpuFailing) and rule.for_ms > 0:  # keep_firing_for applies to `for: 0` only
         rows = [r for r in rows if r["last_c"]]
     return [_gpu_candidate(rule, r, now_ms) for r in rows]
@@ -456,6 +475,61 @@ def _conflict_candidate(rule: GpuClaimConflict, row: Mapping[str, Any]) -> Candi
     ctx = {**labels, "streams": len(claimers), "claimers": ", ".join(claimers),
            "window": format_duration(duration_ms(rule.window)), "value": float(len(claimers))}
     return Candidate(_clean(labels), True, int(row["since_ms"]), int(row["last_ms"]), float(len(claimers)), ctx)
+
+
+def _job_candidates(rule: JobRule, rows: list[Mapping[str, Any]]) -> list[Candidate]:
+    if isinstance(rule, JobStalled):
+        return [_stalled_candidate(rule, r) for r in rows]
+    if isinstance(rule, JobStraggler):
+        return _straggler_candidates(rule, rows)
+    raise TypeError(f"no job candidates for {type(rule).__name__}")
+
+
+def _stalled_candidate(rule: JobStalled, row: Mapping[str, Any]) -> Candidate:
+    labels = {"cluster": row["cluster"], "tenant": row["tenant"], "job": row["job"]}
+    gpus = int(row["gpus"])
+    ctx = {**labels, "for": format_duration(rule.for_ms), "since": iso(int(row["since_ms"])), "gpus": gpus,
+           "nodes": ", ".join(row["nodes"]), "gpu_list": ", ".join(row["gpu_uuids"]),
+           "util_pct": 100 * float(row["util"]), "power_pct": 100 * float(row["power_ratio"])}
+    return Candidate(_clean(labels), bool(row["sustained"]), int(row["since_ms"]), int(row["last_ms"]), None, ctx,
+                     tracks_waste=True, gpus=gpus)
+
+
+_CAUSE_TEXT: Final = {
+    "thermal_throttle": "thermal throttling",
+    "power_throttle": "power throttling",
+    "pcie_nvlink_errors": "PCIe/NVLink errors",
+    "clock": "SM clock held low (no throttle reason: clocks set or locked low?)",
+    "below_median": "tensor activity or FLOPs below the job's median (no throttling, clock or link errors seen)",
+}
+
+
+def _straggler_candidates(rule: JobStraggler, rows: list[Mapping[str, Any]]) -> list[Candidate]:
+    """One candidate per GPU; `scope` says when every GPU the job has on that node lags (a slow node)."""
+    slow: dict[tuple[str, str, str, str], int] = {}
+    for r in rows:
+        key = (r["cluster"], r["tenant"], r["job"], r["node"])
+        slow[key] = slow.get(key, 0) + 1
+    return [_straggler_candidate(rule, r, slow[(r["cluster"], r["tenant"], r["job"], r["node"])]) for r in rows]
+
+
+def _straggler_candidate(rule: JobStraggler, row: Mapping[str, Any], slow_on_node: int) -> Candidate:
+    labels = {"cluster": row["cluster"], "node": row["node"], "gpu": row["gpu_uuid"],
+              "gpu_index": str(row["gpu_index"]), "tenant": row["tenant"], "job": row["job"]}
+    on_node, job_gpus = int(row["node_job_gpus"]), int(row["job_gpus"])
+    whole_node = slow_on_node == on_node and 2 <= on_node < job_gpus
+    scope = f"node {row['node']} (all {on_node} of the job's GPUs on it)" if whole_node else f"GPU {row['gpu_index']}"
+    clock, job_clock = row["clock_mhz"], row["job_clock_mhz"]
+    value = float(clock) / float(job_clock) if clock is not None and job_clock else None
+    ctx = {**labels, "for": format_duration(rule.for_ms), "since": iso(int(row["since_ms"])),
+           "cause": _CAUSE_TEXT.get(row["cause"], row["cause"]), "scope": scope, "job_gpus": job_gpus,
+           "clock_mhz": _num(clock), "job_clock_mhz": _num(job_clock), "tensor_pct": 100 * _num(row["tensor"]),
+           "job_tensor_pct": 100 * _num(row["job_tensor"]), "value": value}
+    return Candidate(_clean(labels), bool(row["sustained"]), int(row["since_ms"]), int(row["last_ms"]), value, ctx)
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def _clean(labels: Mapping[str, str]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from gpufleet.config import StallConfig, StragglerConfig
 from gpufleet.errors import ConfigError
 
 DEFAULT_RULES: Final = "default_rules.yaml"
@@ -35,7 +36,7 @@ NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Increase = Annotated[int, msgspec.Meta(ge=1)]
 
-RESERVED_LABELS: Final = frozenset({"alertname", "severity", "cluster", "node", "gpu", "gpu_index", "tenant"})
+RESERVED_LABELS: Final = frozenset({"alertname", "severity", "cluster", "node", "gpu", "gpu_index", "tenant", "job"})
 """Labels the evaluator sets itself; a rule's `labels` may not override them."""
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
@@ -187,6 +188,52 @@ class GpuBusyUnallocated(GpuRule, tag="gpu_busy_unallocated", kw_only=True):
     PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "processes", "mem_used_gib")
 
 
+class JobRule(GpuRule, kw_only=True):
+    """A condition over the GPUs of one job (tenant and job set, GPU readable): each GPU's samples are
+    judged as a per-GPU rule's (`for`, `coverage`, `max_sample_age`); GPUs whose newest sample is older
+    than `max_sample_age` (a silent node, a GPU given to another job) are left out."""
+
+    for_: Duration = msgspec.field(name="for", default="10m")
+
+
+_STALL: Final = StallConfig()
+_STRAGGLER: Final = StragglerConfig()
+_JOB_PLACEHOLDERS: Final = ("cluster", "tenant", "job", "for", "since", "active_for", "value")
+
+
+class JobStalled(JobRule, tag="job_stalled", kw_only=True):
+    """Every GPU of a job looks hung for `for`: utilization at or above `util_above`, tensor activity at or
+    below `tensor_below` (SM activity at or below `sm_below` without a tensor counter), power at or below
+    `power_below_ratio` of the GPU's power limit, and measured FLOPs (where reported) at or below
+    `flops_below_ratio` of peak x interval (`formulas.stall_like`)."""
+
+    util_above: Ratio = _STALL.util_above
+    tensor_below: Ratio = _STALL.tensor_below
+    sm_below: Ratio = _STALL.sm_below
+    power_below_ratio: Ratio = _STALL.power_below_ratio
+    flops_below_ratio: Ratio = _STALL.flops_below_ratio
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (
+        *_JOB_PLACEHOLDERS, "gpus", "nodes", "gpu_list", "util_pct", "power_pct", "gpu_hours_wasted",
+    )
+
+
+class JobStraggler(JobRule, tag="job_straggler", kw_only=True):
+    """A GPU of a busy job on 2+ GPUs is slower than the job for `for`: its SM clock, tensor activity or
+    measured FLOP/s below `below_ratio` of the job's median, or throttling (`throttle_mask`) while fewer
+    than `peers_throttling_below` of its peers do."""
+
+    below_ratio: Ratio = _STRAGGLER.below_ratio
+    throttle_mask: Count = _STRAGGLER.throttle_mask
+    peers_throttling_below: Ratio = _STRAGGLER.peers_throttling_below
+    min_job_util: Ratio = _STRAGGLER.min_job_util
+    """Only while the job's GPUs' median utilization is at least this (an idle job has no straggler)."""
+    min_job_tensor: Ratio = _STRAGGLER.min_job_tensor
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (
+        *_JOB_PLACEHOLDERS, "node", "gpu", "gpu_index", "cause", "scope", "clock_mhz", "job_clock_mhz",
+        "tensor_pct", "job_tensor_pct", "job_gpus",
+    )
+
+
 class NodeSilent(Rule, tag="node_silent", kw_only=True):
     """A node that reported within `forget_after` sent nothing for `silent_after`."""
 
@@ -289,7 +336,7 @@ class GpuClaimConflict(Rule, tag="gpu_claim_conflict", kw_only=True):
 
 AnyRule = (
     GpuFailing | GpuDegraded | GpuIdleAllocated | GpuHeldNoProcess | GpuBusyUnallocated | NodeSilent | MfuBelowTarget
-    | AgentSpoolDropping | AgentSendErrors | GpuClaimConflict
+    | AgentSpoolDropping | AgentSendErrors | GpuClaimConflict | JobStalled | JobStraggler
 )
 KINDS: Final = {cls.__struct_config__.tag: cls for cls in AnyRule.__args__}  # type: ignore[attr-defined]
 
@@ -307,8 +354,8 @@ class RuleSet(msgspec.Struct, frozen=True):
 def _sample_context(rule: Rule) -> dict[str, object]:
     """Typed stand-ins for every placeholder, to check format specs (`{util_pct:.1f}`) at load time."""
     numeric = {"value", "util_pct", "threshold_pct", "gpu_hours_wasted", "mem_used_gib", "mfu_pct", "target_pct",
-               "temp_c"}
-    ints = {"processes", "gpus", "dropped", "errors", "streams"}
+               "temp_c", "power_pct", "clock_mhz", "job_clock_mhz", "tensor_pct", "job_tensor_pct"}
+    ints = {"processes", "gpus", "dropped", "errors", "streams", "job_gpus"}
     return {p: 1.0 if p in numeric else 1 if p in ints else "x" for p in rule.PLACEHOLDERS}
 
 

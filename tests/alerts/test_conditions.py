@@ -107,6 +107,7 @@ def test_mfu_below_target_per_tenant_and_fleet(alertmanager, alerts_cfg, ch_stor
 
 def test_shipped_rules_load() -> None:
     assert [r.name for r in load_rules().rules] == [
-        "GpuFailing", "GpuDegraded", "GpuIdleAllocated", "GpuHeldNoProcess", "GpuBusyUnallocated", "NodeSilent",
+        "GpuFailing", "GpuDegraded", "GpuIdleAllocated", "GpuHeldNoProcess", "GpuBusyUnallocated", "JobStalled",
+        "JobStraggler", "NodeSilent",
         "AgentSpoolDropping", "GpuClaimConflict",
         "FleetMfuBelowTarget", "TenantMfuBelowTarget"]
