@@ -41,13 +41,14 @@ import msgspec
 
 from gpufleet.agents.config_check import agent_problems
 from gpufleet.agents.dry_run import StdoutSpool
-from gpufleet.agents.otlp.receiver import OtlpReceiver, ReceiverError, ReceiverSettings
+from gpufleet.agents.otlp.receiver import MetricSource, OtlpReceiver, ReceiverError, ReceiverSettings
 from gpufleet.agents.runner import NodeAgent, SystemClock, run_many
 from gpufleet.agents.sender import Sender
 from gpufleet.agents.spool import Spool, SpoolError
 from gpufleet.config import Config, ConfigError, load
 from gpufleet.config_check import validate_startup
 from gpufleet.errors import GpufleetError, UsageError
+from gpufleet.flops_contract import SAMPLES, TOKENS
 from gpufleet.health_http import HealthServer
 from gpufleet.kafka import producer_kwargs
 from gpufleet.liveness import Liveness
@@ -152,6 +153,11 @@ def start_receivers(parts: list[NodeParts], settings: ReceiverSettings, gpus: di
     except ReceiverError:
         close_receivers(parts)
         raise
+
+
+def count_sources(receiver: OtlpReceiver) -> dict[str, MetricSource]:
+    """The receiver's tokens and samples, by the `GpuSample` field each is stamped into."""
+    return {"tokens_measured": receiver.source(TOKENS.name), "samples_measured": receiver.source(SAMPLES.name)}
 
 
 def close_receivers(parts: list[NodeParts]) -> None:
@@ -343,6 +349,7 @@ def agent(
         NodeAgent(cluster=cfg.agent.cluster, node=p.name, collector=p.collector, spool=s,  # type: ignore[arg-type]
                   allocation=p.allocation, send_errors=(lambda i=i: sender.errors_for(i)) if sender else lambda: 0,
                   flops=p.receiver.flops_source if p.receiver else None,
+                  counts=count_sources(p.receiver) if p.receiver else None,
                   on_gpus=p.receiver.set_gpus if p.receiver else None, peak_flops=cfg.peak_flops,
                   otlp_endpoint=cfg.agent.otlp_export_endpoint, otlp_interval_ms=interval_ms, host_id=p.host_id)
         for i, (p, s) in enumerate(zip(parts, spools, strict=True))

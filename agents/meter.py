@@ -119,6 +119,10 @@ GPU_METRICS: Final[tuple[MetricSpec, ...]] = (
     _g("dram_active_ratio", "gpufleet.gpu.dram.active", "1", "gauge", "float", "GPM DRAM activity"),
     _g("flops_measured", "gpufleet.gpu.flops.measured", "{flop}", "gauge", "float",
        "Model FLOPs the job reported executing during the interval (OTLP)"),
+    _g("tokens_measured", "gpufleet.gpu.tokens.measured", "{token}", "gauge", "float",
+       "Tokens the job reported processing during the interval (OTLP)"),
+    _g("samples_measured", "gpufleet.gpu.samples.measured", "{sample}", "gauge", "float",
+       "Samples the job reported processing during the interval (OTLP)"),
 )
 
 AGENT_METRICS: Final[tuple[MetricSpec, ...]] = (

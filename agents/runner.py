@@ -9,7 +9,9 @@
    each GPU's FLOP/s ceiling (its model's peak, `gpu_facts`); then stamp `flops_measured` from the
    optional `FlopsSource` (null when it has nothing for a GPU). The source clamps each GPU at
    ceiling x interval; a value that is still not finite or beyond the wire's bound is nulled here
-   and counted with the clamps (`AgentHealth.flops_clamped_total`);
+   and counted with the clamps (`AgentHealth.flops_clamped_total`). `tokens_measured` and
+   `samples_measured` come the same way from their own sources (`counts`); a value the wire would
+   refuse is nulled and logged;
 3. install the snapshot as the meter's `Frame` and collect: OTel callbacks observe it, the
    `KafkaMetricExporter` turns the points back into the `NodeReport` and spools its bytes under the
    spool's next seq. The agent's own health rides in the same message and as self-metrics.
@@ -27,7 +29,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 import msgspec
 
@@ -36,7 +38,7 @@ from gpufleet.agents.kafka_exporter import KafkaMetricExporter
 from gpufleet.agents.meter import AgentMeter, Frame, node_resource, otlp_reader
 from gpufleet.agents.spool import Spool
 from gpufleet.gpu_facts import peak_flops
-from gpufleet.wire import MAX_FLOP_RATE, AgentHealth, GpuSample, NodeReport, max_flops
+from gpufleet.wire import MAX_FLOP_RATE, AgentHealth, GpuSample, NodeReport, max_counts, max_flops
 
 log = logging.getLogger(__name__)
 
@@ -94,29 +96,39 @@ def flop_ceiling(model: str | None, overrides: Mapping[str, float] | None = None
     return float(MAX_FLOP_RATE) if peak is None else min(peak, float(MAX_FLOP_RATE))
 
 
-def stamp(gpus: Iterable[GpuSample], allocation: Mapping[int, Any], flops: Mapping[str, float]) -> tuple[
-        GpuSample, ...]:
-    """The samples with tenant/job from `allocation` (by GPU index) and flops from `flops` (by uuid)."""
+COUNT_FIELDS: Final = ("tokens_measured", "samples_measured")
+"""`GpuSample` fields stamped from the `counts` sources, like `flops_measured` from the FLOPs source."""
+
+
+def stamp(gpus: Iterable[GpuSample], allocation: Mapping[int, Any], flops: Mapping[str, float],
+          counts: Mapping[str, Mapping[str, float]] | None = None) -> tuple[GpuSample, ...]:
+    """The samples with tenant/job from `allocation` (by GPU index), flops from `flops` and each of
+    `COUNT_FIELDS` from `counts[field]` (by uuid)."""
+    counts = counts or {}
     out = []
     for g in gpus:
         a = allocation.get(g.index)
         out.append(msgspec.structs.replace(
             g, tenant=None if a is None else a.tenant, job=None if a is None else a.job,
-            flops_measured=flops.get(g.uuid)))
+            flops_measured=flops.get(g.uuid), **{f: counts.get(f, {}).get(g.uuid) for f in COUNT_FIELDS}))
     return tuple(out)
 
 
-def bounded_flops(flops: Mapping[str, float], interval_ms: int) -> tuple[dict[str, float], list[str]]:
-    """`flops` without values the wire would refuse (not finite, negative, over `max_flops`), and their GPUs."""
-    limit = max_flops(interval_ms)
+def bounded(values: Mapping[str, float], limit: float) -> tuple[dict[str, float], list[str]]:
+    """`values` without those the wire would refuse (not finite, negative, over `limit`), and their GPUs."""
     kept: dict[str, float] = {}
     bad: list[str] = []
-    for uuid, value in flops.items():
+    for uuid, value in values.items():
         if isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= limit:
             kept[uuid] = value
         else:
             bad.append(uuid)
     return kept, bad
+
+
+def bounded_flops(flops: Mapping[str, float], interval_ms: int) -> tuple[dict[str, float], list[str]]:
+    """`flops` without values the wire would refuse (not finite, negative, over `max_flops`), and their GPUs."""
+    return bounded(flops, max_flops(interval_ms))
 
 
 class NodeAgent:
@@ -131,6 +143,7 @@ class NodeAgent:
         spool: Spool,
         allocation: AllocationReader | None = None,
         flops: FlopsSource | None = None,
+        counts: Mapping[str, FlopsSource] | None = None,
         on_gpus: GpuListener | None = None,
         peak_flops: Mapping[str, float] | None = None,
         send_errors: Callable[[], int] = lambda: 0,
@@ -144,6 +157,8 @@ class NodeAgent:
         self.spool = spool
         self._allocation = allocation
         self._flops = flops
+        self._counts = dict(counts or {})
+        """`COUNT_FIELDS` name -> the source of its per-GPU amounts (the OTLP receiver's tokens and samples)."""
         self._on_gpus = on_gpus
         self._peak_overrides = dict(peak_flops or {})
         self._ceilings: dict[str | None, float] = {}
@@ -186,7 +201,7 @@ class NodeAgent:
             self._down = False
         allocation = self._read_allocation()
         self._report_gpus(samples, allocation)
-        gpus = stamp(samples, allocation, self._read_flops(now_ms, interval_ms))
+        gpus = stamp(samples, allocation, self._read_flops(now_ms, interval_ms), self._read_counts(now_ms, interval_ms))
         health = AgentHealth(
             collect_seconds=collect_s,
             nvml_errors=self._nvml_errors(gpus),
@@ -256,6 +271,20 @@ class NodeAgent:
                             "null (counted in flops_clamped_total)", self.node, ", ".join(bad[:8]),
                             max_flops(interval_ms), interval_ms)
         return kept
+
+    def _read_counts(self, now_ms: int, interval_ms: int) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, source in self._counts.items():
+            try:
+                taken = source.take(now_ms, interval_ms)
+            except Exception:
+                log.exception("%s source failed on node %s; none this interval", name, self.node)
+                continue
+            out[name], bad = bounded(taken, max_counts(interval_ms))
+            if bad and self._may_warn(name, now_ms):
+                log.warning("node %s: %s of GPU(s) %s were not finite or over %.4g for %d ms; sent as null",
+                            self.node, name, ", ".join(bad[:8]), max_counts(interval_ms), interval_ms)
+        return out
 
     def _warn_clamped(self, now_ms: int, total: int) -> None:
         if total > self._clamped_warned and self._may_warn("clamped", now_ms):

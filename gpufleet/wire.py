@@ -43,6 +43,12 @@ the agent clamps at the GPU's own peak x interval, which is below it."""
 MAX_INTERVAL_MS: Final = 3_600_000
 Flops = Annotated[float, msgspec.Meta(ge=0.0, le=float(MAX_FLOP_RATE * MAX_INTERVAL_MS // 1000))]
 """Measured FLOPs of one sample: at most `MAX_FLOP_RATE` x the longest interval (3.6e20)."""
+MAX_COUNT_RATE: Final = 10**10
+"""Tokens (or samples) per second one GPU may claim at most: a generous bound, ~8x what the fastest GPU in
+`gpu_facts` could push through a 1M-parameter model at peak (2 FLOPs per parameter per token). A sample's
+`tokens_measured` / `samples_measured` is refused above `MAX_COUNT_RATE x interval`."""
+Counts = Annotated[float, msgspec.Meta(ge=0.0, le=float(MAX_COUNT_RATE * MAX_INTERVAL_MS // 1000))]
+"""Tokens or samples of one GPU sample: at most `MAX_COUNT_RATE` x the longest interval (3.6e13)."""
 
 
 class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -108,6 +114,11 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     flops_measured: Flops | None = None
     """Model FLOPs the job on this GPU reported executing during the interval (OTLP), or null; at most
     `MAX_FLOP_RATE` x `interval_ms` (checked by `decode`)."""
+    tokens_measured: Counts | None = None
+    """Tokens the job(s) on this GPU reported processing during the interval (OTLP `gpufleet.job.tokens`,
+    attributed as FLOPs are), or null; at most `MAX_COUNT_RATE` x `interval_ms` (checked by `decode`)."""
+    samples_measured: Counts | None = None
+    """Samples (sequences, images...) the job(s) reported during the interval (`gpufleet.job.samples`), as above."""
 
 
 class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -192,8 +203,14 @@ def max_flops(interval_ms: int) -> int:
     return MAX_FLOP_RATE // 1000 * interval_ms
 
 
+def max_counts(interval_ms: int) -> int:
+    """The most tokens (or samples) one GPU sample of `interval_ms` may carry (`MAX_COUNT_RATE` x interval)."""
+    return MAX_COUNT_RATE // 1000 * interval_ms
+
+
 def _check_flops(report: NodeReport) -> None:
     limit = max_flops(report.interval_ms)
+    counts = max_counts(report.interval_ms)
     for gpu in report.gpus:
         if gpu.flops_measured is not None and gpu.flops_measured > limit:  # float vs int: compared exactly
             raise WireError(
@@ -201,6 +218,14 @@ def _check_flops(report: NodeReport) -> None:
                 f"{report.interval_ms} ms (at most {limit:.4g}, {MAX_FLOP_RATE:.0e} FLOP/s); a broken or hostile "
                 "agent: upgrade it (agents clamp at the GPU's peak)"
             )
+        for name in ("tokens_measured", "samples_measured"):
+            value = getattr(gpu, name)
+            if value is not None and value > counts:
+                raise WireError(
+                    f"GPU uuid {gpu.uuid!r}: {name} {value:.4g} is more than any GPU can process in "
+                    f"{report.interval_ms} ms (at most {counts:.4g}, {MAX_COUNT_RATE:.0e} a second); a broken or "
+                    "hostile agent: upgrade it"
+                )
 
 
 class WireError(ValueError):

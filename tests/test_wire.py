@@ -64,3 +64,13 @@ def test_flops_measured_is_bounded_by_the_fastest_gpu_times_the_interval() -> No
         bad = report(interval_ms=interval, gpus=[gpu(0, flops_measured=value)])
         with pytest.raises(wire.WireError, match="flops_measured"):
             wire.decode(wire.encode(bad))
+
+
+def test_tokens_and_samples_are_bounded_per_gpu_and_interval() -> None:
+    at_bound = report(interval_ms=1000, gpus=[gpu(0, tokens_measured=1e10, samples_measured=1e10)])
+    assert wire.decode(wire.encode(at_bound)) == at_bound
+    for name in ("tokens_measured", "samples_measured"):
+        for value, interval in ((1.79e308, 1000), (math.nextafter(1e10, math.inf), 1000), (2e7, 1)):
+            bad = report(interval_ms=interval, gpus=[gpu(0, **{name: value})])
+            with pytest.raises(wire.WireError, match=name):
+                wire.decode(wire.encode(bad))

@@ -38,7 +38,8 @@ GPM_MIN_GAP_S: Final = 0.1
 """nvml.h: two GPM samples must be more than 100 ms apart ("internal sample refresh rate")."""
 ERROR_TEXT_MAX: Final = 1024
 _SAMPLE_MEMBERS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
-_IDENTITY_FIELDS: Final = frozenset({"index", "uuid", "model", "error", "tenant", "job", "xids", "flops_measured"})
+_IDENTITY_FIELDS: Final = frozenset({"index", "uuid", "model", "error", "tenant", "job", "xids", "flops_measured",
+                                     "tokens_measured", "samples_measured"})
 
 
 def ratio(percent: float | None) -> float | None:

@@ -36,8 +36,9 @@ from gpufleet.agents.otlp.gpus import GpuRoster
 from gpufleet.agents.otlp.metrics import OtlpCounters, OtlpStats
 from gpufleet.agents.otlp.points import Extraction, Point, extract
 from gpufleet.errors import ServiceError
-from gpufleet.flops_contract import FLOPS, METRICS_PATH
+from gpufleet.flops_contract import FLOPS, METRICS_PATH, SAMPLES, TOKENS
 from gpufleet.httpguard import BodySlots, ConnectionLimits, GuardedHandler, GuardedServer, GuardedServer6
+from gpufleet.wire import MAX_COUNT_RATE
 
 if TYPE_CHECKING:
     from gpufleet.agents.collectors.base import Collector
@@ -84,7 +85,7 @@ class ReceiverSettings:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     """Connection cap and the total deadline of one request (headers + body)."""
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
-    attributed_metrics: tuple[str, ...] = (FLOPS.name,)
+    attributed_metrics: tuple[str, ...] = (FLOPS.name, TOKENS.name, SAMPLES.name)
     """Contract metrics attributed to GPUs; the others are validated, counted and dropped."""
 
     @classmethod
@@ -296,7 +297,7 @@ class OtlpReceiver:
             return self._engines[metric].stats()
 
     def _take(self, metric: str, now_ms: int, interval_ms: int) -> dict[str, float]:
-        ceilings = self._roster.ceilings if metric == FLOPS.name else None
+        ceilings = _ceilings(metric, self._roster)
         with self._gate.taker():
             return self._engines[metric].take(now_ms, interval_ms, ceilings)
 
@@ -356,7 +357,7 @@ class OtlpReceiver:
             engine = self._engines.get(metric)
             if engine is None:
                 continue  # validated and counted, not attributed
-            ceilings = roster.ceilings if metric == FLOPS.name else None
+            ceilings = _ceilings(metric, roster)
             for i in range(0, len(points), _CHUNK):
                 with self._gate.handler():
                     refusals = engine.add(points[i:i + _CHUNK], ceilings)
@@ -369,6 +370,14 @@ class OtlpReceiver:
         if self._last_warn_ms is None or now_ms - self._last_warn_ms >= _WARN_EVERY_MS:
             self._last_warn_ms = now_ms
             log.warning("OTLP receiver %s (further rejections are only counted for a minute)", message)
+
+
+def _ceilings(metric: str, roster: GpuRoster) -> Mapping[str, float]:
+    """Per GPU, the most of `metric` it may do a second: its FLOP/s peak for FLOPs, the wire's
+    `MAX_COUNT_RATE` for tokens and samples (bounded like FLOPs, never above what the wire carries)."""
+    if metric == FLOPS.name:
+        return roster.ceilings
+    return dict.fromkeys(roster.uuids, float(MAX_COUNT_RATE))
 
 
 def _check_head(path: str, media: str, content_length: str | None, settings: ReceiverSettings) -> int | codec.Reply:

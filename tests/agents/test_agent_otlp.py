@@ -25,6 +25,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from gpufleet.agents import flops_jobs
 from gpufleet.agents.collectors import nvml as nvml_module
+from gpufleet.agents.command import count_sources
 from gpufleet.agents.flops_jobs import FleetSpec, JobsSpec, ReportingJob, Selection, gpu_flops, gpus_by_node
 from gpufleet.agents.otlp import OtlpReceiver, ReceiverSettings
 from gpufleet.agents.runner import NodeAgent
@@ -36,7 +37,7 @@ from gpufleet.config import KafkaConfig
 from gpufleet.embedded.broker import EmbeddedBroker, free_port, wait_for_port
 from gpufleet.kafka import consumer_kwargs, ensure_topics, producer_kwargs
 from gpufleet.report_flops import Reporter
-from gpufleet.wire import GpuSample, NodeReport, decode
+from gpufleet.wire import GpuSample, NodeReport, decode, encode, max_counts
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml
 
 MB = 1024 * 1024
@@ -156,6 +157,58 @@ def test_sdk_reported_flops_reach_kafka_on_the_job_gpus_exactly(broker: Embedded
     assert sum(f or 0.0 for u in (U0, U1) for f in flops_of(reports, u)) == 8e14
     assert [r.agent.otlp_points_accepted_total for r in reports] == [0, 1, 1, 2]  # counted when taken
     assert [r.agent.otlp_points_rejected_total for r in reports] == [0, 1, 1, 1]
+
+
+def test_reported_tokens_and_samples_ride_in_the_gpu_samples_as_flops_do(tmp_path: Path) -> None:
+    t0 = wall_ms()
+    clock = [t0]
+    receiver = OtlpReceiver(ReceiverSettings(port=0), clock=lambda: clock[0]).start()
+    agent = NodeAgent(cluster="lab", node="n1", collector=TinyCollector(), spool=Spool(tmp_path, MB),
+                      flops=receiver.flops_source, counts=count_sources(receiver), on_gpus=receiver.set_gpus)
+    train = Reporter("train-1", gpus=[U0, U1], endpoint=receiver.endpoint, export_interval_ms=3_600_000, environ={})
+    try:
+        reports = [agent.tick(t0 + 1000, 1000)]
+        train.report_flops(6e14)
+        train.report_tokens(32_768)  # 8 sequences of 4096 tokens
+        train.report_samples(8)
+        clock[0] = t0 + 1500
+        assert train.flush()
+        reports += [agent.tick(t0 + 300_000, 1000), agent.tick(t0 + 301_000, 1000)]
+    finally:
+        train.shutdown()
+        receiver.close()
+        agent.close()
+    assert all(r is not None for r in reports)
+    by_gpu = {u: [next(g for g in r.gpus if g.uuid == u) for r in reports if r] for u in (U0, U1, U2)}
+    for u in (U0, U1):  # split evenly over the job's two GPUs; null (not 0) where nothing is due
+        assert [(g.tokens_measured, g.samples_measured) for g in by_gpu[u]] == [(None, None), (16_384, 4), (None, None)]
+    assert [(g.tokens_measured, g.samples_measured) for g in by_gpu[U2]] == [(None, None)] * 3
+    assert decode(encode(reports[1])) == reports[1]  # within the wire's bounds
+
+
+class _Fixed:
+    """A counts source that returns the same amounts every interval."""
+
+    def __init__(self, amounts: dict[str, float]) -> None:
+        self.amounts = amounts
+
+    def take(self, now_ms: int, interval_ms: int) -> dict[str, float]:
+        return dict(self.amounts)
+
+
+def test_tokens_the_wire_would_refuse_are_sent_as_null(tmp_path: Path) -> None:
+    limit = max_counts(1000)  # 1e10 tokens a second
+    agent = NodeAgent(cluster="lab", node="n1", collector=TinyCollector(), spool=Spool(tmp_path, MB),
+                      counts={"tokens_measured": _Fixed({U0: float(limit), U1: limit * 1.001, U2: float("nan")}),
+                              "samples_measured": _Fixed({U0: -1.0, U1: 3.0})})
+    try:
+        report = agent.tick(wall_ms(), 1000)
+    finally:
+        agent.close()
+    assert report is not None
+    assert [(g.tokens_measured, g.samples_measured) for g in report.gpus] == [(limit, None), (None, 3.0),
+                                                                               (None, None)]
+    assert decode(encode(report)) == report
 
 
 # -- gpufleet agent on NVML -----------------------------------------------------------------------------

@@ -138,7 +138,8 @@ def test_job_straggler_names_the_gpu_the_node_and_the_cause(alertmanager, alerts
     report = ev.evaluate_once(b + 4 * MIN)  # k=1..4: not yet 5 minutes
     assert report.errors == []
     assert am_alerts(alertmanager.url) == []
-    assert len(ev.open_alerts()) == 8 and {r.state for r in ev.open_alerts()} == {"pending"}
+    assert len(ev.open_alerts()) == 8
+    assert {r.state for r in ev.open_alerts()} == {"pending"}
 
     report = ev.evaluate_once(b + 10 * MIN)
     assert report.errors == []

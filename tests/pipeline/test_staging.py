@@ -44,6 +44,8 @@ def _varied_reports() -> list[wire.NodeReport]:
                 remap_pending=rnd.choice([None, False, True]),
                 tensor_active_ratio=rnd.choice([None, 0.0, rnd.random(), 1.0]),
                 flops_measured=rnd.choice([None, rnd.uniform(0, 1e15)]),
+                tokens_measured=rnd.choice([None, 0.0, rnd.uniform(0, 1e6), 1e10 * 0.333]),
+                samples_measured=rnd.choice([None, rnd.uniform(0, 300)]),
             ))
         out.append(report(node=f"n{s % 5}", seq=s, time_ms=T0_MS + 1000 * (s // 5), gpus=gpus,
                           interval_ms=rnd.choice([1000, 10_000, 333])))
