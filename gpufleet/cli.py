@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "demo": "gpufleet.embedded.demo.command:demo",
     "status": "gpufleet.pipeline.commands.status:status",
     "usage": "gpufleet.pipeline.commands.usage:usage",
+    "jobs": "gpufleet.pipeline.commands.jobs:jobs",
     "billing": "gpufleet.pipeline.commands.billing:billing",
     "alerts": "gpufleet.pipeline.alerts.command:alerts",
     "dashboards": "gpufleet.dashboards.command:dashboards",

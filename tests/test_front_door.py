@@ -132,7 +132,8 @@ def test_while_it_runs_status_and_alerts_ask_its_api(demo: Demo) -> None:
 
 def test_while_it_runs_the_other_readers_say_the_demo_holds_the_store(demo: Demo) -> None:
     origin = "the demo's store, from var/demo/state.json"
-    for args in (["usage", "--format", "json"], ["billing", "pending"], ["dashboards", "preview", "--out", "board"]):
+    for args in (["usage", "--format", "json"], ["billing", "pending"], ["dashboards", "preview", "--out", "board"],
+                 ["jobs", "--json"], ["alerts", "history", "--json"]):
         run = gpufleet(demo.cwd, *args)
         assert (run.code, run.out, run.err) == (2, "", owned(demo, origin)), args
     run = gpufleet(demo.cwd, "usage", "--dsn", demo.state.dsn)
@@ -161,6 +162,18 @@ def test_after_it_stopped_every_read_command_reads_its_store(stopped: Demo) -> N
     alerts = gpufleet(cwd, "alerts", "--json")
     assert alerts.code == 0, alerts.err
     assert json.loads(alerts.out) == doc["alerts_firing"]
+    history = gpufleet(cwd, "alerts", "history", "--json")
+    assert history.code == 0, history.err
+    fired = {a["fingerprint"]: a for a in json.loads(history.out)}
+    assert {a["fingerprint"] for a in doc["alerts_firing"]} <= set(fired)  # what fires now fired in the last day
+    assert all(a["starts_at"] is not None for a in fired.values())
+
+    jobs = gpufleet(cwd, "jobs", "--json")
+    assert jobs.code == 0, jobs.err
+    listed = json.loads(jobs.out)
+    assert listed["jobs"]
+    assert {j["tenant"] for j in listed["jobs"]} <= set(doc["tenants"])
+    assert all(1 <= j["gpus"] <= NODES * GPUS for j in listed["jobs"])
 
     pending = gpufleet(cwd, "billing", "pending")
     assert (pending.code, json.loads(pending.out)) == (0, {})  # no period was closed
@@ -190,7 +203,8 @@ def test_pointed_at_nothing_a_reader_says_where_it_looked_and_creates_nothing(st
     # No demo state here: the default store, which this machine may or may not have (another checkout's
     # old code may have created it), so the line is checked for where it looked, not for why it failed.
     default_existed = Path(DEFAULT_DSN.removeprefix("chdb://")).exists()
-    for args in (["usage"], ["billing", "pending"], ["alerts", "--json"], ["dashboards", "preview", "--out", "b"]):
+    for args in (["usage"], ["billing", "pending"], ["alerts", "--json"], ["dashboards", "preview", "--out", "b"],
+                 ["jobs"], ["alerts", "history"]):
         run = gpufleet(tmp_path, *args)
         assert (run.code, run.out, run.err.count("\n")) == (2, "", 1), args
         assert run.err.startswith("gpufleet: ")

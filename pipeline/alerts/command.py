@@ -1,6 +1,7 @@
 """`gpufleet alerts`: list firing alerts, run the evaluator, check a rules file.
 
     gpufleet alerts [--json]                    alerts firing now (from the alerts table)
+    gpufleet alerts history [--since 24h] [--json]   every alert that fired in the window
     gpufleet alerts run [--once] [--alertmanager URL] [--rules FILE]
     gpufleet alerts check FILE...               validate rules files, run nothing
 
@@ -64,6 +65,47 @@ def _firing(config_path: str | None, dsn: str | None, database: str | None, data
         raise StoreError(f"the running demo's status API at {source.demo.status_url} gave no alerts_firing: "
                          "retry, or stop the demo and run this again")
     return firing
+
+
+@alerts.command("history")
+@read_options
+@click.option("--since", "since", default="24h", show_default=True, metavar="DURATION",
+              help="How far back from now: 30m, 6h, 2d, 1h30m.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def history_cmd(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path, since: str,
+                as_json: bool) -> None:
+    """Every alert that fired in the last DURATION (still firing or resolved since), with its start, end and
+    labels, oldest first. Reads the alerts table, so run it once `gpufleet demo` has stopped."""
+    from gpufleet.pipeline.alerts.evaluator import wall_ms
+    from gpufleet.pipeline.alerts.state import fired_between
+
+    window_ms = parse_duration(since, "--since")
+    now = wall_ms()
+    fired = fired_between(open_store(resolve(config_path, dsn, database, data_dir)), now - window_ms, now)
+    if as_json:
+        click.echo(json.dumps(fired, indent=2, sort_keys=True))
+        return
+    if not fired:
+        click.echo(f"no alert fired in the last {since}")
+        return
+    for a in fired:
+        lab = a["labels"]
+        where = " ".join(f"{k}={lab[k]}" for k in ("cluster", "node", "gpu_index", "tenant", "job") if k in lab)
+        end = a["ends_at"] or "still firing"
+        click.echo(f"{a['starts_at']} -> {end:24}  {a['severity']:8}  {a['alertname']:22}  {where}")
+
+
+def parse_duration(text: str, option: str) -> int:
+    """Milliseconds of a positive duration as the rules write them (`30m`, `2d`), or a usage error naming the option."""
+    from gpufleet.pipeline.alerts.rules import duration_ms
+
+    try:
+        ms = duration_ms(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+    if ms <= 0:
+        raise click.BadParameter(f"{text!r} is not longer than 0", param_hint=option)
+    return ms
 
 
 @alerts.command("run")

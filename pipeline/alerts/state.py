@@ -30,12 +30,14 @@ _OPEN: Final = (
     "WHERE state IN ('pending', 'firing') OR (state = 'resolved' AND sent_state = 'firing') "
     "ORDER BY active_at"
 )
-_HISTORY: Final = (
-    f"SELECT {_SELECT} FROM {{db:Identifier}}.alerts FINAL "
-    "WHERE active_at <= fromUnixTimestamp64Milli({until:Int64}, 'UTC') "
-    "AND (ends_at IS NULL OR ends_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')) "
-    "ORDER BY active_at, alertname, fingerprint"
+_FIRED: Final = (
+    f"SELECT {_SELECT} FROM {{db:Identifier}}.alerts AS a FINAL "
+    "WHERE a.starts_at IS NOT NULL AND a.starts_at <= fromUnixTimestamp64Milli({until:Int64}, 'UTC') "
+    "AND (a.ends_at IS NULL OR a.ends_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')) "
+    "ORDER BY starts_at, alertname, fingerprint"
 )
+"""Episodes that fired and overlap `[since, until]`. The table's columns are qualified (`a.`): the SELECT's
+aliases (the times as Unix ms) would otherwise stand in for them in WHERE."""
 _FIRING: Final = (
     f"SELECT {_SELECT} FROM {{db:Identifier}}.alerts FINAL WHERE state = 'firing' "
     f"ORDER BY {_SEVERITY_ORDER}, alertname, starts_at, fingerprint"
@@ -78,10 +80,11 @@ class AlertStore:
             out[rec.fingerprint] = rec  # ordered by active_at: the newest episode wins
         return out
 
-    def history(self, since_ms: int, until_ms: int) -> list[AlertRecord]:
-        """Every episode that was active at some point in `[since_ms, until_ms]`, oldest first."""
-        result = self.store.query(_HISTORY, {"since": since_ms, "until": until_ms})
-        return [from_row(r) for r in result.named_results()]
+
+def fired_between(store: Store, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
+    """Every alert episode that fired (was sent as firing) and was firing at some instant of `[since_ms,
+    until_ms]`, in the order they started: `as_dict` each (`ends_at` None while it still fires)."""
+    return [as_dict(from_row(r)) for r in store.query(_FIRED, {"since": since_ms, "until": until_ms}).named_results()]
 
 
 def _explain(exc: Exception, db: str) -> str:

@@ -1,6 +1,6 @@
 """The capacity waterfall: where installed GPU-seconds go, from the minute rollup `gpu_usage_1m`.
 
-    installed  - unknown - unhealthy - unallocated - allocated idle  = busy
+    installed  - unknown - unhealthy - unallocated - allocated idle - stalled  = busy
 
 over a whole-minute window and a hardware scope (all, a cluster, a node, a GPU model), then the
 achieved FLOPs as a share of the installed peak. Definitions (docs/aggregations.md):
@@ -13,6 +13,8 @@ achieved FLOPs as a share of the installed peak. Definitions (docs/aggregations.
 - *unallocated*: the rest of the claimed time with no tenant;
 - *allocated idle*: the rest with a tenant, but no compute process or utilization below the
   policy's idle threshold;
+- *stalled*: the rest that lay in a job's stall (`pipeline/queries/stalls.py`: stall-like samples
+  for at least `jobs.stall.for_s`), busy-looking but doing no work; still billed;
 - *busy*: what remains.
 
 The steps are integer milliseconds, disjoint, and add up exactly by construction; the result
@@ -25,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from gpufleet.pipeline.queries import formulas
+from gpufleet.config import StallConfig
+from gpufleet.pipeline.queries import formulas, stalls
 from gpufleet.pipeline.queries.policy import IDLE_MS, Policy
 from gpufleet.pipeline.queries.window import WINDOW, Window
 
@@ -94,6 +97,8 @@ class Waterfall:
     achieved_share_of_peak: float | None
     measured_coverage: float | None
     unknown_models: list[dict[str, Any]] = field(default_factory=list)
+    stalled_ms: int = 0
+    """Allocated, healthy, not idle, but in a job's stall (still billed)."""
 
     def steps(self) -> list[tuple[str, float]]:
         """The waterfall as (label, GPU-seconds), installed first and busy last."""
@@ -103,6 +108,7 @@ class Waterfall:
             ("unhealthy", -self.unhealthy_ms / 1000),
             ("unallocated", -self.unallocated_ms / 1000),
             ("allocated but idle", -self.idle_allocated_ms / 1000),
+            ("stalled (hung jobs, billed)", -self.stalled_ms / 1000),
             ("busy", self.busy_ms / 1000),
         ]
 
@@ -112,8 +118,8 @@ class Waterfall:
         return out
 
 
-def build(gpus: Sequence[GpuTotals], window_ms: int) -> Waterfall:
-    """The waterfall from per-GPU totals (pure)."""
+def build(gpus: Sequence[GpuTotals], window_ms: int, stalled_ms: int = 0) -> Waterfall:
+    """The waterfall from per-GPU totals and the stalled milliseconds, a part of their busy time (pure)."""
     installed = unknown = unhealthy = unallocated = idle = mfu_ms = measured = 0
     achieved = peak = 0.0
     unknown_models: dict[str, int] = {}
@@ -131,10 +137,10 @@ def build(gpus: Sequence[GpuTotals], window_ms: int) -> Waterfall:
             unknown_models[g.model] = unknown_models.get(g.model, 0) + gpu_installed
         else:
             peak += g.peak_flop_s * gpu_installed / 1000
-    busy = installed - unknown - unhealthy - unallocated - idle
+    busy = installed - unknown - unhealthy - unallocated - idle - stalled_ms
     return Waterfall(
         window_ms=window_ms, gpus=len(gpus), installed_ms=installed, unknown_ms=unknown, unhealthy_ms=unhealthy,
-        unallocated_ms=unallocated, idle_allocated_ms=idle, busy_ms=busy, achieved_flop=achieved,
+        unallocated_ms=unallocated, idle_allocated_ms=idle, stalled_ms=stalled_ms, busy_ms=busy, achieved_flop=achieved,
         installed_peak_flop=peak, achieved_share_of_peak=achieved / peak if peak > 0 else None,
         measured_coverage=measured / mfu_ms if mfu_ms else None,
         unknown_models=[{"model": m, "installed_gpu_seconds": ms / 1000} for m, ms in sorted(unknown_models.items())],
@@ -155,6 +161,9 @@ def gpu_totals(store: Store, window: Window, policy: Policy, scope: HardwareScop
     ]
 
 
-def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None) -> Waterfall:
-    """The capacity waterfall for `scope` over `window`."""
-    return build(gpu_totals(store, window, policy, scope), window.length_ms)
+def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None,
+              stall: StallConfig | None = None) -> Waterfall:
+    """The capacity waterfall for `scope` over `window`; what a stall is: `stall` (config `jobs.stall`)."""
+    scope_sql, scope_params = (scope or HardwareScope()).sql()
+    stalled = stalls.stalled_ms(store, window, policy, stall or StallConfig(), scope_sql, scope_params)
+    return build(gpu_totals(store, window, policy, scope), window.length_ms, stalled)

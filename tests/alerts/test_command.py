@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from gpufleet.cli import cli
 from gpufleet.embedded.broker import free_port
+from gpufleet.pipeline.alerts.lifecycle import AlertRecord, fingerprint
+from gpufleet.pipeline.alerts.state import AlertStore
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.store import Store
 from tests.alerts.helpers import am_alerts, iso
@@ -91,3 +93,48 @@ def test_check_names_the_broken_rule(tmp_path) -> None:
     assert f"OK   {good}: 1 rules (A)" in result.output
     assert (f"FAIL {bad}: rule 'B' (rules[0]): `silent_after`: '1 minute' is not a duration: "
             "write e.g. 30s, 5m, 1h30m, 2d, or 0") in result.output
+
+
+def _episode(name: str, node: str, state: str, active_min: int, starts_min: int | None, ends_min: int | None,
+             now: int, revision: int = 1) -> AlertRecord:
+    """An alert episode as the evaluator stores it; times in minutes before `now`."""
+    labels = {"alertname": name, "severity": "warning", "cluster": "c1", "node": node}
+    at = lambda m: None if m is None else now - m * 60_000  # noqa: E731
+    return AlertRecord(alertname=name, fingerprint=fingerprint(labels), active_at=at(active_min), severity="warning",
+                       state=state, labels=labels, annotations={"summary": f"{name} on {node}"},
+                       starts_at=at(starts_min), ends_at=at(ends_min), last_eval=now, value=1.0,
+                       sent_state="firing" if state == "firing" else "resolved" if starts_min else "none",
+                       revision=revision)
+
+
+def test_history_lists_every_alert_that_fired_in_the_window(ch_store, ch_target, monkeypatch) -> None:
+    monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
+    now = int(time.time() * 1000)
+    AlertStore(ch_store).write([
+        _episode("JobStalled", "n1", "firing", 31, 30, None, now),           # fired 30 min ago ...
+        _episode("JobStalled", "n1", "resolved", 31, 30, 20, now, 2),        # ... and resolved 20 min ago
+        _episode("GpuDegraded", "n2", "firing", 121, 120, None, now),        # firing for 2 h, still firing
+        _episode("GpuIdleAllocated", "n3", "pending", 5, None, None, now),   # pending: never fired
+        _episode("GpuHeldNoProcess", "n4", "cleared", 50, None, 40, now),    # cleared: never fired
+        _episode("NodeSilent", "n5", "resolved", 181, 180, 150, now),        # fired and resolved 2.5 h ago
+    ])
+    target = ["--dsn", ch_target.dsn, "--database", ch_target.database]
+    result = CliRunner().invoke(cli, ["alerts", "history", "--since", "1h", "--json", *target])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    assert [(a["alertname"], a["labels"]["node"], a["state"], a["starts_at"], a["ends_at"]) for a in got] == [
+        ("GpuDegraded", "n2", "firing", iso(now - 120 * 60_000), None),
+        ("JobStalled", "n1", "resolved", iso(now - 30 * 60_000), iso(now - 20 * 60_000)),
+    ]
+    assert got[1]["labels"] == {"alertname": "JobStalled", "severity": "warning", "cluster": "c1", "node": "n1"}
+    assert got[1]["annotations"] == {"summary": "JobStalled on n1"}
+
+    result = CliRunner().invoke(cli, ["alerts", "history", "--since", "3h30m", "--json", *target])
+    assert [a["alertname"] for a in json.loads(result.output)] == ["NodeSilent", "GpuDegraded", "JobStalled"]
+    result = CliRunner().invoke(cli, ["alerts", "history", "--since", "1h", *target])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1].startswith(
+        f"{iso(now - 30 * 60_000)} -> {iso(now - 20 * 60_000)}  warning   JobStalled")
+    result = CliRunner().invoke(cli, ["alerts", "history", "--since", "0", *target])
+    assert result.exit_code == 2
+    assert "'0' is not longer than 0" in result.output

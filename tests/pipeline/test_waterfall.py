@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gpufleet.config import StallConfig
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.queries.policy import Policy
 from gpufleet.pipeline.queries.waterfall import GpuTotals, HardwareScope, build, waterfall
@@ -53,7 +54,8 @@ def test_every_step_by_hand_and_they_add_up(store) -> None:
     assert w.idle_allocated_ms == 40 * s  # B: 20 s at 3 % + 20 s with no process
     assert w.busy_ms == (60 + 30 + 60 + 60) * s  # A, D, E, F (degraded is not excluded by this policy)
     assert w.installed_ms - w.unknown_ms - w.unhealthy_ms - w.unallocated_ms - w.idle_allocated_ms == w.busy_ms
-    assert [v for _, v in w.steps()] == [360.0, -30.0, -20.0, -60.0, -40.0, 210.0]
+    assert w.stalled_ms == 0  # nothing ran without a job
+    assert [v for _, v in w.steps()] == [360.0, -30.0, -20.0, -60.0, -40.0, 0.0, 210.0]
     # achieved: 21 known-model intervals at tensor 0.25 (C ran 0; E has no peak, so no estimate)
     achieved = 21 * 0.25 * H100_PEAK * 10
     assert w.achieved_flop == pytest.approx(achieved, rel=1e-12)
@@ -101,4 +103,39 @@ def test_steps_always_add_up(parts) -> None:
     w = build(gpus, 60_000)
     assert w.installed_ms == 60_000 * len(gpus)
     assert w.installed_ms - w.unknown_ms - w.unhealthy_ms - w.unallocated_ms - w.idle_allocated_ms == w.busy_ms
+    stalled = w.busy_ms // 3
+    assert build(gpus, 60_000, stalled).busy_ms == w.busy_ms - stalled
     assert min(w.unknown_ms, w.unhealthy_ms, w.unallocated_ms, w.idle_allocated_ms, w.busy_ms) >= 0
+
+
+def _stall_like(i: int, job: str, **over: object):
+    """A GPU of a hung job: fully utilized, no tensor work, 90 W of its 700 W (H100 SXM default)."""
+    fields = {"tenant": "t", "job": job, "util_gpu_ratio": 1.0, "tensor_active_ratio": 0.0, "power_w": 90.0, **over}
+    return gpu(i, "n2", **fields)
+
+
+def _working(i: int, job: str):
+    return gpu(i, "n2", tenant="t", job=job, util_gpu_ratio=0.9, tensor_active_ratio=0.5, power_w=550.0)
+
+
+def test_stalled_time_is_the_part_of_busy_in_long_stalls(ch_store: Store) -> None:
+    """jobs.stall.for_s = 30 s; 10 s intervals from 30 s before the window to 30 s after it."""
+    def gpus(k: int) -> list:  # interval k covers (M + 10(k-1) s, M + 10k s], k = -2 .. 9
+        return [
+            _stall_like(0, "hung"),  # stalled since before the window: its whole minute
+            _stall_like(1, "slow-step") if k in (2, 3) else _working(1, "slow-step"),  # 20 s: a slow step
+            _stall_like(2, "late") if k >= 5 else _working(2, "late"),  # 20 s in, 50 s in all: judged whole
+            _stall_like(3, "broken", xids=[79]),  # failing: unhealthy, not stalled
+        ]
+    reports = [report(node="n2", seq=k + 2, time_ms=M + k * 10_000, interval_ms=10_000, gpus=gpus(k))
+               for k in range(-2, 10)]
+    insert_reports(ch_store, reports, ingest_ms=M + 100_000)
+    w = waterfall(ch_store, WINDOW, Policy(("failing",), 5), stall=StallConfig(for_s=30))
+    assert (w.installed_ms, w.unknown_ms, w.unhealthy_ms, w.unallocated_ms, w.idle_allocated_ms) == (
+        240_000, 0, 60_000, 0, 0)
+    assert (w.stalled_ms, w.busy_ms) == (80_000, 100_000)
+    assert [v for _, v in w.steps()] == [240.0, 0.0, -60.0, 0.0, 0.0, -80.0, 100.0]
+    # with the default 10 minutes nothing here lasted long enough
+    assert waterfall(ch_store, WINDOW, Policy(("failing",), 5)).stalled_ms == 0
+    # stalled seconds of a failing GPU count once its health is billed
+    assert waterfall(ch_store, WINDOW, Policy((), 5), stall=StallConfig(for_s=30)).stalled_ms == 140_000

@@ -1,0 +1,73 @@
+"""Stalled GPU-seconds on the read side: the capacity waterfall's `stalled` step and each job's stalled time.
+
+A GPU-second is *stalled* when its sample lies in a run of stall-like samples of one GPU and job
+(`formulas.stall_like`: kernels resident, no tensor work, power near idle, flat measured FLOPs) that
+lasted at least `jobs.stall.for_s` (`job_signals.stalled_samples`). A shorter run (a slow step, a
+collective that waits a few seconds) stays busy. Stalled time is still allocated and billed: the
+tenant holds the GPUs (docs/aggregations.md).
+
+Read from raw samples (`gpu_samples`: no rollup keeps utilization, tensor activity, power and FLOPs of
+one sample together), over the window plus `for_s` and the gap on each side so a run crossing an edge
+is judged whole; samples count in the window that holds their interval start, as in the rollups.
+Windows older than `clickhouse.raw_ttl_days` have no raw samples left: their stalled time reads 0
+(it stays in `busy`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from gpufleet.config import StallConfig
+from gpufleet.pipeline.queries import job_signals
+from gpufleet.pipeline.queries.policy import Policy
+from gpufleet.pipeline.queries.window import Window
+
+if TYPE_CHECKING:
+    from gpufleet.pipeline.store import Store
+
+_READ: Final = ("time > fromUnixTimestamp64Milli({r_start:Int64}, 'UTC') "
+                "AND time <= fromUnixTimestamp64Milli({r_end:Int64}, 'UTC')")
+_IN_WINDOW: Final = "start_ms >= {w_start:Int64} AND start_ms < {w_end:Int64}"
+BUSY_BY_POLICY: Final = (
+    "NOT has({excl:Array(String)}, toString(health)) AND NOT ifNull(compute_processes = 0, 0) "
+    "AND least(floor(ifNull(util_gpu_ratio, 0) * 100 + 0.0001), 100) >= {idle_pct:UInt8}"
+)
+"""A sample the rollups count as busy under the policy (healthy, a process, utilization at or above the idle
+threshold: the rollups' whole-percent utilization, migration 0002), so `stalled` is a part of `busy`."""
+
+
+def samples_sql(where: str = "1") -> str:
+    """The stalled samples read for a window (bind `params`), `where` filtering the raw rows too."""
+    return job_signals.stalled_samples("{db:Identifier}.gpu_samples", f"{_READ} AND ({where})",
+                                       job_signals.STALL_BOUND, "{st_for_ms:Int64}", "{st_gap_ms:Int64}")
+
+
+def params(window: Window, stall: StallConfig) -> dict[str, Any]:
+    """The parameters `samples_sql` and `_IN_WINDOW` name."""
+    for_ms, gap_ms = int(stall.for_s * 1000), int(stall.max_gap_s * 1000)
+    return {"r_start": window.start_ms - for_ms - gap_ms, "r_end": window.end_ms + for_ms + gap_ms,
+            "st_for_ms": for_ms, "st_gap_ms": gap_ms, **window.params(), **job_signals.stall_params(stall)}
+
+
+def stalled_ms(store: Store, window: Window, policy: Policy, stall: StallConfig, scope_sql: str = "1",
+               scope_params: dict[str, str] | None = None) -> int:
+    """Stalled milliseconds in `window` over the GPUs `scope_sql` selects, of samples the policy counts as busy."""
+    ((ms,),) = store.rows(
+        f"SELECT sum(interval_ms) FROM ({samples_sql(scope_sql)}) WHERE {_IN_WINDOW} AND {BUSY_BY_POLICY}",
+        {**params(window, stall), "excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct,
+         **(scope_params or {})},
+    )
+    return int(ms or 0)
+
+
+def stalled_by_job(store: Store, window: Window, stall: StallConfig, tenant: str | None = None) -> dict[
+        tuple[str, str], dict[str, int]]:
+    """Per (tenant, job): stalled milliseconds in `window` (`stalled_ms`) and the start of its latest stalled
+    run (`since_ms`), whatever the health state."""
+    where, extra = ("tenant = {tenant:String}", {"tenant": tenant}) if tenant is not None else ("1", {})
+    rows = store.rows(
+        f"SELECT tenant, job, sum(interval_ms), max(run_start_ms) FROM ({samples_sql(where)}) WHERE {_IN_WINDOW} "
+        "GROUP BY tenant, job ORDER BY tenant, job",
+        {**params(window, stall), **extra},
+    )
+    return {(str(t), str(j)): {"stalled_ms": int(ms), "since_ms": int(since)} for t, j, ms, since in rows}
