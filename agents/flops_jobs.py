@@ -16,9 +16,13 @@ picked yet. Deterministic for a given sequence of step times.
 How many FLOPs (`gpu_flops`): per GPU, `MODEL_FLOPS_SHARE` x the tensor-pipe activity of the
 job's current phase x the GPU's peak FLOP/s x seconds: the simulated counters show the tensor
 pipes that busy, and 80 % of that is model math (the rest is recomputation, communication and
-other non-model kernels). Idle and start-up phases report 0 FLOPs (measured zero, not missing).
-So a job's measured MFU is about 0.8 x its estimated one (the estimate carries the counters'
-noise, and the measured figure lags by about one export interval).
+other non-model kernels). Idle and start-up phases report 0 FLOPs (measured zero, not missing),
+and so does a job while it hangs (an injected `job_hang`): its counters stay flat. So a job's
+measured MFU is about 0.8 x its estimated one (the estimate carries the counters' noise, and the
+measured figure lags by about one export interval). With its FLOPs a job reports the tokens they
+stand for (a 7B-parameter model: `TOKEN_FLOPS` per token) and the samples (`SAMPLE_TOKENS` each).
+
+Jobs hit by an injected job fault are picked first, so the demo shows a hung job's FLOPs going flat.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ log = logging.getLogger(__name__)
 
 MODEL_FLOPS_SHARE: Final = 0.8
 """Model FLOPs per unit of tensor-pipe activity x peak (see the module docstring)."""
+TOKEN_FLOPS: Final = 6 * 7e9
+"""Model FLOPs per token of the simulated jobs' model: 6 x parameters (PaLM appendix B), 7B parameters."""
+SAMPLE_TOKENS: Final = 4096
+"""Tokens per sample (sequence length)."""
 STOP_TIMEOUT_S: Final = 10.0
 """How long `stop_process` waits for the jobs to flush and exit before killing them."""
 
@@ -91,14 +99,25 @@ class JobsSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The agent's pid: the jobs stop when it is gone."""
 
 
-def gpu_flops(job: Job, start_ms: int, end_ms: int, peak_flop_s: float, share: float = MODEL_FLOPS_SHARE) -> float:
-    """Model FLOPs one GPU of `job` executed in `[start_ms, end_ms)`: busy phases only (pure)."""
+def gpu_flops(job: Job, start_ms: int, end_ms: int, peak_flop_s: float, share: float = MODEL_FLOPS_SHARE,
+              hung: Sequence[tuple[int, int]] = ()) -> float:
+    """Model FLOPs one GPU of `job` executed in `[start_ms, end_ms)`: busy phases only, nothing while it
+    hangs (`hung` windows) (pure)."""
     total = 0.0
     for ph in job.phases:
-        overlap = min(end_ms, ph.end_ms) - max(start_ms, ph.start_ms)
-        if ph.busy and overlap > 0:
-            total += share * ph.tensor * peak_flop_s * overlap / 1000
+        if not ph.busy:
+            continue
+        for a, b in _minus(max(start_ms, ph.start_ms), min(end_ms, ph.end_ms), hung):
+            total += share * ph.tensor * peak_flop_s * (b - a) / 1000
     return total
+
+
+def _minus(start: int, end: int, holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`[start, end)` without the `holes`, as disjoint pieces in order."""
+    pieces = [(start, end)] if end > start else []
+    for hs, he in holes:
+        pieces = [p for a, b in pieces for p in ((a, min(b, hs)), (max(a, he), b)) if p[1] > p[0]]
+    return pieces
 
 
 def gpus_by_node(job: Job) -> dict[int, list[int]]:
@@ -115,10 +134,12 @@ def running_at(jobs: Iterable[Job], t_ms: int) -> list[Job]:
 
 
 class Selection:
-    """Which jobs report: up to `size` at a time, each from when it is picked until its processes end."""
+    """Which jobs report: up to `size` at a time, each from when it is picked until its processes end;
+    `preferred` job numbers first, then the lowest numbers."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, preferred: frozenset[int] = frozenset()) -> None:
         self.size = size
+        self.preferred = preferred
         self.active: dict[int, Job] = {}
 
     def update(self, running: Iterable[Job], t_ms: int) -> tuple[list[Job], list[Job]]:
@@ -127,7 +148,7 @@ class Selection:
         for j in ended:
             del self.active[j.number]
         started = []
-        for j in sorted(running_at(running, t_ms), key=lambda j: j.number):
+        for j in sorted(running_at(running, t_ms), key=lambda j: (j.number not in self.preferred, j.number)):
             if len(self.active) >= self.size:
                 break
             if j.number not in self.active:
@@ -140,6 +161,10 @@ class FlopsReporter(Protocol):
     """`gpufleet.report_flops.Reporter`, as far as a simulated job uses it."""
 
     def report_flops(self, n: float) -> None: ...
+
+    def report_tokens(self, n: float) -> None: ...
+
+    def report_samples(self, n: float) -> None: ...
 
     def shutdown(self) -> None: ...
 
@@ -154,6 +179,7 @@ class ReportingJob:
     def __init__(self, job: Job, fleet: SimulatedFleet, spec: JobsSpec, since_ms: int, make: MakeReporter) -> None:
         self.job = job
         self._peak = spec.peak_flop_s
+        self._hung = fleet.hung_windows(job)
         self.reported_ms = since_ms
         self.parts: list[tuple[int, FlopsReporter]] = []
         for node, gpus in sorted(gpus_by_node(job).items()):
@@ -170,9 +196,11 @@ class ReportingJob:
         end = min(t_ms, self.job.process_end_ms)
         if end <= self.reported_ms:
             return
-        per_gpu = gpu_flops(self.job, self.reported_ms, end, self._peak)
+        per_gpu = gpu_flops(self.job, self.reported_ms, end, self._peak, hung=self._hung)
         for n, reporter in self.parts:
             reporter.report_flops(per_gpu * n)
+            reporter.report_tokens(per_gpu * n / TOKEN_FLOPS)
+            reporter.report_samples(per_gpu * n / TOKEN_FLOPS / SAMPLE_TOKENS)
         self.reported_ms = end
 
     def close(self) -> None:
@@ -206,7 +234,7 @@ def run(
     """Play the jobs every `step_ms` until `stop` is set (or the parent is gone), then flush them."""
     fleet = spec.fleet.build()
     make = make or otel_reporter(spec.export_interval_ms)
-    selection = Selection(spec.jobs)
+    selection = Selection(spec.jobs, fleet.fault_job_numbers())
     playing: dict[int, ReportingJob] = {}
     try:
         while not stop.is_set() and parent_alive():

@@ -1,7 +1,8 @@
-"""Injected faults: what can go wrong with a simulated GPU or node, when, and its XID.
+"""Injected faults: what can go wrong with a simulated GPU, node or job, when, and its XID.
 
 A `Fault` is active on the half-open window `[start_ms, end_ms)`. Its XID (if the kind has one) is
-an event at `start_ms`, reported once, in the collect interval that contains that instant.
+an event at `start_ms`, reported once, in the collect interval that contains that instant. A job
+fault (`JOB_KINDS`) names one GPU and acts on the whole job holding that GPU at `start_ms`.
 `default_faults` gives the demo one fault of every kind shortly after start.
 """
 
@@ -23,6 +24,8 @@ NODE_SILENT: Final = "node_silent"
 ZOMBIE_PROCESS: Final = "zombie_process"
 HELD_NO_PROCESS: Final = "held_no_process"
 IDLE_ALLOCATED: Final = "idle_allocated"
+JOB_HANG: Final = "job_hang"
+STRAGGLER: Final = "straggler"
 
 XID_OF: Final[dict[str, int | None]] = {
     FELL_OFF_BUS: 79,
@@ -37,6 +40,8 @@ XID_OF: Final[dict[str, int | None]] = {
     ZOMBIE_PROCESS: None,
     HELD_NO_PROCESS: None,
     IDLE_ALLOCATED: None,
+    JOB_HANG: None,
+    STRAGGLER: None,
 }
 """Every fault kind and the XID it raises at its start (None: no XID)."""
 
@@ -48,6 +53,14 @@ BOOKING_KINDS: Final = frozenset({HELD_NO_PROCESS, IDLE_ALLOCATED})
 FREE_KINDS: Final = frozenset({ZOMBIE_PROCESS})
 """Kinds that need the GPU unallocated: the scheduler keeps jobs off it during the window."""
 
+
+JOB_KINDS: Final = frozenset({JOB_HANG, STRAGGLER})
+"""Kinds that act on the job holding the named GPU at the fault's start: the scheduler books a job over
+the window on that GPU's node, as a whole-node job of its own (so two job faults never share a job),
+and keeps its processes running. `job_hang`: every GPU of the job spins in a hung collective (fully
+utilized, no tensor work, near-idle power) and the job reports no FLOPs, tokens or samples.
+`straggler`: the job runs a busy stretch in which the named GPU's SM clock is held low (no throttle
+reason) and its tensor activity is 40 % below its peers'."""
 
 BOOKING_PAD_MS: Final = 10 * 60_000
 """A booked job (for held_no_process / idle_allocated) starts this long before the fault and ends
@@ -88,6 +101,14 @@ def validate(faults: Iterable[Fault], nodes: int, gpus_per_node: int) -> list[Fa
             raise ValueError(f"{f.kind} fault names node {f.node}, but the fleet has nodes 0..{nodes - 1}")
         if f.gpu is not None and not 0 <= f.gpu < gpus_per_node:
             raise ValueError(f"{f.kind} fault names gpu {f.gpu}, but nodes have gpus 0..{gpus_per_node - 1}")
+    job_nodes = [f.node for f in out if f.kind in JOB_KINDS]
+    if len(set(job_nodes)) != len(job_nodes):
+        raise ValueError(f"job faults ({', '.join(sorted(JOB_KINDS))}) need a node each: two name node "
+                         f"{next(n for n in job_nodes if job_nodes.count(n) > 1)}")
+    pinned = {f.node for f in out if f.kind in BOOKING_KINDS | FREE_KINDS}
+    if pinned & set(job_nodes):
+        raise ValueError(f"node {min(pinned & set(job_nodes))} is split into one-GPU slots for "
+                         f"{', '.join(sorted(BOOKING_KINDS | FREE_KINDS))}: put the job fault on another node")
     for a in out:
         for b in out:
             if (
@@ -125,7 +146,8 @@ def default_faults(start_ms: int, *, nodes: int = 32, gpus_per_node: int = 8) ->
     and clearing 60-90 s later. `node_silent` takes the last node; the kinds that pin a GPU's
     allocation (zombie_process, held_no_process, idle_allocated) share node 0, so only that node
     is split into one-GPU slots; the others (in `DEFAULT_ORDER`, as many as fit) spread over the
-    remaining nodes."""
+    remaining nodes. With 4 nodes or more, a hung job and a straggler on nodes `nodes - 2` and
+    `nodes - 3`, starting 20 and 25 s after `start_ms` and lasting a minute."""
     if nodes < 2:
         raise ValueError("default_faults needs at least 2 nodes (one of them goes silent)")
     slots = (nodes - 1) * gpus_per_node
@@ -148,4 +170,16 @@ def default_faults(start_ms: int, *, nodes: int = 32, gpus_per_node: int = 8) ->
         node, gpu = next(g for g in (pinned if kind in FREE_KINDS | BOOKING_KINDS else spread) if g not in used)
         used.add((node, gpu))
         faults.append(Fault(kind, node, gpu, start, end))
-    return faults
+    return faults + _job_faults(start_ms, nodes, gpus_per_node, used)
+
+
+def _job_faults(start_ms: int, nodes: int, gpus_per_node: int, used: set[tuple[int, int]]) -> list[Fault]:
+    """The demo's hung job and straggler, on nodes of their own (neither node 0 nor the silent last one)."""
+    out = []
+    for i, (kind, node) in enumerate(((JOB_HANG, nodes - 2), (STRAGGLER, nodes - 3))):
+        if node < 1:
+            break
+        gpu = next((g for g in range(gpus_per_node) if (node, g) not in used), 0)
+        start = start_ms + 20_000 + 5_000 * i
+        out.append(Fault(kind, node, gpu, start, start + 60_000))
+    return out

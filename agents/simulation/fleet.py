@@ -24,7 +24,7 @@ from gpufleet.agents.simulation.faults import Fault
 from gpufleet.agents.simulation.jobs import HOUR, Job, Scheduler
 from gpufleet.agents.simulation.rng import gpu_uuid, key, unit
 from gpufleet.agents.simulation.sample import GpuConst, build_sample, health_at
-from gpufleet.agents.simulation.timeline import GIB, GpuTimeline
+from gpufleet.agents.simulation.timeline import GIB, HUNG, PACED, SLOW, Effect, GpuTimeline
 from gpufleet.wire import GpuSample
 
 DEFAULT_MODEL: Final = "NVIDIA H100 80GB HBM3"
@@ -91,9 +91,13 @@ class SimulatedFleet:
         self._gpu_faults: dict[tuple[int, int], list[Fault]] = defaultdict(list)
         self._silent: dict[int, list[Fault]] = defaultdict(list)
         self._xids: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+        self._job_faults = [f for f in self.faults if f.kind in fk.JOB_KINDS]
+        self._fault_jobs: dict[Fault, Job | None] = {}
         for f in self.faults:
             if f.gpu is None:
                 self._silent[f.node].append(f)
+                continue
+            if f.kind in fk.JOB_KINDS:
                 continue
             self._gpu_faults[(f.node, f.gpu)].append(f)
             if f.xid is not None:
@@ -152,6 +156,33 @@ class SimulatedFleet:
         """Every job whose allocation overlaps `[start_ms, end_ms)`, by start time."""
         return self._scheduler.jobs_between(start_ms, end_ms)
 
+    def fault_job(self, fault: Fault) -> Job | None:
+        """The job a job fault acts on: the one holding its GPU at its start (the scheduler books one there)."""
+        if fault not in self._fault_jobs:
+            assert fault.gpu is not None
+            jobs = self._scheduler.gpu_jobs(fault.node, fault.gpu, fault.start_ms + 1)
+            self._fault_jobs[fault] = next((j for j in jobs if j.start_ms <= fault.start_ms < j.end_ms), None)
+        return self._fault_jobs[fault]
+
+    def fault_job_numbers(self) -> frozenset[int]:
+        """The numbers of the jobs job faults act on."""
+        return frozenset(j.number for j in map(self.fault_job, self._job_faults) if j is not None)
+
+    def hung_windows(self, job: Job) -> list[tuple[int, int]]:
+        """When `job` hangs (job_hang faults on it): it executes, and reports, nothing then."""
+        return [(f.start_ms, f.end_ms) for f in self._job_faults if f.kind == fk.JOB_HANG and self.fault_job(f) == job]
+
+    def _effects(self, node: int, gpu: int) -> list[Effect]:
+        """What the job faults do to this GPU: those whose job it belongs to."""
+        out = []
+        for f in self._job_faults:
+            job = self.fault_job(f)
+            if job is None or (node, gpu) not in job.gpus:
+                continue
+            kind = HUNG if f.kind == fk.JOB_HANG else SLOW if (node, gpu) == (f.node, f.gpu) else PACED
+            out.append(Effect(kind, f.start_ms, min(f.end_ms, job.process_end_ms)))
+        return out
+
     def ground_truth(self, start_ms: int, end_ms: int) -> dict[str, Any]:
         """What really happened in `[start_ms, end_ms)`: GPUs, allocations and faults (see truth.py)."""
         return truth.ground_truth(self, start_ms, end_ms)
@@ -166,7 +197,7 @@ class SimulatedFleet:
                 idle_power_w=64 + 14 * unit(self.seed, node, gpu, _IDLE_POWER),
                 origin_ms=self.origin_ms,
                 energy0_j=float(round(1e7 + 9e8 * unit(self.seed, node, gpu, _ENERGY))),
-                faults=self._gpu_faults.get((node, gpu), ()),
+                faults=[*self._gpu_faults.get((node, gpu), ()), *self._effects(node, gpu)],
             )
         if t_ms >= tl.covered_ms:
             until = self.origin_ms + ((t_ms - self.origin_ms) // CHUNK_MS + 1) * CHUNK_MS

@@ -9,7 +9,8 @@ idle at night); a few jobs crash (allocation kept, no process) or never launch.
 
 Faults that need a GPU allocated (held_no_process, idle_allocated) pull a job over their window;
 faults that need it free (zombie_process) keep jobs off it. Nodes with such faults are split into
-one-GPU slots so those constraints stay on one GPU.
+one-GPU slots so those constraints stay on one GPU. A job fault (job_hang, straggler) makes its node a
+whole-node slot of its own, pulls a job over its window there and keeps that job's processes running.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpufleet.agents.simulation.faults import BOOKING_KINDS, BOOKING_PAD_MS, FREE_KINDS, Fault
+from gpufleet.agents.simulation.faults import BOOKING_KINDS, BOOKING_PAD_MS, FREE_KINDS, JOB_KINDS, Fault
 from gpufleet.agents.simulation.rng import key
 
 MINUTE: Final = 60_000
@@ -100,12 +101,16 @@ class SlotSpec:
     gpus: tuple[tuple[int, int], ...]
 
 
-def partition(seed: int, nodes: int, gpus_per_node: int, split_nodes: set[int]) -> list[SlotSpec]:
+def partition(seed: int, nodes: int, gpus_per_node: int, split_nodes: set[int],
+              solo_nodes: frozenset[int] = frozenset()) -> list[SlotSpec]:
     """Split the fleet into slots: ~25% of nodes into small GPU slots, ~30% into pods of 2-4 nodes
-    (fleets of 4+ nodes), the rest whole-node slots; `split_nodes` get one-GPU slots."""
+    (fleets of 4+ nodes), the rest whole-node slots; `split_nodes` get one-GPU slots, `solo_nodes` a
+    whole-node slot each."""
     rng = random.Random(key(seed, _PARTITION))  # noqa: S311 - simulation, not security
     order = [n for n in range(nodes) if n not in split_nodes]
     rng.shuffle(order)
+    solo = [n for n in order if n in solo_nodes]
+    order = [n for n in order if n not in solo_nodes]
     n_small = max(1, round(SMALL_SHARE * len(order))) if len(order) >= 2 and gpus_per_node > 1 else 0
     n_pod = round(POD_SHARE * len(order)) if len(order) >= 4 else 0
     groups: list[tuple[SlotKind, tuple[tuple[int, int], ...]]] = []
@@ -124,7 +129,7 @@ def partition(seed: int, nodes: int, gpus_per_node: int, split_nodes: set[int]) 
             size = size - 1 if size > 2 else size + 1
         pod, pod_nodes = sorted(pod_nodes[:size]), pod_nodes[size:]
         groups.append((POD, tuple((n, g) for n in pod for g in range(gpus_per_node))))
-    for n in pod_nodes + order[n_small + n_pod :]:
+    for n in pod_nodes + order[n_small + n_pod :] + solo:
         groups.append((NODE, tuple((n, g) for g in range(gpus_per_node))))
     groups.sort(key=lambda kg: kg[1][0])
     return [SlotSpec(i, kind, gpus) for i, (kind, gpus) in enumerate(groups)]
@@ -143,6 +148,7 @@ class Slot:
         slot_count: int,
         bookings: Sequence[tuple[int, int]] = (),
         keep_free: Sequence[tuple[int, int]] = (),
+        keep_running: Sequence[tuple[int, int]] = (),
     ) -> None:
         self.spec = spec
         self._seed = seed
@@ -152,6 +158,8 @@ class Slot:
         self._slot_count = slot_count
         self._bookings = sorted(bookings)
         self._keep_free = sorted(keep_free)
+        self._keep_running = sorted(keep_running)
+        """A job overlapping one of these windows neither crashes nor fails to launch."""
         self._t = origin_ms
         self._pending: Job | None = None
         self.jobs: list[Job] = []
@@ -176,7 +184,9 @@ class Slot:
         mem = rng.randint(40 * 1024, 78 * 1024) * MIB
         fate, crash_at = rng.random(), rng.uniform(0.1, 0.9)
         start, end = self._constrain(t, t + gap, duration)
-        if fate < NEVER_LAUNCHED:
+        if any(rs < end and start < re for rs, re in self._keep_running):
+            process_end = end
+        elif fate < NEVER_LAUNCHED:
             process_end = start
         elif fate < NEVER_LAUNCHED + CRASHED:
             process_end = start + round(crash_at * (end - start))
@@ -216,8 +226,9 @@ class Scheduler:
         origin_ms: int,
         faults: Sequence[Fault] = (),
     ) -> None:
-        constrained = [f for f in faults if f.gpu is not None and f.kind in BOOKING_KINDS | FREE_KINDS]
-        specs = partition(seed, nodes, gpus_per_node, {f.node for f in constrained})
+        constrained = [f for f in faults if f.gpu is not None and f.kind in BOOKING_KINDS | FREE_KINDS | JOB_KINDS]
+        specs = partition(seed, nodes, gpus_per_node, {f.node for f in constrained if f.kind not in JOB_KINDS},
+                          frozenset(f.node for f in constrained if f.kind in JOB_KINDS))
         self._slot_of: dict[tuple[int, int], Slot] = {}
         self.slots: list[Slot] = []
         for spec in specs:
@@ -231,9 +242,10 @@ class Scheduler:
                 bookings=_merge(
                     (max(origin_ms, f.start_ms - BOOKING_PAD_MS), f.end_ms + BOOKING_PAD_MS)
                     for f in mine
-                    if f.kind in BOOKING_KINDS
+                    if f.kind in BOOKING_KINDS | JOB_KINDS
                 ),
                 keep_free=[(f.start_ms, f.end_ms) for f in mine if f.kind in FREE_KINDS],
+                keep_running=[(f.start_ms, f.end_ms) for f in mine if f.kind in JOB_KINDS],
             )
             self.slots.append(slot)
             for g in spec.gpus:

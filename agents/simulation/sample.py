@@ -163,6 +163,8 @@ def build_sample(
         clock = min(clock, SM_CLOCK_THERMAL_MHZ)
     if act.throttle & THROTTLE_HW_POWER_BRAKE:
         clock = min(clock, SM_CLOCK_POWER_BRAKE_MHZ)
+    if act.clock_cap_mhz:
+        clock = min(clock, act.clock_cap_mhz)
     return GpuSample(
         index=gpu.index,
         uuid=gpu.uuid,

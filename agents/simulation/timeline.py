@@ -2,8 +2,9 @@
 
 Segments come from the GPU's jobs (their phases; no process after a crash), free gaps between
 jobs, and the faults that change what runs (held_no_process, idle_allocated, zombie_process,
-fell_off_bus, throttling). Power is constant within a segment, so the cumulative energy at any
-instant is exact: the sum of power x duration of the segments before it. Built lazily, forward.
+fell_off_bus, throttling), including a job fault's effect on each GPU of its job (`Effect`). Power
+is constant within a segment, so the cumulative energy at any instant is exact: the sum of power x
+duration of the segments before it. Built lazily, forward.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Final
+from typing import Final, NamedTuple
 
 from gpufleet.agents.simulation import faults as fk
 from gpufleet.agents.simulation.faults import Fault
@@ -30,6 +31,22 @@ IDLE_ALLOCATED_UTIL_MAX: Final = 0.01
 THROTTLE_HW_THERMAL: Final = 0x40
 THROTTLE_HW_POWER_BRAKE: Final = 0x80
 MAX_POWER_W: Final = 700.0
+HUNG: Final = "hung"
+SLOW: Final = "slow"
+PACED: Final = "paced"
+"""Effects of job faults on one GPU: spinning in a hung collective; the straggler; a straggler's peer."""
+STRAGGLER_CLOCK_MHZ: Final = 1200
+STRAGGLER_TENSOR_SHARE: Final = 0.6
+_BUSY_LEVELS: Final = (0.95, 0.45, 0.4)
+"""Utilization, tensor and DRAM activity of a straggler's job where its phase was idle (it runs a step loop)."""
+
+
+class Effect(NamedTuple):
+    """What a job fault does to one GPU of its job over `[start_ms, end_ms)` (kind: `HUNG`, `SLOW`, `PACED`)."""
+
+    kind: str
+    start_ms: int
+    end_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +62,8 @@ class Activity:
     mem_bytes: int
     power_w: float
     throttle: int = 0
+    clock_cap_mhz: int = 0
+    """The SM clock is held at or below this (0: not held; set application clocks, a locked clock)."""
 
 
 def busy_power(idle_w: float, util: float, tensor: float) -> float:
@@ -83,6 +102,36 @@ def _power_brake(act: Activity, idle_w: float) -> Activity:
     return dataclasses.replace(act, throttle=act.throttle | THROTTLE_HW_POWER_BRAKE, power_w=power)
 
 
+def _running(act: Activity) -> bool:
+    return act.kind in (BUSY, IDLE)
+
+
+def _hung(act: Activity, idle_w: float) -> Activity:
+    """A process spinning in a collective that never completes: ~100 % utilization, no math, near-idle power."""
+    if not _running(act):
+        return act
+    return dataclasses.replace(act, kind=BUSY, util=1.0, tensor=0.0, dram=0.01, power_w=idle_w + 25)
+
+
+def _stepping(act: Activity, idle_w: float) -> Activity:
+    """The job in a busy step loop (an idle phase becomes a busy one)."""
+    if act.kind != IDLE:
+        return act
+    util, tensor, dram = _BUSY_LEVELS
+    return dataclasses.replace(act, kind=BUSY, util=util, tensor=tensor, dram=dram,
+                               power_w=busy_power(idle_w, util, tensor))
+
+
+def _slow(act: Activity, idle_w: float) -> Activity:
+    """The straggler: its SM clock held low with no throttle reason, so its tensor pipes do less."""
+    act = _stepping(act, idle_w)
+    if act.kind != BUSY:
+        return act
+    tensor = act.tensor * STRAGGLER_TENSOR_SHARE
+    return dataclasses.replace(act, tensor=tensor, power_w=busy_power(idle_w, act.util, tensor),
+                               clock_cap_mhz=STRAGGLER_CLOCK_MHZ)
+
+
 _TRANSFORMS: Final[dict[str, Callable[[Activity, float], Activity]]] = {
     fk.HELD_NO_PROCESS: _held,
     fk.IDLE_ALLOCATED: _idle,
@@ -90,6 +139,9 @@ _TRANSFORMS: Final[dict[str, Callable[[Activity, float], Activity]]] = {
     fk.FELL_OFF_BUS: _lost,
     fk.THERMAL_THROTTLE: _thermal,
     fk.POWER_THROTTLE: _power_brake,
+    HUNG: _hung,
+    SLOW: _slow,
+    PACED: _stepping,
 }
 """How each fault that changes what runs on a GPU changes its activity (pure)."""
 
@@ -97,7 +149,8 @@ _TRANSFORMS: Final[dict[str, Callable[[Activity, float], Activity]]] = {
 class GpuTimeline:
     """Segments `[start, end)` covering `[origin, covered)`, each with its activity and energy."""
 
-    def __init__(self, *, idle_power_w: float, origin_ms: int, energy0_j: float, faults: Sequence[Fault]) -> None:
+    def __init__(self, *, idle_power_w: float, origin_ms: int, energy0_j: float,
+                 faults: Sequence[Fault | Effect]) -> None:
         self.idle_power_w = idle_power_w
         self.energy0_j = energy0_j
         self._faults = sorted((f for f in faults if f.kind in _TRANSFORMS), key=lambda f: f.start_ms)

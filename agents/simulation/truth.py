@@ -9,7 +9,9 @@ The JSON it writes lets tests and benchmarks check the pipeline against what rea
 
 Allocations are half-open `[start_ms, end_ms)` and are listed whole (not clipped) when they
 overlap the requested window; a sample taken at `t` belongs to the allocation containing `t`.
-Faults are listed when their window overlaps; `node_silent` has `gpu` and `uuid` null.
+Faults are listed when their window overlaps; `node_silent` has `gpu` and `uuid` null. A job fault
+(`job_hang`, `straggler`) also names the job it hit: `tenant`, `job`, and the job's `nodes` and
+`gpus` (`[{"node", "gpu", "uuid"}]`); for a straggler, `node`/`gpu`/`uuid` are the slow GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from gpufleet.agents.simulation.faults import JOB_KINDS, Fault
 
 if TYPE_CHECKING:
     from gpufleet.agents.simulation.fleet import SimulatedFleet
@@ -53,6 +57,7 @@ def ground_truth(fleet: SimulatedFleet, start_ms: int, end_ms: int) -> dict[str,
             "xid": f.xid,
             "start_ms": f.start_ms,
             "end_ms": f.end_ms,
+            **_job_of(fleet, f),
         }
         for f in sorted(fleet.faults, key=lambda f: (f.start_ms, f.node, f.gpu or 0, f.kind))
         if f.start_ms < end_ms and f.end_ms > start_ms
@@ -70,6 +75,21 @@ def ground_truth(fleet: SimulatedFleet, start_ms: int, end_ms: int) -> dict[str,
         ],
         "allocations": allocations,
         "faults": faults,
+    }
+
+
+def _job_of(fleet: SimulatedFleet, fault: Fault) -> dict[str, Any]:
+    """A job fault's job: tenant, id, nodes and GPUs (nothing for other faults)."""
+    if fault.kind not in JOB_KINDS:
+        return {}
+    job = fleet.fault_job(fault)
+    if job is None:
+        return {"tenant": None, "job": None, "nodes": [], "gpus": []}
+    return {
+        "tenant": job.tenant,
+        "job": job.id,
+        "nodes": sorted({fleet.node_names[n] for n, _ in job.gpus}),
+        "gpus": [{"node": fleet.node_names[n], "gpu": g, "uuid": fleet.gpu_const(n, g).uuid} for n, g in job.gpus],
     }
 
 

@@ -414,10 +414,18 @@ class FakeReporter:
     def __init__(self, job_id: str, uuids: list[str]) -> None:
         self.job_uuids = (job_id, uuids)
         self.added: list[float] = []
+        self.tokens: list[float] = []
+        self.samples: list[float] = []
         self.closed = False
 
     def report_flops(self, n: float) -> None:
         self.added.append(n)
+
+    def report_tokens(self, n: float) -> None:
+        self.tokens.append(n)
+
+    def report_samples(self, n: float) -> None:
+        self.samples.append(n)
 
     def shutdown(self) -> None:
         self.closed = True

@@ -471,3 +471,78 @@ def test_allocation_source_agrees_with_the_ground_truth():
     }
     assert {i: (a.tenant, a.job) for i, a in source.read().items()} == expected
     assert node.allocation_source(clock=lambda: t).read() == source.read()
+
+
+# -- job faults: a hung job and a straggler ------------------------------------------------------------
+
+
+def _job_fault_fleet() -> SimulatedFleet:
+    faults = [Fault("job_hang", 1, 2, F_START, F_END), Fault("straggler", 2, 1, F_START, F_END)]
+    return SimulatedFleet(nodes=4, gpus_per_node=4, seed=11, start_ms=START, faults=faults)
+
+
+def test_a_hung_job_spins_on_every_gpu_and_the_truth_names_it():
+    fleet = _job_fault_fleet()
+    hang = fleet.faults[0]
+    job = fleet.fault_job(hang)
+    assert job is not None
+    assert job.start_ms <= F_START - 600_000
+    assert job.end_ms >= F_END + 600_000
+    assert job.process_end_ms == job.end_ms  # and kept running
+    assert sorted(job.gpus) == [(1, g) for g in range(4)]  # its node is a whole-node job of its own
+    (truth,) = [f for f in fleet.ground_truth(START, START + HOUR)["faults"] if f["kind"] == "job_hang"]
+    assert (truth["tenant"], truth["job"], truth["nodes"]) == (job.tenant, job.id, ["sim-node-001"])
+    assert truth["gpus"] == [{"node": "sim-node-001", "gpu": g, "uuid": fleet.gpu_const(1, g).uuid} for g in range(4)]
+    assert fleet.hung_windows(job) == [(F_START, F_END)]
+    for g in range(4):
+        for t in (F_START, F_START + 30_000, F_END - 1):
+            s = fleet.sample(1, g, t, t - 1000)
+            assert s.util_gpu_ratio >= 0.9
+            assert s.tensor_active_ratio <= 0.05
+            assert s.power_w <= 0.3 * 700  # an H100 SXM's board power
+            assert s.compute_processes == 1
+        after = fleet.sample(1, g, F_END + 1000, F_END)
+        assert after.power_w > 0.3 * 700 or after.util_gpu_ratio < 0.9  # working (or idling) again
+
+
+def test_a_straggler_runs_slower_than_its_peers_and_nothing_throttles():
+    fleet = _job_fault_fleet()
+    straggler = fleet.faults[1]
+    job = fleet.fault_job(straggler)
+    assert job is not None
+    assert sorted(job.gpus) == [(2, g) for g in range(4)]
+    (truth,) = [f for f in fleet.ground_truth(START, START + HOUR)["faults"] if f["kind"] == "straggler"]
+    assert (truth["node"], truth["gpu"], truth["job"]) == ("sim-node-002", 1, job.id)
+    for t in range(F_START, F_END, 7_000):
+        slow = fleet.sample(2, 1, t, t - 1000)
+        peers = [fleet.sample(2, g, t, t - 1000) for g in (0, 2, 3)]
+        assert slow.clock_sm_mhz == 1200
+        assert all(p.clock_sm_mhz >= 1900 for p in peers)
+        assert all(p.util_gpu_ratio >= 0.5 for p in [slow, *peers])  # the job runs a busy stretch
+        assert slow.tensor_active_ratio < 0.9 * min(p.tensor_active_ratio for p in peers)
+        assert slow.clock_event_reasons == 0  # held low without a throttle reason: cause "clock"
+    assert fleet.sample(2, 1, F_END + 1000, F_END).clock_sm_mhz > 1200
+
+
+def test_job_faults_need_a_whole_node_each():
+    with pytest.raises(ValueError, match="need a node each"):
+        SimulatedFleet(nodes=4, start_ms=START, faults=[Fault("job_hang", 1, 0, START, START + 1),
+                                                        Fault("straggler", 1, 3, START, START + 1)])
+    with pytest.raises(ValueError, match="node 1 is split into one-GPU slots"):
+        SimulatedFleet(nodes=4, start_ms=START, faults=[Fault("held_no_process", 1, 0, START, START + 1),
+                                                        Fault("straggler", 1, 3, START, START + 1)])
+
+
+def test_default_faults_add_a_hung_job_and_a_straggler_on_nodes_of_their_own():
+    faults = default_faults(START)
+    jobs = {f.kind: f for f in faults if f.kind in ("job_hang", "straggler")}
+    assert [(k, f.node, f.start_ms - START, f.end_ms - f.start_ms) for k, f in sorted(jobs.items())] == [
+        ("job_hang", 30, 20_000, 60_000), ("straggler", 29, 25_000, 60_000)]
+    fleet = SimulatedFleet(seed=7, start_ms=START, faults=faults)
+    hung, slow = fleet.fault_job(jobs["job_hang"]), fleet.fault_job(jobs["straggler"])
+    assert hung is not None
+    assert slow is not None
+    assert hung != slow
+    assert fleet.fault_job_numbers() == {hung.number, slow.number}
+    assert [f.kind for f in default_faults(START, nodes=3)].count("job_hang") == 1  # one node to spare
+    assert not {"job_hang", "straggler"} & {f.kind for f in default_faults(START, nodes=2)}

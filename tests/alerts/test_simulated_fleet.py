@@ -75,3 +75,39 @@ def test_injected_faults_fire_and_resolve(alertmanager, alerts_cfg, ch_store, ch
     for labels in expected:
         assert labels not in firing, f"{labels['alertname']} did not resolve"
     assert {r.alertname for r in report.resolved} >= {lab["alertname"] for lab in expected}
+
+
+def test_injected_job_faults_fire_naming_the_ground_truth(alertmanager, alerts_cfg, ch_store) -> None:
+    """A hung job and a straggler, through the shipped default rules (10 minutes), match the simulator's truth."""
+    latest = base_ms()
+    b = latest - (latest - ANCHOR) % DAY
+    day_valid = msgspec.structs.replace(alerts_cfg.alerts, resend_s=DAY / 1000)
+    alerts_cfg = msgspec.structs.replace(alerts_cfg, alerts=day_valid)
+    start, end = b + 5 * MIN, b + 30 * MIN
+    faults = [Fault(fk.JOB_HANG, 1, 2, start, end), Fault(fk.STRAGGLER, 2, 1, start, end)]
+    fleet = SimulatedFleet(nodes=4, gpus_per_node=4, tenants=2, seed=7, start_ms=b, cluster="sim", faults=faults,
+                           interval_ms=10_000)
+    insert_reports(ch_store, simulate_reports(fleet, b, b + 45 * MIN, 10_000), b)
+    truth = {f["kind"]: f for f in fleet.ground_truth(b, b + 45 * MIN)["faults"]}
+    hang, straggler = truth[fk.JOB_HANG], truth[fk.STRAGGLER]
+    ev = Evaluator(alerts_cfg, ch_store, alertmanager_url=alertmanager.url)
+
+    report = ev.evaluate_once(b + 22 * MIN)  # 17 minutes into the faults
+    assert report.errors == []
+    firing = am_labels(alertmanager.url)
+    stalled = [lab for lab in firing if lab["alertname"] == "JobStalled"]
+    assert stalled == [{"alertname": "JobStalled", "severity": "warning", "cluster": "sim",
+                        "tenant": hang["tenant"], "job": hang["job"]}]
+    stragglers = [lab for lab in firing if lab["alertname"] == "JobStraggler"]
+    assert stragglers == [{"alertname": "JobStraggler", "severity": "warning", "cluster": "sim",
+                           "node": straggler["node"], "gpu": straggler["uuid"], "gpu_index": str(straggler["gpu"]),
+                           "tenant": straggler["tenant"], "job": straggler["job"]}]
+    (rec,) = [r for r in ev.open_alerts() if r.alertname == "JobStalled"]
+    assert rec.annotations["description"].startswith(f"GPUs: {', '.join(sorted(g['uuid'] for g in hang['gpus']))}.")
+    (rec,) = [r for r in ev.open_alerts() if r.alertname == "JobStraggler"]
+    assert "SM clock held low" in rec.annotations["summary"]
+
+    report = ev.evaluate_once(b + 45 * MIN)  # 15 minutes after the faults cleared
+    assert report.errors == []
+    assert not {"JobStalled", "JobStraggler"} & {lab["alertname"] for lab in am_labels(alertmanager.url)}
+    assert {r.alertname for r in report.resolved} >= {"JobStalled", "JobStraggler"}
