@@ -261,3 +261,25 @@ def test_the_store_is_found_in_one_order(tmp_path: Path, monkeypatch: pytest.Mon
         Target(f"chdb://{tmp_path}/demo-store", "other"), f"the demo's store, from {data_dir}/state.json")
     assert target(None, None, None, tmp_path / "none") == (
         Target(DEFAULT_DSN, "gpufleet"), f"the default clickhouse.dsn; no demo state in {tmp_path / 'none'}")
+
+
+def test_the_demos_store_is_read_with_the_demos_job_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpufleet jobs` on a stopped demo counts its one-minute faults with the demo's 15 s windows, unless the
+    config says otherwise."""
+    from gpufleet.config import JobsConfig
+    from gpufleet.embedded.demo.stack import DEMO_JOBS
+    from gpufleet.pipeline.commands.common import resolve
+
+    monkeypatch.delenv("GPUFLEET_CONFIG", raising=False)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    data_dir = tmp_path / "demo"
+    data_dir.mkdir()
+    DemoState(child.pid, "http://127.0.0.1:1", f"chdb://{tmp_path}/s", "db", "127.0.0.1:1",
+              jobs={"stall": {"for_s": 15.0, "max_gap_s": 15.0}, "straggler": {"for_s": 15.0}}).write(data_dir)
+    assert resolve(None, None, None, data_dir).cfg.jobs == DEMO_JOBS
+    assert DEMO_JOBS.stall.for_s == DEMO_JOBS.straggler.for_s == 15.0
+    own = tmp_path / "jobs.yaml"
+    own.write_text("jobs: {stall: {for_s: 120}}\n")
+    assert resolve(str(own), None, None, data_dir).cfg.jobs.stall.for_s == 120.0
+    assert resolve(None, f"chdb://{tmp_path}/s", None, data_dir).cfg.jobs == JobsConfig()  # not through the state

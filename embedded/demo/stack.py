@@ -24,7 +24,7 @@ import msgspec
 
 from gpufleet import config as config_mod
 from gpufleet import kafka
-from gpufleet.config import Config
+from gpufleet.config import Config, JobsConfig, StallConfig, StragglerConfig
 from gpufleet.embedded.alertmanager import EmbeddedAlertmanager, find_binary
 from gpufleet.embedded.broker import EmbeddedBroker
 from gpufleet.embedded.demo.state import DEFAULT_DATA_DIR, DemoState
@@ -38,6 +38,11 @@ from gpufleet.pipeline.store.client import Target
 from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
 log = logging.getLogger(__name__)
+
+
+DEMO_JOBS = JobsConfig(stall=StallConfig(for_s=15.0, max_gap_s=15.0), straggler=StragglerConfig(for_s=15.0))
+"""The demo's one-minute job faults count as stalled and straggling after 15 s (the demo rules' windows),
+unless the config sets `jobs`; `gpufleet jobs` and the boards read the demo's store with the same."""
 
 
 @dataclass
@@ -84,6 +89,8 @@ class DemoStack:
             kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=self.broker.bootstrap, partitions=4),
             ingest=msgspec.structs.replace(cfg.ingest, max_poll_interval_ms=5000, session_timeout_ms=5000),
         )
+        if cfg.jobs == JobsConfig():
+            cfg = msgspec.structs.replace(cfg, jobs=DEMO_JOBS)
         self.cfg = cfg = config_mod.with_clickhouse(cfg, self.target.dsn, self.target.database)
         kafka.ensure_topics(cfg.kafka)
         ch = Store.open(self.target, create=True)  # the demo owns its store, so it creates it
@@ -105,6 +112,7 @@ class DemoStack:
         DemoState(
             pid=os.getpid(), status_url=self.status_api.url, dsn=self.target.dsn, database=self.target.database,
             bootstrap=self.broker.bootstrap, alertmanager_url=self.alertmanager.url if self.alertmanager else None,
+            jobs=msgspec.to_builtins(cfg.jobs),
         ).write(o.data_dir)
         return self
 

@@ -25,6 +25,8 @@ class DemoState:
     database: str
     bootstrap: str
     alertmanager_url: str | None = None
+    jobs: dict[str, Any] | None = None
+    """The demo's `jobs` settings (short stall and straggler windows): the read commands use them on its store."""
 
     @staticmethod
     def path(data_dir: Path) -> Path:

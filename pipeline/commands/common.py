@@ -11,6 +11,7 @@ take `read_options` and find their store with `resolve`, the same way for all:
 
 A reader creates nothing: `open_store` refuses a store that does not exist or lacks the schema, and a
 store the running demo holds open (chDB lets one process open a store), pointing to the demo's API.
+Reading the demo's store (3.), a reader takes the demo's `jobs` settings unless the config sets `jobs`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+import msgspec
 
 from gpufleet import config as config_mod
-from gpufleet.config import Config
+from gpufleet.config import Config, JobsConfig
 from gpufleet.dsn import redact
 from gpufleet.embedded.demo.state import DEFAULT_DATA_DIR, DemoState
 from gpufleet.errors import StoreError
@@ -88,6 +90,8 @@ def resolve(config_path: str | None, dsn: str | None, database: str | None,
     elif state is not None:
         dsn, origin = state.dsn, f"the demo's store, from {DemoState.path(data_dir)}"
         database = database or state.database
+        if state.jobs is not None and not any(k.split(".")[0] == "jobs" for k in loaded.keys):
+            cfg = msgspec.structs.replace(cfg, jobs=msgspec.convert(state.jobs, JobsConfig))
     else:
         dsn, origin = cfg.clickhouse.dsn, f"the default clickhouse.dsn; no demo state in {data_dir}"
     target = Target(dsn, database or cfg.clickhouse.database, origin)
