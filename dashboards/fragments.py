@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from gpufleet.config import BillingConfig, HealthConfig
+from gpufleet.config import BillingConfig, HealthConfig, StallConfig, StragglerConfig
 from gpufleet.dashboards.builder import JSON, query_variable, sql
 from gpufleet.gpu_facts import (
     THROTTLE_HW_POWER_BRAKE,
@@ -21,7 +21,7 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_POWER_CAP,
     THROTTLE_THERMAL_MASK,
 )
-from gpufleet.pipeline.queries import formulas
+from gpufleet.pipeline.queries import formulas, job_signals
 
 HEALTH: Final = HealthConfig()
 BILLING: Final = BillingConfig()
@@ -156,3 +156,42 @@ def standard_variables(datasource: JSON) -> tuple[JSON, ...]:
         ),
         query_variable("model", "GPU model", options("model", "gpu_latest", "model != ''" + filters(("cluster",)))),
     )
+
+
+# --- job-level detectors (raw samples; pipeline/queries/job_signals.py) --------------------------------
+
+STALL: Final = StallConfig()
+STRAGGLER: Final = StragglerConfig()
+JOB_FILTERS: Final = ("cluster", "tenant", "model")
+"""A job spans nodes, and its stragglers are judged against all its GPUs: job panels never filter by node."""
+STALLED_IN_RANGE: Final = "$__timeFilter(toDateTime(intDiv(start_ms, 60000) * 60, 'UTC'))"
+"""A stalled sample counts in the range holding the minute of its interval start, as the rollups file it."""
+
+
+def stalled_samples(names: tuple[str, ...] = JOB_FILTERS) -> str:
+    """The samples in a run of stall-like samples lasting `jobs.stall.for_s` (the config defaults), read
+    `for_s` and the gap beyond both ends of the range so a run crossing an edge is judged whole; count
+    them with `STALLED_IN_RANGE`. Columns: see `job_signals.stalled_samples`."""
+    pad_s = int(STALL.for_s + STALL.max_gap_s)
+    read = f"time > $__fromTime - INTERVAL {pad_s} SECOND AND time <= $__toTime + INTERVAL {pad_s} SECOND"
+    return job_signals.stalled_samples("gpu_samples", read + filters(names), job_signals.stall_literal(STALL),
+                                       str(int(STALL.for_s * 1000)), str(int(STALL.max_gap_s * 1000)))
+
+
+def stragglers(names: tuple[str, ...] = JOB_FILTERS) -> str:
+    """GPUs that lag their job at the end of the range, sustained over the last `jobs.straggler.for_s` (the
+    config defaults; fresh: a sample within the last minute): `job_signals.stragglers`' columns."""
+    for_ms = int(STRAGGLER.for_s * 1000)
+    to = "toUnixTimestamp64Milli($__toTime_ms)"
+    span = job_signals.Span(
+        f"time > $__toTime - INTERVAL {for_ms // 1000} SECOND AND time <= $__toTime" + filters(names),
+        f"{to} - 60000", f"{to} - {for_ms}", f"{0.9 * for_ms:.0f}",
+    )
+    return job_signals.stragglers("gpu_samples", span, job_signals.straggler_literal(STRAGGLER))
+
+STALLED_BUSY: Final = (
+    "NOT has(excluded, toString(health)) AND NOT ifNull(compute_processes = 0, 0) "
+    "AND least(floor(ifNull(util_gpu_ratio, 0) * 100 + 0.0001), 100) >= idle_pct"
+)
+"""A stalled sample the policy (`POLICY`) counts as busy: the waterfall's `stalled` is a part of its busy time,
+as `pipeline/queries/stalls.BUSY_BY_POLICY` says with bound parameters."""

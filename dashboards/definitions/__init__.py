@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from gpufleet.dashboards.builder import Board
-from gpufleet.dashboards.definitions import alerts, billing, fleet, gpu, health, tenant
+from gpufleet.dashboards.definitions import alerts, billing, fleet, gpu, health, jobs, tenant
 
-BOARDS: tuple[Board, ...] = (fleet.BOARD, tenant.BOARD, health.BOARD, gpu.BOARD, billing.BOARD, alerts.BOARD)
+BOARDS: tuple[Board, ...] = (
+    fleet.BOARD, tenant.BOARD, jobs.BOARD, health.BOARD, gpu.BOARD, billing.BOARD, alerts.BOARD,
+)

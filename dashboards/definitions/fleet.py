@@ -178,7 +178,8 @@ waterfall = Panel(
                     sum(reported) / {hour} AS reporting,
                     (sum(reported) - sum(unhealthy)) / {hour} AS healthy,
                     (sum(reported) - sum(unhealthy) - sum(unallocated)) / {hour} AS allocated,
-                    (sum(reported) - sum(unhealthy) - sum(unallocated) - sum(idle)) / {hour} AS busy,
+                    (sum(reported) - sum(unhealthy) - sum(unallocated) - sum(idle)) / {hour} AS not_idle,
+                    not_idle - any(stalled) / {hour} AS busy,
                     sumIf(achieved / peak, peak > 0) / 3600 AS achieved_peak_hours
                 FROM
                 (
@@ -193,16 +194,25 @@ waterfall = Panel(
                     FROM gpu_usage_1m
                     WHERE {where}
                     GROUP BY cluster, node, gpu_uuid
-                )
+                ) AS per_gpu
+                CROSS JOIN
+                (
+                    SELECT ifNull(sum(interval_ms), 0) AS stalled
+                    FROM ({stalled})
+                    WHERE {in_range}
+                        AND {busy}
+                ) AS stalls
             )
             ARRAY JOIN
-                ['installed', 'reporting', 'healthy', 'allocated', 'busy', 'achieved (peak-equivalent)'] AS stage,
-                [installed, reporting, healthy, allocated, busy, achieved_peak_hours] AS remaining_gpu_hours,
-                [0, installed - reporting, reporting - healthy, healthy - allocated, allocated - busy,
-                 busy - achieved_peak_hours] AS lost_gpu_hours
+                ['installed', 'reporting', 'healthy', 'allocated', 'not idle', 'busy', 'achieved (peak-equivalent)']
+                    AS stage,
+                [installed, reporting, healthy, allocated, not_idle, busy, achieved_peak_hours] AS remaining_gpu_hours,
+                [0, installed - reporting, reporting - healthy, healthy - allocated, allocated - not_idle,
+                 not_idle - busy, busy - achieved_peak_hours] AS lost_gpu_hours
             """,
             policy=f.POLICY, hour=f.HOUR_MS, healthy=f.HEALTHY, idle=f.IDLE_MS, achieved=f.ACHIEVED,
-            where=_ROLLUP,
+            where=_ROLLUP, stalled=f.stalled_samples(f.SAMPLE_FILTERS), in_range=f.STALLED_IN_RANGE,
+            busy=f.STALLED_BUSY,
         ),
         ("stage", "remaining_gpu_hours", "lost_gpu_hours"),
         TABLE,
@@ -211,7 +221,8 @@ waterfall = Panel(
         "Where capacity goes, as pipeline/queries/waterfall.py computes it: every GPU seen in the range for the "
         "whole range (installed) -> minus time it did not report -> minus unhealthy (health states the "
         "SLA policy excludes) -> minus unallocated -> minus allocated but idle (no process, or "
-        "utilization under the policy's threshold) -> busy -> achieved FLOPs as GPU-hours at peak "
+        "utilization under the policy's threshold) -> minus stalled (hung jobs: busy-looking, no work, still "
+        "billed) -> busy -> achieved FLOPs as GPU-hours at peak "
         "(measured where jobs report FLOPs, else the hardware estimate: tensor activity × peak). "
         "The red part of each bar is what that step lost."
     ),

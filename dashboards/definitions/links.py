@@ -12,10 +12,12 @@ HEALTH: Final = "gpufleet-health"
 GPU: Final = "gpufleet-gpu"
 BILLING: Final = "gpufleet-billing"
 ALERTS: Final = "gpufleet-alerts"
+JOBS: Final = "gpufleet-jobs"
 
 _TITLES: Final = {
     FLEET: "Fleet overview",
     TENANT: "Tenants",
+    JOBS: "Jobs",
     HEALTH: "GPU health",
     GPU: "GPU detail",
     BILLING: "Billing",

@@ -142,6 +142,58 @@ billable = Panel(
     ),
 )
 
+stalled = Panel(
+    "Stalled GPU-hours by tenant (billed, no work done)",
+    "table",
+    (Query(
+        sql(
+            """
+            SELECT
+                a.tenant AS tenant,
+                a.allocated_gpu_hours AS allocated_gpu_hours,
+                a.mfu AS mfu,
+                ifNull(s.stalled_gpu_hours, 0) AS stalled_gpu_hours,
+                ifNull(s.stalled_gpu_hours, 0) / nullIf(a.allocated_gpu_hours, 0) AS stalled_share
+            FROM
+            (
+                SELECT tenant, sum(reported_ms) / {hour} AS allocated_gpu_hours, {mfu} AS mfu
+                FROM gpu_usage_1m
+                WHERE {where}
+                    AND tenant != ''
+                GROUP BY tenant
+            ) AS a
+            LEFT JOIN
+            (
+                SELECT tenant, sum(interval_ms) / {hour} AS stalled_gpu_hours
+                FROM ({stalled})
+                WHERE {in_range}
+                GROUP BY tenant
+            ) AS s ON s.tenant = a.tenant
+            ORDER BY stalled_gpu_hours DESC, tenant
+            """,
+            hour=f.HOUR_MS, mfu=f.MFU, where=_ROLLUP, stalled=f.stalled_samples(f.SAMPLE_FILTERS),
+            in_range=f.STALLED_IN_RANGE,
+        ),
+        ("tenant", "allocated_gpu_hours", "mfu", "stalled_gpu_hours", "stalled_share"),
+        TABLE,
+    ),),
+    description=(
+        "GPU-hours each tenant's jobs spent stalled: busy-looking (high utilization) but doing no work (no "
+        f"tensor activity, near-idle power, flat FLOPs) for at least {f.STALL.for_s / 60:g} minutes, as in the "
+        "capacity waterfall's `stalled` step. Still billed: the tenant holds the GPUs. Beside the tenant's MFU "
+        "(measured where its jobs report FLOPs, else the hardware estimate)."
+    ),
+    w=12,
+    overrides=(
+        rename("allocated_gpu_hours", "allocated GPU-h"),
+        override("mfu", unit="percentunit"),
+        rename("mfu", "MFU"),
+        rename("stalled_gpu_hours", "stalled GPU-h"),
+        override("stalled_share", unit="percentunit"),
+        rename("stalled_share", "stalled share"),
+    ),
+)
+
 jobs = Panel(
     "Jobs",
     "table",
@@ -196,6 +248,6 @@ BOARD = Board(
     title="GPU fleet tenants",
     description="What each tenant holds, how well it uses it, what sits idle, and what is billable.",
     variables=f.standard_variables(datasource_variable()),
-    panels=(allocated, mfu, idle, billable, jobs),
+    panels=(allocated, mfu, idle, billable, stalled, jobs),
     links=links.nav(links.TENANT),
 )

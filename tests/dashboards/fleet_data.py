@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gpufleet.agents.collectors.simulated import Fault, SimulatedFleet, simulate_reports
+from gpufleet.agents.flops_jobs import SAMPLE_TOKENS, TOKEN_FLOPS
 from gpufleet.agents.simulation import faults as fk
 from gpufleet.config import ClickHouseConfig, Config
 from gpufleet.gpu_facts import peak_flops
@@ -64,6 +65,8 @@ def _faults() -> list[Fault]:
         Fault(fk.THERMAL_THROTTLE, 1, 1, s + 28 * MINUTE, e + 5 * MINUTE),
         Fault(fk.FELL_OFF_BUS, 1, 0, s + 35 * MINUTE, e + 5 * MINUTE),
         Fault(fk.NODE_SILENT, 3, None, e - 3 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.STRAGGLER, 1, 1, s + 40 * MINUTE, e + 5 * MINUTE),  # the thermal GPU lags its node's job
+        Fault(fk.JOB_HANG, 2, 3, s + 45 * MINUTE, e + 5 * MINUTE),  # node 2's job hangs for the last 25 minutes
     ]
 
 
@@ -79,14 +82,20 @@ class Loaded:
     model: str
 
 
-def _measure_flops(reports: list[NodeReport], tenant: str) -> None:
-    """Jobs of `tenant` report model FLOPs: 80% of the tensor-activity estimate, as a real job might."""
+def _measure_flops(reports: list[NodeReport], tenant: str, fleet: SimulatedFleet) -> None:
+    """Jobs of `tenant` report model FLOPs: 80% of the tensor-activity estimate, as a real job might, none
+    while hung; and the tokens and samples those FLOPs stand for (gpufleet.agents.flops_jobs' model)."""
+    jobs = [fleet.fault_job(f) for f in fleet.faults if f.kind in fk.JOB_KINDS]
+    hung = {job.id: fleet.hung_windows(job) for job in jobs if job is not None}
     for r in reports:
         for g in r.gpus:
             if g.tenant == tenant and g.tensor_active_ratio is not None and g.model and not g.error:
                 peak = peak_flops(g.model)
                 if peak:
-                    g.flops_measured = 0.8 * g.tensor_active_ratio * peak * r.interval_ms / 1000
+                    stuck = any(s <= r.time_ms < e for s, e in hung.get(g.job or "", ()))
+                    g.flops_measured = 0.0 if stuck else 0.8 * g.tensor_active_ratio * peak * r.interval_ms / 1000
+                    g.tokens_measured = g.flops_measured / TOKEN_FLOPS
+                    g.samples_measured = g.tokens_measured / SAMPLE_TOKENS
 
 
 def _sick_agent(reports: list[NodeReport], node: str) -> None:
@@ -181,7 +190,7 @@ def simulated_fleet() -> SimulatedFleet:
 def simulated_reports(fleet: SimulatedFleet) -> list[NodeReport]:
     """The fleet's messages as loaded: the first tenant's jobs report FLOPs, one agent is sick."""
     reports = list(simulate_reports(fleet, START_MS, END_MS, INTERVAL_MS))
-    _measure_flops(reports, fleet.tenant_names[0])
+    _measure_flops(reports, fleet.tenant_names[0], fleet)
     _sick_agent(reports, fleet.node_names[2])
     return reports
 

@@ -154,6 +154,8 @@ def test_alert_rules_fire_for_exactly_the_injected_faults(fleet: Fleet) -> None:
         "GpuHeldNoProcess": {("sim-node-000", "2")},
         "GpuBusyUnallocated": {("sim-node-000", "3")},
         "NodeSilent": {("sim-node-003", None)},
+        "JobStalled": {(None, None)},  # a job: fleet_data's job_hang on node 2 (labels cluster, tenant, job)
+        "JobStraggler": {("sim-node-001", "1")},  # the thermal GPU that lags its node's job
     }
     for rule in RULES:
         if rule["title"] not in expected:
@@ -168,12 +170,18 @@ def test_alert_rules_fire_for_exactly_the_injected_faults(fleet: Fleet) -> None:
     idle = next(r for r in RULES if r["title"] == "GpuIdleAllocated")
     (row,) = firing(idle, *run_rule(fleet, idle)[::2])
     assert row["tenant"] == fleet.data.focus_tenant
+    for title, kind in (("JobStalled", "job_hang"), ("JobStraggler", "straggler")):  # the job the simulator hit
+        rule = next(r for r in RULES if r["title"] == title)
+        (row,) = firing(rule, *run_rule(fleet, rule)[::2])
+        job = fleet.data.fleet.fault_job(next(f for f in fleet.data.fleet.faults if f.kind == kind))
+        assert job is not None
+        assert (row["tenant"], row["job"]) == (job.tenant, job.id), title
 
 
 def test_grafana_rules_agree_with_the_gpufleet_evaluator(fleet: Fleet) -> None:
     """The alerts the evaluator has firing at the end are the ones the Grafana rules fire."""
     evaluator = {
-        (name, labels.get("node", ""), labels.get("gpu_index", ""), labels.get("gpu", ""))
+        (name, labels.get("node", ""), labels.get("gpu_index", ""), labels.get("gpu", ""), labels.get("job", ""))
         for name, labels in fleet.client.query(
             "SELECT alertname, labels FROM alerts FINAL WHERE state = 'firing' AND alertname NOT LIKE '%Mfu%'"
         ).result_rows
@@ -183,7 +191,7 @@ def test_grafana_rules_agree_with_the_gpufleet_evaluator(fleet: Fleet) -> None:
         if "Mfu" in rule["title"]:
             continue
         columns, _, rows = run_rule(fleet, rule)
-        grafana |= {(rule["title"], d.get("node", ""), d.get("gpu_index", ""), d.get("gpu", ""))
+        grafana |= {(rule["title"], d.get("node", ""), d.get("gpu_index", ""), d.get("gpu", ""), d.get("job", ""))
                     for d in firing(rule, columns, rows)}
     assert grafana == evaluator
 
