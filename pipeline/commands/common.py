@@ -1,7 +1,7 @@
 """Options and set-up shared by the pipeline's commands: config, the ClickHouse target, the front door.
 
 Writers (`ingest`, `migrate`, `alerts run`, `tenants create`) take `target_options` and use the
-config's store. Readers (`status`, `usage`, `billing`, `alerts`, `dashboards preview`, `tenants sql`)
+config's store. Readers (`status`, `usage`, `billing`, `alerts`, `jobs`, `dashboards preview`, `tenants sql`)
 take `read_options` and find their store with `resolve`, the same way for all:
 
 1. `--dsn`, else

@@ -127,6 +127,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/job_signals.py", "power"): CONST,
     ("pipeline/queries/job_signals.py", "runs"): CONST,
     ("pipeline/queries/job_signals.py", "samples"): CONST,
+    ("pipeline/queries/job_signals.py", "series"): CONST,
     ("pipeline/queries/job_signals.py", "span.fresh_ms"): FRAGMENT_ARG,
     ("pipeline/queries/job_signals.py", "span.where"): FRAGMENT_ARG,
     ("pipeline/queries/job_signals.py", "sustained"): FRAGMENT_ARG,
