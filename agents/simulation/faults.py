@@ -146,8 +146,8 @@ def default_faults(start_ms: int, *, nodes: int = 32, gpus_per_node: int = 8) ->
     and clearing 60-90 s later. `node_silent` takes the last node; the kinds that pin a GPU's
     allocation (zombie_process, held_no_process, idle_allocated) share node 0, so only that node
     is split into one-GPU slots; the others (in `DEFAULT_ORDER`, as many as fit) spread over the
-    remaining nodes. With 4 nodes or more, a hung job and a straggler on nodes `nodes - 2` and
-    `nodes - 3`, starting 20 and 25 s after `start_ms` and lasting a minute."""
+    remaining nodes. Then a hung job and a straggler, each on a node of its own (the highest below the
+    silent one that no pinned fault split), starting 20 and 25 s after `start_ms`, lasting a minute."""
     if nodes < 2:
         raise ValueError("default_faults needs at least 2 nodes (one of them goes silent)")
     slots = (nodes - 1) * gpus_per_node
@@ -170,15 +170,17 @@ def default_faults(start_ms: int, *, nodes: int = 32, gpus_per_node: int = 8) ->
         node, gpu = next(g for g in (pinned if kind in FREE_KINDS | BOOKING_KINDS else spread) if g not in used)
         used.add((node, gpu))
         faults.append(Fault(kind, node, gpu, start, end))
-    return faults + _job_faults(start_ms, nodes, gpus_per_node, used)
+    return faults + _job_faults(start_ms, nodes, gpus_per_node, faults)
 
 
-def _job_faults(start_ms: int, nodes: int, gpus_per_node: int, used: set[tuple[int, int]]) -> list[Fault]:
-    """The demo's hung job and straggler, on nodes of their own (neither node 0 nor the silent last one)."""
+def _job_faults(start_ms: int, nodes: int, gpus_per_node: int, placed: list[Fault]) -> list[Fault]:
+    """The demo's hung job and straggler, each on a node of its own from the highest down: not the silent
+    last node, nor a node split into one-GPU slots for the faults `placed` there."""
+    split = {f.node for f in placed if f.kind in BOOKING_KINDS | FREE_KINDS}
+    free = [n for n in range(nodes - 2, -1, -1) if n not in split]
+    used = {(f.node, f.gpu) for f in placed}
     out = []
-    for i, (kind, node) in enumerate(((JOB_HANG, nodes - 2), (STRAGGLER, nodes - 3))):
-        if node < 1:
-            break
+    for i, (kind, node) in enumerate(zip((JOB_HANG, STRAGGLER), free, strict=False)):
         gpu = next((g for g in range(gpus_per_node) if (node, g) not in used), 0)
         start = start_ms + 20_000 + 5_000 * i
         out.append(Fault(kind, node, gpu, start, start + 60_000))

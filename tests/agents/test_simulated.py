@@ -544,5 +544,10 @@ def test_default_faults_add_a_hung_job_and_a_straggler_on_nodes_of_their_own():
     assert slow is not None
     assert hung != slow
     assert fleet.fault_job_numbers() == {hung.number, slow.number}
-    assert [f.kind for f in default_faults(START, nodes=3)].count("job_hang") == 1  # one node to spare
-    assert not {"job_hang", "straggler"} & {f.kind for f in default_faults(START, nodes=2)}
+    # small fleets: job faults only on nodes the pinned faults leave whole, and the fleet still builds
+    # (4 x 2: the pinned kinds split nodes 0-2; 2 x 8: node 0 split, node 1 silent)
+    for nodes, gpus, kinds in ((4, 8, ["job_hang", "straggler"]), (3, 8, ["job_hang"]), (2, 8, []), (4, 2, []),
+                               (4, 4, ["job_hang", "straggler"])):
+        faults = default_faults(START, nodes=nodes, gpus_per_node=gpus)
+        assert [f.kind for f in faults if f.kind in ("job_hang", "straggler")] == kinds, (nodes, gpus)
+        SimulatedFleet(nodes=nodes, gpus_per_node=gpus, start_ms=START, faults=faults)
