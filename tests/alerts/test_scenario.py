@@ -2,7 +2,8 @@
 
 One minute per sample; sample k covers (base + (k-1) min, base + k min]. The faults:
   n1 gpu1  fallen off the bus (error) k=20..29, XID 79 at k=20          -> GpuFailing
-  n2 gpu0  HW thermal throttle at 92 C k=10..29                          -> GpuDegraded (for 5m)
+  n2 gpu0  HW thermal throttle at 92 C k=10..29                          -> GpuDegraded (for 5m), and
+           JobStraggler (for 10m): the one GPU of acme's job that throttles
   n2 gpu1  tenant beta, util 1 %, a process, k=5..40                     -> GpuIdleAllocated (for 15m)
   n3 gpu0  tenant gamma, no process, k=5..40                             -> GpuHeldNoProcess (for 10m)
   n3 gpu1  unallocated, 1 process, 24 GiB, k=5..40                       -> GpuBusyUnallocated (for 5m)
@@ -72,6 +73,8 @@ HELD = {"alertname": "GpuHeldNoProcess", "severity": "warning", "cluster": "c1",
 BUSY = {"alertname": "GpuBusyUnallocated", "severity": "warning", "cluster": "c1", "node": "n3", "gpu": "GPU-n3-1",
         "gpu_index": "1"}
 SILENT = {"alertname": "NodeSilent", "severity": "critical", "cluster": "c1", "node": "n4"}
+STRAGGLER = {"alertname": "JobStraggler", "severity": "warning", "cluster": "c1", "node": "n2", "gpu": "GPU-n2-0",
+             "gpu_index": "0", "tenant": "acme", "job": "j-acme"}
 
 
 def _sorted(labels: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -110,8 +113,8 @@ def test_every_fault_fires_in_alertmanager_and_resolves(alertmanager, alerts_cfg
     report = ev.evaluate_once(b + 20 * MIN)
     assert report.errors == []
     assert sorted(r.alertname for r in report.fired) == [
-        "GpuBusyUnallocated", "GpuDegraded", "GpuFailing", "GpuHeldNoProcess", "GpuIdleAllocated"]
-    assert am_labels(alertmanager.url) == _sorted([FAILING, DEGRADED, IDLE, HELD, BUSY])
+        "GpuBusyUnallocated", "GpuDegraded", "GpuFailing", "GpuHeldNoProcess", "GpuIdleAllocated", "JobStraggler"]
+    assert am_labels(alertmanager.url) == _sorted([FAILING, DEGRADED, IDLE, HELD, BUSY, STRAGGLER])
     got = by_name(am_alerts(alertmanager.url))
     assert {a["startsAt"] for a in got.values()} == {iso(b + 20 * MIN)}
     assert got["GpuFailing"]["endsAt"] == iso(b + 20 * MIN + 4 * 3600 * 1000)  # valid for 4 x resend_s
@@ -131,16 +134,18 @@ def test_every_fault_fires_in_alertmanager_and_resolves(alertmanager, alerts_cfg
         "GPU 1 on n3 is allocated to no one but runs 1 process(es) holding 24.0 GiB (a zombie after its job ended?)")
     assert got["GpuDegraded"]["annotations"]["summary"] == (
         "GPU 0 on n2 (c1) is degraded: throttling (hw_thermal), temperature 92 C >= 87 C")
+    assert got["JobStraggler"]["annotations"]["summary"].startswith(
+        "Job j-acme (acme) is held back by GPU 0 on n2: thermal throttling;")
     listed = firing_alerts(store)
     assert [a["alertname"] for a in listed] == [
-        "GpuFailing", "GpuBusyUnallocated", "GpuDegraded", "GpuHeldNoProcess", "GpuIdleAllocated"]
+        "GpuFailing", "GpuBusyUnallocated", "GpuDegraded", "GpuHeldNoProcess", "GpuIdleAllocated", "JobStraggler"]
     assert all(a["state"] == "firing" and a["starts_at"] == iso(b + 20 * MIN) for a in listed)
     assert listed[0]["labels"] == FAILING
 
     # k=26: node n4 last reported at k=20, six minutes ago.
     report = ev.evaluate_once(b + 26 * MIN)
     assert [r.alertname for r in report.fired] == ["NodeSilent"]
-    assert am_labels(alertmanager.url) == _sorted([FAILING, DEGRADED, IDLE, HELD, BUSY, SILENT])
+    assert am_labels(alertmanager.url) == _sorted([FAILING, DEGRADED, IDLE, HELD, BUSY, SILENT, STRAGGLER])
     silent = by_name(am_alerts(alertmanager.url))["NodeSilent"]
     assert silent["startsAt"] == iso(b + 26 * MIN)
     assert silent["annotations"]["summary"] == f"Node n4 (c1) has sent nothing for 6m (last report {iso(b + 20 * MIN)})"
@@ -148,7 +153,8 @@ def test_every_fault_fires_in_alertmanager_and_resolves(alertmanager, alerts_cfg
     # k=35: the bus, the heat and the node are back (last failing sample k=29 is older than
     # keep_firing_for = 5m); Alertmanager drops resolved alerts from its active list.
     report = ev.evaluate_once(b + 35 * MIN)
-    assert sorted(r.alertname for r in report.resolved) == ["GpuDegraded", "GpuFailing", "NodeSilent"]
+    assert sorted(r.alertname for r in report.resolved) == ["GpuDegraded", "GpuFailing", "JobStraggler",
+                                                             "NodeSilent"]
     assert am_labels(alertmanager.url) == _sorted([IDLE, HELD, BUSY])
     states = _states(ch_client, db)
     assert states[("GpuFailing", "n1")] == ("resolved", b + 19 * MIN, b + 20 * MIN, b + 35 * MIN)
