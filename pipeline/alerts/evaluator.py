@@ -23,7 +23,7 @@ from gpufleet.liveness import Liveness
 from gpufleet.pipeline.alerts import lifecycle as lc
 from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError, payload
 from gpufleet.pipeline.alerts.lifecycle import AlertRecord
-from gpufleet.pipeline.alerts.queries import Candidate, build, candidates
+from gpufleet.pipeline.alerts.queries import Candidate, build, candidates, iso
 from gpufleet.pipeline.alerts.rules import AnyRule, RuleSet, format_duration, load_rules, runbook_link
 from gpufleet.pipeline.alerts.state import AlertStore
 
@@ -228,6 +228,7 @@ def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int, runbook_
     `runbook_url` goes under `runbook_base` (`alerts.runbook_base_url`, `runbook_link`)."""
     ctx = dict(cand.context)
     ctx["active_for"] = format_duration(max(0, now - rec.active_at))
+    ctx["since"] = iso(rec.active_at)  # when the condition began, as first seen (a query sees only its window)
     value = cand.value
     if cand.tracks_waste:
         hours = cand.gpus * max(0, cand.last_ms - rec.active_at) / 3_600_000

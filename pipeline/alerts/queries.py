@@ -488,20 +488,11 @@ def _job_candidates(rule: JobRule, rows: list[Mapping[str, Any]]) -> list[Candid
 def _stalled_candidate(rule: JobStalled, row: Mapping[str, Any]) -> Candidate:
     labels = {"cluster": row["cluster"], "tenant": row["tenant"], "job": row["job"]}
     gpus = int(row["gpus"])
-    ctx = {**labels, "for": format_duration(rule.for_ms), "since": iso(int(row["since_ms"])), "gpus": gpus,
+    ctx = {**labels, "for": format_duration(rule.for_ms), "gpus": gpus,
            "nodes": ", ".join(row["nodes"]), "gpu_list": ", ".join(row["gpu_uuids"]),
-           "util_pct": 100 * float(row["util"]), "power_pct": 100 * float(row["power_ratio"])}
+           "util_pct": 100 * _num(row["util"]), "power_pct": 100 * _num(row["power_ratio"])}
     return Candidate(_clean(labels), bool(row["sustained"]), int(row["since_ms"]), int(row["last_ms"]), None, ctx,
                      tracks_waste=True, gpus=gpus)
-
-
-_CAUSE_TEXT: Final = {
-    "thermal_throttle": "thermal throttling",
-    "power_throttle": "power throttling",
-    "pcie_nvlink_errors": "PCIe/NVLink errors",
-    "clock": "SM clock held low (no throttle reason: clocks set or locked low?)",
-    "below_median": "tensor activity or FLOPs below the job's median (no throttling, clock or link errors seen)",
-}
 
 
 def _straggler_candidates(rule: JobStraggler, rows: list[Mapping[str, Any]]) -> list[Candidate]:
@@ -521,8 +512,8 @@ def _straggler_candidate(rule: JobStraggler, row: Mapping[str, Any], slow_on_nod
     scope = f"node {row['node']} (all {on_node} of the job's GPUs on it)" if whole_node else f"GPU {row['gpu_index']}"
     clock, job_clock = row["clock_mhz"], row["job_clock_mhz"]
     value = float(clock) / float(job_clock) if clock is not None and job_clock else None
-    ctx = {**labels, "for": format_duration(rule.for_ms), "since": iso(int(row["since_ms"])),
-           "cause": _CAUSE_TEXT.get(row["cause"], row["cause"]), "scope": scope, "job_gpus": job_gpus,
+    ctx = {**labels, "for": format_duration(rule.for_ms),
+           "cause": job_signals.CAUSES.get(row["cause"], row["cause"]), "scope": scope, "job_gpus": job_gpus,
            "clock_mhz": _num(clock), "job_clock_mhz": _num(job_clock), "tensor_pct": 100 * _num(row["tensor"]),
            "job_tensor_pct": 100 * _num(row["job_tensor"]), "value": value}
     return Candidate(_clean(labels), bool(row["sustained"]), int(row["since_ms"]), int(row["last_ms"]), value, ctx)

@@ -33,10 +33,17 @@ from gpufleet.pipeline.queries import formulas
 JOB_ROWS: Final = "tenant != '' AND job != '' AND error = ''"
 """Samples a job-level detector reads: allocated to a job, GPU readable."""
 POWER_BITS: Final = THROTTLE_SW_POWER_CAP | THROTTLE_HW_SLOWDOWN | THROTTLE_HW_POWER_BRAKE
-CAUSES: Final = ("thermal_throttle", "power_throttle", "pcie_nvlink_errors", "clock", "below_median")
-"""A straggler's likely cause, first that applies: thermal or power throttling in at least half its samples,
-PCIe replays or NVLink errors rising in the window, an SM clock below the job's median in at least half its
-samples with no throttle reason (clocks set low), else only its activity or FLOPs are below the median."""
+CAUSES: Final = {
+    "thermal_throttle": "thermal throttling",
+    "power_throttle": "power throttling",
+    "pcie_nvlink_errors": "PCIe/NVLink errors",
+    "clock": "SM clock held low (no throttle reason: clocks set or locked low?)",
+    "below_median": "tensor activity or FLOPs below the job's median (no throttling, clock or link errors seen)",
+}
+"""A straggler's likely cause (code: what the alert says), first that applies: thermal or power throttling in
+at least half its samples, PCIe replays or NVLink errors rising in the window, an SM clock below the job's
+median in at least half its samples with no throttle reason (clocks set low), else only its activity or FLOPs
+are below the median."""
 
 
 class StallThresholds(Protocol):
