@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -26,15 +27,16 @@ SILENT_AFTER_MS = 30_000  # health.silent_after_s in the default config: "report
 WAIT_S = 120  # generous bound on the whole run; never a speed assertion
 
 
-def run_demo(data_dir: Path) -> tuple[str, list[psutil.Process]]:
+def run_demo(data_dir: Path, duration_s: int = DURATION_S, nodes: int = NODES, gpus: int = GPUS) -> tuple[
+        str, list[psutil.Process]]:
     """Run the demo to its end; its output, and every process it started (seen while it ran)."""
     demo = subprocess.Popen(
-        [sys.executable, "-m", "gpufleet", "demo", "--duration", str(DURATION_S), "--quiet", "--data-dir",
-         str(data_dir), "--nodes", str(NODES), "--gpus", str(GPUS)],
+        [sys.executable, "-m", "gpufleet", "demo", "--duration", str(duration_s), "--quiet", "--data-dir",
+         str(data_dir), "--nodes", str(nodes), "--gpus", str(gpus)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "GPUFLEET_CONFIG": ""},
     )
     seen: dict[int, psutil.Process] = {}
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + WAIT_S + duration_s
     try:
         parent = psutil.Process(demo.pid)
         while demo.poll() is None and time.monotonic() < deadline:
@@ -53,12 +55,17 @@ def run_demo(data_dir: Path) -> tuple[str, list[psutil.Process]]:
     return output, list(seen.values())
 
 
-def status(data_dir: Path) -> dict:
+def read(data_dir: Path, *args: str) -> Any:
+    """`gpufleet <args> --json --data-dir <data_dir>`'s JSON."""
     out = subprocess.run(
-        [sys.executable, "-m", "gpufleet", "status", "--json", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "gpufleet", *args, "--json", "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=WAIT_S, env={**os.environ, "GPUFLEET_CONFIG": ""}, check=True,
     )
     return json.loads(out.stdout)
+
+
+def status(data_dir: Path) -> dict:
+    return read(data_dir, "status")
 
 
 def test_demo_runs_reports_mfu_from_both_sources_and_leaves_no_process(tmp_path: Path) -> None:
@@ -95,3 +102,24 @@ def test_demo_runs_reports_mfu_from_both_sources_and_leaves_no_process(tmp_path:
         if str(data_dir) in cmdline or bootstrap in cmdline:
             leftovers.append(cmdline)
     assert leftovers == []
+
+
+def test_a_90_s_demo_fires_job_stalled_and_job_straggler_on_the_injected_job_faults(tmp_path: Path) -> None:
+    """The demo's job faults (a hung job from 20 s, a straggler from 25 s, a minute each) fire their alerts
+    through the packaged demo rules, and `gpufleet alerts history` names the job, node and GPU the simulator's
+    ground truth gives; `gpufleet jobs` counts the hung job's stalled time (the demo's 15 s windows)."""
+    data_dir = tmp_path / "demo"
+    run_demo(data_dir, duration_s=90, nodes=8, gpus=4)
+    truth = {f["kind"]: f for f in json.loads((data_dir / "ground-truth.json").read_text())["faults"]}
+    hang, straggler = truth["job_hang"], truth["straggler"]
+    fired = read(data_dir, "alerts", "history")
+    stalled = [a for a in fired if a["alertname"] == "JobStalled"]
+    assert [(a["labels"]["tenant"], a["labels"]["job"]) for a in stalled] == [(hang["tenant"], hang["job"])]
+    assert stalled[0]["annotations"]["description"].startswith(
+        f"GPUs: {', '.join(sorted(g['uuid'] for g in hang['gpus']))}.")
+    lagging = [a["labels"] for a in fired
+               if a["alertname"] == "JobStraggler" and a["labels"]["job"] == straggler["job"]]
+    assert [(lab["node"], lab["gpu"], lab["gpu_index"], lab["tenant"]) for lab in lagging] == [
+        (straggler["node"], straggler["uuid"], str(straggler["gpu"]), straggler["tenant"])]
+    jobs = {(j["tenant"], j["job"]): j for j in read(data_dir, "jobs", "--since", "5m")["jobs"]}
+    assert jobs[(hang["tenant"], hang["job"])]["stalled_gpu_seconds"] > 0
