@@ -164,8 +164,9 @@ STALL: Final = StallConfig()
 STRAGGLER: Final = StragglerConfig()
 JOB_FILTERS: Final = ("cluster", "tenant", "model")
 """A job spans nodes, and its stragglers are judged against all its GPUs: job panels never filter by node."""
-STALLED_IN_RANGE: Final = "$__timeFilter(toDateTime(intDiv(start_ms, 60000) * 60, 'UTC'))"
-"""A stalled sample counts in the range holding the minute of its interval start, as the rollups file it."""
+STALLED_IN_RANGE: Final = "$__timeFilter(toDateTime(intDiv(claim_ms, 60000) * 60, 'UTC'))"
+"""A stalled sample counts (its `claimed_ms`) in the range holding the minute of its claim start, as the rollups
+file it."""
 
 
 def stalled_samples(names: tuple[str, ...] = JOB_FILTERS) -> str:

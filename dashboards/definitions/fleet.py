@@ -197,7 +197,7 @@ waterfall = Panel(
                 ) AS per_gpu
                 CROSS JOIN
                 (
-                    SELECT ifNull(sum(interval_ms), 0) AS stalled
+                    SELECT ifNull(sum(claimed_ms), 0) AS stalled
                     FROM ({stalled})
                     WHERE {in_range}
                         AND {busy}

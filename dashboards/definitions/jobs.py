@@ -50,7 +50,7 @@ jobs = Panel(
                     job,
                     uniqExact(gpu_uuid) AS gpus,
                     arrayStringConcat(arraySort(groupUniqArray(toString(node))), ', ') AS nodes,
-                    sum(reported_ms) / {hour} AS gpu_hours,
+                    sum(claimed_ms) / {hour} AS gpu_hours,
                     {mfu} AS mfu,
                     {coverage} AS measured_coverage,
                     fromUnixTimestamp64Milli(min(first_start_ms), 'UTC') AS first_seen,
@@ -62,7 +62,7 @@ jobs = Panel(
             ) AS r
             LEFT JOIN
             (
-                SELECT tenant, job, sum(interval_ms) / {hour} AS stalled_gpu_hours
+                SELECT tenant, job, sum(claimed_ms) / {hour} AS stalled_gpu_hours
                 FROM ({stalled})
                 WHERE {in_range}
                 GROUP BY tenant, job
@@ -72,8 +72,8 @@ jobs = Panel(
                 SELECT
                     tenant,
                     job,
-                    sum(tokens_measured) / span_s AS tokens_per_s,
-                    sum(samples_measured) / span_s AS samples_per_s,
+                    sum(tokens_measured * claimed_ms / interval_ms) / span_s AS tokens_per_s,
+                    sum(samples_measured * claimed_ms / interval_ms) / span_s AS samples_per_s,
                     (max(toUnixTimestamp64Milli(time)) - min(toUnixTimestamp64Milli(time) - interval_ms)) / 1000
                         AS span_s
                 FROM gpu_samples
@@ -119,9 +119,9 @@ stalled = Panel(
         sql(
             """
             SELECT
-                $__timeInterval(toDateTime(intDiv(start_ms, 60000) * 60, 'UTC')) AS t,
+                $__timeInterval(toDateTime(intDiv(claim_ms, 60000) * 60, 'UTC')) AS t,
                 concat(tenant, '/', job) AS job,
-                sum(interval_ms) / ($__interval_s * 1000) AS stalled_gpus
+                sum(claimed_ms) / ($__interval_s * 1000) AS stalled_gpus
             FROM ({stalled})
             WHERE {in_range}
             GROUP BY t, job
@@ -149,7 +149,7 @@ throughput = Panel(
         sql(
             """
             SELECT $__timeInterval(time) AS t, concat(tenant, '/', job) AS job,
-                sum(tokens_measured) / $__interval_s AS tokens_per_s
+                sum(tokens_measured * claimed_ms / interval_ms) / $__interval_s AS tokens_per_s
             FROM gpu_samples
             WHERE {raw}
                 AND tenant != '' AND job != '' AND tokens_measured IS NOT NULL

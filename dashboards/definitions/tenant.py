@@ -156,7 +156,7 @@ stalled = Panel(
                 ifNull(s.stalled_gpu_hours, 0) / nullIf(a.allocated_gpu_hours, 0) AS stalled_share
             FROM
             (
-                SELECT tenant, sum(reported_ms) / {hour} AS allocated_gpu_hours, {mfu} AS mfu
+                SELECT tenant, sum(claimed_ms) / {hour} AS allocated_gpu_hours, {mfu} AS mfu
                 FROM gpu_usage_1m
                 WHERE {where}
                     AND tenant != ''
@@ -164,7 +164,7 @@ stalled = Panel(
             ) AS a
             LEFT JOIN
             (
-                SELECT tenant, sum(interval_ms) / {hour} AS stalled_gpu_hours
+                SELECT tenant, sum(claimed_ms) / {hour} AS stalled_gpu_hours
                 FROM ({stalled})
                 WHERE {in_range}
                 GROUP BY tenant

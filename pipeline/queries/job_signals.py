@@ -165,7 +165,7 @@ FROM (
            argMax(power_w / limit_w, time) AS power_ratio,
            argMax(util_gpu_ratio, time) AS util
     FROM (
-        SELECT cluster, node, gpu_uuid, tenant, job, time, interval_ms, util_gpu_ratio, power_w,
+        SELECT cluster, node, gpu_uuid, tenant, job, time, interval_ms, claimed_ms, util_gpu_ratio, power_w,
                {formulas.POWER_LIMIT_W} AS limit_w,
                toUInt8(ifNull({terms.like()}, 0)) AS c
         FROM {table}
@@ -188,7 +188,9 @@ def stalled_samples(table: str, where: str, terms: StallTerms, for_ms: str, gap_
     """The samples (filtered by `where`) in a run of stall-like samples of one GPU and job lasting at least
     `for_ms`: from the start of its first sample to the end of its last, with no sample that is not
     stall-like and no gap over `gap_ms` between them. Columns: cluster, node, gpu_uuid, model, tenant, job,
-    health, util_gpu_ratio, compute_processes, interval_ms, start_ms, end_ms, run_start_ms, run_end_ms.
+    health, util_gpu_ratio, compute_processes, interval_ms, start_ms, end_ms, run_start_ms, run_end_ms, and
+    what a reader sums and files the sample under, as the rollups do (docs/aggregations.md, "Claims"):
+    `claimed_ms` and `claim_ms` (its claim start, Unix ms).
 
     A run is judged on the samples `where` reads: read D (and the gap) beyond both ends of the window
     whose samples are counted, so a run that crosses its edge is judged whole. Only the series (GPU and
@@ -198,7 +200,8 @@ def stalled_samples(table: str, where: str, terms: StallTerms, for_ms: str, gap_
     series = "(cluster, node, gpu_uuid, tenant, job)"
     samples = (
         "SELECT cluster, node, gpu_uuid, model, tenant, job, time, health, util_gpu_ratio, compute_processes, "
-        "interval_ms, toInt64(toUnixTimestamp64Milli(time)) AS end_ms, end_ms - interval_ms AS start_ms, "
+        "interval_ms, claimed_ms, toInt64(toUnixTimestamp64Milli(claim_start)) AS claim_ms, "
+        "toInt64(toUnixTimestamp64Milli(time)) AS end_ms, end_ms - interval_ms AS start_ms, "
         f"toUInt8(ifNull({terms.like()}, 0)) AS c FROM {table} WHERE ({where}) AND {JOB_ROWS} "
         f"AND {series} IN (SELECT DISTINCT {series} FROM {table} WHERE ({where}) AND {JOB_ROWS} "
         f"AND ifNull({terms.like()}, 0))"
@@ -209,7 +212,7 @@ def stalled_samples(table: str, where: str, terms: StallTerms, for_ms: str, gap_
             f"maxIf(end_ms, c = 1) OVER ({_RUN}, run) AS run_end_ms FROM ({breaks})")
     return (
         "SELECT cluster, node, gpu_uuid, model, tenant, job, health, util_gpu_ratio, compute_processes, "
-        "interval_ms, start_ms, end_ms, run_start_ms, run_end_ms "
+        "interval_ms, claimed_ms, claim_ms, start_ms, end_ms, run_start_ms, run_end_ms "
         f"FROM ({runs}) WHERE c = 1 AND run_end_ms - run_start_ms >= {for_ms}"
     )
 
@@ -218,7 +221,7 @@ def _straggler_samples(table: str, where: str) -> str:
     nvlink = ("if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
               "ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0))")
     return (
-        "SELECT cluster, node, gpu_uuid, gpu_index, tenant, job, time, interval_ms, clock_sm_mhz AS clock, "
+        "SELECT cluster, node, gpu_uuid, gpu_index, tenant, job, time, interval_ms, claimed_ms, clock_sm_mhz AS clock, "
         "tensor_active_ratio AS tensor, util_gpu_ratio AS util, "
         "if(flops_measured IS NULL, NULL, flops_measured * 1000 / interval_ms) AS flop_rate, "
         f"ifNull(clock_event_reasons, 0) AS bits, pcie_replay_count, {nvlink} AS nvlink_errors "

@@ -2,15 +2,16 @@
 
 Per (tenant, job) seen in a whole-minute window:
 
-- **GPUs, nodes, GPU-seconds, first and last seen, MFU** from the minute rollup `gpu_usage_1m`, MFU as
+- **GPUs, nodes, GPU-seconds (claimed), first and last seen, MFU** from the minute rollup `gpu_usage_1m`, MFU as
   `formulas.MFU` defines it (measured FLOPs where the job reports them, else the hardware estimate);
 - **stalled GPU-seconds** and where the latest stall began (`pipeline/queries/stalls.py`, config
   `jobs.stall`): the waterfall's `stalled` for this job, whatever the GPUs' health;
 - **stragglers at the window's end**: the JobStraggler test (`job_signals.stragglers`, config
   `jobs.straggler`) over the window's last `for_s`, sustained GPUs only, with the likely cause;
 - **throughput**: the tokens and samples the job reported over OTLP (`tokens_measured`,
-  `samples_measured`, raw samples whose interval starts in the window), in total and per second of
-  the job's time in the window (its first interval start to its last interval end there).
+  `samples_measured`, raw samples whose claim starts in the window, scaled by claimed / reported as the
+  rollups scale FLOPs), in total and per second of the job's time in the window (its first interval
+  start to its last interval end there).
 """
 
 from __future__ import annotations
@@ -36,16 +37,17 @@ COVERAGE: Final = 0.9
 _TENANT: Final = " AND tenant = {tenant:String}"
 _ROLLUP: Final = (
     "SELECT tenant, job, arraySort(groupUniqArray(cluster)), uniqExact(gpu_uuid), arraySort(groupUniqArray(node)), "
-    f"sum(reported_ms), {formulas.MFU}, sum(mfu_ms), sum(measured_ms), min(first_start_ms), max(last_end_ms) "
+    f"sum(claimed_ms), {formulas.MFU}, sum(mfu_ms), sum(measured_ms), min(first_start_ms), max(last_end_ms) "
     f"FROM {{db:Identifier}}.gpu_usage_1m WHERE {WINDOW} AND tenant != '' AND job != ''@TENANT@ "
     "GROUP BY tenant, job ORDER BY tenant, job"
 )
 _THROUGHPUT: Final = (
-    "SELECT tenant, job, sum(tokens_measured), sum(samples_measured) FROM {db:Identifier}.gpu_samples "
+    "SELECT tenant, job, sum(tokens_measured * claimed_ms / interval_ms), "
+    "sum(samples_measured * claimed_ms / interval_ms) FROM {db:Identifier}.gpu_samples "
     "WHERE time > fromUnixTimestamp64Milli({w_start:Int64}, 'UTC') "
     "AND time <= fromUnixTimestamp64Milli({r_end:Int64}, 'UTC') "
-    "AND toUnixTimestamp64Milli(time) - interval_ms >= {w_start:Int64} "
-    "AND toUnixTimestamp64Milli(time) - interval_ms < {w_end:Int64} "
+    "AND toUnixTimestamp64Milli(claim_start) >= {w_start:Int64} "
+    "AND toUnixTimestamp64Milli(claim_start) < {w_end:Int64} "
     "AND tenant != '' AND job != ''@TENANT@ GROUP BY tenant, job"
 )
 

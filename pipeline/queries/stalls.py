@@ -8,7 +8,8 @@ tenant holds the GPUs (docs/aggregations.md).
 
 Read from raw samples (`gpu_samples`: no rollup keeps utilization, tensor activity, power and FLOPs of
 one sample together), over the window plus `for_s` and the gap on each side so a run crossing an edge
-is judged whole; samples count in the window that holds their interval start, as in the rollups.
+is judged whole; samples count their claimed milliseconds in the window that holds their claim start,
+as the rollups do (docs/aggregations.md, "Claims").
 Windows older than `clickhouse.raw_ttl_days` have no raw samples left: their stalled time reads 0
 (it stays in `busy`).
 """
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 _READ: Final = ("time > fromUnixTimestamp64Milli({r_start:Int64}, 'UTC') "
                 "AND time <= fromUnixTimestamp64Milli({r_end:Int64}, 'UTC')")
-_IN_WINDOW: Final = "start_ms >= {w_start:Int64} AND start_ms < {w_end:Int64}"
+_IN_WINDOW: Final = "claim_ms >= {w_start:Int64} AND claim_ms < {w_end:Int64}"
 BUSY_BY_POLICY: Final = (
     "NOT has({excl:Array(String)}, toString(health)) AND NOT ifNull(compute_processes = 0, 0) "
     "AND least(floor(ifNull(util_gpu_ratio, 0) * 100 + 0.0001), 100) >= {idle_pct:UInt8}"
@@ -53,7 +54,7 @@ def stalled_ms(store: Store, window: Window, policy: Policy, stall: StallConfig,
                scope_params: dict[str, str] | None = None) -> int:
     """Stalled milliseconds in `window` over the GPUs `scope_sql` selects, of samples the policy counts as busy."""
     ((ms,),) = store.rows(
-        f"SELECT sum(interval_ms) FROM ({samples_sql(scope_sql)}) WHERE {_IN_WINDOW} AND {BUSY_BY_POLICY}",
+        f"SELECT sum(claimed_ms) FROM ({samples_sql(scope_sql)}) WHERE {_IN_WINDOW} AND {BUSY_BY_POLICY}",
         {**params(window, stall), "excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct,
          **(scope_params or {})},
     )
@@ -66,7 +67,7 @@ def stalled_by_job(store: Store, window: Window, stall: StallConfig, tenant: str
     run (`since_ms`), whatever the health state."""
     where, extra = ("tenant = {tenant:String}", {"tenant": tenant}) if tenant is not None else ("1", {})
     rows = store.rows(
-        f"SELECT tenant, job, sum(interval_ms), max(run_start_ms) FROM ({samples_sql(where)}) WHERE {_IN_WINDOW} "
+        f"SELECT tenant, job, sum(claimed_ms), max(run_start_ms) FROM ({samples_sql(where)}) WHERE {_IN_WINDOW} "
         "GROUP BY tenant, job ORDER BY tenant, job",
         {**params(window, stall), **extra},
     )
