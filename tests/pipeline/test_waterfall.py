@@ -129,6 +129,9 @@ def test_stalled_time_is_the_part_of_busy_in_long_stalls(ch_store: Store) -> Non
         ]
     reports = [report(node="n2", seq=k + 2, time_ms=M + k * 10_000, interval_ms=10_000, gpus=gpus(k))
                for k in range(-2, 10)]
+    # a second agent on n2 reports the hung GPU again: its seconds are claimed once, so stalled once
+    reports += [report(node="n2", boot_id="boot-2", seq=k + 2, time_ms=M + k * 10_000, interval_ms=10_000,
+                       gpus=[_stall_like(0, "hung")]) for k in range(-2, 10)]
     insert_reports(ch_store, reports, ingest_ms=M + 100_000)
     w = waterfall(ch_store, WINDOW, Policy(("failing",), 5), stall=StallConfig(for_s=30))
     assert (w.installed_ms, w.unknown_ms, w.unhealthy_ms, w.unallocated_ms, w.idle_allocated_ms) == (
