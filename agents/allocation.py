@@ -1,33 +1,6 @@
 """Which tenant and job hold each GPU of this node: the allocation sources the agent reads every interval.
 
-An `AllocationSource` answers `read() -> {gpu_index: Allocation}`; an absent index is unallocated.
-The agent calls it once per interval, right after collecting, and stamps every sample's `tenant`
-and `job` with the answer. Re-reading is cheap: file sources stat their file(s) and parse only
-when something changed. A source never raises: a missing file means nothing is allocated (logged
-once), a malformed one keeps the last good answer (a warning names the file and the problem).
-
-Sources (`agent.allocation.source`; full description in docs/allocation.md):
-
-`file` — a JSON file the scheduler writes (atomically: write a temp file, then rename)::
-
-    {"version": 1,
-     "gpus": {"0": {"tenant": "acme", "job": "123"},
-              "GPU-8f0c2d4e-...": {"tenant": "beta", "job": "train-7"},
-              "3": null}}
-
-  Keys are GPU indexes ("0") or GPU UUIDs ("GPU-..."; resolved with the UUIDs the agent passes,
-  UUIDs of other nodes are ignored); `tenant` is required, `job` optional (string or number);
-  `null` or an absent GPU means unallocated. Unknown extra fields are ignored.
-
-`dcgm_job_dir` — dcgm-exporter's HPC job-mapping directory (`--hpc-job-mapping-dir`), written
-  by the Slurm prolog/epilog scripts sites already run: one file per GPU, named by its index (or
-  UUID), holding job ids one per line (`jobid` or dcgm-exporter's `jobid uid`). The first line
-  wins. dcgm-exporter has no tenants: a line `account:jobid` names the tenant (opt-in, one-word
-  change to the prolog); otherwise `tenant_of(job)` if given, else `agent.allocation.default_tenant`.
-
-`static` — from config: `agent.allocation.static: {"0": "tenant/job", "1": "tenant"}`.
-
-`none` — nothing is ever allocated.
+Design notes: docs/design-notes.md#agents-allocation-py.
 """
 
 from __future__ import annotations

@@ -1,26 +1,6 @@
 """`gpufleet agent`: run the node agent (NVML) or a simulated fleet of node agents in one process.
 
-The config file (`--config` / `$GPUFLEET_CONFIG`) gives the defaults; flags override them. One
-thread ticks every node on interval boundaries, one background sender drains every node's spool
-to Kafka through one producer. SIGTERM/SIGINT (or `--duration`) stop it cleanly: the sender gets
-`SHUTDOWN_FLUSH_S` to deliver what is spooled, the rest stays on disk for the next start.
-
-With `--backend simulated` every node gets its own spool under `<spool_dir>/<node>`, its own
-MeterProvider and seq; `agent.spool_max_bytes` is then shared evenly between the nodes.
-
-Measured FLOPs (docs/measured-mfu.md): with `--backend nvml` the node's OTLP receiver listens on
-`agent.otlp_receiver_host:otlp_receiver_port` (127.0.0.1:4318) unless `agent.otlp_receiver_enabled`
-is false, and its FLOPs source feeds every interval. With `--backend simulated --flops-jobs N`
-every simulated node gets a receiver of its own on a free loopback port (32 nodes are 32 idle
-HTTP server threads, about 1 % of a core: cheap, and any node may host a reporting job as jobs
-come and go), and after the first interval a child process plays N of the fleet's running jobs,
-reporting FLOPs to them through the OpenTelemetry SDK (agents.flops_jobs). Without
-`--flops-jobs` simulated nodes have no receiver.
-
-`--dry-run` prints each interval's messages as JSON lines on stdout (agents/dry_run.py) and opens
-no spool, producer or receiver; `--intervals N` stops after N intervals. With `agent.health_port`
-set the agent serves `/healthz` and `/readyz`, failing once no collection completed for
-`agent.collect_stale_s` (`Collected`).
+Design notes: docs/design-notes.md#agents-command-py.
 """
 
 from __future__ import annotations

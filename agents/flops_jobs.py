@@ -1,28 +1,6 @@
 """The demo's simulated training jobs that report model FLOPs through the real OTLP path.
 
-`gpufleet agent --backend simulated --flops-jobs N` starts this module in a child process
-(`python -m gpufleet.agents.flops_jobs SPEC_JSON`; a child, because a job is a process of its own). The
-child rebuilds the agent's simulated fleet from the same arguments (`FleetSpec`: the schedule is
-a pure function of them, so both see the same jobs) and plays N of its jobs as instrumented
-ones: for each job's part on each node it runs an `gpufleet.report_flops.Reporter` (the
-OpenTelemetry SDK's `OTLPMetricExporter` over HTTP) pointed at that node's receiver. A job on a
-pod of nodes therefore reports from every node it runs on, as a real multi-node job would.
-
-Which jobs (`Selection`): at every step, jobs whose processes run at that instant
-(`start_ms <= t < process_end_ms`, the simulator's ground truth); a picked job reports until its
-processes end (normal end or crash), then its place goes to the lowest-numbered running job not
-picked yet. Deterministic for a given sequence of step times.
-
-How many FLOPs (`gpu_flops`): per GPU, `MODEL_FLOPS_SHARE` x the tensor-pipe activity of the
-job's current phase x the GPU's peak FLOP/s x seconds: the simulated counters show the tensor
-pipes that busy, and 80 % of that is model math (the rest is recomputation, communication and
-other non-model kernels). Idle and start-up phases report 0 FLOPs (measured zero, not missing),
-and so does a job while it hangs (an injected `job_hang`): its counters stay flat. So a job's
-measured MFU is about 0.8 x its estimated one (the estimate carries the counters' noise, and the
-measured figure lags by about one export interval). With its FLOPs a job reports the tokens they
-stand for (a 7B-parameter model: `TOKEN_FLOPS` per token) and the samples (`SAMPLE_TOKENS` each).
-
-Jobs hit by an injected job fault are picked first, so the demo shows a hung job's FLOPs going flat.
+Design notes: docs/design-notes.md#agents-flops-jobs-py.
 """
 
 from __future__ import annotations

@@ -1,28 +1,6 @@
 """OpenTelemetry instruments of one node agent, and the one table that maps wire fields to metrics.
 
-`GPU_METRICS` and `AGENT_METRICS` name, for every counter of `GpuSample` and `AgentHealth`, its
-OTel metric name, unit (UCUM), instrument kind and value type. The same table drives both
-directions: `AgentMeter` registers an observable instrument per row, and the Kafka exporter
-(`agents.kafka_exporter`) maps collected points back to fields by metric name. Names follow the
-semantic conventions where one exists (`hw.gpu.utilization`, `hw.gpu.memory.usage`,
-`hw.gpu.memory.limit`, `hw.power`, `hw.energy`), `gpufleet.gpu.*` / `gpufleet.agent.*` otherwise.
-
-Each GPU point carries `hw.id` (uuid), `hw.type`="gpu" (required by the `hw.*` conventions),
-`gpu.index`, `hw.model`, and `tenant` / `job` when the GPU is allocated (an attribute whose value
-is None is left out, never "").
-A counter that is None yields no point (never 0). Booleans are observed as 0/1 and read back as bool.
-
-Events are not metrics: a GPU's `xids` (ordered codes raised this interval) and `error` (why it
-could not be read) travel beside the points, in the `Frame` the callbacks observed, and the
-exporter joins them back by uuid. The frame also carries the roster, so a GPU whose read failed
-(no points at all) still appears in the message. OTLP consumers therefore see neither.
-
-Per interval the runner calls `observe(frame)` (one snapshot, read from each device once) and
-`collect()`: every callback reads that snapshot, so devices are never read per instrument. The
-MeterProvider is private to the agent (never the global one). Because asynchronous instruments
-keep one aggregation per attribute set ever seen (and fold sets above the SDK's cardinality limit
-of 2000 into an `otel.metric.overflow` series), the meter rebuilds its provider once
-`recycle_after` distinct GPU attribute sets (tenant/job churn) have been seen.
+Design notes: docs/design-notes.md#agents-meter-py.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
 """The agent's per-interval loop: collect, stamp, export through OTel, spool; one node or a whole fleet.
 
-`NodeAgent.tick(now_ms, interval_ms)` is one interval of one node:
-
-1. `collector.collect(now_ms)`: every GPU read once (`NodeDown` -> nothing is sent this interval);
-2. stamp `tenant`/`job` from the allocation source (a GPU it does not list carries none; if the
-   source fails, the last good answer is kept); tell the optional `on_gpus` hook (the OTLP
-   receiver) the node's GPU index -> uuid map, which job the allocation says holds each GPU, and
-   each GPU's FLOP/s ceiling (its model's peak, `gpu_facts`); then stamp `flops_measured` from the
-   optional `FlopsSource` (null when it has nothing for a GPU). The source clamps each GPU at
-   ceiling x interval; a value that is still not finite or beyond the wire's bound is nulled here
-   and counted with the clamps (`AgentHealth.flops_clamped_total`). `tokens_measured` and
-   `samples_measured` come the same way from their own sources (`counts`); a value the wire would
-   refuse is nulled and logged;
-3. install the snapshot as the meter's `Frame` and collect: OTel callbacks observe it, the
-   `KafkaMetricExporter` turns the points back into the `NodeReport` and spools its bytes under the
-   spool's next seq. The agent's own health rides in the same message and as self-metrics.
-
-`run_many(agents, ...)` drives any number of node agents from one thread and one timer, on
-interval boundaries (sample times are multiples of `interval_ms` since the epoch); a slow
-interval skips the boundaries it missed (logged) rather than bunching samples. The clock is
-injected (`Clock`) so tests run without sleeping.
+Design notes: docs/design-notes.md#agents-runner-py.
 """
 
 from __future__ import annotations

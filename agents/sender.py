@@ -1,38 +1,6 @@
 """The sender: one background thread that drains spools to Kafka, deleting a message only once acknowledged.
 
-Each spool is a *lane* (one node: key = node name, so a node's messages share a partition and keep
-their order). The thread sends each lane's messages in seq order (producer: `acks="all"`,
-idempotent, at most 5 requests in flight per connection, see `gpufleet.kafka.producer_kwargs`),
-keeps at most `max_inflight` unacknowledged messages, and removes a message from its spool only
-from the future's success callback. Collection never waits for it: the runner only appends to
-the spool and calls `notify()`.
-
-Failure policy (explicit):
-- Connecting (building the producer) or `send()` failing, or a record's future failing with any
-  error except the per-message ones below (broker down, timeouts, not-leader, unknown topic,
-  authorization ...): count a send error, keep the message spooled, resend it (and any later ones
-  not in flight) after a backoff of 0.5 s doubling up to `Backoff.max_s` (30 s), with +-20 % jitter;
-  the first success resets it. The producer itself retries a record until `delivery_timeout_ms`.
-  When the error is not retriable by Kafka's own classification (e.g. `UnknownProducerIdError`
-  after a broker lost its state), the producer is closed and a new one built after the backoff;
-  everything still spooled is then sent again, in order.
-- Per-message errors (`MessageSizeTooLargeError`, `RecordListTooLargeError`, `CorruptRecordError`):
-  the broker will never take this message; it is dropped from the spool (counted in the spool's
-  `dropped_total` and as a send error) and logged with its seq, so one bad message never blocks the
-  node.
-- While messages wait, a warning says how far behind the node is (messages, bytes, age of the
-  oldest) at most every `lag_log_every_s`.
-- A producer that stops answering: when a node has messages in flight and no future of its has
-  completed (acknowledged or failed) for `stall_s` (longer than the producer's own
-  `delivery_timeout_ms`, after which every future must have completed), the producer is counted
-  as a send error, replaced, and everything spooled is sent again in order. kafka-python 3.0
-  (idempotent producer) was seen to leave futures pending for good after a network partition
-  that ended in connection resets (tests/reliability/test_broker_outage.py).
-
-Shutdown: `stop(deadline_s)` keeps sending until everything is acknowledged or the deadline
-passes, then closes the producer; whatever is unacknowledged stays spooled for the next start.
-A message that failed and is resent may reach Kafka twice; `(node, boot_id, seq)` makes the
-ingester drop the copy.
+Design notes: docs/design-notes.md#agents-sender-py.
 """
 
 from __future__ import annotations

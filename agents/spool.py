@@ -1,32 +1,6 @@
 """The agent's disk spool: a bounded, crash-safe FIFO of encoded messages, and the node's message identity.
 
-Every message is written here before anything tries to send it; the sender deletes it only once
-the broker has acknowledged it. Layout of a spool directory:
-
-    state.json              {"boot_id": "...", "next_seq": N}: the identity of this spool
-    queue/<seq:020d>.msg    one file per message: b"GFS1" + crc32c(payload) (4 bytes, big-endian) + payload
-    lock                    flock'ed while an agent owns the directory (two agents never share one)
-
-Crash safety: a record is written to a temporary name and renamed into `queue/`, so a reader sees
-a whole record or none; an agent killed mid-write leaves at most a `.tmp` file, removed on the
-next open, and loses only the message whose `append` had not returned. The CRC catches damage
-from outside (a record that fails it is moved to `corrupt/`, logged and counted as dropped).
-
-fsync policy (`fsync=True`, the default): the record's data is fsync'ed before the rename and the
-directory after it, so an acknowledged `append` also survives power loss; `state.json` is written
-the same way. `fsync=False` keeps process-crash safety (rename is atomic) but not power-loss safety.
-
-Identity: `boot_id` is made when the directory is first used and kept for its life; `next_seq`
-continues across restarts. A sequence number is never reused: before any message leaves the
-spool (acknowledged or dropped) `state.json` is made to record a `next_seq` above it, and on open
-`next_seq` is the larger of the recorded one and the newest spooled seq + 1. So
-`(node, boot_id, seq)` never names two different messages, and replayed messages keep their seq.
-
-Bound: `max_bytes` counts record bytes (payload + `RECORD_OVERHEAD`). When a new message does not
-fit, the oldest are deleted first; each is counted in `dropped_total` and a warning is logged at
-most once per `warn_every_s`. A message that alone exceeds the bound is dropped (counted, logged).
-A message dropped while the sender has it in flight may still arrive: "dropped" means "removed
-before the broker acknowledged it".
+Design notes: docs/design-notes.md#agents-spool-py.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """Grafana-managed alert rules that mirror the gpufleet evaluator's rules, for teams alerting from Grafana.
 
-One Grafana rule per rule of the evaluator's shipped rule file (`pipeline/alerts/default_rules.yaml`),
-with the same thresholds and durations read from it, so the two cannot drift. Each rule is a
-ClickHouse query returning one row per series that meets the condition (string columns become the
-alert's labels, one number its value) and a threshold expression on that number.
-
-"Sustained for D" is decided in the query, over the samples, with the evaluator's own SQL
-(`formulas.sustained`): the newest sample is fresh, every sample of the window satisfies the
-condition, and they reach back to now - D and cover coverage x D. So
-the rules' Grafana pending period (`for`) is 0 and a Grafana restart neither delays nor re-fires
-them. Queries use only backend macros (`$__timeFilter`, `$__toTime`...): `$__conditionalAll` and
-dashboard variables do not exist in alert rules.
+Design notes: docs/design-notes.md#dashboards-alerting-py.
 """
 
 from __future__ import annotations

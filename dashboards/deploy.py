@@ -1,16 +1,6 @@
 """Push the boards, the ClickHouse datasource and the alert rules to a running Grafana over its HTTP API.
 
-The one adapter to Grafana: nothing else imports `grafana_client`. Everything is keyed by a fixed
-uid and written create-or-update, so running it twice changes nothing the second time:
-
-- the folder (`alerting.FOLDER_UID`) that holds the boards and the rule group;
-- the datasource (`builder.DS_UID`), its `${VAR}` settings filled from this process's
-  environment exactly as Grafana fills the provisioning file (`CLICKHOUSE_HOST`, ...): a variable
-  `NAME` may instead come from the file `NAME__FILE` names, Grafana's own convention for secrets
-  (e.g. the Grafana user's password, `GF_CLICKHOUSE_PASSWORD__FILE`);
-- every board (`overwrite: true`), and every alert rule, then the rule group's interval.
-
-The token is sent as a bearer credential and never logged or printed.
+Design notes: docs/design-notes.md#dashboards-deploy-py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The browser side of a Grafana query: `$__conditionalAll` and variable interpolation, ported from source.
 
-1. `$__conditionalAll(cond, $var)`: the ClickHouse plugin's browser code
-   (`CHDatasource.applyConditionalAll`, grafana/clickhouse-datasource 4.20): `cond`, or `1=1`
-   when the variable's value is empty or All. It scans from the last occurrence and replaces with
-   JavaScript `String.replace` semantics.
-2. Grafana's variable interpolation (`sceneInterpolator` and `formatRegistry`, grafana/scenes):
-   `$var`, `${var}`, `${var:format}`, `[[var]]`; with no explicit format the plugin's own formatter
-   applies (a list becomes `'a','b'`, a single value stays raw); All without a custom all value is
-   the list of every option. Escaping is Grafana's, faithfully: `singlequote` and `sqlstring` leave
-   backslashes alone, which is why the boards pass values with `percentencode` (see
-   `dashboards.fragments.selected`).
-
-`dashboards.macros` adds the plugin's backend macros and runs the three steps in order. Pure functions.
+Design notes: docs/design-notes.md#dashboards-templating-py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The metric contract between a job and the node agent: which OTLP metrics count, and how they name GPUs.
 
-A job reports the model FLOPs it executed as a monotonic counter (an OTel `Counter`, exported as
-a monotonic OTLP `Sum`, cumulative or delta temporality) named `gpufleet.job.flops`, unit
-`{flop}`. `gpufleet.job.tokens` (`{token}`) and `gpufleet.job.samples` (`{sample}`) follow the
-same rules and are optional. Every other metric the job's SDK sends is ignored (counted, never
-an error), so a job may point its whole OpenTelemetry pipeline at the agent.
-
-The GPUs a point belongs to come from its attributes, else its resource's, first match wins:
-`gpu.uuid` (one UUID), `gpu.uuids` (a list, or a comma-separated string), `cuda.visible_devices`
-(the job's `CUDA_VISIBLE_DEVICES`: indices and/or UUIDs, resolved by the agent through the
-node's index -> UUID map). `job.id` or `gpufleet.job.id` names the job (diagnostics only: the
-tenant and job of a GPU sample come from the allocation source). docs/measured-mfu.md is the
-user-facing version of this contract.
+Design notes: docs/design-notes.md#gpufleet-flops-contract-py.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """A job's side of measured MFU: report model FLOPs to the node agent through the OpenTelemetry SDK.
 
-    from gpufleet import report_flops
-    report_flops.init(job_id="llama-pretrain-42")   # GPUs from CUDA_VISIBLE_DEVICES
-    ...
-    report_flops.report_flops(6 * n_params * tokens_in_step)
-
-It builds a private `MeterProvider` (never the global one, so the job's own OpenTelemetry setup is
-untouched) with a `PeriodicExportingMetricReader` and the standard `OTLPMetricExporter`, which
-sends to `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` (default
-http://localhost:4318, the node agent). The counters follow gpufleet.flops_contract: cumulative
-`gpufleet.job.flops` (`{flop}`), and `gpufleet.job.tokens` / `gpufleet.job.samples` if used.
-GPUs go into resource attributes: `gpu.uuids` for explicit UUIDs, else `cuda.visible_devices`
-(indices or UUIDs, resolved by the agent). Amounts are added as floats, since a cumulative FLOPs
-count outgrows int64 in days. The provider flushes at exit; `shutdown()` flushes now.
+Design notes: docs/design-notes.md#gpufleet-report-flops-py.
 """
 
 from __future__ import annotations

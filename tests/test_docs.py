@@ -45,3 +45,16 @@ def test_modules_are_named_by_their_installed_names() -> None:
     old = [(where, m) for where, line in _lines(DOCS) for m in OLD_NAME.findall(line)
            if not m.endswith(FILE_SUFFIXES)]
     assert old == []
+
+
+def test_every_module_says_its_job_in_a_short_head() -> None:
+    """A module's docstring says what it is for in a few lines; design notes live in docs/design-notes.md."""
+    import ast
+
+    long_or_missing = []
+    for folder in ("gpufleet", "agents", "pipeline", "dashboards", "embedded"):
+        for path in (ROOT / folder).rglob("*.py"):
+            doc = ast.get_docstring(ast.parse(path.read_text()))
+            if not doc or len(doc.splitlines()) > 12:
+                long_or_missing.append(str(path.relative_to(ROOT)))
+    assert long_or_missing == []

@@ -1,20 +1,6 @@
 """XIDs from the kernel log, without NVML: the driver's `NVRM: Xid (PCI:dddd:bb:dd): N, ...` lines.
 
-NVML delivers XIDs only to an event set registered before they happen, and not at all while its
-set is being rebuilt or NVML is down. The kernel log has every one the driver printed since boot,
-so the agent also reads `/dev/kmsg` (`agent.kmsg_path`; a regular file or FIFO in the same format
-works too, which is how tests feed it). Each `/dev/kmsg` read returns one record,
-`prio,seq,timestamp_us,flags;message` (Documentation/ABI/testing/dev-kmsg), with continuation
-lines that start with a space; `seq` numbers records within one boot and the timestamp is
-microseconds of the kernel's monotonic clock.
-
-Which records are new: a cursor file remembers (kernel boot id, last sequence number reported);
-records at or below it were reported by an earlier run. Without a cursor only the last
-`backlog_s` seconds of the log are taken (an agent installed on a node up for weeks must not
-report last month's XIDs as new); after a reboot (another boot id) the whole log is new.
-
-Reading `/dev/kmsg` needs CAP_SYSLOG where `kernel.dmesg_restrict=1`; without it the reader says
-so once and the agent relies on NVML events alone.
+Design notes: docs/design-notes.md#agents-collectors-kmsg-py.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
 """NVML collector: reads real NVIDIA GPUs through `pynvml`, the one module in gpufleet that imports it.
 
-The pieces (each in its own module, all given the nvml module rather than importing it):
-
-* `nvml_funnel`: every device call; NotSupported and NoPermission remembered per (GPU, key), a lost
-  GPU or a dead library raised as such, other errors counted;
-* `nvml_device`: one GPU's read, in two steps (NVML calls on a worker, interval figures committed
-  on the collector's thread), through `nvml_fields` (batched field values: fast every interval,
-  slow error counters every `slow_every_s`);
-* `deadline_pool`: one worker per GPU; each interval waits until `deadline_s` and reports a GPU
-  that has not answered with `error` set, while the others report normally;
-* `xid_events`: XIDs from one NVML event set per GPU and from the kernel log, each once;
-* `nvml_session`: re-initialisation back-off and the operator's release switch.
-
-Lifecycle: `open()` starts NVML (raising `NvmlUnavailable` with the reason and the fix when it
-cannot). Afterwards NVML Uninitialized / DriverNotLoaded / LibRmVersionMismatch never end the
-agent: every GPU is reported in error and NVML is started again with back-off (1 s doubling to 60 s),
-its GPUs re-attached with their caches cleared. While the release switch is on (also at start), NVML
-is not held and nothing is sent (`NodeReleased`, a `NodeDown` the agent counts as healthy). `close()`
-stops the threads, frees event sets and GPM buffers and shuts NVML down.
+Design notes: docs/design-notes.md#agents-collectors-nvml-py.
 """
 
 from __future__ import annotations

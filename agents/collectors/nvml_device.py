@@ -1,16 +1,6 @@
 """One GPU's read: what the collector keeps per GPU, the NVML calls of one interval, and the sample.
 
-A read happens in two steps so that a read that misses its deadline costs nothing:
-
-1. `read(dev, plan, ...)` runs on a worker thread and only asks NVML: it returns a `Reading` with
-   the values, the raw cumulative counters (energy mJ, throttle ns with their NVML timestamps) and
-   what the utilization sampler and GPM produced. It does not move any baseline.
-2. `commit(dev, reading, ...)` runs on the collector's thread for a reading that arrived in time: it
-   turns counter readings into interval figures against the committed baselines (energy delta with
-   resets handled, throttle share), moves the baselines, and builds the `GpuSample`.
-
-A reading that arrives late is dropped, so the next one's deltas span both intervals: the energy
-total stays exact. Each value lands in the wire's base unit (mW -> W, mJ -> J, percent -> 0..1).
+Design notes: docs/design-notes.md#agents-collectors-nvml-device-py.
 """
 
 from __future__ import annotations

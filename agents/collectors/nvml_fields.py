@@ -1,17 +1,6 @@
 """Counters read in batches through `nvmlDeviceGetFieldValues`, and what they become on the wire.
 
-One call per GPU per interval carries the fast fields (energy, power, memory temperature, the
-cumulative throttle times and the state of every NVLink, by link scope); a second one every
-`slow_every_s` carries the slow-changing error counters (ECC totals, remapped rows, retired pages,
-PCIe replays, NVLink error counters per link). Each entry answers on its own: an entry that says
-NotSupported (or InvalidArgument for a link the GPU does not have) is remembered per (GPU, field,
-scope) and left out of later batches, so the NVLink DL counters drop out on Blackwell (where nvml.h
-says they are unsupported) and the NVLink5 counters (symbol errors, effective errors, link
-recovery events) drop out on older GPUs, without asking which generation a GPU is.
-
-Throttle time uses the long-standing perf-policy ids (74 power, 75 thermal): the ids of the newer
-per-cause counters changed between driver releases (251-253 in the 580 series, 269-271 in CUDA 13
-headers), and asking the wrong one returns another counter's value instead of an error.
+Design notes: docs/design-notes.md#agents-collectors-nvml-fields-py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The funnel every NVML device call goes through: one place that counts calls and classifies errors.
 
-After nvitop's `nvmlQuery`. For one GPU and one call:
-
-* NotSupported / FunctionNotFound (or a key the caller names as absent) -> None, remembered per
-  (GPU, key) so it is never asked again until the cache is cleared (GPU back, MIG change, re-init);
-* NoPermission -> None, remembered the same way and logged once: an unprivileged agent is not an
-  error every interval;
-* GpuIsLost / ResetRequired -> `GpuLost`: the GPU is reported this interval with `error` set;
-* Uninitialized / DriverNotLoaded / LibRmVersionMismatch / LibraryNotFound -> `LibraryDown`: NVML
-  itself is unusable and the collector re-initialises it with back-off;
-* any other NVML error -> None for that value, and one more error this interval.
-
-The nvml module is passed in (the real `pynvml`, or the tests' fake); this module never imports it.
+Design notes: docs/design-notes.md#agents-collectors-nvml-funnel-py.
 """
 
 from __future__ import annotations

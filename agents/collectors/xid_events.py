@@ -1,29 +1,6 @@
 """XIDs per GPU from NVML events and the kernel log, each reported exactly once.
 
-**Events, one set per GPU.** `nvmlEventSetWait` answers GPU_IS_LOST "if a GPU has fallen off the
-bus", so with one set shared by every GPU one lost GPU silences XIDs for the whole node. Here each
-GPU has its own set, and one thread waits on them in turn (a short wait each, `wait_ms` per round):
-a set that answers GPU_IS_LOST is freed and that GPU alone re-registers later, with back-off (if
-NVML reports the loss on every set, as the header's wording allows, every GPU backs off and the
-kernel log carries the XIDs meanwhile). A registration that fails is never used: nvml.h says a set
-whose registration answered Unknown "is in undefined state and should be freed"; NotSupported
-means the GPU has no XID events. An event is matched to its GPU by handle, else by the UUID NVML
-gives for the event's handle, else by the set it came from. Only this thread touches event sets.
-
-**Kernel log.** A second thread reads `kmsg_path` (agents.collectors.kmsg) every `poll_s`, so XIDs
-raised while the agent was down, while NVML was released or re-initialised, or that no event
-delivered, are still seen. Lines are matched to GPUs by PCI address.
-
-**Once.** `XidLedger` takes both sources. A sighting from one source is reported at once and kept
-for `MATCH_WINDOW_S`; the same XID on the same GPU from the other source within that window is its
-twin and is not reported again (one twin each: two XIDs seen by both sources are reported twice).
-Sightings are stamped when the agent receives them (both sources deliver within about a second);
-kernel-log records from before the agent started keep their own time and never pair with an event.
-The kmsg cursor (last record reported) is saved after the collector has taken the XIDs, at the next
-collection, so a restart reports none twice (a crash between the two can repeat one interval's).
-
-Both queues are bounded: at most `MAX_XIDS_PER_GPU` XIDs per GPU wait for a collection; more are
-dropped and counted (`xids_dropped_total`).
+Design notes: docs/design-notes.md#agents-collectors-xid-events-py.
 """
 
 from __future__ import annotations

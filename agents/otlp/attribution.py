@@ -1,42 +1,6 @@
 """Turn received counter points into per-GPU amounts per agent interval (pure: the caller passes the time).
 
-Counter semantics, per series (OTel stream identity, see agents.otlp.points):
-- Cumulative: the increment is the value minus the previous value. A changed
-  `start_time_unix_nano`, or a value below the previous one, is a counter reset (the job
-  restarted): the new value counts from zero, so nothing goes negative and nothing counts twice.
-  A repeated or older point (an exporter retry) adds nothing.
-- First point of a cumulative series: counted in full when the counter started after this agent
-  did and within `series_ttl_ms` of the point (a job that started while we listened);
-  otherwise it is only the baseline (the counter ran before we listened, or we forgot it after
-  the TTL: counting it could count FLOPs twice, so we lose at most one report's worth instead).
-- Delta: each value counts once; an exact repeat of the series' last window is a retry and
-  adds nothing.
-
-Proration: an increment covers a span of the job's time (from the previous point, or from the
-counter's start, to this point; capped at `max_spread_ms`). The agent cannot amend intervals it
-already sent, so it releases the increment at a constant rate over an equally long span of its
-own clock starting when the report arrived. Totals are exact: amounts are exact fractions, each
-`take` returns what became due since the last one, and a finished span releases exactly its rest.
-
-Splitting: an increment tied to n GPUs gives each GPU 1/n of it. A GPU is in `take`'s result
-(possibly with 0.0) while some span covers it; a job that stops reporting drains what it
-reported and then contributes nothing (no extrapolation).
-
-Bounds (every one answered to the sender as a `Rejection`, never a silent drop):
-- Series: at most `max_series` kept, at most `max_series_per_job` for one job id; a point of a
-  new series beyond either is rejected. State expires `series_ttl_ms` after a series' last report.
-- Point: given `ceilings` (FLOP/s per GPU), an increment larger than its GPUs can execute at their
-  ceilings over the job time it covers, or over `max_spread_ms` if that is longer (a job whose
-  steps outlast its export interval reports in lumps), is rejected; its series moves on, so the
-  next point is judged on its own increment. No value can therefore overflow anything.
-- Interval: given `interval_ms` and `ceilings`, `take` clamps each GPU's amount (all reporters
-  together) at ceiling x interval; the excess stays due for the next takes, up to `max_spread_ms`
-  of the ceiling, and only what is beyond that is dropped. Clamps and drops are counted.
-- Work: pending amounts are kept per GPU as a rate schedule (a `_Lane`: the current rate and the
-  instants it changes), so `take` costs the changes due since the last take, never one step per
-  report. A lane keeps at most `max_changes` instants; beyond that, new spans are widened to whole
-  `coarse_ms` (begin and end rounded up), which keeps totals exact and bounds a lane at
-  `max_changes` + `max_spread_ms / coarse_ms` + 2 instants however many points arrive.
+Design notes: docs/design-notes.md#agents-otlp-attribution-py.
 """
 
 from __future__ import annotations

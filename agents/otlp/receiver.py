@@ -1,21 +1,6 @@
 """The node agent's OTLP/HTTP metrics receiver: jobs POST `/v1/metrics`, the agent takes per-GPU FLOPs.
 
-Listens on 127.0.0.1:4318 by default (`agent.otlp_receiver_host` / `_port`; loopback only unless
-configured otherwise). Handler threads do all the work of a request (read, inflate, parse, validate,
-attribute) and answer with what happened to every point: rejected points (unknown GPU, another
-job's GPU, a new series past the limits, more FLOPs than the GPUs' peak) come back as OTLP partial
-success. The agent's interval loop calls `flops_source.take(now_ms, interval_ms)`, which releases
-what is due per GPU uuid; handlers attribute in chunks of `_CHUNK` points and step aside while a take
-waits, so a take waits for one chunk at most, and its own work is bounded by the pending rate
-changes (agents.otlp.attribution), never by how many points arrived.
-
-Every input is bounded (docs/measured-mfu.md, "The receiver"): connections (`gpufleet.httpguard`:
-a total deadline per request, a connection cap), bodies read at once (`max_concurrent_requests`,
-a slow reader is evicted for a new request), body size before and after inflating, and points per
-second (`max_points_per_s`, 429 + Retry-After beyond, which OTel exporters retry).
-
-Before the agent knows its GPUs (`set_gpus`, or `tap(collector)` which feeds it on every
-collection) requests get 503 + Retry-After, since no point could be attributed yet.
+Design notes: docs/design-notes.md#agents-otlp-receiver-py.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """The job schedule: the fleet is partitioned into slots, and each slot runs tenants' jobs one after another.
 
-A slot is what one job occupies: a few GPUs of a node (the small-jobs partition), a whole node,
-or a pod of 2-4 nodes (multi-node jobs). Each slot alternates gaps (unallocated; longer at night
-UTC) and jobs (log-uniform durations), drawn from its own RNG seeded by (fleet seed, slot), so a
-slot's schedule is generated forward, lazily, and never depends on what was asked for first.
-Jobs run phases: a start-up stretch, then busy stretches broken by idle-but-running ones (more
-idle at night); a few jobs crash (allocation kept, no process) or never launch.
-
-Faults that need a GPU allocated (held_no_process, idle_allocated) pull a job over their window;
-faults that need it free (zombie_process) keep jobs off it. Nodes with such faults are split into
-one-GPU slots so those constraints stay on one GPU. A job fault (job_hang, straggler) makes its node a
-whole-node slot of its own, pulls a job over its window there and keeps that job's processes running.
+Design notes: docs/design-notes.md#agents-simulation-jobs-py.
 """
 
 from __future__ import annotations

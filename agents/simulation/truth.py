@@ -1,17 +1,6 @@
 """Ground truth of a simulated fleet: which GPUs exist, who held them when, and what broke.
 
-The JSON it writes lets tests and benchmarks check the pipeline against what really happened:
-
-    {"cluster", "seed", "start_ms", "end_ms", "nodes": [name, ...],
-     "gpus": [{"node", "index", "uuid", "model"}],
-     "allocations": [{"tenant", "job", "node", "gpu", "uuid", "start_ms", "end_ms"}],
-     "faults": [{"kind", "node", "gpu", "uuid", "xid", "start_ms", "end_ms"}]}
-
-Allocations are half-open `[start_ms, end_ms)` and are listed whole (not clipped) when they
-overlap the requested window; a sample taken at `t` belongs to the allocation containing `t`.
-Faults are listed when their window overlaps; `node_silent` has `gpu` and `uuid` null. A job fault
-(`job_hang`, `straggler`) also names the job it hit: `tenant`, `job`, and the job's `nodes` and
-`gpus` (`[{"node", "gpu", "uuid"}]`); for a straggler, `node`/`gpu`/`uuid` are the slow GPU.
+Design notes: docs/design-notes.md#agents-simulation-truth-py.
 """
 
 from __future__ import annotations

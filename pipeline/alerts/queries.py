@@ -1,23 +1,6 @@
 """Pure functions: a rule and an evaluation instant -> its SQL; the SQL's rows -> alert candidates.
 
-Every value goes to ClickHouse as a bound parameter, the database too (`{db:Identifier}`, bound by
-the `Store`); identifiers (the group-by keys) come only from this code and the validated rules.
-Only samples with `time <= now` count, so evaluating at an injected `now` over stored data gives the
-same answer every time.
-
-"Sustained for D" means: the GPU's newest sample satisfies the condition and is at most
-`max_sample_age` old, every sample of that GPU ending in `(now - D, now]` satisfies it, and those
-samples reach back to `now - D` and their claimed time covers at least `coverage` x D (a lost
-message or two is tolerated, a node that stopped reporting is not; a second agent reporting the
-same seconds adds nothing); the SQL is `formulas.sustained`, which the Grafana rules
-(dashboards/alerting.py) use too. A candidate whose newest sample satisfies the
-condition but is not yet sustained is *pending*; `since_ms` is where its current run of
-satisfying samples began within the window.
-
-Agent counters (`agent_spool_dropping`, `agent_send_errors`) read `agent_reports`: the counter's
-increase over `(now - window, now]`, see `AgentCounterRising`. Claim conflicts (`gpu_claim_conflict`)
-read `gpu_claim_homes`, then the suspect GPUs' samples. Job kinds (`job_stalled`, `job_straggler`) are
-built by `pipeline/queries/job_signals.py`, which the Grafana rules share.
+Design notes: docs/design-notes.md#pipeline-alerts-queries-py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """Options and set-up shared by the pipeline's commands: config, the ClickHouse target, the front door.
 
-Writers (`ingest`, `migrate`, `alerts run`, `tenants create`) take `target_options` and use the
-config's store. Readers (`status`, `usage`, `billing`, `alerts`, `jobs`, `dashboards preview`, `tenants sql`)
-take `read_options` and find their store with `resolve`, the same way for all:
-
-1. `--dsn`, else
-2. `clickhouse.dsn` when the config file sets it, else
-3. the demo's store, from `<--data-dir>/state.json` (default `var/demo`), else
-4. the default `clickhouse.dsn`.
-
-A reader creates nothing: `open_store` refuses a store that does not exist or lacks the schema, and a
-store the running demo holds open (chDB lets one process open a store), pointing to the demo's API.
-Reading the demo's store (3.), a reader takes the demo's `jobs` settings unless the config sets `jobs`.
+Design notes: docs/design-notes.md#pipeline-commands-common-py.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """Claimed time: within one node, each GPU-second is claimed (billed) by at most one sample.
 
-A sample reports the interval `[time - interval_ms, time)`; it *requests* the last
-`min(interval_ms, max_claim_ms)` of it and *claims* the part no sample of the same GPU on the same
-node (cluster and node name, whatever boot id sent it) claimed before. The ingester stores the
-claimed milliseconds and where the claimed part starts (`claimed_ms`, `claim_start` in
-`gpu_samples`); the rollups bill those. Samples are claimed in time order within a batch.
-
-`ClaimBook` keeps, per (cluster, node, GPU UUID), the claimed spans it knows of from `since` on
-(merged, so a GPU reporting steadily is one span). The union of what a GPU's samples requested is
-what they claimed, whatever order they came in, so the billed total does not depend on arrival
-order. A batch whose samples start before what the book knows (a restart, a rebalance, a late
-replay) first reads the stored claims of those GPUs from that start on (`load`: one query per
-batch, over the primary key of `gpu_samples`). Across nodes claims are resolved from stored
-aggregates (migration 0032); docs/aggregations.md has the whole design.
+Design notes: docs/design-notes.md#pipeline-ingest-claims-py.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """Dead letters: what the ingester keeps of a message it refused, bounded whatever the message was.
 
-A refused message can be as large as the broker let it be: a 5 MB value compresses under the
-broker's limit, but the dead-letter producer checks the uncompressed size and refuses to send it
-whole, which used to stall the batch for good. So a dead letter never carries more than
-`EXCERPT_BYTES` of the value and `KEY_BYTES` of the key (both far below `wire.MAX_MESSAGE_BYTES`,
-which any broker carrying agent messages accepts), plus what is needed to find and check the
-original on its source topic while that topic retains it: topic, partition, offset, size and
-SHA-256. A message no larger than the excerpt travels whole, byte for byte.
-
-DLQ record (topic `kafka.dlq_topic`): the key's and value's first bytes, with headers
-`gpufleet-error` (the reason), `gpufleet-source` (`topic/partition/offset`), `gpufleet-size` (the
-value's size in bytes, decimal) and `gpufleet-sha256` (hex digest of the whole value).
-`dead_letters` in ClickHouse: the same excerpt as `payload`, the reason, and, when anything was cut,
-the size, digest and source appended to the reason.
+Design notes: docs/design-notes.md#pipeline-ingest-dead-letters-py.
 """
 
 from __future__ import annotations

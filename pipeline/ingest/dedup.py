@@ -1,22 +1,6 @@
 """Exactly-once effect on top of at-least-once delivery: drop messages already stored, repeat inserts safely.
 
-A message is named by `(cluster, node, boot_id, seq)`. Before each insert the ingester drops
-duplicates inside the batch and asks ClickHouse which of the batch's identities are already in
-`gpu_samples` (one query over the batch's nodes and time range: the primary key makes it cheap).
-A message's rows share one timestamp and therefore one partition, and each insert writes each
-partition's part atomically, so a message is stored whole or not at all; redelivery after a crash
-and agent spool replay then add nothing.
-
-One insert also feeds the rollups through materialized views, each table committing its own part,
-so an insert can fail (or its process die) after `gpu_samples` took the rows and before a rollup
-did. A batch is therefore planned once (its messages fixed by its first attempt) and every insert
-carries `insert_settings`: a dedup token derived from the batch's identities, with dependent-view
-deduplication on. Repeating the insert (a retry, or the intent log's replay after a crash,
-pipeline/ingest/intents.py) then adds nothing where the block landed and completes the tables it missed.
-
-Kafka keys messages by node, so a node's messages are read by one consumer at a time; the one
-residual race (a partition moving between consumers during an insert) and the checks that detect
-it are in docs/reliability.md.
+Design notes: docs/design-notes.md#pipeline-ingest-dedup-py.
 """
 
 from __future__ import annotations

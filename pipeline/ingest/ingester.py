@@ -1,19 +1,6 @@
 """The ingester's consume loop: a Kafka consumer-group member that batches messages for the batch writer.
 
-It polls, validates (pipeline/ingest/validation.py), gathers a batch, hands it to the
-`BatchWriter` (pipeline/ingest/writer.py: plan -> dead letters -> inserts -> intent log), and
-commits the batch's offsets once the writer stored it. Delivery contract (docs/reliability.md):
-- offsets are committed only after ClickHouse acknowledged the batch (and the DLQ copies of its
-  bad messages were acknowledged by the broker): at-least-once, never at-most-once;
-- a message that fails validation, or is dated outside the time window around the ingester's
-  clock, is dead-lettered with the reason; its neighbours are ingested;
-- ClickHouse (or the DLQ) unreachable: the consumer pauses its partitions (staying in its group),
-  backs off with jitter up to `MAX_BACKOFF_S`, and the writer repeats the same batch; nothing is
-  committed meanwhile;
-- Kafka unreachable: `_poll` reports it and polls again until the consumer reconnects.
-
-While `run` owns the loop, Python's cyclic garbage collector does not run on its own (`gc_paused`):
-the loop collects once a minute, between batches (BENCHMARKS.md has why).
+Design notes: docs/design-notes.md#pipeline-ingest-ingester-py.
 """
 
 from __future__ import annotations

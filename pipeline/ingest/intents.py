@@ -1,27 +1,6 @@
 """The ingester's intent log: the batch being written, kept on disk until its offsets are committed.
 
-Why: one insert of GPU rows writes `gpu_samples` and then, one table after another, the
-materialized views that feed the rollups (`gpu_usage_1m` -> `gpu_usage_1h`, `gpu_latest`, `gpu_claim_homes`).
-ClickHouse commits each table's part on its own, so an insert cut short in between leaves raw rows
-whose rollup rows are missing, and billing reads the rollups. ClickHouse's cure is to repeat the
-*same* insert with the same `insert_deduplication_token`: a table that already has the block drops
-it, a table that misses it gets it (`deduplicate_blocks_in_dependent_materialized_views`). A live
-ingester repeats a failed batch that way by itself (pipeline/ingest/ingester.py); this log lets a
-*restarted* one do the same for the batch it was writing when it died.
-
-It is kept only for an embedded (chDB) store, where the ingester is the database and its crash is
-exactly that case. With a ClickHouse server, a client that dies cannot cut an insert in two (the
-server finishes or drops a received insert whole); a server that dies mid-insert while the
-ingester lives is repaired by the ingester's own retry with the same token.
-
-Layout: `<store>/gpufleet-intents/<database>/<token>.intent`: one JSON line (the intent without
-its messages, plus their count), then per message a 5-byte frame head (length, big-endian u32;
-its insert path, `COLUMNS`, `JSON` or `JSON_AS_COLUMNS`) and its bytes. Written with `writev`
-straight from the batch's buffers (about 18 ms for a 50,000-row batch of 31 MB here, a third of what one msgpack
-copy cost) to a temporary name and renamed, so a reader sees a whole intent or none; rewritten
-when the batch changes insert path; removed once the batch's offsets are committed. No fsync:
-the log guards against a process crash, like the store's own parts, which chDB does not fsync
-either.
+Design notes: docs/design-notes.md#pipeline-ingest-intents-py.
 """
 
 from __future__ import annotations

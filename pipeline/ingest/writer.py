@@ -1,16 +1,6 @@
 """The batch writer: one batch of validated messages into ClickHouse, planned once and repeatable.
 
-plan (drop duplicates, fix the dedup token, record the intent) -> dead letters (DLQ topic, then
-`dead_letters`) -> inserts (`agent_reports`, then the GPU rows through the JSON staging path or as
-columns) -> done (intent removed). The consume loop (pipeline/ingest/ingester.py) decides when a
-batch is written, retries it, and commits its offsets once it is done.
-
-Every retry, and a restarted ingester's replay of the intent, repeats exactly the same inserts
-under the same tokens (pipeline/ingest/dedup.py), so ClickHouse drops the parts that landed and
-completes the tables that missed them. The inserts are split into blocks of at most
-`MAX_DAYS_PER_BLOCK` days of sample time (`day_blocks`), a pure function of the planned messages,
-so no insert spans more partitions than ClickHouse accepts (`max_partitions_per_insert_block`, 100
-by default) and a repeat splits the same way.
+Design notes: docs/design-notes.md#pipeline-ingest-writer-py.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
 """Closing a billing period: frozen per-tenant statements, and late usage booked as adjustments.
 
-A period is a calendar month UTC (`2026-11`); its usage is the `usage_hourly` rows whose hour
-starts in it. `close_period`:
-
-1. refuses a period that has not ended, one already closed (statements are immutable: closing
-   again is an error, never a rewrite), and one earlier than the latest closed period (periods
-   close in order, so "the next open period" is well defined);
-2. books, for every period closed before, the difference between its usage now and what its
-   statement plus the adjustments booked since already cover: usage that arrived after the close
-   (late samples, a node's spool replayed days later) lands here, in the period being closed,
-   as `billing_adjustments` rows; a closed statement is never rewritten;
-3. freezes one `billing_statements` row per (tenant, GPU model), then marks the period closed in
-   `billing_periods` (written last: a period is closed exactly when that row exists).
-
-A close that crashed part-way is completed by the next attempt: row sets it already stored (each
-insert is one block, stored whole or not at all) are kept as they are, the rest is computed then.
-
-Each row carries the sha256 of its canonical text (`canonical`), so `verify` detects any edit
-made behind this module's back. The three inserts use fixed deduplication tokens per period, so
-two closes racing store each row set once; whatever usage a lost race leaves out stays pending
-and is booked at the next close.
+Design notes: docs/design-notes.md#pipeline-queries-billing-py.
 """
 
 from __future__ import annotations

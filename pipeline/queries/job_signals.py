@@ -1,20 +1,6 @@
 """SQL of the job-level detectors over raw samples: stalled jobs, stalled GPU-seconds and stragglers.
 
-Pure builders. Every threshold and time is SQL the caller passes in: bound parameters on the read side
-and in the alert evaluator (`STALL_BOUND`, `stall_params`, ...), literals and Grafana macros in the
-generated Grafana rules (`stall_literal`, ...). So a stall or a straggler means the same thing in
-`gpufleet jobs`, the capacity waterfall, the evaluator and Grafana; docs/alerts.md (JobStalled,
-JobStraggler) and docs/aggregations.md (`stalled`) define them in words.
-
-- `stalled_jobs`: one row per job whose every fresh GPU's newest sample is stall-like
-  (`formulas.stall_like`), saying whether every one of them has been for D (`formulas.sustained`).
-- `stalled_samples`: the samples that lie in a GPU's run of stall-like samples lasting at least D, for
-  the waterfall's `stalled` GPU-seconds and the jobs view.
-- `stragglers`: one row per GPU of a busy job on 2 or more GPUs whose newest sample is slow against
-  the job's median (SM clock, tensor activity, measured FLOP/s) or throttled while most of its peers
-  are not, with how long it has been and the likely cause.
-
-Only samples with a tenant, a job and a readable GPU count (a GPU that fell off the bus shows nothing).
+Design notes: docs/design-notes.md#pipeline-queries-job-signals-py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The job view behind `gpufleet jobs` and the Jobs board: per job, where it runs, how well, and what holds it back.
 
-Per (tenant, job) seen in a whole-minute window:
-
-- **GPUs, nodes, GPU-seconds (claimed), first and last seen, MFU** from the minute rollup `gpu_usage_1m`, MFU as
-  `formulas.MFU` defines it (measured FLOPs where the job reports them, else the hardware estimate);
-- **stalled GPU-seconds** and where the latest stall began (`pipeline/queries/stalls.py`, config
-  `jobs.stall`): the waterfall's `stalled` for this job, whatever the GPUs' health;
-- **stragglers at the window's end**: the JobStraggler test (`job_signals.stragglers`, config
-  `jobs.straggler`) over the window's last `for_s`, sustained GPUs only, with the likely cause;
-- **throughput**: the tokens and samples the job reported over OTLP (`tokens_measured`,
-  `samples_measured`, raw samples whose claim starts in the window, scaled by claimed / reported as the
-  rollups scale FLOPs), in total and per second of the job's time in the window (its first interval
-  start to its last interval end there).
+Design notes: docs/design-notes.md#pipeline-queries-jobs-py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """Stalled GPU-seconds on the read side: the capacity waterfall's `stalled` step and each job's stalled time.
 
-A GPU-second is *stalled* when its sample lies in a run of stall-like samples of one GPU and job
-(`formulas.stall_like`: kernels resident, no tensor work, power near idle, flat measured FLOPs) that
-lasted at least `jobs.stall.for_s` (`job_signals.stalled_samples`). A shorter run (a slow step, a
-collective that waits a few seconds) stays busy. Stalled time is still allocated and billed: the
-tenant holds the GPUs (docs/aggregations.md).
-
-Read from raw samples (`gpu_samples`: no rollup keeps utilization, tensor activity, power and FLOPs of
-one sample together), over the window plus `for_s` and the gap on each side so a run crossing an edge
-is judged whole; samples count their claimed milliseconds in the window that holds their claim start,
-as the rollups do (docs/aggregations.md, "Claims").
-Windows older than `clickhouse.raw_ttl_days` have no raw samples left: their stalled time reads 0
-(it stays in `busy`).
+Design notes: docs/design-notes.md#pipeline-queries-stalls-py.
 """
 
 from __future__ import annotations

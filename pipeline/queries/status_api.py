@@ -1,20 +1,6 @@
 """A small read-only HTTP API of the running pipeline: GET /status (the status document), GET /healthz.
 
-`/healthz` answers 200 while the process's heartbeats are fresh and 503, naming the stale ones,
-once one is older than its bound (gpufleet/liveness.py); without heartbeats it answers 200.
-
-chDB lets one process own a store, so while `gpufleet demo` or `gpufleet ingest` runs, other
-processes (`gpufleet status`) ask it over this API instead of opening the store. It listens on
-loopback only and is bounded (docs/security.md, "The status API"):
-
-- connections: `gpufleet.httpguard` (one total deadline per request, a connection cap that evicts
-  the longest-waiting connection);
-- `/status` is served from a cached document refreshed at most every `max_age_s` (an `Age`
-  header says how old): one computation at a time, every other request gets the cached one; only
-  the very first requests wait for it, `compute_wait_s` at most;
-- the `Host` header must name the address the API is bound to (`127.0.0.1:PORT` or
-  `localhost:PORT`), else 403, so a web page cannot read it through DNS rebinding;
-- a client that hangs up is logged at debug, never with a traceback.
+Design notes: docs/design-notes.md#pipeline-queries-status-api-py.
 """
 
 from __future__ import annotations

@@ -1,24 +1,6 @@
 """The capacity waterfall: where installed GPU-seconds go, from the minute rollup `gpu_usage_1m`.
 
-    installed  - unknown - unhealthy - unallocated - allocated idle - stalled  = busy
-
-over a whole-minute window and a hardware scope (all, a cluster, a node, a GPU model), then the
-achieved FLOPs as a share of the installed peak. Definitions (docs/aggregations.md):
-
-- *installed*: every GPU that reported at least once in the window, for the whole window (a GPU
-  claimed from two nodes for the same time counts what it claimed, per node);
-- *unknown*: installed time the GPU did not report (silent agent, node down, not yet installed);
-- *unhealthy*: claimed time (each second once per node) in a health state the policy excludes
-  (`billing.exclude_states`);
-- *unallocated*: the rest of the claimed time with no tenant;
-- *allocated idle*: the rest with a tenant, but no compute process or utilization below the
-  policy's idle threshold;
-- *stalled*: the rest that lay in a job's stall (`pipeline/queries/stalls.py`: stall-like samples
-  for at least `jobs.stall.for_s`), busy-looking but doing no work; still billed;
-- *busy*: what remains.
-
-The steps are integer milliseconds, disjoint, and add up exactly by construction; the result
-carries each one so callers and tests can check that.
+Design notes: docs/design-notes.md#pipeline-queries-waterfall-py.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """Tenant isolation in ClickHouse: a read-only user per tenant that sees only its own rows (pure SQL builders).
 
-Every table that holds a tenant's rows gets a row policy per tenant (`tenant = '<name>'`, or the
-`tenant` label for `alerts`). Row policies in ClickHouse are permissive and, once a table has
-any, a user without one of its own sees no rows at all; so the operators' users (the ingester,
-Grafana's admin datasource) get `gpufleet_operators`, a policy that shows everything to every
-user except those holding the shared role `gpufleet_tenants`. Tenant users hold that role, which
-carries their only privilege, SELECT on the tables and views a tenant may read; they also run
-with `readonly = 2`. Tables with no tenant column and rows of several tenants (`dead_letters`
-with raw payloads, `agent_reports`, `billing_periods`) are not granted at all.
-
-The SQL is idempotent (`IF NOT EXISTS`, `OR REPLACE`), names are back-quoted, and the tenant name
-is written as an escaped string literal (`literal`), so any name, quotes and control characters
-included, is data. Passwords never appear: users are created with a salted SHA-256 hash.
-`gpufleet tenants create` runs these statements; `gpufleet tenants sql` prints them
-(docs/security.md). chDB (the embedded engine) has no user management; the tests prove the
-policies' conditions and grants on the engine through its users.xml equivalent.
+Design notes: docs/design-notes.md#pipeline-store-tenants-py.
 """
 
 from __future__ import annotations
