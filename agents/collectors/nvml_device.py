@@ -29,7 +29,9 @@ GPM_MIN_GAP_S: Final = 0.1
 ERROR_TEXT_MAX: Final = 1024
 _SAMPLE_MEMBERS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 _IDENTITY_FIELDS: Final = frozenset({"index", "uuid", "model", "error", "tenant", "job", "xids", "flops_measured",
-                                     "tokens_measured", "samples_measured"})
+                                     "tokens_measured", "samples_measured", "allocation_unknown", "shares",
+                                     "parent_uuid", "gpu_instance_id", "compute_instance_id", "mig_profile", "slices",
+                                     "slices_total"})
 
 
 def ratio(percent: float | None) -> float | None:

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 # that get their own handling below.
 _SPECIAL = {"index", "uuid", "model", "error", "tenant", "job"}
 COPIED_FIELDS: tuple[str, ...] = tuple(f for f in GPU_FIELDS if f not in _SPECIAL)
+_EMPTY_WHEN_NULL = frozenset({"parent_uuid", "mig_profile"})
+"""Nullable on the wire, '' in gpu_samples (as model, tenant, job and error)."""
 
 _gpu_fields = operator.attrgetter("index", "uuid", "model", "tenant", "job", "error",
                                   *COPIED_FIELDS)
@@ -50,7 +52,7 @@ AGENT_COLUMNS: tuple[str, ...] = (
     "time", "ingest_time", "cluster", "node", "boot_id", "seq", "interval_ms", "gpus",
     "collect_seconds", "nvml_errors", "spool_depth", "spool_dropped_total", "send_errors_total",
     "otlp_points_accepted_total", "otlp_points_rejected_total",
-    "nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total",
+    "nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total", "allocation_unknown_total",
 )
 
 
@@ -164,10 +166,19 @@ def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = No
         [t or "" for t in tenant],
         [(j or "") if t else "" for t, j in zip(tenant, job, strict=True)],
         [e or "" for e in error],
-        *map(list, copied),
+        *(_column(name, values) for name, values in zip(COPIED_FIELDS, copied, strict=True)),
         peak, estimated, health, reasons,
     ]
     return Columns(SAMPLE_COLUMNS, data)
+
+
+def _column(name: str, values: Sequence[object]) -> list[object]:
+    """A copied wire field as its gpu_samples column: '' for null strings, shares as (tenant, job, weight)."""
+    if name in _EMPTY_WHEN_NULL:
+        return [v or "" for v in values]
+    if name == "shares":
+        return [[(s.tenant, s.job or "", s.weight) for s in v] for v in values]  # type: ignore[attr-defined]
+    return list(values)
 
 
 def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
@@ -181,7 +192,7 @@ def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
         [x.spool_dropped_total for x in a], [x.send_errors_total for x in a],
         [x.otlp_points_accepted_total for x in a], [x.otlp_points_rejected_total for x in a],
         [x.nvml_calls for x in a], [x.nvml_call_budget for x in a], [x.nvml_deadline_misses for x in a],
-        [x.xids_dropped_total for x in a],
+        [x.xids_dropped_total for x in a], [x.allocation_unknown_total for x in a],
     ]
     return Columns(AGENT_COLUMNS, data)
 

@@ -26,7 +26,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 INT64_MAX = 2**63 - 1
 _UINT_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64}
 _RENAMED = {"index": "gpu_index", "uuid": "gpu_uuid"}
-_DEFAULTED = ("model", "tenant", "job", "error")
+_DEFAULTED = ("model", "tenant", "job", "error", "parent_uuid", "mig_profile")
 """Nullable on the wire, '' in gpu_samples."""
 _REPORT_BOUNDS = {"seq": INT64_MAX, "time_ms": INT64_MAX}
 _SAMPLE_COLUMNS = "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = 'gpu_samples'"
@@ -136,7 +136,7 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
         elif inner == "Float32":
             stage = "Nullable(Float64)" if nullable else "Float64"
             bounds[f] = (-FLOAT32_MAX, FLOAT32_MAX)
-        elif inner in ("Float64", "Bool", "String", "Array(UInt16)"):
+        elif inner in ("Float64", "Bool", "String", "Array(UInt16)") or inner.startswith("Array(Tuple("):
             stage = f"Nullable({inner})" if nullable else inner
         else:
             raise StagingUnsupported(f"gpu_samples.{column} has type {target}, which the JSON path does not map")
