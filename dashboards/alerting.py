@@ -13,6 +13,7 @@ from gpufleet.dashboards import fragments as f
 from gpufleet.dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
 from gpufleet.pipeline.alerts.rules import (
     DEFAULT_RULES,
+    AgentAllocationUnknown,
     AgentCounterRising,
     AgentSendErrors,
     AgentSpoolDropping,
@@ -304,6 +305,7 @@ _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
     AgentSpoolDropping: _agent_counter,
     AgentSendErrors: _agent_counter,
     GpuClaimConflict: _claim_conflict,
+    AgentAllocationUnknown: _agent_counter,
     GpuFailing: _failing,
     GpuDegraded: _degraded,
     GpuIdleAllocated: _idle,
@@ -327,6 +329,10 @@ _SUMMARIES: Final[dict[type, str]] = {
     GpuClaimConflict: (
         "GPU {{ $labels.gpu }} is reported by {{ $values.A.Value }} streams (cluster/node/boot id) for the same "
         "time: billed once, the other streams' overlapping time is not billed"
+    ),
+    AgentAllocationUnknown: (
+        "The agent on {{ $labels.node }} ({{ $labels.cluster }}) could not attribute {{ $values.A.Value }} "
+        "GPU-intervals in the window: billed to nobody"
     ),
     GpuFailing: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is failing",
     GpuDegraded: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is degraded",

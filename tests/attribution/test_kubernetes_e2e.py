@@ -7,7 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpufleet.agents.allocation import build_source
-from gpufleet.config import AllocationConfig
+from gpufleet.config import AllocationConfig, parse
+from gpufleet.pipeline.alerts.evaluator import Evaluator
+from gpufleet.pipeline.alerts.rules import DEFAULT_RULES, packaged_rules
+from gpufleet.pipeline.store import Store
 from gpufleet.pipeline.store.client import Target
 from gpufleet.wire import GpuSample
 from tests.attribution.harness import (
@@ -76,3 +79,10 @@ def test_pod_replaced_mid_hour_and_a_kubelet_outage_bill_exactly(broker, ch_targ
     assert unknown == [(G0, 5, 5), (G1, 5, 5)]
     counted = ch_client.query(f"SELECT max(allocation_unknown_total) FROM {ch_target.database}.agent_reports")
     assert counted.result_rows == [(10,)]
+    # the shipped AllocationUnknown rule fires for the node (10 GPU-intervals unattributed in its 15-minute window)
+    cfg = parse({"clickhouse": {"dsn": ch_target.dsn, "database": ch_target.database}})
+    rules = packaged_rules(DEFAULT_RULES)
+    evaluator = Evaluator(cfg, Store(ch_client, ch_target.database), rules=rules)
+    report = evaluator.evaluate_once(T_HOUR + 47 * MINUTE)
+    fired = {(a.alertname, a.labels["node"]): a.value for a in report.fired}
+    assert fired[("AllocationUnknown", "k8s-node-1")] == 10

@@ -23,7 +23,7 @@ class FakeKubeApi:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 api.requests += 1
                 m = _POD.match(self.path)
                 pod = api.pods.get((m.group(1), m.group(2))) if m else None
