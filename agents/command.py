@@ -107,7 +107,7 @@ def nvml_node(cfg: Config, *, dry_run: bool = False) -> NodeParts:
     collector.open()  # NvmlUnavailable says why and how to fix it
     uuids = getattr(collector, "gpu_uuids", None)
     uuid_index = {u: i for i, u in enumerate(uuids)} if uuids else None
-    allocation = build_source(cfg.agent.allocation, uuid_index=uuid_index)
+    allocation = build_source(cfg.agent.allocation, uuid_index=uuid_index, devices=collector.devices)
     return NodeParts(cfg.agent.node, collector, allocation, Path(cfg.agent.spool_dir), _machine_id())
 
 

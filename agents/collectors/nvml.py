@@ -15,9 +15,17 @@ from typing import Any, Final
 
 import pynvml
 
-from gpufleet.agents.collectors.base import NodeReleased
+from gpufleet.agents.collectors.base import DeviceView, NodeReleased
 from gpufleet.agents.collectors.deadline_pool import DeadlinePool
-from gpufleet.agents.collectors.nvml_device import GPM_MIN_GAP_S, DeviceReader, DeviceState, Plan, Reading, error_sample
+from gpufleet.agents.collectors.nvml_device import (
+    GPM_MIN_GAP_S,
+    DeviceReader,
+    DeviceState,
+    Plan,
+    Reading,
+    device_view,
+    error_sample,
+)
 from gpufleet.agents.collectors.nvml_fields import FieldIds, read_fields
 from gpufleet.agents.collectors.nvml_funnel import Counters, Funnel, GpuLost, LibraryDown
 from gpufleet.agents.collectors.nvml_session import Backoff, ReleaseSwitch
@@ -158,6 +166,10 @@ class NvmlCollector:
         """UUIDs in index order after `open()` (`unknown-gpu-<i>` for a GPU not attached yet); [] before."""
         return [d.uuid for d in self._devices]
 
+    def devices(self) -> list[DeviceView]:
+        """Each GPU as the last interval saw it: UUID, minor number, compute processes (allocation sources)."""
+        return [device_view(d) for d in self._devices]
+
     @property
     def state(self) -> str:
         """new, up, down, released or closed."""
@@ -270,6 +282,8 @@ class NvmlCollector:
             dev.model = f.call(c, errors, "nvmlDeviceGetName", handle)
             pci = f.call(c, errors, "nvmlDeviceGetPciInfo", handle)
             dev.pci = None if pci is None else (int(pci.domain), int(pci.bus), int(pci.device))
+            minor = f.call(c, errors, "nvmlDeviceGetMinorNumber", handle)
+            dev.minor = None if minor is None else int(minor)
             links = read_fields(f, c, errors, handle, [(self._ids.link_count, 0)]).get((self._ids.link_count, 0))
             dev.links = tuple(range(int(links))) if links else ()
         except GpuLost as exc:

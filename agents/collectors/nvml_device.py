@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from gpufleet.agents.collectors.base import DeviceView, GpuProcess
 from gpufleet.agents.collectors.nvml_fields import (
     FieldIds,
     FieldReading,
@@ -68,6 +69,8 @@ class Baselines:
     util_ts: dict[int, int] = field(default_factory=dict)
     """Sampling type -> the newest sample timestamp already averaged (0: take only the newest)."""
     util_last: dict[int, float | None] = field(default_factory=dict)
+    process_util_ts: int = 0
+    """Newest per-process utilization sample already counted (0: take only what is newest)."""
 
 
 @dataclass
@@ -81,6 +84,9 @@ class DeviceState:
     model: str | None = None
     pci: tuple[int, int, int] | None = None
     links: tuple[int, ...] = ()
+    minor: int | None = None
+    processes: tuple[GpuProcess, ...] | None = None
+    """The compute processes the last committed reading saw (None: not readable)."""
     mig_current: int | None = None
     cache: CallCache = field(default_factory=CallCache)
     gpm: Gpm = field(default_factory=Gpm)
@@ -117,6 +123,8 @@ class Reading:
     """Sampling type -> ratio, None (unreadable) or NOT_FOUND (no new sample: the last value still holds)."""
     util_ts: dict[int, int] = field(default_factory=dict)
     slow: dict[str, Any] | None = None
+    processes: tuple[GpuProcess, ...] | None = None
+    process_util_ts: int | None = None
     gpm_taken: bool = False
     errors: list[str] = field(default_factory=list)
     lost: str | None = None
@@ -255,6 +263,10 @@ class DeviceReader:
         reasons = first_supported(f, c, r.errors, ("nvmlDeviceGetCurrentClocksEventReasons", h),
                                   ("nvmlDeviceGetCurrentClocksThrottleReasons", h))
         processes = self._call(dev, r, "nvmlDeviceGetComputeRunningProcesses", h)
+        if processes is not None:
+            pids = [int(p.pid) for p in processes]
+            util = self._process_util(dev, r) if len(pids) > 1 else {}
+            r.processes = tuple(GpuProcess(pid, util.get(pid)) for pid in pids)
         r.values.update(
             mem_used_bytes=mem.used if mem is not None else None,
             mem_total_bytes=mem.total if mem is not None else None,
@@ -263,6 +275,22 @@ class DeviceReader:
             clock_mem_mhz=self._call(dev, r, "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_MEM),
             clock_event_reasons=reasons,
             compute_processes=len(processes) if processes is not None else None)
+
+    def _process_util(self, dev: DeviceState, r: Reading) -> dict[int, float]:
+        """Per process, the SM utilization samples since the last committed reading, summed (a GPU several
+        processes share: the weights of `allocation.share_by: utilization`). {} when NVML has none."""
+        last = dev.base.process_util_ts
+        got = self._call(dev, r, "nvmlDeviceGetProcessUtilization", dev.handle, last,
+                         key="nvmlDeviceGetProcessUtilization", expected=(self.nvml.NVMLError_NotFound,))
+        if got is None or got is NOT_FOUND or not got:
+            return {}
+        newest = max(int(s.timeStamp) for s in got)
+        chosen = [s for s in got if int(s.timeStamp) == newest] if not last else list(got)
+        r.process_util_ts = newest
+        out: dict[int, float] = {}
+        for s in chosen:
+            out[int(s.pid)] = out.get(int(s.pid), 0.0) + float(s.smUtil)
+        return out
 
     def _gpm(self, dev: DeviceState, r: Reading) -> None:
         """Take this interval's GPM sample; SM/tensor/DRAM activity since the committed previous one."""
@@ -320,6 +348,9 @@ class DeviceReader:
         values.update(dev.slow)
         if r.gpm_taken:
             dev.gpm.cur, dev.gpm.prev_valid, dev.gpm.taken_at = 1 - dev.gpm.cur, True, now_s
+        dev.processes = r.processes
+        if r.process_util_ts is not None:
+            dev.base.process_util_ts = r.process_util_ts
         sample = GpuSample(index=dev.index, uuid=dev.uuid, model=dev.model, xids=xids, **values)
         readings = (getattr(sample, f) for f in GpuSample.__struct_fields__ if f not in _IDENTITY_FIELDS)
         if r.errors and all(v is None for v in readings):
@@ -368,3 +399,8 @@ class DeviceReader:
 def error_sample(dev: DeviceState, error: str, xids: list[int]) -> GpuSample:
     """The sample of a GPU that could not be read this interval: identity, the reason, and its XIDs."""
     return GpuSample(index=dev.index, uuid=dev.uuid, model=dev.model, error=error[:ERROR_TEXT_MAX], xids=xids)
+
+
+def device_view(dev: DeviceState) -> DeviceView:
+    """What allocation sources may know of `dev` after the last interval."""
+    return DeviceView(index=dev.index, uuid=dev.uuid, minor=dev.minor, processes=None if dev.lost else dev.processes)

@@ -220,6 +220,11 @@ class FakeGpu:
     nvlink5_errors: dict[tuple[int, int], int] = field(default_factory=dict)
     """(link, NVML_FI_DEV_NVLINK_COUNT_*) -> count (NVLink5, Blackwell); not listed is 0."""
     process_pids: list[int] = field(default_factory=list)
+    process_sm_util: dict[int, int] = field(default_factory=dict)
+    """pid -> SM utilization percent the driver samples for that process every `util_sample_period_us`
+    (`nvmlDeviceGetProcessUtilization`); a listed pid without an entry samples 0."""
+    minor: int | None = None
+    """/dev/nvidia<minor>; None: the GPU's index."""
     supported_events: int = ALL_SUPPORTED_EVENTS
     gpm_supported: bool = False
     gpm_metrics: dict[int, float] = field(default_factory=dict)
@@ -305,6 +310,8 @@ class _Driver:
 
     samples: dict[int, deque[tuple[int, int]]] = field(
         default_factory=lambda: {t: deque(maxlen=SAMPLE_BUFFER) for t in _UTIL_SAMPLES})
+    process_samples: deque[tuple[int, int, int]] = field(default_factory=lambda: deque(maxlen=SAMPLE_BUFFER * 8))
+    """(timestamp us, pid, SM percent) per process per sampling period."""
     energy_remainder_nj: int = 0
 
 
@@ -603,6 +610,8 @@ class FakeNvml:
             for ts in range(max(first, end_us - period * SAMPLE_BUFFER), end_us + 1, period):
                 d.samples[pynvml.NVML_GPU_UTILIZATION_SAMPLES].append((ts, g.util_gpu_pct))
                 d.samples[pynvml.NVML_MEMORY_UTILIZATION_SAMPLES].append((ts, g.util_mem_pct))
+                for pid in g.process_pids:
+                    d.process_samples.append((ts, pid, g.process_sm_util.get(pid, 0)))
 
     def _require_init(self, name: str, gpu: int | None = None) -> None:
         with self._lock:
@@ -922,6 +931,23 @@ class FakeNvml:
             )
             for pid in gpu.process_pids
         ]
+
+    def nvmlDeviceGetMinorNumber(self, handle: Any) -> int:
+        gpu = self._device("nvmlDeviceGetMinorNumber", handle)
+        return self.gpus.index(gpu) if gpu.minor is None else gpu.minor
+
+    def nvmlDeviceGetProcessUtilization(self, handle: Any, timeStamp: int) -> list[Any]:
+        """Per-process samples newer than `timeStamp` (NotFound when none; NotSupported under MIG)."""
+        gpu = self._device("nvmlDeviceGetProcessUtilization", handle)
+        if gpu.mig_enabled:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        with self._lock:
+            newer = [(ts, pid, sm) for ts, pid, sm in self._drivers[self.gpus.index(gpu)].process_samples
+                     if ts > timeStamp]
+        if not newer:
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        return [pynvml.c_nvmlProcessUtilizationSample_t(pid=pid, timeStamp=ts, smUtil=sm, memUtil=0, encUtil=0,
+                                                        decUtil=0) for ts, pid, sm in newer]
 
     # -- events ------------------------------------------------------------------------------
 
