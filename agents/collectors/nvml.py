@@ -23,8 +23,9 @@ from gpufleet.agents.collectors.nvml_device import (
     DeviceState,
     Plan,
     Reading,
-    device_view,
-    error_sample,
+    device_views,
+    error_samples,
+    expand,
 )
 from gpufleet.agents.collectors.nvml_fields import FieldIds, read_fields
 from gpufleet.agents.collectors.nvml_funnel import Counters, Funnel, GpuLost, LibraryDown
@@ -168,7 +169,7 @@ class NvmlCollector:
 
     def devices(self) -> list[DeviceView]:
         """Each GPU as the last interval saw it: UUID, minor number, compute processes (allocation sources)."""
-        return [device_view(d) for d in self._devices]
+        return [v for d in self._devices for v in device_views(d)]
 
     @property
     def state(self) -> str:
@@ -341,7 +342,8 @@ class NvmlCollector:
         log.warning("%s: every GPU is reported in error until NVML is back", self._down_reason)
 
     def _all_in_error(self, xids: dict[int, list[int]]) -> list[GpuSample]:
-        return [error_sample(d, self._down_reason or "NVML unavailable", xids.get(d.index, [])) for d in self._devices]
+        return [s for d in self._devices
+                for s in error_samples(d, self._down_reason or "NVML unavailable", xids.get(d.index, []))]
 
     def _plan(self, dev: DeviceState, now: float) -> Plan:
         slow = dev.slow_at is None or now - dev.slow_at >= self._slow_every_s
@@ -376,38 +378,38 @@ class NvmlCollector:
         if down is not None:
             self._went_down(down)
             return self._all_in_error(xids)
-        return [o for o in outcomes if isinstance(o, GpuSample)]
+        return [s for o in outcomes if isinstance(o, list) for s in o]
 
     def _outcome(self, dev: DeviceState, future: concurrent.futures.Future[Reading] | None, xids: list[int],
-                 now: float) -> GpuSample | str:
-        """One GPU's sample for this interval, or the reason NVML as a whole is down."""
+                 now: float) -> list[GpuSample] | str:
+        """One GPU's samples for this interval (one per MIG instance), or the reason NVML as a whole is down."""
         if future is None or not future.done():
             self._misses += 1
             stuck = dev.cache.current or "its read"
             since = time.monotonic() - dev.inflight_since
-            return error_sample(dev, f"NVML did not answer within the deadline ({stuck} blocked for {since:.1f} s)",
-                                xids)
+            return error_samples(dev, f"NVML did not answer within the deadline ({stuck} blocked for {since:.1f} s)",
+                                 xids)
         try:
             reading = future.result()
         except Exception as exc:  # a bug must not cost the other GPUs their interval
             log.error("GPU %d: unexpected failure while reading NVML", dev.index, exc_info=exc)
-            return error_sample(dev, f"collector failure: {exc!r}", xids)
+            return error_samples(dev, f"collector failure: {exc!r}", xids)
         if reading.library_down is not None:
             return reading.library_down
         if reading.lost is not None:
             dev.lost = True
             dev.gpm.prev_valid = False
-            return error_sample(dev, reading.lost, xids)
+            return error_samples(dev, reading.lost, xids)
         if dev.lost:
             log.warning("GPU %d (%s) answers again; asking NVML afresh what it supports", dev.index, dev.uuid)
             dev.lost = False
             self._reader.forget(dev)
             self._xid.watch(dev.index, dev.uuid, dev.handle, dev.pci)
         try:
-            return self._reader.commit(dev, reading, now, xids)
+            return expand(dev, self._reader.commit(dev, reading, now, xids), reading)
         except Exception as exc:  # a value NVML should never give (wrong type, out of the wire's range)
             log.error("GPU %d: could not build its sample", dev.index, exc_info=exc)
-            return error_sample(dev, f"collector failure: {exc!r}", xids)
+            return error_samples(dev, f"collector failure: {exc!r}", xids)
 
     def _take_stats(self) -> None:
         calls, errors = self._own.take()

@@ -21,6 +21,7 @@ from gpufleet.agents.collectors.nvml_fields import (
     read_fields,
 )
 from gpufleet.agents.collectors.nvml_funnel import NOT_FOUND, CallCache, Funnel, GpuLost, LibraryDown, first_supported
+from gpufleet.agents.collectors.nvml_mig import MigInstance, MigReader, MigReading, instance_error, instance_sample
 from gpufleet.wire import GpuSample
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,12 @@ class DeviceState:
     processes: tuple[GpuProcess, ...] | None = None
     """The compute processes the last committed reading saw (None: not readable)."""
     mig_current: int | None = None
+    mig_on: bool = False
+    mig: list[MigInstance] | None = None
+    """The MIG devices last listed (None: not listed since MIG was turned on, or the GPU came back)."""
+    mig_total: int | None = None
+    """The GPU's compute slices (the denominator of every instance's share)."""
+    mig_processes: dict[str, tuple[GpuProcess, ...] | None] = field(default_factory=dict)
     cache: CallCache = field(default_factory=CallCache)
     gpm: Gpm = field(default_factory=Gpm)
     base: Baselines = field(default_factory=Baselines)
@@ -102,6 +109,8 @@ class DeviceState:
         self.cache.forget_unsupported()
         self.gpm = Gpm()
         self.base.util_ts.clear()
+        self.mig = None
+        self.mig_total = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,9 @@ class Reading:
     slow: dict[str, Any] | None = None
     processes: tuple[GpuProcess, ...] | None = None
     process_util_ts: int | None = None
+    mig_listed: list[MigInstance] | None = None
+    mig_total: int | None = None
+    mig: list[MigReading] | None = None
     gpm_taken: bool = False
     errors: list[str] = field(default_factory=list)
     lost: str | None = None
@@ -138,6 +150,7 @@ class DeviceReader:
         self.funnel = funnel
         self.nvml = funnel.nvml
         self.ids = FieldIds.of(funnel.nvml)
+        self.mig = MigReader(funnel)
 
     # -- worker side ---------------------------------------------------------------------------
 
@@ -146,6 +159,8 @@ class DeviceReader:
         r = Reading()
         try:
             self._check_mig(dev, r)
+            if dev.mig_on:
+                self._read_mig(dev, r, plan)
             fast = read_fields(self.funnel, dev.cache, r.errors, dev.handle, self.ids.fast(dev.links))
             self._fast_values(dev, fast, r)
             if plan.slow:
@@ -174,6 +189,16 @@ class DeviceReader:
             log.info("GPU %d: MIG mode changed to %d; asking NVML afresh what it supports", dev.index, current)
             self.forget(dev)
         dev.mig_current = current
+        dev.mig_on = current == getattr(self.nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+
+    def _read_mig(self, dev: DeviceState, r: Reading, plan: Plan) -> None:
+        """List the MIG devices (every slow interval, or when not known), then read each."""
+        instances = dev.mig
+        if plan.slow or instances is None:
+            r.mig_total = dev.mig_total or self.mig.total_slices(dev.handle, dev.cache, r.errors)
+            instances = r.mig_listed = self.mig.list_instances(dev.handle, dev.cache, r.errors)
+        if instances:
+            r.mig = [self.mig.read_instance(i, dev.cache, r.errors) for i in instances]
 
     def forget(self, dev: DeviceState) -> None:
         """`dev.forget()`, freeing its GPM buffers first (best effort: NVML may be the reason)."""
@@ -349,6 +374,9 @@ class DeviceReader:
         if r.gpm_taken:
             dev.gpm.cur, dev.gpm.prev_valid, dev.gpm.taken_at = 1 - dev.gpm.cur, True, now_s
         dev.processes = r.processes
+        if r.mig_listed is not None:
+            dev.mig, dev.mig_total = r.mig_listed, r.mig_total or dev.mig_total
+        dev.mig_processes = {m.instance.uuid: m.processes for m in r.mig or []}
         if r.process_util_ts is not None:
             dev.base.process_util_ts = r.process_util_ts
         sample = GpuSample(index=dev.index, uuid=dev.uuid, model=dev.model, xids=xids, **values)
@@ -401,6 +429,24 @@ def error_sample(dev: DeviceState, error: str, xids: list[int]) -> GpuSample:
     return GpuSample(index=dev.index, uuid=dev.uuid, model=dev.model, error=error[:ERROR_TEXT_MAX], xids=xids)
 
 
-def device_view(dev: DeviceState) -> DeviceView:
-    """What allocation sources may know of `dev` after the last interval."""
-    return DeviceView(index=dev.index, uuid=dev.uuid, minor=dev.minor, processes=None if dev.lost else dev.processes)
+def expand(dev: DeviceState, sample: GpuSample, r: Reading) -> list[GpuSample]:
+    """The interval's samples of `dev`: one per MIG instance on a MIG GPU with instances, else `sample`."""
+    if r.mig and dev.mig_total and sample.error is None:
+        return [instance_sample(sample, m, dev.mig_total) for m in r.mig]
+    return [sample]
+
+
+def error_samples(dev: DeviceState, error: str, xids: list[int]) -> list[GpuSample]:
+    """A GPU that could not be read: each of its known MIG instances in error, else the GPU."""
+    if dev.mig_on and dev.mig and dev.mig_total:
+        return [instance_error(dev.uuid, dev.index, dev.model, inst, dev.mig_total, error[:ERROR_TEXT_MAX], xids)
+                for inst in dev.mig]
+    return [error_sample(dev, error, xids)]
+
+
+def device_views(dev: DeviceState) -> list[DeviceView]:
+    """What allocation sources may know of `dev` after the last interval: the GPU, or its MIG instances."""
+    if dev.mig_on and dev.mig:
+        return [DeviceView(index=dev.index, uuid=m.uuid, processes=None if dev.lost else dev.mig_processes.get(m.uuid),
+                           parent_uuid=dev.uuid) for m in dev.mig]
+    return [DeviceView(index=dev.index, uuid=dev.uuid, minor=dev.minor, processes=None if dev.lost else dev.processes)]
