@@ -54,8 +54,9 @@ MAX_SHARES: Final = 64
 MAX_SHARE_WEIGHT: Final = 1_000_000
 
 
-class Share(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One of several jobs holding one GPU (time-slicing, MPS): who, and its weight in the split."""
+class Share(msgspec.Struct, forbid_unknown_fields=True):
+    """One of several jobs holding one GPU (time-slicing, MPS): who, and its weight in the split. Every field
+    is sent, the default weight too (a reader that fills a missing weight with 0 would bill the holder nothing)."""
 
     tenant: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
     job: Label | None = None

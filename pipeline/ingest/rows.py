@@ -22,7 +22,7 @@ from gpufleet.gpu_facts import peak_flops
 from gpufleet.pipeline.ingest import claims
 from gpufleet.pipeline.ingest.claims import ClaimBook
 from gpufleet.pipeline.ingest.health import Previous, State, classify, classify_all, previous_of
-from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
+from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport, share_of_gpu
 
 if TYPE_CHECKING:
     from gpufleet.pipeline.store import Store
@@ -127,6 +127,14 @@ def sample_columns(reports: Sequence[NodeReport], ingest_ms: int, deriver: Deriv
     return derived_columns(derive(reports, deriver), ingest_ms)
 
 
+def share_of_peak(peak: float | None, gpu: GpuSample) -> float | None:
+    """The peak FLOP/s a sample is measured against: the model's, or a MIG instance's share of it."""
+    if peak is None or gpu.slices is None:
+        return peak
+    num, den = share_of_gpu(gpu)
+    return peak * num / den
+
+
 def estimated_flops(tensor_active_ratio: float | None, peak: float | None, interval_ms: int,
                     error: str | None) -> float | None:
     """Hardware FLOPs estimate of one sample: tensor activity x peak FLOP/s x interval (None if unknown).
@@ -157,7 +165,7 @@ def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = No
     index, uuid, model, tenant, job, error, *copied = zip(*map(_gpu_fields, gpus), strict=True)
     time, interval, cluster, node, boot, seq = per_report
     peak_of = {m: d.peak(m) for m in set(model)}
-    peak = list(map(peak_of.__getitem__, model))
+    peak = [share_of_peak(peak_of[m], g) for m, g in zip(model, gpus, strict=True)]
     estimated = list(map(estimated_flops, (g.tensor_active_ratio for g in gpus), peak, interval, error))
     data: list[list[object]] = [
         time, interval, claimed, claim_start, [ingest_ms] * n, cluster, node, boot, seq,

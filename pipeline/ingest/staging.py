@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Derived
+from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Derived, share_of_peak
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
 
 if TYPE_CHECKING:
@@ -203,17 +203,21 @@ class Splicer:
 
     def __init__(self, peak: Callable[[str | None], float | None]) -> None:
         self._peak = peak
-        self._peaks: dict[tuple[str | None, ...], bytes] = {}
+        self._peaks: dict[tuple[object, ...], bytes] = {}
         self._healthy: dict[int, bytes] = {}
         self._encode = msgspec.json.Encoder().encode
         self._buf = bytearray()
 
-    def _peaks_part(self, models: tuple[str | None, ...]) -> bytes:
-        part = self._peaks.get(models)
+    def _peaks_part(self, gpus: list[GpuSample]) -> bytes:
+        """Each sample's peak FLOP/s (a MIG instance's share of its model's), cached by models (and shares)."""
+        mig = any(g.slices is not None for g in gpus)
+        key: tuple[object, ...] = tuple(map(_model_of, gpus)) if not mig else tuple(
+            (g.model, g.slices, g.slices_total) for g in gpus)
+        part = self._peaks.get(key)
         if part is None:
             if len(self._peaks) >= self.MAX_CACHED:
                 self._peaks.clear()
-            part = self._peaks[models] = b',"_p":' + self._encode([self._peak(m) for m in models])
+            part = self._peaks[key] = b',"_p":' + self._encode([share_of_peak(self._peak(g.model), g) for g in gpus])
         return part
 
     def _health_part(self, health: list[int], reasons: list[list[str]]) -> bytes:
@@ -248,7 +252,7 @@ class Splicer:
             end = pos + n
             if k:
                 raw = raw_of[id(report)].rstrip(_TRAILING_WS)
-                peaks = self._peaks_part(tuple(map(_model_of, report.gpus)))
+                peaks = self._peaks_part(report.gpus)
                 state = self._health_part(health[pos:end], reasons[pos:end])
                 claims = self._claims_part(report, claimed[pos:end], starts[pos:end])
                 add(memoryview(raw)[:-1])
