@@ -24,7 +24,7 @@ _GPU_SUMS: Final = (
     "sumIf(claimed_ms, has({excl:Array(String)}, toString(health))), "
     f"sumIf(claimed_ms, {_HEALTHY} AND tenant = ''), "
     f"sumIf({IDLE_MS}, {_HEALTHY} AND tenant != ''), "
-    f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s)"
+    f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s), max(share_num), max(share_den)"
 )
 """Per-GPU sums with the policy applied (bind `excl` and `idle_pct`)."""
 
@@ -61,18 +61,31 @@ class GpuTotals:
     mfu_ms: int
     measured_ms: int
     peak_flop_s: float | None
+    share: tuple[int, int] = (1, 1)
+    """The device's share of its GPU (a MIG instance: compute slices held, the GPU's); its milliseconds count
+    as GPU-milliseconds x share. `peak_flop_s` is already the share's (the ingester scales it)."""
+
+
+SHARE_UNIT: Final = 840
+"""Time is summed in 1/840 ms: a multiple of every GPU's compute slice count (1 to 8), so MIG shares stay exact."""
+
+
+def _gpu_ms(units: int) -> int | float:
+    """GPU-milliseconds from 1/840 ms units: an int when whole (always, without MIG)."""
+    return units // SHARE_UNIT if units % SHARE_UNIT == 0 else units / SHARE_UNIT
 
 
 @dataclass(frozen=True)
 class Waterfall:
     window_ms: int
     gpus: int
-    installed_ms: int
-    unknown_ms: int
-    unhealthy_ms: int
-    unallocated_ms: int
-    idle_allocated_ms: int
-    busy_ms: int
+    """Devices that reported (a MIG instance is one)."""
+    installed_ms: int | float
+    unknown_ms: int | float
+    unhealthy_ms: int | float
+    unallocated_ms: int | float
+    idle_allocated_ms: int | float
+    busy_ms: int | float
     achieved_flop: float
     installed_peak_flop: float
     """Peak FLOP/s x installed seconds, over GPUs of known models."""
@@ -101,31 +114,35 @@ class Waterfall:
 
 
 def build(gpus: Sequence[GpuTotals], window_ms: int, stalled_ms: int = 0) -> Waterfall:
-    """The waterfall from per-GPU totals and the stalled milliseconds, a part of their busy time (pure)."""
+    """The waterfall from per-GPU totals and the stalled milliseconds, a part of their busy time (pure). Time in
+    1/840 ms (`SHARE_UNIT`, so MIG shares stay exact) until the end."""
     installed = unknown = unhealthy = unallocated = idle = mfu_ms = measured = 0
     achieved = peak = 0.0
     unknown_models: dict[str, int] = {}
     for g in gpus:
+        unit = g.share[0] * (SHARE_UNIT // max(1, g.share[1]))
         gpu_installed = max(window_ms, g.claimed_ms)
-        installed += gpu_installed
-        unknown += gpu_installed - g.claimed_ms
-        unhealthy += g.unhealthy_ms
-        unallocated += g.unallocated_ms
-        idle += g.idle_ms
+        installed += gpu_installed * unit
+        unknown += (gpu_installed - g.claimed_ms) * unit
+        unhealthy += g.unhealthy_ms * unit
+        unallocated += g.unallocated_ms * unit
+        idle += g.idle_ms * unit
         achieved += g.achieved_flop
         mfu_ms += g.mfu_ms
         measured += g.measured_ms
         if g.peak_flop_s is None:
-            unknown_models[g.model] = unknown_models.get(g.model, 0) + gpu_installed
+            unknown_models[g.model] = unknown_models.get(g.model, 0) + gpu_installed * unit
         else:
             peak += g.peak_flop_s * gpu_installed / 1000
-    busy = installed - unknown - unhealthy - unallocated - idle - stalled_ms
+    busy = installed - unknown - unhealthy - unallocated - idle - stalled_ms * SHARE_UNIT
     return Waterfall(
-        window_ms=window_ms, gpus=len(gpus), installed_ms=installed, unknown_ms=unknown, unhealthy_ms=unhealthy,
-        unallocated_ms=unallocated, idle_allocated_ms=idle, stalled_ms=stalled_ms, busy_ms=busy, achieved_flop=achieved,
+        window_ms=window_ms, gpus=len(gpus), installed_ms=_gpu_ms(installed), unknown_ms=_gpu_ms(unknown),
+        unhealthy_ms=_gpu_ms(unhealthy), unallocated_ms=_gpu_ms(unallocated), idle_allocated_ms=_gpu_ms(idle),
+        stalled_ms=stalled_ms, busy_ms=_gpu_ms(busy), achieved_flop=achieved,
         installed_peak_flop=peak, achieved_share_of_peak=achieved / peak if peak > 0 else None,
         measured_coverage=measured / mfu_ms if mfu_ms else None,
-        unknown_models=[{"model": m, "installed_gpu_seconds": ms / 1000} for m, ms in sorted(unknown_models.items())],
+        unknown_models=[{"model": m, "installed_gpu_seconds": _gpu_ms(x) / 1000}
+                        for m, x in sorted(unknown_models.items())],
     )
 
 
@@ -138,8 +155,9 @@ def gpu_totals(store: Store, window: Window, policy: Policy, scope: HardwareScop
         {"excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct, **window.params(), **scope_params},
     )
     return [
-        GpuTotals(str(m), int(r), int(u), int(ua), int(i), float(a), int(mm), int(me), None if p is None else float(p))
-        for m, r, u, ua, i, a, mm, me, p in rows
+        GpuTotals(str(m), int(r), int(u), int(ua), int(i), float(a), int(mm), int(me), None if p is None else float(p),
+                  (int(sn or 1), int(sd or 1)))
+        for m, r, u, ua, i, a, mm, me, p, sn, sd in rows
     ]
 
 
