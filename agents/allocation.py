@@ -71,8 +71,9 @@ class AllocationSource(Protocol):
         ...
 
 
-class AllocationUnknown(GpufleetError, RuntimeError):
-    """The source cannot say who holds any GPU this interval (e.g. the kubelet does not answer)."""
+class AllocationUnknown(RuntimeError):
+    """The source cannot say who holds any GPU this interval (e.g. the kubelet does not answer): a signal to
+    the agent, which sends the interval with every GPU's allocation unknown."""
 
 
 class AllocationFileError(GpufleetError, ValueError):

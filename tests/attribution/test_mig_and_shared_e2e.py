@@ -36,7 +36,8 @@ def seconds(x: Fraction) -> float:
     return float(x)
 
 
-def test_mig_instances_of_two_tenants_and_a_time_sliced_gpu(broker, ch_target: Target, topic, tmp_path: Path) -> None:
+def test_mig_instances_of_two_tenants_and_a_time_sliced_gpu(broker, ch_target: Target, ch_client, topic,
+                                                             tmp_path: Path) -> None:
     fake = FakeNvml([
         h100("GPU-m0", mig_mode=ON, power_mw=300_000, mig_instances=[
             FakeMig("MIG-acme", gpu_instance_id=9, profile="1g.10gb", process_pids=[10]),
@@ -73,6 +74,11 @@ def test_mig_instances_of_two_tenants_and_a_time_sliced_gpu(broker, ch_target: T
         "gamma": 30 * 60.0,                 # two pods on replicas of one GPU: an even split of its 60 minutes
         "delta": 30 * 60.0,
     }
+    # MFU of an instance is measured against its share of the H100's peak (989 TFLOP/s dense BF16)
+    peaks = ch_client.query(f"SELECT gpu_uuid, any(peak_flops), any(mig_profile), any(parent_uuid) "
+                            f"FROM {ch_target.database}.gpu_samples GROUP BY gpu_uuid ORDER BY gpu_uuid").result_rows
+    assert peaks == [("GPU-ts", 989e12, "", ""), ("MIG-acme", 989e12 / 7, "1g.10gb", "GPU-m0"),
+                     ("MIG-beta", 989e12 * 3 / 7, "3g.40gb", "GPU-m0")]
 
 
 def test_a_gpu_two_slurm_jobs_share_is_split_by_their_utilization(broker, ch_target: Target, topic,
