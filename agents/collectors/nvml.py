@@ -46,6 +46,8 @@ SLOW_EVERY_S: Final = 10.0
 CALL_BUDGET_PER_GPU: Final = 16
 """NVML queries per GPU per interval the agent expects to need (event waits excluded)."""
 BUDGET_WARN_EVERY_S: Final = 300.0
+MIG_CALLS_PER_INSTANCE: Final = 3
+"""NVML queries one MIG instance adds to its GPU's interval (memory, processes, utilization)."""
 ATTACH_TIMEOUT_S: Final = 10.0
 """How long `open()` waits for the GPUs to be attached (a hung GPU is attached later, or reported in error)."""
 
@@ -416,7 +418,10 @@ class NvmlCollector:
         for counters in (self._xid_counters, *(d.cache.counters for d in self._devices)):
             c, e = counters.take()
             calls, errors = calls + c, errors + e
-        budget = self._budget_per_gpu * len(self._devices)
+        instances = sum(len(d.mig or ()) for d in self._devices if d.mig_on)
+        budget = 0
+        if self._budget_per_gpu:
+            budget = self._budget_per_gpu * len(self._devices) + MIG_CALLS_PER_INSTANCE * instances
         if budget and calls > budget and not self._fresh:
             now = time.monotonic()
             if self._budget_warned_at is None or now - self._budget_warned_at > BUDGET_WARN_EVERY_S:

@@ -66,3 +66,13 @@ def test_a_lost_mig_gpu_reports_each_instance_in_error(make_collector) -> None:
     samples = collector.collect(0)
     assert [(s.uuid, s.slices, s.error is not None) for s in samples] == [
         ("MIG-a", 1, True), ("MIG-b", 3, True), ("GPU-p1", None, False)]
+
+
+def test_the_call_budget_counts_mig_instances(make_collector) -> None:
+    fake = mig_gpu()
+    collector = make_collector(fake, call_budget_per_gpu=16)
+    collector.open()
+    collector.collect(0)
+    fake.advance(1.0)
+    collector.collect(0)
+    assert collector.stats.nvml_call_budget == 2 * 16 + 2 * 3
