@@ -1,25 +1,9 @@
 """`allocation.source: slurm`: which Slurm job holds each GPU, found from the GPU's processes, no prolog.
 
-For each GPU (or MIG instance) NVML lists the compute processes; for each pid:
-
-1. `/proc/<pid>/cgroup` names the job: Slurm's cgroup plugins put every task under a `job_<id>`
-   directory (cgroup v1 `/slurm/uid_<uid>/job_<id>/step_<n>`, cgroup v2
-   `/system.slice/slurmstepd.scope/job_<id>/step_<n>/...`); without one, `SLURM_JOB_ID` in the
-   process's environment does.
-2. `/proc/<pid>/environ` gives the job's `SLURM_JOB_ACCOUNT`, `SLURM_JOB_USER` and
-   `SLURM_JOB_PARTITION`; the tenant is the one `allocation.slurm_tenant` names (the account by default).
-   Readable only by the process's owner and root: the agent runs as root for this source. Where a
-   process's environment cannot be read, another process of the same job is tried (the job cgroup's
-   `cgroup.procs`), and a job once read is remembered while it holds a GPU.
-3. A GPU with no process is attributed where the job's cgroup v1 device list shows it
-   (`<cgroup_root>/devices/slurm*/uid_*/job_<id>/devices.list`, `c 195:<minor>`: the GPU's minor number).
-   Under cgroup v2 Slurm restricts devices with eBPF programs, which cannot be read: a GPU held by a job
-   that runs nothing on it is then unallocated here (docs/allocation.md says what the agent can see).
-
-Processes of no Slurm job (an administrator's tool) are ignored. A GPU with processes of several jobs
-is `Shared`: weighted by each job's processes' SM utilization when NVML reports it and
-`allocation.share_by` is `utilization`, else evenly. A process whose job is known but whose tenant
-cannot be read, or a GPU whose processes NVML could not list, is `Unknown`: billed to nobody.
+NVML's compute processes -> `/proc/<pid>/cgroup` (or `SLURM_JOB_ID`) -> the job -> its account from
+`/proc/<pid>/environ`; GPUs held with no process from cgroup v1 device lists; several jobs on a GPU
+weighted by utilization. What it can and cannot see: docs/allocation.md. Design notes:
+docs/design-notes.md#agents-slurm-py.
 """
 
 from __future__ import annotations

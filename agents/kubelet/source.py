@@ -1,17 +1,8 @@
 """`allocation.source: kubernetes`: which pod holds each GPU, from the kubelet's PodResources API.
 
-Every interval `List` answers which pod holds which device (`nvidia.com/gpu` devices are GPU UUIDs,
-`nvidia.com/mig-<profile>` devices MIG UUIDs, `<uuid>::<n>` a time-slicing or MPS replica). One pod on
-a device: that pod's tenant and job (`tenants.TenantResolver`). Several pods on replicas of one device:
-`Shared`, an even split (the kubelet does not say which process is whose). Two pods on one whole device
-(a pod not yet released after its replacement) are checked with `Get` where the kubelet has it: a pod
-`Get` no longer finds is dropped; if both remain, the device is `Unknown`. `GetAllocatableResources` is
-read at start and every `ALLOCATABLE_EVERY_S`: what the kubelet hands out is logged, and GPUs of this
-node it does not hand out are named once (they can only ever be unallocated here).
-
-The kubelet socket missing, a call failing or taking longer than `timeout_s`: `read` raises
-`AllocationUnknown` and the agent sends the interval with every GPU's allocation unknown, never the
-previous answer (the pods may have changed meanwhile).
+`List` every interval (GPU, MIG and replica device ids), `Get` to settle two pods on one device,
+`GetAllocatableResources` now and then; a missing or silent kubelet raises `AllocationUnknown`.
+Design notes: docs/design-notes.md#agents-kubelet-source-py.
 """
 
 from __future__ import annotations
