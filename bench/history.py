@@ -70,12 +70,17 @@ SELECT
     toFloat64(tensor_active_ratio) * {H100_PEAK} * {interval_ms} / 1000. AS flops_estimated,
     CAST(multiIf(h < 0.0001, 2, h < 0.001, 1, 0) AS Enum8('ok' = 0, 'degraded' = 1, 'failing' = 2, 'unknown' = 3))
         AS health,
-    multiIf(h < 0.0001, ['xid_79'], h < 0.001, ['thermal_throttle'], []) AS health_reasons
+    multiIf(h < 0.0001, ['xid_79'], h < 0.001, ['thermal_throttle'], []) AS health_reasons,
+    CAST(if({offset} = 0 AND number < {gpus}, 2, multiIf(h < 0.0001, 2, h < 0.001, 1, 0) != multiIf(
+            prev_h < 0.0001, 2, prev_h < 0.001, 1, 0))
+         AS Enum8('same' = 0, 'changed' = 1, 'first' = 2, 'late' = 3)) AS health_change
 FROM (
     SELECT number, number % {gpus} AS g,
         {start_ms} + (intDiv(number, {gpus}) + 1) * {interval_ms} AS t_ms,
         cityHash64(intDiv(number % {gpus}, 8), {slot}, 1) % 10 < 7 AS alloc,
-        {noise(12)} AS h
+        {noise(12)} AS h,
+        cityHash64(if(number >= {gpus}, number - {gpus}, number + {gpus * (DAY_MS // interval_ms - 1)}), 12)
+            / 18446744073709551615. AS prev_h
     FROM numbers({gpus * intervals})
 )"""
 
@@ -142,7 +147,8 @@ def _fill(client: Any, database: str, source: str, target: str, select: str, sta
     engine = client.query("SELECT engine, sorting_key FROM system.tables WHERE database = {db:String} "
                           "AND name = {t:String}",
                           parameters={"db": database, "t": target.rsplit(".", 1)[-1]}).result_rows
-    if engine and engine[0][0].startswith("Replacing") and source.endswith(".gpu_samples"):
+    if (engine and engine[0][0].startswith("Replacing") and source.endswith(".gpu_samples")
+            and not re.search(r"\b(WHERE|ARRAY JOIN)\b", select)):
         # Latest row per key: what the view's inserts leave after the table's FINAL merge.
         key = engine[0][1]
         columns = re.search(r"SELECT\s+(.*?)\s+FROM", select, re.S).group(1)  # type: ignore[union-attr]

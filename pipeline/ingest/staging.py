@@ -1,6 +1,36 @@
 """The fast insert path: validated message bytes go to ClickHouse as they arrived, unnested by a view.
 
-Design notes: docs/design-notes.md#pipeline-ingest-staging-py.
+Building Python columns and serializing them (clickhouse-connect's Native encoder) cost the
+ingester more CPU than decoding and validating the message itself (BENCHMARKS.md). Here the
+message bytes are sent unchanged as JSONEachRow rows, with the ingester's derived values spliced
+in as extra keys (`_p` peak FLOP/s, `_h` health state, `_r` health reasons: one array each, in
+the message's GPU order; `_c` claimed ms and `_s` claim starts, only when a sample claims less
+than its whole interval; `_k` each sample's health change (pipeline/ingest/transitions.py), only
+when one is not `same`; `_t` the ingest time). They land in a `Null` table (which stores
+nothing) whose materialized view `ARRAY JOIN`s the GPUs into `gpu_samples`, so ClickHouse's C++
+parser does the per-value work.
+
+Exactness: the rows equal those of the column path (`rows.derived_columns`) value for value.
+- A message takes this path only if it also decodes with `Staging.decoder`: the wire types with
+  every integer bounded by its column's range and every Float32 column's value finite in Float32.
+  ClickHouse would silently wrap an integer that overflows its column (the column path refuses
+  the batch instead). The wire contract now bounds every number by its column itself, so the
+  two agree and this costs nothing (msgspec checks bounds while decoding); it keeps the JSON path
+  exact should the contract and the columns ever drift apart: a message the columns cannot hold
+  then takes the column path, with exactly the column path's outcome.
+- Floats are parsed with `precise_float_parsing` (correctly rounded, like msgspec) as Float64
+  and cast to Float32 columns by a C cast, as the Native encoder does; the FLOPs estimate is
+  the same IEEE expression as `rows.estimated_flops`, in the same order, with JIT compilation off.
+- JSON that msgspec reads but ClickHouse refuses (a duplicated key: msgspec keeps the last) fails
+  the insert; the ingester then redoes that batch through the column path.
+- One staging row holds one whole message and parallel parsing is off, so a batch parses as one
+  block: a parse error writes nothing, and each message's GPU rows reach `gpu_samples` together.
+
+The staging table and view are generated from the wire contract and `gpu_samples`' own column
+types, and named by a hash of their SQL (`gpu_samples_json_<hash>`), so an ingester of another
+version never inserts through a view that does not match it, and nothing is dropped while a
+running ingester may use it. `ensure` creates them (IF NOT EXISTS, ON CLUSTER when configured);
+if it cannot (no DDL rights, an unexpected column type) the ingester keeps the column path.
 """
 
 from __future__ import annotations
@@ -153,18 +183,20 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
         "flops_estimated": ("if(d_peak IS NULL OR g.tensor_active_ratio IS NULL OR ifNull(g.error, '') != '', NULL, "
                             "g.tensor_active_ratio * d_peak * interval_ms / 1000.) AS flops_estimated"),
         "health": "d_health AS health", "health_reasons": "d_reasons AS health_reasons",
+        "health_change": "d_change AS health_change",
     }
     columns = [derived.get(c) or by_column[c] for c in SAMPLE_COLUMNS]
     structure = (
         "cluster String, node String, boot_id String, seq UInt64, time_ms Int64, interval_ms UInt32, "
         f"gpus Array(Tuple({', '.join(gpu_types)})), "
         "_p Array(Nullable(Float64)), _h Array(UInt8), _r Array(Array(String)), "
-        "_c Array(UInt32), _s Array(Int64), _t Int64"
+        "_c Array(UInt32), _s Array(Int64), _k Array(UInt8), _t Int64"
     )
     select = (f"SELECT {', '.join(columns)} FROM {{table}} "
               "ARRAY JOIN gpus AS g, _p AS d_peak, _h AS d_health, _r AS d_reasons, "
               "if(empty(_c), arrayWithConstant(length(gpus), interval_ms), _c) AS d_claimed, "
-              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start")
+              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start, "
+              "if(empty(_k), arrayWithConstant(length(gpus), toUInt8(0)), _k) AS d_change")
     digest = hashlib.sha256(f"{structure}\n{select}".encode()).hexdigest()[:10]
     table = f"{database}.gpu_samples_json_{digest}"
     view = f"{table}_mv"
@@ -229,6 +261,10 @@ class Splicer:
             part = self._healthy[n] = b',"_h":' + self._encode([0] * n) + b',"_r":' + self._encode([[]] * n)
         return part
 
+    def _changes_part(self, changes: list[int]) -> bytes:
+        """Nothing when every sample is `same` as the GPU's previous one (the view fills that in), else `_k`."""
+        return b',"_k":' + self._encode(changes) if any(changes) else b""
+
     def _claims_part(self, report: NodeReport, claimed: list[int], starts: list[int]) -> bytes:
         """Nothing when every sample claims its whole interval (the view fills that in), else `_c` and `_s`."""
         if claimed.count(report.interval_ms) == len(claimed):
@@ -245,6 +281,7 @@ class Splicer:
         """
         tail = b',"_t":%d}\n' % ingest_ms
         health, reasons, claimed, starts = derived.health, derived.reasons, derived.claimed, derived.claim_start
+        changes = derived.changes
         parts: list[bytes | memoryview] = []
         add = parts.append
         size = pos = 0
@@ -255,13 +292,16 @@ class Splicer:
                 peaks = self._peaks_part(report.gpus)
                 state = self._health_part(health[pos:end], reasons[pos:end])
                 claims = self._claims_part(report, claimed[pos:end], starts[pos:end])
+                marks = self._changes_part(changes[pos:end])
                 add(memoryview(raw)[:-1])
                 add(peaks)
                 add(state)
                 if claims:
                     add(claims)
+                if marks:
+                    add(marks)
                 add(tail)
-                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(tail)
+                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(marks) + len(tail)
             pos = end
         buf = self._buf
         if size > len(buf):
