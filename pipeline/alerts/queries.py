@@ -202,58 +202,62 @@ def build(rule: AnyRule, now_ms: int) -> Query:
     return Query(sql, params)
 
 
-def _job(rule: JobRule, now_ms: int) -> Query:
-    span = job_signals.Span(_WINDOW, "{fresh_ms:Int64}", "{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
-    params: dict[str, Any] = {
-        "from_ms": now_ms - max(rule.for_ms, rule.max_age_ms), "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
-        "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
-    }
-    table = "{db:Identifier}.gpu_samples"
-    if isinstance(rule, JobStalled):
-        return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND),
-                     {**params, **job_signals.stall_params(rule)})
-    if isinstance(rule, JobStraggler):
-        return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND),
-                     {**params, **job_signals.straggler_params(rule)})
-    raise TypeError(f"no job query for {type(rule).__name__}")
+# NodeSilent: each node's newest report from `node_latest` (one row per node), never a day of agent
+# reports; a node whose newest report is after `now` (an evaluation at an instant in the past, or
+# an agent clock ahead) is read from its own agent_reports rows, by key, so every `now` gives the
+# same answer as the reports up to it.
+_NODE_SILENT_SQL = """
+SELECT cluster, node, last_ms FROM (
+    SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms
+    FROM {{db:Identifier}}.node_latest
+    GROUP BY cluster, node
+    HAVING last_ms <= {{now_ms:Int64}} AND last_ms > {{from_ms:Int64}} AND last_ms <= {{silent_ms:Int64}}
+    UNION ALL
+    SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms
+    FROM {{db:Identifier}}.agent_reports
+    WHERE (cluster, node) IN (
+        SELECT cluster, node FROM {{db:Identifier}}.node_latest
+        GROUP BY cluster, node HAVING max(time) > {now}
+    ) AND {window}
+    GROUP BY cluster, node
+    HAVING last_ms <= {{silent_ms:Int64}}
+)
+ORDER BY cluster, node
+"""
 
 
 def _node_silent(rule: NodeSilent, now_ms: int) -> Query:
-    # TODO(rollups): read a latest-report-per-node rollup when it lands; this scans `forget_after`
-    # of agent_reports (one row per node per interval).
-    sql = (
-        "SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms FROM {db:Identifier}.agent_reports "
-        f"WHERE {_WINDOW} GROUP BY cluster, node HAVING last_ms <= {{silent_ms:Int64}} ORDER BY cluster, node"
-    )
+    sql = _NODE_SILENT_SQL.format(now=_ms("now_ms"), window=_WINDOW)
     return Query(sql, {"from_ms": now_ms - duration_ms(rule.forget_after), "now_ms": now_ms,
                        "silent_ms": now_ms - duration_ms(rule.silent_after)})
 
 
+# MfuBelowTarget: the fleet rollup's whole minutes before `now` (`formulas.MFU`, as `gpufleet status`
+# and the boards compute it), so a cycle reads a few rows per minute whatever the fleet size. The
+# data must reach the window's first minute and be fresh; `gpus` is time-weighted (GPU-seconds in
+# the MFU / window seconds).
+_MFU_SQL = """
+SELECT {keys}{mfu} AS mfu, round(sum(mfu_ms) / {{window_ms:Int64}}, 1) AS gpus,
+       min(first_start_ms) AS first_start_ms, max(last_end_ms) AS last_ms
+FROM {{db:Identifier}}.fleet_usage_1m
+WHERE minute >= toDateTime(intDiv({{start_ms:Int64}}, 1000), 'UTC')
+  AND minute < toDateTime(intDiv({{end_ms:Int64}}, 1000), 'UTC'){allocated}
+{group}HAVING sum(mfu_ms) > 0 AND last_ms > {{fresh_ms:Int64}}
+   AND min(minute) = toDateTime(intDiv({{start_ms:Int64}}, 1000), 'UTC') AND mfu < {{target:Float64}}{order}
+"""
+
+
 def _mfu(rule: MfuBelowTarget, now_ms: int) -> Query:
-    # TODO(rollups): switch to the per-minute rollup / pipeline/queries/mfu.py when they land. Until then:
-    # model FLOPs (measured, else the hardware estimate) over peak FLOPs x seconds, known models
-    # only, samples whose FLOPs are unknown left out (never counted as zero); claimed seconds, FLOPs
-    # scaled to them, as in the rollups.
-    keys = list(rule.by)
-    group = f" GROUP BY {', '.join(keys)}" if keys else ""
-    select_keys = "".join(f"{k}, " for k in keys)
-    allocated = " AND tenant != ''" if rule.allocated_only else ""
-    sql = (
-        f"SELECT {select_keys}sum(f) / sum(p) AS mfu, uniqExact(gpu_uuid) AS gpus, "
-        "toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms, "
-        "toUnixTimestamp64Milli(max(time)) AS last_ms "
-        "FROM (SELECT cluster, tenant, gpu_uuid, time, interval_ms, "
-        "if(claimed_ms = interval_ms, coalesce(flops_measured, flops_estimated), "
-        "coalesce(flops_measured, flops_estimated) * claimed_ms / interval_ms) AS f, "
-        "peak_flops * claimed_ms / 1000 AS p "
-        f"FROM {{db:Identifier}}.gpu_samples WHERE {_WINDOW} AND peak_flops IS NOT NULL{allocated}) "
-        f"WHERE f IS NOT NULL{group} "
-        "HAVING count() > 0 AND last_ms > {fresh_ms:Int64} AND first_start_ms <= {start_ms:Int64} "
-        "AND mfu < {target:Float64}"
-        + (f" ORDER BY {', '.join(keys)}" if keys else "")
+    keys = ", ".join(rule.by)
+    sql = _MFU_SQL.format(
+        keys="".join(f"{k}, " for k in rule.by), mfu=formulas.MFU,
+        allocated=" AND tenant != ''" if rule.allocated_only else "",
+        group=f"GROUP BY {keys}\n" if keys else "", order=f"\nORDER BY {keys}" if keys else "",
     )
     window = duration_ms(rule.window)
-    return Query(sql, {"from_ms": now_ms - window, "now_ms": now_ms, "start_ms": now_ms - window,
+    end = now_ms // 60_000 * 60_000
+    start = (end - window) // 60_000 * 60_000
+    return Query(sql, {"start_ms": start, "end_ms": end, "window_ms": end - start,
                        "fresh_ms": now_ms - duration_ms(rule.max_sample_age), "target": rule.target})
 
 
@@ -438,9 +442,10 @@ def _mfu_candidate(rule: MfuBelowTarget, row: Mapping[str, Any]) -> Candidate:
     labels = {k: str(row[k]) for k in rule.by}
     mfu = float(row["mfu"])
     scope = ", ".join(f"{k} {labels[k]}" for k in rule.by) or "fleet"
+    gpus = float(row["gpus"])
     ctx = {"cluster": labels.get("cluster", ""), "tenant": labels.get("tenant", ""), "scope": scope,
            "mfu_pct": 100 * mfu, "target_pct": 100 * rule.target, "window": format_duration(duration_ms(rule.window)),
-           "gpus": int(row["gpus"]), "value": mfu}
+           "gpus": int(gpus) if gpus.is_integer() else gpus, "value": mfu}
     return Candidate(_clean(labels), True, int(row["first_start_ms"]), int(row["last_ms"]), mfu, ctx)
 
 

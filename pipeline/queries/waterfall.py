@@ -1,6 +1,26 @@
-"""The capacity waterfall: where installed GPU-seconds go, from the minute rollup `gpu_usage_1m`.
+"""The capacity waterfall: where installed GPU-seconds go, from the rollups.
 
-Design notes: docs/design-notes.md#pipeline-queries-waterfall-py.
+    installed  - unknown - unhealthy - unallocated - allocated idle  = busy
+
+over a whole-minute window and a hardware scope (all, a cluster, a node, a GPU model), then the
+achieved FLOPs as a share of the installed peak. Definitions (docs/aggregations.md):
+
+- *installed*: every GPU that reported at least once in the window, for the whole window (a GPU
+  claimed from two nodes for the same time counts what it claimed, per node);
+- *unknown*: installed time the GPU did not report (silent agent, node down, not yet installed);
+- *unhealthy*: claimed time (each second once per node) in a health state the policy excludes
+  (`billing.exclude_states`);
+- *unallocated*: the rest of the claimed time with no tenant;
+- *allocated idle*: the rest with a tenant, but no compute process or utilization below the
+  policy's idle threshold;
+- *busy*: what remains.
+
+The steps are integer milliseconds, disjoint, and add up exactly by construction; the result
+carries each one so callers and tests can check that.
+
+Reads: the policy-split sums from the fleet rollup (`fleet_usage_1m`/`_1h`; the per-GPU rollup for a
+node scope), and, for *installed*, each GPU's claimed time from the per-GPU rollups: the one part
+that needs a row per GPU seen (`rollups.rows`: whole hours from the hour level).
 """
 
 from __future__ import annotations
@@ -9,24 +29,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from gpufleet.config import StallConfig
-from gpufleet.pipeline.queries import formulas, stalls
+from gpufleet.pipeline.queries import formulas, rollups
 from gpufleet.pipeline.queries.policy import IDLE_MS, Policy
-from gpufleet.pipeline.queries.window import WINDOW, Window
+from gpufleet.pipeline.queries.window import Window
 
 if TYPE_CHECKING:
     from gpufleet.pipeline.store import Store
 
 _SCOPE_COLUMNS: Final = ("cluster", "node", "model")
 _HEALTHY: Final = "NOT has({excl:Array(String)}, toString(health))"
-_GPU_SUMS: Final = (
-    "SELECT argMax(model, claimed_ms), sum(claimed_ms), "
-    "sumIf(claimed_ms, has({excl:Array(String)}, toString(health))), "
-    f"sumIf(claimed_ms, {_HEALTHY} AND tenant = ''), "
-    f"sumIf({IDLE_MS}, {_HEALTHY} AND tenant != ''), "
-    f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s), max(share_num), max(share_den)"
+_SUMS: Final = (
+    "SELECT sum(claimed_ms), sumIf(claimed_ms, has({excl:Array(String)}, toString(health))), "
+    f"sumIf(claimed_ms, {_HEALTHY} AND tenant = ''), sumIf({IDLE_MS}, {_HEALTHY} AND tenant != ''), "
+    f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms) FROM "
 )
-"""Per-GPU sums with the policy applied (bind `excl` and `idle_pct`)."""
+"""The window's sums with the policy applied (bind `excl` and `idle_pct`); the rollup rows follow."""
+_SEEN: Final = (
+    "SELECT argMax(model, claimed_ms), sum(claimed_ms), max(model_peak_flop_s) FROM {rows} "
+    "GROUP BY cluster, node, gpu_uuid ORDER BY cluster, node, gpu_uuid"
+)
+"""Each GPU seen in the window: its model, claimed milliseconds and peak FLOP/s."""
+_DB: Final = "{db:Identifier}."
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,28 @@ def _gpu_ms(units: int) -> int | float:
 
 
 @dataclass(frozen=True)
+class Seen:
+    """One GPU that reported in the window: what *installed* needs of it."""
+
+    model: str
+    claimed_ms: int
+    """Time the GPU's samples claimed (each second once per node: docs/aggregations.md, "Claims")."""
+    peak_flop_s: float | None
+
+
+@dataclass(frozen=True)
+class Sums:
+    """The window's policy-split sums over the scope's GPUs (milliseconds and FLOPs)."""
+
+    unhealthy_ms: int
+    unallocated_ms: int
+    idle_ms: int
+    achieved_flop: float
+    mfu_ms: int
+    measured_ms: int
+
+
+@dataclass(frozen=True)
 class Waterfall:
     window_ms: int
     gpus: int
@@ -113,57 +158,60 @@ class Waterfall:
         return out
 
 
-def build(gpus: Sequence[GpuTotals], window_ms: int, stalled_ms: int = 0) -> Waterfall:
-    """The waterfall from per-GPU totals and the stalled milliseconds, a part of their busy time (pure). Time in
-    1/840 ms (`SHARE_UNIT`, so MIG shares stay exact) until the end."""
-    installed = unknown = unhealthy = unallocated = idle = mfu_ms = measured = 0
-    achieved = peak = 0.0
+def assemble(seen: Sequence[Seen], sums: Sums, window_ms: int) -> Waterfall:
+    """The waterfall from the GPUs seen and the scope's sums (pure)."""
+    installed = unknown = 0
+    peak = 0.0
     unknown_models: dict[str, int] = {}
-    for g in gpus:
-        unit = g.share[0] * (SHARE_UNIT // max(1, g.share[1]))
+    for g in seen:
         gpu_installed = max(window_ms, g.claimed_ms)
-        installed += gpu_installed * unit
-        unknown += (gpu_installed - g.claimed_ms) * unit
-        unhealthy += g.unhealthy_ms * unit
-        unallocated += g.unallocated_ms * unit
-        idle += g.idle_ms * unit
-        achieved += g.achieved_flop
-        mfu_ms += g.mfu_ms
-        measured += g.measured_ms
+        installed += gpu_installed
+        unknown += gpu_installed - g.claimed_ms
         if g.peak_flop_s is None:
             unknown_models[g.model] = unknown_models.get(g.model, 0) + gpu_installed * unit
         else:
             peak += g.peak_flop_s * gpu_installed / 1000
-    busy = installed - unknown - unhealthy - unallocated - idle - stalled_ms * SHARE_UNIT
+    busy = installed - unknown - sums.unhealthy_ms - sums.unallocated_ms - sums.idle_ms
     return Waterfall(
-        window_ms=window_ms, gpus=len(gpus), installed_ms=_gpu_ms(installed), unknown_ms=_gpu_ms(unknown),
-        unhealthy_ms=_gpu_ms(unhealthy), unallocated_ms=_gpu_ms(unallocated), idle_allocated_ms=_gpu_ms(idle),
-        stalled_ms=stalled_ms, busy_ms=_gpu_ms(busy), achieved_flop=achieved,
-        installed_peak_flop=peak, achieved_share_of_peak=achieved / peak if peak > 0 else None,
-        measured_coverage=measured / mfu_ms if mfu_ms else None,
-        unknown_models=[{"model": m, "installed_gpu_seconds": _gpu_ms(x) / 1000}
-                        for m, x in sorted(unknown_models.items())],
+        window_ms=window_ms, gpus=len(seen), installed_ms=installed, unknown_ms=unknown,
+        unhealthy_ms=sums.unhealthy_ms, unallocated_ms=sums.unallocated_ms, idle_allocated_ms=sums.idle_ms,
+        busy_ms=busy, achieved_flop=sums.achieved_flop, installed_peak_flop=peak,
+        achieved_share_of_peak=sums.achieved_flop / peak if peak > 0 else None,
+        measured_coverage=sums.measured_ms / sums.mfu_ms if sums.mfu_ms else None,
+        unknown_models=[{"model": m, "installed_gpu_seconds": ms / 1000} for m, ms in sorted(unknown_models.items())],
     )
 
 
-def gpu_totals(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None) -> list[GpuTotals]:
-    """Per-GPU sums over the window, with the policy applied (unhealthy states, idle threshold)."""
-    scope_sql, scope_params = (scope or HardwareScope()).sql()
-    rows = store.rows(
-        f"{_GPU_SUMS} FROM {{db:Identifier}}.gpu_usage_1m WHERE {WINDOW} AND {scope_sql} "
-        "GROUP BY cluster, node, gpu_uuid ORDER BY cluster, node, gpu_uuid",
+def build(gpus: Sequence[GpuTotals], window_ms: int) -> Waterfall:
+    """The waterfall from per-GPU totals (pure)."""
+    sums = Sums(sum(g.unhealthy_ms for g in gpus), sum(g.unallocated_ms for g in gpus), sum(g.idle_ms for g in gpus),
+                sum(g.achieved_flop for g in gpus), sum(g.mfu_ms for g in gpus), sum(g.measured_ms for g in gpus))
+    return assemble([Seen(g.model, g.claimed_ms, g.peak_flop_s) for g in gpus], sums, window_ms)
+
+
+def _rows(levels: rollups.Levels, scope_sql: str) -> str:
+    return rollups.rows(levels, rollups.WINDOW_START, rollups.WINDOW_END, where=scope_sql, prefix=_DB)
+
+
+def scope_sums(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None) -> Sums:
+    """The scope's sums over the window with the policy applied, from the fleet rollup (per-GPU for a node)."""
+    scope = scope or HardwareScope()
+    scope_sql, scope_params = scope.sql()
+    levels = rollups.GPU_USAGE if scope.node is not None else rollups.FLEET
+    ((_, unhealthy, unallocated, idle, achieved, mfu_ms, measured),) = store.rows(
+        _SUMS + _rows(levels, scope_sql),
         {"excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct, **window.params(), **scope_params},
     )
-    return [
-        GpuTotals(str(m), int(r), int(u), int(ua), int(i), float(a), int(mm), int(me), None if p is None else float(p),
-                  (int(sn or 1), int(sd or 1)))
-        for m, r, u, ua, i, a, mm, me, p, sn, sd in rows
-    ]
+    return Sums(int(unhealthy), int(unallocated), int(idle), float(achieved or 0.0), int(mfu_ms), int(measured))
 
 
-def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None,
-              stall: StallConfig | None = None) -> Waterfall:
-    """The capacity waterfall for `scope` over `window`; what a stall is: `stall` (config `jobs.stall`)."""
+def gpus_seen(store: Store, window: Window, scope: HardwareScope | None = None) -> list[Seen]:
+    """Every GPU of the scope that reported in the window, from the per-GPU rollups."""
     scope_sql, scope_params = (scope or HardwareScope()).sql()
-    stalled = stalls.stalled_ms(store, window, policy, stall or StallConfig(), scope_sql, scope_params)
-    return build(gpu_totals(store, window, policy, scope), window.length_ms, stalled)
+    rows = store.rows(_SEEN.format(rows=_rows(rollups.GPU_USAGE, scope_sql)), {**window.params(), **scope_params})
+    return [Seen(str(m), int(r), None if p is None else float(p)) for m, r, p in rows]
+
+
+def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None) -> Waterfall:
+    """The capacity waterfall for `scope` over `window`."""
+    return assemble(gpus_seen(store, window, scope), scope_sums(store, window, policy, scope), window.length_ms)

@@ -153,6 +153,63 @@ FROM ${db}.gpu_usage_1m AS u
 WHERE (SELECT count() FROM ${db}.fleet_usage_1m) = 0
 GROUP BY minute, cluster, tenant, model, health;
 
+-- Per job and hour (tenant, job, cluster, model): the tenant board's job table over a week. Keyed by
+-- tenant and job first, so one tenant's or one job's rows are read by key; `gpus` is the set of GPU
+-- UUIDs the job used (merged as a set: exact distinct counts over any range of hours).
+CREATE TABLE IF NOT EXISTS ${db}.job_usage_1h ${on_cluster}
+(
+    hour                       DateTime('UTC') COMMENT 'hour containing the interval start',
+    tenant                     LowCardinality(String),
+    job                        String,
+    cluster                    LowCardinality(String),
+    model                      LowCardinality(String),
+    gpus                       SimpleAggregateFunction(groupUniqArrayArray, Array(String)) COMMENT 'GPU UUIDs',
+    reported_ms                SimpleAggregateFunction(sum, UInt64),
+    mfu_ms                     SimpleAggregateFunction(sum, UInt64),
+    measured_ms                SimpleAggregateFunction(sum, UInt64),
+    measured_flop              SimpleAggregateFunction(sum, Float64),
+    estimated_unmeasured_flop  SimpleAggregateFunction(sum, Float64),
+    peak_capacity_flop         SimpleAggregateFunction(sum, Float64),
+    measured_peak_flop         SimpleAggregateFunction(sum, Float64),
+    unmeasured_peak_flop       SimpleAggregateFunction(sum, Float64),
+    first_start_ms             SimpleAggregateFunction(min, Int64),
+    last_end_ms                SimpleAggregateFunction(max, Int64)
+)
+ENGINE = ${replicated}AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (tenant, job, hour, cluster, model)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.job_usage_1h_mv ${on_cluster} TO ${db}.job_usage_1h AS
+SELECT
+    toStartOfHour(minute) AS hour, tenant, job, cluster, model,
+    groupUniqArray(toString(u.gpu_uuid)) AS gpus,
+    sum(u.reported_ms) AS reported_ms,
+    sum(u.mfu_ms) AS mfu_ms,
+    sum(u.measured_ms) AS measured_ms,
+    sum(u.measured_flop) AS measured_flop,
+    sum(u.estimated_unmeasured_flop) AS estimated_unmeasured_flop,
+    sum(u.peak_capacity_flop) AS peak_capacity_flop,
+    sum(ifNull(u.model_peak_flop_s, 0) * u.measured_ms / 1000) AS measured_peak_flop,
+    sum(ifNull(u.model_peak_flop_s, 0) * (toInt64(u.mfu_ms) - toInt64(u.measured_ms)) / 1000) AS unmeasured_peak_flop,
+    min(u.first_start_ms) AS first_start_ms,
+    max(u.last_end_ms) AS last_end_ms
+FROM ${db}.gpu_usage_1m AS u
+WHERE tenant != '' AND job != ''
+GROUP BY hour, tenant, job, cluster, model;
+
+INSERT INTO ${db}.job_usage_1h
+SELECT
+    toStartOfHour(minute) AS hour, tenant, job, cluster, model,
+    groupUniqArray(toString(u.gpu_uuid)), sum(u.reported_ms), sum(u.mfu_ms), sum(u.measured_ms), sum(u.measured_flop),
+    sum(u.estimated_unmeasured_flop), sum(u.peak_capacity_flop),
+    sum(ifNull(u.model_peak_flop_s, 0) * u.measured_ms / 1000),
+    sum(ifNull(u.model_peak_flop_s, 0) * (toInt64(u.mfu_ms) - toInt64(u.measured_ms)) / 1000),
+    min(u.first_start_ms), max(u.last_end_ms)
+FROM ${db}.gpu_usage_1m AS u
+WHERE tenant != '' AND job != '' AND (SELECT count() FROM ${db}.job_usage_1h) = 0
+GROUP BY hour, tenant, job, cluster, model;
+
 -- One GPU's, one node's or one job's rows by key: the per-GPU rollups sorted a second way.
 -- (Part merges rebuild a projection: an AggregatingMergeTree needs that said.)
 ALTER TABLE ${db}.gpu_usage_1m ${on_cluster} MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild';

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS ${db}.gpu_xid_events ${on_cluster}
     job             String,
     xid             UInt16,
     position        UInt16 COMMENT 'index of the XID in the sample''s list, from 1',
-    health          Enum8('ok' = 0, 'degraded' = 1, 'failing' = 2, 'unknown' = 3) COMMENT 'the sample''s state'
+    health          Enum8('ok' = 0, 'degraded' = 1, 'failing' = 2, 'unknown' = 3) COMMENT 'the sample''s state',
+    health_reasons  Array(LowCardinality(String)) COMMENT 'the sample''s reasons'
 )
 ENGINE = ${replicated}ReplacingMergeTree
 PARTITION BY toYYYYMM(time)
@@ -81,13 +82,14 @@ SETTINGS non_replicated_deduplication_window = 1000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.gpu_xid_events_mv ${on_cluster} TO ${db}.gpu_xid_events AS
 SELECT time, interval_ms, cluster, node, boot_id, gpu_index, gpu_uuid, model, tenant, job, xid, toUInt16(position) AS position,
-       health
+       health, health_reasons
 FROM ${db}.gpu_samples
 ARRAY JOIN xids AS xid, arrayEnumerate(xids) AS position
 WHERE notEmpty(xids);
 
 INSERT INTO ${db}.gpu_xid_events
-SELECT time, interval_ms, cluster, node, boot_id, gpu_index, gpu_uuid, model, tenant, job, xid, toUInt16(position), health
+SELECT time, interval_ms, cluster, node, boot_id, gpu_index, gpu_uuid, model, tenant, job, xid, toUInt16(position), health,
+       health_reasons
 FROM ${db}.gpu_samples
 ARRAY JOIN xids AS xid, arrayEnumerate(xids) AS position
 WHERE notEmpty(xids);
