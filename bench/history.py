@@ -130,7 +130,7 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     while pending:
         ready = [v for v in pending if v[1] in filled]
         if not ready:
-            raise RuntimeError(f"views whose sources are never filled: {[v[0] for v in pending]}")
+            break  # the rest read tables this generator does not write (agent_reports): put back, empty
         for view in ready:
             _fill(client, database, view[1], view[2], view[4], start_ms, end_ms)
             filled.add(view[2])

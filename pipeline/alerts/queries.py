@@ -1,6 +1,28 @@
 """Pure functions: a rule and an evaluation instant -> its SQL; the SQL's rows -> alert candidates.
 
-Design notes: docs/design-notes.md#pipeline-alerts-queries-py.
+Every value goes to ClickHouse as a bound parameter, the database too (`{db:Identifier}`, bound by
+the `Store`); identifiers (the group-by keys) come only from this code and the validated rules.
+Only samples with `time <= now` count, so evaluating at an injected `now` over stored data gives the
+same answer every time.
+
+Cost: a cycle reads the last minutes, never the history. A per-GPU rule reads raw samples only of
+the GPUs that may meet its condition: those whose rows in the per-GPU health rollup `gpu_health_1m`
+over the window (and the hour before it, the longest interval a sample may cover) show the
+condition somewhere (`_GpuShape.candidate`, a superset of the GPUs the rule can return), by the raw
+table's primary key. NodeSilent reads `node_latest`, the MFU rules the fleet rollup.
+
+"Sustained for D" means: the GPU's newest sample satisfies the condition and is at most
+`max_sample_age` old, every sample of that GPU ending in `(now - D, now]` satisfies it, and those
+samples reach back to `now - D` and their claimed time covers at least `coverage` x D (a lost
+message or two is tolerated, a node that stopped reporting is not; a second agent reporting the
+same seconds adds nothing); the SQL is `formulas.sustained`, which the Grafana rules
+(dashboards/alerting.py) use too. A candidate whose newest sample satisfies the
+condition but is not yet sustained is *pending*; `since_ms` is where its current run of
+satisfying samples began within the window.
+
+Agent counters (`agent_spool_dropping`, `agent_send_errors`) read `agent_reports`: the counter's
+increase over `(now - window, now]`, see `AgentCounterRising`. Claim conflicts (`gpu_claim_conflict`)
+read `gpu_claim_homes`, then the suspect GPUs' samples.
 """
 
 from __future__ import annotations
@@ -95,6 +117,13 @@ FROM (
            toUInt8(ifNull({cond}, 0)) AS c
     FROM {{db:Identifier}}.gpu_samples
     WHERE {window}
+      AND (cluster, node, gpu_index) IN (
+        SELECT cluster, node, gpu_index FROM {{db:Identifier}}.gpu_health_1m
+        WHERE minute >= toDateTime(intDiv({{candidates_from_ms:Int64}}, 60000) * 60, 'UTC')
+          AND minute <= toDateTime(intDiv({{now_ms:Int64}}, 1000), 'UTC')
+        GROUP BY cluster, node, gpu_index
+        HAVING {candidate}
+      )
 )
 GROUP BY cluster, node, gpu_uuid, gpu_index
 HAVING last_ms > {{fresh_ms:Int64}} AND ({having})
@@ -107,15 +136,22 @@ _SAME_TENANT = "tenant = argMax(tenant, time) OVER (PARTITION BY cluster, node, 
 @dataclass(frozen=True)
 class _GpuShape:
     cond: str
+    candidate: str
+    """Over a GPU's `gpu_health_1m` rows: true for every GPU whose samples could meet `having`."""
     columns: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
     having: str = "last_c = 1"
 
 
+MAX_INTERVAL_MS: Final = 3_600_000
+"""The longest interval a sample may cover (the wire contract's bound): a sample ending in the window may
+have started this long before it, in an earlier minute of the rollup."""
+
+
 def _gpu_shape(rule: GpuRule) -> _GpuShape:
     if isinstance(rule, GpuFailing):
         return _GpuShape(
-            "health = 'failing'", ("health", "health_reasons"),
+            "health = 'failing'", "max(worst) = 'failing'", ("health", "health_reasons"),
             ("arrayDistinct(arrayFlatten(arrayMap(p -> p.2, arraySort(p -> p.1, "
              "groupArrayIf((time, health_reasons), c = 1))))) AS reasons",
              "toUnixTimestamp64Milli(maxIf(time, c = 1)) AS last_true_ms",
@@ -129,6 +165,9 @@ def _gpu_shape(rule: GpuRule) -> _GpuShape:
         nvlink = "nvlink_errors"
         return _GpuShape(
             cond,
+            "bitAnd(groupBitOr(clock_event_bits), {mask:UInt64}) != 0 OR ifNull(max(temp_max_c) >= {temp_c:Float64}, 0)"
+            " OR ({remap:UInt8} = 1 AND max(remap_pending_max) = 1) OR min(ecc_corrected_min) != max(ecc_corrected_max)"
+            " OR min(pcie_replay_min) != max(pcie_replay_max) OR min(nvlink_rr_min) != max(nvlink_rr_max)",
             ("clock_event_reasons", "temp_gpu_c", "remap_pending", "retired_pages_pending",
              "ecc_corrected_volatile", "pcie_replay_count",
              "if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
@@ -146,15 +185,17 @@ def _gpu_shape(rule: GpuRule) -> _GpuShape:
         return _GpuShape(
             "tenant != '' AND error = '' AND util_gpu_ratio < {util:Float64}"
             f" AND (compute_processes IS NULL OR compute_processes > 0) AND {_SAME_TENANT}",
+            "ifNull(min(idle_util_min) < {util:Float64}, 0)",
             ("error", "util_gpu_ratio", "compute_processes"),
             ("avgIf(util_gpu_ratio, c = 1) AS util",),
         )
     if isinstance(rule, GpuHeldNoProcess):
         return _GpuShape(f"tenant != '' AND error = '' AND compute_processes = 0 AND {_SAME_TENANT}",
-                         ("error", "compute_processes"))
+                         "sum(held_no_process) > 0", ("error", "compute_processes"))
     if isinstance(rule, GpuBusyUnallocated):
         return _GpuShape(
             "tenant = '' AND error = '' AND (compute_processes > 0 OR mem_used_bytes > {mem_bytes:UInt64})",
+            "max(unallocated_processes_max) > 0 OR max(unallocated_mem_max) > {mem_bytes:UInt64}",
             ("error", "compute_processes", "mem_used_bytes"),
             ("argMax(compute_processes, time) AS processes", "argMax(mem_used_bytes, time) AS mem_used"),
         )
@@ -192,11 +233,12 @@ def build(rule: AnyRule, now_ms: int) -> Query:
         return _job(rule, now_ms)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
-        window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having,
+        window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having, candidate=shape.candidate,
         columns="".join(f", {c}" for c in shape.columns), extra="".join(f",\n       {e}" for e in shape.extra),
     )
     span = max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
     params = {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
+              "candidates_from_ms": now_ms - span - MAX_INTERVAL_MS,
               "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
               **_gpu_params(rule, now_ms)}
     return Query(sql, params)

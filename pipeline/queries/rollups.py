@@ -70,7 +70,8 @@ HEALTH: Final = Levels(
     ("cluster", "node", "gpu_uuid", "gpu_index", "model", "tenant", "samples", "reported_ms", "failing_ms",
      "degraded_ms", "worst", "last", "xid_events", "reasons", "temp_max_c", "ecc_corrected_max", "ecc_uncorrected_max",
      "retired_pages_max", "pcie_replay_min", "pcie_replay_max", "nvlink_errors_max", "nvlink_down_max",
-     "clock_event_bits"),
+     "clock_event_bits", "ecc_corrected_min", "nvlink_rr_min", "nvlink_rr_max", "remap_pending_max", "idle_util_min",
+     "held_no_process", "unallocated_processes_max", "unallocated_mem_max"),
 )
 """Per GPU and tenant: health time, XIDs, reasons, temperatures, error counters, clock-event bits."""
 

@@ -75,6 +75,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/alerts/queries.py", "window=_WINDOW"): CONST,
     ("pipeline/alerts/queries.py", "cond=shape.cond"): CONST,
     ("pipeline/alerts/queries.py", "having=shape.having"): CONST,
+    ("pipeline/alerts/queries.py", "candidate=shape.candidate"): CONST,
     ("pipeline/alerts/queries.py", "columns=''.join((f', {c}' for c in shape.columns))"): CONST,
     ("pipeline/alerts/queries.py", "extra=''.join((f',\\n       {e}' for e in shape.extra))"): CONST,
     ("pipeline/alerts/queries.py", "now=_ms('now_ms')"): "a bound parameter placeholder {now_ms:Int64}",

@@ -9,7 +9,9 @@
 -- * `gpu_xid_events`: one row per XID a sample carried (its position in the sample's list keeps two
 --   equal codes apart).
 -- * `gpu_health_1m`, `gpu_health_1h`: per GPU, tenant and minute (hour): health time, XIDs, reasons,
---   the highest temperature and error counters, clock-event bits: what the health board reads.
+--   the highest temperature and error counters, clock-event bits: what the health board reads; and
+--   what tells the alert evaluator which GPUs may meet a rule's condition (pipeline/alerts/queries.py),
+--   so it reads raw samples of those GPUs only.
 --
 -- Both event tables are ReplacingMergeTree keyed by the sample's identity (GPU, sample time, boot id,
 -- and the XID's position), so a sample written twice (two ingesters, a replay that got past the
@@ -120,7 +122,16 @@ CREATE TABLE IF NOT EXISTS ${db}.gpu_health_1m ${on_cluster}
     pcie_replay_max      SimpleAggregateFunction(max, UInt64),
     nvlink_errors_max    SimpleAggregateFunction(max, UInt64) COMMENT 'max of the CRC + replay + recovery counters (NULL as 0)',
     nvlink_down_max      SimpleAggregateFunction(max, UInt8) COMMENT 'max of ifNull(nvlink_links_down, 0)',
-    clock_event_bits     SimpleAggregateFunction(groupBitOr, UInt64) COMMENT 'OR of ifNull(clock_event_reasons, 0)'
+    clock_event_bits     SimpleAggregateFunction(groupBitOr, UInt64) COMMENT 'OR of ifNull(clock_event_reasons, 0)',
+    ecc_corrected_min    SimpleAggregateFunction(min, UInt64),
+    nvlink_rr_min        SimpleAggregateFunction(min, UInt64) COMMENT 'min of the replay + recovery counters (NULL as 0)',
+    nvlink_rr_max        SimpleAggregateFunction(max, UInt64),
+    remap_pending_max    SimpleAggregateFunction(max, UInt8) COMMENT 'a row remap or page retirement pending',
+    idle_util_min        SimpleAggregateFunction(min, Nullable(Float32))
+                         COMMENT 'lowest utilization of allocated, readable samples not known to have no process',
+    held_no_process      SimpleAggregateFunction(sum, UInt64) COMMENT 'allocated, readable samples with no process',
+    unallocated_processes_max SimpleAggregateFunction(max, UInt32) COMMENT 'of unallocated, readable samples',
+    unallocated_mem_max  SimpleAggregateFunction(max, UInt64) COMMENT 'memory used by unallocated, readable samples'
 )
 ENGINE = ${replicated}AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
@@ -152,7 +163,15 @@ CREATE TABLE IF NOT EXISTS ${db}.gpu_health_1h ${on_cluster}
     pcie_replay_max      SimpleAggregateFunction(max, UInt64),
     nvlink_errors_max    SimpleAggregateFunction(max, UInt64),
     nvlink_down_max      SimpleAggregateFunction(max, UInt8),
-    clock_event_bits     SimpleAggregateFunction(groupBitOr, UInt64)
+    clock_event_bits     SimpleAggregateFunction(groupBitOr, UInt64),
+    ecc_corrected_min    SimpleAggregateFunction(min, UInt64),
+    nvlink_rr_min        SimpleAggregateFunction(min, UInt64),
+    nvlink_rr_max        SimpleAggregateFunction(max, UInt64),
+    remap_pending_max    SimpleAggregateFunction(max, UInt8),
+    idle_util_min        SimpleAggregateFunction(min, Nullable(Float32)),
+    held_no_process      SimpleAggregateFunction(sum, UInt64),
+    unallocated_processes_max SimpleAggregateFunction(max, UInt32),
+    unallocated_mem_max  SimpleAggregateFunction(max, UInt64)
 )
 ENGINE = ${replicated}AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
@@ -186,7 +205,15 @@ SELECT
     max(ifNull(nvlink_crc_errors, 0) + ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0))
         AS nvlink_errors_max,
     max(ifNull(nvlink_links_down, 0)) AS nvlink_down_max,
-    groupBitOr(ifNull(clock_event_reasons, 0)) AS clock_event_bits
+    groupBitOr(ifNull(clock_event_reasons, 0)) AS clock_event_bits,
+    min(ifNull(ecc_corrected_volatile, 0)) AS ecc_corrected_min,
+    min(ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)) AS nvlink_rr_min,
+    max(ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)) AS nvlink_rr_max,
+    max(toUInt8(ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0))) AS remap_pending_max,
+    minIf(util_gpu_ratio, tenant != '' AND error = '' AND NOT ifNull(compute_processes = 0, 0)) AS idle_util_min,
+    countIf(tenant != '' AND error = '' AND compute_processes = 0) AS held_no_process,
+    maxIf(ifNull(compute_processes, 0), tenant = '' AND error = '') AS unallocated_processes_max,
+    maxIf(ifNull(mem_used_bytes, 0), tenant = '' AND error = '') AS unallocated_mem_max
 FROM ${db}.gpu_samples
 GROUP BY minute, cluster, node, gpu_uuid, gpu_index, model, tenant;
 
@@ -210,7 +237,15 @@ SELECT
     max(pcie_replay_max) AS pcie_replay_max,
     max(nvlink_errors_max) AS nvlink_errors_max,
     max(nvlink_down_max) AS nvlink_down_max,
-    groupBitOr(clock_event_bits) AS clock_event_bits
+    groupBitOr(clock_event_bits) AS clock_event_bits,
+    min(ecc_corrected_min) AS ecc_corrected_min,
+    min(nvlink_rr_min) AS nvlink_rr_min,
+    max(nvlink_rr_max) AS nvlink_rr_max,
+    max(remap_pending_max) AS remap_pending_max,
+    min(idle_util_min) AS idle_util_min,
+    sum(held_no_process) AS held_no_process,
+    max(unallocated_processes_max) AS unallocated_processes_max,
+    max(unallocated_mem_max) AS unallocated_mem_max
 FROM ${db}.gpu_health_1m
 GROUP BY hour, cluster, node, gpu_uuid, gpu_index, model, tenant;
 
@@ -226,7 +261,13 @@ SELECT
     max(ifNull(ecc_uncorrected_volatile, 0)), max(ifNull(retired_pages, 0)), min(ifNull(pcie_replay_count, 0)),
     max(ifNull(pcie_replay_count, 0)),
     max(ifNull(nvlink_crc_errors, 0) + ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)),
-    max(ifNull(nvlink_links_down, 0)), groupBitOr(ifNull(clock_event_reasons, 0))
+    max(ifNull(nvlink_links_down, 0)), groupBitOr(ifNull(clock_event_reasons, 0)), min(ifNull(ecc_corrected_volatile, 0)),
+    min(ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)),
+    max(ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)),
+    max(toUInt8(ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0))),
+    minIf(util_gpu_ratio, tenant != '' AND error = '' AND NOT ifNull(compute_processes = 0, 0)),
+    countIf(tenant != '' AND error = '' AND compute_processes = 0),
+    maxIf(ifNull(compute_processes, 0), tenant = '' AND error = ''), maxIf(ifNull(mem_used_bytes, 0), tenant = '' AND error = '')
 FROM ${db}.gpu_samples
 WHERE (SELECT count() FROM ${db}.gpu_health_1m) = 0
 GROUP BY minute, cluster, node, gpu_uuid, gpu_index, model, tenant
