@@ -5,8 +5,9 @@ the way the ingester writes rows, so every rollup view fills as in production. V
 noisy functions of (GPU, time) through `cityHash64`, not constants: GPUs are allocated to one of
 20 tenants for 4-hour jobs (70 % of the time), utilization and tensor activity vary per sample,
 power follows utilization, energy accumulates, and about 1 in 1,000 samples is degraded and
-1 in 10,000 failing. One insert per day keeps memory bounded; `generate` says how the rollups
-are filled.
+1 in 10,000 failing, with the ingester's `health_change` marks (each sample against the same GPU's
+previous one). One insert per day keeps memory bounded; `generate` says how the rollups are filled
+(views over tables it does not write, such as agent_reports, are put back empty).
 """
 
 from __future__ import annotations
