@@ -39,19 +39,27 @@ def _counter_increase(counters: dict[str, str], gauges: dict[str, tuple[str, str
     """Per-interval increase of per-GPU cumulative counters, summed over GPUs (a reset counts as 0).
 
     `counters` maps an output name to a health rollup column holding a counter's maximum: each GPU's
-    counter is taken at its maximum in each interval and compared with the GPU's previous interval.
-    `gauges` maps an output name to (a rollup column, taken at its maximum per GPU and interval; the
-    aggregate over GPUs with `{}` for that maximum).
+    counter is taken at its maximum in each interval and compared with the GPU's previous interval
+    in the range (its first interval counts 0). `gauges` maps an output name to (a rollup column,
+    taken at its maximum per GPU and interval; the aggregate over GPUs with `{}` for that maximum).
+    Each GPU's intervals are one sorted array (a pass per GPU, no window sort over the fleet).
     """
     gauges = gauges or {}
+    names = [*counters, *gauges]
     inner = ",\n".join(
-        [f"toInt64(max({column})) AS cur_{name}" for name, column in counters.items()]
-        + [f"max({column}) AS gpu_{name}" for name, (column, _) in gauges.items()]
+        [f"toInt64(max({column})) AS {name}" for name, column in counters.items()]
+        + [f"max({column}) AS {name}" for name, (column, _) in gauges.items()]
     )
-    lags = ",\n".join(f"lagInFrame(cur_{name}, 1, cur_{name}) OVER w AS prev_{name}" for name in counters)
+    points = f"arraySort(groupArray((t, {', '.join(names)}))) AS pts"
+    joined = ",\n".join(
+        ["arrayMap(p -> p.1, pts) AS t"]
+        + [f"arrayMap(i -> if(i = 1, 0, greatest(pts[i].{k} - pts[i - 1].{k}, 0)), arrayEnumerate(pts)) AS d_{name}"
+           for k, name in enumerate(counters, start=2)]
+        + [f"arrayMap(p -> p.{k}, pts) AS g_{name}" for k, name in enumerate(gauges, start=2 + len(counters))]
+    )
     outer = ",\n".join(
-        [f"sum(greatest(cur_{name} - prev_{name}, 0)) AS {name}" for name in counters]
-        + [f"{over_gpus.format(f'gpu_{name}')} AS {name}" for name, (_, over_gpus) in gauges.items()]
+        [f"sum(d_{name}) AS {name}" for name in counters]
+        + [f"{over_gpus.format(f'g_{name}')} AS {name}" for name, (_, over_gpus) in gauges.items()]
     )
     return sql(
         """
@@ -60,9 +68,7 @@ def _counter_increase(counters: dict[str, str], gauges: dict[str, tuple[str, str
             {outer}
         FROM
         (
-            SELECT
-                *,
-                {lags}
+            SELECT gpu_uuid, {points}
             FROM
             (
                 SELECT
@@ -72,12 +78,14 @@ def _counter_increase(counters: dict[str, str], gauges: dict[str, tuple[str, str
                 FROM {rows}
                 GROUP BY t, gpu_uuid
             )
-            WINDOW w AS (PARTITION BY gpu_uuid ORDER BY t ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+            GROUP BY gpu_uuid
         )
+        ARRAY JOIN
+            {joined}
         GROUP BY t
         ORDER BY t
         """,
-        outer=outer, lags=lags, inner=inner, bucket=f.bucket(),
+        outer=outer, points=points, inner=inner, joined=joined, bucket=f.bucket(),
         rows=_series("gpu_uuid", *counters.values(), *(column for column, _ in gauges.values())),
     )
 
@@ -88,25 +96,34 @@ state_timeline = Panel(
     (Query(
         sql(
             """
-            SELECT t, gpu, state
+            SELECT tupleElement(p, 1) AS t, gpu, tupleElement(p, 2) AS state
             FROM
             (
-                SELECT
-                    {bucket} AS t,
-                    concat(node, ' / GPU ', toString(gpu_index)) AS gpu,
-                    toUInt8(max(worst)) AS state,
-                    max(toUInt8(max(worst))) OVER (PARTITION BY gpu_uuid) AS worst_in_range
-                FROM {rows}
-                GROUP BY t, node, gpu_index, gpu_uuid
+                SELECT gpu, arraySort(groupArray((t, state))) AS pts
+                FROM
+                (
+                    SELECT
+                        {bucket} AS t,
+                        concat(node, ' / GPU ', toString(gpu_index)) AS gpu,
+                        gpu_uuid,
+                        toUInt8(max(worst)) AS state
+                    FROM {rows}
+                    GROUP BY t, node, gpu_index, gpu_uuid
+                )
+                GROUP BY gpu_uuid, gpu
+                HAVING max(state) > 0
             )
-            WHERE worst_in_range > 0
+            ARRAY JOIN arrayFilter((x, i) -> i = 1 OR x.2 != pts[i - 1].2, pts, arrayEnumerate(pts)) AS p
             ORDER BY t, gpu
             """,
             bucket=f.bucket(), rows=_series("node", "gpu_index", "gpu_uuid", "worst"),
         ),
         ("t", "gpu", "state"),
     ),),
-    description="The worst state of each GPU per interval, for GPUs that were degraded or failing in the range.",
+    description=(
+        "The worst state of each GPU per interval, for GPUs that were degraded or failing in the range; a "
+        "point where a GPU's state changes (the timeline holds a state until the next point)."
+    ),
     w=24,
     h=9,
     min_interval=f.MINUTE,

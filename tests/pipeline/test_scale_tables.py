@@ -277,3 +277,23 @@ def test_a_restarted_ingester_restates_without_changing_the_answer() -> None:
     assert derive([_n1(5), _n1(6)], d).changes == [2, 2, 0, 0]
     assert derive([_n1(4)], d).changes == [3, 3]  # older than k = 6: late
     assert derive([_n1(7)], Deriver()).changes == [2, 2]  # another ingester: restated, never `same`
+
+
+@pytest.mark.parametrize(("levels", "sums"), [
+    (rollups.FLEET, "sum(reported_ms), sum(energy_mj), sum(mfu_ms), sum(samples)"),
+    (rollups.HEALTH, "sum(reported_ms), sum(failing_ms), sum(xid_events), max(temp_max_c)"),
+    (rollups.JOB, "sum(reported_ms), sum(mfu_ms), length(groupUniqArrayArray(gpus))"),
+])
+def test_whole_hours_and_ragged_minutes_sum_to_the_minute_level(store: Store, levels: rollups.Levels,
+                                                                 sums: str) -> None:
+    for start, end in ((7, 113), (0, 120), (59, 61), (60, 61), (30, 90), (61, 119), (0, 240), (-60, 200)):
+        window = Window(M + start * MIN, M + end * MIN)
+        split = rollups.rows(levels, rollups.WINDOW_START, rollups.WINDOW_END, prefix="{db:Identifier}.")
+        minutes = f"{{db:Identifier}}.{levels.minute_table} WHERE {window.sql()}"
+        if levels is rollups.JOB:
+            minutes += " AND tenant != '' AND job != ''"
+            split = rollups.rows(levels, rollups.WINDOW_START, rollups.WINDOW_END, prefix="{db:Identifier}.",
+                                 where="tenant != '' AND job != ''")
+        minute_sums = sums.replace("groupUniqArrayArray(gpus)", "groupUniqArray(gpu_uuid)")
+        assert store.rows(f"SELECT {sums} FROM {split}", window.params()) == \
+            store.rows(f"SELECT {minute_sums} FROM {minutes}", window.params()), (start, end)
