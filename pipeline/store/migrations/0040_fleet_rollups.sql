@@ -12,8 +12,8 @@
 --
 -- Also here: projections that let one GPU's or one node's rows (and one job's) be read by key from
 -- the per-GPU rollups; `node_latest` (each node's newest agent report) for the NodeSilent alert;
--- a min-max index on `agent_reports.time` so "the last N minutes" of agent reports skips older
--- granules. New tables are backfilled from what is already stored; run `gpufleet migrate` with the
+-- a projection of `agent_reports` sorted by time, so "the last N minutes" of every node's reports
+-- reads those minutes, not the day. New tables are backfilled from what is already stored; run `gpufleet migrate` with the
 -- ingesters stopped (compose runs it before them), or an insert racing the backfill counts twice.
 
 CREATE TABLE IF NOT EXISTS ${db}.fleet_usage_1m ${on_cluster}
@@ -250,6 +250,10 @@ GROUP BY cluster, node;
 
 INSERT INTO ${db}.node_latest SELECT cluster, node, max(time) FROM ${db}.agent_reports GROUP BY cluster, node;
 
-ALTER TABLE ${db}.agent_reports ${on_cluster} ADD INDEX IF NOT EXISTS time_minmax time TYPE minmax GRANULARITY 1;
+-- Agent reports sorted by time as well (they are sorted by node, boot and seq): "the last 15 minutes"
+-- of every node (the agent-counter alerts, the pipeline panels) reads those minutes only.
+ALTER TABLE ${db}.agent_reports ${on_cluster} MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild';
 
-ALTER TABLE ${db}.agent_reports ${on_cluster} MATERIALIZE INDEX time_minmax
+ALTER TABLE ${db}.agent_reports ${on_cluster} ADD PROJECTION IF NOT EXISTS by_time (SELECT * ORDER BY time);
+
+ALTER TABLE ${db}.agent_reports ${on_cluster} MATERIALIZE PROJECTION by_time
