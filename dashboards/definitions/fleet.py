@@ -74,19 +74,19 @@ health_over_time = Panel(
     (Query(
         sql(
             """
-            SELECT {bucket} AS t, toString(health) AS state, sum(reported_ms) / (1000 * {bucket_s}) AS gpus
+            SELECT {bucket} AS t, toString(health) AS state, sum(claimed_ms) / (1000 * {bucket_s}) AS gpus
             FROM {rows}
             GROUP BY t, state
             ORDER BY t, state
             """,
-            bucket=f.bucket(), bucket_s=f.BUCKET_S, rows=f.fleet_rows(("health", "reported_ms"), f.HOURLY_BUCKETS),
+            bucket=f.bucket(), bucket_s=f.BUCKET_S, rows=f.fleet_rows(("health", "claimed_ms"), f.HOURLY_BUCKETS),
         ),
         ("t", "state", "gpus"),
     ),),
     description=(
-        "GPUs in each state per interval, time-weighted: the GPU-seconds reported in the state / the "
-        "interval's seconds (a GPU failing for half the interval counts 0.5). Read from the fleet rollup, "
-        "so its cost does not grow with the fleet; a GPU that did not report is in no state here."
+        "GPUs in each state per interval, time-weighted: the GPU-seconds in the state (claimed: each second "
+        "once per node) / the interval's seconds (a GPU failing for half the interval counts 0.5). Read from "
+        "the fleet rollup, so its cost does not grow with the fleet; a GPU that did not report is in no state here."
     ),
     w=16,
     min_interval=f.MINUTE,
@@ -174,7 +174,7 @@ waterfall = Panel(
                     (
                         SELECT sum(greatest(
                             toUnixTimestamp64Milli($__toTime_ms) - toUnixTimestamp64Milli($__fromTime_ms), reported))
-                        FROM (SELECT sum(reported_ms) AS reported FROM {gpus} GROUP BY cluster, node, gpu_uuid)
+                        FROM (SELECT sum(claimed_ms) AS reported FROM {gpus} GROUP BY cluster, node, gpu_uuid)
                     ) / {hour} AS installed,
                     sum(reported) / {hour} AS reporting,
                     (sum(reported) - sum(unhealthy)) / {hour} AS healthy,
@@ -185,9 +185,9 @@ waterfall = Panel(
                 FROM
                 (
                     SELECT
-                        sum(reported_ms) AS reported,
-                        sumIf(reported_ms, NOT {healthy}) AS unhealthy,
-                        sumIf(reported_ms, {healthy} AND tenant = '') AS unallocated,
+                        sum(claimed_ms) AS reported,
+                        sumIf(claimed_ms, NOT {healthy}) AS unhealthy,
+                        sumIf(claimed_ms, {healthy} AND tenant = '') AS unallocated,
                         sumIf({idle}, {healthy} AND tenant != '') AS idle,
                         {achieved} AS achieved,
                         max(model_peak_flop_s) AS peak
@@ -203,9 +203,9 @@ waterfall = Panel(
                  not_idle - busy, busy - achieved_peak_hours] AS lost_gpu_hours
             """,
             policy=f.POLICY, hour=f.HOUR_MS, healthy=f.HEALTHY, idle=f.IDLE_MS, achieved=f.ACHIEVED,
-            rows=f.fleet_rows(("tenant", "model", "health", "reported_ms", "model_peak_flop_s", *f.IDLE_COLUMNS,
+            rows=f.fleet_rows(("tenant", "model", "health", "claimed_ms", "model_peak_flop_s", *f.IDLE_COLUMNS,
                                "measured_flop", "estimated_unmeasured_flop")),
-            gpus=f.level_rows(rollups.GPU_USAGE, ("cluster", "node", "gpu_uuid", "reported_ms")),
+            gpus=f.level_rows(rollups.GPU_USAGE, ("cluster", "node", "gpu_uuid", "claimed_ms")),
         ),
         ("stage", "remaining_gpu_hours", "lost_gpu_hours"),
         TABLE,

@@ -122,7 +122,8 @@ mfu = Panel(
             ORDER BY t
             """,
             bucket=f.bucket(), mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
-            rows=rollups.rows(rollups.GPU_USAGE, *f.RANGE, where=THIS_GPU_ROLLUP, hourly=f.HOURLY_BUCKETS),
+            rows=rollups.rows(rollups.GPU_USAGE, *f.RANGE, where=THIS_GPU_ROLLUP, hourly=f.HOURLY_BUCKETS,
+                              columns=f.MFU_COLUMNS),
         ),
         ("t", "mfu", "mfu_measured", "mfu_hw_estimate"),
     ),),

@@ -17,7 +17,7 @@ from gpufleet.dashboards.builder import (
 from gpufleet.dashboards.definitions import links
 from gpufleet.pipeline.queries import rollups
 
-_IDLE_ROWS = f.fleet_rows(("tenant", "health", "reported_ms", *f.IDLE_COLUMNS))
+_IDLE_ROWS = f.fleet_rows(("tenant", "health", "claimed_ms", *f.IDLE_COLUMNS))
 
 allocated = Panel(
     "Allocated GPUs by tenant (time-weighted)",
@@ -25,13 +25,13 @@ allocated = Panel(
     (Query(
         sql(
             """
-            SELECT {bucket} AS t, tenant, sum(reported_ms) / (1000 * {bucket_s}) AS gpus
+            SELECT {bucket} AS t, tenant, sum(claimed_ms) / (1000 * {bucket_s}) AS gpus
             FROM {rows}
             WHERE tenant != ''
             GROUP BY t, tenant
             ORDER BY t, tenant
             """,
-            bucket=f.bucket(), bucket_s=f.BUCKET_S, rows=f.fleet_rows(("tenant", "reported_ms"), f.HOURLY_BUCKETS),
+            bucket=f.bucket(), bucket_s=f.BUCKET_S, rows=f.fleet_rows(("tenant", "claimed_ms"), f.HOURLY_BUCKETS),
         ),
         ("t", "tenant", "gpus"),
     ),),
@@ -205,7 +205,7 @@ jobs = Panel(
                 tenant,
                 job,
                 length(groupUniqArrayArray(gpus)) AS gpus,
-                sum(reported_ms) / {hour} AS gpu_hours,
+                sum(claimed_ms) / {hour} AS gpu_hours,
                 {mfu} AS mfu,
                 {measured} AS mfu_measured,
                 {estimated} AS mfu_hw_estimate,
@@ -219,7 +219,7 @@ jobs = Panel(
             """,
             hour=f.HOUR_MS, mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
             coverage=f.COVERAGE,
-            rows=f.level_rows(rollups.JOB, ("tenant", "job", "gpus", "reported_ms", "mfu_ms", "measured_ms",
+            rows=f.level_rows(rollups.JOB, ("tenant", "job", "gpus", "claimed_ms", "mfu_ms", "measured_ms",
                                             *f.MFU_COLUMNS, "first_start_ms", "last_end_ms"),
                               names=("cluster", "tenant", "model"), where="tenant != '' AND job != ''"),
         ),

@@ -36,9 +36,10 @@ class Levels:
 
 
 _USAGE_SUMS: Final = (
-    "samples", "reported_ms", "held_no_process_ms", "active_ms_by_util_pct", "util_ms", "util_weighted_ms",
-    "peak_known_ms", "mfu_ms", "measured_ms", "measured_flop", "estimated_unmeasured_flop", "peak_capacity_flop",
-    "measured_peak_flop", "unmeasured_peak_flop", "energy_mj", "model_peak_flop_s", "first_start_ms", "last_end_ms",
+    "samples", "reported_ms", "claimed_ms", "held_no_process_ms", "active_ms_by_util_pct", "util_ms",
+    "util_weighted_ms", "peak_known_ms", "mfu_ms", "measured_ms", "measured_flop", "estimated_unmeasured_flop",
+    "peak_capacity_flop", "measured_peak_flop", "unmeasured_peak_flop", "energy_mj", "model_peak_flop_s",
+    "first_start_ms", "last_end_ms",
 )
 _PEAK_SPLIT: Final = (
     ("measured_peak_flop", "ifNull(model_peak_flop_s, 0) * measured_ms / 1000"),
@@ -59,7 +60,7 @@ FLEET_FROM_GPUS: Final = Levels("gpu_usage_1m", "gpu_usage_1h", FLEET.columns, h
 """The fleet rollup's columns read from the per-GPU rollups: the same rows for a node (or GPU) filter."""
 JOB: Final = Levels(
     "gpu_usage_1m", "job_usage_1h",
-    ("tenant", "job", "cluster", "model", "gpus", "reported_ms", "mfu_ms", "measured_ms", "measured_flop",
+    ("tenant", "job", "cluster", "model", "gpus", "reported_ms", "claimed_ms", "mfu_ms", "measured_ms", "measured_flop",
      "estimated_unmeasured_flop", "peak_capacity_flop", "measured_peak_flop", "unmeasured_peak_flop",
      "first_start_ms", "last_end_ms"),
     minute_exprs=(("gpus", "[toString(gpu_uuid)]"), *_PEAK_SPLIT),
