@@ -33,6 +33,8 @@ def _select(start_ms: int, gpus: int, intervals: int, interval_ms: int, offset: 
 SELECT
     fromUnixTimestamp64Milli(toInt64(t_ms), 'UTC') AS time,
     toUInt32({interval_ms}) AS interval_ms,
+    toUInt32({interval_ms}) AS claimed_ms,
+    fromUnixTimestamp64Milli(toInt64(t_ms - {interval_ms}), 'UTC') AS claim_start,
     fromUnixTimestamp64Milli(toInt64(t_ms + 700), 'UTC') AS ingest_time,
     'bench' AS cluster,
     concat('node-', leftPad(toString(intDiv(g, 8)), 4, '0')) AS node,
@@ -164,5 +166,9 @@ def _fill(client: Any, database: str, source: str, target: str, select: str, sta
         return
     for day in range(start_ms, end_ms + 3_600_000, DAY_MS):  # samples of the last hour belong to its minutes too
         pruned = (f"(SELECT * FROM {source} WHERE time >= fromUnixTimestamp64Milli({day}) "
-                  f"AND time < fromUnixTimestamp64Milli({day + DAY_MS})) AS gpu_samples")
-        client.command(f"INSERT INTO {target} {select.replace(source, pruned)}")
+                  f"AND time < fromUnixTimestamp64Milli({day + DAY_MS}))")
+        # the view's own alias for the table, if it has one (`FROM db.gpu_samples AS s`), else the table's name
+        found = re.search(rf"{re.escape(source)}(\s+AS\s+(\w+))?", select)
+        alias = found.group(2) if found and found.group(2) else "gpu_samples"
+        day_select = select.replace(found.group(0) if found else source, f"{pruned} AS {alias}", 1)
+        client.command(f"INSERT INTO {target} {day_select}")
