@@ -23,7 +23,7 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_POWER_CAP,
     THROTTLE_THERMAL_MASK,
 )
-from gpufleet.pipeline.queries import formulas, rollups
+from gpufleet.pipeline.queries import formulas, job_signals, rollups
 
 HEALTH: Final = HealthConfig()
 BILLING: Final = BillingConfig()

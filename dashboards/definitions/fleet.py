@@ -193,7 +193,14 @@ waterfall = Panel(
                         max(model_peak_flop_s) AS peak
                     FROM {rows}
                     GROUP BY model
-                )
+                ) AS per_model
+                CROSS JOIN
+                (
+                    SELECT ifNull(sum(claimed_ms), 0) AS stalled
+                    FROM ({stalled})
+                    WHERE {in_range}
+                        AND {busy}
+                ) AS stalls
             )
             ARRAY JOIN
                 ['installed', 'reporting', 'healthy', 'allocated', 'not idle', 'busy', 'achieved (peak-equivalent)']
@@ -206,6 +213,7 @@ waterfall = Panel(
             rows=f.fleet_rows(("tenant", "model", "health", "claimed_ms", "model_peak_flop_s", *f.IDLE_COLUMNS,
                                "measured_flop", "estimated_unmeasured_flop")),
             gpus=f.level_rows(rollups.GPU_USAGE, ("cluster", "node", "gpu_uuid", "claimed_ms")),
+            stalled=f.stalled_samples(f.SAMPLE_FILTERS), in_range=f.STALLED_IN_RANGE, busy=f.STALLED_BUSY,
         ),
         ("stage", "remaining_gpu_hours", "lost_gpu_hours"),
         TABLE,
@@ -217,8 +225,8 @@ waterfall = Panel(
         "utilization under the policy's threshold) -> minus stalled (hung jobs: busy-looking, no work, still "
         "billed) -> busy -> achieved FLOPs as GPU-hours at peak "
         "(measured where jobs report FLOPs, else the hardware estimate: tensor activity × peak). "
-        "The red part of each bar is what that step lost. Installed reads one row per GPU and hour; the "
-        "rest the fleet rollup."
+        "The red part of each bar is what that step lost. Installed reads one row per GPU and hour, the "
+        "stalled step raw samples, the rest the fleet rollup."
     ),
     w=12,
     h=9,

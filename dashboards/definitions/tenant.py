@@ -158,9 +158,8 @@ stalled = Panel(
             FROM
             (
                 SELECT tenant, sum(claimed_ms) / {hour} AS allocated_gpu_hours, {mfu} AS mfu
-                FROM gpu_usage_1m
-                WHERE {where}
-                    AND tenant != ''
+                FROM {rows}
+                WHERE tenant != ''
                 GROUP BY tenant
             ) AS a
             LEFT JOIN
@@ -172,7 +171,8 @@ stalled = Panel(
             ) AS s ON s.tenant = a.tenant
             ORDER BY stalled_gpu_hours DESC, tenant
             """,
-            hour=f.HOUR_MS, mfu=f.MFU, where=_ROLLUP, stalled=f.stalled_samples(f.SAMPLE_FILTERS),
+            hour=f.HOUR_MS, mfu=f.MFU, rows=f.fleet_rows(("tenant", "claimed_ms", *f.MFU_COLUMNS)),
+            stalled=f.stalled_samples(f.SAMPLE_FILTERS),
             in_range=f.STALLED_IN_RANGE,
         ),
         ("tenant", "allocated_gpu_hours", "mfu", "stalled_gpu_hours", "stalled_share"),

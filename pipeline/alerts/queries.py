@@ -1,28 +1,6 @@
 """Pure functions: a rule and an evaluation instant -> its SQL; the SQL's rows -> alert candidates.
 
-Every value goes to ClickHouse as a bound parameter, the database too (`{db:Identifier}`, bound by
-the `Store`); identifiers (the group-by keys) come only from this code and the validated rules.
-Only samples with `time <= now` count, so evaluating at an injected `now` over stored data gives the
-same answer every time.
-
-Cost: a cycle reads the last minutes, never the history. A per-GPU rule reads raw samples only of
-the GPUs that may meet its condition: those whose rows in the per-GPU health rollup `gpu_health_1m`
-over the window (and the hour before it, the longest interval a sample may cover) show the
-condition somewhere (`_GpuShape.candidate`, a superset of the GPUs the rule can return), by the raw
-table's primary key. NodeSilent reads `node_latest`, the MFU rules the fleet rollup.
-
-"Sustained for D" means: the GPU's newest sample satisfies the condition and is at most
-`max_sample_age` old, every sample of that GPU ending in `(now - D, now]` satisfies it, and those
-samples reach back to `now - D` and their claimed time covers at least `coverage` x D (a lost
-message or two is tolerated, a node that stopped reporting is not; a second agent reporting the
-same seconds adds nothing); the SQL is `formulas.sustained`, which the Grafana rules
-(dashboards/alerting.py) use too. A candidate whose newest sample satisfies the
-condition but is not yet sustained is *pending*; `since_ms` is where its current run of
-satisfying samples began within the window.
-
-Agent counters (`agent_spool_dropping`, `agent_send_errors`) read `agent_reports`: the counter's
-increase over `(now - window, now]`, see `AgentCounterRising`. Claim conflicts (`gpu_claim_conflict`)
-read `gpu_claim_homes`, then the suspect GPUs' samples.
+Design notes: docs/design-notes.md#pipeline-alerts-queries-py.
 """
 
 from __future__ import annotations
@@ -242,6 +220,22 @@ def build(rule: AnyRule, now_ms: int) -> Query:
               "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
               **_gpu_params(rule, now_ms)}
     return Query(sql, params)
+
+
+def _job(rule: JobRule, now_ms: int) -> Query:
+    span = job_signals.Span(_WINDOW, "{fresh_ms:Int64}", "{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
+    params: dict[str, Any] = {
+        "from_ms": now_ms - max(rule.for_ms, rule.max_age_ms), "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
+        "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
+    }
+    table = "{db:Identifier}.gpu_samples"
+    if isinstance(rule, JobStalled):
+        return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND),
+                     {**params, **job_signals.stall_params(rule)})
+    if isinstance(rule, JobStraggler):
+        return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND),
+                     {**params, **job_signals.straggler_params(rule)})
+    raise TypeError(f"no job query for {type(rule).__name__}")
 
 
 # NodeSilent: each node's newest report from `node_latest` (one row per node), never a day of agent

@@ -1,36 +1,6 @@
 """The fast insert path: validated message bytes go to ClickHouse as they arrived, unnested by a view.
 
-Building Python columns and serializing them (clickhouse-connect's Native encoder) cost the
-ingester more CPU than decoding and validating the message itself (BENCHMARKS.md). Here the
-message bytes are sent unchanged as JSONEachRow rows, with the ingester's derived values spliced
-in as extra keys (`_p` peak FLOP/s, `_h` health state, `_r` health reasons: one array each, in
-the message's GPU order; `_c` claimed ms and `_s` claim starts, only when a sample claims less
-than its whole interval; `_k` each sample's health change (pipeline/ingest/transitions.py), only
-when one is not `same`; `_t` the ingest time). They land in a `Null` table (which stores
-nothing) whose materialized view `ARRAY JOIN`s the GPUs into `gpu_samples`, so ClickHouse's C++
-parser does the per-value work.
-
-Exactness: the rows equal those of the column path (`rows.derived_columns`) value for value.
-- A message takes this path only if it also decodes with `Staging.decoder`: the wire types with
-  every integer bounded by its column's range and every Float32 column's value finite in Float32.
-  ClickHouse would silently wrap an integer that overflows its column (the column path refuses
-  the batch instead). The wire contract now bounds every number by its column itself, so the
-  two agree and this costs nothing (msgspec checks bounds while decoding); it keeps the JSON path
-  exact should the contract and the columns ever drift apart: a message the columns cannot hold
-  then takes the column path, with exactly the column path's outcome.
-- Floats are parsed with `precise_float_parsing` (correctly rounded, like msgspec) as Float64
-  and cast to Float32 columns by a C cast, as the Native encoder does; the FLOPs estimate is
-  the same IEEE expression as `rows.estimated_flops`, in the same order, with JIT compilation off.
-- JSON that msgspec reads but ClickHouse refuses (a duplicated key: msgspec keeps the last) fails
-  the insert; the ingester then redoes that batch through the column path.
-- One staging row holds one whole message and parallel parsing is off, so a batch parses as one
-  block: a parse error writes nothing, and each message's GPU rows reach `gpu_samples` together.
-
-The staging table and view are generated from the wire contract and `gpu_samples`' own column
-types, and named by a hash of their SQL (`gpu_samples_json_<hash>`), so an ingester of another
-version never inserts through a view that does not match it, and nothing is dropped while a
-running ingester may use it. `ensure` creates them (IF NOT EXISTS, ON CLUSTER when configured);
-if it cannot (no DDL rights, an unexpected column type) the ingester keeps the column path.
+Design notes: docs/design-notes.md#pipeline-ingest-staging-py.
 """
 
 from __future__ import annotations

@@ -1,21 +1,8 @@
-"""Which GPU samples change the GPU's health state: the rows `gpu_health_events` keeps (docs/aggregations.md).
+"""Which GPU samples change the GPU's health state: the rows `gpu_health_events` keeps.
 
-The ingester marks every sample with `health_change`, comparing it with the previous sample of the
-same GPU it processed (one Kafka partition is one node's, read in order, and each batch is sorted by
-sample time, so that is the GPU's previous sample in time):
-
-- `same` (0): same state as the previous sample: not an event;
-- `changed` (1): another state: an event;
-- `first` (2): no previous sample known to this ingester (it started, or took the node's partition
-  over): an event, which a reader keeps only if the state differs from the GPU's previous event;
-- `late` (3): not newer than a sample already processed for this GPU (its clock went back): an
-  event, and readers recompute that GPU's changes from its raw samples (docs/aggregations.md,
-  "Health events").
-
-A reader takes the GPU's events in time order and keeps those whose state differs from the event
-before: exactly the changes of the stored samples, because every sample that changes the state is
-an event (restated `first` samples are dropped by the same comparison). Rows stored before this
-column existed, or written without it, read `first`: more events, never a missed one.
+`mark` compares each sample with the GPU's previous sample as processed: `same` (0), `changed` (1),
+`first` (2: no previous one known to this ingester) or `late` (3: not newer than one already processed).
+Design notes: docs/design-notes.md#pipeline-ingest-transitions-py.
 """
 
 from __future__ import annotations

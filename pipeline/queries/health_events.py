@@ -1,16 +1,10 @@
 """GPU health changes and XIDs from the event tables, never from a scan of raw samples.
 
-A health *change* is a sample whose state differs from the state of the GPU's previous sample (the
-first sample of a GPU is compared with `ok`). `gpu_health_events` holds every such sample, plus
-restated ones (`first` after an ingester took a node over; pipeline/ingest/transitions.py), so the
-changes are the event rows, in time order per GPU, whose state differs from the row before. Rows
-before the range count for that comparison (one GPU's events, read by key). A GPU with a `late`
-event (a sample older than one already processed: its clock went back) has its changes computed
-from its own raw samples instead, by key, so the answer is the raw samples' answer whatever the
-arrival order. XIDs come from `gpu_xid_events`, one row per XID of a sample.
-
-The SQL is built here once for the read side (bound parameters) and the health board (the plugin's
-macros): `changes(start, end, where)`.
+A change is a sample whose state differs from the GPU's previous sample's (the first is compared
+with `ok`): the event rows, in time order per GPU, whose state differs from the row before (earlier
+rows count). A GPU with a `late` event has its changes taken from its own raw samples, by key. XIDs
+come from `gpu_xid_events`. The SQL is built once for the read side and the health board.
+Design notes: docs/aggregations.md, "Health events".
 """
 
 from __future__ import annotations

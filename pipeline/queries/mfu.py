@@ -1,9 +1,7 @@
 """MFU (model FLOPs utilization) per scope and window, from the rollups.
 
-The fleet, tenant and model scopes read the fleet rollup (`fleet_usage_1m`/`_1h`, whole hours from the
-hour level: `rollups.rows`), whose size does not grow with the fleet; the job and node scopes read the
-per-GPU minute rollup `gpu_usage_1m`. Both give the same sums (the fleet rollup is fed from it).
-
+The fleet, tenant and model scopes read the fleet rollup (`rollups.rows`: no GPU in its key), the job
+and node scopes `gpu_usage_1m`; both give the same sums (the fleet rollup is fed from it).
 MFU = sum of achieved FLOPs / sum of (peak FLOP/s x seconds), over the GPU-seconds in scope whose
 model has a known peak and whose achieved FLOPs are known. Achieved FLOPs are the job's own
 **measured** figure where it reported one, else the hardware **estimate** (tensor-pipe activity x

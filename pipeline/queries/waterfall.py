@@ -1,26 +1,8 @@
-"""The capacity waterfall: where installed GPU-seconds go, from the rollups.
+"""The capacity waterfall: where installed GPU-seconds go, from the fleet and per-GPU rollups.
 
-    installed  - unknown - unhealthy - unallocated - allocated idle  = busy
-
-over a whole-minute window and a hardware scope (all, a cluster, a node, a GPU model), then the
-achieved FLOPs as a share of the installed peak. Definitions (docs/aggregations.md):
-
-- *installed*: every GPU that reported at least once in the window, for the whole window (a GPU
-  claimed from two nodes for the same time counts what it claimed, per node);
-- *unknown*: installed time the GPU did not report (silent agent, node down, not yet installed);
-- *unhealthy*: claimed time (each second once per node) in a health state the policy excludes
-  (`billing.exclude_states`);
-- *unallocated*: the rest of the claimed time with no tenant;
-- *allocated idle*: the rest with a tenant, but no compute process or utilization below the
-  policy's idle threshold;
-- *busy*: what remains.
-
-The steps are integer milliseconds, disjoint, and add up exactly by construction; the result
-carries each one so callers and tests can check that.
-
-Reads: the policy-split sums from the fleet rollup (`fleet_usage_1m`/`_1h`; the per-GPU rollup for a
-node scope), and, for *installed*, each GPU's claimed time from the per-GPU rollups: the one part
-that needs a row per GPU seen (`rollups.rows`: whole hours from the hour level).
+The policy-split sums come from the fleet rollup (per-GPU rollups for a node scope), *installed* from
+one row per GPU seen and hour (`rollups.rows`), the stalled step from `stalls`.
+Design notes: docs/design-notes.md#pipeline-queries-waterfall-py.
 """
 
 from __future__ import annotations
@@ -29,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from gpufleet.pipeline.queries import formulas, rollups
+from gpufleet.config import StallConfig
+from gpufleet.pipeline.queries import formulas, rollups, stalls
 from gpufleet.pipeline.queries.policy import IDLE_MS, Policy
 from gpufleet.pipeline.queries.window import Window
 
@@ -158,8 +141,9 @@ class Waterfall:
         return out
 
 
-def assemble(seen: Sequence[Seen], sums: Sums, window_ms: int) -> Waterfall:
-    """The waterfall from the GPUs seen and the scope's sums (pure)."""
+def assemble(seen: Sequence[Seen], sums: Sums, window_ms: int, stalled_ms: int = 0) -> Waterfall:
+    """The waterfall from the GPUs seen, the scope's sums and the stalled milliseconds, a part of their
+    busy time (pure)."""
     installed = unknown = 0
     peak = 0.0
     unknown_models: dict[str, int] = {}
@@ -171,22 +155,22 @@ def assemble(seen: Sequence[Seen], sums: Sums, window_ms: int) -> Waterfall:
             unknown_models[g.model] = unknown_models.get(g.model, 0) + gpu_installed * unit
         else:
             peak += g.peak_flop_s * gpu_installed / 1000
-    busy = installed - unknown - sums.unhealthy_ms - sums.unallocated_ms - sums.idle_ms
+    busy = installed - unknown - sums.unhealthy_ms - sums.unallocated_ms - sums.idle_ms - stalled_ms
     return Waterfall(
         window_ms=window_ms, gpus=len(seen), installed_ms=installed, unknown_ms=unknown,
         unhealthy_ms=sums.unhealthy_ms, unallocated_ms=sums.unallocated_ms, idle_allocated_ms=sums.idle_ms,
-        busy_ms=busy, achieved_flop=sums.achieved_flop, installed_peak_flop=peak,
+        stalled_ms=stalled_ms, busy_ms=busy, achieved_flop=sums.achieved_flop, installed_peak_flop=peak,
         achieved_share_of_peak=sums.achieved_flop / peak if peak > 0 else None,
         measured_coverage=sums.measured_ms / sums.mfu_ms if sums.mfu_ms else None,
         unknown_models=[{"model": m, "installed_gpu_seconds": ms / 1000} for m, ms in sorted(unknown_models.items())],
     )
 
 
-def build(gpus: Sequence[GpuTotals], window_ms: int) -> Waterfall:
-    """The waterfall from per-GPU totals (pure)."""
+def build(gpus: Sequence[GpuTotals], window_ms: int, stalled_ms: int = 0) -> Waterfall:
+    """The waterfall from per-GPU totals and the stalled milliseconds (pure)."""
     sums = Sums(sum(g.unhealthy_ms for g in gpus), sum(g.unallocated_ms for g in gpus), sum(g.idle_ms for g in gpus),
                 sum(g.achieved_flop for g in gpus), sum(g.mfu_ms for g in gpus), sum(g.measured_ms for g in gpus))
-    return assemble([Seen(g.model, g.claimed_ms, g.peak_flop_s) for g in gpus], sums, window_ms)
+    return assemble([Seen(g.model, g.claimed_ms, g.peak_flop_s) for g in gpus], sums, window_ms, stalled_ms)
 
 
 def _rows(levels: rollups.Levels, scope_sql: str) -> str:
@@ -212,6 +196,10 @@ def gpus_seen(store: Store, window: Window, scope: HardwareScope | None = None) 
     return [Seen(str(m), int(r), None if p is None else float(p)) for m, r, p in rows]
 
 
-def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None) -> Waterfall:
-    """The capacity waterfall for `scope` over `window`."""
-    return assemble(gpus_seen(store, window, scope), scope_sums(store, window, policy, scope), window.length_ms)
+def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None,
+              stall: StallConfig | None = None) -> Waterfall:
+    """The capacity waterfall for `scope` over `window`; what a stall is: `stall` (config `jobs.stall`)."""
+    scope_sql, scope_params = (scope or HardwareScope()).sql()
+    stalled = stalls.stalled_ms(store, window, policy, stall or StallConfig(), scope_sql, scope_params)
+    return assemble(gpus_seen(store, window, scope), scope_sums(store, window, policy, scope), window.length_ms,
+                    stalled)
