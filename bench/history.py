@@ -72,6 +72,7 @@ SELECT
     toFloat32(round(sm_active_ratio * 0.6 * {noise(10)}, 4)) AS tensor_active_ratio,
     toFloat32(round(util_mem_ratio * {noise(11)}, 4)) AS dram_active_ratio,
     CAST(NULL AS Nullable(Float64)) AS flops_measured,
+    CAST(NULL AS Nullable(Float64)) AS tokens_measured, CAST(NULL AS Nullable(Float64)) AS samples_measured,
     {H100_PEAK} AS peak_flops,
     toFloat64(tensor_active_ratio) * {H100_PEAK} * {interval_ms} / 1000. AS flops_estimated,
     CAST(multiIf(h < 0.0001, 2, h < 0.001, 1, 0) AS Enum8('ok' = 0, 'degraded' = 1, 'failing' = 2, 'unknown' = 3))
