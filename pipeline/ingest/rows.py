@@ -187,7 +187,7 @@ def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = No
         [t or "" for t in tenant],
         [(j or "") if t else "" for t, j in zip(tenant, job, strict=True)],
         [e or "" for e in error],
-        *map(list, copied),
+        *(_column(name, values) for name, values in zip(COPIED_FIELDS, copied, strict=True)),
         peak, estimated, health, reasons, changes,
     ]
     return Columns(SAMPLE_COLUMNS, data)

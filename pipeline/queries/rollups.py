@@ -51,7 +51,7 @@ FLEET: Final = Levels("fleet_usage_1m", "fleet_usage_1h", ("cluster", "tenant", 
 """Per cluster, tenant, model and health state: what every fleet and tenant question reads."""
 GPU_USAGE: Final = Levels(
     "gpu_usage_1m", "gpu_usage_1h",
-    ("cluster", "node", "gpu_uuid", "tenant", "model", "health", *_USAGE_SUMS),
+    ("cluster", "node", "gpu_uuid", "tenant", "model", "health", *_USAGE_SUMS, "share_num", "share_den"),
     hour_exprs=_PEAK_SPLIT, minute_exprs=_PEAK_SPLIT,
 )
 """Per GPU (no job: the hour level has none), with the fleet rollup's columns: a node's or a GPU's rows."""

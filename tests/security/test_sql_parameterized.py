@@ -119,6 +119,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/health_events.py", "where"): FRAGMENT_ARG,
     ("pipeline/queries/health_events.py", "changes(WINDOW_START, WINDOW_END, prefix='{db:Identifier}.')"):
         CONST + " with the bound window {w_start:Int64}/{w_end:Int64}",
+    ("pipeline/queries/waterfall.py", "_GPU_SUMS"): CONST,
+    ("pipeline/queries/waterfall.py", "WINDOW"): WINDOW,
+    ("pipeline/queries/waterfall.py", "scope_sql"): CONST,
     ("pipeline/alerts/state.py", "_SELECT"): COLUMNS,
     ("pipeline/alerts/state.py", "_SEVERITY_ORDER"): CONST,
     ("pipeline/alerts/state.py", "c"): COLUMNS,
