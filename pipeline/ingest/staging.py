@@ -153,18 +153,20 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
         "flops_estimated": ("if(d_peak IS NULL OR g.tensor_active_ratio IS NULL OR ifNull(g.error, '') != '', NULL, "
                             "g.tensor_active_ratio * d_peak * interval_ms / 1000.) AS flops_estimated"),
         "health": "d_health AS health", "health_reasons": "d_reasons AS health_reasons",
+        "health_change": "d_change AS health_change",
     }
     columns = [derived.get(c) or by_column[c] for c in SAMPLE_COLUMNS]
     structure = (
         "cluster String, node String, boot_id String, seq UInt64, time_ms Int64, interval_ms UInt32, "
         f"gpus Array(Tuple({', '.join(gpu_types)})), "
         "_p Array(Nullable(Float64)), _h Array(UInt8), _r Array(Array(String)), "
-        "_c Array(UInt32), _s Array(Int64), _t Int64"
+        "_c Array(UInt32), _s Array(Int64), _k Array(UInt8), _t Int64"
     )
     select = (f"SELECT {', '.join(columns)} FROM {{table}} "
               "ARRAY JOIN gpus AS g, _p AS d_peak, _h AS d_health, _r AS d_reasons, "
               "if(empty(_c), arrayWithConstant(length(gpus), interval_ms), _c) AS d_claimed, "
-              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start")
+              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start, "
+              "if(empty(_k), arrayWithConstant(length(gpus), toUInt8(0)), _k) AS d_change")
     digest = hashlib.sha256(f"{structure}\n{select}".encode()).hexdigest()[:10]
     table = f"{database}.gpu_samples_json_{digest}"
     view = f"{table}_mv"
@@ -229,6 +231,10 @@ class Splicer:
             part = self._healthy[n] = b',"_h":' + self._encode([0] * n) + b',"_r":' + self._encode([[]] * n)
         return part
 
+    def _changes_part(self, changes: list[int]) -> bytes:
+        """Nothing when every sample is `same` as the GPU's previous one (the view fills that in), else `_k`."""
+        return b',"_k":' + self._encode(changes) if any(changes) else b""
+
     def _claims_part(self, report: NodeReport, claimed: list[int], starts: list[int]) -> bytes:
         """Nothing when every sample claims its whole interval (the view fills that in), else `_c` and `_s`."""
         if claimed.count(report.interval_ms) == len(claimed):
@@ -245,6 +251,7 @@ class Splicer:
         """
         tail = b',"_t":%d}\n' % ingest_ms
         health, reasons, claimed, starts = derived.health, derived.reasons, derived.claimed, derived.claim_start
+        changes = derived.changes
         parts: list[bytes | memoryview] = []
         add = parts.append
         size = pos = 0
@@ -255,13 +262,16 @@ class Splicer:
                 peaks = self._peaks_part(report.gpus)
                 state = self._health_part(health[pos:end], reasons[pos:end])
                 claims = self._claims_part(report, claimed[pos:end], starts[pos:end])
+                marks = self._changes_part(changes[pos:end])
                 add(memoryview(raw)[:-1])
                 add(peaks)
                 add(state)
                 if claims:
                     add(claims)
+                if marks:
+                    add(marks)
                 add(tail)
-                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(tail)
+                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(marks) + len(tail)
             pos = end
         buf = self._buf
         if size > len(buf):
