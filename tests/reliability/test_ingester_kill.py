@@ -211,9 +211,10 @@ FULL = "min_free_disk_bytes_to_perform_insert = 1000000000000000000"
 
 def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBroker, tmp_path: Path,
                                                                topic: str) -> None:
-    """The hour rollup refuses inserts (disk full), so the batch's insert lands in gpu_samples and the
-    minute rollup only; the ingester is then killed. Its restart repeats the batch from the intent log
-    (pipeline/ingest/intents.py): ClickHouse drops the rows it has and completes the hour rollup."""
+    """The hour rollup refuses inserts (disk full), so the first batch's insert lands in gpu_samples and the
+    minute rollup only; the ingester is then killed. Its restart finds that batch in the ledger, unfinished
+    (its offsets not committed), and repeats it exactly before anything else (pipeline/ingest/ledger.py):
+    ClickHouse drops the rows it has and completes the hour rollup."""
     cfg, dsn, db = _setup(broker, tmp_path, topic)
     sent = [10] * NODES
     assert Child(gpufleet("migrate", "--dsn", dsn, "--database", db), tmp_path / "migrate.log").start().wait() == 0
@@ -230,13 +231,13 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
         wait_until(lambda: "insert failed" in first.log(), "the first insert to fail on the hour rollup")
     finally:
         first.kill()
-    intents = list((tmp_path / "store" / "gpufleet-intents" / db).glob("*.intent"))
-    assert len(intents) == 1
-    (raw,), (hour,) = (r[0] for r in probe(dsn, db, [STORED, "SELECT count() FROM {db}.gpu_usage_1h"],
-                                           ["ALTER TABLE {db}.gpu_usage_1h RESET SETTING "
-                                            "min_free_disk_bytes_to_perform_insert"]))
-    assert raw > 0
-    assert hour == 0  # cut short: raw rows in, hour rollup missing
+    claims, (raw,), (hour,) = probe(
+        dsn, db, ["SELECT partition, first_offset, last_offset FROM {db}.ingest_batches WHERE kind = 'batch'",
+                  STORED, "SELECT count() FROM {db}.gpu_usage_1h"],
+        ["ALTER TABLE {db}.gpu_usage_1h RESET SETTING min_free_disk_bytes_to_perform_insert"])
+    assert len(claims) == 1  # batches are written one at a time: the first one is the one cut short
+    assert raw[0] > 0
+    assert hour == [0]  # cut short: raw rows in, hour rollup missing
     assert committed(broker.bootstrap, f"g-{topic}", topic) == 0
     second = Child(gpufleet("ingest", "--config", str(cfg)), tmp_path / "ingest2.log").start()
     try:
@@ -246,5 +247,5 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
         if second.alive:
             second.kill()
     check_store(dsn, db, sent)
-    assert "repeated the batch of" in second.log()
-    assert not list((tmp_path / "store" / "gpufleet-intents" / db).glob("*.intent"))
+    partition, first_offset, last_offset = claims[0]
+    assert f"partition {topic}/{partition}: repeating its unfinished batch [{first_offset}, {last_offset}]" in second.log()
