@@ -248,4 +248,5 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
             second.kill()
     check_store(dsn, db, sent)
     partition, first_offset, last_offset = claims[0]
-    assert f"partition {topic}/{partition}: repeating its unfinished batch [{first_offset}, {last_offset}]" in second.log()
+    repeat = f"partition {topic}/{partition}: repeating its unfinished batch [{first_offset}, {last_offset}]"
+    assert repeat in second.log()
