@@ -35,6 +35,9 @@ MAX_BACKOFF_S = 30.0
 FULL_GC_EVERY_S = 60.0
 POLL_WARN_EVERY_S = 30.0
 MAX_POLL_RECORDS = 5000
+COMMIT_RETRY_S = 2.0
+"""How often a refused commit of stored batches is retried while nothing else commits (each retry during a
+rebalance is refused again, and the rebalance completes in `poll`)."""
 T = TypeVar("T")
 
 
@@ -116,10 +119,16 @@ class Ingester:
         self.pending: dict[TopicPartition, Claim | None] = {}
         """Partitions whose ledger was read since their assignment: the recorded batch each must write next
         (None: none; a partition missing here has not been read yet)."""
+        self.positions: dict[TopicPartition, int] = {}
+        """Each owned partition's next offset to read: what this ingester has gathered or stored up to."""
+        self.uncommitted: dict[TopicPartition, int] = {}
+        """Stored batches whose commit was refused: the offset to commit for each partition, retried while owned."""
         self._stop = threading.Event()
         self._inflight: _InFlight | None = None
+        self._writing: TopicPartition | None = None
         self._abandoned = False
         self._last_poll_warning = -float("inf")
+        self._last_commit_retry = -float("inf")
 
     @property
     def dlq(self) -> Producer:
@@ -158,9 +167,11 @@ class Ingester:
         """One poll; settle the insert in flight if it finished; flush when the batches are full or old
         (returns whether it flushed)."""
         ing = self.cfg.ingest
-        if not self.batches and self._inflight is None:
+        if not self.batches and self._inflight is None and not self.uncommitted:
             self.liveness.beat(COMMIT)  # nothing read is left uncommitted
         self.poll_once(timeout_ms=min(200, ing.batch_ms))
+        if self.uncommitted and time.monotonic() - self._last_commit_retry >= COMMIT_RETRY_S:
+            self._commit_refused()
         if self._inflight is not None and self._inflight.future.done():
             self._settle()
         if self._due():
@@ -220,6 +231,7 @@ class Ingester:
             batch.add_dead(DeadLetter(tp.topic, tp.partition, rec.offset, rec.key, rec.value or b"", result))
         else:
             batch.add_report(rec.offset, result, rec.value or b"", as_json)  # not None: it decoded
+        self.positions[tp] = rec.offset + 1
 
     # --- flushing --------------------------------------------------------------------------
     def flush(self, final: bool = False, pipelined: bool = False) -> bool:
@@ -235,20 +247,34 @@ class Ingester:
             return False
         for i, batch in enumerate(ready):
             pipeline = pipelined and not final and i == len(ready) - 1
-            if not self._retry(lambda b=batch, p=pipeline: self._write_and_commit(b, p), final):
+            if self._retry(lambda b=batch, p=pipeline: self._write_and_commit(b, p), final) is not None:
+                continue
+            if final or self._stop.is_set():
                 log.error("%d batches of %d messages not written (offsets not committed, will be redelivered)",
                           len(ready) - i, sum(len(b) for b in ready[i:]))
                 return False
+            self._give_back(ready[i + 1:])  # this batch's partition moved on: the others are still to write
+            return False
         return settled
+
+    def _give_back(self, batches: list[Batch]) -> None:
+        """Put batches not written back in front of what was gathered since, for the partitions still owned."""
+        owned = self._owned()
+        for batch in batches:
+            if batch.tp in owned:
+                if batch.replay:
+                    self.pending[batch.tp] = batch.claim
+                self.batches[batch.tp] = Batch(batch.tp).merge(batch).merge(self.batches.get(batch.tp))
 
     def _take_ready(self) -> list[Batch]:
         """The batches to write now, in partition order: each partition's whole batch, or, where the partition's
         ledger holds an unfinished batch, exactly that batch once it is read in full."""
+        for tp, batch in self.batches.items():  # first everything that may fail, then nothing that may
+            if tp not in self.pending:
+                self.pending[tp] = self._unfinished(tp, batch.first)
         ready = []
         for tp in sorted(self.batches, key=lambda t: (t.topic, t.partition)):
             batch = self.batches.pop(tp)
-            if tp not in self.pending:
-                self.pending[tp] = self._unfinished(tp, batch.first)
             claim = self.pending[tp]
             if claim is None:
                 ready.append(batch)
@@ -301,11 +327,14 @@ class Ingester:
             self._resume()
 
     def _write_and_commit(self, batch: Batch, pipelined: bool = False) -> bool:
+        self._writing = batch.tp
         try:
             pending = self.writer.write(batch, pipelined)
         except ClaimLost as lost:
             self._claim_lost(batch, lost.winner)
             return True
+        finally:
+            self._writing = None
         if pending is not None:
             self._inflight = _InFlight(batch, pending)
         else:
@@ -357,23 +386,49 @@ class Ingester:
             s.last_error = ""
 
     def _commit(self, batch: Batch) -> bool:
-        """Commit the stored batch's offsets. A refused commit (the group rebalanced meanwhile, the broker
-        away) is reported, not raised: the batch is stored, and whoever owns its partition next finds it
-        in the ledger and repeats it (G17) or, past it, drops its messages as duplicates (G6). Raising here
-        used to end the loop."""
-        if batch.tp is None:
+        """Commit the stored batch's offsets. A commit refused (the group rebalancing, the broker away), or not
+        possible now (the partition is between owners), is reported, not raised, and retried while this consumer
+        owns the partition; once it moved on, its next owner finds the batch in the ledger and repeats it (G17).
+        Raising here used to end the loop."""
+        tp, owned = batch.tp, self._owned()
+        if tp is None:
             return True
+        if tp not in owned:
+            self.uncommitted[tp] = max(batch.next_offset, self.uncommitted.get(tp, 0))
+            return False
+        refused = {t: o for t, o in self.uncommitted.items() if t in owned}
+        return self._commit_offsets({**refused, tp: max(batch.next_offset, refused.get(tp, 0))})
+
+    def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> bool:
         try:
-            kafka_io.commit(self.consumer, {batch.tp: batch.next_offset})
-            if not self.batches and self._inflight is None:
-                self.liveness.beat(COMMIT)
+            kafka_io.commit(self.consumer, offsets)
         except Exception as exc:
+            for tp, offset in offsets.items():
+                self.uncommitted[tp] = max(offset, self.uncommitted.get(tp, 0))
             self.stats.commit_errors += 1
             self.stats.last_error = f"Kafka commit: {type(exc).__name__}: {exc}"[:500]
-            log.warning("offset commit refused; the batch is stored, and its messages will be redelivered and "
-                        "dropped as duplicates: %s", self.stats.last_error)
+            log.warning("offset commit refused; the batch is stored, the commit is retried while this ingester owns "
+                        "the partition (else its next owner repeats the batch from the ledger): %s",
+                        self.stats.last_error)
             return False
+        for tp, offset in offsets.items():
+            if self.uncommitted.get(tp, offset) <= offset:
+                self.uncommitted.pop(tp, None)
+        if not self.batches and self._inflight is None and not self.uncommitted:
+            self.liveness.beat(COMMIT)
         return True
+
+    def _commit_refused(self) -> None:
+        """Commit again what was stored and not committed, for the partitions this consumer owns now (the
+        assignment, not this, forgets the partitions that moved on)."""
+        self._last_commit_retry = time.monotonic()
+        owned = self._owned()
+        offsets = {tp: o for tp, o in self.uncommitted.items() if tp in owned}
+        if offsets and self._commit_offsets(offsets) and not self.stats.backing_off and not self.uncommitted:
+            self.stats.last_error = ""
+
+    def _owned(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment())
 
     # --- back-off while ClickHouse (or the DLQ) is down --------------------------------------
     def _note_failure(self, state: tenacity.RetryCallState) -> None:
@@ -396,7 +451,7 @@ class Ingester:
                 if records:
                     self.consumer.seek(tp, records[0].offset)
             if self._abandoned:
-                raise _Abandon("partitions were revoked during back-off")
+                raise _Abandon("the partition moved to another consumer during back-off")
 
     def _resume(self) -> None:
         self._abandoned = False
@@ -405,24 +460,28 @@ class Ingester:
             self.consumer.resume(*paused)
 
     # --- rebalance (`kafka_io.RebalanceHandler`) ---------------------------------------------
+    # kafka-python (3.x) runs these on its network thread while `poll` waits, and refuses any blocking call
+    # there (a commit, a poll): they only rearrange what this ingester holds. The loop writes and commits.
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        """Rebalance: flush what we hold while we still own it; else let the next owner repeat it (G17)."""
-        if not self.batches and self._inflight is None:
-            return
-        if self.stats.backing_off:
-            self._abandoned = True
-            return
-        self._settle(final=True)
-        if self.batches:
-            self.flush(final=True)
+        """Nothing to do before the new assignment is known: what was stored and not committed is in the ledger
+        (its next owner repeats it, G17), what was gathered is read again by whoever owns it next."""
+        log.info("revoking %d partitions", len(revoked))
 
     def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        """Every partition is read again from its committed offset: forget what was gathered, and read each
-        partition's ledger before its first batch."""
-        self.batches.clear()
-        self.pending.clear()
+        """Keep what was gathered for partitions this consumer still owns, and go on reading them where it was
+        (some clients rewind a kept partition to its committed offset); forget everything of partitions that
+        moved away (their next owner reads them from the committed offset); read the ledger of new ones before
+        their first batch."""
+        owned = self._owned() | set(assigned)
+        for held in (self.batches, self.pending, self.positions, self.uncommitted):
+            for tp in [tp for tp in held if tp not in owned]:
+                del held[tp]
+        for tp, offset in self.positions.items():
+            self.consumer.seek(tp, offset)
         self.writer.deriver.claims.forget()  # another consumer may have claimed time meanwhile: read claims again
-        log.info("assigned %d partitions", len(assigned))
+        if self._writing is not None and self._writing not in owned:
+            self._abandoned = True  # the batch being retried during a back-off is no longer ours to write
+        log.info("assigned %d partitions", len(owned))
 
 
 class _Abandon(RuntimeError):

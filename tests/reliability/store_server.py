@@ -1,6 +1,6 @@
 """A ClickHouse server for the fault tests: one process owns a chDB store and serves ClickHouse's HTTP interface.
 
-    python -m tests.reliability.store_server STORE_PATH PORT_FILE
+    python -m tests.reliability.store_server STORE_PATH PORT_FILE [PORT]
 
 chDB lets one process open a store, and a real ClickHouse server cannot be installed here, so tests that
 need several ingester processes writing one store, and a server that finishes an insert its client no
@@ -230,9 +230,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"no such control")
 
 
-def main(store: str, port_file: str) -> None:
+def main(store: str, port_file: str, port: int = 0) -> None:
     Handler.engine = Engine(store)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     tmp = Path(port_file).with_suffix(".tmp")
     tmp.write_text(str(server.server_address[1]))
@@ -241,4 +241,4 @@ def main(store: str, port_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)

@@ -58,9 +58,9 @@ def expected_billed_s(seqs_per_node: list[int]) -> dict[str, float]:
 class Producer:
     """Sends one message per node every `every_s` until stopped; remembers how many it sent per node."""
 
-    def __init__(self, bootstrap: str, topic: str, every_s: float) -> None:
-        self.bootstrap, self.topic, self.every_s = bootstrap, topic, every_s
-        self.sent = [0] * NODES
+    def __init__(self, bootstrap: str, topic: str, every_s: float, nodes: int = NODES) -> None:
+        self.bootstrap, self.topic, self.every_s, self.nodes = bootstrap, topic, every_s, nodes
+        self.sent = [0] * nodes
         self.base_ms = _base_ms()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -72,7 +72,7 @@ class Producer:
             while not self._stop.is_set():
                 futures = [p.send(self.topic, key=f"kn{n}".encode(), value=wire.encode(message(n, self.sent[n],
                                                                                                self.base_ms)))
-                           for n in range(NODES)]
+                           for n in range(self.nodes)]
                 for f in futures:
                     f.get(30)
                 self.sent = [s + 1 for s in self.sent]
