@@ -209,3 +209,96 @@ def test_the_first_owners_insert_and_the_next_owners_repeat_leave_one_copy(broke
     if when == "after":
         held.land()  # the server finishes the first owner's insert after the partition moved
     _assert_exact(ch_client, db)
+
+
+# --- the insert paths a repeat follows ------------------------------------------------------------
+
+class ColumnsCut:
+    """The real chDB client, except that the first insert of GPU rows as columns never reaches ClickHouse and
+    cuts the client off from then on (the first owner dies right after recording its switch to columns)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.cut = threading.Event()
+
+    def insert(self, table: str, *args: Any, **kwargs: Any) -> Any:
+        if self.cut.is_set() or table.endswith(".gpu_samples"):
+            self.cut.set()
+            raise ConnectionError("connection to ClickHouse lost (injected)")
+        return self.real.insert(table, *args, **kwargs)
+
+    def raw_insert(self, *args: Any, **kwargs: Any) -> Any:
+        if self.cut.is_set():
+            raise ConnectionError("connection to ClickHouse lost (injected)")
+        return self.real.raw_insert(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_block_that_went_as_columns_is_repeated_as_columns(broker, ch_target, ch_client, topic) -> None:
+    """ClickHouse refuses a block's JSON (a duplicated key: msgspec keeps the last one), so the first owner
+    records in the ledger that the block goes as columns, then dies before that insert. The next owner
+    repeats the block as columns straight away, under the same token: it never sends the JSON."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    db = ch_target.database
+    cfg = _cfg(broker, ch_target, topic, batch_ms=300)
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(topic, 1, 1), NewTopic(cfg.kafka.dlq_topic, 1, 1)])
+    admin.close()
+    good = report(node="jc1", seq=0, time_ms=T0_MS + 1000, gpus=[gpu(0, "jc1", tenant="acme")])
+    dup = wire.encode(report(node="jc2", seq=0, time_ms=T0_MS + 1000, gpus=[gpu(0, "jc2", tenant="acme")]))
+    _produce(broker, topic, [(b"jc1", wire.encode(good)), (b"jc2", dup.replace(b'"seq":0', b'"seq":0,"seq":3'))])
+    client = ColumnsCut(connect_target(cfg))
+    first = _ingester(cfg, client=client)
+    stop = threading.Event()
+    thread = threading.Thread(target=first.run, args=(stop,), daemon=True)
+    thread.start()
+    assert client.cut.wait(60), "the first owner never switched the block to columns"
+    stop.set()
+    thread.join(60)
+    first.consumer.close()
+    assert ch_client.query(f"SELECT kind, block FROM {db}.ingest_batches ORDER BY kind").result_rows == [
+        ("batch", 0), ("json_failed", 0)]
+    nxt = _ingester(cfg)
+    stop = threading.Event()
+    thread = threading.Thread(target=nxt.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while nxt.stats.messages < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    thread.join(60)
+    nxt.consumer.close()
+    assert (nxt.stats.messages, nxt.stats.replays, nxt.stats.insert_errors) == (2, 1, 0)
+    assert ch_client.query(f"SELECT node, seq, count() FROM {db}.gpu_samples GROUP BY node, seq ORDER BY node"
+                           ).result_rows == [("jc1", 0, 1), ("jc2", 3, 1)]
+    assert ch_client.query(f"SELECT sum(samples) FROM {db}.gpu_usage_1h").result_rows == [(2,)]
+
+
+def test_a_repeat_goes_through_the_staging_table_the_batch_was_planned_with(ch_store: Store) -> None:
+    """Another version's staging table is used when it takes this version's input exactly; otherwise the batch
+    is refused loudly rather than repeated through another table (which ClickHouse would not deduplicate)."""
+    from gpufleet.pipeline.ingest import staging
+    from gpufleet.pipeline.ingest.writer import ReplayRefused
+
+    ours = staging.ensure(ch_store)
+    db = ch_store.database
+    ch_store.command(f"CREATE TABLE {db}.gpu_samples_json_older AS {ours.table}")
+    ch_store.command(f"CREATE TABLE {db}.gpu_samples_json_other (cluster String) ENGINE = Null")
+    assert staging.adopt(ch_store, ours.table) == ours
+    older = staging.adopt(ch_store, f"{db}.gpu_samples_json_older")
+    assert older is not None
+    assert older.table == f"{db}.gpu_samples_json_older"
+    assert staging.adopt(ch_store, f"{db}.gpu_samples_json_other") is None
+    assert staging.adopt(ch_store, f"{db}.gpu_samples_json_gone") is None
+
+    from gpufleet.config import parse
+    from gpufleet.pipeline.ingest.writer import BatchWriter
+
+    writer = BatchWriter(parse({"clickhouse": {"database": db}}), ch_store, dlq=None)  # type: ignore[arg-type]
+    claim = Claim("t", 0, 1, 2, 3, f"{db}.gpu_samples_json_other", planner="0.0.9")
+    with pytest.raises(ReplayRefused, match="planned by gpufleet 0.0.9 through the staging table .*json_other"):
+        writer._staging_of(claim)
+    assert writer._staging_of(Claim("t", 0, 1, 2, 3, f"{db}.gpu_samples_json_older")).table.endswith("json_older")
