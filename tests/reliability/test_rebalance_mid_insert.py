@@ -158,6 +158,12 @@ def _finish(server: StoreServer, group: Group, producer: Producer) -> list[int]:
     return sent
 
 
+def _report(group: Group, sent: list[int]) -> None:
+    logs = group.logs()
+    print(f"produced {sum(sent)} messages ({sum(sent) * 4} samples); batches repeated from the ledger: "
+          f"{logs.count('repeating its unfinished batch')}; claims lost: {logs.count('was claimed first')}")
+
+
 def check_exact(server: StoreServer, sent: list[int]) -> None:
     """Every produced sample once, in every table; rollups equal to raw; billed as counted by hand."""
     store = server.store(DB)
@@ -182,6 +188,7 @@ def test_sigkill_mid_insert_while_partitions_move(broker: EmbeddedBroker, tmp_pa
         for mode in ("after", "before", "partly"):
             _kill_mid_insert(server, group, mode)
         sent = _finish(server, group, producer)
+        _report(group, sent)
         check_exact(server, sent)
         assert "repeating its unfinished batch" in group.logs()
     finally:
@@ -199,6 +206,7 @@ def test_sigkill_mid_insert_while_the_store_refuses_inserts(broker: EmbeddedBrok
         for mode in ("refusing", "after"):
             _kill_mid_insert(server, group, mode)
         sent = _finish(server, group, producer)
+        _report(group, sent)
         check_exact(server, sent)
         assert "Could not perform insert" in group.logs()  # the others backed off meanwhile
     finally:
@@ -231,6 +239,7 @@ def test_the_server_and_the_ingester_dying_together_mid_insert(broker: EmbeddedB
                    f"repeating the batch that ends at {last}")
         group.start(held["user"])
         sent = _finish(server, group, producer)
+        _report(group, sent)
         check_exact(server, sent)
     finally:
         producer.halt()
