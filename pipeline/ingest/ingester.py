@@ -22,7 +22,7 @@ from gpufleet.liveness import Liveness
 from gpufleet.pipeline.ingest import kafka_io
 from gpufleet.pipeline.ingest.dead_letters import DeadLetter
 from gpufleet.pipeline.ingest.kafka_io import Consumer, Producer, Record, TopicPartition
-from gpufleet.pipeline.ingest.ledger import Claim, ClaimLost, resume
+from gpufleet.pipeline.ingest.ledger import BatchTaken, Entry, resume
 from gpufleet.pipeline.ingest.liveness import COMMIT, POLL, ingest_liveness
 from gpufleet.pipeline.ingest.validation import validate, validate_for_staging
 from gpufleet.pipeline.ingest.writer import Batch, BatchWriter
@@ -54,8 +54,8 @@ class IngestStats:
     commit_errors: int = 0
     replays: int = 0
     """Batches repeated from the ledger (another consumer's, or an earlier run's, unfinished batch)."""
-    claims_lost: int = 0
-    """Batches another consumer claimed first (this ingester wrote theirs instead)."""
+    batches_taken: int = 0
+    """Batches another consumer entered in the ledger first (this ingester wrote theirs instead)."""
     last_flush_ms: int = 0
     last_sample_ms: int = 0
     last_error: str = ""
@@ -116,7 +116,7 @@ class Ingester:
         self.stats = IngestStats()
         self.batches: dict[TopicPartition, Batch] = {}
         """Each partition's batch being gathered."""
-        self.pending: dict[TopicPartition, Claim | None] = {}
+        self.pending: dict[TopicPartition, Entry | None] = {}
         """Partitions whose ledger was read since their assignment: the recorded batch each must write next
         (None: none; a partition missing here has not been read yet)."""
         self.positions: dict[TopicPartition, int] = {}
@@ -263,7 +263,7 @@ class Ingester:
         for batch in batches:
             if batch.tp in owned:
                 if batch.replay:
-                    self.pending[batch.tp] = batch.claim
+                    self.pending[batch.tp] = batch.entry
                 self.batches[batch.tp] = Batch(batch.tp).merge(batch).merge(self.batches.get(batch.tp))
 
     def _take_ready(self) -> list[Batch]:
@@ -275,34 +275,34 @@ class Ingester:
         ready = []
         for tp in sorted(self.batches, key=lambda t: (t.topic, t.partition)):
             batch = self.batches.pop(tp)
-            claim = self.pending[tp]
-            if claim is None:
+            entry = self.pending[tp]
+            if entry is None:
                 ready.append(batch)
                 continue
-            batch.drop_before(claim.first)  # stored by earlier batches of the partition
-            if batch and batch.last < claim.last:
+            batch.drop_before(entry.first)  # stored by earlier batches of the partition
+            if batch and batch.last < entry.last:
                 self.batches[tp] = batch  # read on until its last offset
                 continue
             if batch:
-                rest = batch.split(claim.last)
-                batch.claim, batch.replay, self.pending[tp] = claim, True, None
+                rest = batch.split(entry.last)
+                batch.entry, batch.replay, self.pending[tp] = entry, True, None
                 ready.append(batch)
                 if rest:
                     self.batches[tp] = rest
         return ready
 
-    def _unfinished(self, tp: TopicPartition, position: int) -> Claim | None:
+    def _unfinished(self, tp: TopicPartition, position: int) -> Entry | None:
         """The partition's recorded batch that is not known to be stored, if any (read once per assignment)."""
         ledger = self.writer.ledger
         if ledger is None:
             return None
-        claim = resume(ledger.newest(tp.topic, tp.partition), position).pending
-        if claim is not None:
+        entry = resume(ledger.newest(tp.topic, tp.partition), position).pending
+        if entry is not None:
             self.stats.replays += 1
             log.warning("partition %s/%d: repeating its unfinished batch [%d, %d] planned at %d (by gpufleet %s) "
                         "before anything else; ClickHouse keeps one copy of whatever of it had landed",
-                        tp.topic, tp.partition, claim.first, claim.last, claim.planned_ms, claim.planner)
-        return claim
+                        tp.topic, tp.partition, entry.first, entry.last, entry.planned_ms, entry.planner)
+        return entry
 
     def _retry(self, fn: Callable[[], T], final: bool) -> T | None:
         """`fn()` under the retry policy: back off while ClickHouse (or the DLQ) refuses, until done, stopped,
@@ -330,8 +330,8 @@ class Ingester:
         self._writing = batch.tp
         try:
             pending = self.writer.write(batch, pipelined)
-        except ClaimLost as lost:
-            self._claim_lost(batch, lost.winner)
+        except BatchTaken as lost:
+            self._taken_over(batch, lost.winner)
             return True
         finally:
             self._writing = None
@@ -341,13 +341,13 @@ class Ingester:
             self._done(batch)
         return True
 
-    def _claim_lost(self, batch: Batch, winner: Claim) -> None:
+    def _taken_over(self, batch: Batch, winner: Entry) -> None:
         """Another consumer recorded a batch at this one's first offset first: gather and write that batch
         instead (the next flush does), whoever it was."""
         assert batch.tp is not None
         tp = batch.tp
-        self.stats.claims_lost += 1
-        log.warning("partition %s/%d: batch at offset %d was claimed first by another consumer as [%d, %d]; "
+        self.stats.batches_taken += 1
+        log.warning("partition %s/%d: batch at offset %d was entered first by another consumer as [%d, %d]; "
                     "writing that batch instead", tp.topic, tp.partition, batch.first, winner.first, winner.last)
         self.pending[tp] = winner
         self.batches[tp] = Batch(tp).merge(batch).merge(self.batches.get(tp))
@@ -388,7 +388,7 @@ class Ingester:
     def _commit(self, batch: Batch) -> bool:
         """Commit the stored batch's offsets. A commit refused (the group rebalancing, the broker away), or not
         possible now (the partition is between owners), is reported, not raised, and retried while this consumer
-        owns the partition; once it moved on, its next owner finds the batch in the ledger and repeats it (G17).
+        owns the partition; once it moved on, its next owner finds the batch in the ledger and repeats it (G18).
         Raising here used to end the loop."""
         tp, owned = batch.tp, self._owned()
         if tp is None:
@@ -464,7 +464,7 @@ class Ingester:
     # there (a commit, a poll): they only rearrange what this ingester holds. The loop writes and commits.
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         """Nothing to do before the new assignment is known: what was stored and not committed is in the ledger
-        (its next owner repeats it, G17), what was gathered is read again by whoever owns it next."""
+        (its next owner repeats it, G18), what was gathered is read again by whoever owns it next."""
         log.info("revoking %d partitions", len(revoked))
 
     def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:

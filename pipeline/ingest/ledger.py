@@ -1,18 +1,6 @@
-"""The batch ledger: each batch recorded before it is written, so any owner of its partition repeats it exactly.
+"""The batch ledger: each batch entered before it is written, so any owner of its partition repeats it exactly.
 
-A batch is one partition's offset range `[first, last]` planned at one instant (`planned_ms`). Its dedup
-token and insert blocks are pure functions of that range's messages and of `planned_ms`, so whoever
-repeats the batch (the same ingester retrying, the next owner of the partition after a rebalance or a
-crash, a restarted embedded ingester) sends the same blocks under the same tokens, and ClickHouse keeps
-one copy in every table whichever copy lands second (docs/reliability.md, G17).
-
-The ledger is the `ingest_batches` table (migration 0080). Rules, all enforced here:
-- a batch is claimed (`Ledger.claim`) before anything of it is written; the first claim at a partition's
-  first offset wins (a repeat claim carries the same dedup token and is dropped by ClickHouse), and a
-  loser writes the winner's batch, never its own;
-- an owner claims the next batch of a partition only after the previous one's inserts were acknowledged,
-  so of a partition's claims only the newest can be unfinished (`resume`);
-- a new owner reads that newest claim before it writes anything of the partition and repeats it first.
+Design notes: docs/design-notes.md#pipeline-ingest-ledger-py.
 """
 
 from __future__ import annotations
@@ -57,7 +45,7 @@ def batch_token(topic: str, partition: int, first: int, last: int, planned_ms: i
 
 
 @dataclass(frozen=True)
-class Claim:
+class Entry:
     """One recorded batch: what any owner of the partition needs to repeat it exactly."""
 
     topic: str
@@ -86,15 +74,15 @@ class Resume:
     must repeat first (None: none is unfinished)."""
 
     seek: int | None = None
-    pending: Claim | None = None
+    pending: Entry | None = None
 
 
-def resume(newest: Claim | None, position: int) -> Resume:
-    """The new owner's start on a partition whose newest claim is `newest` and whose consumer is at `position`
+def resume(newest: Entry | None, position: int) -> Resume:
+    """The new owner's start on a partition whose newest entry is `newest` and whose consumer is at `position`
     (the committed offset). Pure.
 
-    Claims are made in order and each only after the previous batch was stored, so every batch before the
-    newest claim is stored: a committed offset behind it (its commits failed) skips to it. The newest one
+    Entries are made in order and each only after the previous batch was stored, so every batch before the
+    newest entry is stored: a committed offset behind it (its commits failed) skips to it. The newest one
     is unfinished unless the committed offset is past it.
     """
     if newest is None or newest.last < position:
@@ -107,11 +95,11 @@ def resume(newest: Claim | None, position: int) -> Resume:
     return Resume()
 
 
-class ClaimLost(RuntimeError):
-    """Another consumer claimed the batch starting at this offset first: write its batch, not this one."""
+class BatchTaken(RuntimeError):
+    """Another consumer entered a batch at this offset first: write its batch, not this one."""
 
-    def __init__(self, winner: Claim) -> None:
-        super().__init__(f"batch [{winner.first}, {winner.last}] of {winner.topic}/{winner.partition} was claimed "
+    def __init__(self, winner: Entry) -> None:
+        super().__init__(f"batch [{winner.first}, {winner.last}] of {winner.topic}/{winner.partition} was entered "
                          "by another consumer first")
         self.winner = winner
 
@@ -119,8 +107,8 @@ class ClaimLost(RuntimeError):
 class Ledger:
     """The `ingest_batches` table of one consumer group, read and written through `store`.
 
-    With a ClickHouse cluster (`consistent`), claims are written with a quorum and read with sequential
-    consistency, so a replica that missed the winning claim never answers for it.
+    With a ClickHouse cluster (`consistent`), entries are written with a quorum and read with sequential
+    consistency, so a replica that missed the winning entry never answers for it.
     """
 
     def __init__(self, store: Store, group_id: str, dedup: Mapping[str, object], *, consistent: bool = False) -> None:
@@ -129,52 +117,52 @@ class Ledger:
         self._write = {**dedup, **({"insert_quorum": "auto"} if consistent else {})}
         self._read = {"select_sequential_consistency": 1} if consistent else {}
 
-    def newest(self, topic: str, partition: int) -> Claim | None:
-        """The newest batch claimed on the partition (the winner among claims at its first offset)."""
+    def newest(self, topic: str, partition: int) -> Entry | None:
+        """The newest batch entered for the partition (the winner among entries at its first offset)."""
         return self._one(_NEWEST, topic, partition, {})
 
-    def at(self, topic: str, partition: int, first: int) -> Claim | None:
-        """The winning claim at `first`."""
+    def at(self, topic: str, partition: int, first: int) -> Entry | None:
+        """The winning entry at `first`."""
         return self._one(_AT, topic, partition, {"f": first})
 
-    def claim(self, claim: Claim) -> Claim:
-        """Record `claim` unless a claim at its first offset exists; returns the winner (`claim` or the other).
+    def enter(self, entry: Entry) -> Entry:
+        """Record `entry` unless a entry at its first offset exists; returns the winner (`entry` or the other).
 
-        Raises when the winner cannot be read back (the batch must then wait, never be written unclaimed).
+        Raises when the winner cannot be read back (the batch must then wait, never be written unrecorded).
         """
-        settings = {"insert_deduplication_token": f"gpufleet-claim-{self.group_id}-{claim.topic}-{claim.partition}-"
-                                                  f"{claim.first}", **self._write}
-        self.store.insert(TABLE, [self._row(claim, "batch", 0)], COLUMNS, settings=settings)
-        winner = self.at(claim.topic, claim.partition, claim.first)
+        settings = {"insert_deduplication_token": f"gpufleet-entry-{self.group_id}-{entry.topic}-{entry.partition}-"
+                                                  f"{entry.first}", **self._write}
+        self.store.insert(TABLE, [self._row(entry, "batch", 0)], COLUMNS, settings=settings)
+        winner = self.at(entry.topic, entry.partition, entry.first)
         if winner is None:
-            raise RuntimeError(f"the claim of batch [{claim.first}, {claim.last}] of {claim.topic}/{claim.partition} "
+            raise RuntimeError(f"the entry of batch [{entry.first}, {entry.last}] of {entry.topic}/{entry.partition} "
                                "is not readable after it was written")
         return winner
 
-    def mark_json_failed(self, claim: Claim, block: int) -> None:
+    def mark_json_failed(self, entry: Entry, block: int) -> None:
         """Record that block `block` of the batch goes as columns (before that insert is sent)."""
-        settings = {"insert_deduplication_token": f"gpufleet-{claim.token}-json-failed-{block}",
+        settings = {"insert_deduplication_token": f"gpufleet-{entry.token}-json-failed-{block}",
                     **self._write}
-        self.store.insert(TABLE, [self._row(claim, "json_failed", block)], COLUMNS, settings=settings)
+        self.store.insert(TABLE, [self._row(entry, "json_failed", block)], COLUMNS, settings=settings)
 
-    def json_failed(self, claim: Claim) -> set[int]:
+    def json_failed(self, entry: Entry) -> set[int]:
         """The blocks of the batch recorded as going as columns."""
-        rows = self.store.query(_JSON_FAILED, {**self._key(claim.topic, claim.partition), "f": claim.first,
-                                               "token": claim.token}, settings=self._read or None).result_rows
+        rows = self.store.query(_JSON_FAILED, {**self._key(entry.topic, entry.partition), "f": entry.first,
+                                               "token": entry.token}, settings=self._read or None).result_rows
         return {int(b) for (b,) in rows}
 
-    def _one(self, sql: str, topic: str, partition: int, extra: Mapping[str, Any]) -> Claim | None:
+    def _one(self, sql: str, topic: str, partition: int, extra: Mapping[str, Any]) -> Entry | None:
         rows = self.store.query(sql, {**self._key(topic, partition), **extra}, settings=self._read or None).result_rows
         if not rows:
             return None
         first, last, planned, staging_table, column_offsets, planner = rows[0]
-        return Claim(topic, partition, int(first), int(last), int(planned), staging_table,
+        return Entry(topic, partition, int(first), int(last), int(planned), staging_table,
                      tuple(int(o) for o in column_offsets), planner)
 
     def _key(self, topic: str, partition: int) -> dict[str, Any]:
         return {"g": self.group_id, "t": topic, "p": partition}
 
-    def _row(self, claim: Claim, kind: str, block: int) -> Sequence[Any]:
-        return [self.group_id, claim.topic, claim.partition, claim.first, kind, block, claim.last, claim.planned_ms,
-                claim.token, claim.staging_table, list(claim.column_offsets), claim.planner]
+    def _row(self, entry: Entry, kind: str, block: int) -> Sequence[Any]:
+        return [self.group_id, entry.topic, entry.partition, entry.first, kind, block, entry.last, entry.planned_ms,
+                entry.token, entry.staging_table, list(entry.column_offsets), entry.planner]
 

@@ -17,7 +17,7 @@ from gpufleet.config import Config
 from gpufleet.pipeline.ingest import claims, dead_letters, dedup, staging
 from gpufleet.pipeline.ingest.dead_letters import DeadLetter
 from gpufleet.pipeline.ingest.kafka_io import Producer, TopicPartition
-from gpufleet.pipeline.ingest.ledger import Claim, ClaimLost, Ledger
+from gpufleet.pipeline.ingest.ledger import BatchTaken, Entry, Ledger
 from gpufleet.pipeline.ingest.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
 from gpufleet.pipeline.ingest.validation import DAY_MS, TimeWindow
 
@@ -60,12 +60,12 @@ class Batch:
     """Offset of its last message."""
     started: float = 0.0
     gpu_rows: int = 0
-    claim: Claim | None = None
+    entry: Entry | None = None
     """The recorded batch: set before reading when repeating another consumer's batch, else by the plan."""
     replay: bool = False
-    """It repeats a claim found in the ledger (another consumer's, or an earlier run's)."""
+    """It repeats a entry found in the ledger (another consumer's, or an earlier run's)."""
     staging: staging.Staging | None = None
-    """The staging table its JSON messages go through (the claim's)."""
+    """The staging table its JSON messages go through (the entry's)."""
     derived: Derived | None = None
     """Set by the first write attempt; retries reuse it."""
     fallback: set[int] = field(default_factory=set)
@@ -83,7 +83,7 @@ class Batch:
     """Duplicates dropped by the plan (in the batch, or stored by another batch)."""
     ingest_ms: int = 0
     token: str = ""
-    """Dedup token of the batch (its claim's): every repeat of its inserts carries it."""
+    """Dedup token of the batch (its entry's): every repeat of its inserts carries it."""
 
     def __len__(self) -> int:
         return len(self.reports) + len(self.dead)
@@ -152,9 +152,9 @@ class Batch:
         self.first, self.last = (min(offsets), max(offsets)) if offsets else (-1, -1)
 
     def path_of(self, report: wire.NodeReport) -> int:
-        """The report's insert path (`COLUMNS`, `JSON` or `JSON_AS_COLUMNS`), as its claim fixed it."""
-        key, claim = id(report), self.claim
-        if claim is None or not claim.staging_table or self.offset_of[key] in claim.column_offsets:
+        """The report's insert path (`COLUMNS`, `JSON` or `JSON_AS_COLUMNS`), as its entry fixed it."""
+        key, entry = id(report), self.entry
+        if entry is None or not entry.staging_table or self.offset_of[key] in entry.column_offsets:
             return COLUMNS
         return JSON_AS_COLUMNS if key in self.fallback else JSON
 
@@ -237,9 +237,9 @@ class BatchWriter:
 
     # --- one batch -------------------------------------------------------------------------
     def write(self, batch: Batch, pipelined: bool = False) -> Future[None] | None:
-        """Claim and plan (once), dead letters (once), inserts. Pipelined, the last GPU-row insert may be left
+        """Entry and plan (once), dead letters (once), inserts. Pipelined, the last GPU-row insert may be left
         running in the insert thread and is returned; the batch is stored once it completes. Raises
-        `ClaimLost` when another consumer claimed the batch's first offset first."""
+        `BatchTaken` when another consumer entered a batch at its first offset first."""
         if batch.plan is None:
             self.plan(batch)
         dead = batch.dead + batch.late
@@ -253,50 +253,50 @@ class BatchWriter:
         return self._write_plan(batch, pipelined) if batch.plan else None
 
     def plan(self, batch: Batch) -> None:
-        """Fix what the batch writes, once: its claim (recorded in the ledger first), the messages inside the
+        """Fix what the batch writes, once: its entry (recorded in the ledger first), the messages inside the
         time window around its planned time, and of those the ones no other batch stored. A repeat of the
-        claim, by anyone, plans exactly the same (the batch's own rows, dated by its planned time, are not
+        entry, by anyone, plans exactly the same (the batch's own rows, dated by its planned time, are not
         "stored by another batch")."""
-        claim = batch.claim if batch.claim is not None else self._claim(batch)
-        batch.claim, batch.staging = claim, self._staging_of(claim)
-        planned = claim.planned_ms
+        entry = batch.entry if batch.entry is not None else self._enter(batch)
+        batch.entry, batch.staging = entry, self._staging_of(entry)
+        planned = entry.planned_ms
         inside, batch.late = [], []
         for r in batch.reports:
             reason = self.window.check(r.time_ms, planned)
             if reason is None:
                 inside.append(r)
             else:
-                batch.late.append(DeadLetter(claim.topic, claim.partition, batch.offset_of[id(r)],
+                batch.late.append(DeadLetter(entry.topic, entry.partition, batch.offset_of[id(r)],
                                              r.node.encode(), batch.value_of[id(r)], reason))
         unique, dup_in_batch = dedup.unique_in_batch(inside)
         stored = dedup.already_stored(self.store, unique, planned)
         plan = [r for r in unique if dedup.identity(r) not in stored]
         if batch.replay and self.ledger is not None:
-            failed = self.ledger.json_failed(claim)
+            failed = self.ledger.json_failed(entry)
             if failed:
                 block_of = _blocks_of(plan)
                 batch.fallback = {id(r) for r in plan if block_of[id(r)] in failed}
         batch.plan, batch.skipped = plan, dup_in_batch + len(stored)
-        batch.ingest_ms, batch.token = planned, claim.token
+        batch.ingest_ms, batch.token = planned, entry.token
 
-    def _claim(self, batch: Batch) -> Claim:
-        """Record the batch in the ledger (the first claim at its first offset wins; `ClaimLost` otherwise)."""
+    def _enter(self, batch: Batch) -> Entry:
+        """Record the batch in the ledger (the first entry at its first offset wins; `BatchTaken` otherwise)."""
         assert batch.tp is not None
         table = self.staging.table if self.staging is not None else ""
         columns = tuple(sorted(batch.offset_of[id(r)] for r in batch.reports if id(r) not in batch.json_ok))
-        claim = Claim(batch.tp.topic, batch.tp.partition, batch.first, batch.last, int(self.clock() * 1000),
+        entry = Entry(batch.tp.topic, batch.tp.partition, batch.first, batch.last, int(self.clock() * 1000),
                       table, columns if table else ())
         if self.ledger is None:
-            return claim
-        winner = self.ledger.claim(claim)
-        if winner.token != claim.token:
-            raise ClaimLost(winner)
-        return claim
+            return entry
+        winner = self.ledger.enter(entry)
+        if winner.token != entry.token:
+            raise BatchTaken(winner)
+        return entry
 
-    def _staging_of(self, claim: Claim) -> staging.Staging | None:
-        """The staging table the claim's JSON messages go through: ours, or (repeating a batch another version
+    def _staging_of(self, entry: Entry) -> staging.Staging | None:
+        """The staging table the entry's JSON messages go through: ours, or (repeating a batch another version
         planned) the recorded one when it takes the same input."""
-        name = claim.staging_table
+        name = entry.staging_table
         if not name:
             return None
         if self.staging is not None and self.staging.table == name:
@@ -305,8 +305,8 @@ class BatchWriter:
             adopted = staging.adopt(self.store, name, self.cfg.clickhouse.cluster)
             if adopted is None:
                 raise ReplayRefused(
-                    f"batch [{claim.first}, {claim.last}] of {claim.topic}/{claim.partition} was planned by gpufleet "
-                    f"{claim.planner} through the staging table {name}, whose input this version does not produce: "
+                    f"batch [{entry.first}, {entry.last}] of {entry.topic}/{entry.partition} was planned by gpufleet "
+                    f"{entry.planner} through the staging table {name}, whose input this version does not produce: "
                     "it cannot be repeated exactly here. Let an ingester of that version finish it "
                     "(docs/reliability.md, \"Repeating a batch planned by another version\")")
             self._adopted[name] = adopted
@@ -316,7 +316,7 @@ class BatchWriter:
         """After a failed JSON insert: its block takes the column path only if ClickHouse refused the data itself
         and none of it landed, and only once that is recorded in the ledger (a repeat by anyone takes the same
         path). Anything else repeats the same insert under its token."""
-        if getattr(exc, "code", None) not in REFUSED_DATA or batch.claim is None:
+        if getattr(exc, "code", None) not in REFUSED_DATA or batch.entry is None:
             return
         sent = batch.pending_json
         try:
@@ -324,7 +324,7 @@ class BatchWriter:
             if landed:
                 return
             if self.ledger is not None:
-                self.ledger.mark_json_failed(batch.claim, batch.pending_block)
+                self.ledger.mark_json_failed(batch.entry, batch.pending_block)
         except Exception:
             return  # cannot tell or record now: repeat the same insert
         batch.fallback.update(id(r) for r in sent)  # e.g. JSON that ClickHouse refuses: the column path is exact
@@ -353,7 +353,7 @@ class BatchWriter:
 
     def _insert_samples(self, batch: Batch, derived: Derived, keep: list[bool], block: int,
                         pipelined: bool) -> Future[None] | None:
-        """One block's GPU rows: as columns (messages the claim sends as columns, then those whose block's JSON
+        """One block's GPU rows: as columns (messages the entry sends as columns, then those whose block's JSON
         insert ClickHouse refused), then through the JSON staging path. Pipelined, the JSON insert is left
         running in the insert thread and returned."""
         paths = [batch.path_of(r) if k else None for r, k in zip(derived.reports, keep, strict=True)]

@@ -1,19 +1,6 @@
 """Exactly-once checks on what is stored: run by `gpufleet billing verify`, and by `billing close` before it freezes.
 
-Each check is a query whose answer is empty when every sample is stored once and every rollup equals
-its raw answer (docs/reliability.md, "Residual risks", names what each one catches):
-
-- `duplicate samples`: a GPU with more raw rows than distinct samples over the range (a batch stored
-  twice, e.g. two copies landing further apart than the tables' dedup window);
-- `raw vs minute rollup`: a minute whose raw samples (by interval start) and `gpu_usage_1m` disagree in
-  count or in reported milliseconds (rollup rows missing after an insert cut short, or counted twice);
-- `minute vs hour rollup`: an hour whose `gpu_usage_1m` and `gpu_usage_1h` disagree (billing reads the
-  hour rollup).
-
-Raw rows are kept `clickhouse.raw_ttl_days`, the rollups for good: the first two checks cover the part
-of the range whose raw rows are all still there (from the oldest day `gpu_samples` holds), the third the
-whole range. The raw checks read each GPU's rows in primary-key order (`optimize_aggregation_in_order`),
-so their memory does not grow with the range; their cost is one scan of the range's raw rows.
+Design notes: docs/design-notes.md#pipeline-queries-integrity-py.
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ def test_a_sample_stored_twice_blocks_the_close_and_verify_names_it(ch_target, c
 def test_a_rollup_cut_short_blocks_the_close_until_the_insert_is_repeated(ch_target, ch_client) -> None:
     """An insert that landed in gpu_samples and the minute rollup but not the hour rollup (billing reads it),
     then one that landed in gpu_samples only: each check names its minute or hour; repeating the same
-    insert (what the ingester does, G7/G17) completes the rollups and the period closes."""
+    insert (what the ingester does, G7/G18) completes the rollups and the period closes."""
     db = ch_target.database
     store = Store(ch_client, db)
     ch_client.command(f"ALTER TABLE {db}.gpu_usage_1h MODIFY SETTING {FULL}")

@@ -1,4 +1,4 @@
-"""The batch ledger: the first claim at an offset wins, a new owner repeats the unfinished batch exactly, and
+"""The batch ledger: the first entry at an offset wins, a new owner repeats the unfinished batch exactly, and
 whichever copy of a batch lands second (the first owner's insert, still running when the partition moved,
 or the new owner's repeat) adds nothing, even when the first copy landed only in part.
 
@@ -19,7 +19,7 @@ from gpufleet import wire
 from gpufleet.config import Config
 from gpufleet.pipeline.ingest import dedup
 from gpufleet.pipeline.ingest.ingester import Ingester
-from gpufleet.pipeline.ingest.ledger import Claim, Ledger, Resume, batch_token, resume
+from gpufleet.pipeline.ingest.ledger import Entry, Ledger, Resume, batch_token, resume
 from gpufleet.pipeline.store import Store
 from tests.builders import T0_MS, gpu, report
 from tests.pipeline.test_ingest import _cfg, _ingester, _produce, connect_target
@@ -30,23 +30,23 @@ FULL = "min_free_disk_bytes_to_perform_insert = 1000000000000000000"
 
 # --- the rules, pure ---------------------------------------------------------------------------
 
-def _claim(first: int, last: int, planned_ms: int = 1) -> Claim:
-    return Claim("t", 0, first, last, planned_ms, "db.gpu_samples_json_x")
+def _entry(first: int, last: int, planned_ms: int = 1) -> Entry:
+    return Entry("t", 0, first, last, planned_ms, "db.gpu_samples_json_x")
 
 
-def test_a_new_owner_repeats_only_the_newest_claim_it_has_not_committed_past() -> None:
+def test_a_new_owner_repeats_only_the_newest_entry_it_has_not_committed_past() -> None:
     assert resume(None, 100) == Resume()
-    assert resume(_claim(50, 99), 100) == Resume()  # committed past it: stored
-    assert resume(_claim(100, 180), 100) == Resume(None, _claim(100, 180))  # claimed, not committed
-    # Earlier batches were stored (each claim follows a stored batch) but their commits failed: skip them.
-    assert resume(_claim(140, 180), 100) == Resume(140, _claim(140, 180))
-    assert resume(_claim(90, 180), 100) == Resume()  # not a batch boundary: nothing to repeat
+    assert resume(_entry(50, 99), 100) == Resume()  # committed past it: stored
+    assert resume(_entry(100, 180), 100) == Resume(None, _entry(100, 180))  # entered, not committed
+    # Earlier batches were stored (each entry follows a stored batch) but their commits failed: skip them.
+    assert resume(_entry(140, 180), 100) == Resume(140, _entry(140, 180))
+    assert resume(_entry(90, 180), 100) == Resume()  # not a batch boundary: nothing to repeat
 
 
 def test_the_token_names_the_range_and_the_planned_time() -> None:
     token = batch_token("t", 3, 100, 200, 5)
     assert token == batch_token("t", 3, 100, 200, 5)
-    assert _claim(100, 200, 5).token == batch_token("t", 0, 100, 200, 5)
+    assert _entry(100, 200, 5).token == batch_token("t", 0, 100, 200, 5)
     assert len({token, batch_token("t", 3, 100, 201, 5), batch_token("t", 3, 100, 200, 6),
                 batch_token("t", 4, 100, 200, 5), batch_token("u", 3, 100, 200, 5)}) == 5
 
@@ -57,41 +57,41 @@ def _ledger(ch_store: Store) -> Ledger:
     return Ledger(ch_store, "g", dedup.dedup_settings(ch_store.client.server_settings))
 
 
-def test_the_first_claim_at_an_offset_wins(ch_store: Store) -> None:
+def test_the_first_entry_at_an_offset_wins(ch_store: Store) -> None:
     ledger = _ledger(ch_store)
-    a, b = _claim(100, 200, 1), _claim(100, 250, 2)
-    assert ledger.claim(a) == a
-    assert ledger.claim(b) == a  # the same claim token: ClickHouse dropped the second
+    a, b = _entry(100, 200, 1), _entry(100, 250, 2)
+    assert ledger.enter(a) == a
+    assert ledger.enter(b) == a  # the same entry token: ClickHouse dropped the second
     assert ledger.newest("t", 0) == a
-    c = _claim(201, 260, 3)
-    assert ledger.claim(c) == c
+    c = _entry(201, 260, 3)
+    assert ledger.enter(c) == c
     assert ledger.newest("t", 0) == c
     assert ledger.newest("t", 1) is None
     rows = ch_store.rows("SELECT count() FROM {db:Identifier}.ingest_batches")
     assert rows == [(2,)]
 
 
-def test_past_the_dedup_window_the_earlier_claim_still_wins(ch_store: Store) -> None:
+def test_past_the_dedup_window_the_earlier_entry_still_wins(ch_store: Store) -> None:
     ledger = _ledger(ch_store)
-    late = _claim(100, 250, 2)
-    ledger.claim(_claim(100, 200, 1))
-    # A claim whose twin ClickHouse no longer remembers: stored beside it, and loses on recorded_at.
+    late = _entry(100, 250, 2)
+    ledger.enter(_entry(100, 200, 1))
+    # A entry whose twin ClickHouse no longer remembers: stored beside it, and loses on recorded_at.
     ch_store.insert("ingest_batches", [["g", "t", 0, 100, "batch", 0, 250, 2, late.token, late.staging_table, [], "x"]],
                     ["group_id", "topic", "partition", "first_offset", "kind", "block", "last_offset", "planned_ms",
                      "token", "staging_table", "column_offsets", "planner"],
                     settings={"insert_deduplication_token": "another"})
-    assert ledger.claim(late) == _claim(100, 200, 1)
-    assert ledger.newest("t", 0) == _claim(100, 200, 1)
+    assert ledger.enter(late) == _entry(100, 200, 1)
+    assert ledger.newest("t", 0) == _entry(100, 200, 1)
 
 
-def test_a_json_block_that_went_as_columns_is_recorded_for_the_claim_only(ch_store: Store) -> None:
+def test_a_json_block_that_went_as_columns_is_recorded_for_its_batch_only(ch_store: Store) -> None:
     ledger = _ledger(ch_store)
-    a = _claim(100, 200, 1)
-    ledger.claim(a)
+    a = _entry(100, 200, 1)
+    ledger.enter(a)
     ledger.mark_json_failed(a, 1)
     ledger.mark_json_failed(a, 1)
     assert ledger.json_failed(a) == {1}
-    assert ledger.json_failed(_claim(100, 200, 2)) == set()
+    assert ledger.json_failed(_entry(100, 200, 2)) == set()
 
 
 # --- the next owner repeats the batch; the first owner's insert lands before or after --------------
@@ -145,7 +145,7 @@ def _one_partition(broker: Any, ch_target: Any, topic: str) -> Config:
 
 
 def _first_owner(cfg: Config) -> tuple[Ingester, HeldInsert]:
-    """An ingester that claims the batch, writes agent_reports, sends its GPU rows and is cut off then."""
+    """An ingester that enters the batch, writes agent_reports, sends its GPU rows and is cut off then."""
     client = HeldInsert(connect_target(cfg))
     ing = _ingester(cfg, client=client)
     stop = threading.Event()
@@ -194,7 +194,7 @@ def test_the_first_owners_insert_and_the_next_owners_repeat_leave_one_copy(broke
     db = ch_target.database
     cfg = _one_partition(broker, ch_target, topic)
     first, held = _first_owner(cfg)
-    assert first.stats.messages == 0  # nothing committed: the batch is claimed, agent_reports in, GPU rows held
+    assert first.stats.messages == 0  # nothing committed: the batch is entered, agent_reports in, GPU rows held
     if when != "after":
         if when == "partly-before":
             ch_client.command(f"ALTER TABLE {db}.gpu_usage_1h MODIFY SETTING {FULL}")
@@ -298,7 +298,7 @@ def test_a_repeat_goes_through_the_staging_table_the_batch_was_planned_with(ch_s
     from gpufleet.pipeline.ingest.writer import BatchWriter
 
     writer = BatchWriter(parse({"clickhouse": {"database": db}}), ch_store, dlq=None)  # type: ignore[arg-type]
-    claim = Claim("t", 0, 1, 2, 3, f"{db}.gpu_samples_json_other", planner="0.0.9")
-    with pytest.raises(ReplayRefused, match="planned by gpufleet 0.0.9 through the staging table .*json_other"):
-        writer._staging_of(claim)
-    assert writer._staging_of(Claim("t", 0, 1, 2, 3, f"{db}.gpu_samples_json_older")).table.endswith("json_older")
+    entry = Entry("t", 0, 1, 2, 3, f"{db}.gpu_samples_json_other", planner="0.0.9")
+    with pytest.raises(ReplayRefused, match=r"planned by gpufleet 0\.0\.9 through the staging table .*json_other"):
+        writer._staging_of(entry)
+    assert writer._staging_of(Entry("t", 0, 1, 2, 3, f"{db}.gpu_samples_json_older")).table.endswith("json_older")

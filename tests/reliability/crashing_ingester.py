@@ -3,7 +3,7 @@
     python -m tests.reliability.crashing_ingester CONFIG insert:N | commit:N
 
 `insert:N` dies as the N-th write of data to ClickHouse starts (1 = agent_reports, 2 = the GPU rows;
-the batch's claim in the ledger, written before them, is not counted); `commit:N` dies as the N-th
+the batch's entry in the ledger, written before them, is not counted); `commit:N` dies as the N-th
 offset commit starts, after the batch is stored. Everything else is the real ingester, consumer and
 store; only the moment of death is chosen.
 """

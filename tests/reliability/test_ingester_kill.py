@@ -231,11 +231,11 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
         wait_until(lambda: "insert failed" in first.log(), "the first insert to fail on the hour rollup")
     finally:
         first.kill()
-    claims, (raw,), (hour,) = probe(
+    entries, (raw,), (hour,) = probe(
         dsn, db, ["SELECT partition, first_offset, last_offset FROM {db}.ingest_batches WHERE kind = 'batch'",
                   STORED, "SELECT count() FROM {db}.gpu_usage_1h"],
         ["ALTER TABLE {db}.gpu_usage_1h RESET SETTING min_free_disk_bytes_to_perform_insert"])
-    assert len(claims) == 1  # batches are written one at a time: the first one is the one cut short
+    assert len(entries) == 1  # batches are written one at a time: the first one is the one cut short
     assert raw[0] > 0
     assert hour == [0]  # cut short: raw rows in, hour rollup missing
     assert committed(broker.bootstrap, f"g-{topic}", topic) == 0
@@ -247,6 +247,6 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
         if second.alive:
             second.kill()
     check_store(dsn, db, sent)
-    partition, first_offset, last_offset = claims[0]
+    partition, first_offset, last_offset = entries[0]
     repeat = f"partition {topic}/{partition}: repeating its unfinished batch [{first_offset}, {last_offset}]"
     assert repeat in second.log()

@@ -40,8 +40,8 @@ NODES = 24
 INGESTERS = 3
 DB = "moved"
 FULL = "min_free_disk_bytes_to_perform_insert = 1000000000000000000"
-WRITTEN = ("agent_reports", "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "dead_letters",
-           "ingest_batches")
+WRITTEN = ("agent_reports", "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
+           "dead_letters", "ingest_batches")
 
 
 class Group:
@@ -161,7 +161,7 @@ def _finish(server: StoreServer, group: Group, producer: Producer) -> list[int]:
 def _report(group: Group, sent: list[int]) -> None:
     logs = group.logs()
     print(f"produced {sum(sent)} messages ({sum(sent) * 4} samples); batches repeated from the ledger: "
-          f"{logs.count('repeating its unfinished batch')}; claims lost: {logs.count('was claimed first')}")
+          f"{logs.count('repeating its unfinished batch')}; batches taken over: {logs.count('was entered first')}")
 
 
 def check_exact(server: StoreServer, sent: list[int]) -> None:

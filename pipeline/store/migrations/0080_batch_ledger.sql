@@ -1,13 +1,13 @@
--- The batch ledger (pipeline/ingest/ledger.py, docs/reliability.md G17): before an ingester writes a
+-- The batch ledger (pipeline/ingest/ledger.py, docs/reliability.md G18): before an ingester writes a
 -- batch it records the batch here, one partition's offset range [first_offset, last_offset] with the
 -- time it was planned at, so whoever owns the partition next repeats exactly that batch (same insert
 -- blocks, same dedup tokens) before anything else, and ClickHouse drops whichever copy lands second.
 --
 -- kind 'batch': the batch itself. The first row at (group_id, topic, partition, first_offset) wins:
--- a second claim of the same first offset carries the same insert_deduplication_token and is dropped
+-- a second entry at the same first offset carries the same insert_deduplication_token and is dropped
 -- by ClickHouse (or, past the dedup window, loses on recorded_at, which the server stamps), and the
 -- loser writes the winner's batch instead of its own. kind 'json_failed': block `block` of the batch
--- whose JSON insert ClickHouse refused goes as columns (recorded before that insert, so a replay takes
+-- whose JSON insert ClickHouse refused goes as columns (entered before that insert, so a repeat takes
 -- the same path). Rows are only read for the newest batches of a partition; they expire after a week.
 
 CREATE TABLE IF NOT EXISTS ${db}.ingest_batches ${on_cluster}
@@ -33,7 +33,7 @@ TTL toDateTime(recorded_at) + INTERVAL 7 DAY
 SETTINGS ttl_only_drop_parts = 1, ${dedup_window} = 10000;
 
 -- A batch's two copies (the first owner's insert, still running when the partition moved, and the
--- next owner's replay) are one insert for ClickHouse only while each table still remembers the first:
+-- next owner's repeat) are one insert for ClickHouse only while each table still remembers the first:
 -- the last `dedup_window` blocks of each table. 1000 covered 16 s of inserts at fleet scale with one
 -- batch per partition; 10000 covers minutes (docs/scaling.md, "Batches and the dedup window").
 ALTER TABLE ${db}.gpu_samples ${on_cluster} MODIFY SETTING ${dedup_window} = 10000;
@@ -42,3 +42,4 @@ ALTER TABLE ${db}.dead_letters ${on_cluster} MODIFY SETTING ${dedup_window} = 10
 ALTER TABLE ${db}.gpu_usage_1m ${on_cluster} MODIFY SETTING ${dedup_window} = 10000;
 ALTER TABLE ${db}.gpu_usage_1h ${on_cluster} MODIFY SETTING ${dedup_window} = 10000;
 ALTER TABLE ${db}.gpu_latest ${on_cluster} MODIFY SETTING ${dedup_window} = 10000;
+ALTER TABLE ${db}.gpu_claim_homes ${on_cluster} MODIFY SETTING ${dedup_window} = 10000;
