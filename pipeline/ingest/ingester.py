@@ -347,8 +347,9 @@ class Ingester:
         assert batch.tp is not None
         tp = batch.tp
         self.stats.batches_taken += 1
-        log.warning("partition %s/%d: batch at offset %d was entered first by another consumer as [%d, %d]; "
-                    "writing that batch instead", tp.topic, tp.partition, batch.first, winner.first, winner.last)
+        log.warning("partition %s/%d: batch at offset %d was entered first as [%d, %d] (by another consumer, "
+                    "or by an attempt of this one whose answer was lost); writing that batch instead",
+                    tp.topic, tp.partition, batch.first, winner.first, winner.last)
         self.pending[tp] = winner
         self.batches[tp] = Batch(tp).merge(batch).merge(self.batches.get(tp))
 

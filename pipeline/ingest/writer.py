@@ -257,8 +257,10 @@ class BatchWriter:
         time window around its planned time, and of those the ones no other batch stored. A repeat of the
         entry, by anyone, plans exactly the same (the batch's own rows, dated by its planned time, are not
         "stored by another batch")."""
-        entry = batch.entry if batch.entry is not None else self._enter(batch)
-        batch.entry, batch.staging = entry, self._staging_of(entry)
+        if batch.entry is None:
+            batch.entry = self._enter(batch)
+        entry = batch.entry
+        batch.staging = self._staging_of(entry)
         planned = entry.planned_ms
         inside, batch.late = [], []
         for r in batch.reports:
