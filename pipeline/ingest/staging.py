@@ -191,6 +191,28 @@ def ensure(store: Store, cluster: str | None = None) -> Staging:
     return staging
 
 
+_TABLE_COLUMNS = ("SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {table:String} "
+                  "ORDER BY position")
+
+
+def adopt(store: Store, table: str, cluster: str | None = None) -> Staging | None:
+    """The staging table `table` (`db.name`, recorded with a batch another ingester planned) as this ingester's
+    to send through, when it takes exactly the input this version's splicer writes; None otherwise.
+
+    Its view may differ from this version's: it then turns the rows into what the version that planned the
+    batch wrote, which is what repeating that batch exactly needs."""
+    ours = ensure(store, cluster)
+    if table == ours.table:
+        return ours
+    database, _, name = table.partition(".")
+    ours_db, _, ours_name = ours.table.partition(".")
+    theirs = store.rows(_TABLE_COLUMNS, {"db": database, "table": name})
+    mine = store.rows(_TABLE_COLUMNS, {"db": ours_db, "table": ours_name})
+    if not theirs or [tuple(c) for c in theirs] != [tuple(c) for c in mine]:
+        return None
+    return Staging(table, f"{table}_mv", (), ours.decoder)
+
+
 _TRAILING_WS = b" \t\r\n"
 
 
