@@ -122,3 +122,11 @@ def test_an_unplaced_table_is_an_error_naming_the_fix() -> None:
     with pytest.raises(sharding.UnclassifiedTable, match="add it to SHARDED or GLOBAL"):
         sharding.cluster_statements("CREATE TABLE IF NOT EXISTS gpufleet.new_table ON CLUSTER 'gf' (a UInt8) "
                                     "ENGINE = ReplicatedMergeTree ORDER BY a", "gpufleet", "gf")
+
+
+def test_a_sharded_ingester_inserts_in_the_foreground() -> None:
+    from gpufleet.pipeline.ingest import dedup
+    assert dedup.dedup_settings(set(), sharded=True) == {
+        "insert_deduplicate": 1, "deduplicate_blocks_in_dependent_materialized_views": 1,
+        "distributed_foreground_insert": 1}
+    assert "distributed_foreground_insert" not in dedup.dedup_settings(set())
