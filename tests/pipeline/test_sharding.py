@@ -111,7 +111,9 @@ def test_the_sharding_key_is_the_kafka_partitioners_hash_of_the_node(ch_client) 
 def test_the_single_server_ddl_is_byte_for_byte_unchanged() -> None:
     single = SchemaOptions()
     text = "\n;\n".join(s for m in available() if m.version <= 80 for s in statements(m, single))
-    digest = "f23620a9dcc592c5d3c6fdd7515d8dbbf48ae3227d8215a3397221e4d07ad738"  # computed before the cluster layout
+    # computed before the cluster layout, then again after 0040/0041 took the 10,000-block dedup window
+    # (a change of those files, made with the sharding code absent from the single-server path)
+    digest = "6e1f17f5bb39b1cf134f7e9585b95b2ff91e0a039ca282fcb727cb458d19c452"
     assert hashlib.sha256(text.encode()).hexdigest() == digest
     assert schema_table(single) == (
         "CREATE TABLE IF NOT EXISTS gpufleet.schema_migrations  (version UInt32, name String, checksum String, "
