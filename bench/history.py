@@ -80,7 +80,7 @@ FROM (
 )"""
 
 
-def _views(client: Any, database: str) -> list[tuple[str, str, str, str, str]]:
+def views_of(client: Any, database: str) -> list[tuple[str, str, str, str, str]]:
     """Materialized views of the database: (name, source table, target table, CREATE statement, SELECT)."""
     out = []
     for name, create, as_select in client.query(
@@ -107,7 +107,7 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
 
     per_day = DAY_MS // interval_ms
     total = int(days * per_day)
-    views = _views(client, database)
+    views = views_of(client, database)
     for name, *_ in views:
         client.command(f"DROP VIEW {database}.{name}")
     t = time.perf_counter()
