@@ -40,7 +40,7 @@ def _sizes(quick: bool) -> dict[str, dict[str, Any]]:
                 "queries": {"gpus": 200, "days": 0.5, "runs": 3},
                 "freshness": {"nodes": 32, "seconds": 25.0, "warmup_s": 8.0},
                 "scaling": {"messages": 8000, "process_counts": (1, 2)},
-                "read_path": {"sizes": read_path.QUICK}}
+                "read_path": {"sizes": read_path.QUICK, "plot": None}}
     return {"ingest": {"messages": 40_000}, "agent": {}, "storage": {}, "queries": {}, "freshness": {},
             "scaling": {}, "read_path": {}}
 
