@@ -154,14 +154,15 @@ def _cell(v: Any) -> Any:
     return v
 
 
-def compare_usage(client: Any, db: str, from_ms: int, to_ms: int, name: str) -> dict[str, Any]:
-    """`gpufleet usage` rows against the same rows from raw samples (the policy in force applied)."""
+def compare_usage(store: Any, from_ms: int, to_ms: int, name: str) -> dict[str, Any]:
+    """`gpufleet usage` rows against the same rows from raw samples (the policy in force applied). The
+    store's client reads unqualified table names in its database (as the Grafana datasource does)."""
     from gpufleet.pipeline.queries.policy import read_policy
     from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
 
-    ours = [tuple(r[c] for c in USAGE_COLUMNS) for r in usage_rows(client, db, from_ms, to_ms)]
-    policy = read_policy(client, db)
-    raw, raw_s = _rows(client, RAW_USAGE, {"excluded": list(policy.exclude_states),
+    ours = [tuple(r[c] for c in USAGE_COLUMNS) for r in usage_rows(store, from_ms, to_ms)]
+    policy = read_policy(store)
+    raw, raw_s = _rows(store.client, RAW_USAGE, {"excluded": list(policy.exclude_states),
                                            "idle_pct": policy.idle_util_pct, "from_ms": from_ms, "to_ms": to_ms})
     return _verdict(name, to_ms - from_ms, ours, [tuple(_cell(v) for v in r) for r in raw], raw_s)
 
@@ -180,12 +181,12 @@ FROM (
     GROUP BY tenant)"""
 
 
-def compare_mfu(client: Any, db: str, from_ms: int, to_ms: int) -> dict[str, Any]:
+def compare_mfu(store: Any, from_ms: int, to_ms: int) -> dict[str, Any]:
     """MFU per tenant (`mfu_by_scope`) against the same from raw samples, over the whole minutes of the range."""
     from gpufleet.pipeline.queries.mfu import mfu_by_scope
     from gpufleet.pipeline.queries.window import Window
 
     window = Window.covering(from_ms, to_ms)
-    ours = [(r.key, r.mfu, r.gpu_seconds) for r in mfu_by_scope(client, db, "tenant", window).rows]
-    raw, raw_s = _rows(client, RAW_MFU, {"from_ms": window.start_ms, "to_ms": window.end_ms})
+    ours = [(r.key, r.mfu, r.gpu_seconds) for r in mfu_by_scope(store, "tenant", window).rows]
+    raw, raw_s = _rows(store.client, RAW_MFU, {"from_ms": window.start_ms, "to_ms": window.end_ms})
     return _verdict("MFU per tenant", to_ms - from_ms, ours, [tuple(_cell(v) for v in r) for r in raw], raw_s)

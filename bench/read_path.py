@@ -86,6 +86,13 @@ class History:
     gen: dict[str, Any]
 
     @property
+    def store(self) -> Any:
+        """The pipeline's handle on the history's database (what the read functions take)."""
+        from gpufleet.pipeline.store import Store
+
+        return Store(self.client, self.db)
+
+    @property
     def start_ms(self) -> int:
         return int(self.gen["start_ms"])
 
@@ -100,6 +107,7 @@ def history(admin: Any, dsn: str, gpus: int, days: float, interval_ms: int, end_
     from bench import history as gen_history
     from gpufleet.config import BillingConfig
     from gpufleet.pipeline.queries.policy import sync_policy
+    from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.client import Target, connect
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
@@ -112,7 +120,7 @@ def history(admin: Any, dsn: str, gpus: int, days: float, interval_ms: int, end_
         expected = gpus * int(days * DAY_MS / interval_ms)
         if gen["rows"] != expected:  # e.g. a TTL that expires the fixed historical dates
             raise RuntimeError(f"history holds {gen['rows']} samples, expected {expected}")
-        sync_policy(admin, db, BillingConfig(), gen["start_ms"])
+        sync_policy(Store(admin, db), BillingConfig(), gen["start_ms"])
         client = connect(Target(dsn, db))
         client.database = db
         yield History(client, db, gen)
@@ -127,7 +135,7 @@ def usage(h: History, limits: Limits) -> dict[str, Any]:
     """`gpufleet usage` over the whole history."""
     from gpufleet.pipeline.queries.usage import usage_rows
 
-    figures, rows = measure(lambda: usage_rows(h.client, h.db, h.start_ms, h.end_ms), limits)
+    figures, rows = measure(lambda: usage_rows(h.store, h.start_ms, h.end_ms), limits)
     return {**figures, "rows": len(rows), "range_h": round((h.end_ms - h.start_ms) / HOUR_MS, 2)}
 
 
@@ -136,7 +144,7 @@ def alert_cycle(h: History, dsn: str, limits: Limits) -> dict[str, Any]:
     from gpufleet.config import parse
     from gpufleet.pipeline.alerts.evaluator import Evaluator
 
-    evaluator = Evaluator(parse({"clickhouse": {"dsn": dsn, "database": h.db}}), h.client)
+    evaluator = Evaluator(parse({"clickhouse": {"dsn": dsn, "database": h.db}}), h.store)
     evaluator.evaluate_once(h.end_ms)  # loads the (empty) alert state: not a cycle
     step = iter(range(1, 1_000_000))
 
@@ -163,8 +171,8 @@ def compare_all(h: History, panels: list[Panel]) -> list[dict[str, Any]]:
     from bench.questions import QUESTIONS
 
     out = [answers.compare_question(h.client, q, panels, h.start_ms, h.end_ms) for q in QUESTIONS]
-    out.append(answers.compare_usage(h.client, h.db, h.start_ms, h.end_ms, "usage per tenant-hour"))
-    out.append(answers.compare_mfu(h.client, h.db, h.start_ms, h.end_ms))
+    out.append(answers.compare_usage(h.store, h.start_ms, h.end_ms, "usage per tenant-hour"))
+    out.append(answers.compare_mfu(h.store, h.start_ms, h.end_ms))
     for c in out:
         log.info("equal to raw: %s %s (raw %.1f s)", c["question"], c["equal"], c["raw_seconds"])
     return out
@@ -189,8 +197,7 @@ def month_history(admin: Any, dsn: str, s: Sizes) -> dict[str, Any]:
 
     with history(admin, dsn, s.gpus, s.month_days, s.month_interval_ms, _end_ms(s.days)) as h:
         return {"history": h.gen, "usage": usage(h, s.calls),
-                "compared": [answers.compare_usage(h.client, h.db, h.start_ms, h.end_ms,
-                                                   "usage per tenant-hour (month)")]}
+                "compared": [answers.compare_usage(h.store, h.start_ms, h.end_ms, "usage per tenant-hour (month)")]}
 
 
 def _end_ms(days: float) -> int:
