@@ -37,6 +37,7 @@ def growth_png(growth: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     sizes = list(growth["sizes"])
     lines = curves(growth)
@@ -49,6 +50,7 @@ def growth_png(growth: dict[str, Any], path: Path) -> None:
     ax.axhline(200, color="red", linestyle=":", label="target 200 ms")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(sizes, [f"{g:,}" for g in sizes])
     ax.set_xlabel(f"GPUs ({growth['days']:g} day of history at 10 s)")
     ax.set_ylabel("p95, ms")

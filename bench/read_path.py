@@ -121,11 +121,28 @@ def history(admin: Any, dsn: str, gpus: int, days: float, interval_ms: int, end_
         if gen["rows"] != expected:  # e.g. a TTL that expires the fixed historical dates
             raise RuntimeError(f"history holds {gen['rows']} samples, expected {expected}")
         sync_policy(Store(admin, db), BillingConfig(), gen["start_ms"])
+        gen["merges"] = settle(admin, db)
         client = connect(Target(dsn, db))
         client.database = db
         yield History(client, db, gen)
     finally:
         admin.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+
+
+def settle(admin: Any, db: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Wait (bounded) until the background merges of the fresh inserts have finished, so that queries are
+    timed on the parts a steady-state store has, not against merges competing for the same cores."""
+    started = time.perf_counter()
+    running = 1
+    while running and time.perf_counter() - started < timeout_s:
+        running = admin.query("SELECT count() FROM system.merges WHERE database = {db:String}",
+                              parameters={"db": db}).result_rows[0][0]
+        if running:
+            time.sleep(1.0)
+    parts = admin.query("SELECT count() FROM system.parts WHERE database = {db:String} AND table = 'gpu_samples' "
+                        "AND active", parameters={"db": db}).result_rows[0][0]
+    return {"waited_s": round(time.perf_counter() - started, 1), "still_running": int(running),
+            "gpu_samples_parts": int(parts)}
 
 
 # --- the read functions, as the CLI and the evaluator call them ---------------------------------
@@ -257,7 +274,9 @@ def growth(admin: Any, dsn: str, s: Sizes, workdir: Path) -> dict[str, Any]:
               for p in per_size[g]["panels"] if "error" in p]
     out: dict[str, Any] = {"sizes": list(s.growth_gpus), "days": s.growth_days, "floor_ms": GROWTH_FLOOR_MS,
                            "table": table, "errors": errors,
-                           "histories": {str(g): per_size[g]["history"] for g in s.growth_gpus}}
+                           "histories": {str(g): per_size[g]["history"] for g in s.growth_gpus},
+                           "usage": {str(g): per_size[g]["usage"] for g in s.growth_gpus},
+                           "alert_cycle": {str(g): per_size[g]["alert_cycle"] for g in s.growth_gpus}}
     for g in s.growth_gpus:
         if "peer" in per_size[g]:
             out["peer"] = per_size[g]["peer"]
