@@ -1,7 +1,7 @@
 """`python -m bench.run` (what `make bench` runs): every benchmark item, `bench/results.json`, the
 results table in BENCHMARKS.md.
 
-    python -m bench.run                       # everything (about 15 minutes on 2 cores)
+    python -m bench.run                       # everything (35 minutes or more on 2 cores; read_path is half)
     python -m bench.run --only ingest,agent   # a subset: ingest, agent, storage, queries, freshness, scaling, read_path
     python -m bench.run --quick               # smaller sizes, for trying the suite (figures not comparable)
 
