@@ -80,6 +80,12 @@ FROM (
 )"""
 
 
+def generated_columns(client: Any, select: str) -> list[str]:
+    """The columns the generator's SELECT produces; columns added to `gpu_samples` since (claimed time,
+    interval energy...) take their defaults, as rows stored before their migration read them."""
+    return [row[0] for row in client.query(f"DESCRIBE TABLE ({select} LIMIT 0)").result_rows]
+
+
 def views_of(client: Any, database: str) -> list[tuple[str, str, str, str, str]]:
     """Materialized views of the database: (name, source table, target table, CREATE statement, SELECT)."""
     out = []
@@ -103,8 +109,6 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     stored samples, a day at a time (a few parts per day, each already aggregated: what a week of
     inserts leaves once background merges have run), and the views are put back.
     """
-    from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS
-
     per_day = DAY_MS // interval_ms
     total = int(days * per_day)
     views = views_of(client, database)
@@ -115,8 +119,8 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     while done < total:
         n = min(per_day, total - done)
         select = _select(start_ms + done * interval_ms, gpus, n, interval_ms, done)
-        client.command(f"INSERT INTO {database}.gpu_samples ({', '.join(SAMPLE_COLUMNS)}) {select}",
-                       settings={"max_insert_threads": 2})
+        client.command(f"INSERT INTO {database}.gpu_samples ({', '.join(generated_columns(client, select))}) "
+                       f"{select}", settings={"max_insert_threads": 2})
         done += n
     raw_s = time.perf_counter() - t
     end_ms = start_ms + total * interval_ms
@@ -152,7 +156,10 @@ def _fill(client: Any, database: str, source: str, target: str, select: str, sta
     if not source.endswith(".gpu_samples"):
         client.command(f"INSERT INTO {target} {select}")
         return
+    source_ref = re.compile(re.escape(source) + r"(?:\s+AS\s+(\w+))?")
     for day in range(start_ms, end_ms + 3_600_000, DAY_MS):  # samples of the last hour belong to its minutes too
-        pruned = (f"(SELECT * FROM {source} WHERE time >= fromUnixTimestamp64Milli({day}) "
-                  f"AND time < fromUnixTimestamp64Milli({day + DAY_MS})) AS gpu_samples")
-        client.command(f"INSERT INTO {target} {select.replace(source, pruned)}")
+        def pruned(m: re.Match[str], day: int = day) -> str:
+            return (f"(SELECT * FROM {source} WHERE time >= fromUnixTimestamp64Milli({day}) "
+                    f"AND time < fromUnixTimestamp64Milli({day + DAY_MS})) AS {m.group(1) or 'gpu_samples'}")
+
+        client.command(f"INSERT INTO {target} {source_ref.sub(pruned, select)}")

@@ -344,7 +344,7 @@ def run(dsn: str, workdir: Path, sizes: Sizes | None = None, plot: Path | None =
     from gpufleet.pipeline.store.client import Target, connect
 
     s = sizes or Sizes()
-    admin = connect(Target(dsn, "default"))
+    admin = connect(Target(dsn, "default"), create=True)
     started = time.perf_counter()
     out: dict[str, Any] = {"sizes": _sizes_dict(s)}
     for name, step in (("main", lambda: main_history(admin, dsn, s)), ("month", lambda: month_history(admin, dsn, s)),
