@@ -5,6 +5,12 @@ tenant, GPUs by health state over time, power, energy) as the panel (or bench qu
 `gpufleet usage` (`usage_rows`: every column, per tenant-hour and model) and MFU per tenant
 (`mfu_by_scope`). The raw references are hand-written from the documented semantics and read no
 rollup. Floats are equal to 1e-9 relative (sums taken in another order); everything else exactly.
+
+The generated history (bench/history.py) has one stream per GPU and no interval energy, so every
+sample claims its whole interval (claimed_ms = interval_ms, claim start = time - interval_ms) and
+its energy is round(power_w x interval_ms) mJ: the references use those. Comparing histories with
+overlapping streams or energy-counter intervals needs the claims and interval-energy rules too
+(docs/aggregations.md, "Claims").
 """
 
 from __future__ import annotations
