@@ -1,16 +1,11 @@
 """`equal_to_raw`: gpufleet's answers against the same answers computed from raw `gpu_samples`.
 
-Compared: every question of bench/questions.py (fleet utilization over time, utilization per
-tenant, GPUs by health state over time, power, energy) as the panel (or bench query) answers it,
-`gpufleet usage` (`usage_rows`: every column, per tenant-hour and model) and MFU per tenant
-(`mfu_by_scope`). The raw references are hand-written from the documented semantics and read no
-rollup. Floats are equal to 1e-9 relative (sums taken in another order); everything else exactly.
-
-The generated history (bench/history.py) has one stream per GPU and no interval energy, so every
-sample claims its whole interval (claimed_ms = interval_ms, claim start = time - interval_ms) and
-its energy is round(power_w x interval_ms) mJ: the references use those. Comparing histories with
-overlapping streams or energy-counter intervals needs the claims and interval-energy rules too
-(docs/aggregations.md, "Claims").
+Compared: the questions of bench/questions.py as their panels (or bench queries) answer them,
+`gpufleet usage` (`usage_rows`, every column) and MFU per tenant (`mfu_by_scope`), against
+hand-written SQL that reads no rollup. Floats equal to 1e-9 relative, the rest exactly. The
+generated history has one stream per GPU and no interval energy, so each sample claims its whole
+interval and its energy is round(power_w x interval_ms) mJ: the references use those (overlapping
+streams would need the claims rules of docs/aggregations.md too).
 """
 
 from __future__ import annotations

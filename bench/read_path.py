@@ -1,23 +1,12 @@
-"""Read path at fleet scale (issue 12): every board panel, `gpufleet usage`, the alert cycle; growth; a peer.
+"""Item 7, the read path at fleet scale (issue 12): `python -m bench.run --only read_path`.
 
-`python -m bench.run --only read_path`. Histories are generated inside ClickHouse (bench/history.py),
-one database each, dropped afterwards:
-
-- **main**: `gpus` x `days` at `interval_ms` (1,000 GPUs x 7 days at 10 s): every panel of the six
-  boards at its default range and over the whole history (bench/panels.py), `gpufleet usage` over
-  the history, one full evaluation of every default alert rule at the history's end, and
-  `equal_to_raw` (bench/answers.py);
-- **month**: `gpus` x `month_days` at a coarser step (30 days at 5 min: cheap to generate; the hourly
-  rows billing reads are as many as at 10 s), for `gpufleet usage` over 30 days, compared too;
-- **growth**: `growth_gpus` x `growth_days` (250, 1,000, 4,000 GPUs x 1 day at 10 s): the same
-  questions at each size, and the p95 ratio from the middle size to the largest;
-- **peer**: at `peer_gpus`, the same samples in VictoriaMetrics (bench/victoria.py), the shared
-  questions (bench/questions.py) timed side by side, and storage per sample;
-- **ingest**: bench/ingest.py's throughput (one process, the shipped ingester) and the views'
-  share of the insert, from the same run, so adding views shows as a before/after.
-
-Every loop is bounded by count and time (bench/timing.py). The growth ratio floors both p95s at
-`GROWTH_FLOOR_MS`: a few milliseconds either way is noise on a shared machine, not growth.
+Histories are generated inside ClickHouse (bench/history.py), one database each: **main** (1,000
+GPUs x 7 days at 10 s: every board panel at its default range and over the history, `gpufleet
+usage`, one alert cycle, `equal_to_raw`), **month** (30 days at 5 min, for `gpufleet usage` over
+30 days), **growth** (250, 1,000, 4,000 GPUs x 1 day: the same questions; VictoriaMetrics side by
+side at 1,000) and **ingest** (bench/ingest.py's throughput and the views' share of the insert).
+Every loop is bounded by count and time (bench/timing.py); growth ratios floor both p95s at
+`GROWTH_FLOOR_MS`. BENCHMARKS.md item 7 says how each figure is taken.
 """
 
 from __future__ import annotations

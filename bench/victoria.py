@@ -1,16 +1,13 @@
-"""VictoriaMetrics as the read-path peer: the same samples as dcgm-exporter-style series, the same questions.
+"""VictoriaMetrics as the read-path peer: the same samples as dcgm-exporter-style series.
 
-The bench starts Debian's `victoria-metrics` on a loopback port with its data in a temp dir
-(retention 100 years so the fixed historical timestamps are kept; the rollup result cache off,
-so repeated queries are computed, as ClickHouse computes them), exports `gpu_samples` from
-ClickHouse as VictoriaMetrics' JSON line import format (one line per series: labels, values,
-timestamps; built by ClickHouse itself) and posts it to `/api/v1/import`. Series follow
-dcgm-exporter: `DCGM_FI_DEV_GPU_UTIL` (percent), `DCGM_FI_DEV_POWER_USAGE` (W),
-`DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` (mJ), and a health gauge `gpufleet_health_state` (0 ok,
-1 degraded, 2 failing, 3 unknown; dcgm-exporter has none), labelled `gpu`, `UUID`, `Hostname`,
-`modelName` and `tenant` (absent when unallocated): a GPU changing tenant starts a new series,
-as pod labels do under Kubernetes. After loading, every sample is counted back, the storage is
-flushed and merged, and its bytes on disk (data and index) are divided by the samples.
+Debian's `victoria-metrics` runs on a loopback port with its data in a temp dir (retention 100
+years for the fixed historical dates; rollup result cache off, so queries are computed each time).
+ClickHouse writes `gpu_samples` as VictoriaMetrics' JSON line import format, posted to
+`/api/v1/import`: `DCGM_FI_DEV_GPU_UTIL` (%), `DCGM_FI_DEV_POWER_USAGE` (W),
+`DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` (mJ) and a health gauge `gpufleet_health_state` (0 ok to 3
+unknown), labelled `gpu`, `UUID`, `Hostname`, `modelName`, `tenant` (a new tenant starts a new
+series, as pod labels do). Loaded samples are counted back; storage is measured after a flush and
+a forced merge.
 """
 
 from __future__ import annotations
