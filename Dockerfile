@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # gpufleet server image: `gpufleet migrate`, `ingest`, `alerts run` (and the compose stack's simulated
 # agents). Production talks to a ClickHouse server, so the embedded engine (chdb, 550 MB) is not
-# installed: extras `pipeline` (ClickHouse client) and `grafana` only, pinned by constraints.txt.
+# installed: extras `pipeline` (ClickHouse client), `grafana` and `kubernetes` (the DaemonSet agent's
+# allocation.source: kubernetes) only, pinned by constraints.txt.
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -9,7 +10,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/gpufleet
 COPY . .
-RUN /opt/gpufleet/bin/pip install -c constraints.txt '.[pipeline,grafana]' \
+RUN /opt/gpufleet/bin/pip install -c constraints.txt '.[pipeline,grafana,kubernetes]' \
     && /opt/gpufleet/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('chdb') is not None)"
 
 FROM python:3.11-slim

@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import msgspec
 
 from gpufleet.config import AllocationConfig, ConfigError
 from gpufleet.errors import USAGE, GpufleetError
+from gpufleet.wire import MAX_SHARE_WEIGHT, MAX_SHARES, GpuSample, Share
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,47 @@ class Allocation:
     job: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """One of several jobs holding one device, and its weight in the split of the device's time."""
+
+    tenant: str
+    job: str | None = None
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """Several jobs hold one device (time-slicing replicas, MPS, processes of several Slurm jobs)."""
+
+    holders: tuple[Holder, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """The source cannot say who holds this device now; `reason` says why (logged, never billed)."""
+
+    reason: str
+
+
+Answer = Allocation | Shared | Unknown
+Key = int | str
+"""A GPU index, or a device UUID (`GPU-...`, `MIG-...`)."""
+
+
 @runtime_checkable
 class AllocationSource(Protocol):
     """Answers which GPUs of this node are allocated, to whom, right now."""
 
-    def read(self) -> dict[int, Allocation]:
-        """GPU index -> allocation; an absent index is unallocated. Never raises."""
+    def read(self) -> Mapping[Key, Answer]:
+        """GPU index or device UUID -> answer; a device with no answer is unallocated.
+        Raises `AllocationUnknown` (only) when it cannot say anything this interval."""
         ...
+
+
+class AllocationUnknown(RuntimeError):
+    """The source cannot say who holds any GPU this interval (e.g. the kubelet does not answer): a signal to
+    the agent, which sends the interval with every GPU's allocation unknown."""
 
 
 class AllocationFileError(GpufleetError, ValueError):
@@ -317,16 +352,19 @@ def build_source(
     *,
     uuid_index: Mapping[str, int] | None = None,
     tenant_of: Callable[[str], str | None] | None = None,
+    devices: Callable[[], Any] | None = None,
 ) -> AllocationSource:
     """The source `agent.allocation` asks for; `ConfigError` (naming the key and the fix) when the
-    section is inconsistent. `uuid_index` (GPU UUID -> index) lets files name GPUs by UUID."""
+    section is inconsistent. `uuid_index` (GPU UUID -> index) lets files name GPUs by UUID; `devices`
+    (the collector's `devices`, what NVML says runs on each GPU) feeds `slurm`."""
     source = cfg.source
+    _check_scheduler_keys(cfg)
     if source in ("file", "dcgm_job_dir") and not cfg.path:
         what = "the scheduler's allocation JSON file" if source == "file" else "dcgm-exporter's job-mapping directory"
         raise ConfigError(
             f"agent.allocation.source is {source!r} but agent.allocation.path is not set: set it to {what}"
         )
-    if source in ("none", "static") and cfg.path:
+    if source in ("none", "static", "kubernetes", "slurm") and cfg.path:
         raise ConfigError(
             f"agent.allocation.path is set but agent.allocation.source is {source!r}, which reads no file: "
             "set source to 'file' or 'dcgm_job_dir', or remove path"
@@ -336,6 +374,13 @@ def build_source(
             f"agent.allocation.static is only read with source: static (source is {source!r}): "
             "set source: static or remove static"
         )
+    if source == "kubernetes":
+        return _kubernetes(cfg, uuid_index)
+    if source == "slurm":
+        from gpufleet.agents.slurm import SlurmSource
+
+        return SlurmSource(devices or tuple, proc_root=cfg.proc_root, cgroup_root=cfg.cgroup_root,
+                           tenant_field=cfg.slurm_tenant, share_by=cfg.share_by)
     if source == "file":
         return SchedulerFileSource(cfg.path or "", uuid_index=uuid_index)
     if source == "dcgm_job_dir":
@@ -353,3 +398,71 @@ def build_source(
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return NoAllocationSource()
+
+
+# -- stamping samples ----------------------------------------------------------------------------
+
+
+def answer_for(gpu: GpuSample, allocation: Mapping[Key, Answer]) -> Answer | None:
+    """The answer for one sample: by its UUID, then (a MIG instance) its parent's UUID, then its index."""
+    found = allocation.get(gpu.uuid)
+    if found is None and gpu.parent_uuid is not None:
+        found = allocation.get(gpu.parent_uuid)
+    return allocation.get(gpu.index) if found is None else found
+
+
+def merged(holders: Iterable[Holder]) -> tuple[Holder, ...]:
+    """Holders with the same tenant and job as one (weights added), in first-seen order."""
+    weights: dict[tuple[str, str | None], int] = {}
+    for h in holders:
+        weights[(h.tenant, h.job)] = weights.get((h.tenant, h.job), 0) + h.weight
+    return tuple(Holder(t, j, w) for (t, j), w in weights.items())
+
+
+def attribution_fields(answer: Answer | None) -> dict[str, Any]:
+    """The sample fields an answer sets: tenant, job, shares, allocation_unknown (wire rules: a shared
+    GPU names the holder of the largest weight, the first of equals)."""
+    if answer is None:
+        return {"tenant": None, "job": None, "shares": [], "allocation_unknown": False}
+    if isinstance(answer, Unknown):
+        return {"tenant": None, "job": None, "shares": [], "allocation_unknown": True}
+    if isinstance(answer, Shared):
+        holders = merged(answer.holders)
+        if len(holders) > 1:
+            shares = [Share(h.tenant, h.job, max(1, min(h.weight, MAX_SHARE_WEIGHT))) for h in holders[:MAX_SHARES]]
+            top = max(shares, key=lambda s: s.weight)
+            return {"tenant": top.tenant, "job": top.job, "shares": shares, "allocation_unknown": False}
+        if not holders:
+            return attribution_fields(None)
+        answer = Allocation(holders[0].tenant, holders[0].job)
+    return {"tenant": answer.tenant, "job": answer.job, "shares": [], "allocation_unknown": False}
+
+
+_K8S_KEYS = ("namespace_tenants", "tenant_label", "tenant_annotation", "job_label")
+
+
+def _check_scheduler_keys(cfg: AllocationConfig) -> None:
+    """Kubernetes keys belong to `source: kubernetes` only."""
+    given = [k for k in _K8S_KEYS if getattr(cfg, k)]
+    if given and cfg.source != "kubernetes":
+        raise ConfigError(f"agent.allocation.{given[0]} is only read with source: kubernetes (source is "
+                          f"{cfg.source!r}): set source: kubernetes or remove it")
+
+
+def _kubernetes(cfg: AllocationConfig, uuid_index: Mapping[str, int] | None) -> AllocationSource:
+    try:
+        from gpufleet.agents.kubelet.source import KubeletSource
+        from gpufleet.agents.kubelet.tenants import TenantResolver, TenantRules
+    except ImportError as exc:
+        raise ConfigError(f"agent.allocation.source 'kubernetes' needs grpcio ({exc}): install the agent with the "
+                          "extra gpufleet[kubernetes] (the DaemonSet's image has it)") from None
+    rules = TenantRules(dict(cfg.namespace_tenants), cfg.tenant_label, cfg.tenant_annotation, cfg.job_label,
+                        cfg.pod_metadata_ttl_s)
+    if rules.needs_api:
+        import importlib.util
+
+        if importlib.util.find_spec("kubernetes") is None:
+            raise ConfigError("agent.allocation.tenant_label, tenant_annotation and job_label are read through the "
+                              "Kubernetes API: install the extra gpufleet[kubernetes]")
+    return KubeletSource(cfg.kubelet_socket, TenantResolver(rules), timeout_s=cfg.kubelet_timeout_s,
+                         uuid_index=uuid_index)

@@ -107,19 +107,40 @@ def nvml_node(cfg: Config, *, dry_run: bool = False) -> NodeParts:
     collector.open()  # NvmlUnavailable says why and how to fix it
     uuids = getattr(collector, "gpu_uuids", None)
     uuid_index = {u: i for i, u in enumerate(uuids)} if uuids else None
-    allocation = build_source(cfg.agent.allocation, uuid_index=uuid_index)
+    allocation = build_source(cfg.agent.allocation, uuid_index=uuid_index, devices=collector.devices)
     return NodeParts(cfg.agent.node, collector, allocation, Path(cfg.agent.spool_dir), _machine_id())
 
 
 def simulated_nodes(cfg: Config, spec: FleetSpec) -> tuple[SimulatedFleet, list[NodeParts]]:
-    """A simulated fleet: one `NodeParts` per node, each spooling under `<spool_dir>/<node>`."""
+    """A simulated fleet: one `NodeParts` per node, each spooling under `<spool_dir>/<node>`.
+
+    With `agent.allocation.source` left at `none` every node reads the simulator's own allocations (its
+    ground truth); any other source is built for each node as on a real one (its GPU UUIDs, its
+    `devices`), so a test kubelet, a fake /proc tree or an allocation file decides the tenants instead.
+    """
+    from gpufleet.agents.allocation import build_source
+
     try:
         fleet = spec.build()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     root = Path(cfg.agent.spool_dir)
-    parts = [NodeParts(node.name, node, node.allocation_source(), root / node.name) for node in fleet.nodes]
+    own = cfg.agent.allocation.source == "none"
+    parts = [NodeParts(node.name, node, node.allocation_source() if own else build_source(
+        cfg.agent.allocation, uuid_index={u: i for i, u in enumerate(node.gpu_uuids)}, devices=node.devices),
+        root / node.name) for node in fleet.nodes]
     return fleet, parts
+
+
+def publish_uuids(path: Path, parts: list[NodeParts]) -> None:
+    """Write `{"nodes": {node: [GPU UUID by index]}}` (JSON) atomically: what a test kubelet or allocation
+    file needs to name the simulated GPUs."""
+    import json
+
+    doc = {"nodes": {p.name: list(getattr(p.collector, "gpu_uuids", [])) for p in parts}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def start_receivers(parts: list[NodeParts], settings: ReceiverSettings, gpus: dict[int, str] | None = None) -> None:
@@ -266,6 +287,9 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
               help="Inject the demo's faults into the simulated fleet.")
 @click.option("--ground-truth", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the simulated fleet's ground truth (JSON) here every minute and on exit.")
+@click.option("--publish-uuids", "publish_uuids_to", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write each node's GPU UUIDs here (JSON) before the first interval, for a test kubelet or "
+                   "allocation file to name them.")
 @click.option("--flops-jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Simulated jobs that report model FLOPs over OTLP to their nodes' receivers (simulated backend).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
@@ -286,6 +310,7 @@ def agent(
     tenants: int,
     faults: str,
     ground_truth: Path | None,
+    publish_uuids_to: Path | None,
     flops_jobs: int,
     duration: float | None,
     dry_run: bool,
@@ -315,6 +340,8 @@ def agent(
         parts = [nvml_node(cfg, dry_run=dry_run)]
     if dry_run and flops_jobs:
         raise click.UsageError("--flops-jobs needs receivers, which a --dry-run does not start")
+    if publish_uuids_to is not None:
+        publish_uuids(publish_uuids_to, parts)
     try:
         jobs = JobsProcess(None) if dry_run else attach_receivers(cfg, parts, fleet, spec, flops_jobs)
         spools = dry_run_spools(parts) if dry_run else open_spools(

@@ -4,7 +4,8 @@
 and the agent's health back from the collected `MetricsData` through the mapping table in
 `agents.meter`, and takes from the `Frame` the callbacks observed only what is not a measurement:
 the message identity (seq, time, interval), the roster of GPUs (so an unreadable GPU with no
-points still appears) and the per-GPU events (`xids` in order, `error`). A field with no point is
+points still appears), the per-GPU events (`xids` in order, `error`) and the attribution that is no
+measurement (`meter.FRAME_FIELDS`: unknown allocation, shares, MIG identity). A field with no point is
 None in the message. `KafkaMetricExporter` is the thin I/O half: encode and hand the bytes to the
 sink (the spool), which owns delivery; the name says where the bytes end up, not that it talks
 to a broker itself.
@@ -25,6 +26,7 @@ from gpufleet.agents.meter import (
     ATTR_MODEL,
     ATTR_TENANT,
     ATTR_UUID,
+    FRAME_FIELDS,
     GPU_BY_NAME,
     RES_BOOT_ID,
     RES_CLUSTER,
@@ -80,8 +82,9 @@ def report_from_metrics(data: MetricsData, frame: Frame) -> NodeReport:
         else:
             index, model = int(attrs[ATTR_INDEX]), attrs.get(ATTR_MODEL)
             tenant, job = attrs.get(ATTR_TENANT), attrs.get(ATTR_JOB)
+        carried = {f: getattr(gpu, f) for f in FRAME_FIELDS}
         gpus.append(GpuSample(index=index, uuid=gpu.uuid, model=model, error=gpu.error, tenant=tenant,
-                              job=job, xids=list(gpu.xids), **values.pop(gpu.uuid, {})))
+                              job=job, xids=list(gpu.xids), **carried, **values.pop(gpu.uuid, {})))
     if values:
         log.error("points for GPUs not in this interval's roster were ignored: %s", sorted(values))
     return NodeReport(

@@ -126,6 +126,8 @@ AGENT_METRICS: Final[tuple[MetricSpec, ...]] = (
        "FLOPs points rejected by the OTLP receiver"),
     _g("flops_clamped_total", "gpufleet.agent.flops.clamped", "{interval}", "counter", "int",
        "GPU-intervals whose measured FLOPs were clamped at the GPU's peak x interval"),
+    _g("allocation_unknown_total", "gpufleet.agent.allocation.unknown", "{interval}", "counter", "int",
+       "GPU-intervals the allocation source could not attribute"),
 )
 
 GPU_BY_NAME: Final = {s.name: s for s in GPU_METRICS}
@@ -135,6 +137,10 @@ ATTR_UUID, ATTR_INDEX, ATTR_MODEL, ATTR_TENANT, ATTR_JOB = "hw.id", "gpu.index",
 IDENTITY_FIELDS: Final = ("index", "uuid", "model", "tenant", "job")
 EVENT_FIELDS: Final = ("error", "xids")
 """Carried beside the metrics in the `Frame` (events, not measurements)."""
+FRAME_FIELDS: Final = ("allocation_unknown", "shares", "parent_uuid", "gpu_instance_id", "compute_instance_id",
+                       "mig_profile", "slices", "slices_total")
+"""Attribution carried beside the metrics in the `Frame` (who holds the GPU, what part of a GPU it is)."""
+ATTR_MIG_PROFILE, ATTR_PARENT = "gpu.mig.profile", "hw.parent_id"
 
 RES_CLUSTER, RES_NODE, RES_BOOT_ID = "gpufleet.cluster", "host.name", "service.instance.id"
 SCOPE = "gpufleet.agent"
@@ -142,7 +148,7 @@ SCOPE = "gpufleet.agent"
 
 def _check_table() -> None:
     mapped = {s.field for s in GPU_METRICS}
-    expected = set(GPU_FIELDS) - set(IDENTITY_FIELDS) - set(EVENT_FIELDS)
+    expected = set(GPU_FIELDS) - set(IDENTITY_FIELDS) - set(EVENT_FIELDS) - set(FRAME_FIELDS)
     if mapped != expected:
         raise RuntimeError(f"gpufleet.agents.meter.GPU_METRICS is out of step with GpuSample: "
                            f"unmapped {sorted(expected - mapped)}, unknown {sorted(mapped - expected)}")
@@ -171,6 +177,10 @@ def gpu_attributes(gpu: GpuSample) -> dict[str, str | int]:
         attrs[ATTR_TENANT] = gpu.tenant
     if gpu.job is not None:
         attrs[ATTR_JOB] = gpu.job
+    if gpu.parent_uuid is not None:
+        attrs[ATTR_PARENT] = gpu.parent_uuid
+    if gpu.mig_profile is not None:
+        attrs[ATTR_MIG_PROFILE] = gpu.mig_profile
     return attrs
 
 

@@ -14,12 +14,21 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import msgspec
 
+from gpufleet.agents.allocation import (
+    Allocation,
+    AllocationUnknown,
+    Answer,
+    Key,
+    Unknown,
+    answer_for,
+    attribution_fields,
+)
 from gpufleet.agents.collectors.base import Collector, NodeDown, NodeReleased
 from gpufleet.agents.kafka_exporter import KafkaMetricExporter
 from gpufleet.agents.meter import AgentMeter, Frame, node_resource, otlp_reader
 from gpufleet.agents.spool import Spool
 from gpufleet.gpu_facts import peak_flops
-from gpufleet.wire import MAX_FLOP_RATE, AgentHealth, GpuSample, NodeReport, max_counts, max_flops
+from gpufleet.wire import MAX_FLOP_RATE, AgentHealth, GpuSample, NodeReport, max_counts, max_flops, share_of_gpu
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +56,9 @@ class SystemClock:
 
 
 class AllocationReader(Protocol):
-    """`agents.allocation.AllocationSource`: GPU index -> object with `tenant` and `job`."""
+    """`agents.allocation.AllocationSource`: GPU index or device UUID -> `Allocation`, `Shared` or `Unknown`."""
 
-    def read(self) -> Mapping[int, Any]: ...
+    def read(self) -> Mapping[Key, Answer]: ...
 
 
 @runtime_checkable
@@ -81,18 +90,25 @@ COUNT_FIELDS: Final = ("tokens_measured", "samples_measured")
 """`GpuSample` fields stamped from the `counts` sources, like `flops_measured` from the FLOPs source."""
 
 
-def stamp(gpus: Iterable[GpuSample], allocation: Mapping[int, Any], flops: Mapping[str, float],
+def stamp(gpus: Iterable[GpuSample], allocation: Mapping[Key, Answer], flops: Mapping[str, float],
           counts: Mapping[str, Mapping[str, float]] | None = None) -> tuple[GpuSample, ...]:
-    """The samples with tenant/job from `allocation` (by GPU index), flops from `flops` and each of
-    `COUNT_FIELDS` from `counts[field]` (by uuid)."""
+    """The samples with their attribution from `allocation` (`allocation.answer_for`), flops from `flops` and
+    each of `COUNT_FIELDS` from `counts[field]` (by uuid)."""
     counts = counts or {}
-    out = []
-    for g in gpus:
-        a = allocation.get(g.index)
-        out.append(msgspec.structs.replace(
-            g, tenant=None if a is None else a.tenant, job=None if a is None else a.job,
-            flops_measured=flops.get(g.uuid), **{f: counts.get(f, {}).get(g.uuid) for f in COUNT_FIELDS}))
-    return tuple(out)
+    return tuple(msgspec.structs.replace(
+        g, **attribution_fields(answer_for(g, allocation)), flops_measured=flops.get(g.uuid),
+        **{f: counts.get(f, {}).get(g.uuid) for f in COUNT_FIELDS}) for g in gpus)
+
+
+class _AllUnknown(dict[Key, Answer]):
+    """The answer when the source could not answer: every device `Unknown`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = Unknown(reason)
+
+    def get(self, key: Key, default: Any = None) -> Answer:  # type: ignore[override]
+        return self.reason
 
 
 def bounded(values: Mapping[str, float], limit: float) -> tuple[dict[str, float], list[str]]:
@@ -147,7 +163,8 @@ class NodeAgent:
         self._clamped_warned = 0
         self._warned_at: dict[str, int] = {}
         self._send_errors = send_errors
-        self._last_allocation: Mapping[int, Any] = {}
+        self._allocation_down: str | None = None
+        self._unknown_total = 0
         self._down = False
         self.released = False
         """The collector let go of the GPUs on request (`NodeReleased`) at the last interval."""
@@ -183,6 +200,7 @@ class NodeAgent:
         allocation = self._read_allocation()
         self._report_gpus(samples, allocation)
         gpus = stamp(samples, allocation, self._read_flops(now_ms, interval_ms), self._read_counts(now_ms, interval_ms))
+        self._unknown_total += sum(g.allocation_unknown for g in gpus)
         health = AgentHealth(
             collect_seconds=collect_s,
             nvml_errors=self._nvml_errors(gpus),
@@ -193,6 +211,7 @@ class NodeAgent:
             otlp_points_accepted_total=int(getattr(self._flops, "points_accepted_total", 0)),
             otlp_points_rejected_total=int(getattr(self._flops, "points_rejected_total", 0)),
             flops_clamped_total=int(getattr(self._flops, "flops_clamped_total", 0)) + self._flops_nulled,
+            allocation_unknown_total=self._unknown_total,
         )
         self._warn_clamped(now_ms, health.flops_clamped_total)
         self.meter.observe(Frame(self.spool.next_seq, now_ms, interval_ms, gpus, health))
@@ -207,34 +226,49 @@ class NodeAgent:
             except Exception:
                 log.exception("closing node %s: %s failed", self.node, getattr(step, "__qualname__", step))
 
-    def _report_gpus(self, samples: Sequence[GpuSample], allocation: Mapping[int, Any]) -> None:
+    def _report_gpus(self, samples: Sequence[GpuSample], allocation: Mapping[Key, Answer]) -> None:
         if self._on_gpus is None:
             return
         jobs = {}
         for g in samples:
-            a = allocation.get(g.index)
-            if a is not None and a.job is not None:
+            a = answer_for(g, allocation)
+            if isinstance(a, Allocation) and a.job is not None:  # one job: only it may report FLOPs
                 jobs[g.uuid] = a.job
         try:
-            self._on_gpus({g.index: g.uuid for g in samples}, jobs=jobs,
-                          ceilings={g.uuid: self._ceiling(g.model) for g in samples})
+            self._on_gpus({g.index: g.uuid for g in samples if g.parent_uuid is None}, jobs=jobs,
+                          ceilings={g.uuid: self._ceiling(g) for g in samples})
         except Exception:
             log.exception("passing node %s's GPUs to the OTLP receiver failed", self.node)
 
-    def _ceiling(self, model: str | None) -> float:
-        found = self._ceilings.get(model)
+    def _ceiling(self, gpu: GpuSample) -> float:
+        """The GPU's FLOP/s ceiling; a MIG instance's is its share of the GPU's."""
+        found = self._ceilings.get(gpu.model)
         if found is None:
-            found = self._ceilings[model] = flop_ceiling(model, self._peak_overrides)
-        return found
+            found = self._ceilings[gpu.model] = flop_ceiling(gpu.model, self._peak_overrides)
+        num, den = share_of_gpu(gpu)
+        return found * num / den
 
-    def _read_allocation(self) -> Mapping[int, Any]:
+    def _read_allocation(self) -> Mapping[Key, Answer]:
+        """This interval's answer; every GPU `Unknown` when the source cannot answer (logged once per outage)."""
         if self._allocation is None:
             return {}
         try:
-            self._last_allocation = self._allocation.read()
-        except Exception:
-            log.exception("allocation source failed on node %s; keeping its last answer", self.node)
-        return self._last_allocation
+            answer = self._allocation.read()
+        except AllocationUnknown as exc:
+            return self._unknown(str(exc), None)
+        except Exception as exc:
+            return self._unknown(f"the allocation source failed ({exc!r})", exc)
+        if self._allocation_down is not None:
+            log.warning("node %s: the allocation source answers again; attributing GPUs again", self.node)
+            self._allocation_down = None
+        return answer
+
+    def _unknown(self, reason: str, exc: Exception | None) -> Mapping[Key, Answer]:
+        if self._allocation_down != reason:
+            log.error("node %s: %s; sending every GPU with allocation_unknown (billed to nobody) until it answers",
+                      self.node, reason, exc_info=exc)
+            self._allocation_down = reason
+        return _AllUnknown(reason)
 
     def _read_flops(self, now_ms: int, interval_ms: int) -> Mapping[str, float]:
         if self._flops is None:

@@ -13,6 +13,7 @@ from gpufleet.dashboards import fragments as f
 from gpufleet.dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
 from gpufleet.pipeline.alerts.rules import (
     DEFAULT_RULES,
+    AgentAllocationUnknown,
     AgentCounterRising,
     AgentSendErrors,
     AgentSpoolDropping,
@@ -193,14 +194,27 @@ def _straggler(rule: JobStraggler) -> AlertQuery:
 
 
 def _silent(rule: NodeSilent) -> AlertQuery:
+    """Each node's newest report from `node_latest`; a node with reports after the range's end from its own
+    agent_reports rows (the evaluator's query, pipeline/alerts/queries.py)."""
     silent_s = duration_ms(rule.silent_after) // 1000
     text = sql(
         """
-        SELECT cluster, node, dateDiff('second', max(time), $__toTime) AS silent_s
-        FROM agent_reports
-        WHERE $__timeFilter(time)
-        GROUP BY cluster, node
-        HAVING max(time) <= $__toTime - INTERVAL {silent} SECOND
+        SELECT cluster, node, dateDiff('second', last, $__toTime) AS silent_s
+        FROM
+        (
+            SELECT cluster, node, max(time) AS last
+            FROM node_latest
+            GROUP BY cluster, node
+            HAVING last >= $__fromTime AND last <= $__toTime
+            UNION ALL
+            SELECT cluster, node, max(time) AS last
+            FROM agent_reports
+            WHERE (cluster, node) IN (SELECT cluster, node FROM node_latest GROUP BY cluster, node
+                                      HAVING max(time) > $__toTime)
+                AND $__timeFilter(time)
+            GROUP BY cluster, node
+        )
+        WHERE last <= $__toTime - INTERVAL {silent} SECOND
         ORDER BY cluster, node
         """,
         silent=str(silent_s),
@@ -214,7 +228,7 @@ def _mfu(rule: MfuBelowTarget) -> AlertQuery:
     text = sql(
         """
         SELECT {keys}{mfu} AS mfu
-        FROM gpu_usage_1m
+        FROM fleet_usage_1m
         WHERE $__timeFilter(minute){allocated}
         {group}HAVING max(last_end_ms) > toUnixTimestamp64Milli($__toTime_ms) - {fresh_ms}
             AND min(first_start_ms) <= toUnixTimestamp64Milli($__fromTime_ms)
@@ -304,6 +318,7 @@ _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
     AgentSpoolDropping: _agent_counter,
     AgentSendErrors: _agent_counter,
     GpuClaimConflict: _claim_conflict,
+    AgentAllocationUnknown: _agent_counter,
     GpuFailing: _failing,
     GpuDegraded: _degraded,
     GpuIdleAllocated: _idle,
@@ -327,6 +342,10 @@ _SUMMARIES: Final[dict[type, str]] = {
     GpuClaimConflict: (
         "GPU {{ $labels.gpu }} is reported by {{ $values.A.Value }} streams (cluster/node/boot id) for the same "
         "time: billed once, the other streams' overlapping time is not billed"
+    ),
+    AgentAllocationUnknown: (
+        "The agent on {{ $labels.node }} ({{ $labels.cluster }}) could not attribute {{ $values.A.Value }} "
+        "GPU-intervals in the window: billed to nobody"
     ),
     GpuFailing: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is failing",
     GpuDegraded: "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) is degraded",

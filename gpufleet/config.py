@@ -58,13 +58,35 @@ class ClickHouseConfig(Strict):
 
 
 class AllocationConfig(Strict):
-    source: Literal["none", "file", "dcgm_job_dir", "static"] = "none"
+    source: Literal["none", "file", "dcgm_job_dir", "static", "kubernetes", "slurm"] = "none"
     path: str | None = None
     """`file`: the scheduler's allocation JSON; `dcgm_job_dir`: dcgm-exporter's HPC job-mapping dir."""
     static: dict[str, str] = {}
     """`static`: GPU index (as a string) -> "tenant/job"."""
     default_tenant: Annotated[str, msgspec.Meta(min_length=1)] = "default"
     """`dcgm_job_dir`: tenant of a job whose mapping line names no account (`account:jobid`)."""
+    kubelet_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    """`kubernetes`: the kubelet's PodResources socket."""
+    kubelet_timeout_s: Positive = 0.5
+    """`kubernetes`: how long one PodResources call may take before the interval's allocation is unknown."""
+    namespace_tenants: dict[str, str] = {}
+    """`kubernetes`: namespace -> tenant; a namespace not listed is its own tenant."""
+    tenant_label: str | None = None
+    """`kubernetes`: a pod label naming the tenant, read through the Kubernetes API (extra `kubernetes`)."""
+    tenant_annotation: str | None = None
+    """`kubernetes`: a pod annotation naming the tenant, read through the Kubernetes API."""
+    job_label: str | None = None
+    """`kubernetes`: a pod label naming the job (e.g. `batch.kubernetes.io/job-name`); else `namespace/pod`."""
+    pod_metadata_ttl_s: Positive = 300.0
+    """`kubernetes`: how long a pod's labels and annotations read from the API are reused."""
+    proc_root: str = "/proc"
+    """`slurm`: where the processes' `cgroup` and `environ` files are read."""
+    cgroup_root: str = "/sys/fs/cgroup"
+    """`slurm`: the cgroup file system (cgroup v1 device lists show GPUs held by jobs with no process)."""
+    slurm_tenant: Literal["account", "user", "partition"] = "account"
+    """`slurm`: which of the job's SLURM_JOB_ACCOUNT, SLURM_JOB_USER, SLURM_JOB_PARTITION is the tenant."""
+    share_by: Literal["utilization", "even"] = "utilization"
+    """A GPU several jobs hold: split its time by their processes' utilization where NVML reports it, or evenly."""
 
 
 class AgentConfig(Strict):

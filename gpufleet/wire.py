@@ -49,6 +49,19 @@ MAX_COUNT_RATE: Final = 10**10
 `tokens_measured` / `samples_measured` is refused above `MAX_COUNT_RATE x interval`."""
 Counts = Annotated[float, msgspec.Meta(ge=0.0, le=float(MAX_COUNT_RATE * MAX_INTERVAL_MS // 1000))]
 """Tokens or samples of one GPU sample: at most `MAX_COUNT_RATE` x the longest interval (3.6e13)."""
+MAX_SHARES: Final = 64
+"""Most holders one shared GPU may list (time-slicing replicas, MPS clients)."""
+MAX_SHARE_WEIGHT: Final = 1_000_000
+
+
+class Share(msgspec.Struct, forbid_unknown_fields=True):
+    """One of several jobs holding one GPU (time-slicing, MPS): who, and its weight in the split. Every field
+    is sent, the default weight too (a reader that fills a missing weight with 0 would bill the holder nothing)."""
+
+    tenant: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    job: Label | None = None
+    weight: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARE_WEIGHT)] = 1
+    """The holder's part of the GPU's time is weight / sum of the weights (docs/allocation.md, "Shared GPUs")."""
 
 
 class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -62,6 +75,24 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     tenant: Label | None = None
     """Tenant the GPU is allocated to this interval; null means unallocated."""
     job: Label | None = None
+    allocation_unknown: bool = False
+    """The allocation source could not say who holds this GPU (e.g. the kubelet did not answer): `tenant`
+    and `job` are then null, and the time is billed to nobody. False (omitted) when the source answered."""
+    shares: Annotated[list[Share], msgspec.Meta(max_length=MAX_SHARES)] = []
+    """Several jobs hold this GPU (or MIG instance): each holder and its weight. Empty for a GPU held by
+    one job or none. With shares, `tenant`/`job` name the holder of the largest weight (the first of equals)."""
+    parent_uuid: Name | None = None
+    """MIG instance: the UUID of the physical GPU it is carved from (then `uuid` is the MIG device's UUID)."""
+    gpu_instance_id: U32 | None = None
+    """MIG instance: its GPU instance id on the parent."""
+    compute_instance_id: U32 | None = None
+    """MIG instance: its compute instance id within the GPU instance."""
+    mig_profile: Label | None = None
+    """MIG instance: the profile, e.g. `1g.10gb`."""
+    slices: U8 | None = None
+    """MIG instance: compute slices it holds; its share of the GPU is `slices / slices_total`."""
+    slices_total: U8 | None = None
+    """MIG instance: compute slices of the whole GPU (7 on A100, H100, H200, B200; 4 on A30)."""
     util_gpu_ratio: Ratio | None = None
     util_mem_ratio: Ratio | None = None
     mem_used_bytes: Count | None = None
@@ -141,6 +172,8 @@ class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     otlp_points_rejected_total: Count = 0
     flops_clamped_total: Count = 0
     """GPU-intervals whose measured FLOPs the agent clamped at the GPU's peak x interval."""
+    allocation_unknown_total: Count = 0
+    """GPU-intervals the allocation source could not attribute (sent with `allocation_unknown`), since start."""
 
 
 class NodeReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -194,8 +227,38 @@ def decode(data: bytes) -> NodeReport:
         if gpu.uuid in seen:
             raise WireError(f"GPU uuid {gpu.uuid!r} appears twice in one message")
         seen.add(gpu.uuid)
+        problem = attribution_problem(gpu)
+        if problem:
+            raise WireError(f"GPU uuid {gpu.uuid!r}: {problem}")
     _check_flops(report)
     return report
+
+
+def attribution_problem(gpu: GpuSample) -> str | None:
+    """What is inconsistent in a sample's allocation and MIG fields, or None (checked by `decode`)."""
+    if gpu.allocation_unknown and (gpu.tenant is not None or gpu.shares):
+        return "allocation_unknown with a tenant or shares; an unknown allocation names nobody"
+    if gpu.shares:
+        if len(gpu.shares) < 2:
+            return "shares lists one holder; a GPU held by one job carries tenant/job only"
+        top = max(gpu.shares, key=lambda s: s.weight)
+        if (gpu.tenant, gpu.job) != (top.tenant, top.job):
+            return "tenant/job must name the share of the largest weight (the first of equals)"
+    mig = (gpu.slices, gpu.slices_total, gpu.parent_uuid)
+    if any(v is not None for v in mig):
+        if any(v is None for v in mig):
+            return "a MIG instance carries parent_uuid, slices and slices_total together"
+        if not 1 <= (gpu.slices or 0) <= (gpu.slices_total or 0):
+            return f"slices {gpu.slices} must be 1..slices_total ({gpu.slices_total})"
+    return None
+
+
+def share_of_gpu(gpu: GpuSample) -> tuple[int, int]:
+    """The part of a physical GPU the sample stands for, as (numerator, denominator): 1/1, or a MIG
+    instance's `slices / slices_total`."""
+    if gpu.slices is not None and gpu.slices_total:
+        return gpu.slices, gpu.slices_total
+    return 1, 1
 
 
 def max_flops(interval_ms: int) -> int:

@@ -55,6 +55,8 @@ INTERNAL = {
     "LibraryDown": "the NVML funnel's signal to the collector: every GPU in error while NVML is re-initialised",
     "StagingUnsupported": "the ingester falls back to its column path",
     "StatusUnavailable": "answered to a status API client as 503 with the reason",
+    "AllocationUnknown": "an allocation source's signal to the agent: the interval's GPUs carry `allocation_unknown`",
+    "MetadataUnavailable": "the pod-label lookup's signal: that pod's devices are `Unknown` (billed to nobody)",
 }
 """Exception classes that never reach a user as a command's failure, and where they end instead."""
 

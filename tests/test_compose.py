@@ -814,7 +814,7 @@ def _extras_closure(optional: dict[str, list[str]], extras: list[str]) -> set[st
 def test_dockerfile_installs_the_server_extras_without_chdb_as_non_root() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.MULTILINE)
-    assert "pip install -c constraints.txt '.[pipeline,grafana]'" in dockerfile
+    assert "pip install -c constraints.txt '.[pipeline,grafana,kubernetes]'" in dockerfile
     assert re.search(r"^USER 10001:10001$", dockerfile, re.MULTILINE)
     assert 'ENTRYPOINT ["gpufleet"]' in dockerfile
     optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNIT = SYSTEMD / "gpufleet-agent.service"
 INSTALL = SYSTEMD / "install.sh"
+SLURM_DROPIN = SYSTEMD / "gpufleet-agent-slurm.conf"
 AGENT_YAML = SYSTEMD / "agent.yaml"
 DAEMONSET = ROOT / "deploy" / "k8s" / "agent-daemonset.yaml"
 DOC = ROOT / "docs" / "deploy.md"
@@ -213,7 +214,8 @@ def k8s_agent_config(manifests: dict[str, dict[str, Any]]) -> Config:
 
 
 def test_manifest_has_every_object_in_one_namespace(manifests: dict[str, dict[str, Any]]) -> None:
-    assert set(manifests) == {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
+    assert set(manifests) == {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet", "ClusterRole",
+                              "ClusterRoleBinding"}
     namespace = manifests["Namespace"]["metadata"]["name"]
     for kind in ("ServiceAccount", "ConfigMap", "DaemonSet"):
         assert manifests[kind]["metadata"]["namespace"] == namespace, kind
@@ -226,8 +228,14 @@ def test_daemonset_selects_its_own_pods_and_service_account(
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pod["serviceAccountName"] == manifests["ServiceAccount"]["metadata"]["name"]
-    assert pod["automountServiceAccountToken"] is False
-    assert manifests["ServiceAccount"]["automountServiceAccountToken"] is False
+    # the token reads pod labels for allocation.tenant_label/job_label, and the role allows that only
+    assert pod["automountServiceAccountToken"] is True
+    role, binding = manifests["ClusterRole"], manifests["ClusterRoleBinding"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": manifests["Namespace"]["metadata"]["name"]}]
 
 
 def test_daemonset_runs_on_gpu_nodes_only(pod: dict[str, Any]) -> None:
@@ -262,7 +270,7 @@ def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in container["volumeMounts"]}
 
 
-def test_spool_and_job_mapping_are_host_paths_matching_the_config(
+def test_spool_and_kubelet_socket_are_host_paths_matching_the_config(
     pod: dict[str, Any], agent_container: dict[str, Any], k8s_agent_config: Config
 ) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -270,12 +278,12 @@ def test_spool_and_job_mapping_are_host_paths_matching_the_config(
     assert volumes["spool"]["hostPath"]["path"] == "/var/lib/gpufleet/spool"
     assert mounts["spool"]["mountPath"] == k8s_agent_config.agent.spool_dir
     assert not mounts["spool"].get("readOnly", False)
-    job_dir = "/var/lib/dcgm-exporter/job-mapping"
-    assert volumes["job-mapping"]["hostPath"]["path"] == job_dir
-    assert mounts["job-mapping"]["mountPath"] == job_dir
-    assert mounts["job-mapping"]["readOnly"] is True
-    assert k8s_agent_config.agent.allocation.source == "dcgm_job_dir"
-    assert k8s_agent_config.agent.allocation.path == job_dir
+    sockets = "/var/lib/kubelet/pod-resources"
+    assert volumes["pod-resources"]["hostPath"] == {"path": sockets, "type": "Directory"}
+    assert mounts["pod-resources"]["mountPath"] == sockets
+    assert mounts["pod-resources"]["readOnly"] is True
+    assert k8s_agent_config.agent.allocation.source == "kubernetes"
+    assert k8s_agent_config.agent.allocation.kubelet_socket == f"{sockets}/kubelet.sock"
     # The spool is handed to the agent's uid by the init container.
     (init,) = pod["initContainers"]
     assert init["command"] == [
@@ -347,6 +355,8 @@ def test_daemonset_is_node_critical_named_by_spec_node_name_and_monitors_mig(
 def test_containers_drop_privileges(pod: dict[str, Any], agent_container: dict[str, Any]) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     ctx = agent_container["securityContext"]
+    # root only to connect to the kubelet's root-owned socket; every capability dropped
+    assert (ctx["runAsUser"], ctx["runAsNonRoot"], ctx["privileged"]) == (0, False, False)
     assert ctx["allowPrivilegeEscalation"] is False
     assert ctx["readOnlyRootFilesystem"] is True
     assert ctx["capabilities"]["drop"] == ["ALL"]
@@ -596,3 +606,25 @@ def test_install_header_command_works_from_a_copy_of_deploy_systemd_and_dist(tmp
                           capture_output=True, text=True, timeout=60, check=False)
     assert bare.returncode == 1
     assert "pass --artifact FILE" in bare.stderr
+
+
+def test_install_with_the_slurm_source_writes_it_and_the_root_drop_in(tmp_path: Path) -> None:
+    node, artifact = _copy_for_a_node(tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "DESTDIR": str(tmp_path / "root")}
+    argv = ["deploy/systemd/install.sh", "--artifact", str(artifact), "--kafka", "k:9094", "--cluster", "hpc",
+            "--allocation", "slurm", "--kafka-password-file", "kafka_agent_password"]
+    done = subprocess.run(["bash", *argv], cwd=node, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cfg = load(tmp_path / "root/etc/gpufleet/agent.yaml")
+    assert (cfg.agent.allocation.source, cfg.agent.allocation.slurm_tenant) == ("slurm", "account")
+    installed = tmp_path / "root/etc/systemd/system/gpufleet-agent.service.d/slurm.conf"
+    assert installed.read_text() == SLURM_DROPIN.read_text()
+    dropin = configparser.ConfigParser(strict=False, interpolation=None)
+    dropin.read(installed)
+    service = dropin["Service"]
+    assert (service["DynamicUser"], service["User"], service["CapabilityBoundingSet"]) == (
+        "no", "root", "CAP_SYS_PTRACE")
+    bad = subprocess.run(["bash", *argv[:-2], "--allocation", "kubernetes"], cwd=node, env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert bad.returncode == 1
+    assert "use slurm, dcgm_job_dir or none (Kubernetes nodes: deploy/k8s/)" in bad.stderr

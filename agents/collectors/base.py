@@ -8,6 +8,7 @@ from the allocation source.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from gpufleet.wire import GpuSample
@@ -36,3 +37,25 @@ class NodeDown(Exception):
 class NodeReleased(NodeDown):
     """The backend let go of the GPUs on the operator's request (driver upgrade, GPU reset): nothing is sent,
     and the agent is healthy, doing what it was asked (its liveness must not get it restarted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A compute process on a GPU (NVML), with its SM utilization over the interval when NVML gives it."""
+
+    pid: int
+    sm_util: float | None = None
+    """Sum of the process's SM utilization samples (percent) newer than the previous reading; None unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """What the last collection saw on one device (a GPU, or a MIG instance), for allocation sources."""
+
+    index: int
+    uuid: str
+    minor: int | None = None
+    """The GPU's /dev/nvidia<minor> number (what cgroup device lists name); None for MIG instances."""
+    processes: tuple[GpuProcess, ...] | None = None
+    """Compute processes; None when NVML could not list them."""
+    parent_uuid: str | None = None

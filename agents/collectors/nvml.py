@@ -15,9 +15,18 @@ from typing import Any, Final
 
 import pynvml
 
-from gpufleet.agents.collectors.base import NodeReleased
+from gpufleet.agents.collectors.base import DeviceView, NodeReleased
 from gpufleet.agents.collectors.deadline_pool import DeadlinePool
-from gpufleet.agents.collectors.nvml_device import GPM_MIN_GAP_S, DeviceReader, DeviceState, Plan, Reading, error_sample
+from gpufleet.agents.collectors.nvml_device import (
+    GPM_MIN_GAP_S,
+    DeviceReader,
+    DeviceState,
+    Plan,
+    Reading,
+    device_views,
+    error_samples,
+    expand,
+)
 from gpufleet.agents.collectors.nvml_fields import FieldIds, read_fields
 from gpufleet.agents.collectors.nvml_funnel import Counters, Funnel, GpuLost, LibraryDown
 from gpufleet.agents.collectors.nvml_session import Backoff, ReleaseSwitch
@@ -37,6 +46,8 @@ SLOW_EVERY_S: Final = 10.0
 CALL_BUDGET_PER_GPU: Final = 16
 """NVML queries per GPU per interval the agent expects to need (event waits excluded)."""
 BUDGET_WARN_EVERY_S: Final = 300.0
+MIG_CALLS_PER_INSTANCE: Final = 3
+"""NVML queries one MIG instance adds to its GPU's interval (memory, processes, utilization)."""
 ATTACH_TIMEOUT_S: Final = 10.0
 """How long `open()` waits for the GPUs to be attached (a hung GPU is attached later, or reported in error)."""
 
@@ -158,6 +169,10 @@ class NvmlCollector:
         """UUIDs in index order after `open()` (`unknown-gpu-<i>` for a GPU not attached yet); [] before."""
         return [d.uuid for d in self._devices]
 
+    def devices(self) -> list[DeviceView]:
+        """Each GPU as the last interval saw it: UUID, minor number, compute processes (allocation sources)."""
+        return [v for d in self._devices for v in device_views(d)]
+
     @property
     def state(self) -> str:
         """new, up, down, released or closed."""
@@ -270,6 +285,8 @@ class NvmlCollector:
             dev.model = f.call(c, errors, "nvmlDeviceGetName", handle)
             pci = f.call(c, errors, "nvmlDeviceGetPciInfo", handle)
             dev.pci = None if pci is None else (int(pci.domain), int(pci.bus), int(pci.device))
+            minor = f.call(c, errors, "nvmlDeviceGetMinorNumber", handle)
+            dev.minor = None if minor is None else int(minor)
             links = read_fields(f, c, errors, handle, [(self._ids.link_count, 0)]).get((self._ids.link_count, 0))
             dev.links = tuple(range(int(links))) if links else ()
         except GpuLost as exc:
@@ -327,7 +344,8 @@ class NvmlCollector:
         log.warning("%s: every GPU is reported in error until NVML is back", self._down_reason)
 
     def _all_in_error(self, xids: dict[int, list[int]]) -> list[GpuSample]:
-        return [error_sample(d, self._down_reason or "NVML unavailable", xids.get(d.index, [])) for d in self._devices]
+        return [s for d in self._devices
+                for s in error_samples(d, self._down_reason or "NVML unavailable", xids.get(d.index, []))]
 
     def _plan(self, dev: DeviceState, now: float) -> Plan:
         slow = dev.slow_at is None or now - dev.slow_at >= self._slow_every_s
@@ -362,45 +380,48 @@ class NvmlCollector:
         if down is not None:
             self._went_down(down)
             return self._all_in_error(xids)
-        return [o for o in outcomes if isinstance(o, GpuSample)]
+        return [s for o in outcomes if isinstance(o, list) for s in o]
 
     def _outcome(self, dev: DeviceState, future: concurrent.futures.Future[Reading] | None, xids: list[int],
-                 now: float) -> GpuSample | str:
-        """One GPU's sample for this interval, or the reason NVML as a whole is down."""
+                 now: float) -> list[GpuSample] | str:
+        """One GPU's samples for this interval (one per MIG instance), or the reason NVML as a whole is down."""
         if future is None or not future.done():
             self._misses += 1
             stuck = dev.cache.current or "its read"
             since = time.monotonic() - dev.inflight_since
-            return error_sample(dev, f"NVML did not answer within the deadline ({stuck} blocked for {since:.1f} s)",
-                                xids)
+            return error_samples(dev, f"NVML did not answer within the deadline ({stuck} blocked for {since:.1f} s)",
+                                 xids)
         try:
             reading = future.result()
         except Exception as exc:  # a bug must not cost the other GPUs their interval
             log.error("GPU %d: unexpected failure while reading NVML", dev.index, exc_info=exc)
-            return error_sample(dev, f"collector failure: {exc!r}", xids)
+            return error_samples(dev, f"collector failure: {exc!r}", xids)
         if reading.library_down is not None:
             return reading.library_down
         if reading.lost is not None:
             dev.lost = True
             dev.gpm.prev_valid = False
-            return error_sample(dev, reading.lost, xids)
+            return error_samples(dev, reading.lost, xids)
         if dev.lost:
             log.warning("GPU %d (%s) answers again; asking NVML afresh what it supports", dev.index, dev.uuid)
             dev.lost = False
             self._reader.forget(dev)
             self._xid.watch(dev.index, dev.uuid, dev.handle, dev.pci)
         try:
-            return self._reader.commit(dev, reading, now, xids)
+            return expand(dev, self._reader.commit(dev, reading, now, xids), reading)
         except Exception as exc:  # a value NVML should never give (wrong type, out of the wire's range)
             log.error("GPU %d: could not build its sample", dev.index, exc_info=exc)
-            return error_sample(dev, f"collector failure: {exc!r}", xids)
+            return error_samples(dev, f"collector failure: {exc!r}", xids)
 
     def _take_stats(self) -> None:
         calls, errors = self._own.take()
         for counters in (self._xid_counters, *(d.cache.counters for d in self._devices)):
             c, e = counters.take()
             calls, errors = calls + c, errors + e
-        budget = self._budget_per_gpu * len(self._devices)
+        instances = sum(len(d.mig or ()) for d in self._devices if d.mig_on)
+        budget = 0
+        if self._budget_per_gpu:
+            budget = self._budget_per_gpu * len(self._devices) + MIG_CALLS_PER_INSTANCE * instances
         if budget and calls > budget and not self._fresh:
             now = time.monotonic()
             if self._budget_warned_at is None or now - self._budget_warned_at > BUDGET_WARN_EVERY_S:

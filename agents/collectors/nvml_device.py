@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from gpufleet.agents.collectors.base import DeviceView, GpuProcess
 from gpufleet.agents.collectors.nvml_fields import (
     FieldIds,
     FieldReading,
@@ -20,6 +21,7 @@ from gpufleet.agents.collectors.nvml_fields import (
     read_fields,
 )
 from gpufleet.agents.collectors.nvml_funnel import NOT_FOUND, CallCache, Funnel, GpuLost, LibraryDown, first_supported
+from gpufleet.agents.collectors.nvml_mig import MigInstance, MigReader, MigReading, instance_error, instance_sample
 from gpufleet.wire import GpuSample
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,9 @@ GPM_MIN_GAP_S: Final = 0.1
 ERROR_TEXT_MAX: Final = 1024
 _SAMPLE_MEMBERS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 _IDENTITY_FIELDS: Final = frozenset({"index", "uuid", "model", "error", "tenant", "job", "xids", "flops_measured",
-                                     "tokens_measured", "samples_measured"})
+                                     "tokens_measured", "samples_measured", "allocation_unknown", "shares",
+                                     "parent_uuid", "gpu_instance_id", "compute_instance_id", "mig_profile", "slices",
+                                     "slices_total"})
 
 
 def ratio(percent: float | None) -> float | None:
@@ -66,6 +70,8 @@ class Baselines:
     util_ts: dict[int, int] = field(default_factory=dict)
     """Sampling type -> the newest sample timestamp already averaged (0: take only the newest)."""
     util_last: dict[int, float | None] = field(default_factory=dict)
+    process_util_ts: int = 0
+    """Newest per-process utilization sample already counted (0: take only what is newest)."""
 
 
 @dataclass
@@ -79,7 +85,16 @@ class DeviceState:
     model: str | None = None
     pci: tuple[int, int, int] | None = None
     links: tuple[int, ...] = ()
+    minor: int | None = None
+    processes: tuple[GpuProcess, ...] | None = None
+    """The compute processes the last committed reading saw (None: not readable)."""
     mig_current: int | None = None
+    mig_on: bool = False
+    mig: list[MigInstance] | None = None
+    """The MIG devices last listed (None: not listed since MIG was turned on, or the GPU came back)."""
+    mig_total: int | None = None
+    """The GPU's compute slices (the denominator of every instance's share)."""
+    mig_processes: dict[str, tuple[GpuProcess, ...] | None] = field(default_factory=dict)
     cache: CallCache = field(default_factory=CallCache)
     gpm: Gpm = field(default_factory=Gpm)
     base: Baselines = field(default_factory=Baselines)
@@ -94,6 +109,8 @@ class DeviceState:
         self.cache.forget_unsupported()
         self.gpm = Gpm()
         self.base.util_ts.clear()
+        self.mig = None
+        self.mig_total = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,11 @@ class Reading:
     """Sampling type -> ratio, None (unreadable) or NOT_FOUND (no new sample: the last value still holds)."""
     util_ts: dict[int, int] = field(default_factory=dict)
     slow: dict[str, Any] | None = None
+    processes: tuple[GpuProcess, ...] | None = None
+    process_util_ts: int | None = None
+    mig_listed: list[MigInstance] | None = None
+    mig_total: int | None = None
+    mig: list[MigReading] | None = None
     gpm_taken: bool = False
     errors: list[str] = field(default_factory=list)
     lost: str | None = None
@@ -128,6 +150,7 @@ class DeviceReader:
         self.funnel = funnel
         self.nvml = funnel.nvml
         self.ids = FieldIds.of(funnel.nvml)
+        self.mig = MigReader(funnel)
 
     # -- worker side ---------------------------------------------------------------------------
 
@@ -136,6 +159,8 @@ class DeviceReader:
         r = Reading()
         try:
             self._check_mig(dev, r)
+            if dev.mig_on:
+                self._read_mig(dev, r, plan)
             fast = read_fields(self.funnel, dev.cache, r.errors, dev.handle, self.ids.fast(dev.links))
             self._fast_values(dev, fast, r)
             if plan.slow:
@@ -164,6 +189,16 @@ class DeviceReader:
             log.info("GPU %d: MIG mode changed to %d; asking NVML afresh what it supports", dev.index, current)
             self.forget(dev)
         dev.mig_current = current
+        dev.mig_on = current == getattr(self.nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+
+    def _read_mig(self, dev: DeviceState, r: Reading, plan: Plan) -> None:
+        """List the MIG devices (every slow interval, or when not known), then read each."""
+        instances = dev.mig
+        if plan.slow or instances is None:
+            r.mig_total = dev.mig_total or self.mig.total_slices(dev.handle, dev.cache, r.errors)
+            instances = r.mig_listed = self.mig.list_instances(dev.handle, dev.cache, r.errors)
+        if instances:
+            r.mig = [self.mig.read_instance(i, dev.cache, r.errors) for i in instances]
 
     def forget(self, dev: DeviceState) -> None:
         """`dev.forget()`, freeing its GPM buffers first (best effort: NVML may be the reason)."""
@@ -253,6 +288,10 @@ class DeviceReader:
         reasons = first_supported(f, c, r.errors, ("nvmlDeviceGetCurrentClocksEventReasons", h),
                                   ("nvmlDeviceGetCurrentClocksThrottleReasons", h))
         processes = self._call(dev, r, "nvmlDeviceGetComputeRunningProcesses", h)
+        if processes is not None:
+            pids = [int(p.pid) for p in processes]
+            util = self._process_util(dev, r) if len(pids) > 1 else {}
+            r.processes = tuple(GpuProcess(pid, util.get(pid)) for pid in pids)
         r.values.update(
             mem_used_bytes=mem.used if mem is not None else None,
             mem_total_bytes=mem.total if mem is not None else None,
@@ -261,6 +300,22 @@ class DeviceReader:
             clock_mem_mhz=self._call(dev, r, "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_MEM),
             clock_event_reasons=reasons,
             compute_processes=len(processes) if processes is not None else None)
+
+    def _process_util(self, dev: DeviceState, r: Reading) -> dict[int, float]:
+        """Per process, the SM utilization samples since the last committed reading, summed (a GPU several
+        processes share: the weights of `allocation.share_by: utilization`). {} when NVML has none."""
+        last = dev.base.process_util_ts
+        got = self._call(dev, r, "nvmlDeviceGetProcessUtilization", dev.handle, last,
+                         key="nvmlDeviceGetProcessUtilization", expected=(self.nvml.NVMLError_NotFound,))
+        if got is None or got is NOT_FOUND or not got:
+            return {}
+        newest = max(int(s.timeStamp) for s in got)
+        chosen = [s for s in got if int(s.timeStamp) == newest] if not last else list(got)
+        r.process_util_ts = newest
+        out: dict[int, float] = {}
+        for s in chosen:
+            out[int(s.pid)] = out.get(int(s.pid), 0.0) + float(s.smUtil)
+        return out
 
     def _gpm(self, dev: DeviceState, r: Reading) -> None:
         """Take this interval's GPM sample; SM/tensor/DRAM activity since the committed previous one."""
@@ -318,6 +373,12 @@ class DeviceReader:
         values.update(dev.slow)
         if r.gpm_taken:
             dev.gpm.cur, dev.gpm.prev_valid, dev.gpm.taken_at = 1 - dev.gpm.cur, True, now_s
+        dev.processes = r.processes
+        if r.mig_listed is not None:
+            dev.mig, dev.mig_total = r.mig_listed, r.mig_total or dev.mig_total
+        dev.mig_processes = {m.instance.uuid: m.processes for m in r.mig or []}
+        if r.process_util_ts is not None:
+            dev.base.process_util_ts = r.process_util_ts
         sample = GpuSample(index=dev.index, uuid=dev.uuid, model=dev.model, xids=xids, **values)
         readings = (getattr(sample, f) for f in GpuSample.__struct_fields__ if f not in _IDENTITY_FIELDS)
         if r.errors and all(v is None for v in readings):
@@ -366,3 +427,26 @@ class DeviceReader:
 def error_sample(dev: DeviceState, error: str, xids: list[int]) -> GpuSample:
     """The sample of a GPU that could not be read this interval: identity, the reason, and its XIDs."""
     return GpuSample(index=dev.index, uuid=dev.uuid, model=dev.model, error=error[:ERROR_TEXT_MAX], xids=xids)
+
+
+def expand(dev: DeviceState, sample: GpuSample, r: Reading) -> list[GpuSample]:
+    """The interval's samples of `dev`: one per MIG instance on a MIG GPU with instances, else `sample`."""
+    if r.mig and dev.mig_total and sample.error is None:
+        return [instance_sample(sample, m, dev.mig_total) for m in r.mig]
+    return [sample]
+
+
+def error_samples(dev: DeviceState, error: str, xids: list[int]) -> list[GpuSample]:
+    """A GPU that could not be read: each of its known MIG instances in error, else the GPU."""
+    if dev.mig_on and dev.mig and dev.mig_total:
+        return [instance_error(dev.uuid, dev.index, dev.model, inst, dev.mig_total, error[:ERROR_TEXT_MAX], xids)
+                for inst in dev.mig]
+    return [error_sample(dev, error, xids)]
+
+
+def device_views(dev: DeviceState) -> list[DeviceView]:
+    """What allocation sources may know of `dev` after the last interval: the GPU, or its MIG instances."""
+    if dev.mig_on and dev.mig:
+        return [DeviceView(index=dev.index, uuid=m.uuid, processes=None if dev.lost else dev.mig_processes.get(m.uuid),
+                           parent_uuid=dev.uuid) for m in dev.mig]
+    return [DeviceView(index=dev.index, uuid=dev.uuid, minor=dev.minor, processes=None if dev.lost else dev.processes)]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from gpufleet.agents.allocation import Allocation
-from gpufleet.agents.collectors.base import NodeDown
+from gpufleet.agents.collectors.base import DeviceView, NodeDown
 from gpufleet.agents.simulation import faults as fk
 from gpufleet.agents.simulation import truth
 from gpufleet.agents.simulation.faults import Fault
@@ -232,6 +232,11 @@ class SimulatedNode:
 
     def allocation_at(self, t_ms: int) -> dict[int, Allocation]:
         return self.fleet.allocations_at(self.index, t_ms)
+
+    def devices(self) -> list[DeviceView]:
+        """The node's GPUs for allocation sources (`slurm`): UUIDs and minor numbers; the simulator runs no
+        real processes, so none are listed (a slurm source sees only cgroup device lists)."""
+        return [DeviceView(g, u, g, ()) for g, u in enumerate(self.gpu_uuids)]
 
     def allocation_source(self, clock: Callable[[], int] | None = None) -> SimulatedAllocationSource:
         """An `AllocationSource` that agrees with the ground truth (see the module docstring)."""

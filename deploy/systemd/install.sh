@@ -33,6 +33,7 @@ CA_FILE="$CONF_DIR/kafka-ca.pem"
 PASSWORD_FILE="$CONF_DIR/kafka-password"
 UNIT_NAME=gpufleet-agent.service
 UNIT_DIR=/etc/systemd/system
+DROPIN_DIR="$UNIT_DIR/$UNIT_NAME.d"
 
 ARTIFACT=""
 WHEELHOUSE=""
@@ -41,6 +42,7 @@ KAFKA=""
 CLUSTER=""
 KAFKA_CA=""
 KAFKA_PASSWORD_FILE=""
+ALLOCATION=""
 START=1
 
 usage() {
@@ -60,6 +62,9 @@ Options:
   --kafka-ca FILE          CA certificate of the brokers' TLS listener, copied to $CA_FILE
   --kafka-password-file FILE
                            SCRAM password of the agents' Kafka user, copied to $PASSWORD_FILE (0600)
+  --allocation SOURCE      which tenant holds each GPU, for a new $CONF: slurm (GPU processes -> Slurm
+                           jobs, no prolog; installs the root drop-in $DROPIN_DIR/slurm.conf),
+                           dcgm_job_dir (dcgm-exporter's job mapping) or none (docs/allocation.md)
   --no-start               install and enable, but do not (re)start the service now
   -h, --help               show this help
 EOF
@@ -85,12 +90,18 @@ parse_args() {
             --kafka-ca) [ $# -ge 2 ] || die "--kafka-ca needs a file"; KAFKA_CA="$2"; shift 2 ;;
             --kafka-password-file) [ $# -ge 2 ] || die "--kafka-password-file needs a file"
                 KAFKA_PASSWORD_FILE="$2"; shift 2 ;;
+            --allocation) [ $# -ge 2 ] || die "--allocation needs slurm, dcgm_job_dir or none"; ALLOCATION="$2"
+                shift 2 ;;
             --no-start) START=0; shift ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; echo >&2; die "unknown option '$1'" ;;
         esac
     done
     [ -z "$ARTIFACT" ] || [ -z "$WHEELHOUSE" ] || die "--artifact and --wheelhouse exclude each other"
+    case "$ALLOCATION" in
+        ""|slurm|dcgm_job_dir|none) ;;
+        *) die "--allocation $ALLOCATION: use slurm, dcgm_job_dir or none (Kubernetes nodes: deploy/k8s/)" ;;
+    esac
 }
 
 preflight() {
@@ -185,16 +196,31 @@ write_config() {
             'index($0, ENVIRON["GF_KEY"]) == 1 && !done { print ENVIRON["GF_KEY"] " " ENVIRON["GF_VAL"]; done = 1; next }
              { print }' <<<"$text")"
     done
+    text="$(allocation_section "$text")"
     printf '%s\n' "$text" > "$DESTDIR$CONF.new"
     chmod 0644 "$DESTDIR$CONF.new"
     mv "$DESTDIR$CONF.new" "$DESTDIR$CONF"
+}
+
+# The `allocation:` block of agent.yaml with --allocation's source (the shipped `source: none` otherwise).
+allocation_section() {
+    local text="$1" block
+    case "$ALLOCATION" in
+        slurm) block=$'    source: slurm\n    slurm_tenant: account' ;;
+        dcgm_job_dir) block=$'    source: dcgm_job_dir\n    path: /var/lib/dcgm-exporter/job-mapping' ;;
+        *) printf '%s' "$text"; return ;;
+    esac
+    grep -q '^    source: none$' <<<"$text" || die "cannot set the allocation source in $HERE/agent.yaml"
+    GF_BLOCK="$block" awk '$0 == "    source: none" && !done { print ENVIRON["GF_BLOCK"]; done = 1; next } { print }' \
+        <<<"$text"
 }
 
 install_config() {
     install -d -m 0755 "$DESTDIR$CONF_DIR"
     if [ -f "$DESTDIR$CONF" ]; then
         log "keeping existing $CONF"
-        [ -z "$KAFKA$CLUSTER" ] || log "warning: --kafka/--cluster ignored because $CONF exists; edit it instead"
+        [ -z "$KAFKA$CLUSTER$ALLOCATION" ] \
+            || log "warning: --kafka/--cluster/--allocation ignored because $CONF exists; edit it instead"
     else
         log "writing $CONF"
         write_config
@@ -220,9 +246,11 @@ validate_config() {
     err="$("$DESTDIR$BIN" agent --config "$check" --dry-run --intervals 1 --spool-dir /nonexistent 2>&1 >/dev/null)" \
         || rc=$?
     rm -f "$check"
-    case "$rc" in
-        0) log "the agent read this node's GPUs with $CONF (dry run)" ;;
-        2) echo "$err" >&2; die "$CONF is not valid (see above); fix it and re-run" ;;
+    # Exit 2 covers both a wrong config and an environment the agent cannot use yet (no driver): the
+    # config's own errors are the lines labelled "configuration error" (docs/errors.md).
+    case "$rc:$err" in
+        0:*) log "the agent read this node's GPUs with $CONF (dry run)" ;;
+        2:*"configuration error"*|2:*"Error: "*) echo "$err" >&2; die "$CONF is not valid (see above); fix it and re-run" ;;
         *) log "warning: the agent could not collect yet (the config is valid): ${err##*$'\n'}" ;;
     esac
 }
@@ -231,6 +259,14 @@ install_unit() {
     log "installing $UNIT_DIR/$UNIT_NAME"
     install -d -m 0755 "$DESTDIR$UNIT_DIR"
     install -m 0644 "$HERE/$UNIT_NAME" "$DESTDIR$UNIT_DIR/$UNIT_NAME"
+    if grep -q '^    source: slurm' "$DESTDIR$CONF" 2>/dev/null; then
+        log "allocation.source is slurm: installing $DROPIN_DIR/slurm.conf (root, CAP_SYS_PTRACE only)"
+        install -d -m 0755 "$DESTDIR$DROPIN_DIR"
+        install -m 0644 "$HERE/gpufleet-agent-slurm.conf" "$DESTDIR$DROPIN_DIR/slurm.conf"
+    elif [ -f "$DESTDIR$DROPIN_DIR/slurm.conf" ]; then
+        log "allocation.source is not slurm: removing $DROPIN_DIR/slurm.conf"
+        rm -f "$DESTDIR$DROPIN_DIR/slurm.conf"
+    fi
     if [ -n "$DESTDIR" ]; then
         log "staged under $DESTDIR; nothing enabled"
         return

@@ -334,9 +334,23 @@ class GpuClaimConflict(Rule, tag="gpu_claim_conflict", kw_only=True):
         return {"window": self.window}
 
 
+class AgentAllocationUnknown(AgentCounterRising, tag="agent_allocation_unknown", kw_only=True):
+    """The agent sent at least `min_intervals` GPU-intervals whose allocation its source could not say (the
+    kubelet did not answer, a Slurm job that could not be read) within `window`: that time is billed to nobody."""
+
+    min_intervals: Increase = 1
+    COLUMN: ClassVar[str] = "allocation_unknown_total"
+    COUNT: ClassVar[str] = "intervals"
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = ("cluster", "node", "intervals", "window", "active_for", "value")
+
+    @property
+    def min_increase(self) -> int:
+        return self.min_intervals
+
+
 AnyRule = (
     GpuFailing | GpuDegraded | GpuIdleAllocated | GpuHeldNoProcess | GpuBusyUnallocated | NodeSilent | MfuBelowTarget
-    | AgentSpoolDropping | AgentSendErrors | GpuClaimConflict | JobStalled | JobStraggler
+    | AgentSpoolDropping | AgentSendErrors | GpuClaimConflict | JobStalled | JobStraggler | AgentAllocationUnknown
 )
 KINDS: Final = {cls.__struct_config__.tag: cls for cls in AnyRule.__args__}  # type: ignore[attr-defined]
 
@@ -355,7 +369,7 @@ def _sample_context(rule: Rule) -> dict[str, object]:
     """Typed stand-ins for every placeholder, to check format specs (`{util_pct:.1f}`) at load time."""
     numeric = {"value", "util_pct", "threshold_pct", "gpu_hours_wasted", "mem_used_gib", "mfu_pct", "target_pct",
                "temp_c", "power_pct", "clock_mhz", "job_clock_mhz", "tensor_pct", "job_tensor_pct"}
-    ints = {"processes", "gpus", "dropped", "errors", "streams", "job_gpus"}
+    ints = {"processes", "gpus", "dropped", "errors", "streams", "job_gpus", "intervals"}
     return {p: 1.0 if p in numeric else 1 if p in ints else "x" for p in rule.PLACEHOLDERS}
 
 

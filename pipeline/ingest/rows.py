@@ -2,9 +2,10 @@
 
 The ingester derives, per GPU sample, the health verdict (pipeline/ingest/health.py), the model's peak
 FLOP/s, the hardware FLOPs estimate (tensor-pipe activity x peak x interval) and the time the
-sample claims (pipeline/ingest/claims.py), so rollups and dashboards read them as plain columns.
-`derive` computes health and claims once per batch, in sample-time order (the growth rules compare
-each GPU with its previous sample; a claim takes what earlier samples left); `derived_columns`
+sample claims (pipeline/ingest/claims.py) and whether the sample changed the GPU's health state
+(pipeline/ingest/transitions.py), so rollups and dashboards read them as plain columns. `derive`
+computes health, changes and claims once per batch, in sample-time order (the growth rules and the
+changes compare each GPU with its previous sample; a claim takes what earlier samples left); `derived_columns`
 builds the rows, and `pipeline/ingest/staging.py` ships the same values beside the message bytes.
 Inserting from tests and benchmarks goes through `insert_reports`, the same code the ingester runs.
 """
@@ -19,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from gpufleet.config import HealthConfig
 from gpufleet.gpu_facts import peak_flops
-from gpufleet.pipeline.ingest import claims
+from gpufleet.pipeline.ingest import claims, transitions
 from gpufleet.pipeline.ingest.claims import ClaimBook
 from gpufleet.pipeline.ingest.health import Previous, State, classify, classify_all, previous_of
-from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
+from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport, share_of_gpu
 
 if TYPE_CHECKING:
     from gpufleet.pipeline.store import Store
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 # that get their own handling below.
 _SPECIAL = {"index", "uuid", "model", "error", "tenant", "job"}
 COPIED_FIELDS: tuple[str, ...] = tuple(f for f in GPU_FIELDS if f not in _SPECIAL)
+_EMPTY_WHEN_NULL = frozenset({"parent_uuid", "mig_profile"})
+"""Nullable on the wire, '' in gpu_samples (as model, tenant, job and error)."""
 
 _gpu_fields = operator.attrgetter("index", "uuid", "model", "tenant", "job", "error",
                                   *COPIED_FIELDS)
@@ -43,25 +46,27 @@ SAMPLE_COLUMNS: tuple[str, ...] = (
     "time", "interval_ms", "claimed_ms", "claim_start", "ingest_time", "cluster", "node", "boot_id", "seq",
     "gpu_index", "gpu_uuid", "model", "tenant", "job", "error",
     *COPIED_FIELDS,
-    "peak_flops", "flops_estimated", "health", "health_reasons",
+    "peak_flops", "flops_estimated", "health", "health_reasons", "health_change",
 )
 
 AGENT_COLUMNS: tuple[str, ...] = (
     "time", "ingest_time", "cluster", "node", "boot_id", "seq", "interval_ms", "gpus",
     "collect_seconds", "nvml_errors", "spool_depth", "spool_dropped_total", "send_errors_total",
     "otlp_points_accepted_total", "otlp_points_rejected_total",
-    "nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total",
+    "nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total", "allocation_unknown_total",
 )
 
 
 @dataclass
 class Deriver:
-    """Per-GPU state: previous counters (health growth rules) and claimed time; plus the peak table."""
+    """Per-GPU state: previous counters (health growth rules), the newest sample's time and state
+    (`transitions.mark`) and claimed time; plus the peak table."""
 
     health: HealthConfig = field(default_factory=HealthConfig)
     peak_overrides: Mapping[str, float] = field(default_factory=dict)
     claims: ClaimBook = field(default_factory=ClaimBook)
     _prev: dict[str, Previous] = field(default_factory=dict)
+    _last: transitions.Last = field(default_factory=dict)
     _peaks: dict[str | None, float | None] = field(default_factory=dict)
 
     def peak(self, model: str | None) -> float | None:
@@ -78,6 +83,10 @@ class Deriver:
     def verdicts(self, gpus: Sequence[GpuSample]) -> tuple[list[int], list[list[str]]]:
         """`verdict` for each sample in order (states, reasons): the batch form the ingester uses."""
         return classify_all(gpus, self._prev, self.health)
+
+    def changes(self, reports: Sequence[NodeReport], health: Sequence[int]) -> list[int]:
+        """`health_change` of each sample of `reports`, in order (`transitions.mark`)."""
+        return transitions.mark(reports, health, self._last)
 
 
 @dataclass
@@ -96,16 +105,21 @@ class Derived:
     """Milliseconds each sample claims (`claims.ClaimBook.claim_all`)."""
     claim_start: list[int] = field(default_factory=list)
     """Where each sample's claim starts, Unix ms."""
+    changes: list[int] = field(default_factory=list)
+    """`health_change` of each sample (`transitions.mark`)."""
 
 
 def derive(reports: Sequence[NodeReport], deriver: Deriver) -> Derived:
-    """Health and claimed time of every GPU sample, reports taken in time order (growth rules read the
-    previous sample; a claim takes what earlier samples left). Load the claims it needs first
-    (`claims.load`), or the book takes the GPUs it does not know as never claimed."""
+    """Health, health change and claimed time of every GPU sample, reports taken in time order (growth
+    rules and changes compare with the GPU's previous sample; a claim takes what earlier samples left).
+    Load the claims it needs first (`claims.load`), or the book takes the GPUs it does not know as
+    never claimed."""
     ordered = sorted(reports, key=_time_of)
     health, reasons = deriver.verdicts(list(chain.from_iterable(map(_gpus_of, ordered))))
     claimed, claim_start = deriver.claims.claim_all(ordered)
-    return Derived(ordered, [len(r.gpus) for r in ordered], health, reasons, deriver.peak, claimed, claim_start)
+    changes = deriver.changes(ordered, health)
+    return Derived(ordered, [len(r.gpus) for r in ordered], health, reasons, deriver.peak, claimed, claim_start,
+                   changes)
 
 
 @dataclass
@@ -125,6 +139,14 @@ def sample_columns(reports: Sequence[NodeReport], ingest_ms: int, deriver: Deriv
     return derived_columns(derive(reports, deriver), ingest_ms)
 
 
+def share_of_peak(peak: float | None, gpu: GpuSample) -> float | None:
+    """The peak FLOP/s a sample is measured against: the model's, or a MIG instance's share of it."""
+    if peak is None or gpu.slices is None:
+        return peak
+    num, den = share_of_gpu(gpu)
+    return peak * num / den
+
+
 def estimated_flops(tensor_active_ratio: float | None, peak: float | None, interval_ms: int,
                     error: str | None) -> float | None:
     """Hardware FLOPs estimate of one sample: tensor activity x peak FLOP/s x interval (None if unknown).
@@ -139,13 +161,14 @@ def estimated_flops(tensor_active_ratio: float | None, peak: float | None, inter
 def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = None) -> Columns:
     """The rows of `d` (only the reports whose `keep` flag is set, when given), in `SAMPLE_COLUMNS` order."""
     reports, counts, health, reasons = d.reports, d.counts, d.health, d.reasons
-    claimed, claim_start = d.claimed, d.claim_start
+    claimed, claim_start, changes = d.claimed, d.claim_start, d.changes
     if keep is not None:
         flags = list(chain.from_iterable(map(repeat, keep, counts)))
         reports = [r for r, k in zip(reports, keep, strict=True) if k]
         counts = [c for c, k in zip(counts, keep, strict=True) if k]
-        health, reasons, claimed, claim_start = (
-            [x for x, k in zip(col, flags, strict=True) if k] for col in (health, reasons, claimed, claim_start))
+        health, reasons, claimed, claim_start, changes = (
+            [x for x, k in zip(col, flags, strict=True) if k]
+            for col in (health, reasons, claimed, claim_start, changes))
     n = sum(counts)
     if not n:
         return Columns(SAMPLE_COLUMNS, [[] for _ in SAMPLE_COLUMNS])
@@ -155,7 +178,7 @@ def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = No
     index, uuid, model, tenant, job, error, *copied = zip(*map(_gpu_fields, gpus), strict=True)
     time, interval, cluster, node, boot, seq = per_report
     peak_of = {m: d.peak(m) for m in set(model)}
-    peak = list(map(peak_of.__getitem__, model))
+    peak = [share_of_peak(peak_of[m], g) for m, g in zip(model, gpus, strict=True)]
     estimated = list(map(estimated_flops, (g.tensor_active_ratio for g in gpus), peak, interval, error))
     data: list[list[object]] = [
         time, interval, claimed, claim_start, [ingest_ms] * n, cluster, node, boot, seq,
@@ -164,10 +187,19 @@ def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = No
         [t or "" for t in tenant],
         [(j or "") if t else "" for t, j in zip(tenant, job, strict=True)],
         [e or "" for e in error],
-        *map(list, copied),
-        peak, estimated, health, reasons,
+        *(_column(name, values) for name, values in zip(COPIED_FIELDS, copied, strict=True)),
+        peak, estimated, health, reasons, changes,
     ]
     return Columns(SAMPLE_COLUMNS, data)
+
+
+def _column(name: str, values: Sequence[object]) -> list[object]:
+    """A copied wire field as its gpu_samples column: '' for null strings, shares as (tenant, job, weight)."""
+    if name in _EMPTY_WHEN_NULL:
+        return [v or "" for v in values]
+    if name == "shares":
+        return [[(s.tenant, s.job or "", s.weight) for s in v] for v in values]  # type: ignore[attr-defined]
+    return list(values)
 
 
 def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
@@ -181,7 +213,7 @@ def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
         [x.spool_dropped_total for x in a], [x.send_errors_total for x in a],
         [x.otlp_points_accepted_total for x in a], [x.otlp_points_rejected_total for x in a],
         [x.nvml_calls for x in a], [x.nvml_call_budget for x in a], [x.nvml_deadline_misses for x in a],
-        [x.xids_dropped_total for x in a],
+        [x.xids_dropped_total for x in a], [x.allocation_unknown_total for x in a],
     ]
     return Columns(AGENT_COLUMNS, data)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Derived
+from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS, Derived, share_of_peak
 from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 INT64_MAX = 2**63 - 1
 _UINT_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64}
 _RENAMED = {"index": "gpu_index", "uuid": "gpu_uuid"}
-_DEFAULTED = ("model", "tenant", "job", "error")
+_DEFAULTED = ("model", "tenant", "job", "error", "parent_uuid", "mig_profile")
 """Nullable on the wire, '' in gpu_samples."""
 _REPORT_BOUNDS = {"seq": INT64_MAX, "time_ms": INT64_MAX}
 _SAMPLE_COLUMNS = "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = 'gpu_samples'"
@@ -136,7 +136,7 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
         elif inner == "Float32":
             stage = "Nullable(Float64)" if nullable else "Float64"
             bounds[f] = (-FLOAT32_MAX, FLOAT32_MAX)
-        elif inner in ("Float64", "Bool", "String", "Array(UInt16)"):
+        elif inner in ("Float64", "Bool", "String", "Array(UInt16)") or inner.startswith("Array(Tuple("):
             stage = f"Nullable({inner})" if nullable else inner
         else:
             raise StagingUnsupported(f"gpu_samples.{column} has type {target}, which the JSON path does not map")
@@ -153,18 +153,20 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
         "flops_estimated": ("if(d_peak IS NULL OR g.tensor_active_ratio IS NULL OR ifNull(g.error, '') != '', NULL, "
                             "g.tensor_active_ratio * d_peak * interval_ms / 1000.) AS flops_estimated"),
         "health": "d_health AS health", "health_reasons": "d_reasons AS health_reasons",
+        "health_change": "d_change AS health_change",
     }
     columns = [derived.get(c) or by_column[c] for c in SAMPLE_COLUMNS]
     structure = (
         "cluster String, node String, boot_id String, seq UInt64, time_ms Int64, interval_ms UInt32, "
         f"gpus Array(Tuple({', '.join(gpu_types)})), "
         "_p Array(Nullable(Float64)), _h Array(UInt8), _r Array(Array(String)), "
-        "_c Array(UInt32), _s Array(Int64), _t Int64"
+        "_c Array(UInt32), _s Array(Int64), _k Array(UInt8), _t Int64"
     )
     select = (f"SELECT {', '.join(columns)} FROM {{table}} "
               "ARRAY JOIN gpus AS g, _p AS d_peak, _h AS d_health, _r AS d_reasons, "
               "if(empty(_c), arrayWithConstant(length(gpus), interval_ms), _c) AS d_claimed, "
-              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start")
+              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start, "
+              "if(empty(_k), arrayWithConstant(length(gpus), toUInt8(0)), _k) AS d_change")
     digest = hashlib.sha256(f"{structure}\n{select}".encode()).hexdigest()[:10]
     table = f"{database}.gpu_samples_json_{digest}"
     view = f"{table}_mv"
@@ -189,6 +191,28 @@ def ensure(store: Store, cluster: str | None = None) -> Staging:
     return staging
 
 
+_TABLE_COLUMNS = ("SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {table:String} "
+                  "ORDER BY position")
+
+
+def adopt(store: Store, table: str, cluster: str | None = None) -> Staging | None:
+    """The staging table `table` (`db.name`, recorded with a batch another ingester planned) as this ingester's
+    to send through, when it takes exactly the input this version's splicer writes; None otherwise.
+
+    Its view may differ from this version's: it then turns the rows into what the version that planned the
+    batch wrote, which is what repeating that batch exactly needs."""
+    ours = ensure(store, cluster)
+    if table == ours.table:
+        return ours
+    database, _, name = table.partition(".")
+    ours_db, _, ours_name = ours.table.partition(".")
+    theirs = store.rows(_TABLE_COLUMNS, {"db": database, "table": name})
+    mine = store.rows(_TABLE_COLUMNS, {"db": ours_db, "table": ours_name})
+    if not theirs or [tuple(c) for c in theirs] != [tuple(c) for c in mine]:
+        return None
+    return Staging(table, f"{table}_mv", (), ours.decoder)
+
+
 _TRAILING_WS = b" \t\r\n"
 
 
@@ -203,17 +227,21 @@ class Splicer:
 
     def __init__(self, peak: Callable[[str | None], float | None]) -> None:
         self._peak = peak
-        self._peaks: dict[tuple[str | None, ...], bytes] = {}
+        self._peaks: dict[tuple[object, ...], bytes] = {}
         self._healthy: dict[int, bytes] = {}
         self._encode = msgspec.json.Encoder().encode
         self._buf = bytearray()
 
-    def _peaks_part(self, models: tuple[str | None, ...]) -> bytes:
-        part = self._peaks.get(models)
+    def _peaks_part(self, gpus: list[GpuSample]) -> bytes:
+        """Each sample's peak FLOP/s (a MIG instance's share of its model's), cached by models (and shares)."""
+        mig = any(g.slices is not None for g in gpus)
+        key: tuple[object, ...] = tuple(map(_model_of, gpus)) if not mig else tuple(
+            (g.model, g.slices, g.slices_total) for g in gpus)
+        part = self._peaks.get(key)
         if part is None:
             if len(self._peaks) >= self.MAX_CACHED:
                 self._peaks.clear()
-            part = self._peaks[models] = b',"_p":' + self._encode([self._peak(m) for m in models])
+            part = self._peaks[key] = b',"_p":' + self._encode([share_of_peak(self._peak(g.model), g) for g in gpus])
         return part
 
     def _health_part(self, health: list[int], reasons: list[list[str]]) -> bytes:
@@ -224,6 +252,10 @@ class Splicer:
         if part is None:
             part = self._healthy[n] = b',"_h":' + self._encode([0] * n) + b',"_r":' + self._encode([[]] * n)
         return part
+
+    def _changes_part(self, changes: list[int]) -> bytes:
+        """Nothing when every sample is `same` as the GPU's previous one (the view fills that in), else `_k`."""
+        return b',"_k":' + self._encode(changes) if any(changes) else b""
 
     def _claims_part(self, report: NodeReport, claimed: list[int], starts: list[int]) -> bytes:
         """Nothing when every sample claims its whole interval (the view fills that in), else `_c` and `_s`."""
@@ -241,6 +273,7 @@ class Splicer:
         """
         tail = b',"_t":%d}\n' % ingest_ms
         health, reasons, claimed, starts = derived.health, derived.reasons, derived.claimed, derived.claim_start
+        changes = derived.changes
         parts: list[bytes | memoryview] = []
         add = parts.append
         size = pos = 0
@@ -248,16 +281,19 @@ class Splicer:
             end = pos + n
             if k:
                 raw = raw_of[id(report)].rstrip(_TRAILING_WS)
-                peaks = self._peaks_part(tuple(map(_model_of, report.gpus)))
+                peaks = self._peaks_part(report.gpus)
                 state = self._health_part(health[pos:end], reasons[pos:end])
                 claims = self._claims_part(report, claimed[pos:end], starts[pos:end])
+                marks = self._changes_part(changes[pos:end])
                 add(memoryview(raw)[:-1])
                 add(peaks)
                 add(state)
                 if claims:
                     add(claims)
+                if marks:
+                    add(marks)
                 add(tail)
-                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(tail)
+                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(marks) + len(tail)
             pos = end
         buf = self._buf
         if size > len(buf):

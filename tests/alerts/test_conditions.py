@@ -109,5 +109,5 @@ def test_shipped_rules_load() -> None:
     assert [r.name for r in load_rules().rules] == [
         "GpuFailing", "GpuDegraded", "GpuIdleAllocated", "GpuHeldNoProcess", "GpuBusyUnallocated", "JobStalled",
         "JobStraggler", "NodeSilent",
-        "AgentSpoolDropping", "GpuClaimConflict",
+        "AgentSpoolDropping", "GpuClaimConflict", "AllocationUnknown",
         "FleetMfuBelowTarget", "TenantMfuBelowTarget"]

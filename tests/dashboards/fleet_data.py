@@ -114,6 +114,7 @@ def _sick_agent(reports: list[NodeReport], node: str) -> None:
     for r in reports:
         if r.node == node and r.time_ms > END_MS - 10 * MINUTE:
             r.agent.spool_dropped_total = 3  # the spool overflowed 10 minutes before the end: 3 messages lost
+            r.agent.allocation_unknown_total = 8  # and its allocation source went silent for an interval
 
 
 def _second_agent(reports: list[NodeReport], node: str, index: int) -> list[NodeReport]:

@@ -109,7 +109,7 @@ def test_deploy_command_reads_the_token_from_a_file(tmp_path: Path, monkeypatch:
     with fake_grafana(TOKEN) as (url, state):
         result = CliRunner().invoke(dashboards, ["deploy", "--url", url, "--token-file", str(token_file)])
     assert result.exit_code == 0, result.output
-    assert "created 21, updated 0" in result.output
+    assert "created 22, updated 0" in result.output
     assert TOKEN not in result.output
     assert len(state.dashboards) == len(BOARDS)
     missing = CliRunner().invoke(cli, ["dashboards", "deploy", "--url", url])

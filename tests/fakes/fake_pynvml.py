@@ -37,7 +37,12 @@ NVML's documented rules (nvml.h, quoted where it matters) that the fake keeps:
   collector must refuse to produce;
 * **MIG**: `nvmlDeviceGetMigMode` answers (current, pending); a mode change is pending until the GPU
   is reset (or at once on a GPU that supports resetless MIG), and utilization is NotSupported while
-  MIG is on;
+  MIG is on. `FakeGpu.mig_instances` (`FakeMig`: GPU and compute instance ids, profile, slices, memory,
+  processes) exist while MIG is on: `nvmlDeviceGetMigDeviceHandleByIndex` answers a handle of their own
+  (NotFound past the last), which `nvmlDeviceGetUUID`/`GetName`/`GetMemoryInfo`/
+  `GetComputeRunningProcesses`/`GetGpuInstanceId`/`GetComputeInstanceId`/`GetAttributes_v2` accept and
+  `nvmlDeviceGetUtilizationRates` refuses (NotSupported, as NVML does for MIG devices);
+  `nvmlDeviceGetGpuInstanceProfileInfo` answers the GPU's profiles (an H100: 1, 2, 3, 4 and 7 slices);
 * **resets and the driver**: a GPU reset (`reset_gpu`) and a driver unload (`unload_driver`) are
   refused while any client holds NVML open (`nvidia-smi -r` answers "in use"), so a GPU never
   "returns" under a collector that keeps NVML open; a driver load gives new handles and restarts
@@ -178,6 +183,27 @@ _UTIL_SAMPLES = (pynvml.NVML_GPU_UTILIZATION_SAMPLES, pynvml.NVML_MEMORY_UTILIZA
 
 
 @dataclass
+class FakeMig:
+    """One MIG device (a GPU instance with one compute instance) of a MIG-enabled `FakeGpu`."""
+
+    uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int = 0
+    profile: str = "1g.10gb"
+    gi_slices: int = 1
+    ci_slices: int = 1
+    mem_total: int = 9_984 * 1024 * 1024
+    mem_used: int = 0
+    process_pids: list[int] = field(default_factory=list)
+
+
+MIG_PROFILE_SLICES = {pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE: 1, pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE: 2,
+                      pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE: 3, pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE: 4,
+                      pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE: 7}
+"""The GPU instance profiles an H100 (or A100) offers, by profile id -> compute slices."""
+
+
+@dataclass
 class FakeGpu:
     """One fake GPU: what each NVML call answers, in NVML's own units (mW, mJ, percent, bytes, MHz, ns)."""
 
@@ -220,6 +246,11 @@ class FakeGpu:
     nvlink5_errors: dict[tuple[int, int], int] = field(default_factory=dict)
     """(link, NVML_FI_DEV_NVLINK_COUNT_*) -> count (NVLink5, Blackwell); not listed is 0."""
     process_pids: list[int] = field(default_factory=list)
+    process_sm_util: dict[int, int] = field(default_factory=dict)
+    """pid -> SM utilization percent the driver samples for that process every `util_sample_period_us`
+    (`nvmlDeviceGetProcessUtilization`); a listed pid without an entry samples 0."""
+    minor: int | None = None
+    """/dev/nvidia<minor>; None: the GPU's index."""
     supported_events: int = ALL_SUPPORTED_EVENTS
     gpm_supported: bool = False
     gpm_metrics: dict[int, float] = field(default_factory=dict)
@@ -229,6 +260,10 @@ class FakeGpu:
     mig_mode: tuple[int, int] | None = None
     """(current, pending) NVML_DEVICE_MIG_*; None: the GPU has no MIG (nvmlDeviceGetMigMode: NotSupported)."""
     resetless_mig: bool = False
+    mig_instances: list[FakeMig] = field(default_factory=list)
+    """MIG devices, visible while MIG is enabled."""
+    mig_profiles: dict[int, int] = field(default_factory=lambda: dict(MIG_PROFILE_SLICES))
+    """GPU instance profile id -> slices, for `nvmlDeviceGetGpuInstanceProfileInfo` (others: NotSupported)."""
     errors: dict[Hashable, int] = field(default_factory=dict)
     """Call name, (call name, *arguments after the handle), or ("field", id[, scope]) -> NVML error code."""
     lost: bool = False
@@ -305,6 +340,8 @@ class _Driver:
 
     samples: dict[int, deque[tuple[int, int]]] = field(
         default_factory=lambda: {t: deque(maxlen=SAMPLE_BUFFER) for t in _UTIL_SAMPLES})
+    process_samples: deque[tuple[int, int, int]] = field(default_factory=lambda: deque(maxlen=SAMPLE_BUFFER * 8))
+    """(timestamp us, pid, SM percent) per process per sampling period."""
     energy_remainder_nj: int = 0
 
 
@@ -320,6 +357,13 @@ def _address(pointer: Any) -> int:
 def _field_key(requested: int | tuple[int, int]) -> tuple[int, int]:
     """Like pynvml: a field entry is a field id or a (field id, scope id) pair."""
     return requested if isinstance(requested, tuple) else (requested, 0)
+
+
+def _attributes(gi_slices: int, ci_slices: int, mem_total: int) -> Any:
+    attrs = pynvml.c_nvmlDeviceAttributes()
+    attrs.gpuInstanceSliceCount, attrs.computeInstanceSliceCount = gi_slices, ci_slices
+    attrs.memorySizeMB = mem_total // (1024 * 1024)
+    return attrs
 
 
 class FakeNvml:
@@ -370,6 +414,13 @@ class FakeNvml:
     NVML_GPU_UTILIZATION_SAMPLES = pynvml.NVML_GPU_UTILIZATION_SAMPLES
     NVML_MEMORY_UTILIZATION_SAMPLES = pynvml.NVML_MEMORY_UTILIZATION_SAMPLES
     NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
+    NVML_GPU_INSTANCE_PROFILE_1_SLICE = pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE
+    NVML_GPU_INSTANCE_PROFILE_2_SLICE = pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE
+    NVML_GPU_INSTANCE_PROFILE_3_SLICE = pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE
+    NVML_GPU_INSTANCE_PROFILE_4_SLICE = pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE
+    NVML_GPU_INSTANCE_PROFILE_6_SLICE = pynvml.NVML_GPU_INSTANCE_PROFILE_6_SLICE
+    NVML_GPU_INSTANCE_PROFILE_7_SLICE = pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE
+    NVML_GPU_INSTANCE_PROFILE_8_SLICE = pynvml.NVML_GPU_INSTANCE_PROFILE_8_SLICE
     NVML_NVLINK_STATE_INACTIVE = pynvml.NVML_NVLINK_STATE_INACTIVE
     NVML_FI_DEV_MEMORY_TEMP = NVML_FI_DEV_MEMORY_TEMP
     NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION = pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION
@@ -574,6 +625,30 @@ class FakeNvml:
         self._handles = [_pointer(c_nvmlDevice_t, next(self._addresses)) for _ in self.gpus]
         self._by_address = {_address(h): i for i, h in enumerate(self._handles)}
         self._registered_address = dict(self._by_address)
+        self._mig_handles: dict[tuple[int, str], Any] = {}
+        self._mig_by_address: dict[int, tuple[int, str]] = {}
+
+    def _mig(self, handle: Any) -> tuple[FakeGpu, FakeMig] | None:
+        """The (parent, MIG device) a MIG handle names; None for any other handle."""
+        key = self._mig_by_address.get(_address(handle)) if isinstance(handle, c_nvmlDevice_t) else None
+        if key is None:
+            return None
+        parent = self.gpus[key[0]]
+        mig = next((m for m in parent.mig_instances if m.uuid == key[1]), None)
+        if mig is None or not parent.mig_enabled:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)  # the instance was destroyed
+        return parent, mig
+
+    def _mig_call(self, name: str, handle: Any) -> tuple[FakeGpu, FakeMig] | None:
+        """Count and check a call on a MIG handle (the parent's index, lost and injected errors apply)."""
+        key = self._mig_by_address.get(_address(handle)) if isinstance(handle, c_nvmlDevice_t) else None
+        if key is None:
+            return None
+        self._require_init(name, key[0])
+        found = self._mig(handle)
+        assert found is not None
+        self._raise_injected(found[0], name)
+        return found
 
     def _sync_clock(self) -> None:
         if self._real_time:
@@ -603,6 +678,8 @@ class FakeNvml:
             for ts in range(max(first, end_us - period * SAMPLE_BUFFER), end_us + 1, period):
                 d.samples[pynvml.NVML_GPU_UTILIZATION_SAMPLES].append((ts, g.util_gpu_pct))
                 d.samples[pynvml.NVML_MEMORY_UTILIZATION_SAMPLES].append((ts, g.util_mem_pct))
+                for pid in g.process_pids:
+                    d.process_samples.append((ts, pid, g.process_sm_util.get(pid, 0)))
 
     def _require_init(self, name: str, gpu: int | None = None) -> None:
         with self._lock:
@@ -683,10 +760,62 @@ class FakeNvml:
     # -- identity and readings ---------------------------------------------------------------
 
     def nvmlDeviceGetName(self, handle: Any) -> str:
+        mig = self._mig_call("nvmlDeviceGetName", handle)
+        if mig is not None:
+            return f"{mig[0].name} MIG {mig[1].profile}"
         return self._device("nvmlDeviceGetName", handle).name
 
     def nvmlDeviceGetUUID(self, handle: Any) -> str:
-        return self._device("nvmlDeviceGetUUID", handle).uuid
+        mig = self._mig_call("nvmlDeviceGetUUID", handle)
+        return mig[1].uuid if mig is not None else self._device("nvmlDeviceGetUUID", handle).uuid
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: Any) -> int:
+        gpu = self._device("nvmlDeviceGetMaxMigDeviceCount", device)
+        if gpu.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return max(gpu.mig_profiles.values(), default=0)
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: Any, index: int) -> Any:
+        gpu = self._device("nvmlDeviceGetMigDeviceHandleByIndex", device, index)
+        if not gpu.mig_enabled:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if not 0 <= index < len(gpu.mig_instances):
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        key = (self.gpus.index(gpu), gpu.mig_instances[index].uuid)
+        if key not in self._mig_handles:
+            handle = self._mig_handles[key] = _pointer(c_nvmlDevice_t, next(self._addresses))
+            self._mig_by_address[_address(handle)] = key
+        return self._mig_handles[key]
+
+    def nvmlDeviceGetGpuInstanceId(self, device: Any) -> int:
+        mig = self._mig_call("nvmlDeviceGetGpuInstanceId", device)
+        if mig is None:
+            self._device("nvmlDeviceGetGpuInstanceId", device)
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)  # not a MIG device handle
+        return mig[1].gpu_instance_id
+
+    def nvmlDeviceGetComputeInstanceId(self, device: Any) -> int:
+        mig = self._mig_call("nvmlDeviceGetComputeInstanceId", device)
+        if mig is None:
+            self._device("nvmlDeviceGetComputeInstanceId", device)
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return mig[1].compute_instance_id
+
+    def nvmlDeviceGetAttributes_v2(self, device: Any) -> Any:
+        mig = self._mig_call("nvmlDeviceGetAttributes_v2", device)
+        if mig is None:
+            gpu = self._device("nvmlDeviceGetAttributes_v2", device)
+            slices = max(gpu.mig_profiles.values(), default=1)
+            return _attributes(slices, slices, gpu.mem_total)
+        return _attributes(mig[1].gi_slices, mig[1].ci_slices, mig[1].mem_total)
+
+    def nvmlDeviceGetGpuInstanceProfileInfo(self, device: Any, profile: int, version: int = 2) -> Any:
+        gpu = self._device("nvmlDeviceGetGpuInstanceProfileInfo", device, profile)
+        if gpu.mig_mode is None or profile not in gpu.mig_profiles:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        info = pynvml.c_nvmlGpuInstanceProfileInfo_v2_t()
+        info.id, info.sliceCount = profile, gpu.mig_profiles[profile]
+        return info
 
     def nvmlDeviceGetArchitecture(self, device: Any) -> int:
         return self._device("nvmlDeviceGetArchitecture", device).architecture
@@ -704,6 +833,8 @@ class FakeNvml:
         return list(gpu.mig_mode)
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
+        if self._mig_call("nvmlDeviceGetUtilizationRates", handle) is not None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         gpu = self._device("nvmlDeviceGetUtilizationRates", handle)
         if gpu.mig_enabled:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
@@ -726,6 +857,13 @@ class FakeNvml:
         return (NVML_VALUE_TYPE_UNSIGNED_INT, out)
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
+        mig = self._mig_call("nvmlDeviceGetMemoryInfo", handle)
+        if mig is not None:
+            m = mig[1]
+            if not version:
+                return c_nvmlMemory_t(total=m.mem_total, free=m.mem_total - m.mem_used, used=m.mem_used)
+            return c_nvmlMemory_v2_t(version=version, total=m.mem_total, reserved=0, free=m.mem_total - m.mem_used,
+                                     used=m.mem_used)
         gpu = self._device("nvmlDeviceGetMemoryInfo", handle, *(() if not version else (version,)))
         if not version:
             used = gpu.mem_used + gpu.mem_reserved
@@ -911,6 +1049,14 @@ class FakeNvml:
         return gpu.nvlink_errors.get((link, counter), 0)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
+        mig = self._mig_call("nvmlDeviceGetComputeRunningProcesses", handle)
+        if mig is not None:
+            if not self.privileged:
+                raise NVMLError(NVML_ERROR_NO_PERMISSION)
+            m = mig[1]
+            return [nvmlStructToFriendlyObject(c_nvmlProcessInfo_v3_t(
+                pid=pid, usedGpuMemory=0, gpuInstanceId=m.gpu_instance_id, computeInstanceId=m.compute_instance_id))
+                for pid in m.process_pids]
         gpu = self._device("nvmlDeviceGetComputeRunningProcesses", handle)
         if not self.privileged:
             raise NVMLError(NVML_ERROR_NO_PERMISSION)
@@ -922,6 +1068,23 @@ class FakeNvml:
             )
             for pid in gpu.process_pids
         ]
+
+    def nvmlDeviceGetMinorNumber(self, handle: Any) -> int:
+        gpu = self._device("nvmlDeviceGetMinorNumber", handle)
+        return self.gpus.index(gpu) if gpu.minor is None else gpu.minor
+
+    def nvmlDeviceGetProcessUtilization(self, handle: Any, timeStamp: int) -> list[Any]:
+        """Per-process samples newer than `timeStamp` (NotFound when none; NotSupported under MIG)."""
+        gpu = self._device("nvmlDeviceGetProcessUtilization", handle)
+        if gpu.mig_enabled:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        with self._lock:
+            newer = [(ts, pid, sm) for ts, pid, sm in self._drivers[self.gpus.index(gpu)].process_samples
+                     if ts > timeStamp]
+        if not newer:
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        return [pynvml.c_nvmlProcessUtilizationSample_t(pid=pid, timeStamp=ts, smUtil=sm, memUtil=0, encUtil=0,
+                                                        decUtil=0) for ts, pid, sm in newer]
 
     # -- events ------------------------------------------------------------------------------
 

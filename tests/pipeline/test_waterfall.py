@@ -142,3 +142,15 @@ def test_stalled_time_is_the_part_of_busy_in_long_stalls(ch_store: Store) -> Non
     assert waterfall(ch_store, WINDOW, Policy(("failing",), 5)).stalled_ms == 0
     # stalled seconds of a failing GPU count once its health is billed
     assert waterfall(ch_store, WINDOW, Policy((), 5), stall=StallConfig(for_s=30)).stalled_ms == 140_000
+def test_mig_instances_count_as_their_share_of_the_gpu() -> None:
+    window = 60_000
+    one = GpuTotals("H100", 60_000, 0, 0, 0, 0.0, 0, 0, 989e12 / 7, (1, 7))
+    three = GpuTotals("H100", 30_000, 0, 30_000, 0, 0.0, 0, 0, 3 * 989e12 / 7, (3, 7))
+    w = build([one, three], window)
+    assert w.installed_ms == 60_000 * 4 / 7  # 4 of the GPU's 7 slices are carved into instances
+    assert w.unknown_ms == 30_000 * 3 / 7
+    assert w.unallocated_ms == 30_000 * 3 / 7
+    assert w.busy_ms == 60_000 / 7
+    assert w.installed_peak_flop == (989e12 / 7 + 3 * 989e12 / 7) * 60
+    whole = build([GpuTotals("H100", 60_000, 0, 0, 0, 0.0, 0, 0, 989e12)], window)
+    assert (whole.installed_ms, type(whole.installed_ms)) == (60_000, int)
