@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from gpufleet.dashboards import fragments
+from gpufleet.pipeline.queries import rollups
+
 RAW: Final = ("(SELECT *, toDateTime(intDiv(toUnixTimestamp64Milli(time) - interval_ms, 60000) * 60, 'UTC') "
               "AS minute FROM gpu_samples)")
 """Raw samples with the minute their interval started in."""
@@ -39,41 +42,52 @@ class Question:
     """True: one value over the range (an instant query at its end); False: a series over time."""
 
 
+BUCKET: Final = f"toStartOfInterval(minute, INTERVAL {fragments.BUCKET_S} second)"
+"""The boards' time-series bucket (Grafana's interval, whole hours from 30 minutes on) over raw minutes."""
+
+
 def _raw(select: str, group: str = "") -> str:
     tail = f" GROUP BY {group} ORDER BY {group}" if group else ""
     return f"SELECT {select} FROM {RAW} WHERE $__timeFilter(minute){tail}"
 
 
+def _fleet(columns: tuple[str, ...], select: str, group: str, where: str = "1") -> str:
+    """What a fleet panel would run: the fleet rollup's rows of the range (whole hours from the hour level)."""
+    rows = rollups.rows(rollups.FLEET, *fragments.RANGE, where=where, hourly=fragments.HOURLY_BUCKETS,
+                        columns=columns)
+    return f"SELECT {fragments.bucket()} AS t, {select} FROM {rows} GROUP BY {group} ORDER BY {group}"
+
+
 _UTIL = ("sum(toFloat64(ifNull(util_gpu_ratio, 0)) * interval_ms) "
          "/ nullIf(sumIf(toUInt64(interval_ms), util_gpu_ratio IS NOT NULL), 0) AS util")
 _ENERGY_MJ = "sum(toUInt64(round(ifNull(power_w, 0) * interval_ms)))"
+_FLEET_UTIL = "sum(util_weighted_ms) / nullIf(sum(util_ms), 0) AS util"
 
 QUESTIONS: Final = (
     Question(
         "fleet utilization over time", None,
-        "SELECT $__timeInterval(minute) AS t, sum(util_weighted_ms) / nullIf(sum(util_ms), 0) AS util "
-        "FROM gpu_usage_1m WHERE $__timeFilter(minute) GROUP BY t ORDER BY t",
-        _raw(f"$__timeInterval(minute) AS t, {_UTIL}", "t"),
+        _fleet(("util_ms", "util_weighted_ms"), _FLEET_UTIL, "t"),
+        _raw(f"{BUCKET} AS t, {_UTIL}", "t"),
         "avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL[$step]))",
     ),
     Question(
         "utilization per tenant over time", None,
-        "SELECT $__timeInterval(minute) AS t, tenant, sum(util_weighted_ms) / nullIf(sum(util_ms), 0) AS util "
-        "FROM gpu_usage_1m WHERE $__timeFilter(minute) AND tenant != '' GROUP BY t, tenant ORDER BY t, tenant",
-        f"SELECT $__timeInterval(minute) AS t, tenant, {_UTIL} FROM {RAW} "
+        _fleet(("tenant", "util_ms", "util_weighted_ms"), f"tenant, {_FLEET_UTIL}", "t, tenant", "tenant != ''"),
+        f"SELECT {BUCKET} AS t, tenant, {_UTIL} FROM {RAW} "
         "WHERE $__timeFilter(minute) AND tenant != '' GROUP BY t, tenant ORDER BY t, tenant",
         'avg by (tenant) (avg_over_time(DCGM_FI_DEV_GPU_UTIL{tenant!=""}[$step]))',
     ),
     Question(
-        "GPUs by health state over time", ("gpufleet-fleet", "GPUs by health state over time"), None,
-        "SELECT t, state, count() AS gpus FROM (SELECT $__timeInterval(minute) AS t, gpu_uuid, "
-        f"toString(max(health)) AS state FROM {RAW} WHERE $__timeFilter(minute) GROUP BY t, gpu_uuid) "
-        "GROUP BY t, state ORDER BY t, state",
+        "GPUs by health state over time", ("gpufleet-fleet", "GPUs by health state over time (time-weighted)"), None,
+        # time-weighted: GPU-seconds claimed in each state over the bucket's seconds (each sample claims its interval)
+        f"SELECT {BUCKET} AS t, toString(health) AS state, "
+        f"sum(toUInt64(interval_ms)) / (1000 * {fragments.BUCKET_S}) AS gpus FROM {RAW} "
+        "WHERE $__timeFilter(minute) GROUP BY t, state ORDER BY t, state",
         'count_values("state", max by (UUID) (max_over_time(gpufleet_health_state[$step])))',
     ),
     Question(
         "power over time", ("gpufleet-fleet", "Power draw"), None,
-        _raw(f"$__timeInterval(minute) AS t, {_ENERGY_MJ} / 1000 / $__interval_s AS power_w", "t"),
+        _raw(f"{BUCKET} AS t, {_ENERGY_MJ} / 1000 / {fragments.BUCKET_S} AS power_w", "t"),
         "sum(avg by (UUID) (avg_over_time(DCGM_FI_DEV_POWER_USAGE[$step])))",
     ),
     Question(
