@@ -146,13 +146,16 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     end_ms = start_ms + total * interval_ms
     filled = {f"{database}.gpu_samples"}
     pending = list(views)
+    fill_s: dict[str, float] = {}
     while pending:
         ready = [v for v in pending if v[1] in filled]
         if not ready:
             break  # the rest read tables this generator does not write (agent_reports): put back, empty
         chunk_ms = DAY_MS * max(1, FILL_SAMPLES // (gpus * per_day))
         for view in ready:
+            started = time.perf_counter()
             _fill(client, database, view[1], view[2], view[4], start_ms, end_ms, chunk_ms)
+            fill_s[view[0]] = round(time.perf_counter() - started, 2)
             filled.add(view[2])
             pending.remove(view)
     for view in views:
@@ -160,7 +163,7 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     seconds = time.perf_counter() - t
     rows = client.query(f"SELECT count() FROM {database}.gpu_samples").result_rows[0][0]
     return {"gpus": gpus, "days": days, "interval_ms": interval_ms, "rows": rows, "seconds": seconds,
-            "raw_insert_seconds": raw_s, "start_ms": start_ms, "end_ms": end_ms}
+            "raw_insert_seconds": raw_s, "fill_seconds": fill_s, "start_ms": start_ms, "end_ms": end_ms}
 
 
 def _fill(client: Any, database: str, source: str, target: str, select: str, start_ms: int, end_ms: int,

@@ -37,6 +37,9 @@ def test_the_harness_runs_at_a_tiny_size(chdb_dsn: str, tmp_path: Path) -> None:
     assert len(out["main"]["panels_default_range"]) == len(out["main"]["panels_whole_history"])
     assert out["main"]["alert_cycle"]["rules"] > 0
     assert out["ingest"]["views"]["views"], "the views' share of the insert names the views it measured"
+    assert {"fleet_usage_1m_mv", "gpu_health_1m_mv"} <= set(out["ingest"]["views"]["issue_12_views"])
+    assert out["ingest"]["views"]["issue_12_views_extra_cost"] is not None, "issue 12's views: before and after"
+    assert out["main"]["history"]["fill_seconds"]["gpu_usage_1m_mv"] >= 0
     assert (tmp_path / "growth.png").read_bytes().startswith(b"\x89PNG")
     if peer:
         assert out["peer"]["victoriametrics"]["worst_p95_ms"] > 0
