@@ -36,7 +36,8 @@ FORMULA = "a shared formula from pipeline/queries/formulas.py: constant SQL over
 FRAGMENT_ARG = "SQL its callers pass from constants: bound-parameter placeholders or Grafana macros"
 BY = "rule.by: validated as Literal['cluster', 'tenant']"
 
-DDL_MODULES = ("pipeline/store/migrate.py", "pipeline/store/tenants.py", "pipeline/ingest/staging.py")
+DDL_MODULES = ("pipeline/store/migrate.py", "pipeline/store/tenants.py", "pipeline/ingest/staging.py",
+               "pipeline/store/sharding.py")
 """The only modules that splice the database name: DDL, which cannot bind an identifier (a view's
 SELECT keeps no parameters). Every query names its database as `{db:Identifier}`, bound by `Store`."""
 
@@ -50,6 +51,14 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/store/migrate.py", "on_cluster"): CLUSTER,
     ("pipeline/ingest/staging.py", "cluster"): CLUSTER,
     ("pipeline/ingest/staging.py", "on_cluster"): CLUSTER,
+    ("pipeline/store/migrate.py", "options.substitutions()['on_cluster']"): CLUSTER,
+    ("pipeline/store/sharding.py", "db"): IDENT,
+    ("pipeline/store/sharding.py", "cluster"): CLUSTER,
+    ("pipeline/store/sharding.py", "name"): "a table name, a key of the SHARDED constant",
+    ("pipeline/store/sharding.py", "create"): CONST,
+    ("pipeline/store/sharding.py", "LOCAL_SUFFIX"): CONST,
+    ("pipeline/store/sharding.py", "args"): "the cluster and database names (checked as above), a SHARDED table "
+                                            "name and its constant sharding key",
     ("pipeline/store/migrate.py", "engine"): CONST,
     ("pipeline/store/migrate.py", "options.substitutions()['replicated']"): CONST,
     # shared formulas
