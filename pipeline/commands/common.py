@@ -47,7 +47,7 @@ def load_config(config_path: str | None, dsn: str | None, database: str | None) 
     cfg = loaded.config
     origin = "from --dsn" if dsn else _config_origin(loaded)
     cfg = config_mod.with_clickhouse(cfg, dsn or cfg.clickhouse.dsn, database or cfg.clickhouse.database)
-    return cfg, Target(cfg.clickhouse.dsn, cfg.clickhouse.database, origin)
+    return cfg, Target(cfg.clickhouse.dsn, cfg.clickhouse.database, origin, cfg.clickhouse.cluster)
 
 
 def _config_origin(loaded: config_mod.Loaded) -> str:
@@ -83,7 +83,7 @@ def resolve(config_path: str | None, dsn: str | None, database: str | None,
             cfg = msgspec.structs.replace(cfg, jobs=msgspec.convert(state.jobs, JobsConfig))
     else:
         dsn, origin = cfg.clickhouse.dsn, f"the default clickhouse.dsn; no demo state in {data_dir}"
-    target = Target(dsn, database or cfg.clickhouse.database, origin)
+    target = Target(dsn, database or cfg.clickhouse.database, origin, cfg.clickhouse.cluster)
     demo = state if state is not None and state.dsn == target.dsn and state.running() else None
     return Source(config_mod.with_clickhouse(cfg, target.dsn, target.database), target, demo)
 

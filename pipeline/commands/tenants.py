@@ -62,7 +62,8 @@ def sql_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: str 
     target = resolve(config_path, dsn, database, data_dir).target
     password, created = read_or_create_password(password_file)
     salt = tenants_mod.new_salt()
-    click.echo(tenants_mod.script(tenant, target.database, tenants_mod.password_hash(password, salt), salt), nl=False)
+    click.echo(tenants_mod.script(tenant, target.database, tenants_mod.password_hash(password, salt), salt,
+                                  target.cluster), nl=False)
     if created:
         click.echo(f"-- wrote a new password to {password_file}", err=True)
 
@@ -84,8 +85,8 @@ def create_cmd(tenant: str, password_file: Path, config_path: str | None, dsn: s
     client = connect(target)
     password, created = read_or_create_password(password_file)
     salt = tenants_mod.new_salt()
-    statements = tenants_mod.setup_sql(target.database) + tenants_mod.tenant_sql(
-        tenant, target.database, tenants_mod.password_hash(password, salt), salt)
+    statements = tenants_mod.setup_sql(target.database, target.cluster) + tenants_mod.tenant_sql(
+        tenant, target.database, tenants_mod.password_hash(password, salt), salt, target.cluster)
     for n, statement in enumerate(statements, 1):
         try:
             client.command(statement)

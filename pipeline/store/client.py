@@ -3,7 +3,8 @@
 `chdb:///path` opens the embedded engine on disk (one process owns a path), `chdb://memory` an
 in-memory one, and `http(s)://user:pass@host:8123/db` a ClickHouse server. Nothing else in the
 project imports `clickhouse_connect`. A password can also come from `CLICKHOUSE_PASSWORD` or
-`CLICKHOUSE_PASSWORD_FILE`, so it need not sit in a DSN; `redact()` keeps it out of logs.
+`CLICKHOUSE_PASSWORD_FILE`, so it need not sit in a DSN; `redact()` keeps it out of logs. A target
+on a cluster (`clickhouse.cluster`) gets `CLUSTER_SETTINGS` on its client, sent with every query.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gpufleet.config_check import tcp_error
 from gpufleet.dsn import check_database_name, parse, redact, scrub
@@ -27,6 +28,10 @@ DEFAULT_DSN = "chdb:///var/lib/gpufleet/clickhouse"
 DEFAULT_DATABASE = "gpufleet"
 CONNECT_TIMEOUT_S = 5
 POINT_ELSEWHERE = "point to a store with --dsn, --data-dir (a demo's) or clickhouse.dsn in the config"
+CLUSTER_SETTINGS: Final = {"distributed_product_mode": "global"}
+"""Session settings of a client on a cluster: a subquery over a Distributed table inside a query over one
+(`gpu_claim_outranked`, hence `usage_hourly`) is computed once over every shard, not refused ('deny', the
+default) nor run per shard ('local': a GPU reported on two shards would be billed twice). docs/scaling.md."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,13 @@ class Target:
     database: str = DEFAULT_DATABASE
     origin: str = field(default="", compare=False)
     """How the DSN was chosen, for messages (e.g. "from --dsn"); empty when it goes without saying."""
+    cluster: str | None = None
+    """The ClickHouse cluster the tables are spread over (`clickhouse.cluster`); None: a single server."""
+
+    @property
+    def session_settings(self) -> dict[str, str]:
+        """The settings every query through this target's client carries: `CLUSTER_SETTINGS` on a cluster, else none."""
+        return dict(CLUSTER_SETTINGS) if self.cluster else {}
 
     @property
     def embedded(self) -> bool:
@@ -76,7 +88,7 @@ def connect(target: Target, *, create: bool = False) -> Client:
     try:
         if target.embedded:
             _check_chdb_path(target, create)
-            return clickhouse_connect.get_client(dsn=dsn)
+            return clickhouse_connect.get_client(dsn=dsn, settings=target.session_settings or None)
         return _server_client(target)
     except StoreError:
         raise
@@ -159,6 +171,7 @@ def _server_client(target: Target) -> Client:
         secure=parts.scheme == "https",
         connect_timeout=CONNECT_TIMEOUT_S,
         send_receive_timeout=60,
+        settings=target.session_settings or None,
     )
 
 

@@ -1,5 +1,7 @@
 """Tenant isolation in ClickHouse: a read-only user per tenant that sees only its own rows (pure SQL builders).
 
+On a cluster (`cluster` given) every statement runs ON CLUSTER, and the grants and policies cover each
+sharded table's `_local` table too: a shard reads it as the querying user. None: a single server.
 Design notes: docs/design-notes.md#pipeline-store-tenants-py.
 """
 
@@ -11,7 +13,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
-from gpufleet.pipeline.store.client import check_database_name
+from gpufleet.pipeline.store.client import CLUSTER_SETTINGS, check_database_name
+from gpufleet.pipeline.store.sharding import LOCAL_SUFFIX, SHARDED
 
 TENANT_ROLE: Final = "gpufleet_tenants"
 """Shared role of every tenant user: holds the SELECT grants, and is excluded from the operators' policy."""
@@ -110,52 +113,72 @@ def readable_tables() -> tuple[str, ...]:
     return (*(t.name for t in TABLES), *VIEWS, *SHARED)
 
 
-def setup_sql(database: str) -> list[str]:
-    """The shared part, run once per database (idempotent): the tenants' role, its grants, the operators' policy."""
+def _on_cluster(cluster: str | None) -> str:
+    return f" ON CLUSTER {literal(cluster)}" if cluster else ""
+
+
+def _names(name: str, cluster: str | None) -> tuple[str, ...]:
+    """`name`, and on a cluster its local table where it is sharded (the shards read that, as the same user)."""
+    return (name, name + LOCAL_SUFFIX) if cluster and name in SHARDED else (name,)
+
+
+def setup_sql(database: str, cluster: str | None = None) -> list[str]:
+    """The shared part, run once per database (idempotent): the tenants' role, its grants, the operators' policy.
+
+    On a cluster the role also carries `CLUSTER_SETTINGS`, so a tenant's Grafana reads `usage_hourly` as the store does.
+    """
     db = check_database_name(database)
     role = TENANT_ROLE
-    out = [f"CREATE ROLE IF NOT EXISTS {ident(role)}"]
-    out += [f"GRANT SELECT ON {db}.{table} TO {ident(role)}" for table in readable_tables()]
+    on = _on_cluster(cluster)
+    out = [f"CREATE ROLE IF NOT EXISTS {ident(role)}{on}"]
+    if cluster:
+        settings = ", ".join(f"{k} = {literal(v)}" for k, v in CLUSTER_SETTINGS.items())
+        out.append(f"ALTER ROLE {ident(role)}{on} SETTINGS {settings}")
+    out += [f"GRANT{on} SELECT ON {db}.{name} TO {ident(role)}"
+            for table in readable_tables() for name in _names(table, cluster)]
     policy = OPERATORS_POLICY
-    out += [f"CREATE ROW POLICY OR REPLACE {ident(policy)} ON {db}.{t.name} FOR SELECT USING 1 "
-            f"TO ALL EXCEPT {ident(role)}" for t in TABLES]
+    out += [f"CREATE ROW POLICY OR REPLACE {ident(policy)}{on} ON {db}.{name} FOR SELECT USING 1 "
+            f"TO ALL EXCEPT {ident(role)}" for t in TABLES for name in _names(t.name, cluster)]
     return out
 
 
-def tenant_sql(tenant: str, database: str, password_hash: str, salt: str) -> list[str]:
+def tenant_sql(tenant: str, database: str, password_hash: str, salt: str, cluster: str | None = None) -> list[str]:
     """One tenant's user (re-running sets its password again) and its row policy on every tenant table."""
     db = check_database_name(database)
     user = user_name(tenant)
     role = TENANT_ROLE
     policy = user
+    on = _on_cluster(cluster)
     out = [
-        f"CREATE USER IF NOT EXISTS {ident(user)} IDENTIFIED WITH sha256_hash BY {literal(password_hash)} "
+        f"CREATE USER IF NOT EXISTS {ident(user)}{on} IDENTIFIED WITH sha256_hash BY {literal(password_hash)} "
         f"SALT {literal(salt)} DEFAULT DATABASE {db} SETTINGS readonly = {READONLY}",
-        f"ALTER USER {ident(user)} IDENTIFIED WITH sha256_hash BY {literal(password_hash)} SALT {literal(salt)}",
-        f"GRANT {ident(role)} TO {ident(user)}",
-        f"ALTER USER {ident(user)} DEFAULT ROLE {ident(role)}",
+        f"ALTER USER {ident(user)}{on} IDENTIFIED WITH sha256_hash BY {literal(password_hash)} SALT {literal(salt)}",
+        f"GRANT{on} {ident(role)} TO {ident(user)}",
+        f"ALTER USER {ident(user)}{on} DEFAULT ROLE {ident(role)}",
     ]
     for table in TABLES:
-        out.append(f"CREATE ROW POLICY OR REPLACE {ident(policy)} ON {db}.{table.name} FOR SELECT "
-                   f"USING {condition(table, tenant)} TO {ident(user)}")
+        out += [f"CREATE ROW POLICY OR REPLACE {ident(policy)}{on} ON {db}.{name} FOR SELECT "
+                f"USING {condition(table, tenant)} TO {ident(user)}" for name in _names(table.name, cluster)]
     return out
 
 
-def drop_sql(tenant: str, database: str) -> list[str]:
+def drop_sql(tenant: str, database: str, cluster: str | None = None) -> list[str]:
     """Remove a tenant's user and policies (its data stays)."""
     db = check_database_name(database)
     user = user_name(tenant)
-    return [f"DROP ROW POLICY IF EXISTS {ident(user)} ON {db}.{t.name}" for t in TABLES] + [
-        f"DROP USER IF EXISTS {ident(user)}"]
+    on = _on_cluster(cluster)
+    return [f"DROP ROW POLICY IF EXISTS {ident(user)}{on} ON {db}.{name}"
+            for t in TABLES for name in _names(t.name, cluster)] + [f"DROP USER IF EXISTS {ident(user)}{on}"]
 
 
-def script(tenant: str, database: str, password_hash: str, salt: str) -> str:
+def script(tenant: str, database: str, password_hash: str, salt: str, cluster: str | None = None) -> str:
     """The whole SQL for one tenant, shared part first, as `gpufleet tenants sql` prints it."""
     header = [
-        f"-- gpufleet tenant isolation for tenant {literal(tenant)} in database {database}",
+        f"-- gpufleet tenant isolation for tenant {literal(tenant)} in database {database}"
+        + (f" on cluster {cluster}" if cluster else ""),
         f"-- user {user_name(tenant)}: read-only, sees only this tenant's rows (docs/security.md)",
         "-- shared part (idempotent, once per database):",
     ]
-    body = [s + ";" for s in setup_sql(database)] + ["-- this tenant:"] + [
-        s + ";" for s in tenant_sql(tenant, database, password_hash, salt)]
+    body = [s + ";" for s in setup_sql(database, cluster)] + ["-- this tenant:"] + [
+        s + ";" for s in tenant_sql(tenant, database, password_hash, salt, cluster)]
     return "\n".join(header + body) + "\n"

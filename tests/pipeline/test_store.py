@@ -91,3 +91,38 @@ def test_two_stores_on_one_client_read_and_write_their_own_database(ch_client, c
         assert (mine.rows(COUNT_SAMPLES), other.rows(COUNT_SAMPLES)) == ([(6,)], [(1,)])
     finally:
         ch_client.command(f"DROP DATABASE IF EXISTS {other.database} SYNC")
+
+
+def _config(tmp_path: Path, dsn: str, database: str, cluster: str | None) -> str:
+    path = tmp_path / "gpufleet.yaml"
+    path.write_text(f"clickhouse: {{dsn: '{dsn}', database: {database}"
+                    + (f", cluster: {cluster}" if cluster else "") + "}\n")
+    return str(path)
+
+
+def test_a_store_on_a_cluster_sends_the_global_product_mode_with_every_query(tmp_path, ch_target) -> None:
+    # on a cluster, gpu_claim_outranked's subquery over Distributed tables is refused ('deny', the default)
+    # or computed per shard ('local': a GPU reported on two shards billed twice): the store sends 'global'
+    from gpufleet.pipeline.commands.common import load_config
+
+    _, target = load_config(_config(tmp_path, ch_target.dsn, ch_target.database, "gf_2x2"), None, None)
+    assert target.cluster == "gf_2x2"
+    store = Store.open(target)
+    assert store.client.get_client_setting("distributed_product_mode") == "global"
+    assert store.rows("SELECT getSetting('distributed_product_mode')") == [("global",)]
+    assert store.rows(COUNT_SAMPLES) == [(0,)]
+    # a server target on a cluster gets the same settings (connect passes them to either client)
+    assert Target("http://gpufleet@ch-1:8123", cluster="gf_2x2").session_settings == {
+        "distributed_product_mode": "global"}
+
+
+def test_a_single_server_store_sends_no_session_settings(tmp_path, ch_target) -> None:
+    from gpufleet.pipeline.commands.common import load_config
+
+    _, target = load_config(_config(tmp_path, ch_target.dsn, ch_target.database, None), None, None)
+    assert target.cluster is None
+    assert target.session_settings == {}
+    assert Target("http://gpufleet@ch-1:8123").session_settings == {}
+    store = Store.open(target)
+    assert store.client.get_client_setting("distributed_product_mode") is None
+    assert store.rows("SELECT getSetting('distributed_product_mode')") == [("deny",)]  # the engine's default

@@ -67,6 +67,87 @@ def test_the_sql_for_one_tenant_is_exactly_the_documented_sql() -> None:
     ]
 
 
+CLUSTER = "gf_2x2"
+"""A 2-shard x 2-replica cluster, as tests/pipeline/test_sharding.py names it."""
+SHARDED_TENANT_TABLES = ("gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
+                         "fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "gpu_health_1m", "gpu_health_1h",
+                         "gpu_health_events", "gpu_xid_events")
+"""The tenant tables split over the shards (each a Distributed table over its `_local` one)."""
+
+
+def test_the_sql_on_a_cluster_runs_on_every_server_and_covers_the_local_tables() -> None:
+    # a shard runs its part of a query on gpufleet.T_local, as the querying user: that table needs the grant
+    # and the policies too; billing_statements, billing_adjustments, alerts are global (no _local table)
+    u = "`gpufleet_t_acme_" + hashlib.sha256(b"acme").hexdigest()[:10] + "`"
+    on = "ON CLUSTER 'gf_2x2'"
+    both = [n for t in SHARDED_TENANT_TABLES for n in (t, t + "_local")]
+    grants = [f"GRANT {on} SELECT ON gpufleet.{t} TO `gpufleet_tenants`" for t in (
+        *both, "billing_statements", "billing_adjustments", "alerts", "usage_hourly", "billing_policy",
+        "gpu_claim_outranked")]
+    tables = [*both, "billing_statements", "billing_adjustments"]
+    assert tenants.setup_sql("gpufleet", CLUSTER) == [
+        f"CREATE ROLE IF NOT EXISTS `gpufleet_tenants` {on}",
+        f"ALTER ROLE `gpufleet_tenants` {on} SETTINGS distributed_product_mode = 'global'",
+        *grants,
+        *[f"CREATE ROW POLICY OR REPLACE `gpufleet_operators` {on} ON gpufleet.{t} FOR SELECT USING 1 "
+          "TO ALL EXCEPT `gpufleet_tenants`" for t in [*tables, "alerts"]],
+    ]
+    assert len(grants) == 30
+    assert tenants.tenant_sql("acme", "gpufleet", H, S, CLUSTER) == [
+        f"CREATE USER IF NOT EXISTS {u} {on} IDENTIFIED WITH sha256_hash BY '{H}' SALT '{S}' "
+        "DEFAULT DATABASE gpufleet SETTINGS readonly = 2",
+        f"ALTER USER {u} {on} IDENTIFIED WITH sha256_hash BY '{H}' SALT '{S}'",
+        f"GRANT {on} `gpufleet_tenants` TO {u}",
+        f"ALTER USER {u} {on} DEFAULT ROLE `gpufleet_tenants`",
+        *[f"CREATE ROW POLICY OR REPLACE {u} {on} ON gpufleet.{t} FOR SELECT USING tenant = 'acme' TO {u}"
+          for t in tables],
+        f"CREATE ROW POLICY OR REPLACE {u} {on} ON gpufleet.alerts FOR SELECT USING labels['tenant'] = 'acme' TO {u}",
+    ]
+    assert tenants.drop_sql("acme", "gpufleet", CLUSTER) == [
+        *[f"DROP ROW POLICY IF EXISTS {u} {on} ON gpufleet.{t}" for t in [*tables, "alerts"]],
+        f"DROP USER IF EXISTS {u} {on}"]
+
+
+def test_the_sql_without_a_cluster_is_byte_for_byte_unchanged() -> None:
+    # digest computed with the tenants module as it was before clusters (git show of its previous version)
+    text = tenants.script("acme", "gpufleet", H, S) + "\n".join(tenants.drop_sql("a'b", "gpufleet"))
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "aad9b95e2668b853a3127b6928d69b05e9dba481572dae1130f75f2e2354d662")
+    assert tenants.script("acme", "gpufleet", H, S, None) == tenants.script("acme", "gpufleet", H, S)
+
+
+def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> None:
+    kinds = {"CREATE ROLE": "CreateRoleQuery", "ALTER ROLE": "CreateRoleQuery", "GRANT": "GrantQuery",
+             "CREATE USER": "CreateUserQuery", "ALTER USER": "CreateUserQuery",
+             "CREATE ROW POLICY": "CREATE ROW POLICY or ALTER ROW POLICY query",
+             "DROP ROW POLICY": "DROP ROW POLICY query", "DROP USER": "DROP USER query"}
+    for h in ("acme", *HOSTILE):
+        statements = (tenants.setup_sql("gpufleet", CLUSTER) + tenants.tenant_sql(h, "gpufleet", H, S, CLUSTER)
+                      + tenants.drop_sql(h, "gpufleet", CLUSTER))
+        assert len(statements) == 2 + 30 + 27 + 4 + 27 + 28
+        for statement in statements:
+            ast = ch_client.query(f"EXPLAIN AST {statement}").result_rows[0][0]
+            kind = next(v for k, v in kinds.items() if statement.startswith(k))
+            assert ast.startswith(kind), (ast, statement)
+            formatted = ch_client.query("SELECT formatQuery({q:String})", parameters={"q": statement}).result_rows
+            assert "ON CLUSTER gf_2x2" in formatted[0][0], formatted
+
+
+def test_tenants_sql_on_a_cluster_config_prints_the_cluster_script(tmp_path: Path) -> None:
+    config = tmp_path / "gpufleet.yaml"
+    config.write_text(f"clickhouse: {{dsn: 'chdb://{tmp_path / 'store'}', cluster: gf_2x2}}\n")
+    pw = tmp_path / "acme.pw"
+    result = CliRunner().invoke(tenants_cli, ["sql", "--tenant", "acme", "--password-file", str(pw),
+                                              "--config", str(config)], env={"GPUFLEET_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    salt = re.search(r"SALT '([0-9a-f]{32})'", result.stdout).group(1)
+    digest = hashlib.sha256((pw.read_text().rstrip("\n") + salt).encode()).hexdigest()
+    assert result.stdout == tenants.script("acme", "gpufleet", digest, salt, CLUSTER)
+    assert result.stdout.startswith("-- gpufleet tenant isolation for tenant 'acme' in database gpufleet "
+                                    "on cluster gf_2x2\n")
+    assert result.stdout.count(" ON CLUSTER 'gf_2x2'") == 2 + 30 + 27 + 4 + 27
+
+
 def test_hostile_tenant_names_become_escaped_literals_and_safe_user_names() -> None:
     assert tenants.literal("a'b\\c\x00\n") == "'a\\'b\\\\c\\x00\\x0a'"
     assert tenants.user_name("'); DROP TABLE x; --") == "gpufleet_t_drop_table_x_" + hashlib.sha256(
