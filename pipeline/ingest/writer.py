@@ -17,7 +17,15 @@ from gpufleet.config import Config
 from gpufleet.pipeline.ingest import claims, dead_letters, dedup, intents, staging
 from gpufleet.pipeline.ingest.dead_letters import DeadLetter
 from gpufleet.pipeline.ingest.kafka_io import Producer, TopicPartition
-from gpufleet.pipeline.ingest.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
+from gpufleet.pipeline.ingest.rows import (
+    Derived,
+    Deriver,
+    agent_columns,
+    derive,
+    derived_columns,
+    insert_columns,
+    network_columns,
+)
 from gpufleet.pipeline.ingest.validation import DAY_MS
 
 if TYPE_CHECKING:
@@ -195,6 +203,8 @@ class BatchWriter:
             agents = [r for r in fresh if block_of[id(r)] == b]
             insert_columns(self.store, "agent_reports", agent_columns(agents, batch.ingest_ms),
                            settings=dedup.insert_settings(batch.token, _target("agents", b)))
+            insert_columns(self.store, "network_ports", network_columns(agents, batch.ingest_ms),
+                           settings=dedup.insert_settings(batch.token, _target("network", b)))
         pending = None
         for b in range(blocks):
             keep = [block_of.get(id(r)) == b for r in derived.reports]
