@@ -117,6 +117,15 @@ class AgentConfig(Strict):
     """While this file exists the agent releases NVML (driver upgrade, GPU reset) and sends nothing."""
     kmsg_path: str | None = "/dev/kmsg"
     """The kernel log read for XIDs beside NVML events; null: NVML events only."""
+    nvml_inventory_every_s: Positive = 300.0
+    """Serial, VBIOS, driver, persistence and ECC mode and the temperature thresholds are read at attach and
+    this often (one GPU per interval), and sent in the sample that read them."""
+    gpus_expected: PositiveInt | None = None
+    """GPUs this node should have; null: its first complete enumeration (kept in the spool directory)."""
+    network_ports: bool = True
+    """Report the node's InfiniBand/RoCE ports (state, rate, error counters) from sysfs."""
+    sysfs_root: str = "/sys"
+    """Where sysfs is mounted (ports are read under `<sysfs_root>/class/infiniband`)."""
 
 
 class IngestConfig(Strict):
