@@ -29,8 +29,10 @@ JOB_HANG: Final = "job_hang"
 STRAGGLER: Final = "straggler"
 NEEDS_RESET: Final = "needs_reset"
 NEEDS_REBOOT: Final = "needs_reboot"
+NEEDS_DRAIN: Final = "needs_drain"
 FABRIC_DEGRADED: Final = "fabric_degraded"
 IB_PORT_FLAP: Final = "ib_port_flap"
+IB_PORT_DOWN: Final = "ib_port_down"
 GPU_MISSING: Final = "gpu_missing"
 DRIVER_DRIFT: Final = "driver_drift"
 XID_RECOVERY_ACTION_CHANGED: Final = 154
@@ -52,14 +54,18 @@ XID_OF: Final[dict[str, int | None]] = {
     STRAGGLER: None,
     NEEDS_RESET: XID_RECOVERY_ACTION_CHANGED,
     NEEDS_REBOOT: XID_RECOVERY_ACTION_CHANGED,
+    NEEDS_DRAIN: XID_RECOVERY_ACTION_CHANGED,
     FABRIC_DEGRADED: None,
     IB_PORT_FLAP: None,
+    IB_PORT_DOWN: None,
     GPU_MISSING: None,
     DRIVER_DRIFT: None,
 }
 """Every fault kind and the XID it raises at its start (None: no XID)."""
 
 NODE_KINDS: Final = frozenset({NODE_SILENT, DRIVER_DRIFT})
+PORT_KINDS: Final = frozenset({IB_PORT_FLAP, IB_PORT_DOWN})
+"""Kinds that act on the InfiniBand port paired with their GPU, not on the GPU."""
 """Kinds that affect a whole node: their `gpu` is None."""
 
 FAULT_KINDS: Final = tuple(XID_OF)

@@ -182,7 +182,7 @@ class SimulatedFleet:
     def ports(self, node: int, t_ms: int) -> list[NetworkPort]:
         """Node `node`'s InfiniBand ports at `t_ms` (see `simulation.network`)."""
         flaps = {f.gpu: f for g in range(self.gpus_per_node) for f in self._gpu_faults.get((node, g), ())
-                 if f.kind == fk.IB_PORT_FLAP and f.gpu is not None}
+                 if f.kind in fk.PORT_KINDS and f.gpu is not None}
         return node_ports(self.seed, node, self.gpus_per_node, t_ms, flaps)
 
     def job_at(self, node: int, gpu: int, t_ms: int) -> Job | None:

@@ -24,7 +24,7 @@ from gpufleet.agents.simulation.timeline import (
     ZOMBIE,
     Activity,
 )
-from gpufleet.node_facts import FABRIC_COMPLETED, RECOVERY_GPU_RESET, RECOVERY_NODE_REBOOT
+from gpufleet.node_facts import FABRIC_COMPLETED, RECOVERY_DRAIN_P2P, RECOVERY_GPU_RESET, RECOVERY_NODE_REBOOT
 from gpufleet.wire import GpuSample
 
 GPU_LOST_ERROR: Final = "GPU is lost"
@@ -33,7 +33,8 @@ SM_CLOCK_IDLE_MHZ: Final = 345
 SM_CLOCK_THERMAL_MHZ: Final = 1260
 SM_CLOCK_POWER_BRAKE_MHZ: Final = 990
 MEM_CLOCK_MHZ: Final = 2619
-THERMAL_TEMP_C: Final = 92.0
+THERMAL_TEMP_C: Final = 90.0
+"""In HW thermal slowdown (the H100 slows from 89 °C), below its 92 °C shutdown: degraded, not failing."""
 THERMAL_MEM_TEMP_C: Final = 90.0
 THROTTLE_GPU_IDLE: Final = 0x1
 PCIE_REPLAYS_PER_S: Final = 5
@@ -146,7 +147,8 @@ def health_at(faults: Sequence[Fault], t_ms: int) -> Health:
     )
 
 
-_ACTIONS: Final = {fk.NEEDS_RESET: RECOVERY_GPU_RESET, fk.NEEDS_REBOOT: RECOVERY_NODE_REBOOT}
+_ACTIONS: Final = {fk.NEEDS_RESET: RECOVERY_GPU_RESET, fk.NEEDS_REBOOT: RECOVERY_NODE_REBOOT,
+                   fk.NEEDS_DRAIN: RECOVERY_DRAIN_P2P}
 """Faults that set NVML's recovery action while they last (the remedy clears it at the fault's end)."""
 
 
