@@ -20,7 +20,7 @@ from gpufleet.node_facts import IB_PHYS_LINK_UP, IB_STATE_ACTIVE
 from gpufleet.wire import NetworkPort
 
 RATE_GBPS: Final = 400.0
-FLAP_DOWN_MS: Final = 10_000
+FLAP_DOWN_MS: Final = 20_000
 SYMBOL_ERRORS_PER_S: Final = 50
 RCV_ERRORS_PER_S: Final = 2
 IB_DOWN: Final = 1

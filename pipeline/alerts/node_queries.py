@@ -2,7 +2,8 @@
 
 * `node_recovery_action`: the per-GPU recovery-action rows (`queries`' GPU query) merged per node and action;
 * `network_port_down` / `network_port_degraded`: `network_ports`, one series per (cluster, node, device,
-  port): "sustained for D" as for GPUs (`formulas.sustained`), counter rises as `increase()` does;
+  port): "sustained for D" as `formulas.sustained` over the reports ending in `(now - D, now]`, counter
+  rises as `increase()` does;
 * `gpu_missing`: `agent_reports`, the GPUs a node should have against those its reports list;
 * `node_config_drift`: each GPU's newest inventory in `gpu_samples` against the majority of its model.
 
@@ -27,7 +28,6 @@ from gpufleet.pipeline.alerts.rules import (
     duration_ms,
     format_duration,
 )
-from gpufleet.pipeline.queries import formulas
 
 REMEDIES: Final[dict[str, str]] = {
     "gpu_reset": "stop the GPU's processes (drain its jobs), then reset it: nvidia-smi -r -i <index>",
@@ -43,7 +43,15 @@ REMEDIES: Final[dict[str, str]] = {
 
 RECOVERY_CODES: Final = {name: code for code, name in RECOVERY_ACTIONS.items()}
 _WINDOW: Final = time_window()
-_SUSTAINED: Final = formulas.sustained("{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
+_SINCE: Final = "fromUnixTimestamp64Milli({sustained_since_ms:Int64}, 'UTC')"
+_SUSTAINED: Final = (
+    f"countIf(c = 0 AND time > {_SINCE}) = 0"
+    f" AND toUnixTimestamp64Milli(minIf(time, time > {_SINCE})) - argMinIf(interval_ms, time, time > {_SINCE})"
+    " <= {sustained_since_ms:Int64}"
+    f" AND sumIf(interval_ms, time > {_SINCE}) >= {{sustained_cover_ms:Float64}}"
+)
+"""`formulas.sustained` over the reports ending in `(now - for, now]` only: the query reads back further
+(`max_sample_age`) to find the newest report, which must not make `for` longer."""
 _PORT_KEYS: Final = "cluster, node, device, port"
 
 

@@ -68,15 +68,15 @@ def test_every_sample_carries_the_limits_and_a_registered_fabric(run) -> None:
 def test_a_port_flap_takes_the_port_down_then_makes_it_noisy(run) -> None:
     fleet = _fleet()
     node, gpu = FAULTS["ib_port_flap"]
-    at = {t: {p.device: p for p in fleet.ports(node, t)} for t in (START + 30_000, START + 31_000, START + 40_000,
-                                                                   START + 41_000, START + 100_000)}
+    at = {t: {p.device: p for p in fleet.ports(node, t)} for t in (START + 30_000, START + 31_000, START + 50_000,
+                                                                   START + 51_000, START + 100_000)}
     flapping = {t: ports[f"mlx5_{gpu}"] for t, ports in at.items()}
     assert [(p.state, p.phys_state, p.link_downed) for p in flapping.values()] == [
-        (4, 5, 0), (1, 2, 1), (1, 2, 1), (4, 5, 1), (4, 5, 1)]
+        (4, 5, 0), (1, 2, 1), (1, 2, 1), (4, 5, 1), (4, 5, 1)]  # down for 20 s from 30.5 s
     base = flapping[START + 30_000].symbol_error
-    # noisy from 40.5 s: 50 symbol errors and 2 receive errors a second until 90.5 s
-    assert [p.symbol_error - base for p in flapping.values()] == [0, 0, 0, 25, 2500]
-    assert [p.port_rcv_errors for p in flapping.values()] == [0, 0, 0, 1, 100]
+    # noisy from 50.5 s: 50 symbol errors and 2 receive errors a second until 90.5 s
+    assert [p.symbol_error - base for p in flapping.values()] == [0, 0, 0, 25, 2000]
+    assert [p.port_rcv_errors for p in flapping.values()] == [0, 0, 0, 1, 80]
     others = [p for ports in at.values() for d, p in ports.items() if d != f"mlx5_{gpu}"]
     assert {(p.state, p.link_downed, p.port_rcv_errors) for p in others} == {(4, 0, 0)}
     assert len(at[START + 30_000]) == 4  # one port per GPU

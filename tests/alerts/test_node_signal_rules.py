@@ -128,6 +128,7 @@ def _ports(k: int) -> list[NetworkPort]:
         _port("mlx5_4", state=1, phys_state=2),  # never cabled: the rule ignores it
         _port("mlx5_5", symbol_error=1000 if k <= 4 else 10 * (k - 4)),  # cleared at k=5: +40, a reset
         _port("mlx5_6", link_layer="Ethernet", state=None, phys_state=None),  # unreadable: unknown, not down
+        _port("mlx5_7", state=1 if k >= 5 else 4, phys_state=2 if k >= 5 else 5),  # down 40 s at k=8
     ]
 
 
@@ -142,10 +143,12 @@ def test_ports_down_and_erroring_fire_and_the_rest_does_not(alerts_cfg, ch_store
     got = _open(ev)
     assert {(k[0], k[1], k[3], k[5]) for k in got} == {
         ("NetworkPortDown", "firing", "device=mlx5_0", "port=1"),
+        # `for` (30 s) is the sustain window, not max_sample_age (60 s), though the query reads 60 s back
+        ("NetworkPortDown", "firing", "device=mlx5_7", "port=1"),
         ("NetworkPortDegraded", "firing", "device=mlx5_0", "port=1"),  # link_downed +1
         ("NetworkPortDegraded", "firing", "device=mlx5_1", "port=1"),
     }
-    down = next(r for k, r in got.items() if k[0] == "NetworkPortDown")
+    down = next(r for k, r in got.items() if k[0] == "NetworkPortDown" and k[3] == "device=mlx5_0")
     # down from the k=3 report, whose interval began at k=2: active 60 s at k=8
     assert down.active_at == b + 2 * STEP
     assert down.annotations["summary"] == "InfiniBand port mlx5_0/1 on n1 (c1) is down (DOWN, Polling) for 1m"
@@ -158,7 +161,7 @@ def test_ports_down_and_erroring_fire_and_the_rest_does_not(alerts_cfg, ch_store
     # The node stops reporting: once its newest report is older than max_sample_age (60 s), all resolve.
     assert len(ev.evaluate_once(b + 8 * STEP + 59_999).resolved) == 0
     assert sorted(r.alertname for r in ev.evaluate_once(b + 8 * STEP + 60_000).resolved) == [
-        "NetworkPortDegraded", "NetworkPortDegraded", "NetworkPortDown"]
+        "NetworkPortDegraded", "NetworkPortDegraded", "NetworkPortDown", "NetworkPortDown"]
 
 
 # -- missing GPUs ----------------------------------------------------------------------------------
