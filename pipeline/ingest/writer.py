@@ -188,8 +188,8 @@ class BatchWriter:
 
     # --- inserts ---------------------------------------------------------------------------
     def _write_plan(self, batch: Batch, pipelined: bool) -> Future[None] | None:
-        """The plan's inserts, block by block: agent_reports, then the GPU rows (the last insert is left
-        running when pipelined)."""
+        """The plan's inserts, block by block: agent_reports and network_ports, then the GPU rows (the last
+        insert is left running when pipelined)."""
         fresh = batch.plan or []
         fresh_ids = {id(r) for r in fresh}
         if batch.derived is None or not fresh_ids <= {id(r) for r in batch.derived.reports}:
