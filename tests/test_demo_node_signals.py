@@ -18,9 +18,6 @@ from typing import Any
 
 import pytest
 
-from gpufleet.pipeline.store import Store
-from gpufleet.pipeline.store.client import Target
-
 pytestmark = pytest.mark.integration  # starts the whole demo stack
 
 NODES, GPUS = 8, 8  # 56 GPU slots outside the silent node: every default fault kind fits
@@ -36,12 +33,23 @@ def _run(data_dir: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+_READ_ALERTS = """
+import json, sys
+from gpufleet.pipeline.store import Store
+from gpufleet.pipeline.store.client import Target
+state = json.load(open(sys.argv[1]))
+store = Store.open(Target(state["dsn"], state["database"]))
+rows = store.rows("SELECT alertname, labels FROM {db:Identifier}.alerts FINAL WHERE state IN ('firing', 'resolved')")
+print(json.dumps([[name, dict(labels)] for name, labels in rows]))
+"""
+"""Read in a process of its own: chDB serves one store per process, and this one may hold the tests' store."""
+
+
 def _fired(data_dir: Path) -> list[tuple[str, dict[str, str]]]:
-    state = json.loads((data_dir / "state.json").read_text())
-    store = Store.open(Target(state["dsn"], state["database"]))
-    rows = store.rows("SELECT alertname, labels FROM {db:Identifier}.alerts FINAL "
-                      "WHERE state IN ('firing', 'resolved')")
-    return [(name, dict(labels)) for name, labels in rows]
+    done = subprocess.run([sys.executable, "-c", _READ_ALERTS, str(data_dir / "state.json")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "GPUFLEET_CONFIG": ""}, check=False)
+    assert done.returncode == 0, done.stderr
+    return [(name, labels) for name, labels in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def test_every_node_signal_alert_fires_on_its_ground_truth(tmp_path: Path) -> None:
