@@ -12,6 +12,7 @@ from typing import Any, Final
 from gpufleet.dashboards import fragments as f
 from gpufleet.dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
 from gpufleet.node_facts import RECOVERY_ACTIONS
+from gpufleet.pipeline.alerts.node_queries import sustained_reports
 from gpufleet.pipeline.alerts.rules import (
     DEFAULT_RULES,
     AgentAllocationUnknown,
@@ -68,10 +69,16 @@ def _fresh(rule: GpuRule) -> str:
     return f"max(time) > $__toTime - INTERVAL {duration_ms(rule.max_sample_age) // 1000} SECOND"
 
 
-def _sustained(rule: GpuRule | NetworkPortDown | GpuMissing) -> str:
+def _sustained(rule: GpuRule) -> str:
     """`formulas.sustained` for the rule's `for` D, ending at the evaluation's `$__toTime`."""
     since = f"toUnixTimestamp64Milli($__toTime_ms) - {rule.for_ms}"
     return formulas.sustained(since, f"{rule.coverage} * {rule.for_ms}")
+
+
+def _sustained_reports(rule: NetworkPortDown | GpuMissing) -> str:
+    """`node_queries.sustained_reports` (a port's or a node's reports) for `for` D, ending at `$__toTime`."""
+    since = f"(toUnixTimestamp64Milli($__toTime_ms) - {rule.for_ms})"
+    return sustained_reports(since, f"{rule.coverage} * {rule.for_ms}")
 
 
 _GPU_LABELS: Final = ("cluster", "node", "gpu", "gpu_index", "tenant")
@@ -372,7 +379,8 @@ def _port_down(rule: NetworkPortDown) -> AlertQuery:
             AND ({sustained} OR {for_ms} = 0)
         ORDER BY cluster, node, device, port
         """,
-        ignored=_ignored(rule), age=str(rule.max_age_ms // 1000), sustained=_sustained(rule), for_ms=str(rule.for_ms),
+        ignored=_ignored(rule), age=str(rule.max_age_ms // 1000), sustained=_sustained_reports(rule),
+        for_ms=str(rule.for_ms),
     )
     # The value is the state (1 DOWN ... 3 ARMED; 4 when only the physical link is down): any row fires.
     return AlertQuery(text, max(rule.for_ms, rule.max_age_ms) // 1000, _PORT_LABELS, "state", "gt", -1.0)
@@ -423,7 +431,7 @@ def _missing(rule: GpuMissing) -> AlertQuery:
         GROUP BY cluster, node, gpu
         ORDER BY cluster, node, gpu
         """,
-        age=str(rule.max_age_ms // 1000), sustained=_sustained(rule), for_ms=str(rule.for_ms),
+        age=str(rule.max_age_ms // 1000), sustained=_sustained_reports(rule), for_ms=str(rule.for_ms),
     )
     return AlertQuery(text, max(rule.for_ms, rule.max_age_ms) // 1000, ("cluster", "node", "gpu"), "missing")
 

@@ -43,15 +43,22 @@ REMEDIES: Final[dict[str, str]] = {
 
 RECOVERY_CODES: Final = {name: code for code, name in RECOVERY_ACTIONS.items()}
 _WINDOW: Final = time_window()
-_SINCE: Final = "fromUnixTimestamp64Milli({sustained_since_ms:Int64}, 'UTC')"
-_SUSTAINED: Final = (
-    f"countIf(c = 0 AND time > {_SINCE}) = 0"
-    f" AND toUnixTimestamp64Milli(minIf(time, time > {_SINCE})) - argMinIf(interval_ms, time, time > {_SINCE})"
-    " <= {sustained_since_ms:Int64}"
-    f" AND sumIf(interval_ms, time > {_SINCE}) >= {{sustained_cover_ms:Float64}}"
-)
-"""`formulas.sustained` over the reports ending in `(now - for, now]` only: the query reads back further
-(`max_sample_age`) to find the newest report, which must not make `for` longer."""
+
+
+def sustained_reports(since_ms: str, cover_ms: str) -> str:
+    """"Sustained for D" over a node's reports (a port's, or the node's own) whose condition is the column `c`:
+    no report ending in `(since_ms, now]` fails it, they reach back to `since_ms` (now - D) and their intervals
+    cover `cover_ms` (coverage x D). As `formulas.sustained`, but over `interval_ms` (a report has no claimed
+    GPU time) and only over the reports after `since_ms`: the query reads back further (`max_sample_age`)
+    to find the newest report, which must not make `for` longer. Both arguments are SQL (Unix ms): bound
+    parameters here, Grafana macros in the mirrored rules (dashboards/alerting.py)."""
+    after = f"toUnixTimestamp64Milli(time) > {since_ms}"
+    return (f"countIf(c = 0 AND {after}) = 0"
+            f" AND toUnixTimestamp64Milli(minIf(time, {after})) - argMinIf(interval_ms, time, {after}) <= {since_ms}"
+            f" AND sumIf(interval_ms, {after}) >= {cover_ms}")
+
+
+_SUSTAINED: Final = sustained_reports("{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
 _PORT_KEYS: Final = "cluster, node, device, port"
 
 
