@@ -1,17 +1,10 @@
 """The node's InfiniBand and RoCE ports, read from sysfs: state, physical state, rate and error counters.
 
-Layout (Linux, `Documentation/ABI/stable/sysfs-class-infiniband`), under a root that defaults to `/sys`
-and that tests point at a fake tree::
-
-    <root>/class/infiniband/<device>/ports/<port>/state        "4: ACTIVE"
-                                               /phys_state   "5: LinkUp"
-                                               /rate         "400 Gb/sec (4X NDR)"
-                                               /link_layer   "InfiniBand" | "Ethernet"
-                                               /counters/<name>  a decimal count
-
-One `read()` per interval is a few dozen small file reads. Failures stay local: a file that cannot be
-read or parsed is null for that port (each such file is logged once), a port or device that vanished
-between listing and reading is left out, and a node without the class directory has no ports.
+Reads `<root>/class/infiniband/<device>/ports/<port>/` (`state`, `phys_state`, `rate`, `link_layer`,
+`counters/<name>`) under a root that defaults to `/sys` and that tests point at a fake tree. Failures
+stay local: a file that cannot be read or parsed is null for that port (logged once), a port that
+vanished is left out, a node without the class directory has no ports. Design notes:
+docs/design-notes.md#agents-collectors-infiniband-py.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """What a GPU is and what it may do, read on slow cadences: inventory, temperature thresholds, power-limit
 fallbacks and the NVSwitch fabric.
 
-* `read_inventory` (at attach, then every `inventory_every_s`): serial, VBIOS, driver version,
-  persistence and ECC mode, and the shutdown, slowdown and memory-maximum temperatures. The thresholds
-  come from `nvmlDeviceGetTemperatureThreshold`, in degrees: the T.Limit fields (193-196) that nvml.h
-  says supersede it on Ada and newer are T.Limit figures (read on an Ada board as signed margins such
-  as -5, -2, 0), not temperatures that `nvmlDeviceGetTemperatureV` could be compared with.
-* `power_limit_fallbacks` (with the slow counters): where the power-limit fields of the slow batch are
-  unsupported (drivers before R535), `nvmlDeviceGetEnforcedPowerLimit` and
-  `nvmlDeviceGetPowerManagementDefaultLimit`.
-* `read_fabric` (with the slow counters): `nvmlDeviceGetGpuFabricInfoV` with the v2 struct (state,
-  status, clique, cluster UUID, health mask). A GPU without fabric support answers NotSupported, one
-  on no NVSwitch fabric answers state NOT_SUPPORTED: both are remembered and not asked again.
-
-Every call goes through the funnel, so NotSupported is asked once and a lost GPU is raised as such.
+`read_inventory` (at attach, then every `inventory_every_s`): serial, VBIOS, driver, persistence and
+ECC mode, and the shutdown, slowdown and memory-maximum temperatures (`nvmlDeviceGetTemperatureThreshold`,
+in degrees, not the T.Limit fields). `power_limit_fallbacks` and `read_fabric` (with the slow counters):
+the older power-limit calls where the fields are unsupported, and `nvmlDeviceGetGpuFabricInfoV`. Every
+call goes through the funnel. Design notes: docs/design-notes.md#agents-collectors-nvml-inventory-py.
 """
 
 from __future__ import annotations

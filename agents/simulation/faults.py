@@ -36,6 +36,12 @@ IB_PORT_DOWN: Final = "ib_port_down"
 GPU_MISSING: Final = "gpu_missing"
 DRIVER_DRIFT: Final = "driver_drift"
 XID_RECOVERY_ACTION_CHANGED: Final = 154
+"""Node-side kinds: `needs_reset` / `needs_reboot` / `needs_drain` set NVML's recovery action (GPU reset,
+node reboot, drain P2P) and raise XID 154 ("recovery action changed"); `fabric_degraded` sets the NVSwitch
+fabric's degraded-bandwidth bit; `ib_port_flap` takes the InfiniBand port paired with the GPU
+(`mlx5_<gpu>`, rail-optimised) down for 20 s and then errors it, `ib_port_down` keeps it down (a pulled
+cable); `gpu_missing` drops the GPU from the node's enumeration; `driver_drift` (a node kind) makes the
+node report another driver version."""
 
 XID_OF: Final[dict[str, int | None]] = {
     FELL_OFF_BUS: 79,

@@ -7,11 +7,7 @@ simulated time at a time, and cached, so a collect costs a lookup and a few hash
 
 Attribution rule (shared by `allocation_source()` and the ground truth): a sample taken at `t`
 carries the tenant of the allocation whose half-open interval `[start_ms, end_ms)` contains `t`.
-
-Each node also has one InfiniBand port per GPU (`mlx5_<gpu>` port 1, rail-optimised), read by the
-node's `network_source()` at its last collect, and says how many GPUs it should have and which it
-does not enumerate (`enumeration`). The inventory (serial, VBIOS, driver...) is in the first sample
-of a node, every `INVENTORY_EVERY_MS` after, and whenever it changed, as the agent sends it.
+Node-side parts (ports, enumeration, inventory): docs/design-notes.md#agents-simulation-fleet-py.
 """
 
 from __future__ import annotations

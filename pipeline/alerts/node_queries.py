@@ -28,6 +28,7 @@ from gpufleet.pipeline.alerts.rules import (
     duration_ms,
     format_duration,
 )
+from gpufleet.pipeline.queries import formulas
 
 REMEDIES: Final[dict[str, str]] = {
     "gpu_reset": "stop the GPU's processes (drain its jobs), then reset it: nvidia-smi -r -i <index>",
@@ -110,13 +111,6 @@ ORDER BY {_PORT_KEYS}
 """Down: state not ACTIVE (4) or physical state not LinkUp (5); Disabled (3) is an operator's choice."""
 
 
-def _increase(column: str) -> str:
-    """The counter's rise over the window, in time order; a fall (reset) counts the new value."""
-    pairs = f"groupArrayIf((time, assumeNotNull({column})), {column} IS NOT NULL)"
-    vals = f"arrayMap(p -> toInt64(p.2), arraySort(p -> p.1, {pairs}))"
-    return f"arraySum(arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference({vals}), {vals}))"
-
-
 def _first_rise(column: str) -> str:
     """When the counter first rose within the window (Unix ms; 0 if it did not)."""
     pairs = f"arraySort(p -> p.1, groupArrayIf((time, assumeNotNull({column})), {column} IS NOT NULL))"
@@ -128,7 +122,7 @@ PORT_COUNTERS: Final = ("link_downed", "link_error_recovery", "symbol_error", "p
 _PORT_DEGRADED_SQL: Final = f"""
 SELECT {_PORT_KEYS}, argMax(link_layer, time) AS link_layer,
        toUnixTimestamp64Milli(max(time)) AS last_ms,
-       {", ".join(f"{_increase(c)} AS inc_{c}" for c in PORT_COUNTERS)},
+       {", ".join(f"{formulas.increase(c)} AS inc_{c}" for c in PORT_COUNTERS)},
        {", ".join(f"{_first_rise(c)} AS rise_{c}" for c in PORT_COUNTERS)}
 FROM {{db:Identifier}}.network_ports
 WHERE {_WINDOW} AND NOT has({{ignore:Array(String)}}, concat(device, '/', toString(port)))

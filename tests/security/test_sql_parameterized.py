@@ -90,9 +90,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/alerts/node_queries.py", "after"): "a condition built in sustained_reports from its since_ms argument",
     ("pipeline/alerts/node_queries.py", "_PORT_KEYS"): COLUMNS,
     ("pipeline/alerts/node_queries.py", "c"): "a counter column name from the constant PORT_COUNTERS",
-    ("pipeline/alerts/node_queries.py", "_increase(c)"): CONST,
+    ("pipeline/alerts/node_queries.py", "formulas.increase(c)"): FORMULA,
     ("pipeline/alerts/node_queries.py", "_first_rise(c)"): CONST,
-    ("pipeline/alerts/node_queries.py", "', '.join((f'{_increase(c)} AS inc_{c}' for c in PORT_COUNTERS))"): CONST,
+    ("pipeline/alerts/node_queries.py", "', '.join((f'{formulas.increase(c)} AS inc_{c}' for c in PORT_COUNTERS))"):
+        FORMULA,
     ("pipeline/alerts/node_queries.py", "', '.join((f'{_first_rise(c)} AS rise_{c}' for c in PORT_COUNTERS))"):
         CONST,
     ("pipeline/alerts/node_queries.py", "' OR '.join((f'inc_{c} >= {{min_{c}:Int64}}' for c in PORT_COUNTERS))"):
