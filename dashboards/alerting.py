@@ -413,12 +413,12 @@ def _missing(rule: GpuMissing) -> AlertQuery:
         FROM
         (
             SELECT cluster, node,
-                argMax(gpus_expected, time) - argMax(gpus, time) AS deficit,
+                argMax(gpus_expected, time) - argMax(gpus_enumerated, time) AS deficit,
                 argMax(gpus_missing, time) AS named
             FROM
             (
-                SELECT cluster, node, time, interval_ms, gpus, gpus_expected, gpus_missing,
-                    toUInt8(ifNull(gpus < gpus_expected, 0)) AS c
+                SELECT cluster, node, time, interval_ms, gpus_enumerated, gpus_expected, gpus_missing,
+                    toUInt8(ifNull(gpus_enumerated < gpus_expected, 0)) AS c
                 FROM agent_reports
                 WHERE $__timeFilter(time)
             )

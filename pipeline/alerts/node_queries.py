@@ -181,7 +181,7 @@ def _port_degraded_candidate(rule: NetworkPortDegraded, row: Mapping[str, Any]) 
 
 _MISSING_SQL: Final = f"""
 SELECT cluster, node,
-       argMax(gpus_expected, time) AS expected, argMax(gpus, time) AS enumerated,
+       argMax(gpus_expected, time) AS expected, argMax(gpus_enumerated, time) AS enumerated,
        argMax(gpus_missing, time) AS missing,
        toUnixTimestamp64Milli(max(time)) AS last_ms,
        toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms,
@@ -190,8 +190,8 @@ SELECT cluster, node,
        toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms,
        toUInt8({_SUSTAINED}) AS sustained
 FROM (
-    SELECT cluster, node, time, interval_ms, gpus, gpus_expected, gpus_missing,
-           toUInt8(ifNull(gpus < gpus_expected, 0)) AS c
+    SELECT cluster, node, time, interval_ms, gpus_enumerated, gpus_expected, gpus_missing,
+           toUInt8(ifNull(gpus_enumerated < gpus_expected, 0)) AS c
     FROM {{db:Identifier}}.agent_reports
     WHERE {_WINDOW}
 )

@@ -53,7 +53,7 @@ AGENT_COLUMNS: tuple[str, ...] = (
     "collect_seconds", "nvml_errors", "spool_depth", "spool_dropped_total", "send_errors_total",
     "otlp_points_accepted_total", "otlp_points_rejected_total",
     "nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total", "allocation_unknown_total",
-    "gpus_expected", "gpus_missing",
+    "gpus_expected", "gpus_missing", "gpus_enumerated",
 )
 
 _PORT_VALUES: tuple[str, ...] = tuple(f for f in PORT_FIELDS if f not in {"device", "port", "link_layer"})
@@ -209,8 +209,14 @@ def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
         [x.nvml_calls for x in a], [x.nvml_call_budget for x in a], [x.nvml_deadline_misses for x in a],
         [x.xids_dropped_total for x in a], [x.allocation_unknown_total for x in a],
         [r.gpus_expected for r in reports], [list(r.gpus_missing) for r in reports],
+        [physical_gpus(r) for r in reports],
     ]
     return Columns(AGENT_COLUMNS, data)
+
+
+def physical_gpus(report: NodeReport) -> int:
+    """The physical GPUs a message lists: a MIG GPU's instances count once, by their parent."""
+    return len({g.parent_uuid or g.uuid for g in report.gpus})
 
 
 def network_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:

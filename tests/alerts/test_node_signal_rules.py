@@ -177,6 +177,9 @@ def test_missing_gpus_fire_per_named_gpu_or_per_node(alerts_cfg, ch_store) -> No
         *_series("n4", b, range(1, 9), lambda k: [gpu(0, "n4")]),  # expected unknown
         *_series("n5", b, range(1, 9), lambda k: [gpu(i, "n5") for i in range(2 if k < 5 else 1)],
                  gpus_expected=2, gpus_missing=lambda k: [] if k < 5 else ["GPU-n5-1"]),  # gone 30 s ago
+        # MIG: three instances of one GPU are one GPU (n6 misses its second), seven of one plus another are two
+        *_series("n6", b, range(1, 9), lambda k: _mig("n6", 0, 3), gpus_expected=2, gpus_missing=["GPU-n6-1"]),
+        *_series("n7", b, range(1, 9), lambda k: [*_mig("n7", 0, 7), gpu(1, "n7")], gpus_expected=2),
     ]
     insert_reports(ch_store, reports, b)
     ev = _evaluator(alerts_cfg, ch_store, "GpuMissing")
@@ -186,11 +189,18 @@ def test_missing_gpus_fire_per_named_gpu_or_per_node(alerts_cfg, ch_store) -> No
         ("GpuMissing", "firing", "cluster=c1", "gpu=GPU-n1-3", "node=n1"),
         ("GpuMissing", "firing", "cluster=c1", "node=n2"),
         ("GpuMissing", "pending", "cluster=c1", "gpu=GPU-n5-1", "node=n5"),
+        ("GpuMissing", "firing", "cluster=c1", "gpu=GPU-n6-1", "node=n6"),
     }
     assert got[("GpuMissing", "firing", "cluster=c1", "gpu=GPU-n1-3", "node=n1")].annotations["summary"] == (
         "Node n1 (c1) enumerates 3 of its 4 GPUs; missing: GPU-n1-3")
     assert got[("GpuMissing", "firing", "cluster=c1", "node=n2")].annotations["summary"] == (
         "Node n2 (c1) enumerates 3 of its 4 GPUs; missing: 1 unnamed")
+
+
+def _mig(node: str, index: int, instances: int):
+    """`instances` one-slice MIG instances of GPU `index` (of 7 slices)."""
+    return [gpu(index, node, uuid=f"MIG-{node}-{index}-{i}", parent_uuid=f"GPU-{node}-{index}", gpu_instance_id=i,
+                compute_instance_id=0, mig_profile="1g.10gb", slices=1, slices_total=7) for i in range(instances)]
 
 
 # -- configuration drift ---------------------------------------------------------------------------

@@ -34,8 +34,8 @@ def test_node_signals_are_stored_once_in_their_tables(broker, ch_target, ch_clie
                            "WHERE gpu_index = 0 ORDER BY seq").result_rows
     assert rows == [(*SIGNALS.values(), "failing", ["recovery_gpu_reset", "fabric_degraded_bw"]),
                     (*[None] * len(SIGNALS), "ok", [])]
-    assert ch_client.query(f"SELECT seq, gpus, gpus_expected, gpus_missing FROM {db}.agent_reports FINAL "
-                           "ORDER BY seq").result_rows == [(0, 2, 3, ["GPU-n1-2"]), (1, 2, None, [])]
+    assert ch_client.query(f"SELECT seq, gpus, gpus_enumerated, gpus_expected, gpus_missing FROM {db}.agent_reports "
+                           "FINAL ORDER BY seq").result_rows == [(0, 2, 2, 3, ["GPU-n1-2"]), (1, 2, 2, None, [])]
     assert ch_client.query(
         f"SELECT device, port, link_layer, state, phys_state, rate_gbps, link_downed, link_error_recovery, "
         f"symbol_error, port_rcv_errors, port_xmit_discards, seq FROM {db}.network_ports ORDER BY device"

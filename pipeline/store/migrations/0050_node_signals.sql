@@ -27,7 +27,9 @@ ALTER TABLE ${db}.gpu_samples ${on_cluster}
 
 ALTER TABLE ${db}.agent_reports ${on_cluster}
     ADD COLUMN IF NOT EXISTS gpus_expected Nullable(UInt16) COMMENT 'GPUs the node should have; NULL = unknown',
-    ADD COLUMN IF NOT EXISTS gpus_missing Array(String) COMMENT 'UUIDs of GPUs enumerated before and not now';
+    ADD COLUMN IF NOT EXISTS gpus_missing Array(String) COMMENT 'UUIDs of GPUs enumerated before and not now',
+    ADD COLUMN IF NOT EXISTS gpus_enumerated UInt16 DEFAULT 0
+        COMMENT 'physical GPUs the message lists (a MIG GPU once, by its parent), derived at ingest';
 
 CREATE TABLE IF NOT EXISTS ${db}.network_ports ${on_cluster}
 (
