@@ -5,8 +5,9 @@ the way the ingester writes rows, so every rollup view fills as in production. V
 noisy functions of (GPU, time) through `cityHash64`, not constants: GPUs are allocated to one of
 20 tenants for 4-hour jobs (70 % of the time), utilization and tensor activity vary per sample,
 power follows utilization, energy accumulates, and about 1 in 1,000 samples is degraded and
-1 in 10,000 failing. One insert per day keeps memory bounded; `generate` says how the rollups
-are filled.
+1 in 10,000 failing, with the ingester's `health_change` marks (each sample against the same GPU's
+previous one). One insert per day keeps memory bounded; `generate` says how the rollups are filled
+(views over tables it does not write, such as agent_reports, are put back empty).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _select(start_ms: int, gpus: int, intervals: int, interval_ms: int, offset: 
 SELECT
     fromUnixTimestamp64Milli(toInt64(t_ms), 'UTC') AS time,
     toUInt32({interval_ms}) AS interval_ms,
+    toUInt32({interval_ms}) AS claimed_ms,
+    fromUnixTimestamp64Milli(toInt64(t_ms - {interval_ms}), 'UTC') AS claim_start,
     fromUnixTimestamp64Milli(toInt64(t_ms + 700), 'UTC') AS ingest_time,
     'bench' AS cluster,
     concat('node-', leftPad(toString(intDiv(g, 8)), 4, '0')) AS node,
@@ -43,39 +46,52 @@ SELECT
     if(alloc, concat('tenant-', toString(cityHash64(intDiv(g, 8), {slot}, 2) % 20)), '') AS tenant,
     if(alloc, concat('job-', toString(intDiv(g, 8)), '-', toString({slot})), '') AS job,
     '' AS error,
+    false AS allocation_unknown, CAST([], 'Array(Tuple(tenant String, job String, weight UInt32))') AS shares,
+    '' AS parent_uuid, CAST(NULL AS Nullable(UInt32)) AS gpu_instance_id,
+    CAST(NULL AS Nullable(UInt32)) AS compute_instance_id, '' AS mig_profile, CAST(NULL AS Nullable(UInt8)) AS slices,
+    CAST(NULL AS Nullable(UInt8)) AS slices_total,
     toFloat32(round(if(alloc, 0.3 + 0.7 * {noise(3)}, 0.), 2)) AS util_gpu_ratio,
     toFloat32(round(util_gpu_ratio * 0.6 * {noise(4)}, 2)) AS util_mem_ratio,
     toUInt64(if(alloc, 40 + 40 * {noise(5)}, 0.5) * 1073741824) AS mem_used_bytes,
     toUInt64(85899345920) AS mem_total_bytes,
     toFloat32(round(70 + 600 * util_gpu_ratio + 10 * {noise(6)}, 3)) AS power_w,
     round(1e6 + t_ms / 1000 * 400 + g, 3) AS energy_j,
+    CAST(NULL AS Nullable(Float64)) AS energy_interval_j,
     toFloat32(round(30 + 50 * util_gpu_ratio + 3 * {noise(7)})) AS temp_gpu_c,
     toFloat32(round(35 + 50 * util_gpu_ratio + 3 * {noise(8)})) AS temp_mem_c,
     toUInt32(if(alloc, 1980, 345)) AS clock_sm_mhz,
     toUInt32(2619) AS clock_mem_mhz,
     toUInt64(if(alloc, 0, 1)) AS clock_event_reasons,
+    CAST(NULL AS Nullable(Float32)) AS throttle_power_ratio, CAST(NULL AS Nullable(Float32)) AS throttle_thermal_ratio,
     toUInt64(0) AS ecc_corrected_volatile, toUInt64(0) AS ecc_uncorrected_volatile,
     toUInt64(0) AS ecc_corrected_aggregate, toUInt64(0) AS ecc_uncorrected_aggregate,
     toUInt32(0) AS remapped_rows_correctable, toUInt32(0) AS remapped_rows_uncorrectable,
     false AS remap_pending, false AS remap_failure, toUInt32(0) AS retired_pages, false AS retired_pages_pending,
     toUInt64(0) AS pcie_replay_count, toUInt64(0) AS nvlink_crc_errors, toUInt64(0) AS nvlink_replay_errors,
     toUInt64(0) AS nvlink_recovery_errors, toUInt8(0) AS nvlink_links_down,
+    CAST(NULL AS Nullable(UInt64)) AS nvlink_symbol_errors, CAST(NULL AS Nullable(UInt64)) AS nvlink_effective_errors,
     [] AS xids,
     toUInt32(if(alloc, 1, 0)) AS compute_processes,
     toFloat32(round(util_gpu_ratio * (0.6 + 0.4 * {noise(9)}), 4)) AS sm_active_ratio,
     toFloat32(round(sm_active_ratio * 0.6 * {noise(10)}, 4)) AS tensor_active_ratio,
     toFloat32(round(util_mem_ratio * {noise(11)}, 4)) AS dram_active_ratio,
     CAST(NULL AS Nullable(Float64)) AS flops_measured,
+    CAST(NULL AS Nullable(Float64)) AS tokens_measured, CAST(NULL AS Nullable(Float64)) AS samples_measured,
     {H100_PEAK} AS peak_flops,
     toFloat64(tensor_active_ratio) * {H100_PEAK} * {interval_ms} / 1000. AS flops_estimated,
     CAST(multiIf(h < 0.0001, 2, h < 0.001, 1, 0) AS Enum8('ok' = 0, 'degraded' = 1, 'failing' = 2, 'unknown' = 3))
         AS health,
-    multiIf(h < 0.0001, ['xid_79'], h < 0.001, ['thermal_throttle'], []) AS health_reasons
+    multiIf(h < 0.0001, ['xid_79'], h < 0.001, ['thermal_throttle'], []) AS health_reasons,
+    CAST(if({offset} = 0 AND number < {gpus}, 2, multiIf(h < 0.0001, 2, h < 0.001, 1, 0) != multiIf(
+            prev_h < 0.0001, 2, prev_h < 0.001, 1, 0))
+         AS Enum8('same' = 0, 'changed' = 1, 'first' = 2, 'late' = 3)) AS health_change
 FROM (
     SELECT number, number % {gpus} AS g,
         {start_ms} + (intDiv(number, {gpus}) + 1) * {interval_ms} AS t_ms,
         cityHash64(intDiv(number % {gpus}, 8), {slot}, 1) % 10 < 7 AS alloc,
-        {noise(12)} AS h
+        {noise(12)} AS h,
+        cityHash64(if(number >= {gpus}, number - {gpus}, number + {gpus * (DAY_MS // interval_ms - 1)}), 12)
+            / 18446744073709551615. AS prev_h
     FROM numbers({gpus * intervals})
 )"""
 
@@ -125,7 +141,7 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     while pending:
         ready = [v for v in pending if v[1] in filled]
         if not ready:
-            raise RuntimeError(f"views whose sources are never filled: {[v[0] for v in pending]}")
+            break  # the rest read tables this generator does not write (agent_reports): put back, empty
         for view in ready:
             _fill(client, database, view[1], view[2], view[4], start_ms, end_ms)
             filled.add(view[2])
@@ -142,7 +158,8 @@ def _fill(client: Any, database: str, source: str, target: str, select: str, sta
     engine = client.query("SELECT engine, sorting_key FROM system.tables WHERE database = {db:String} "
                           "AND name = {t:String}",
                           parameters={"db": database, "t": target.rsplit(".", 1)[-1]}).result_rows
-    if engine and engine[0][0].startswith("Replacing") and source.endswith(".gpu_samples"):
+    if (engine and engine[0][0].startswith("Replacing") and source.endswith(".gpu_samples")
+            and not re.search(r"\b(WHERE|ARRAY JOIN)\b", select)):
         # Latest row per key: what the view's inserts leave after the table's FINAL merge.
         key = engine[0][1]
         columns = re.search(r"SELECT\s+(.*?)\s+FROM", select, re.S).group(1)  # type: ignore[union-attr]
@@ -154,5 +171,9 @@ def _fill(client: Any, database: str, source: str, target: str, select: str, sta
         return
     for day in range(start_ms, end_ms + 3_600_000, DAY_MS):  # samples of the last hour belong to its minutes too
         pruned = (f"(SELECT * FROM {source} WHERE time >= fromUnixTimestamp64Milli({day}) "
-                  f"AND time < fromUnixTimestamp64Milli({day + DAY_MS})) AS gpu_samples")
-        client.command(f"INSERT INTO {target} {select.replace(source, pruned)}")
+                  f"AND time < fromUnixTimestamp64Milli({day + DAY_MS}))")
+        # the view's own alias for the table, if it has one (`FROM db.gpu_samples AS s`), else the table's name
+        found = re.search(rf"{re.escape(source)}(\s+AS\s+(\w+))?", select)
+        alias = found.group(2) if found and found.group(2) else "gpu_samples"
+        day_select = select.replace(found.group(0) if found else source, f"{pruned} AS {alias}", 1)
+        client.command(f"INSERT INTO {target} {day_select}")

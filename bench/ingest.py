@@ -133,14 +133,14 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "serial": {"pipelined": False},
     "columns": {"pipelined": False, "json_staging": False},
     "columns_gc_on": {"pipelined": False, "json_staging": False, "pause_gc": False},
-    "no_intent_log": {"intent_log": False},
+    "no_ledger": {"ledger": False},
     "no_clickhouse": {"discard": True},
 }
 """Ingester options per variant (`IngestOptions` fields, plus `discard`): the shipped defaults, then each
 optimisation taken away in turn (`columns_gc_on` is the pre-optimisation insert path: Python columns,
-collector always on), `no_intent_log`: without the embedded store's crash-repair log
-(pipeline/ingest/intents.py), and `no_clickhouse`: the shipped ingester whose inserts are dropped (its
-own cost, ClickHouse excluded)."""
+collector always on), `no_ledger`: without the batch ledger (pipeline/ingest/ledger.py: a claim insert and
+its read-back per batch), and `no_clickhouse`: the shipped ingester whose inserts are dropped (its own cost,
+ClickHouse excluded; the ledger's inserts still go through, or no batch could be claimed)."""
 
 
 def newest_ms(msgs: list[Message]) -> int:
@@ -156,13 +156,14 @@ def clock_from(start_ms: int) -> Callable[[], float]:
 
 
 class DiscardingClient:
-    """The real client, except that inserts are dropped (queries and DDL go through)."""
+    """The real client, except that inserts are dropped (queries, DDL and the batch ledger go through)."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
 
-    def insert(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def insert(self, table: str, *args: Any, **kwargs: Any) -> None:
+        if table.endswith(".ingest_batches"):
+            self.real.insert(table, *args, **kwargs)
 
     def raw_insert(self, *args: Any, **kwargs: Any) -> None:
         return None

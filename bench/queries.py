@@ -32,7 +32,8 @@ from bench.common import percentile
 
 log = logging.getLogger("bench.queries")
 
-ROLLUPS = ("gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "usage_hourly")
+ROLLUPS = ("gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "usage_hourly", "fleet_usage_1m", "fleet_usage_1h",
+           "job_usage_1h", "gpu_health_1m", "gpu_health_1h")
 BOARDS = Path(__file__).resolve().parent.parent / "dashboards" / "boards"
 SETTINGS = {"max_execution_time": 300, "max_memory_usage": 8_000_000_000}
 
@@ -67,7 +68,14 @@ def raw_sources(client: Any, db: str, from_ms: int, to_ms: int) -> dict[str, str
         for c in latest_cols) + f" FROM {db}.gpu_samples AS s GROUP BY s.gpu_uuid"
     usage = views["usage_hourly"].replace(f"{db}.gpu_usage_1h", f"({hour})").replace(
         f"{db}.gpu_usage_1m", f"({minute})")  # its outranked claims (gpu_claim_outranked) stay the view
-    return {"gpu_usage_1m": minute, "gpu_usage_1h": hour, "gpu_latest": latest, "usage_hourly": usage}
+    fleet_minute = views["fleet_usage_1m"].replace(f"{db}.gpu_usage_1m", f"({minute})")
+    health_minute = views["gpu_health_1m"]
+    return {"gpu_usage_1m": minute, "gpu_usage_1h": hour, "gpu_latest": latest, "usage_hourly": usage,
+            "fleet_usage_1m": fleet_minute,
+            "fleet_usage_1h": views["fleet_usage_1h"].replace(f"{db}.fleet_usage_1m", f"({fleet_minute})"),
+            "job_usage_1h": views["job_usage_1h"].replace(f"{db}.gpu_usage_1m", f"({minute})"),
+            "gpu_health_1m": health_minute,
+            "gpu_health_1h": views["gpu_health_1h"].replace(f"{db}.gpu_health_1m", f"({health_minute})")}
 
 
 _FROM = re.compile(r"\b(FROM|JOIN)\s+(?:\w+\.)?(" + "|".join(ROLLUPS) + r")\b(\s+FINAL\b)?(\s+AS\s+\w+)?", re.I)
@@ -209,7 +217,7 @@ def run(dsn: str, gpus: int = 1000, days: float = 7.0, runs: int = 5, raw_runs: 
         admin.command(f"DROP DATABASE IF EXISTS {db} SYNC")
     panels = [p for p in default + week if "p95_ms" in p]
     compared = [p for p in panels if "speedup_p50" in p]
-    aggregated = [p for p in compared if set(p["reads"]) & {"gpu_usage_1m", "gpu_usage_1h", "usage_hourly"}]
+    aggregated = [p for p in compared if set(p["reads"]) & (set(ROLLUPS) - {"gpu_latest"})]
     return {
         "history": gen,
         "panels_default_range": default,

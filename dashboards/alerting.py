@@ -209,14 +209,27 @@ def _straggler(rule: JobStraggler) -> AlertQuery:
 
 
 def _silent(rule: NodeSilent) -> AlertQuery:
+    """Each node's newest report from `node_latest`; a node with reports after the range's end from its own
+    agent_reports rows (the evaluator's query, pipeline/alerts/queries.py)."""
     silent_s = duration_ms(rule.silent_after) // 1000
     text = sql(
         """
-        SELECT cluster, node, dateDiff('second', max(time), $__toTime) AS silent_s
-        FROM agent_reports
-        WHERE $__timeFilter(time)
-        GROUP BY cluster, node
-        HAVING max(time) <= $__toTime - INTERVAL {silent} SECOND
+        SELECT cluster, node, dateDiff('second', last, $__toTime) AS silent_s
+        FROM
+        (
+            SELECT cluster, node, max(time) AS last
+            FROM node_latest
+            GROUP BY cluster, node
+            HAVING last >= $__fromTime AND last <= $__toTime
+            UNION ALL
+            SELECT cluster, node, max(time) AS last
+            FROM agent_reports
+            WHERE (cluster, node) IN (SELECT cluster, node FROM node_latest GROUP BY cluster, node
+                                      HAVING max(time) > $__toTime)
+                AND $__timeFilter(time)
+            GROUP BY cluster, node
+        )
+        WHERE last <= $__toTime - INTERVAL {silent} SECOND
         ORDER BY cluster, node
         """,
         silent=str(silent_s),
@@ -230,7 +243,7 @@ def _mfu(rule: MfuBelowTarget) -> AlertQuery:
     text = sql(
         """
         SELECT {keys}{mfu} AS mfu
-        FROM gpu_usage_1m
+        FROM fleet_usage_1m
         WHERE $__timeFilter(minute){allocated}
         {group}HAVING max(last_end_ms) > toUnixTimestamp64Milli($__toTime_ms) - {fresh_ms}
             AND min(first_start_ms) <= toUnixTimestamp64Milli($__fromTime_ms)

@@ -1,10 +1,12 @@
-"""SQL fragments every board shares: variable filters, rollup MFU and policy expressions, thresholds.
+"""SQL fragments every board shares: rollup sources by range, variable filters, MFU and policy expressions, thresholds.
 
-Boards read the rollups wherever one exists (pipeline/store/migrations/0002_usage_rollups.sql):
-`gpu_usage_1m` (per minute, tenant, node, GPU, model, job and health state), `usage_hourly` (what
-billing reads) and `gpu_latest`; raw `gpu_samples` only for what no rollup keeps (XIDs, ECC and link
-counters, temperatures, clock-event bits, one GPU's detail). The SLA policy (excluded health states,
-idle threshold) is read from `billing_policy`, the table billing itself reads, so a board's
+Boards read the rollups (docs/aggregations.md): fleet and tenant panels the fleet rollup
+(`fleet_usage_1m`/`_1h`, no GPU in its key), or the per-GPU rollups when a node is picked; health
+panels the per-GPU health rollup (`gpu_health_1m`/`_1h`) and the event tables; billing panels
+`usage_hourly`; raw `gpu_samples` only for one GPU's detail, through its primary key. Every range
+reads its whole hours from the hour level and its ragged ends from the minute level
+(`pipeline/queries/rollups.py`, the split the read side uses too). The SLA policy (excluded health
+states, idle threshold) is read from `billing_policy`, the table billing itself reads, so a board's
 "billable" or "idle" is billing's. Fixed thresholds come from the pipeline's own defaults
 (`gpufleet.config`, `gpufleet.gpu_facts`), so they mean what the health rules mean.
 """
@@ -21,7 +23,7 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_POWER_CAP,
     THROTTLE_THERMAL_MASK,
 )
-from gpufleet.pipeline.queries import formulas, job_signals
+from gpufleet.pipeline.queries import formulas, job_signals, rollups
 
 HEALTH: Final = HealthConfig()
 BILLING: Final = BillingConfig()
@@ -45,12 +47,9 @@ ACHIEVED: Final = formulas.ACHIEVED_FLOP
 """Achieved FLOPs: what jobs measured where they report, else the hardware estimate."""
 MFU: Final = formulas.MFU
 """MFU as `gpufleet status` and usage_hourly compute it: achieved / (peak FLOP/s x seconds), known models only."""
-MFU_MEASURED: Final = "sum(measured_flop) / nullIf(sum(ifNull(model_peak_flop_s, 0) * measured_ms / 1000), 0)"
-"""MFU over the GPU-seconds whose jobs reported FLOPs."""
-MFU_ESTIMATED: Final = (
-    "sum(estimated_unmeasured_flop)"
-    " / nullIf(sum(ifNull(model_peak_flop_s, 0) * (toInt64(mfu_ms) - toInt64(measured_ms)) / 1000), 0)"
-)
+MFU_MEASURED: Final = "sum(measured_flop) / nullIf(sum(measured_peak_flop), 0)"
+"""MFU over the GPU-seconds whose jobs reported FLOPs (rows of `rollups` levels: they carry `measured_peak_flop`)."""
+MFU_ESTIMATED: Final = "sum(estimated_unmeasured_flop) / nullIf(sum(unmeasured_peak_flop), 0)"
 """MFU over the GPU-seconds with no measured FLOPs, from the hardware estimate (tensor activity x peak)."""
 COVERAGE: Final = "sum(measured_ms) / nullIf(sum(mfu_ms), 0)"
 """Share of GPU-seconds in the MFU whose FLOPs were measured."""
@@ -66,6 +65,48 @@ POLICY: Final = sql(
 HEALTHY: Final = "NOT has(excluded, toString(health))"
 IDLE_MS: Final = "held_no_process_ms + arraySum(mapValues(mapFilter((k, v) -> k < idle_pct, active_ms_by_util_pct)))"
 """Idle milliseconds of an allocated rollup row: no compute process, or utilization below the policy."""
+
+# --- rollup rows by range ------------------------------------------------------------------------
+
+RANGE: Final = ("$__fromTime", "$__toTime + 1")
+"""The dashboard range as `[start, end)` whole seconds: the minutes `$__timeFilter(minute)` keeps."""
+BUCKET_S: Final = "if($__interval_s >= 1800, intDiv($__interval_s + 3599, 3600) * 3600, $__interval_s)"
+"""A time series' bucket in seconds: Grafana's interval, rounded up to whole hours from 30 minutes on,
+so week- and month-long series read the hour level."""
+HOURLY_BUCKETS: Final = f"{BUCKET_S} % 3600 = 0"
+"""True when a time series' buckets are whole hours: then whole hours come from the hour level."""
+ALL_NODES: Final = "$__conditionalAll(0, $node)"
+"""True (`1=1`) when the node variable is All or empty, false when nodes are picked."""
+
+
+def bucket(column: str = "at") -> str:
+    """The time series bucket a rollup row falls in (`at`: the row's minute or hour)."""
+    return f"toStartOfInterval({column}, INTERVAL {BUCKET_S} second)"
+
+
+def fleet_rows(columns: tuple[str, ...], hourly: str = "1") -> str:
+    """Fleet rollup rows of the range (`at` and `columns`), filtered by the variables: from
+    `fleet_usage_1m`/`_1h`, or from the per-GPU rollups when nodes are picked (the fleet rollup has no
+    node). `hourly`: whether whole hours may come from the hour level (`HOURLY_BUCKETS` in time series)."""
+    fleet = rollups.rows(rollups.FLEET, *RANGE, where=ALL_NODES + filters(("cluster", "tenant", "model")),
+                         hourly=hourly, columns=columns)
+    gpus = rollups.rows(rollups.FLEET_FROM_GPUS, *RANGE, where=f"NOT ({ALL_NODES})" + filters(), hourly=hourly,
+                        columns=columns)
+    return f"(SELECT * FROM {fleet}\n UNION ALL\n SELECT * FROM {gpus})"
+
+
+def level_rows(levels: rollups.Levels, columns: tuple[str, ...], hourly: str = "1",
+               names: tuple[str, ...] = ("cluster", "node", "tenant", "model"), where: str = "1") -> str:
+    """Rows of a per-GPU (or per-job) rollup over the range (`at` and `columns`), filtered by the variables `names`."""
+    return rollups.rows(levels, *RANGE, where=where + filters(names), hourly=hourly, columns=columns)
+
+
+MFU_COLUMNS: Final = ("measured_flop", "estimated_unmeasured_flop", "peak_capacity_flop", "measured_peak_flop",
+                      "unmeasured_peak_flop")
+"""What `MFU`, `MFU_MEASURED` and `MFU_ESTIMATED` read."""
+IDLE_COLUMNS: Final = ("held_no_process_ms", "active_ms_by_util_pct")
+"""What `IDLE_MS` reads."""
+
 
 # --- variable filters ----------------------------------------------------------------------------
 #

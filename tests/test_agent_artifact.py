@@ -51,7 +51,7 @@ def test_the_artifact_carries_the_agent_only_and_its_manifest_is_true(tmp_path: 
     assert version.stdout.strip() == f"gpufleet, version {__version__}"
     ingest = subprocess.run([str(ARTIFACT), "ingest", "--help"], capture_output=True, text=True, env=CLEAN_ENV,
                             cwd=tmp_path, timeout=120, check=False)
-    assert ingest.returncode == 1
+    assert ingest.returncode == 2  # a UsageError (docs/errors.md)
     assert "'gpufleet ingest' needs a part that is not installed (gpufleet.pipeline)" in ingest.stderr
     digest = hashlib.sha256(ARTIFACT.read_bytes()).hexdigest()
     assert Path(f"{ARTIFACT}.sha256").read_text() == f"{digest}  {ARTIFACT.name}\n"

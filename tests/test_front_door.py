@@ -178,7 +178,8 @@ def test_after_it_stopped_every_read_command_reads_its_store(stopped: Demo) -> N
     pending = gpufleet(cwd, "billing", "pending")
     assert (pending.code, json.loads(pending.out)) == (0, {})  # no period was closed
     verify = gpufleet(cwd, "billing", "verify")
-    assert (verify.code, verify.out) == (0, "all billing checksums match\n")
+    assert (verify.code, verify.out) == (0, "all billing checksums match; every sample is stored once and every "
+                                            "rollup equals its raw answer\n")
 
     preview = gpufleet(cwd, "dashboards", "preview", "--out", "board")
     assert (preview.code, preview.out) == (0, "wrote board/index.html\n"), preview.err

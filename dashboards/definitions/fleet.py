@@ -16,6 +16,7 @@ from gpufleet.dashboards.builder import (
     thresholds,
 )
 from gpufleet.dashboards.definitions import links
+from gpufleet.pipeline.queries import rollups
 
 _MFU_NAMES = (
     rename("mfu", "MFU (measured where reported, else hardware estimate)"),
@@ -27,10 +28,10 @@ _TARGET_LINE = {
     "min": 0,
     "thresholds": thresholds((None, "red"), (f.MFU_TARGET, "green")),
 }
-_ROLLUP = f.where("minute")
+_MFU_SOURCES = ("tenant", "mfu_ms", "measured_ms", *f.MFU_COLUMNS)
 
 health_now = Panel(
-    "GPUs by health state",
+    "GPUs by health state now",
     "bargauge",
     (Query(
         sql(
@@ -39,24 +40,23 @@ health_now = Panel(
             FROM
             (
                 SELECT
-                    gpu_uuid,
-                    if(max(last_end_ms) < toUnixTimestamp64Milli($__toTime_ms) - {silent_ms}, 'unknown',
-                       toString(argMax(health, (minute, health)))) AS state
-                FROM gpu_usage_1m
-                WHERE {where}
-                GROUP BY gpu_uuid
+                    if(toUnixTimestamp64Milli($__toTime_ms) - toUnixTimestamp64Milli(time) > {silent_ms}, 'unknown',
+                       toString(health)) AS state
+                FROM gpu_latest FINAL
+                WHERE 1{filters}
             )
             GROUP BY state
             ORDER BY indexOf(['ok', 'degraded', 'failing', 'unknown'], state)
             """,
-            silent_ms=str(f.SILENT_MS), where=_ROLLUP,
+            silent_ms=str(f.SILENT_MS), filters=f.filters(),
         ),
         ("state", "gpus"),
         TABLE,
     ),),
     description=(
-        "Each GPU's state at the end of the time range: the worst state of its last reported minute, "
-        f"or `unknown` when it has not reported for more than {f.SILENT_MS // 1000} s."
+        "Each GPU's state in its latest sample (gpu_latest, one row per GPU; as `gpufleet status` counts "
+        f"them), or `unknown` when that sample ended more than {f.SILENT_MS // 1000} s before the end of the "
+        "range."
     ),
     w=8,
     options={
@@ -69,27 +69,25 @@ health_now = Panel(
 )
 
 health_over_time = Panel(
-    "GPUs by health state over time",
+    "GPUs by health state over time (time-weighted)",
     "timeseries",
     (Query(
         sql(
             """
-            SELECT t, state, count() AS gpus
-            FROM
-            (
-                SELECT $__timeInterval(minute) AS t, gpu_uuid, toString(max(health)) AS state
-                FROM gpu_usage_1m
-                WHERE {where}
-                GROUP BY t, gpu_uuid
-            )
+            SELECT {bucket} AS t, toString(health) AS state, sum(claimed_ms) / (1000 * {bucket_s}) AS gpus
+            FROM {rows}
             GROUP BY t, state
             ORDER BY t, state
             """,
-            where=_ROLLUP,
+            bucket=f.bucket(), bucket_s=f.BUCKET_S, rows=f.fleet_rows(("health", "claimed_ms"), f.HOURLY_BUCKETS),
         ),
         ("t", "state", "gpus"),
     ),),
-    description="GPUs per interval by the worst state they reported in it.",
+    description=(
+        "GPUs in each state per interval, time-weighted: the GPU-seconds in the state (claimed: each second "
+        "once per node) / the interval's seconds (a GPU failing for half the interval counts 0.5). Read from "
+        "the fleet rollup, so its cost does not grow with the fleet; a GPU that did not report is in no state here."
+    ),
     w=16,
     min_interval=f.MINUTE,
     defaults={"custom": {"stacking": {"group": "A", "mode": "normal"}, "fillOpacity": 40}},
@@ -107,16 +105,16 @@ mfu_over_time = Panel(
         sql(
             """
             SELECT
-                $__timeInterval(minute) AS t,
+                {bucket} AS t,
                 {mfu} AS mfu,
                 {measured} AS mfu_measured,
                 {estimated} AS mfu_hw_estimate
-            FROM gpu_usage_1m
-            WHERE {where}
+            FROM {rows}
             GROUP BY t
             ORDER BY t
             """,
-            mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED, where=_ROLLUP,
+            bucket=f.bucket(), mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
+            rows=f.fleet_rows(f.MFU_COLUMNS, f.HOURLY_BUCKETS),
         ),
         ("t", "mfu", "mfu_measured", "mfu_hw_estimate"),
     ),),
@@ -143,10 +141,9 @@ mfu_summary = Panel(
                 {measured} AS mfu_measured,
                 {estimated} AS mfu_hw_estimate,
                 sumIf(measured_ms, tenant != '') / nullIf(sumIf(mfu_ms, tenant != ''), 0) AS measured_coverage
-            FROM gpu_usage_1m
-            WHERE {where}
+            FROM {rows}
             """,
-            mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED, where=_ROLLUP,
+            mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED, rows=f.fleet_rows(_MFU_SOURCES),
         ),
         ("mfu", "mfu_measured", "mfu_hw_estimate", "measured_coverage"),
         TABLE,
@@ -174,7 +171,11 @@ waterfall = Panel(
             FROM
             (
                 SELECT
-                    sum(greatest(window_ms, reported)) / {hour} AS installed,
+                    (
+                        SELECT sum(greatest(
+                            toUnixTimestamp64Milli($__toTime_ms) - toUnixTimestamp64Milli($__fromTime_ms), reported))
+                        FROM (SELECT sum(claimed_ms) AS reported FROM {gpus} GROUP BY cluster, node, gpu_uuid)
+                    ) / {hour} AS installed,
                     sum(reported) / {hour} AS reporting,
                     (sum(reported) - sum(unhealthy)) / {hour} AS healthy,
                     (sum(reported) - sum(unhealthy) - sum(unallocated)) / {hour} AS allocated,
@@ -184,17 +185,15 @@ waterfall = Panel(
                 FROM
                 (
                     SELECT
-                        toUnixTimestamp64Milli($__toTime_ms) - toUnixTimestamp64Milli($__fromTime_ms) AS window_ms,
                         sum(claimed_ms) AS reported,
                         sumIf(claimed_ms, NOT {healthy}) AS unhealthy,
                         sumIf(claimed_ms, {healthy} AND tenant = '') AS unallocated,
                         sumIf({idle}, {healthy} AND tenant != '') AS idle,
                         {achieved} AS achieved,
                         max(model_peak_flop_s) AS peak
-                    FROM gpu_usage_1m
-                    WHERE {where}
-                    GROUP BY cluster, node, gpu_uuid
-                ) AS per_gpu
+                    FROM {rows}
+                    GROUP BY model
+                ) AS per_model
                 CROSS JOIN
                 (
                     SELECT ifNull(sum(claimed_ms), 0) AS stalled
@@ -211,8 +210,10 @@ waterfall = Panel(
                  not_idle - busy, busy - achieved_peak_hours] AS lost_gpu_hours
             """,
             policy=f.POLICY, hour=f.HOUR_MS, healthy=f.HEALTHY, idle=f.IDLE_MS, achieved=f.ACHIEVED,
-            where=_ROLLUP, stalled=f.stalled_samples(f.SAMPLE_FILTERS), in_range=f.STALLED_IN_RANGE,
-            busy=f.STALLED_BUSY,
+            rows=f.fleet_rows(("tenant", "model", "health", "claimed_ms", "model_peak_flop_s", *f.IDLE_COLUMNS,
+                               "measured_flop", "estimated_unmeasured_flop")),
+            gpus=f.level_rows(rollups.GPU_USAGE, ("cluster", "node", "gpu_uuid", "claimed_ms")),
+            stalled=f.stalled_samples(f.SAMPLE_FILTERS), in_range=f.STALLED_IN_RANGE, busy=f.STALLED_BUSY,
         ),
         ("stage", "remaining_gpu_hours", "lost_gpu_hours"),
         TABLE,
@@ -224,7 +225,8 @@ waterfall = Panel(
         "utilization under the policy's threshold) -> minus stalled (hung jobs: busy-looking, no work, still "
         "billed) -> busy -> achieved FLOPs as GPU-hours at peak "
         "(measured where jobs report FLOPs, else the hardware estimate: tensor activity × peak). "
-        "The red part of each bar is what that step lost."
+        "The red part of each bar is what that step lost. Installed reads one row per GPU and hour, the "
+        "stalled step raw samples, the rest the fleet rollup."
     ),
     w=12,
     h=9,
@@ -245,17 +247,17 @@ util_heatmap = Panel(
     (Query(
         sql(
             """
-            SELECT $__timeInterval(minute) AS t, node, sum(util_weighted_ms) / nullIf(sum(util_ms), 0) AS util
-            FROM gpu_usage_1m
-            WHERE {where}
+            SELECT {bucket} AS t, node, sum(util_weighted_ms) / nullIf(sum(util_ms), 0) AS util
+            FROM {rows}
             GROUP BY t, node
             ORDER BY t, node
             """,
-            where=_ROLLUP,
+            bucket=f.bucket(),
+            rows=f.level_rows(rollups.GPU_USAGE, ("node", "util_ms", "util_weighted_ms"), f.HOURLY_BUCKETS),
         ),
         ("t", "node", "util"),
     ),),
-    description="Time-weighted mean GPU utilization of each node's GPUs per interval.",
+    description="Time-weighted mean GPU utilization of each node's GPUs per interval (from the per-GPU rollups).",
     w=12,
     h=9,
     unit="percentunit",
@@ -276,13 +278,12 @@ power = Panel(
     (Query(
         sql(
             """
-            SELECT $__timeInterval(minute) AS t, sum(energy_mj) / 1000 / $__interval_s AS power_w
-            FROM gpu_usage_1m
-            WHERE {where}
+            SELECT {bucket} AS t, sum(energy_mj) / 1000 / {bucket_s} AS power_w
+            FROM {rows}
             GROUP BY t
             ORDER BY t
             """,
-            where=_ROLLUP,
+            bucket=f.bucket(), bucket_s=f.BUCKET_S, rows=f.fleet_rows(("energy_mj",), f.HOURLY_BUCKETS),
         ),
         ("t", "power_w"),
     ),),
@@ -300,10 +301,9 @@ energy = Panel(
         sql(
             """
             SELECT sum(energy_mj) / 3600000000 AS energy_kwh
-            FROM gpu_usage_1m
-            WHERE {where}
+            FROM {rows}
             """,
-            where=_ROLLUP,
+            rows=f.fleet_rows(("energy_mj",)),
         ),
         ("energy_kwh",),
         TABLE,

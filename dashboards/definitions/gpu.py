@@ -23,6 +23,7 @@ from gpufleet.dashboards.builder import (
 )
 from gpufleet.dashboards.definitions import links
 from gpufleet.dashboards.definitions.health import HEALTH_MAPPINGS
+from gpufleet.pipeline.queries import rollups
 
 IS_THIS_GPU = f"has({f.selected('gpu')}, gpu_uuid)"
 """The row is the chosen GPU's (`gpu` holds the UUID's hex; see `fragments.selected`)."""
@@ -34,6 +35,12 @@ THIS_GPU = (
 )
 """This GPU's raw samples. The GPU's (cluster, node, gpu_index), looked up in the small `gpu_latest`,
 lets ClickHouse use gpu_samples' primary key instead of scanning every GPU's rows."""
+THIS_GPU_ROLLUP = (
+    "(cluster, node, gpu_uuid) IN (\n"
+    f"    SELECT cluster, node, gpu_uuid FROM gpu_latest WHERE {IS_THIS_GPU}\n"
+    ")"
+)
+"""This GPU's per-GPU rollup rows, read through the rollups' `by_gpu` projection (cluster, node, GPU first)."""
 
 gpu_variable = query_variable(
     "gpu", "GPU",
@@ -106,22 +113,23 @@ mfu = Panel(
         sql(
             """
             SELECT
-                $__timeInterval(minute) AS t,
+                {bucket} AS t,
                 {mfu} AS mfu,
                 {measured} AS mfu_measured,
                 {estimated} AS mfu_hw_estimate
-            FROM gpu_usage_1m
-            WHERE $__timeFilter(minute) AND {this_gpu}
+            FROM {rows}
             GROUP BY t
             ORDER BY t
             """,
-            this_gpu=IS_THIS_GPU, mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
+            bucket=f.bucket(), mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
+            rows=rollups.rows(rollups.GPU_USAGE, *f.RANGE, where=THIS_GPU_ROLLUP, hourly=f.HOURLY_BUCKETS,
+                              columns=f.MFU_COLUMNS),
         ),
         ("t", "mfu", "mfu_measured", "mfu_hw_estimate"),
     ),),
     description=(
-        "From the minute rollup: measured where the job reports FLOPs, else the hardware estimate "
-        "(tensor activity × peak)."
+        "From the per-GPU rollups (this GPU's rows, by key): measured where the job reports FLOPs, else the "
+        "hardware estimate (tensor activity × peak)."
     ),
     w=12,
     unit="percentunit",

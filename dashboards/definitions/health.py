@@ -1,9 +1,10 @@
 """GPU health and node drill-down: state timeline, XID and ECC events, throttling, temperature, links,
 and the nodes' InfiniBand/RoCE ports.
 
-The state timeline reads the minute rollup; the rest reads raw samples (`gpu_samples`, `network_ports`),
-because no rollup keeps XIDs, error counters, temperatures, clock-event bits or port states (pick a node
-to keep those scans small).
+The GPU panels read the per-GPU health rollup (`gpu_health_1m`/`_1h`: whole hours from the hour level)
+and the event tables (`gpu_health_events`, `gpu_xid_events`), never raw samples: a week of the
+whole fleet reads one row per GPU and hour, and a picked node only its own rows (by key). The port
+panels read `network_ports` (no rollup yet): the range's rows, a picked node's by key.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gpufleet.dashboards.builder import (
 )
 from gpufleet.dashboards.definitions import links
 from gpufleet.node_facts import IB_PHYS_LINK_UP, IB_STATE_ACTIVE, IB_STATES
+from gpufleet.pipeline.queries import health_events, rollups
 
 PORT_FILTERS = ("cluster", "node")
 """`network_ports` has no tenant or GPU model: the board's other variables do not filter it."""
@@ -34,6 +36,13 @@ PORT_ERRORS = ("ifNull(link_downed, 0) + ifNull(link_error_recovery, 0) + ifNull
 STATE_NAME = ("transform(ifNull(state, 0), [{codes}], [{names}], 'unknown')"
               .format(codes=", ".join(map(str, IB_STATES)), names=", ".join(f"'{n}'" for n in IB_STATES.values())))
 
+
+def _series(*columns: str) -> str:
+    """The health rollup's rows of the range for a time series: whole hours from the hour level when the
+    buckets are whole hours."""
+    return f.level_rows(rollups.HEALTH, columns, f.HOURLY_BUCKETS)
+
+
 HEALTH_MAPPINGS = value_mappings(
     {0: ("ok", "green"), 1: ("degraded", "orange"), 2: ("failing", "red"), 3: ("unknown", "gray")}
 )
@@ -43,19 +52,28 @@ HEALTH_MAPPINGS = value_mappings(
 def _counter_increase(counters: dict[str, str], gauges: dict[str, tuple[str, str]] | None = None) -> str:
     """Per-interval increase of per-GPU cumulative counters, summed over GPUs (a reset counts as 0).
 
-    `counters` maps an output name to a per-sample counter expression: each GPU's counter is taken
-    at its maximum in each interval and compared with the GPU's previous interval. `gauges` maps an
-    output name to (per-GPU aggregate, aggregate over GPUs with `{}` for the per-GPU value).
+    `counters` maps an output name to a health rollup column holding a counter's maximum: each GPU's
+    counter is taken at its maximum in each interval and compared with the GPU's previous interval
+    in the range (its first interval counts 0). `gauges` maps an output name to (a rollup column,
+    taken at its maximum per GPU and interval; the aggregate over GPUs with `{}` for that maximum).
+    Each GPU's intervals are one sorted array (a pass per GPU, no window sort over the fleet).
     """
     gauges = gauges or {}
+    names = [*counters, *gauges]
     inner = ",\n".join(
-        [f"toInt64(max({expr})) AS cur_{name}" for name, expr in counters.items()]
-        + [f"{per_gpu} AS gpu_{name}" for name, (per_gpu, _) in gauges.items()]
+        [f"toInt64(max({column})) AS {name}" for name, column in counters.items()]
+        + [f"max({column}) AS {name}" for name, (column, _) in gauges.items()]
     )
-    lags = ",\n".join(f"lagInFrame(cur_{name}, 1, cur_{name}) OVER w AS prev_{name}" for name in counters)
+    points = f"arraySort(groupArray((t, {', '.join(names)}))) AS pts"
+    joined = ",\n".join(
+        ["arrayMap(p -> p.1, pts) AS t"]
+        + [f"arrayMap(i -> if(i = 1, 0, greatest(pts[i].{k} - pts[i - 1].{k}, 0)), arrayEnumerate(pts)) AS d_{name}"
+           for k, name in enumerate(counters, start=2)]
+        + [f"arrayMap(p -> p.{k}, pts) AS g_{name}" for k, name in enumerate(gauges, start=2 + len(counters))]
+    )
     outer = ",\n".join(
-        [f"sum(greatest(cur_{name} - prev_{name}, 0)) AS {name}" for name in counters]
-        + [f"{over_gpus.format(f'gpu_{name}')} AS {name}" for name, (_, over_gpus) in gauges.items()]
+        [f"sum(d_{name}) AS {name}" for name in counters]
+        + [f"{over_gpus.format(f'g_{name}')} AS {name}" for name, (_, over_gpus) in gauges.items()]
     )
     return sql(
         """
@@ -64,25 +82,25 @@ def _counter_increase(counters: dict[str, str], gauges: dict[str, tuple[str, str
             {outer}
         FROM
         (
-            SELECT
-                *,
-                {lags}
+            SELECT gpu_uuid, {points}
             FROM
             (
                 SELECT
-                    $__timeInterval(time) AS t,
+                    {bucket} AS t,
                     gpu_uuid,
                     {inner}
-                FROM gpu_samples
-                WHERE {where}
+                FROM {rows}
                 GROUP BY t, gpu_uuid
             )
-            WINDOW w AS (PARTITION BY gpu_uuid ORDER BY t ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+            GROUP BY gpu_uuid
         )
+        ARRAY JOIN
+            {joined}
         GROUP BY t
         ORDER BY t
         """,
-        outer=outer, lags=lags, inner=inner, where=f.where(),
+        outer=outer, points=points, inner=inner, joined=joined, bucket=f.bucket(),
+        rows=_series("gpu_uuid", *counters.values(), *(column for column, _ in gauges.values())),
     )
 
 
@@ -92,27 +110,34 @@ state_timeline = Panel(
     (Query(
         sql(
             """
-            SELECT t, concat(node, ' / GPU ', toString(gpu_index)) AS gpu, state
+            SELECT tupleElement(p, 1) AS t, gpu, tupleElement(p, 2) AS state
             FROM
             (
-                SELECT $__timeInterval(minute) AS t, node, gpu_uuid, toUInt8(max(health)) AS state
-                FROM gpu_usage_1m
-                WHERE {where}
-                    AND gpu_uuid IN (
-                        SELECT gpu_uuid FROM gpu_usage_1m
-                        WHERE {where} AND health != 'ok'
-                    )
-                GROUP BY t, node, gpu_uuid
-            ) AS s
-            LEFT JOIN (SELECT gpu_uuid, any(gpu_index) AS gpu_index FROM gpu_latest GROUP BY gpu_uuid) AS g
-                USING gpu_uuid
+                SELECT gpu, arraySort(groupArray((t, state))) AS pts
+                FROM
+                (
+                    SELECT
+                        {bucket} AS t,
+                        concat(node, ' / GPU ', toString(gpu_index)) AS gpu,
+                        gpu_uuid,
+                        toUInt8(max(worst)) AS state
+                    FROM {rows}
+                    GROUP BY t, node, gpu_index, gpu_uuid
+                )
+                GROUP BY gpu_uuid, gpu
+                HAVING max(state) > 0
+            )
+            ARRAY JOIN arrayFilter((x, i) -> i = 1 OR x.2 != pts[i - 1].2, pts, arrayEnumerate(pts)) AS p
             ORDER BY t, gpu
             """,
-            where=f.where("minute"),
+            bucket=f.bucket(), rows=_series("node", "gpu_index", "gpu_uuid", "worst"),
         ),
         ("t", "gpu", "state"),
     ),),
-    description="The worst state of each GPU per interval, for GPUs that were degraded or failing in the range.",
+    description=(
+        "The worst state of each GPU per interval, for GPUs that were degraded or failing in the range; a "
+        "point where a GPU's state changes (the timeline holds a state until the next point)."
+    ),
     w=24,
     h=9,
     min_interval=f.MINUTE,
@@ -127,9 +152,8 @@ xids = Panel(
     (Query(
         sql(
             """
-            SELECT $__timeInterval(time) AS t, concat('XID ', toString(code)) AS xid, count() AS events
-            FROM gpu_samples
-            ARRAY JOIN xids AS code
+            SELECT $__timeInterval(time) AS t, concat('XID ', toString(xid)) AS xid, count() AS events
+            FROM gpu_xid_events FINAL
             WHERE {where}
             GROUP BY t, xid
             ORDER BY t, xid
@@ -140,7 +164,8 @@ xids = Panel(
     ),),
     description=(
         "XID errors the driver raised, by code (e.g. 79 fell off the bus, 48 double-bit ECC, 74 NVLink, "
-        "63/64 row remapping; 13, 31, 43 are application errors that do not mark the GPU)."
+        "63/64 row remapping; 13, 31, 43 are application errors that do not mark the GPU). One event row per "
+        "XID (gpu_xid_events)."
     ),
     w=12,
     defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80}},
@@ -150,10 +175,7 @@ ecc = Panel(
     "ECC errors",
     "timeseries",
     (Query(
-        _counter_increase({
-            "ecc_corrected": "ifNull(ecc_corrected_volatile, 0)",
-            "ecc_uncorrected": "ifNull(ecc_uncorrected_volatile, 0)",
-        }),
+        _counter_increase({"ecc_corrected": "ecc_corrected_max", "ecc_uncorrected": "ecc_uncorrected_max"}),
         ("t", "ecc_corrected", "ecc_uncorrected"),
     ),),
     description=(
@@ -161,6 +183,7 @@ ecc = Panel(
         "which makes a GPU failing)."
     ),
     w=12,
+    min_interval=f.MINUTE,
     defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80}},
     overrides=(
         rename("ecc_corrected", "corrected (single-bit)"),
@@ -176,25 +199,25 @@ throttling = Panel(
         sql(
             """
             SELECT
-                $__timeInterval(time) AS t,
-                uniqExactIf(gpu_uuid, bitAnd(ifNull(clock_event_reasons, 0), {thermal}) != 0) AS thermal,
-                uniqExactIf(gpu_uuid, bitAnd(ifNull(clock_event_reasons, 0), {brake}) != 0) AS power_brake,
-                uniqExactIf(gpu_uuid, bitAnd(ifNull(clock_event_reasons, 0), {cap}) != 0) AS power_cap
-            FROM gpu_samples
-            WHERE {where}
+                {bucket} AS t,
+                uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {thermal}) != 0) AS thermal,
+                uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {brake}) != 0) AS power_brake,
+                uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {cap}) != 0) AS power_cap
+            FROM {rows}
             GROUP BY t
             ORDER BY t
             """,
             thermal=f"{f.THERMAL_BITS:#x}", brake=f"{f.POWER_BRAKE_BITS:#x}", cap=f"{f.POWER_CAP_BITS:#x}",
-            where=f.where(),
+            bucket=f.bucket(), rows=_series("gpu_uuid", "clock_event_bits"),
         ),
         ("t", "thermal", "power_brake", "power_cap"),
     ),),
     description=(
-        "GPUs whose clocks NVML reported lowered, by reason: thermal slowdown and HW slowdown or "
-        "power brake degrade a GPU; the SW power cap is normal under load."
+        "GPUs whose clocks NVML reported lowered in the interval, by reason: thermal slowdown and HW slowdown "
+        "or power brake degrade a GPU; the SW power cap is normal under load."
     ),
     w=12,
+    min_interval=f.MINUTE,
     overrides=(
         rename("thermal", "thermal slowdown (SW/HW)"),
         rename("power_brake", "HW slowdown / power brake"),
@@ -208,13 +231,12 @@ temperature = Panel(
     (Query(
         sql(
             """
-            SELECT $__timeInterval(time) AS t, node, max(temp_gpu_c) AS max_temp_c
-            FROM gpu_samples
-            WHERE {where}
+            SELECT {bucket} AS t, node, max(temp_max_c) AS max_temp_c
+            FROM {rows}
             GROUP BY t, node
             ORDER BY t, node
             """,
-            where=f.where(),
+            bucket=f.bucket(), rows=_series("node", "temp_max_c"),
         ),
         ("t", "node", "max_temp_c"),
     ),),
@@ -223,6 +245,7 @@ temperature = Panel(
     ),
     w=12,
     unit="celsius",
+    min_interval=f.MINUTE,
     defaults={
         "custom": {"thresholdsStyle": {"mode": "line"}},
         "thresholds": thresholds(
@@ -236,12 +259,8 @@ links_errors = Panel(
     "timeseries",
     (Query(
         _counter_increase(
-            {
-                "nvlink_errors": "ifNull(nvlink_crc_errors, 0) + ifNull(nvlink_replay_errors, 0)"
-                                 " + ifNull(nvlink_recovery_errors, 0)",
-                "pcie_replays": "ifNull(pcie_replay_count, 0)",
-            },
-            {"nvlink_links_down": ("max(ifNull(nvlink_links_down, 0))", "sum({})")},
+            {"nvlink_errors": "nvlink_errors_max", "pcie_replays": "pcie_replay_max"},
+            {"nvlink_links_down": ("nvlink_down_max", "sum({})")},
         ),
         ("t", "nvlink_errors", "pcie_replays", "nvlink_links_down"),
     ),),
@@ -250,6 +269,7 @@ links_errors = Panel(
         "and NVLinks down (a down link makes it failing)."
     ),
     w=12,
+    min_interval=f.MINUTE,
     overrides=(override("nvlink_links_down", color={"fixedColor": "red", "mode": "fixed"}),),
 )
 
@@ -265,30 +285,35 @@ worst = Panel(
                 node,
                 gpu_index AS gpu,
                 any(model) AS gpu_model,
-                toString(argMax(health, time)) AS last_health,
-                sumIf(interval_ms, health = 'failing') / sum(interval_ms) AS failing_share,
-                sumIf(interval_ms, health = 'degraded') / sum(interval_ms) AS degraded_share,
-                sum(length(xids)) AS xid_events,
-                arrayStringConcat(arraySort(groupUniqArrayArray(health_reasons)), ', ') AS reasons,
-                max(temp_gpu_c) AS max_temp_c,
-                max(ifNull(ecc_uncorrected_volatile, 0)) AS ecc_uncorrected,
-                max(ifNull(retired_pages, 0)) AS retired_pages,
-                max(ifNull(pcie_replay_count, 0)) - min(ifNull(pcie_replay_count, 0)) AS pcie_replay_growth,
+                toString(tupleElement(max(last), 2)) AS last_health,
+                sum(failing_ms) / sum(reported_ms) AS failing_share,
+                sum(degraded_ms) / sum(reported_ms) AS degraded_share,
+                sum(xid_events) AS xid_events,
+                arrayStringConcat(arraySort(groupUniqArrayArray(reasons)), ', ') AS reasons,
+                max(temp_max_c) AS max_temp_c,
+                max(ecc_uncorrected_max) AS ecc_uncorrected,
+                max(retired_pages_max) AS retired_pages,
+                max(pcie_replay_max) - min(pcie_replay_min) AS pcie_replay_growth,
                 hex(gpu_uuid) AS gpu_hex
-            FROM gpu_samples
-            WHERE {where}
+            FROM {rows}
             GROUP BY gpu_uuid, cluster, node, gpu
             ORDER BY failing_share DESC, degraded_share DESC, xid_events DESC, gpu_uuid
             LIMIT 50
             """,
-            where=f.where(),
+            rows=f.level_rows(rollups.HEALTH, (
+                "cluster", "node", "gpu_uuid", "gpu_index", "model", "last", "reported_ms", "failing_ms", "degraded_ms",
+                "xid_events", "reasons", "temp_max_c", "ecc_uncorrected_max", "retired_pages_max", "pcie_replay_min",
+                "pcie_replay_max")),
         ),
         ("gpu_uuid", "cluster", "node", "gpu", "gpu_model", "last_health", "failing_share", "degraded_share",
          "xid_events", "reasons", "max_temp_c", "ecc_uncorrected", "retired_pages", "pcie_replay_growth",
          links.GPU_KEY),
         TABLE,
     ),),
-    description="GPUs ranked by time failing, then degraded, then XIDs. Click a UUID for the GPU's own board.",
+    description=(
+        "GPUs ranked by time failing, then degraded, then XIDs, from the per-GPU health rollup (a row per GPU "
+        "and hour). Click a UUID for the GPU's own board."
+    ),
     w=24,
     h=10,
     overrides=(
@@ -310,31 +335,36 @@ events = Panel(
                 node,
                 gpu_index AS gpu,
                 gpu_uuid,
-                toString(health) AS state,
-                prev_state,
-                arrayStringConcat(health_reasons, ', ') AS reasons,
-                arrayStringConcat(arrayMap(x -> toString(x), xids), ', ') AS xid_codes,
+                any(health) AS state,
+                argMax(prev_health, is_change) AS prev_state,
+                any(reasons_text) AS reasons,
+                arrayStringConcat(arrayMap(x -> toString(x), max(codes)), ', ') AS xid_codes,
                 hex(gpu_uuid) AS gpu_hex
             FROM
             (
-                SELECT
-                    time, node, gpu_index, gpu_uuid, health, health_reasons, xids,
-                    lagInFrame(toString(health), 1, 'ok') OVER (
-                        PARTITION BY gpu_uuid ORDER BY time ROWS BETWEEN 1 PRECEDING AND CURRENT ROW
-                    ) AS prev_state
-                FROM gpu_samples
-                WHERE {where}
+                SELECT time, cluster, node, boot_id, gpu_index, gpu_uuid, health, prev_health,
+                    arrayStringConcat(health_reasons, ', ') AS reasons_text, 1 AS is_change,
+                    CAST([], 'Array(UInt16)') AS codes
+                FROM {changes}
+                UNION ALL
+                SELECT time, cluster, node, boot_id, gpu_index, gpu_uuid, health, health AS prev_health,
+                    arrayStringConcat(health_reasons, ', ') AS reasons_text, 0 AS is_change, xids AS codes
+                FROM {xids}
             )
-            WHERE toString(health) != prev_state OR notEmpty(xids)
+            GROUP BY time, cluster, node, boot_id, gpu_index, gpu_uuid
             ORDER BY time DESC, gpu_uuid
             LIMIT 500
             """,
-            where=f.where(),
+            changes=health_events.changes(*f.RANGE, where="1" + f.filters()),
+            xids=health_events.xid_samples(*f.RANGE, where="1" + f.filters()),
         ),
         ("time", "node", "gpu", "gpu_uuid", "state", "prev_state", "reasons", "xid_codes", links.GPU_KEY),
         TABLE,
     ),),
-    description="Every change of a GPU's health state and every XID, newest first.",
+    description=(
+        "Every change of a GPU's health state (from the health event table: the previous state is the GPU's "
+        "state before, even before the range) and every XID, newest first."
+    ),
     w=24,
     h=10,
     overrides=links.gpu_detail(),

@@ -15,27 +15,30 @@ from gpufleet.dashboards.builder import (
     thresholds,
 )
 from gpufleet.dashboards.definitions import links
+from gpufleet.pipeline.queries import rollups
 
-_ROLLUP = f.where("minute")
+_IDLE_ROWS = f.fleet_rows(("tenant", "health", "claimed_ms", *f.IDLE_COLUMNS))
 
 allocated = Panel(
-    "Allocated GPUs by tenant",
+    "Allocated GPUs by tenant (time-weighted)",
     "timeseries",
     (Query(
         sql(
             """
-            SELECT $__timeInterval(minute) AS t, tenant, uniqExact(gpu_uuid) AS gpus
-            FROM gpu_usage_1m
-            WHERE {where}
-                AND tenant != ''
+            SELECT {bucket} AS t, tenant, sum(claimed_ms) / (1000 * {bucket_s}) AS gpus
+            FROM {rows}
+            WHERE tenant != ''
             GROUP BY t, tenant
             ORDER BY t, tenant
             """,
-            where=_ROLLUP,
+            bucket=f.bucket(), bucket_s=f.BUCKET_S, rows=f.fleet_rows(("tenant", "claimed_ms"), f.HOURLY_BUCKETS),
         ),
         ("t", "tenant", "gpus"),
     ),),
-    description="Distinct GPUs allocated to each tenant per interval.",
+    description=(
+        "GPUs allocated to each tenant per interval, time-weighted: the tenant's GPU-seconds / the interval's "
+        "seconds (two GPUs held for half the interval count 1)."
+    ),
     w=12,
     min_interval=f.MINUTE,
     defaults={"custom": {"stacking": {"group": "A", "mode": "normal"}, "fillOpacity": 30}},
@@ -47,14 +50,13 @@ mfu = Panel(
     (Query(
         sql(
             """
-            SELECT $__timeInterval(minute) AS t, tenant, {mfu} AS mfu
-            FROM gpu_usage_1m
-            WHERE {where}
-                AND tenant != ''
+            SELECT {bucket} AS t, tenant, {mfu} AS mfu
+            FROM {rows}
+            WHERE tenant != ''
             GROUP BY t, tenant
             ORDER BY t, tenant
             """,
-            mfu=f.MFU, where=_ROLLUP,
+            bucket=f.bucket(), mfu=f.MFU, rows=f.fleet_rows(("tenant", *f.MFU_COLUMNS), f.HOURLY_BUCKETS),
         ),
         ("t", "tenant", "mfu"),
     ),),
@@ -84,13 +86,12 @@ idle = Panel(
                 sumIf({idle}, {healthy}) / {hour} AS idle_gpu_hours,
                 sumIf({idle}, {healthy}) / nullIf(sumIf(claimed_ms, {healthy}), 0) AS idle_share,
                 sumIf(held_no_process_ms, {healthy}) / {hour} AS no_process_gpu_hours
-            FROM gpu_usage_1m
-            WHERE {where}
-                AND tenant != ''
+            FROM {rows}
+            WHERE tenant != ''
             GROUP BY tenant
             ORDER BY idle_gpu_hours DESC, tenant
             """,
-            policy=f.POLICY, idle=f.IDLE_MS, healthy=f.HEALTHY, hour=f.HOUR_MS, where=_ROLLUP,
+            policy=f.POLICY, idle=f.IDLE_MS, healthy=f.HEALTHY, hour=f.HOUR_MS, rows=_IDLE_ROWS,
         ),
         ("tenant", "idle_gpu_hours", "idle_share", "no_process_gpu_hours"),
         TABLE,
@@ -157,9 +158,8 @@ stalled = Panel(
             FROM
             (
                 SELECT tenant, sum(claimed_ms) / {hour} AS allocated_gpu_hours, {mfu} AS mfu
-                FROM gpu_usage_1m
-                WHERE {where}
-                    AND tenant != ''
+                FROM {rows}
+                WHERE tenant != ''
                 GROUP BY tenant
             ) AS a
             LEFT JOIN
@@ -171,7 +171,8 @@ stalled = Panel(
             ) AS s ON s.tenant = a.tenant
             ORDER BY stalled_gpu_hours DESC, tenant
             """,
-            hour=f.HOUR_MS, mfu=f.MFU, where=_ROLLUP, stalled=f.stalled_samples(f.SAMPLE_FILTERS),
+            hour=f.HOUR_MS, mfu=f.MFU, rows=f.fleet_rows(("tenant", "claimed_ms", *f.MFU_COLUMNS)),
+            stalled=f.stalled_samples(f.SAMPLE_FILTERS),
             in_range=f.STALLED_IN_RANGE,
         ),
         ("tenant", "allocated_gpu_hours", "mfu", "stalled_gpu_hours", "stalled_share"),
@@ -203,7 +204,7 @@ jobs = Panel(
             SELECT
                 tenant,
                 job,
-                uniqExact(gpu_uuid) AS gpus,
+                length(groupUniqArrayArray(gpus)) AS gpus,
                 sum(claimed_ms) / {hour} AS gpu_hours,
                 {mfu} AS mfu,
                 {measured} AS mfu_measured,
@@ -211,23 +212,25 @@ jobs = Panel(
                 {coverage} AS measured_coverage,
                 fromUnixTimestamp64Milli(min(first_start_ms), 'UTC') AS first_seen,
                 fromUnixTimestamp64Milli(max(last_end_ms), 'UTC') AS last_seen
-            FROM gpu_usage_1m
-            WHERE {where}
-                AND tenant != '' AND job != ''
+            FROM {rows}
             GROUP BY tenant, job
             ORDER BY gpu_hours DESC, tenant, job
             LIMIT 200
             """,
             hour=f.HOUR_MS, mfu=f.MFU, measured=f.MFU_MEASURED, estimated=f.MFU_ESTIMATED,
-            coverage=f.COVERAGE, where=_ROLLUP,
+            coverage=f.COVERAGE,
+            rows=f.level_rows(rollups.JOB, ("tenant", "job", "gpus", "claimed_ms", "mfu_ms", "measured_ms",
+                                            *f.MFU_COLUMNS, "first_start_ms", "last_end_ms"),
+                              names=("cluster", "tenant", "model"), where="tenant != '' AND job != ''"),
         ),
         ("tenant", "job", "gpus", "gpu_hours", "mfu", "mfu_measured", "mfu_hw_estimate", "measured_coverage",
          "first_seen", "last_seen"),
         TABLE,
     ),),
     description=(
-        "Per job: MFU (measured where reported, else hardware estimate), the measured and "
-        "hardware-estimate parts side by side, and the share of GPU-seconds with measured FLOPs."
+        "Per job: distinct GPUs used, MFU (measured where reported, else hardware estimate), the measured and "
+        "hardware-estimate parts side by side, and the share of GPU-seconds with measured FLOPs. From the "
+        "per-job hourly rollup: filtered by cluster, tenant and GPU model (not node)."
     ),
     w=24,
     h=10,

@@ -246,9 +246,11 @@ validate_config() {
     err="$("$DESTDIR$BIN" agent --config "$check" --dry-run --intervals 1 --spool-dir /nonexistent 2>&1 >/dev/null)" \
         || rc=$?
     rm -f "$check"
-    case "$rc" in
-        0) log "the agent read this node's GPUs with $CONF (dry run)" ;;
-        2) echo "$err" >&2; die "$CONF is not valid (see above); fix it and re-run" ;;
+    # Exit 2 covers both a wrong config and an environment the agent cannot use yet (no driver): the
+    # config's own errors are the lines labelled "configuration error" (docs/errors.md).
+    case "$rc:$err" in
+        0:*) log "the agent read this node's GPUs with $CONF (dry run)" ;;
+        2:*"configuration error"*|2:*"Error: "*) echo "$err" >&2; die "$CONF is not valid (see above); fix it and re-run" ;;
         *) log "warning: the agent could not collect yet (the config is valid): ${err##*$'\n'}" ;;
     esac
 }

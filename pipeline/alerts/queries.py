@@ -75,6 +75,13 @@ FROM (
            toUInt8(ifNull({cond}, 0)) AS c
     FROM {{db:Identifier}}.gpu_samples
     WHERE {window}
+      AND (cluster, node, gpu_index) IN (
+        SELECT cluster, node, gpu_index FROM {{db:Identifier}}.gpu_health_1m
+        WHERE minute >= toDateTime(intDiv({{candidates_from_ms:Int64}}, 60000) * 60, 'UTC')
+          AND minute <= toDateTime(intDiv({{now_ms:Int64}}, 1000), 'UTC')
+        GROUP BY cluster, node, gpu_index
+        HAVING {candidate}
+      )
 )
 GROUP BY cluster, node, gpu_uuid, gpu_index
 HAVING last_ms > {{fresh_ms:Int64}} AND ({having})
@@ -87,15 +94,22 @@ _SAME_TENANT = "tenant = argMax(tenant, time) OVER (PARTITION BY cluster, node, 
 @dataclass(frozen=True)
 class _GpuShape:
     cond: str
+    candidate: str
+    """Over a GPU's `gpu_health_1m` rows: true for every GPU whose samples could meet `having`."""
     columns: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
     having: str = "last_c = 1"
 
 
+MAX_INTERVAL_MS: Final = 3_600_000
+"""The longest interval a sample may cover (the wire contract's bound): a sample ending in the window may
+have started this long before it, in an earlier minute of the rollup."""
+
+
 def _gpu_shape(rule: GpuRule) -> _GpuShape:
     if isinstance(rule, GpuFailing):
         return _GpuShape(
-            "health = 'failing'", ("health", "health_reasons"),
+            "health = 'failing'", "max(worst) = 'failing'", ("health", "health_reasons"),
             ("arrayDistinct(arrayFlatten(arrayMap(p -> p.2, arraySort(p -> p.1, "
              "groupArrayIf((time, health_reasons), c = 1))))) AS reasons",
              "toUnixTimestamp64Milli(maxIf(time, c = 1)) AS last_true_ms",
@@ -109,6 +123,10 @@ def _gpu_shape(rule: GpuRule) -> _GpuShape:
         nvlink = "nvlink_errors"
         return _GpuShape(
             cond,
+            "bitAnd(groupBitOr(clock_event_bits), {mask:UInt64}) != 0 OR ifNull(max(temp_max_c) >= {temp_c:Float64}, 0)"
+            f" OR {_HOT_REASON}"
+            " OR ({remap:UInt8} = 1 AND max(remap_pending_max) = 1) OR min(ecc_corrected_min) != max(ecc_corrected_max)"
+            " OR min(pcie_replay_min) != max(pcie_replay_max) OR min(nvlink_rr_min) != max(nvlink_rr_max)",
             ("clock_event_reasons", "temp_gpu_c", "temp_slowdown_c", "remap_pending", "retired_pages_pending",
              "ecc_corrected_volatile", "pcie_replay_count",
              "if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
@@ -127,15 +145,17 @@ def _gpu_shape(rule: GpuRule) -> _GpuShape:
         return _GpuShape(
             "tenant != '' AND error = '' AND util_gpu_ratio < {util:Float64}"
             f" AND (compute_processes IS NULL OR compute_processes > 0) AND {_SAME_TENANT}",
+            "ifNull(min(idle_util_min) < {util:Float64}, 0)",
             ("error", "util_gpu_ratio", "compute_processes"),
             ("avgIf(util_gpu_ratio, c = 1) AS util",),
         )
     if isinstance(rule, GpuHeldNoProcess):
         return _GpuShape(f"tenant != '' AND error = '' AND compute_processes = 0 AND {_SAME_TENANT}",
-                         ("error", "compute_processes"))
+                         "sum(held_no_process) > 0", ("error", "compute_processes"))
     if isinstance(rule, GpuBusyUnallocated):
         return _GpuShape(
             "tenant = '' AND error = '' AND (compute_processes > 0 OR mem_used_bytes > {mem_bytes:UInt64})",
+            "max(unallocated_processes_max) > 0 OR max(unallocated_mem_max) > {mem_bytes:UInt64}",
             ("error", "compute_processes", "mem_used_bytes"),
             ("argMax(compute_processes, time) AS processes", "argMax(mem_used_bytes, time) AS mem_used"),
         )
@@ -146,10 +166,10 @@ def _signal_shape(rule: GpuRule) -> _GpuShape:
     """The node-side per-GPU kinds: the recovery action (NodeRecoveryAction's rows are merged per node) and
     the fabric."""
     if isinstance(rule, GpuRecoveryAction):
-        return _GpuShape("has({actions:Array(UInt8)}, ifNull(recovery_action, 0))", ("recovery_action",),
-                         ("argMax(recovery_action, time) AS action",))
+        return _GpuShape("has({actions:Array(UInt8)}, ifNull(recovery_action, 0))", _reason_in_rollup("recovery_"),
+                         ("recovery_action",), ("argMax(recovery_action, time) AS action",))
     if isinstance(rule, FabricDegraded):
-        return _GpuShape(_FABRIC_REASON, ("health_reasons", "fabric_clique_id"),
+        return _GpuShape(_FABRIC_REASON, _reason_in_rollup("fabric_"), ("health_reasons", "fabric_clique_id"),
                          ("arrayFilter(r -> startsWith(r, 'fabric_'), argMax(health_reasons, time)) AS reasons",
                           "argMax(fabric_clique_id, time) AS clique"))
     raise TypeError(f"no per-GPU query for {type(rule).__name__}")
@@ -159,6 +179,15 @@ _TEMP_LIMIT: Final = "coalesce(temp_slowdown_c - {temp_margin_c:Float64}, {temp_
 """GpuDegraded's temperature limit: the GPU's own slowdown temperature less the margin, `temp_c` where unknown."""
 _FABRIC_REASON: Final = "arrayExists(r -> startsWith(r, 'fabric_'), health_reasons)"
 """A `fabric_*` health reason (pipeline/ingest/health.py decides them)."""
+_HOT_REASON: Final = "hasAny(groupUniqArrayArray(reasons), ['temperature_high', 'temperature_critical'])"
+"""Over `gpu_health_1m` rows: the ingest found the GPU near or past its own limits (`temp_slowdown_c` less
+`health.temp_slowdown_margin_c`), which the rollup's `temp_max_c` cannot tell against the fixed `temp_c`."""
+
+
+def _reason_in_rollup(prefix: str) -> str:
+    """Over `gpu_health_1m` rows: a health reason starting with `prefix` in the minutes read (the ingest adds
+    `recovery_*` for every recovery action NVML reports and `fabric_*` for every fabric fault)."""
+    return f"arrayExists(r -> startsWith(r, '{prefix}'), groupUniqArrayArray(reasons))"
 
 
 def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
@@ -197,11 +226,12 @@ def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return pe
         return _job(rule, now_ms)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
-        window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having,
+        window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having, candidate=shape.candidate,
         columns="".join(f", {c}" for c in shape.columns), extra="".join(f",\n       {e}" for e in shape.extra),
     )
     span = max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
     params = {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
+              "candidates_from_ms": now_ms - span - MAX_INTERVAL_MS,
               "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
               **_gpu_params(rule, now_ms)}
     return Query(sql, params)
@@ -223,42 +253,62 @@ def _job(rule: JobRule, now_ms: int) -> Query:
     raise TypeError(f"no job query for {type(rule).__name__}")
 
 
+# NodeSilent: each node's newest report from `node_latest` (one row per node), never a day of agent
+# reports; a node whose newest report is after `now` (an evaluation at an instant in the past, or
+# an agent clock ahead) is read from its own agent_reports rows, by key, so every `now` gives the
+# same answer as the reports up to it.
+_NODE_SILENT_SQL = """
+SELECT cluster, node, last_ms FROM (
+    SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms
+    FROM {{db:Identifier}}.node_latest
+    GROUP BY cluster, node
+    HAVING last_ms <= {{now_ms:Int64}} AND last_ms > {{from_ms:Int64}} AND last_ms <= {{silent_ms:Int64}}
+    UNION ALL
+    SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms
+    FROM {{db:Identifier}}.agent_reports
+    WHERE (cluster, node) IN (
+        SELECT cluster, node FROM {{db:Identifier}}.node_latest
+        GROUP BY cluster, node HAVING max(time) > {now}
+    ) AND {window}
+    GROUP BY cluster, node
+    HAVING last_ms <= {{silent_ms:Int64}}
+)
+ORDER BY cluster, node
+"""
+
+
 def _node_silent(rule: NodeSilent, now_ms: int) -> Query:
-    # TODO(rollups): read a latest-report-per-node rollup when it lands; this scans `forget_after`
-    # of agent_reports (one row per node per interval).
-    sql = (
-        "SELECT cluster, node, toUnixTimestamp64Milli(max(time)) AS last_ms FROM {db:Identifier}.agent_reports "
-        f"WHERE {_WINDOW} GROUP BY cluster, node HAVING last_ms <= {{silent_ms:Int64}} ORDER BY cluster, node"
-    )
+    sql = _NODE_SILENT_SQL.format(now=_ms("now_ms"), window=_WINDOW)
     return Query(sql, {"from_ms": now_ms - duration_ms(rule.forget_after), "now_ms": now_ms,
                        "silent_ms": now_ms - duration_ms(rule.silent_after)})
 
 
+# MfuBelowTarget: the fleet rollup's whole minutes before `now` (`formulas.MFU`, as `gpufleet status`
+# and the boards compute it), so a cycle reads a few rows per minute whatever the fleet size. The
+# data must reach the window's first minute and be fresh; `gpus` is time-weighted (GPU-seconds in
+# the MFU / window seconds).
+_MFU_SQL = """
+SELECT {keys}{mfu} AS mfu, round(sum(mfu_ms) / {{window_ms:Int64}}, 1) AS gpus,
+       min(first_start_ms) AS first_start_ms, max(last_end_ms) AS last_ms
+FROM {{db:Identifier}}.fleet_usage_1m
+WHERE minute >= toDateTime(intDiv({{start_ms:Int64}}, 1000), 'UTC')
+  AND minute < toDateTime(intDiv({{end_ms:Int64}}, 1000), 'UTC'){allocated}
+{group}HAVING sum(mfu_ms) > 0 AND last_ms > {{fresh_ms:Int64}}
+   AND min(minute) = toDateTime(intDiv({{start_ms:Int64}}, 1000), 'UTC') AND mfu < {{target:Float64}}{order}
+"""
+
+
 def _mfu(rule: MfuBelowTarget, now_ms: int) -> Query:
-    # TODO(rollups): switch to the per-minute rollup / pipeline/queries/mfu.py when they land. Until then:
-    # model FLOPs (measured, else the hardware estimate) over peak FLOPs x seconds, known models
-    # only, samples whose FLOPs are unknown left out (never counted as zero); claimed seconds, FLOPs
-    # scaled to them, as in the rollups.
-    keys = list(rule.by)
-    group = f" GROUP BY {', '.join(keys)}" if keys else ""
-    select_keys = "".join(f"{k}, " for k in keys)
-    allocated = " AND tenant != ''" if rule.allocated_only else ""
-    sql = (
-        f"SELECT {select_keys}sum(f) / sum(p) AS mfu, uniqExact(gpu_uuid) AS gpus, "
-        "toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms, "
-        "toUnixTimestamp64Milli(max(time)) AS last_ms "
-        "FROM (SELECT cluster, tenant, gpu_uuid, time, interval_ms, "
-        "if(claimed_ms = interval_ms, coalesce(flops_measured, flops_estimated), "
-        "coalesce(flops_measured, flops_estimated) * claimed_ms / interval_ms) AS f, "
-        "peak_flops * claimed_ms / 1000 AS p "
-        f"FROM {{db:Identifier}}.gpu_samples WHERE {_WINDOW} AND peak_flops IS NOT NULL{allocated}) "
-        f"WHERE f IS NOT NULL{group} "
-        "HAVING count() > 0 AND last_ms > {fresh_ms:Int64} AND first_start_ms <= {start_ms:Int64} "
-        "AND mfu < {target:Float64}"
-        + (f" ORDER BY {', '.join(keys)}" if keys else "")
+    keys = ", ".join(rule.by)
+    sql = _MFU_SQL.format(
+        keys="".join(f"{k}, " for k in rule.by), mfu=formulas.MFU,
+        allocated=" AND tenant != ''" if rule.allocated_only else "",
+        group=f"GROUP BY {keys}\n" if keys else "", order=f"\nORDER BY {keys}" if keys else "",
     )
     window = duration_ms(rule.window)
-    return Query(sql, {"from_ms": now_ms - window, "now_ms": now_ms, "start_ms": now_ms - window,
+    end = now_ms // 60_000 * 60_000
+    start = (end - window) // 60_000 * 60_000
+    return Query(sql, {"start_ms": start, "end_ms": end, "window_ms": end - start,
                        "fresh_ms": now_ms - duration_ms(rule.max_sample_age), "target": rule.target})
 
 
@@ -464,9 +514,10 @@ def _mfu_candidate(rule: MfuBelowTarget, row: Mapping[str, Any]) -> Candidate:
     labels = {k: str(row[k]) for k in rule.by}
     mfu = float(row["mfu"])
     scope = ", ".join(f"{k} {labels[k]}" for k in rule.by) or "fleet"
+    gpus = float(row["gpus"])
     ctx = {"cluster": labels.get("cluster", ""), "tenant": labels.get("tenant", ""), "scope": scope,
            "mfu_pct": 100 * mfu, "target_pct": 100 * rule.target, "window": format_duration(duration_ms(rule.window)),
-           "gpus": int(row["gpus"]), "value": mfu}
+           "gpus": int(gpus) if gpus.is_integer() else gpus, "value": mfu}
     return Candidate(_clean(labels), True, int(row["first_start_ms"]), int(row["last_ms"]), mfu, ctx)
 
 

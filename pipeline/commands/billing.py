@@ -98,10 +98,13 @@ def pending(config_path: str | None, dsn: str | None, database: str | None, data
 
 
 @billing.command("verify")
+@click.option("--period", metavar="YYYY-MM", help="Check this month's stored data (default: all of it).")
 @read_options
-def verify(config_path: str | None, dsn: str | None, database: str | None, data_dir: Path) -> None:
-    """Recompute every statement and adjustment checksum (exit 1 if any row was altered), and list the GPU
-    time claimed by more than one node that was billed to one of them only."""
+def verify(period: str | None, config_path: str | None, dsn: str | None, database: str | None,
+           data_dir: Path) -> None:
+    """Recompute every statement and adjustment checksum, run the exactly-once checks on the stored data (a
+    sample stored twice, a rollup that differs from its raw answer; exit 1 if anything is wrong), and list
+    the GPU time claimed by more than one node that was billed to one of them only."""
     from gpufleet.pipeline.queries import billing as bill
     from gpufleet.pipeline.queries.claims import unbilled_claims
 
@@ -112,10 +115,17 @@ def verify(config_path: str | None, dsn: str | None, database: str | None, data_
         click.echo(f"conflicting claims (each second billed once, to the node named last): {len(conflicts)}")
     for c in conflicts:
         click.echo(f"  {c.describe()}")
+    found = bill.integrity_findings(store, period, int(time.time() * 1000))
     for p in problems:
         click.echo(p, err=True)
+    for f in found:
+        click.echo(f.describe(), err=True)
     if problems:
         raise bill.BillingError(f"{len(problems)} billing row(s) above do not match their checksums: they were "
                                 "changed after their period closed; restore them from a backup (statements are "
                                 "immutable, docs/aggregations.md)")
-    click.echo("all billing checksums match")
+    if found:
+        raise bill.BillingError(f"{len(found)} exactly-once check(s) above failed on the stored data"
+                                f"{' of ' + period if period else ''}: a period with such findings cannot close; "
+                                "repair them as docs/reliability.md (\"Repairing what the checks find\") says")
+    click.echo("all billing checksums match; every sample is stored once and every rollup equals its raw answer")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,7 @@ def rows(dead: list[DeadLetter], ingest_ms: int) -> list[list[object]]:
     ]
 
 
-def store(into: Store, dead: list[DeadLetter], ingest_ms: int) -> None:
-    """Insert `dead` into `dead_letters` (a ReplacingMergeTree on the source position: a repeat adds nothing)."""
-    into.insert("dead_letters", rows(dead, ingest_ms), COLUMNS, column_oriented=True)
+def store(into: Store, dead: list[DeadLetter], ingest_ms: int, settings: Mapping[str, object] | None = None) -> None:
+    """Insert `dead` into `dead_letters` (a ReplacingMergeTree on the source position; `settings` carry the
+    batch's dedup token, so a repeat of the batch adds no part either)."""
+    into.insert("dead_letters", rows(dead, ingest_ms), COLUMNS, column_oriented=True, settings=settings)

@@ -5,11 +5,8 @@ Design notes: docs/design-notes.md#pipeline-ingest-dedup-py.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-import msgspec
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Final
 
 from gpufleet.wire import NodeReport
 
@@ -21,8 +18,13 @@ _STORED = (
     "SELECT DISTINCT cluster, node, boot_id, seq FROM {db:Identifier}.gpu_samples "
     "WHERE cluster IN {clusters:Array(String)} AND node IN {nodes:Array(String)} "
     "AND time BETWEEN fromUnixTimestamp64Milli({lo:Int64}) AND fromUnixTimestamp64Milli({hi:Int64}) "
-    "AND seq BETWEEN {slo:UInt64} AND {shi:UInt64}"
+    "AND seq BETWEEN {slo:UInt64} AND {shi:UInt64} "
+    "AND ingest_time != fromUnixTimestamp64Milli({own:Int64})"
 )
+INSERT_DEADLINE_S: Final = 60
+"""The server cancels an insert of a batch it has not finished within this (`max_execution_time`), so
+a copy sent by an ingester that has since died lands within this time or never (docs/scaling.md has
+how the dedup window covers it)."""
 
 
 def identity(r: NodeReport) -> Identity:
@@ -41,8 +43,8 @@ def unique_in_batch(reports: Sequence[NodeReport]) -> tuple[list[NodeReport], in
     return out, len(reports) - len(out)
 
 
-def already_stored(store: Store, reports: Sequence[NodeReport]) -> set[Identity]:
-    """Identities among `reports` that `gpu_samples` already holds."""
+def already_stored(store: Store, reports: Sequence[NodeReport], own_ms: int) -> set[Identity]:
+    """Identities among `reports` that `gpu_samples` holds from another batch than the one planned at `own_ms`."""
     with_rows = [r for r in reports if r.gpus]
     if not with_rows:
         return set()
@@ -56,23 +58,25 @@ def already_stored(store: Store, reports: Sequence[NodeReport]) -> set[Identity]
             "hi": max(r.time_ms for r in with_rows),
             "slo": min(r.seq for r in with_rows),
             "shi": max(r.seq for r in with_rows),
+            "own": own_ms,
         },
     )
     return {(c, n, b, int(s)) for c, n, b, s in rows} & wanted
 
 
-def insert_token(reports: Sequence[NodeReport], planned_ms: int) -> str:
-    """A token naming this set of messages as planned at `planned_ms` (order does not matter).
+def dedup_settings(known: Collection[str]) -> dict[str, object]:
+    """Deduplication on for an insert, in its table and every view target below it, whatever the server's
+    profile says; `known` are the setting names the server has (`deduplicate_insert` is new in 26.x and
+    supersedes `insert_deduplicate` there)."""
+    settings: dict[str, object] = {"insert_deduplicate": 1, "deduplicate_blocks_in_dependent_materialized_views": 1}
+    if "deduplicate_insert" in known:
+        settings["deduplicate_insert"] = "enable"
+    return settings
 
-    The plan's time keeps a later, deliberate re-ingest of the same messages (say after a delete)
-    from being taken for a repeat of this insert while it is still in ClickHouse's dedup window.
-    """
-    ids = sorted(identity(r) for r in reports)
-    return hashlib.sha256(msgspec.msgpack.encode([planned_ms, ids])).hexdigest()[:32]
 
-
-def insert_settings(token: str, target: str) -> dict[str, object]:
-    """Settings for one insert of a planned batch (`target` tells its inserts apart): repeating the insert
-    is dropped by every table that has the block and completes every view target that misses it."""
-    return {"insert_deduplication_token": f"gpufleet-{token}-{target}",
-            "deduplicate_blocks_in_dependent_materialized_views": 1}
+def insert_settings(token: str, target: str, dedup: Mapping[str, object]) -> dict[str, object]:
+    """Settings for one insert of a batch (`target` tells its inserts apart; `dedup` from `dedup_settings`):
+    repeating the insert is dropped by every table that has the block and completes every view target
+    that misses it; the server gives up on it after `INSERT_DEADLINE_S`."""
+    return {**dedup, "insert_deduplication_token": f"gpufleet-{token}-{target}",
+            "max_execution_time": INSERT_DEADLINE_S}

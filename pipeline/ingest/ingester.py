@@ -1,4 +1,4 @@
-"""The ingester's consume loop: a Kafka consumer-group member that batches messages for the batch writer.
+"""The ingester's consume loop: a Kafka consumer-group member that gathers one batch per partition for the writer.
 
 Design notes: docs/design-notes.md#pipeline-ingest-ingester-py.
 """
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import tenacity
 
@@ -22,8 +22,9 @@ from gpufleet.liveness import Liveness
 from gpufleet.pipeline.ingest import kafka_io
 from gpufleet.pipeline.ingest.dead_letters import DeadLetter
 from gpufleet.pipeline.ingest.kafka_io import Consumer, Producer, Record, TopicPartition
+from gpufleet.pipeline.ingest.ledger import BatchTaken, Entry, resume
 from gpufleet.pipeline.ingest.liveness import COMMIT, POLL, ingest_liveness
-from gpufleet.pipeline.ingest.validation import TimeWindow, validate, validate_for_staging
+from gpufleet.pipeline.ingest.validation import validate, validate_for_staging
 from gpufleet.pipeline.ingest.writer import Batch, BatchWriter
 
 if TYPE_CHECKING:
@@ -34,6 +35,10 @@ MAX_BACKOFF_S = 30.0
 FULL_GC_EVERY_S = 60.0
 POLL_WARN_EVERY_S = 30.0
 MAX_POLL_RECORDS = 5000
+COMMIT_RETRY_S = 2.0
+"""How often a refused commit of stored batches is retried while nothing else commits (each retry during a
+rebalance is refused again, and the rebalance completes in `poll`)."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +52,10 @@ class IngestStats:
     dead_letters: int = 0
     insert_errors: int = 0
     commit_errors: int = 0
+    replays: int = 0
+    """Batches repeated from the ledger (another consumer's, or an earlier run's, unfinished batch)."""
+    batches_taken: int = 0
+    """Batches another consumer entered in the ledger first (this ingester wrote theirs instead)."""
     last_flush_ms: int = 0
     last_sample_ms: int = 0
     last_error: str = ""
@@ -63,8 +72,9 @@ class IngestOptions:
     """In `run`, let a batch's GPU-row insert overlap with polling the next batch."""
     pause_gc: bool = True
     """In `run`, collect cyclic garbage between batches only."""
-    intent_log: bool = True
-    """Keep the intent log of an embedded store (pipeline/ingest/intents.py)."""
+    ledger: bool = True
+    """Record each batch in the batch ledger before writing it and repeat unfinished ones
+    (pipeline/ingest/ledger.py). Off only to measure what it costs and what goes wrong without it."""
 
 
 DEFAULT_OPTIONS = IngestOptions()
@@ -101,15 +111,24 @@ class Ingester:
         self.consumer = consumer
         self.clock = clock
         self.options = options
-        self.window = TimeWindow.from_config(cfg)
         self.writer = BatchWriter(cfg, store, dlq_producer, clock,
-                                  json_staging=options.json_staging, intent_log=options.intent_log)
+                                  json_staging=options.json_staging, ledger=options.ledger)
         self.stats = IngestStats()
-        self.batch = Batch()
+        self.batches: dict[TopicPartition, Batch] = {}
+        """Each partition's batch being gathered."""
+        self.pending: dict[TopicPartition, Entry | None] = {}
+        """Partitions whose ledger was read since their assignment: the recorded batch each must write next
+        (None: none; a partition missing here has not been read yet)."""
+        self.positions: dict[TopicPartition, int] = {}
+        """Each owned partition's next offset to read: what this ingester has gathered or stored up to."""
+        self.uncommitted: dict[TopicPartition, int] = {}
+        """Stored batches whose commit was refused: the offset to commit for each partition, retried while owned."""
         self._stop = threading.Event()
         self._inflight: _InFlight | None = None
+        self._writing: TopicPartition | None = None
         self._abandoned = False
         self._last_poll_warning = -float("inf")
+        self._last_commit_retry = -float("inf")
 
     @property
     def dlq(self) -> Producer:
@@ -123,9 +142,9 @@ class Ingester:
     def run(self, stop: threading.Event | None = None) -> None:
         """Poll, batch and flush until `stop` is set; flushes what it holds before returning.
 
-        Pipelined, each batch's GPU-row insert proceeds in the writer's insert thread (ClickHouse
-        works without the GIL) as the next batch is polled and validated; the batch's offsets are
-        committed once that insert is acknowledged, before the next batch is written.
+        Pipelined, the last batch's GPU-row insert of each flush proceeds in the writer's insert thread
+        (ClickHouse works without the GIL) as the next messages are polled and validated; that batch's
+        offsets are committed once its insert is acknowledged, before the next flush.
         """
         if stop is not None:
             self._stop = stop
@@ -139,36 +158,44 @@ class Ingester:
                         gc.collect()
                         last_full_gc = time.monotonic()
                 self._settle(final=True)
-                if self.batch:
+                if self.batches:
                     self.flush(final=True)
         finally:
             self.writer.close()
 
     def _step(self) -> bool:
-        """One poll; settle the insert in flight if it finished; flush when the batch is full or old
+        """One poll; settle the insert in flight if it finished; flush when the batches are full or old
         (returns whether it flushed)."""
         ing = self.cfg.ingest
-        if not self.batch and self._inflight is None:
+        if not self.batches and self._inflight is None and not self.uncommitted:
             self.liveness.beat(COMMIT)  # nothing read is left uncommitted
         self.poll_once(timeout_ms=min(200, ing.batch_ms))
+        if self.uncommitted and time.monotonic() - self._last_commit_retry >= COMMIT_RETRY_S:
+            self._commit_refused()
         if self._inflight is not None and self._inflight.future.done():
             self._settle()
-        if self.batch and (self.batch.gpu_rows >= ing.batch_rows
-                           or time.monotonic() - self.batch.started >= ing.batch_ms / 1000):
+        if self._due():
             self.flush(pipelined=True)
             return True
         return False
+
+    def _due(self) -> bool:
+        if not self.batches:
+            return False
+        ing = self.cfg.ingest
+        rows = sum(b.gpu_rows for b in self.batches.values())
+        oldest = min(b.started for b in self.batches.values())
+        return rows >= ing.batch_rows or time.monotonic() - oldest >= ing.batch_ms / 1000
 
     def stop(self) -> None:
         self._stop.set()
 
     def poll_once(self, timeout_ms: int = 200) -> int:
         polled = self._poll(timeout_ms)
-        now_ms = int(self.clock() * 1000)
         n = 0
         for tp, records in polled.items():
             for rec in records:
-                self._add(tp, rec, now_ms)
+                self._add(tp, rec)
                 n += 1
         return n
 
@@ -191,38 +218,95 @@ class Ingester:
         self.liveness.beat(POLL)
         return polled
 
-    def _add(self, tp: TopicPartition, rec: Record, now_ms: int) -> None:
-        batch = self.batch
-        if not batch:
-            batch.started = time.monotonic()
+    def _add(self, tp: TopicPartition, rec: Record) -> None:
+        batch = self.batches.get(tp)
+        if batch is None:
+            batch = self.batches[tp] = Batch(tp)
         path = self.writer.staging
         if path is not None:
             result, as_json = validate_for_staging(path.decoder, rec.key, rec.value)
         else:
             result, as_json = validate(rec.key, rec.value), False
-        if not isinstance(result, str):
-            result = self.window.check(result.time_ms, now_ms) or result
         if isinstance(result, str):
-            batch.dead.append(DeadLetter(tp.topic, tp.partition, rec.offset, rec.key, rec.value or b"", result))
+            batch.add_dead(DeadLetter(tp.topic, tp.partition, rec.offset, rec.key, rec.value or b"", result))
         else:
-            batch.reports.append(result)
-            if as_json and rec.value is not None:  # not None: it decoded
-                batch.raw[id(result)] = rec.value
-            batch.gpu_rows += len(result.gpus)
-        batch.offsets[tp] = rec.offset + 1
+            batch.add_report(rec.offset, result, rec.value or b"", as_json)  # not None: it decoded
+        self.positions[tp] = rec.offset + 1
 
     # --- flushing --------------------------------------------------------------------------
     def flush(self, final: bool = False, pipelined: bool = False) -> bool:
-        """Write the batch, then commit its offsets; retries until done or stopped.
+        """Write every batch that is ready, each then committed; retries until done or stopped.
 
-        `pipelined` (the run loop only) leaves the batch's GPU-row insert running in the insert
-        thread; its offsets are committed by `_settle`, which every flush calls first.
+        `pipelined` (the run loop only) leaves the last batch's GPU-row insert running in the insert
+        thread; its offsets are committed by `_settle`, which every flush calls first. A partition's
+        recorded batch that is not yet read up to its last offset waits for the next flush.
         """
         settled = self._settle(final)
-        batch, self.batch = self.batch, Batch()
-        return self._write_batch(batch, final, pipelined and not final) and settled
+        ready = self._retry(self._take_ready, final)
+        if ready is None:
+            return False
+        for i, batch in enumerate(ready):
+            pipeline = pipelined and not final and i == len(ready) - 1
+            if self._retry(lambda b=batch, p=pipeline: self._write_and_commit(b, p), final) is not None:
+                continue
+            if final or self._stop.is_set():
+                log.error("%d batches of %d messages not written (offsets not committed, will be redelivered)",
+                          len(ready) - i, sum(len(b) for b in ready[i:]))
+                return False
+            self._give_back(ready[i + 1:])  # this batch's partition moved on: the others are still to write
+            return False
+        return settled
 
-    def _write_batch(self, batch: Batch, final: bool, pipelined: bool) -> bool:
+    def _give_back(self, batches: list[Batch]) -> None:
+        """Put batches not written back in front of what was gathered since, for the partitions still owned."""
+        owned = self._owned()
+        for batch in batches:
+            if batch.tp in owned:
+                if batch.replay:
+                    self.pending[batch.tp] = batch.entry
+                self.batches[batch.tp] = Batch(batch.tp).merge(batch).merge(self.batches.get(batch.tp))
+
+    def _take_ready(self) -> list[Batch]:
+        """The batches to write now, in partition order: each partition's whole batch, or, where the partition's
+        ledger holds an unfinished batch, exactly that batch once it is read in full."""
+        for tp, batch in self.batches.items():  # first everything that may fail, then nothing that may
+            if tp not in self.pending:
+                self.pending[tp] = self._unfinished(tp, batch.first)
+        ready = []
+        for tp in sorted(self.batches, key=lambda t: (t.topic, t.partition)):
+            batch = self.batches.pop(tp)
+            entry = self.pending[tp]
+            if entry is None:
+                ready.append(batch)
+                continue
+            batch.drop_before(entry.first)  # stored by earlier batches of the partition
+            if batch and batch.last < entry.last:
+                self.batches[tp] = batch  # read on until its last offset
+                continue
+            if batch:
+                rest = batch.split(entry.last)
+                batch.entry, batch.replay, self.pending[tp] = entry, True, None
+                ready.append(batch)
+                if rest:
+                    self.batches[tp] = rest
+        return ready
+
+    def _unfinished(self, tp: TopicPartition, position: int) -> Entry | None:
+        """The partition's recorded batch that is not known to be stored, if any (read once per assignment)."""
+        ledger = self.writer.ledger
+        if ledger is None:
+            return None
+        entry = resume(ledger.newest(tp.topic, tp.partition), position).pending
+        if entry is not None:
+            self.stats.replays += 1
+            log.warning("partition %s/%d: repeating its unfinished batch [%d, %d] planned at %d (by gpufleet %s) "
+                        "before anything else; ClickHouse keeps one copy of whatever of it had landed",
+                        tp.topic, tp.partition, entry.first, entry.last, entry.planned_ms, entry.planner)
+        return entry
+
+    def _retry(self, fn: Callable[[], T], final: bool) -> T | None:
+        """`fn()` under the retry policy: back off while ClickHouse (or the DLQ) refuses, until done, stopped,
+        or the partitions were revoked meanwhile (None then)."""
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: not isinstance(e, _Abandon)),
             wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=MAX_BACKOFF_S),
@@ -234,22 +318,40 @@ class Ingester:
             reraise=True,
         )
         try:
-            retrying(self._write_and_commit, batch, pipelined)
+            return retrying(fn)
         except Exception as exc:
-            log.error("batch of %d messages not written (offsets not committed, will be redelivered): %s",
-                      len(batch), exc)
-            self.writer.deriver.claims.forget()  # it claimed time it did not store: read claims from the store again
-            return False
+            log.error("giving up for now (offsets not committed, will be redelivered): %s", exc)
+            self.writer.deriver.claims.forget()  # it may have claimed time it did not store: read claims again
+            return None
         finally:
             self._resume()
-        return True
 
-    def _write_and_commit(self, batch: Batch, pipelined: bool = False) -> None:
-        pending = self.writer.write(batch, pipelined)
+    def _write_and_commit(self, batch: Batch, pipelined: bool = False) -> bool:
+        self._writing = batch.tp
+        try:
+            pending = self.writer.write(batch, pipelined)
+        except BatchTaken as lost:
+            self._taken_over(batch, lost.winner)
+            return True
+        finally:
+            self._writing = None
         if pending is not None:
             self._inflight = _InFlight(batch, pending)
         else:
             self._done(batch)
+        return True
+
+    def _taken_over(self, batch: Batch, winner: Entry) -> None:
+        """Another consumer recorded a batch at this one's first offset first: gather and write that batch
+        instead (the next flush does), whoever it was."""
+        assert batch.tp is not None
+        tp = batch.tp
+        self.stats.batches_taken += 1
+        log.warning("partition %s/%d: batch at offset %d was entered first as [%d, %d] (by another consumer, "
+                    "or by an attempt of this one whose answer was lost); writing that batch instead",
+                    tp.topic, tp.partition, batch.first, winner.first, winner.last)
+        self.pending[tp] = winner
+        self.batches[tp] = Batch(tp).merge(batch).merge(self.batches.get(tp))
 
     def _settle(self, final: bool = False) -> bool:
         """Wait for the batch whose insert is in flight, then commit it (or redo it here if it failed)."""
@@ -262,21 +364,20 @@ class Ingester:
             self.stats.insert_errors += 1
             self.stats.last_error = str(exc)[:500]
             log.warning("insert failed, retrying the batch, offsets held: %s", self.stats.last_error)
-            self.writer.json_failed(inflight.batch)
-            return self._write_batch(inflight.batch, final, pipelined=False)
+            self.writer.json_failed(inflight.batch, exc)
+            return self._retry(lambda: self._write_and_commit(inflight.batch), final) is not None
         self._done(inflight.batch)
         return True
 
     def _done(self, batch: Batch) -> None:
-        """The batch is stored: commit its offsets, forget its intent, count it."""
+        """The batch is stored: commit its offsets, count it."""
         committed = self._commit(batch)
-        self.writer.done(batch)
         fresh = batch.plan or []
         s = self.stats
         s.messages += len(fresh)
         s.rows += sum(len(r.gpus) for r in fresh)
         s.duplicates += batch.skipped
-        s.dead_letters += len(batch.dead)
+        s.dead_letters += len(batch.dead) + len(batch.late)
         s.batches += 1
         s.last_flush_ms = batch.ingest_ms
         if fresh:
@@ -286,20 +387,49 @@ class Ingester:
             s.last_error = ""
 
     def _commit(self, batch: Batch) -> bool:
-        """Commit the stored batch's offsets. A refused commit (the group rebalanced meanwhile, the broker
-        away) is reported, not raised: the batch is stored, and its messages, redelivered to whoever owns
-        their partition, are dropped as duplicates (G6). Raising here used to end the loop."""
+        """Commit the stored batch's offsets. A commit refused (the group rebalancing, the broker away), or not
+        possible now (the partition is between owners), is reported, not raised, and retried while this consumer
+        owns the partition; once it moved on, its next owner finds the batch in the ledger and repeats it (G18).
+        Raising here used to end the loop."""
+        tp, owned = batch.tp, self._owned()
+        if tp is None:
+            return True
+        if tp not in owned:
+            self.uncommitted[tp] = max(batch.next_offset, self.uncommitted.get(tp, 0))
+            return False
+        refused = {t: o for t, o in self.uncommitted.items() if t in owned}
+        return self._commit_offsets({**refused, tp: max(batch.next_offset, refused.get(tp, 0))})
+
+    def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> bool:
         try:
-            kafka_io.commit(self.consumer, batch.offsets)
-            if batch.offsets:
-                self.liveness.beat(COMMIT)
+            kafka_io.commit(self.consumer, offsets)
         except Exception as exc:
+            for tp, offset in offsets.items():
+                self.uncommitted[tp] = max(offset, self.uncommitted.get(tp, 0))
             self.stats.commit_errors += 1
             self.stats.last_error = f"Kafka commit: {type(exc).__name__}: {exc}"[:500]
-            log.warning("offset commit refused; the batch is stored, and its messages will be redelivered and "
-                        "dropped as duplicates: %s", self.stats.last_error)
+            log.warning("offset commit refused; the batch is stored, the commit is retried while this ingester owns "
+                        "the partition (else its next owner repeats the batch from the ledger): %s",
+                        self.stats.last_error)
             return False
+        for tp, offset in offsets.items():
+            if self.uncommitted.get(tp, offset) <= offset:
+                self.uncommitted.pop(tp, None)
+        if not self.batches and self._inflight is None and not self.uncommitted:
+            self.liveness.beat(COMMIT)
         return True
+
+    def _commit_refused(self) -> None:
+        """Commit again what was stored and not committed, for the partitions this consumer owns now (the
+        assignment, not this, forgets the partitions that moved on)."""
+        self._last_commit_retry = time.monotonic()
+        owned = self._owned()
+        offsets = {tp: o for tp, o in self.uncommitted.items() if tp in owned}
+        if offsets and self._commit_offsets(offsets) and not self.stats.backing_off and not self.uncommitted:
+            self.stats.last_error = ""
+
+    def _owned(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment())
 
     # --- back-off while ClickHouse (or the DLQ) is down --------------------------------------
     def _note_failure(self, state: tenacity.RetryCallState) -> None:
@@ -322,7 +452,7 @@ class Ingester:
                 if records:
                     self.consumer.seek(tp, records[0].offset)
             if self._abandoned:
-                raise _Abandon("partitions were revoked during back-off")
+                raise _Abandon("the partition moved to another consumer during back-off")
 
     def _resume(self) -> None:
         self._abandoned = False
@@ -331,20 +461,28 @@ class Ingester:
             self.consumer.resume(*paused)
 
     # --- rebalance (`kafka_io.RebalanceHandler`) ---------------------------------------------
+    # kafka-python (3.x) runs these on its network thread while `poll` waits, and refuses any blocking call
+    # there (a commit, a poll): they only rearrange what this ingester holds. The loop writes and commits.
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        """Rebalance: flush what we hold while we still own it; else let the new owner redo it."""
-        if not self.batch and self._inflight is None:
-            return
-        if self.stats.backing_off:
-            self._abandoned = True
-            return
-        self._settle(final=True)
-        if self.batch:
-            self.flush(final=True)
+        """Nothing to do before the new assignment is known: what was stored and not committed is in the ledger
+        (its next owner repeats it, G18), what was gathered is read again by whoever owns it next."""
+        log.info("revoking %d partitions", len(revoked))
 
     def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        log.info("assigned %d partitions", len(assigned))
+        """Keep what was gathered for partitions this consumer still owns, and go on reading them where it was
+        (some clients rewind a kept partition to its committed offset); forget everything of partitions that
+        moved away (their next owner reads them from the committed offset); read the ledger of new ones before
+        their first batch."""
+        owned = self._owned() | set(assigned)
+        for held in (self.batches, self.pending, self.positions, self.uncommitted):
+            for tp in [tp for tp in held if tp not in owned]:
+                del held[tp]
+        for tp, offset in self.positions.items():
+            self.consumer.seek(tp, offset)
         self.writer.deriver.claims.forget()  # another consumer may have claimed time meanwhile: read claims again
+        if self._writing is not None and self._writing not in owned:
+            self._abandoned = True  # the batch being retried during a back-off is no longer ours to write
+        log.info("assigned %d partitions", len(owned))
 
 
 class _Abandon(RuntimeError):

@@ -2,9 +2,10 @@
 
 The ingester derives, per GPU sample, the health verdict (pipeline/ingest/health.py), the model's peak
 FLOP/s, the hardware FLOPs estimate (tensor-pipe activity x peak x interval) and the time the
-sample claims (pipeline/ingest/claims.py), so rollups and dashboards read them as plain columns.
-`derive` computes health and claims once per batch, in sample-time order (the growth rules compare
-each GPU with its previous sample; a claim takes what earlier samples left); `derived_columns`
+sample claims (pipeline/ingest/claims.py) and whether the sample changed the GPU's health state
+(pipeline/ingest/transitions.py), so rollups and dashboards read them as plain columns. `derive`
+computes health, changes and claims once per batch, in sample-time order (the growth rules and the
+changes compare each GPU with its previous sample; a claim takes what earlier samples left); `derived_columns`
 builds the rows, and `pipeline/ingest/staging.py` ships the same values beside the message bytes.
 Inserting from tests and benchmarks goes through `insert_reports`, the same code the ingester runs.
 """
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from gpufleet.config import HealthConfig
 from gpufleet.gpu_facts import peak_flops
-from gpufleet.pipeline.ingest import claims
+from gpufleet.pipeline.ingest import claims, transitions
 from gpufleet.pipeline.ingest.claims import ClaimBook
 from gpufleet.pipeline.ingest.health import Previous, State, classify, classify_all, previous_of
 from gpufleet.wire import GPU_FIELDS, PORT_FIELDS, GpuSample, NodeReport, share_of_gpu
@@ -45,7 +46,7 @@ SAMPLE_COLUMNS: tuple[str, ...] = (
     "time", "interval_ms", "claimed_ms", "claim_start", "ingest_time", "cluster", "node", "boot_id", "seq",
     "gpu_index", "gpu_uuid", "model", "tenant", "job", "error",
     *COPIED_FIELDS,
-    "peak_flops", "flops_estimated", "health", "health_reasons",
+    "peak_flops", "flops_estimated", "health", "health_reasons", "health_change",
 )
 
 AGENT_COLUMNS: tuple[str, ...] = (
@@ -65,12 +66,14 @@ NETWORK_COLUMNS: tuple[str, ...] = (
 
 @dataclass
 class Deriver:
-    """Per-GPU state: previous counters (health growth rules) and claimed time; plus the peak table."""
+    """Per-GPU state: previous counters (health growth rules), the newest sample's time and state
+    (`transitions.mark`) and claimed time; plus the peak table."""
 
     health: HealthConfig = field(default_factory=HealthConfig)
     peak_overrides: Mapping[str, float] = field(default_factory=dict)
     claims: ClaimBook = field(default_factory=ClaimBook)
     _prev: dict[str, Previous] = field(default_factory=dict)
+    _last: transitions.Last = field(default_factory=dict)
     _peaks: dict[str | None, float | None] = field(default_factory=dict)
 
     def peak(self, model: str | None) -> float | None:
@@ -87,6 +90,10 @@ class Deriver:
     def verdicts(self, gpus: Sequence[GpuSample]) -> tuple[list[int], list[list[str]]]:
         """`verdict` for each sample in order (states, reasons): the batch form the ingester uses."""
         return classify_all(gpus, self._prev, self.health)
+
+    def changes(self, reports: Sequence[NodeReport], health: Sequence[int]) -> list[int]:
+        """`health_change` of each sample of `reports`, in order (`transitions.mark`)."""
+        return transitions.mark(reports, health, self._last)
 
 
 @dataclass
@@ -105,16 +112,21 @@ class Derived:
     """Milliseconds each sample claims (`claims.ClaimBook.claim_all`)."""
     claim_start: list[int] = field(default_factory=list)
     """Where each sample's claim starts, Unix ms."""
+    changes: list[int] = field(default_factory=list)
+    """`health_change` of each sample (`transitions.mark`)."""
 
 
 def derive(reports: Sequence[NodeReport], deriver: Deriver) -> Derived:
-    """Health and claimed time of every GPU sample, reports taken in time order (growth rules read the
-    previous sample; a claim takes what earlier samples left). Load the claims it needs first
-    (`claims.load`), or the book takes the GPUs it does not know as never claimed."""
+    """Health, health change and claimed time of every GPU sample, reports taken in time order (growth
+    rules and changes compare with the GPU's previous sample; a claim takes what earlier samples left).
+    Load the claims it needs first (`claims.load`), or the book takes the GPUs it does not know as
+    never claimed."""
     ordered = sorted(reports, key=_time_of)
     health, reasons = deriver.verdicts(list(chain.from_iterable(map(_gpus_of, ordered))))
     claimed, claim_start = deriver.claims.claim_all(ordered)
-    return Derived(ordered, [len(r.gpus) for r in ordered], health, reasons, deriver.peak, claimed, claim_start)
+    changes = deriver.changes(ordered, health)
+    return Derived(ordered, [len(r.gpus) for r in ordered], health, reasons, deriver.peak, claimed, claim_start,
+                   changes)
 
 
 @dataclass
@@ -156,13 +168,14 @@ def estimated_flops(tensor_active_ratio: float | None, peak: float | None, inter
 def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = None) -> Columns:
     """The rows of `d` (only the reports whose `keep` flag is set, when given), in `SAMPLE_COLUMNS` order."""
     reports, counts, health, reasons = d.reports, d.counts, d.health, d.reasons
-    claimed, claim_start = d.claimed, d.claim_start
+    claimed, claim_start, changes = d.claimed, d.claim_start, d.changes
     if keep is not None:
         flags = list(chain.from_iterable(map(repeat, keep, counts)))
         reports = [r for r, k in zip(reports, keep, strict=True) if k]
         counts = [c for c, k in zip(counts, keep, strict=True) if k]
-        health, reasons, claimed, claim_start = (
-            [x for x, k in zip(col, flags, strict=True) if k] for col in (health, reasons, claimed, claim_start))
+        health, reasons, claimed, claim_start, changes = (
+            [x for x, k in zip(col, flags, strict=True) if k]
+            for col in (health, reasons, claimed, claim_start, changes))
     n = sum(counts)
     if not n:
         return Columns(SAMPLE_COLUMNS, [[] for _ in SAMPLE_COLUMNS])
@@ -182,7 +195,7 @@ def derived_columns(d: Derived, ingest_ms: int, keep: Sequence[bool] | None = No
         [(j or "") if t else "" for t, j in zip(tenant, job, strict=True)],
         [e or "" for e in error],
         *(_column(name, values) for name, values in zip(COPIED_FIELDS, copied, strict=True)),
-        peak, estimated, health, reasons,
+        peak, estimated, health, reasons, changes,
     ]
     return Columns(SAMPLE_COLUMNS, data)
 

@@ -153,18 +153,20 @@ def plan(database: str, column_types: Mapping[str, str], cluster: str | None = N
         "flops_estimated": ("if(d_peak IS NULL OR g.tensor_active_ratio IS NULL OR ifNull(g.error, '') != '', NULL, "
                             "g.tensor_active_ratio * d_peak * interval_ms / 1000.) AS flops_estimated"),
         "health": "d_health AS health", "health_reasons": "d_reasons AS health_reasons",
+        "health_change": "d_change AS health_change",
     }
     columns = [derived.get(c) or by_column[c] for c in SAMPLE_COLUMNS]
     structure = (
         "cluster String, node String, boot_id String, seq UInt64, time_ms Int64, interval_ms UInt32, "
         f"gpus Array(Tuple({', '.join(gpu_types)})), "
         "_p Array(Nullable(Float64)), _h Array(UInt8), _r Array(Array(String)), "
-        "_c Array(UInt32), _s Array(Int64), _t Int64"
+        "_c Array(UInt32), _s Array(Int64), _k Array(UInt8), _t Int64"
     )
     select = (f"SELECT {', '.join(columns)} FROM {{table}} "
               "ARRAY JOIN gpus AS g, _p AS d_peak, _h AS d_health, _r AS d_reasons, "
               "if(empty(_c), arrayWithConstant(length(gpus), interval_ms), _c) AS d_claimed, "
-              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start")
+              "if(empty(_s), arrayWithConstant(length(gpus), time_ms - interval_ms), _s) AS d_claim_start, "
+              "if(empty(_k), arrayWithConstant(length(gpus), toUInt8(0)), _k) AS d_change")
     digest = hashlib.sha256(f"{structure}\n{select}".encode()).hexdigest()[:10]
     table = f"{database}.gpu_samples_json_{digest}"
     view = f"{table}_mv"
@@ -187,6 +189,28 @@ def ensure(store: Store, cluster: str | None = None) -> Staging:
     if not {staging.table, staging.view} <= names:
         raise StagingUnsupported(f"{staging.table} or its view did not appear after CREATE")
     return staging
+
+
+_TABLE_COLUMNS = ("SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {table:String} "
+                  "ORDER BY position")
+
+
+def adopt(store: Store, table: str, cluster: str | None = None) -> Staging | None:
+    """The staging table `table` (`db.name`, recorded with a batch another ingester planned) as this ingester's
+    to send through, when it takes exactly the input this version's splicer writes; None otherwise.
+
+    Its view may differ from this version's: it then turns the rows into what the version that planned the
+    batch wrote, which is what repeating that batch exactly needs."""
+    ours = ensure(store, cluster)
+    if table == ours.table:
+        return ours
+    database, _, name = table.partition(".")
+    ours_db, _, ours_name = ours.table.partition(".")
+    theirs = store.rows(_TABLE_COLUMNS, {"db": database, "table": name})
+    mine = store.rows(_TABLE_COLUMNS, {"db": ours_db, "table": ours_name})
+    if not theirs or [tuple(c) for c in theirs] != [tuple(c) for c in mine]:
+        return None
+    return Staging(table, f"{table}_mv", (), ours.decoder)
 
 
 _TRAILING_WS = b" \t\r\n"
@@ -229,6 +253,10 @@ class Splicer:
             part = self._healthy[n] = b',"_h":' + self._encode([0] * n) + b',"_r":' + self._encode([[]] * n)
         return part
 
+    def _changes_part(self, changes: list[int]) -> bytes:
+        """Nothing when every sample is `same` as the GPU's previous one (the view fills that in), else `_k`."""
+        return b',"_k":' + self._encode(changes) if any(changes) else b""
+
     def _claims_part(self, report: NodeReport, claimed: list[int], starts: list[int]) -> bytes:
         """Nothing when every sample claims its whole interval (the view fills that in), else `_c` and `_s`."""
         if claimed.count(report.interval_ms) == len(claimed):
@@ -245,6 +273,7 @@ class Splicer:
         """
         tail = b',"_t":%d}\n' % ingest_ms
         health, reasons, claimed, starts = derived.health, derived.reasons, derived.claimed, derived.claim_start
+        changes = derived.changes
         parts: list[bytes | memoryview] = []
         add = parts.append
         size = pos = 0
@@ -255,13 +284,16 @@ class Splicer:
                 peaks = self._peaks_part(report.gpus)
                 state = self._health_part(health[pos:end], reasons[pos:end])
                 claims = self._claims_part(report, claimed[pos:end], starts[pos:end])
+                marks = self._changes_part(changes[pos:end])
                 add(memoryview(raw)[:-1])
                 add(peaks)
                 add(state)
                 if claims:
                     add(claims)
+                if marks:
+                    add(marks)
                 add(tail)
-                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(tail)
+                size += len(raw) - 1 + len(peaks) + len(state) + len(claims) + len(marks) + len(tail)
             pos = end
         buf = self._buf
         if size > len(buf):

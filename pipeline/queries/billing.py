@@ -13,6 +13,7 @@ from dataclasses import astuple, dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
 
 from gpufleet.errors import GpufleetError
+from gpufleet.pipeline.queries import integrity
 from gpufleet.pipeline.queries.policy import Policy, read_policy
 from gpufleet.pipeline.queries.window import iso, ms_datetime
 
@@ -261,6 +262,22 @@ def verify(store: Store) -> list[str]:
     return problems
 
 
+def integrity_findings(store: Store, period: str | None, now_ms: int) -> list[integrity.Finding]:
+    """What the exactly-once checks find in `period` (YYYY-MM), or in everything stored up to now."""
+    start, end = period_bounds(period) if period else (0, now_ms)
+    return integrity.findings(store, start, min(end, now_ms))
+
+
+def blocked(period: str, found: list[integrity.Finding]) -> str:
+    """Why `period` cannot close: the first findings and where the repair is described."""
+    shown = "; ".join(f.describe() for f in found[:3])
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return (f"period {period} cannot close: {len(found)} exactly-once check(s) failed on its stored data: "
+            f"{shown}{more}. "
+            "Its statements would bill these numbers; repair them as docs/reliability.md (\"Repairing what the "
+            f"checks find\") says, then run `gpufleet billing verify --period {period}` and close again")
+
+
 # --- closing ---------------------------------------------------------------------------------------
 
 def close_period(store: Store, period: str, now_ms: int) -> CloseResult:
@@ -279,6 +296,9 @@ def close_period(store: Store, period: str, now_ms: int) -> CloseResult:
         raise BillingError(
             f"period {later[-1]} is already closed: periods close in order, so {period} cannot close now"
         )
+    found = integrity.findings(store, *period_bounds(period))
+    if found:
+        raise BillingError(blocked(period, found))
     policy = read_policy(store)
     # A close that crashed part-way left whole row sets (each insert is one atomic block): keep them.
     stored_stmts, stored_adjs = statements(store, period)

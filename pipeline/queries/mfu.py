@@ -1,5 +1,7 @@
-"""MFU (model FLOPs utilization) per scope and window, read from the minute rollup `gpu_usage_1m`.
+"""MFU (model FLOPs utilization) per scope and window, from the rollups.
 
+The fleet, tenant and model scopes read the fleet rollup (`rollups.rows`: no GPU in its key), the job
+and node scopes `gpu_usage_1m`; both give the same sums (the fleet rollup is fed from it).
 MFU = sum of achieved FLOPs / sum of (peak FLOP/s x seconds), over the GPU-seconds in scope whose
 model has a known peak and whose achieved FLOPs are known. Achieved FLOPs are the job's own
 **measured** figure where it reported one, else the hardware **estimate** (tensor-pipe activity x
@@ -14,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from gpufleet.pipeline.queries import formulas
-from gpufleet.pipeline.queries.window import ALL_TIME, WINDOW, Window
+from gpufleet.pipeline.queries import formulas, rollups
+from gpufleet.pipeline.queries.window import WINDOW, Window
 
 if TYPE_CHECKING:
     from gpufleet.pipeline.store import Store
@@ -32,24 +34,34 @@ _KEYS: Final[dict[str, tuple[str, str]]] = {
     "model": ("model", "1"),
 }
 SCOPES: Final = tuple(_KEYS)
+FLEET_SCOPES: Final = frozenset({"fleet", "fleet_allocated", "tenant", "model"})
+"""Scopes the fleet rollup answers (no node or job in its key)."""
+_DB: Final = "{db:Identifier}."
 
 
-def _by_key(key: str, rows: str, window: str) -> str:
+def _source(scope: str, rows: str, windowed: bool) -> str:
+    """The rollup rows of the scope's filter, over the window or all time."""
+    if scope in FLEET_SCOPES:
+        if windowed:
+            return rollups.rows(rollups.FLEET, rollups.WINDOW_START, rollups.WINDOW_END, where=rows, prefix=_DB)
+        return rollups.all_rows(rollups.FLEET, where=rows, prefix=_DB)
+    return f"{_DB}gpu_usage_1m WHERE {rows}" + (f" AND {WINDOW}" if windowed else "")
+
+
+def _by_key(key: str, source: str) -> str:
     return (f"SELECT {key} AS key, {formulas.ACHIEVED_FLOP}, {formulas.PEAK_FLOP}, {formulas.MFU}, "
             "sum(mfu_ms), sum(measured_ms), sum(claimed_ms), sum(peak_known_ms) "
-            f"FROM {{db:Identifier}}.gpu_usage_1m WHERE {rows} AND {window} GROUP BY key ORDER BY key")
+            f"FROM {source} GROUP BY key ORDER BY key")
 
 
-def _unknown_models(rows: str, window: str) -> str:
-    return ("SELECT model, sum(claimed_ms) - sum(peak_known_ms) AS ms "
-            f"FROM {{db:Identifier}}.gpu_usage_1m WHERE {rows} AND {window} "
+def _unknown_models(source: str) -> str:
+    return (f"SELECT model, sum(claimed_ms) - sum(peak_known_ms) AS ms FROM {source} "
             "GROUP BY model HAVING ms > 0 ORDER BY model")
 
 
 _QUERIES: Final = {
     # (scope, windowed?) -> (MFU per key, GPU-seconds of models without a peak); bind `Window.params()`
-    (scope, windowed): (_by_key(key, rows, WINDOW if windowed else ALL_TIME),
-                        _unknown_models(rows, WINDOW if windowed else ALL_TIME))
+    (scope, windowed): (_by_key(key, _source(scope, rows, windowed)), _unknown_models(_source(scope, rows, windowed)))
     for scope, (key, rows) in _KEYS.items()
     for windowed in (False, True)
 }

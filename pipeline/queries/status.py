@@ -3,7 +3,8 @@
 Everything is computed from ClickHouse, so the same answer comes from the running pipeline (over
 its HTTP status API, since chDB lets one process own a store) and from the store after it stopped.
 "Reporting" is relative to the newest sample in the store, not the wall clock, so a summary read
-after the demo stopped still describes the fleet as it was.
+after the demo stopped still describes the fleet as it was. MFU and tenants come from the fleet
+rollup, health from `gpu_latest`; reporting GPUs from the last `health.silent_after_s` of samples.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ _REPORTING: Final = (
     "SELECT uniqExact(gpu_uuid), uniqExact(cluster, node) FROM {db:Identifier}.gpu_samples "
     "WHERE time >= fromUnixTimestamp64Milli({since:Int64})"
 )
-_TENANTS: Final = "SELECT DISTINCT tenant FROM {db:Identifier}.gpu_samples WHERE tenant != '' ORDER BY tenant"
+_TENANTS: Final = "SELECT DISTINCT tenant FROM {db:Identifier}.fleet_usage_1h WHERE tenant != '' ORDER BY tenant"
+"""Tenants with usage stored, from the fleet rollup (a few rows per hour: never a raw-sample scan)."""
 _DEAD_LETTERS: Final = "SELECT count() FROM {db:Identifier}.dead_letters FINAL"
 _LAG: Final = (
     "SELECT quantileExact(0.5)(d), quantileExact(0.99)(d) FROM (SELECT "

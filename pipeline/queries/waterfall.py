@@ -1,5 +1,7 @@
-"""The capacity waterfall: where installed GPU-seconds go, from the minute rollup `gpu_usage_1m`.
+"""The capacity waterfall: where installed GPU-seconds go, from the rollups.
 
+Whole GPUs: the policy-split sums from the fleet rollup, *installed* from one row per GPU seen and hour
+(`rollups.rows`); with MIG instances in scope, every sum per device from `gpu_usage_1m` (shares).
 Design notes: docs/design-notes.md#pipeline-queries-waterfall-py.
 """
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from gpufleet.config import StallConfig
-from gpufleet.pipeline.queries import formulas, stalls
+from gpufleet.pipeline.queries import formulas, rollups, stalls
 from gpufleet.pipeline.queries.policy import IDLE_MS, Policy
 from gpufleet.pipeline.queries.window import WINDOW, Window
 
@@ -27,6 +29,20 @@ _GPU_SUMS: Final = (
     f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms), max(model_peak_flop_s), max(share_num), max(share_den)"
 )
 """Per-GPU sums with the policy applied (bind `excl` and `idle_pct`)."""
+_SUMS: Final = (
+    "SELECT sumIf(claimed_ms, has({excl:Array(String)}, toString(health))), "
+    f"sumIf(claimed_ms, {_HEALTHY} AND tenant = ''), sumIf({IDLE_MS}, {_HEALTHY} AND tenant != ''), "
+    f"{formulas.ACHIEVED_FLOP}, sum(mfu_ms), sum(measured_ms) FROM "
+)
+"""The scope's sums with the policy applied (bind `excl` and `idle_pct`); the rollup rows follow."""
+_SEEN: Final = (
+    "SELECT argMax(model, claimed_ms), sum(claimed_ms), max(model_peak_flop_s), max(share_num), max(share_den) "
+    "FROM {rows} GROUP BY cluster, node, gpu_uuid ORDER BY cluster, node, gpu_uuid"
+)
+"""Each device seen in the window: its model, claimed milliseconds, peak FLOP/s and share of its GPU."""
+_DB: Final = "{db:Identifier}."
+_SEEN_COLUMNS: Final = ("cluster", "node", "gpu_uuid", "model", "claimed_ms", "model_peak_flop_s", "share_num",
+                        "share_den")
 
 
 @dataclass(frozen=True)
@@ -161,9 +177,48 @@ def gpu_totals(store: Store, window: Window, policy: Policy, scope: HardwareScop
     ]
 
 
+def _rows(levels: rollups.Levels, scope_sql: str, columns: Sequence[str] | None = None) -> str:
+    return rollups.rows(levels, rollups.WINDOW_START, rollups.WINDOW_END, where=scope_sql, prefix=_DB,
+                        columns=columns)
+
+
+def gpus_seen(store: Store, window: Window, scope: HardwareScope | None = None) -> list[GpuTotals]:
+    """Every device of the scope that reported in the window (model, claimed ms, peak, share; no sums), from
+    the per-GPU rollups: whole hours from the hour level."""
+    scope_sql, scope_params = (scope or HardwareScope()).sql()
+    rows = store.rows(_SEEN.format(rows=_rows(rollups.GPU_USAGE, scope_sql, _SEEN_COLUMNS)),
+                      {**window.params(), **scope_params})
+    return [GpuTotals(str(m), int(c), 0, 0, 0, 0.0, 0, 0, None if p is None else float(p), (int(sn or 1), int(sd or 1)))
+            for m, c, p, sn, sd in rows]
+
+
+def with_scope_sums(store: Store, window: Window, policy: Policy, scope: HardwareScope | None,
+                    seen: list[GpuTotals]) -> list[GpuTotals]:
+    """`seen` with the scope's policy-split sums from the fleet rollup (per-GPU rollups for a node) added to its
+    first device: for whole GPUs (every share 1/1) `build` adds them up alike, so the waterfall is the same."""
+    if not seen:
+        return seen
+    scope = scope or HardwareScope()
+    scope_sql, scope_params = scope.sql()
+    levels = rollups.GPU_USAGE if scope.node is not None else rollups.FLEET
+    ((unhealthy, unallocated, idle, achieved, mfu_ms, measured),) = store.rows(
+        _SUMS + _rows(levels, scope_sql),
+        {"excl": list(policy.exclude_states), "idle_pct": policy.idle_util_pct, **window.params(), **scope_params},
+    )
+    first = seen[0]
+    summed = GpuTotals(first.model, first.claimed_ms, int(unhealthy), int(unallocated), int(idle),
+                       float(achieved or 0.0), int(mfu_ms), int(measured), first.peak_flop_s, first.share)
+    return [summed, *seen[1:]]
+
+
 def waterfall(store: Store, window: Window, policy: Policy, scope: HardwareScope | None = None,
               stall: StallConfig | None = None) -> Waterfall:
     """The capacity waterfall for `scope` over `window`; what a stall is: `stall` (config `jobs.stall`)."""
+    seen = gpus_seen(store, window, scope)
+    if all(g.share == (1, 1) for g in seen):
+        totals = with_scope_sums(store, window, policy, scope, seen)  # whole GPUs: the fleet rollup's sums
+    else:
+        totals = gpu_totals(store, window, policy, scope)  # MIG instances: each device's time x its share
     scope_sql, scope_params = (scope or HardwareScope()).sql()
     stalled = stalls.stalled_ms(store, window, policy, stall or StallConfig(), scope_sql, scope_params)
-    return build(gpu_totals(store, window, policy, scope), window.length_ms, stalled)
+    return build(totals, window.length_ms, stalled)

@@ -1,7 +1,7 @@
 """Versioned SQL migrations (`pipeline/store/migrations/NNNN_name.sql`), applied once each, idempotently.
 
 Each file is a list of statements separated by `;` at line end, with `${db}`, `${on_cluster}`,
-`${replicated}` and `${raw_ttl_days}` filled in here, so one set of files serves chDB, a single
+`${replicated}`, `${dedup_window}` and `${raw_ttl_days}` filled in here, so one set of files serves chDB, a single
 server and a cluster (Replicated engines, `ON CLUSTER`). Applied versions are recorded in
 `schema_migrations` with a checksum; a changed file that was already applied is an error.
 """
@@ -64,6 +64,7 @@ class SchemaOptions:
             "db": check_database_name(self.database),
             "on_cluster": f"ON CLUSTER '{self.cluster}'" if self.cluster else "",
             "replicated": "Replicated" if self.cluster else "",
+            "dedup_window": ("" if self.cluster else "non_") + "replicated_deduplication_window",
             "raw_ttl_days": str(int(self.raw_ttl_days)),
         }
         subs.update(dict(self.extra))

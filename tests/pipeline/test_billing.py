@@ -188,3 +188,57 @@ def test_billing_command(ch_target, ch_client, monkeypatch) -> None:
     out = runner.invoke(cli, ["billing", "close", "--period", "2026-1", *target])
     assert out.exit_code == 1
     assert "write it as YYYY-MM" in out.output
+
+
+FULL = "min_free_disk_bytes_to_perform_insert = 1000000000000000000"
+
+
+def test_a_sample_stored_twice_blocks_the_close_and_verify_names_it(ch_target, ch_client) -> None:
+    """What two copies of one batch look like once they landed further apart than the dedup window: the
+    second carries a later ingest time, so ClickHouse kept both; the rollups counted both too."""
+    db = ch_target.database
+    store = Store(ch_client, db)
+    _november(store)
+    insert_reports(store, [_second(3, 3)], ingest_ms=H + 40_000)
+    found = [f.describe() for f in billing.integrity_findings(store, "2026-11", NOV_END)]
+    assert found == [f"duplicate samples: c1/n1 GPU {g}: {rows} rows for {samples} samples between "
+                     "2026-11-18T00:00:00Z and 2026-12-01T00:00:00Z" for g, rows, samples in ((0, 10, 9), (1, 10, 9),
+                                                                                               (2, 11, 10))]
+    with pytest.raises(BillingError, match=r"period 2026-11 cannot close: 3 exactly-once check\(s\) failed on its "
+                                           r"stored data: duplicate samples: c1/n1 GPU 0: 10 rows for 9 samples"):
+        close_period(store, "2026-11", now_ms=NOV_END)
+    assert billing.closed_periods(store) == {}
+    out = CliRunner().invoke(cli, ["billing", "verify", "--period", "2026-11", "--dsn", ch_target.dsn,
+                                   "--database", db])
+    assert out.exit_code == 1
+    assert out.stderr.splitlines() == [*found, (
+        "gpufleet: 3 exactly-once check(s) above failed on the stored data of 2026-11: a period with such findings "
+        "cannot close; repair them as docs/reliability.md (\"Repairing what the checks find\") says")]
+
+
+def test_a_rollup_cut_short_blocks_the_close_until_the_insert_is_repeated(ch_target, ch_client) -> None:
+    """An insert that landed in gpu_samples and the minute rollup but not the hour rollup (billing reads it),
+    then one that landed in gpu_samples only: each check names its minute or hour; repeating the same
+    insert (what the ingester does, G7/G18) completes the rollups and the period closes."""
+    db = ch_target.database
+    store = Store(ch_client, db)
+    ch_client.command(f"ALTER TABLE {db}.gpu_usage_1h MODIFY SETTING {FULL}")
+    with pytest.raises(Exception, match="Could not perform insert"):
+        _november(store)
+    ch_client.command(f"ALTER TABLE {db}.gpu_usage_1h RESET SETTING min_free_disk_bytes_to_perform_insert")
+    late = report(seq=50, time_ms=H + 3_600_000 + 30_000, gpus=[gpu(0, tenant="acme")])  # 12:00:29 - 12:00:30
+    ch_client.command(f"ALTER TABLE {db}.gpu_usage_1m MODIFY SETTING {FULL}")
+    with pytest.raises(Exception, match="Could not perform insert"):
+        insert_reports(store, [late], ingest_ms=H + 3_700_000)
+    ch_client.command(f"ALTER TABLE {db}.gpu_usage_1m RESET SETTING min_free_disk_bytes_to_perform_insert")
+    assert [f.describe() for f in billing.integrity_findings(store, "2026-11", NOV_END)] == [
+        "raw vs minute rollup: minute 2026-11-18T12:00:00Z: raw 1 samples / 1000 ms, gpu_usage_1m 0 samples / 0 ms",
+        "minute vs hour rollup: hour 2026-11-18T11:00:00Z: gpu_usage_1m 28 samples / 28000 ms, gpu_usage_1h 0 samples "
+        "/ 0 ms"]
+    with pytest.raises(BillingError, match="period 2026-11 cannot close: 2 exactly-once check"):
+        close_period(store, "2026-11", now_ms=NOV_END)
+    _november(store)  # the same inserts again: ClickHouse keeps one copy and completes what they missed
+    insert_reports(store, [late], ingest_ms=H + 3_700_000)
+    assert billing.integrity_findings(store, "2026-11", NOV_END) == []
+    assert [(s.tenant, s.billable_ms) for s in close_period(store, "2026-11", now_ms=NOV_END).statements] == [
+        ("acme", 15_000 + 1_000), ("beta", 10_000)]

@@ -2,9 +2,10 @@
 
     python -m tests.reliability.crashing_ingester CONFIG insert:N | commit:N
 
-`insert:N` dies as the N-th write to ClickHouse starts (1 = agent_reports, 2 = the GPU rows);
-`commit:N` dies as the N-th offset commit starts, after the batch is stored. Everything else is
-the real ingester, consumer and store; only the moment of death is chosen.
+`insert:N` dies as the N-th write of data to ClickHouse starts (1 = agent_reports, 2 = the GPU rows;
+the batch's entry in the ledger, written before them, is not counted); `commit:N` dies as the N-th
+offset commit starts, after the batch is stored. Everything else is the real ingester, consumer and
+store; only the moment of death is chosen.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class _Tripwire:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if args and str(args[0]).endswith(".ingest_batches"):
+                return attr(*args, **kwargs)
             self.calls += 1
             if self.calls == self._at:
                 sys.stdout.flush()

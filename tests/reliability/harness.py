@@ -1,8 +1,11 @@
-"""Helpers for the fault tests: child processes (ingester, agent, store probe), a broker behind a proxy.
+"""Helpers for the fault tests: child processes (ingester, agent, store probe), a broker behind a proxy,
+a ClickHouse server in front of a chDB store.
 
 chDB lets one process own one store path, and a test worker already owns its session store, so a
 test that kills the ingester gives the ingester a store of its own and reads it back through
-`probe`, a short child process that opens the store, runs the queries and prints JSON.
+`probe`, a short child process that opens the store, runs the queries and prints JSON. A test with
+several ingester processes (or a server that outlives its clients) puts `StoreServer` in front of the
+store instead (tests/reliability/store_server.py says what it models).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +49,12 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def write_config(path: Path, bootstrap: str, topic: str, dsn: str, database: str, **ingest: object) -> Path:
+def write_config(path: Path, bootstrap: str, topic: str, dsn: str, database: str, partitions: int = 4,
+                 **ingest: object) -> Path:
     """A gpufleet config for a child ingester: quick group joins, small batches."""
     doc = {
-        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dlq_topic": f"{topic}-dlq", "partitions": 4},
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dlq_topic": f"{topic}-dlq",
+                  "partitions": partitions},
         "clickhouse": {"dsn": dsn, "database": database},
         "ingest": {"group_id": f"g-{topic}", "batch_ms": 200, "max_poll_interval_ms": 4000,
                    "session_timeout_ms": 3000, **ingest},
@@ -158,3 +164,63 @@ def broker_behind_proxy(log_path: Path | None = None) -> Iterator[TcpProxy]:
             proc.wait(5)
         if log_path:
             out.close()  # type: ignore[union-attr]
+
+
+@dataclass
+class StoreServer:
+    """tests/reliability/store_server.py as a child: ClickHouse's HTTP interface in front of one chDB store.
+
+    Several processes write the store through it (`dsn(user)`: the user name tells the server whose insert
+    it holds), and it carries out a received insert whatever became of its client.
+    """
+
+    path: Path
+    log_path: Path
+    port: int = 0
+    child: Child | None = None
+
+    def start(self) -> StoreServer:
+        port_file = self.path.parent / f"{self.path.name}.port"
+        port_file.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "tests.reliability.store_server", str(self.path), str(port_file), str(self.port)]
+        self.child = Child(argv, self.log_path).start()
+        wait_until(port_file.exists, "the store server to listen", timeout_s=60)
+        self.port = int(port_file.read_text())
+        assert wait_for_port("127.0.0.1", self.port, 30), "the store server did not open its port"
+        return self
+
+    def dsn(self, user: str) -> str:
+        return f"http://{user}:secret@127.0.0.1:{self.port}"
+
+    def store(self, database: str) -> Any:
+        """A `Store` on `database` through the server (the test's own connection)."""
+        from gpufleet.pipeline.store import Store
+        from gpufleet.pipeline.store.client import Target
+
+        return Store.open(Target(self.dsn("test"), database))
+
+    def _control(self, path: str, **params: object) -> Any:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}{path}?{query}",
+                                                           data=b""), timeout=150) as response:
+            return json.loads(response.read() or b"{}")
+
+    def hold(self, table: str = "gpu_samples") -> None:
+        """Hold the next insert into a table whose name contains `table` once received, until released."""
+        self._control("/_hold", table=table, count=1)
+
+    def held(self) -> list[dict[str, Any]]:
+        """The inserts held now: id, table, user (the DSN's), token (its insert_deduplication_token)."""
+        return list(self._control("/_held"))
+
+    def release(self, held_id: int) -> str:
+        """Carry out a held insert now; returns ClickHouse's error ("" when it succeeded)."""
+        return str(self._control("/_release", id=held_id)["error"])
+
+    def kill(self) -> None:
+        assert self.child is not None
+        self.child.kill()
+
+    def stop(self) -> None:
+        if self.child is not None and self.child.alive:
+            self.child.kill()

@@ -58,9 +58,9 @@ def expected_billed_s(seqs_per_node: list[int]) -> dict[str, float]:
 class Producer:
     """Sends one message per node every `every_s` until stopped; remembers how many it sent per node."""
 
-    def __init__(self, bootstrap: str, topic: str, every_s: float) -> None:
-        self.bootstrap, self.topic, self.every_s = bootstrap, topic, every_s
-        self.sent = [0] * NODES
+    def __init__(self, bootstrap: str, topic: str, every_s: float, nodes: int = NODES) -> None:
+        self.bootstrap, self.topic, self.every_s, self.nodes = bootstrap, topic, every_s, nodes
+        self.sent = [0] * nodes
         self.base_ms = _base_ms()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -72,7 +72,7 @@ class Producer:
             while not self._stop.is_set():
                 futures = [p.send(self.topic, key=f"kn{n}".encode(), value=wire.encode(message(n, self.sent[n],
                                                                                                self.base_ms)))
-                           for n in range(NODES)]
+                           for n in range(self.nodes)]
                 for f in futures:
                     f.get(30)
                 self.sent = [s + 1 for s in self.sent]
@@ -211,9 +211,10 @@ FULL = "min_free_disk_bytes_to_perform_insert = 1000000000000000000"
 
 def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBroker, tmp_path: Path,
                                                                topic: str) -> None:
-    """The hour rollup refuses inserts (disk full), so the batch's insert lands in gpu_samples and the
-    minute rollup only; the ingester is then killed. Its restart repeats the batch from the intent log
-    (pipeline/ingest/intents.py): ClickHouse drops the rows it has and completes the hour rollup."""
+    """The hour rollup refuses inserts (disk full), so the first batch's insert lands in gpu_samples and the
+    minute rollup only; the ingester is then killed. Its restart finds that batch in the ledger, unfinished
+    (its offsets not committed), and repeats it exactly before anything else (pipeline/ingest/ledger.py):
+    ClickHouse drops the rows it has and completes the hour rollup."""
     cfg, dsn, db = _setup(broker, tmp_path, topic)
     sent = [10] * NODES
     assert Child(gpufleet("migrate", "--dsn", dsn, "--database", db), tmp_path / "migrate.log").start().wait() == 0
@@ -230,13 +231,13 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
         wait_until(lambda: "insert failed" in first.log(), "the first insert to fail on the hour rollup")
     finally:
         first.kill()
-    intents = list((tmp_path / "store" / "gpufleet-intents" / db).glob("*.intent"))
-    assert len(intents) == 1
-    (raw,), (hour,) = (r[0] for r in probe(dsn, db, [STORED, "SELECT count() FROM {db}.gpu_usage_1h"],
-                                           ["ALTER TABLE {db}.gpu_usage_1h RESET SETTING "
-                                            "min_free_disk_bytes_to_perform_insert"]))
-    assert raw > 0
-    assert hour == 0  # cut short: raw rows in, hour rollup missing
+    entries, (raw,), (hour,) = probe(
+        dsn, db, ["SELECT partition, first_offset, last_offset FROM {db}.ingest_batches WHERE kind = 'batch'",
+                  STORED, "SELECT count() FROM {db}.gpu_usage_1h"],
+        ["ALTER TABLE {db}.gpu_usage_1h RESET SETTING min_free_disk_bytes_to_perform_insert"])
+    assert len(entries) == 1  # batches are written one at a time: the first one is the one cut short
+    assert raw[0] > 0
+    assert hour == [0]  # cut short: raw rows in, hour rollup missing
     assert committed(broker.bootstrap, f"g-{topic}", topic) == 0
     second = Child(gpufleet("ingest", "--config", str(cfg)), tmp_path / "ingest2.log").start()
     try:
@@ -246,5 +247,6 @@ def test_a_batch_cut_short_by_a_crash_is_completed_on_restart(broker: EmbeddedBr
         if second.alive:
             second.kill()
     check_store(dsn, db, sent)
-    assert "repeated the batch of" in second.log()
-    assert not list((tmp_path / "store" / "gpufleet-intents" / db).glob("*.intent"))
+    partition, first_offset, last_offset = entries[0]
+    repeat = f"partition {topic}/{partition}: repeating its unfinished batch [{first_offset}, {last_offset}]"
+    assert repeat in second.log()

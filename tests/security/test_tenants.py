@@ -43,10 +43,12 @@ H, S = "ab" * 32, "cd" * 16
 
 def test_the_sql_for_one_tenant_is_exactly_the_documented_sql() -> None:
     u = "`gpufleet_t_acme_" + hashlib.sha256(b"acme").hexdigest()[:10] + "`"
+    rollups = ("fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "gpu_health_1m", "gpu_health_1h",
+               "gpu_health_events", "gpu_xid_events")
     grants = [f"GRANT SELECT ON gpufleet.{t} TO `gpufleet_tenants`" for t in (
-        "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
+        "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes", *rollups,
         "billing_statements", "billing_adjustments", "alerts", "usage_hourly", "billing_policy", "gpu_claim_outranked")]
-    tables = ["gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
+    tables = ["gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes", *rollups,
               "billing_statements", "billing_adjustments", "alerts"]
     assert tenants.setup_sql("gpufleet") == [
         "CREATE ROLE IF NOT EXISTS `gpufleet_tenants`", *grants,

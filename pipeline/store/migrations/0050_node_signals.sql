@@ -5,6 +5,9 @@
 --
 -- The new gpu_samples columns are plain Nullable(String) for the inventory strings: they are sent only
 -- when read (every agent.nvml_inventory_every_s), so nearly every row holds NULL there.
+--
+-- network_ports is written by the batch writer under the batch's dedup tokens (pipeline/ingest/writer.py),
+-- so it keeps the same dedup window as every other table a batch writes (10,000 blocks, migration 0080).
 
 ALTER TABLE ${db}.gpu_samples ${on_cluster}
     ADD COLUMN IF NOT EXISTS recovery_action Nullable(UInt8)
@@ -56,4 +59,10 @@ ENGINE = ${replicated}ReplacingMergeTree
 PARTITION BY toDate(time)
 ORDER BY (cluster, node, device, port, boot_id, seq)
 TTL toDateTime(time) + INTERVAL ${raw_ttl_days} DAY
-SETTINGS ttl_only_drop_parts = 1, non_replicated_deduplication_window = 1000;
+SETTINGS ttl_only_drop_parts = 1, ${dedup_window} = 10000;
+
+-- The port alerts (pipeline/alerts/node_queries.py) read the last minutes of every node's ports: sorted by
+-- time as well, they read those minutes, not the day (as agent_reports' by_time, migration 0040).
+ALTER TABLE ${db}.network_ports ${on_cluster} MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild';
+
+ALTER TABLE ${db}.network_ports ${on_cluster} ADD PROJECTION IF NOT EXISTS by_time (SELECT * ORDER BY time);
