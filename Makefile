@@ -13,7 +13,7 @@ AGENT_ARTIFACT := dist/gpufleet-agent-$(VERSION)-linux-$(ARCH)
 AGENT_SOURCES := $(shell find gpufleet agents -name '*.py') pyproject.toml constraints.txt deploy/agent/build_artifact.py deploy/agent/entry.py
 WHEELHOUSE := dist/wheelhouse
 
-.PHONY: run test test-fast typecheck lint bench soak schema clean setup agent-artifact agent-wheelhouse gpu-smoke
+.PHONY: run test test-fast typecheck lint bench bench-peers soak schema clean setup agent-artifact agent-wheelhouse gpu-smoke
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -45,7 +45,11 @@ typecheck: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
+# The peers the benchmarks compare against (Debian prometheus, victoria-metrics), installed when missing.
+bench-peers:
+	bench/install-peers.sh
+
+bench: $(STAMP) bench-peers
 	$(BIN)/python -m bench.run
 
 soak: $(STAMP)

@@ -21,6 +21,9 @@ from bench.common import T0_MS
 DAY_MS = 86_400_000
 H100 = "NVIDIA H100 80GB HBM3"
 H100_PEAK = 989e12
+FILL_SAMPLES = 8_640_000
+"""Samples one view fill reads at most (1,000 GPUs x 1 day at 10 s), in whole days: a month at 5 minutes
+is one fill per view instead of 31."""
 
 
 def _select(start_ms: int, gpus: int, intervals: int, interval_ms: int, offset: int) -> str:
@@ -104,7 +107,13 @@ FROM (
 )"""
 
 
-def _views(client: Any, database: str) -> list[tuple[str, str, str, str, str]]:
+def generated_columns(client: Any, select: str) -> list[str]:
+    """The columns the generator's SELECT produces; columns added to `gpu_samples` since (claimed time,
+    interval energy...) take their defaults, as rows stored before their migration read them."""
+    return [row[0] for row in client.query(f"DESCRIBE TABLE ({select} LIMIT 0)").result_rows]
+
+
+def views_of(client: Any, database: str) -> list[tuple[str, str, str, str, str]]:
     """Materialized views of the database: (name, source table, target table, CREATE statement, SELECT)."""
     out = []
     for name, create, as_select in client.query(
@@ -124,14 +133,13 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
 
     The views are detached while the raw rows go in (each insert block would otherwise pass through
     every view: three times slower), then each rollup is filled by its own view's SELECT over the
-    stored samples, a day at a time (a few parts per day, each already aggregated: what a week of
-    inserts leaves once background merges have run), and the views are put back.
+    stored samples, a day at a time, or as many whole days as `FILL_SAMPLES` allows (a few parts per
+    fill, each already aggregated: what a week of inserts leaves once background merges have run),
+    and the views are put back.
     """
-    from gpufleet.pipeline.ingest.rows import SAMPLE_COLUMNS
-
     per_day = DAY_MS // interval_ms
     total = int(days * per_day)
-    views = _views(client, database)
+    views = views_of(client, database)
     for name, *_ in views:
         client.command(f"DROP VIEW {database}.{name}")
     t = time.perf_counter()
@@ -139,19 +147,23 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     while done < total:
         n = min(per_day, total - done)
         select = _select(start_ms + done * interval_ms, gpus, n, interval_ms, done)
-        client.command(f"INSERT INTO {database}.gpu_samples ({', '.join(SAMPLE_COLUMNS)}) {select}",
-                       settings={"max_insert_threads": 2})
+        client.command(f"INSERT INTO {database}.gpu_samples ({', '.join(generated_columns(client, select))}) "
+                       f"{select}", settings={"max_insert_threads": 2})
         done += n
     raw_s = time.perf_counter() - t
     end_ms = start_ms + total * interval_ms
     filled = {f"{database}.gpu_samples"}
     pending = list(views)
+    fill_s: dict[str, float] = {}
     while pending:
         ready = [v for v in pending if v[1] in filled]
         if not ready:
             break  # the rest read tables this generator does not write (agent_reports): put back, empty
+        chunk_ms = DAY_MS * max(1, FILL_SAMPLES // (gpus * per_day))
         for view in ready:
-            _fill(client, database, view[1], view[2], view[4], start_ms, end_ms)
+            started = time.perf_counter()
+            _fill(client, database, view[1], view[2], view[4], start_ms, end_ms, chunk_ms)
+            fill_s[view[0]] = round(time.perf_counter() - started, 2)
             filled.add(view[2])
             pending.remove(view)
     for view in views:
@@ -159,10 +171,11 @@ def generate(client: Any, database: str, gpus: int = 1000, days: float = 7.0, in
     seconds = time.perf_counter() - t
     rows = client.query(f"SELECT count() FROM {database}.gpu_samples").result_rows[0][0]
     return {"gpus": gpus, "days": days, "interval_ms": interval_ms, "rows": rows, "seconds": seconds,
-            "raw_insert_seconds": raw_s, "start_ms": start_ms, "end_ms": end_ms}
+            "raw_insert_seconds": raw_s, "fill_seconds": fill_s, "start_ms": start_ms, "end_ms": end_ms}
 
 
-def _fill(client: Any, database: str, source: str, target: str, select: str, start_ms: int, end_ms: int) -> None:
+def _fill(client: Any, database: str, source: str, target: str, select: str, start_ms: int, end_ms: int,
+          chunk_ms: int = DAY_MS) -> None:
     engine = client.query("SELECT engine, sorting_key FROM system.tables WHERE database = {db:String} "
                           "AND name = {t:String}",
                           parameters={"db": database, "t": target.rsplit(".", 1)[-1]}).result_rows
@@ -177,9 +190,9 @@ def _fill(client: Any, database: str, source: str, target: str, select: str, sta
     if not source.endswith(".gpu_samples"):
         client.command(f"INSERT INTO {target} {select}")
         return
-    for day in range(start_ms, end_ms + 3_600_000, DAY_MS):  # samples of the last hour belong to its minutes too
+    for day in range(start_ms, end_ms + 3_600_000, chunk_ms):  # samples of the last hour belong to its minutes too
         pruned = (f"(SELECT * FROM {source} WHERE time >= fromUnixTimestamp64Milli({day}) "
-                  f"AND time < fromUnixTimestamp64Milli({day + DAY_MS}))")
+                  f"AND time < fromUnixTimestamp64Milli({day + chunk_ms}))")
         # the view's own alias for the table, if it has one (`FROM db.gpu_samples AS s`), else the table's name
         found = re.search(rf"{re.escape(source)}(\s+AS\s+(\w+))?", select)
         alias = found.group(2) if found and found.group(2) else "gpu_samples"

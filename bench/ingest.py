@@ -17,13 +17,15 @@ kafka-python's heartbeat) and the broker process.
 
 from __future__ import annotations
 
+import re
+import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -238,43 +240,129 @@ def ingest(cfg: Any, client: Any, count: int, samples: int, timeout_s: float = 6
     }
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One insert's worth of messages, ready for both insert paths."""
+
+    block: bytes
+    columns: Any
+    rows: int
+
+
+def _batches(path: Any, msgs: list[Message], parts: int) -> list[Batch]:
+    """`msgs` cut into `parts` batches of distinct messages: an identical batch inserted again would be
+    dropped by ClickHouse's insert deduplication and cost almost nothing."""
+    from gpufleet.pipeline.ingest import staging
+    from gpufleet.pipeline.ingest.rows import Deriver, derive, derived_columns
+
+    size = len(msgs) // parts
+    out = []
+    for i in range(parts):
+        chunk = msgs[i * size:(i + 1) * size]
+        reports = [path.decoder.decode(m.value) for m in chunk]
+        raw = {id(r): m.value for r, m in zip(reports, chunk, strict=True)}
+        derived = derive(reports, Deriver())
+        block = bytes(staging.Splicer(Deriver().peak).block(derived, raw, [True] * len(reports), 0))
+        out.append(Batch(block, derived_columns(derived, 0), sum(derived.counts)))
+    return out
+
+
+def _per_row(insert: Callable[[Batch], None], batches: list[Batch]) -> dict[str, float]:
+    """Median wall and process-CPU microseconds per GPU row over the batches, each inserted once."""
+    walls, cpus = [], []
+    for b in batches:
+        c, w = cpu_seconds(), time.perf_counter()
+        insert(b)
+        walls.append((time.perf_counter() - w) / b.rows * 1e6)
+        cpus.append((cpu_seconds() - c) / b.rows * 1e6)
+    return {"wall_us_per_row": statistics.median(walls), "cpu_us_per_row": statistics.median(cpus)}
+
+
+def _stored(client: Any, database: str, batches: list[Batch]) -> None:
+    stored = client.query(f"SELECT count() FROM {database}.gpu_samples").result_rows[0][0]
+    if stored != sum(b.rows for b in batches):
+        raise RuntimeError(f"{stored} rows stored of {sum(b.rows for b in batches)}: the batches were not distinct")
+
+
 def clickhouse_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[str, Any]:
     """ClickHouse's own cost of storing a batch (chDB, in this process), per GPU row: the JSON staging
     insert the ingester sends, and the Python-column insert it replaced (Python serialization included)."""
     from gpufleet.pipeline.ingest import staging
-    from gpufleet.pipeline.ingest.rows import Deriver, derive, derived_columns, insert_columns
+    from gpufleet.pipeline.ingest.rows import insert_columns
     from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
 
-    database = f"bench_chcost_{uuid.uuid4().hex[:8]}"
-    migrate(client, SchemaOptions(database=database))
-    store = Store(client, database)
-    try:
-        path = staging.ensure(store)
-        reports = [path.decoder.decode(m.value) for m in msgs]
-        raw = {id(r): m.value for r, m in zip(reports, msgs, strict=True)}
-        derived = derive(reports, Deriver())
-        rows = sum(derived.counts)
-        block = bytes(staging.Splicer(Deriver().peak).block(derived, raw, [True] * len(reports), 0))
-        columns = derived_columns(derived, 0)
-        out: dict[str, Any] = {"gpu_rows_per_insert": rows, "messages_per_insert": len(msgs)}
-        for name, insert in (
-            ("json_staging", lambda: staging.insert(store, path, memoryview(block))),
-            ("python_columns", lambda: insert_columns(store, "gpu_samples", columns)),
-        ):
-            walls, cpus = [], []
-            for _ in range(repeats):
-                c, w = cpu_seconds(), time.perf_counter()
-                insert()
-                walls.append(time.perf_counter() - w)
-                cpus.append(cpu_seconds() - c)
-            walls.sort()
-            cpus.sort()
-            out[name] = {"wall_us_per_row": walls[len(walls) // 2] / rows * 1e6,
-                         "cpu_us_per_row": cpus[len(cpus) // 2] / rows * 1e6}
-        return out
-    finally:
-        client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
+    out: dict[str, Any] = {"messages_per_insert": len(msgs) // repeats}
+    for name in ("json_staging", "python_columns"):
+        database = f"bench_chcost_{uuid.uuid4().hex[:8]}"
+        migrate(client, SchemaOptions(database=database))
+        store = Store(client, database)
+        try:
+            path = staging.ensure(store)
+            batches = _batches(path, msgs, repeats)
+            out["gpu_rows_per_insert"] = batches[0].rows
+            if name == "json_staging":
+                out[name] = _per_row(lambda b, p=path, s=store: staging.insert(s, p, memoryview(b.block)), batches)
+            else:
+                out[name] = _per_row(lambda b, s=store: insert_columns(s, "gpu_samples", b.columns), batches)
+            _stored(client, database, batches)
+        finally:
+            client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
+    return out
+
+
+def views_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[str, Any]:
+    """The materialized views' share of the insert: the ingester's JSON staging insert per GPU row into
+    the full schema, and into the same schema with every view fed by `gpu_samples` dropped (the raw
+    table alone), and without the views issue 12 added (`ISSUE_12_MIGRATIONS`: the before/after of its
+    read-side fixes, `issue_12_views_extra_cost` against its 15 % budget). Whatever views the migrations
+    create are measured, so the figure moves when views are added."""
+    from bench.history import views_of
+    from gpufleet.pipeline.ingest import staging
+    from gpufleet.pipeline.store import Store
+    from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
+
+    out: dict[str, Any] = {"messages_per_insert": len(msgs) // repeats}
+    issue_12 = issue_12_views()
+    for name in ("with_views", "without_issue_12_views", "raw_table_only"):
+        database = f"bench_views_{uuid.uuid4().hex[:8]}"
+        migrate(client, SchemaOptions(database=database))
+        store = Store(client, database)
+        try:
+            path = staging.ensure(store)
+            views = [v for v in views_of(client, database) if not v[2].endswith(".gpu_samples")]
+            if name != "with_views":
+                for view in views:
+                    if name == "raw_table_only" or view[0] in issue_12:
+                        client.command(f"DROP VIEW {database}.{view[0]}")
+            else:
+                out["views"] = sorted(v[0] for v in views)
+            batches = _batches(path, msgs, repeats)
+            out["gpu_rows_per_insert"] = batches[0].rows
+            out[name] = _per_row(lambda b, p=path, s=store: staging.insert(s, p, memoryview(b.block)), batches)
+            _stored(client, database, batches)
+        finally:
+            client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
+    with_views, raw = out["with_views"]["cpu_us_per_row"], out["raw_table_only"]["cpu_us_per_row"]
+    out["views_cpu_us_per_row"] = with_views - raw
+    out["views_share_of_insert_cpu"] = (with_views - raw) / with_views if with_views else None
+    before = out["without_issue_12_views"]["cpu_us_per_row"]
+    out["issue_12_views"] = sorted(issue_12)
+    out["issue_12_views_extra_cost"] = (with_views - before) / before if before else None
+    return out
+
+
+ISSUE_12_MIGRATIONS: Final = ("0040_fleet_rollups.sql", "0041_health_events.sql")
+"""The migrations whose views issue 12's read-side fixes added (fleet rollups, health events)."""
+
+
+def issue_12_views() -> set[str]:
+    """Names of the materialized views `ISSUE_12_MIGRATIONS` create."""
+    from gpufleet.pipeline.store import migrations
+
+    folder = Path(migrations.__file__).parent
+    return {m for f in ISSUE_12_MIGRATIONS
+            for m in re.findall(r"CREATE MATERIALIZED VIEW IF NOT EXISTS \$\{db\}\.(\w+)", (folder / f).read_text())}
 
 
 def run(messages: int = 20_000, partitions: int = 4, workdir: Path | None = None, dsn: str | None = None,
@@ -335,7 +423,7 @@ def run(messages: int = 20_000, partitions: int = 4, workdir: Path | None = None
             ingest(pcfg, client, len(msgs), samples, profile_to=workdir / "ingest_profile.txt",
                    clock=clock_from(newest_ms(msgs)))
             client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
-    ch_cost = clickhouse_cost(client, msgs[:5000])
+    ch_cost = clickhouse_cost(client, msgs[:15000])
     raw_rates = sorted(r["messages_per_s"] for r in raw_runs)
     raw_rate = raw_rates[len(raw_rates) // 2]
     per_msg = samples / len(msgs)

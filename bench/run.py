@@ -1,8 +1,8 @@
 """`python -m bench.run` (what `make bench` runs): every benchmark item, `bench/results.json`, the
 results table in BENCHMARKS.md.
 
-    python -m bench.run                       # everything (about 15 minutes on 2 cores)
-    python -m bench.run --only ingest,agent   # a subset: ingest, agent, storage, queries, freshness, scaling
+    python -m bench.run                       # everything (35 minutes or more on 2 cores; read_path is half)
+    python -m bench.run --only ingest,agent   # a subset: ingest, agent, storage, queries, freshness, scaling, read_path
     python -m bench.run --quick               # smaller sizes, for trying the suite (figures not comparable)
 
 Items not selected keep their previous figures in results.json (each carries its own date), so
@@ -24,12 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import model, report
+from bench import model, read_path, report
 from bench.common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
-ITEMS = ("ingest", "agent", "storage", "queries", "freshness", "scaling")
+ITEMS = ("ingest", "agent", "storage", "queries", "freshness", "scaling", "read_path")
 
 
 def _sizes(quick: bool) -> dict[str, dict[str, Any]]:
@@ -39,9 +39,10 @@ def _sizes(quick: bool) -> dict[str, dict[str, Any]]:
                 "storage": {"nodes": 2, "hours": 0.5},
                 "queries": {"gpus": 200, "days": 0.5, "runs": 3},
                 "freshness": {"nodes": 32, "seconds": 25.0, "warmup_s": 8.0},
-                "scaling": {"messages": 8000, "process_counts": (1, 2)}}
+                "scaling": {"messages": 8000, "process_counts": (1, 2)},
+                "read_path": {"sizes": read_path.QUICK, "plot": None}}
     return {"ingest": {"messages": 40_000}, "agent": {}, "storage": {}, "queries": {}, "freshness": {},
-            "scaling": {}}
+            "scaling": {}, "read_path": {}}
 
 
 def _runners(workdir: Path, dsn: str, sizes: dict[str, dict[str, Any]]) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -80,8 +81,11 @@ def _runners(workdir: Path, dsn: str, sizes: dict[str, dict[str, Any]]) -> dict[
 
         return item.run(workdir / "scaling", **sizes["scaling"])
 
+    def read_path_item() -> dict[str, Any]:
+        return read_path.run(dsn, workdir / "read_path", **sizes["read_path"])
+
     return {"ingest": ingest, "agent": agent, "storage": storage, "queries": queries, "freshness": freshness,
-            "scaling": scaling}
+            "scaling": scaling, "read_path": read_path_item}
 
 
 def main(argv: list[str] | None = None) -> int:

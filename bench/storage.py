@@ -130,9 +130,9 @@ def dir_bytes(path: Path) -> int:
 
 
 def prometheus_bytes(reports: list[Any], workdir: Path) -> dict[str, Any]:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        return {"status": "not run", "reason": "promtool not installed (apt-get install prometheus)"}
+    from bench.peers import PROMTOOL, require
+
+    promtool = require(PROMTOOL)
     work = workdir / f"prom-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
     try:
@@ -222,14 +222,12 @@ def run(client: Any, workdir: Path, nodes: int = 8, hours: float = 2.0, interval
         "bytes_per_counter_value": ch["gpu_samples_bytes"] / ch["counter_values"],
         "target_ratio_to_prometheus": 0.5,
     }
-    if prom.get("status") == "ok":
-        if prom["samples"] != ch["counter_values"]:
-            raise RuntimeError(f"counter values differ: Prometheus {prom['samples']}, "
-                               f"ClickHouse {ch['counter_values']}")
-        out["prometheus_bytes_per_gpu_sample"] = prom["bytes"] / samples
-        out["prometheus_bytes_per_counter_value"] = prom["bytes"] / prom["samples"]
-        out["ratio_to_prometheus"] = ch["gpu_samples_bytes"] / prom["bytes"]
-        out["ratio_to_prometheus_chunks_only"] = ch["gpu_samples_bytes"] / prom["chunk_bytes"]
+    if prom["samples"] != ch["counter_values"]:
+        raise RuntimeError(f"counter values differ: Prometheus {prom['samples']}, ClickHouse {ch['counter_values']}")
+    out["prometheus_bytes_per_gpu_sample"] = prom["bytes"] / samples
+    out["prometheus_bytes_per_counter_value"] = prom["bytes"] / prom["samples"]
+    out["ratio_to_prometheus"] = ch["gpu_samples_bytes"] / prom["bytes"]
+    out["ratio_to_prometheus_chunks_only"] = ch["gpu_samples_bytes"] / prom["chunk_bytes"]
     if not math.isfinite(out["bytes_per_gpu_sample"]):
         raise RuntimeError("no samples stored")
     return out

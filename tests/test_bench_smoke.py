@@ -12,7 +12,8 @@ from bench import model, report
 
 @pytest.mark.parametrize(("name", "entry"), [
     ("run", "main"), ("ingest", "run"), ("agent", "run"), ("storage", "run"), ("queries", "run"),
-    ("history", "generate"), ("freshness", "run"), ("scaling", "run"),
+    ("history", "generate"), ("freshness", "run"), ("scaling", "run"), ("read_path", "run"), ("peer", "compare"),
+    ("victoria", "load"), ("answers", "compare_usage"), ("panels", "expanded"), ("plot", "growth_png"),
 ])
 def test_every_item_imports(name: str, entry: str) -> None:
     assert callable(getattr(importlib.import_module(f"bench.{name}"), entry))

@@ -57,6 +57,8 @@ INTERNAL = {
     "StatusUnavailable": "answered to a status API client as 503 with the reason",
     "AllocationUnknown": "an allocation source's signal to the agent: the interval's GPUs carry `allocation_unknown`",
     "MetadataUnavailable": "the pod-label lookup's signal: that pod's devices are `Unknown` (billed to nobody)",
+    "BatchTaken": "the batch ledger's signal to the ingester: write the batch another consumer entered first",
+    "ReplayRefused": "the ingester backs off and retries the partition (IngestStats.last_error and the log say why)",
 }
 """Exception classes that never reach a user as a command's failure, and where they end instead."""
 

@@ -64,13 +64,16 @@ def already_stored(store: Store, reports: Sequence[NodeReport], own_ms: int) -> 
     return {(c, n, b, int(s)) for c, n, b, s in rows} & wanted
 
 
-def dedup_settings(known: Collection[str]) -> dict[str, object]:
+def dedup_settings(known: Collection[str], *, sharded: bool = False) -> dict[str, object]:
     """Deduplication on for an insert, in its table and every view target below it, whatever the server's
     profile says; `known` are the setting names the server has (`deduplicate_insert` is new in 26.x and
-    supersedes `insert_deduplicate` there)."""
+    supersedes `insert_deduplicate` there). `sharded` (a cluster: inserts go through `Distributed` tables):
+    the insert returns only once each shard stored its block under the token (docs/scaling.md)."""
     settings: dict[str, object] = {"insert_deduplicate": 1, "deduplicate_blocks_in_dependent_materialized_views": 1}
     if "deduplicate_insert" in known:
         settings["deduplicate_insert"] = "enable"
+    if sharded:
+        settings["distributed_foreground_insert"] = 1
     return settings
 
 

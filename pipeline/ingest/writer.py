@@ -210,7 +210,8 @@ class BatchWriter:
         self.clock = clock
         self.json_staging = json_staging
         self.window = TimeWindow.from_config(cfg)
-        self.dedup = dedup.dedup_settings(getattr(store.client, "server_settings", {}))
+        self.dedup = dedup.dedup_settings(getattr(store.client, "server_settings", {}),
+                                          sharded=bool(cfg.clickhouse.cluster))
         self.ledger = (Ledger(store, cfg.ingest.group_id, self.dedup, consistent=bool(cfg.clickhouse.cluster))
                        if ledger else None)
         self.deriver = Deriver(cfg.health, cfg.peak_flops, claims.ClaimBook(cfg.ingest.max_claim_ms))

@@ -27,7 +27,9 @@ _DUPLICATES: Final = (
     "GROUP BY cluster, node, gpu_index HAVING stored != samples ORDER BY cluster, node, gpu_index "
     "LIMIT {limit:UInt32} SETTINGS optimize_aggregation_in_order = 1"
 )
-_MINUTE_OF: Final = "toDateTime(intDiv(toUnixTimestamp64Milli(time) - interval_ms, 60000) * 60, 'UTC')"
+_MINUTE_OF: Final = "toDateTime(intDiv(toUnixTimestamp64Milli(claim_start), 60000) * 60, 'UTC')"
+"""The minute the rollups file a sample under: that of its claim start (migration 0031), which is
+`time - interval_ms` unless an earlier sample of the GPU claimed the start of its interval."""
 _RAW_VS_MINUTE: Final = (
     "SELECT toUnixTimestamp(minute) * 1000 AS m, raw_samples, raw_ms, rollup_samples, rollup_ms FROM ("
     f"SELECT {_MINUTE_OF} AS minute, count() AS raw_samples, sum(toUInt64(interval_ms)) AS raw_ms "

@@ -2,8 +2,8 @@
 
 Each file is a list of statements separated by `;` at line end, with `${db}`, `${on_cluster}`,
 `${replicated}`, `${dedup_window}` and `${raw_ttl_days}` filled in here, so one set of files serves chDB, a single
-server and a cluster (Replicated engines, `ON CLUSTER`). Applied versions are recorded in
-`schema_migrations` with a checksum; a changed file that was already applied is an error.
+server and a cluster (Replicated engines, `ON CLUSTER`, `Distributed` tables by node: sharding.py). Applied
+versions are recorded in `schema_migrations` with a checksum; a changed file that was already applied is an error.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Final
 
 from gpufleet.errors import GpufleetError, StoreError, first_line
+from gpufleet.pipeline.store import sharding
 from gpufleet.pipeline.store.client import check_database_name
 
 if TYPE_CHECKING:
@@ -86,7 +87,11 @@ def statements(migration: Migration, options: SchemaOptions) -> list[str]:
     text = string.Template(migration.sql).substitute(options.substitutions())
     lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
     parts = "\n".join(lines).split(";\n")
-    return [p.strip().rstrip(";") for p in parts if p.strip()]
+    out = [p.strip().rstrip(";") for p in parts if p.strip()]
+    if options.cluster:
+        db = options.substitutions()["db"]
+        out = [c for stmt in out for c in sharding.cluster_statements(stmt, db, options.cluster)]
+    return out
 
 
 def require_schema(store: Store, where: str, hint: str = "gpufleet migrate") -> None:
@@ -104,17 +109,22 @@ def require_schema(store: Store, where: str, hint: str = "gpufleet migrate") -> 
                          f"reads version {latest}: upgrade it with `{hint}`")
 
 
+def schema_table(options: SchemaOptions) -> str:
+    """The statement creating `schema_migrations` (on a cluster, one replica set over every server)."""
+    db = check_database_name(options.database)
+    stmt = (f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations {options.substitutions()['on_cluster']} "
+            "(version UInt32, name String, checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+            f"ENGINE = {options.substitutions()['replicated']}ReplacingMergeTree ORDER BY version")
+    return sharding.global_engine(stmt) if options.cluster else stmt
+
+
 def migrate(client: Client, options: SchemaOptions) -> list[int]:
     """Apply every migration not yet applied; returns the versions applied now."""
     db = check_database_name(options.database)
     on_cluster = options.substitutions()["on_cluster"]
     engine = "" if options.cluster else " ENGINE = Atomic"
     client.command(f"CREATE DATABASE IF NOT EXISTS {db} {on_cluster}{engine}")
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations {on_cluster} "
-        "(version UInt32, name String, checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
-        f"ENGINE = {options.substitutions()['replicated']}ReplacingMergeTree ORDER BY version"
-    )
+    client.command(schema_table(options))
     applied = {
         int(v): c
         for v, c in client.query(f"SELECT version, checksum FROM {db}.schema_migrations FINAL").result_rows

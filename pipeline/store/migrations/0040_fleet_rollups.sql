@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS ${db}.fleet_usage_1m ${on_cluster}
 ENGINE = ${replicated}AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
 ORDER BY (minute, cluster, tenant, model, health)
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS ${dedup_window} = 10000;
 
 CREATE TABLE IF NOT EXISTS ${db}.fleet_usage_1h ${on_cluster}
 (
@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS ${db}.fleet_usage_1h ${on_cluster}
 ENGINE = ${replicated}AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, cluster, tenant, model, health)
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS ${dedup_window} = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.fleet_usage_1m_mv ${on_cluster} TO ${db}.fleet_usage_1m AS
 SELECT
@@ -184,7 +184,7 @@ CREATE TABLE IF NOT EXISTS ${db}.job_usage_1h ${on_cluster}
 ENGINE = ${replicated}AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (tenant, job, hour, cluster, model)
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS ${dedup_window} = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.job_usage_1h_mv ${on_cluster} TO ${db}.job_usage_1h AS
 SELECT
@@ -248,7 +248,7 @@ CREATE TABLE IF NOT EXISTS ${db}.node_latest ${on_cluster}
 )
 ENGINE = ${replicated}ReplacingMergeTree(time)
 ORDER BY (cluster, node)
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS ${dedup_window} = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.node_latest_mv ${on_cluster} TO ${db}.node_latest AS
 SELECT cluster, node, max(time) AS time

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS ${db}.gpu_health_events ${on_cluster}
 ENGINE = ${replicated}ReplacingMergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (cluster, node, gpu_uuid, time, boot_id)
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS ${dedup_window} = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.gpu_health_events_mv ${on_cluster} TO ${db}.gpu_health_events AS
 SELECT time, interval_ms, cluster, node, boot_id, gpu_index, gpu_uuid, model, tenant, job, health, health_reasons,
@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS ${db}.gpu_xid_events ${on_cluster}
 ENGINE = ${replicated}ReplacingMergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (cluster, node, gpu_uuid, time, boot_id, position)
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS ${dedup_window} = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.gpu_xid_events_mv ${on_cluster} TO ${db}.gpu_xid_events AS
 SELECT time, interval_ms, cluster, node, boot_id, gpu_index, gpu_uuid, model, tenant, job, xid, toUInt16(position) AS position,
@@ -136,7 +136,7 @@ CREATE TABLE IF NOT EXISTS ${db}.gpu_health_1m ${on_cluster}
 ENGINE = ${replicated}AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
 ORDER BY (minute, cluster, node, gpu_uuid, gpu_index, model, tenant)
-SETTINGS non_replicated_deduplication_window = 1000, deduplicate_merge_projection_mode = 'rebuild';
+SETTINGS ${dedup_window} = 10000, deduplicate_merge_projection_mode = 'rebuild';
 
 CREATE TABLE IF NOT EXISTS ${db}.gpu_health_1h ${on_cluster}
 (
@@ -176,7 +176,7 @@ CREATE TABLE IF NOT EXISTS ${db}.gpu_health_1h ${on_cluster}
 ENGINE = ${replicated}AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, cluster, node, gpu_uuid, gpu_index, model, tenant)
-SETTINGS non_replicated_deduplication_window = 1000, deduplicate_merge_projection_mode = 'rebuild';
+SETTINGS ${dedup_window} = 10000, deduplicate_merge_projection_mode = 'rebuild';
 
 ALTER TABLE ${db}.gpu_health_1m ${on_cluster}
     ADD PROJECTION IF NOT EXISTS by_gpu (SELECT * ORDER BY cluster, node, gpu_uuid, minute);

@@ -1,0 +1,99 @@
+"""The fleet-level questions gpufleet and its peers both answer, each in three forms.
+
+For each question: where gpufleet answers it (a board panel, found by board and title when the run
+starts; or, where no panel answers it yet, the query such a panel would run on today's tables),
+the same answer computed from raw `gpu_samples` by hand-written SQL that follows the documented
+semantics (docs/aggregations.md), and the question in MetricsQL over dcgm-exporter-style series
+for VictoriaMetrics (bench/victoria.py).
+
+The raw SQL never reads a rollup, so it stays the reference whatever the rollups become; both
+gpufleet's and the raw SQL use the plugin's macros and are expanded with the same time range and
+`$__interval`, so their buckets are the same. A sample belongs to the minute containing its
+interval start (`time - interval_ms`), as in every rollup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from gpufleet.dashboards import fragments
+from gpufleet.pipeline.queries import rollups
+
+RAW: Final = ("(SELECT *, toDateTime(intDiv(toUnixTimestamp64Milli(time) - interval_ms, 60000) * 60, 'UTC') "
+              "AS minute FROM gpu_samples)")
+"""Raw samples with the minute their interval started in."""
+
+MIN_INTERVAL: Final = "1m"
+"""The panels' minimum interval (the minute rollup's resolution): bench queries use it too."""
+
+
+@dataclass(frozen=True)
+class Question:
+    name: str
+    panel: tuple[str, str] | None
+    """(board uid, panel title) of the panel that answers it, or None."""
+    sql: str | None
+    """Where no panel answers it: the query a panel would run today (macros, current tables)."""
+    raw_sql: str
+    promql: str
+    """MetricsQL; `$step` is the panel's interval, `$range` the whole range."""
+    instant: bool = False
+    """True: one value over the range (an instant query at its end); False: a series over time."""
+
+
+BUCKET: Final = f"toStartOfInterval(minute, INTERVAL {fragments.BUCKET_S} second)"
+"""The boards' time-series bucket (Grafana's interval, whole hours from 30 minutes on) over raw minutes."""
+
+
+def _raw(select: str, group: str = "") -> str:
+    tail = f" GROUP BY {group} ORDER BY {group}" if group else ""
+    return f"SELECT {select} FROM {RAW} WHERE $__timeFilter(minute){tail}"
+
+
+def _fleet(columns: tuple[str, ...], select: str, group: str, where: str = "1") -> str:
+    """What a fleet panel would run: the fleet rollup's rows of the range (whole hours from the hour level)."""
+    rows = rollups.rows(rollups.FLEET, *fragments.RANGE, where=where, hourly=fragments.HOURLY_BUCKETS,
+                        columns=columns)
+    return f"SELECT {fragments.bucket()} AS t, {select} FROM {rows} GROUP BY {group} ORDER BY {group}"
+
+
+_UTIL = ("sum(toFloat64(ifNull(util_gpu_ratio, 0)) * interval_ms) "
+         "/ nullIf(sumIf(toUInt64(interval_ms), util_gpu_ratio IS NOT NULL), 0) AS util")
+_ENERGY_MJ = "sum(toUInt64(round(ifNull(power_w, 0) * interval_ms)))"
+_FLEET_UTIL = "sum(util_weighted_ms) / nullIf(sum(util_ms), 0) AS util"
+
+QUESTIONS: Final = (
+    Question(
+        "fleet utilization over time", None,
+        _fleet(("util_ms", "util_weighted_ms"), _FLEET_UTIL, "t"),
+        _raw(f"{BUCKET} AS t, {_UTIL}", "t"),
+        "avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL[$step]))",
+    ),
+    Question(
+        "utilization per tenant over time", None,
+        _fleet(("tenant", "util_ms", "util_weighted_ms"), f"tenant, {_FLEET_UTIL}", "t, tenant", "tenant != ''"),
+        f"SELECT {BUCKET} AS t, tenant, {_UTIL} FROM {RAW} "
+        "WHERE $__timeFilter(minute) AND tenant != '' GROUP BY t, tenant ORDER BY t, tenant",
+        'avg by (tenant) (avg_over_time(DCGM_FI_DEV_GPU_UTIL{tenant!=""}[$step]))',
+    ),
+    Question(
+        "GPUs by health state over time", ("gpufleet-fleet", "GPUs by health state over time (time-weighted)"), None,
+        # time-weighted: GPU-seconds claimed in each state over the bucket's seconds (each sample claims its interval)
+        f"SELECT {BUCKET} AS t, toString(health) AS state, "
+        f"sum(toUInt64(interval_ms)) / (1000 * {fragments.BUCKET_S}) AS gpus FROM {RAW} "
+        "WHERE $__timeFilter(minute) GROUP BY t, state ORDER BY t, state",
+        'count_values("state", max by (UUID) (max_over_time(gpufleet_health_state[$step])))',
+    ),
+    Question(
+        "power over time", ("gpufleet-fleet", "Power draw"), None,
+        _raw(f"{BUCKET} AS t, {_ENERGY_MJ} / 1000 / {fragments.BUCKET_S} AS power_w", "t"),
+        "sum(avg by (UUID) (avg_over_time(DCGM_FI_DEV_POWER_USAGE[$step])))",
+    ),
+    Question(
+        "energy over the range", ("gpufleet-fleet", "Energy over the time range"), None,
+        _raw(f"{_ENERGY_MJ} / 3600000000 AS energy_kwh"),
+        "sum(increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[$range])) / 3.6e9",
+        instant=True,
+    ),
+)
