@@ -455,20 +455,21 @@ def _drift(rule: NodeConfigDrift) -> AlertQuery:
         """
         WITH latest AS
         (
-            SELECT cluster, node, gpu_uuid, argMax(model, time) AS model, field, argMax(found, time) AS found
+            SELECT gpu_uuid, argMax(at_cluster, time) AS cluster, argMax(at_node, time) AS node,
+                argMax(of_model, time) AS model, field, argMax(found, time) AS found
             FROM
             (
-                SELECT cluster, node, gpu_uuid, model, time,
+                SELECT cluster AS at_cluster, node AS at_node, gpu_uuid, model AS of_model, time,
                     arrayJoin(arrayFilter(p -> p.2 IS NOT NULL AND has([{fields}], p.1), [
                         ('driver_version', driver_version), ('vbios_version', vbios_version),
                         ('ecc_mode', if(ecc_mode IS NULL, NULL, toString(ecc_mode))),
                         ('persistence_mode', if(persistence_mode IS NULL, NULL, toString(persistence_mode)))
                     ])) AS pair,
                     pair.1 AS field, assumeNotNull(pair.2) AS found
-                FROM gpu_samples
+                FROM gpu_inventory
                 WHERE $__timeFilter(time)
             )
-            GROUP BY cluster, node, gpu_uuid, field
+            GROUP BY gpu_uuid, field
         ),
         majority AS
         (

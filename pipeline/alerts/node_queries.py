@@ -5,7 +5,7 @@
   port): "sustained for D" as `formulas.sustained` over the reports ending in `(now - D, now]`, counter
   rises as `increase()` does;
 * `gpu_missing`: `agent_reports`, the GPUs a node should have against those its reports list;
-* `node_config_drift`: each GPU's newest inventory in `gpu_samples` against the majority of its model.
+* `node_config_drift`: each GPU's newest inventory (`gpu_inventory`) against the majority of its model.
 
 As in `queries`, every value is a bound parameter; identifiers come from this module or validated rules,
 and only samples with `time <= now` count.
@@ -228,19 +228,20 @@ def _missing_candidates(rule: GpuMissing, row: Mapping[str, Any]) -> list[Candid
 
 _DRIFT_SQL: Final = f"""
 WITH latest AS (
-    SELECT cluster, node, gpu_uuid, argMax(model, time) AS model, field,
+    SELECT gpu_uuid, argMax(at_cluster, time) AS cluster, argMax(at_node, time) AS node,
+           argMax(of_model, time) AS model, field,
            argMax(found, time) AS found, toUnixTimestamp64Milli(max(time)) AS seen_ms
     FROM (
-        SELECT cluster, node, gpu_uuid, model, time,
+        SELECT cluster AS at_cluster, node AS at_node, gpu_uuid, model AS of_model, time,
                arrayJoin(arrayFilter(p -> p.2 IS NOT NULL AND has({{fields:Array(String)}}, p.1), [
                    ('driver_version', driver_version), ('vbios_version', vbios_version),
                    ('ecc_mode', if(ecc_mode IS NULL, NULL, toString(ecc_mode))),
                    ('persistence_mode', if(persistence_mode IS NULL, NULL, toString(persistence_mode)))])) AS pair,
                pair.1 AS field, assumeNotNull(pair.2) AS found
-        FROM {{db:Identifier}}.gpu_samples
+        FROM {{db:Identifier}}.gpu_inventory
         WHERE {_WINDOW}
     )
-    GROUP BY cluster, node, gpu_uuid, field
+    GROUP BY gpu_uuid, field
 ),
 majority AS (
     SELECT model, field, argMax(found, n) AS common, max(n) AS common_n, sum(n) AS total
@@ -257,8 +258,9 @@ WHERE l.found != m.common
 GROUP BY cluster, node, field, model
 ORDER BY cluster, node, field, model
 """
-"""Each GPU's newest value of each field in the window, the majority value per model and field (more
-than half of that model's GPUs), and per node the fields whose GPUs differ from it."""
+"""Each GPU's newest value of each field in the window (from `gpu_inventory`, the inventory reads only: a
+row per GPU and read, not every sample), the majority value per model and field (more than half of that
+model's GPUs), and per node the fields whose GPUs differ from it. A GPU counts once, on its newest node."""
 
 
 def _drift(rule: NodeConfigDrift, now_ms: int) -> Query:

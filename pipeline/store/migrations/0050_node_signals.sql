@@ -1,7 +1,8 @@
 -- Node-side signals (docs/wire-format.md, docs/alerts.md): the GPU's recovery action, its own
 -- temperature and power limits, its NVSwitch fabric state, its inventory (serial, VBIOS, driver,
 -- persistence and ECC mode); per message the GPUs the node should have and those it lost; and the
--- node's InfiniBand/RoCE ports, one row per port per message.
+-- node's InfiniBand/RoCE ports, one row per port per message; and gpu_inventory, each GPU's newest
+-- inventory read, which NodeConfigDrift reads instead of a window of raw samples.
 --
 -- The new gpu_samples columns are plain Nullable(String) for the inventory strings: they are sent only
 -- when read (every agent.nvml_inventory_every_s), so nearly every row holds NULL there.
@@ -66,3 +67,31 @@ SETTINGS ttl_only_drop_parts = 1, ${dedup_window} = 10000;
 ALTER TABLE ${db}.network_ports ${on_cluster} MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild';
 
 ALTER TABLE ${db}.network_ports ${on_cluster} ADD PROJECTION IF NOT EXISTS by_time (SELECT * ORDER BY time);
+
+-- Each GPU's newest inventory read (a small table: one row per GPU after merges, as gpu_latest). The view
+-- takes only the samples that carry an inventory (read together, at attach and every
+-- agent.nvml_inventory_every_s), so NodeConfigDrift reads a row per GPU, not a window of every sample.
+-- Readers take argMax(..., time) per gpu_uuid: unmerged parts, or a GPU that moved between shards, may
+-- hold more than one row.
+CREATE TABLE IF NOT EXISTS ${db}.gpu_inventory ${on_cluster}
+(
+    gpu_uuid          LowCardinality(String),
+    time              DateTime64(3, 'UTC'),
+    cluster           LowCardinality(String),
+    node              LowCardinality(String),
+    model             LowCardinality(String),
+    serial            Nullable(String),
+    vbios_version     Nullable(String),
+    driver_version    Nullable(String),
+    persistence_mode  Nullable(Bool),
+    ecc_mode          Nullable(Bool)
+)
+ENGINE = ${replicated}ReplacingMergeTree(time)
+ORDER BY gpu_uuid
+SETTINGS ${dedup_window} = 10000;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.gpu_inventory_mv ${on_cluster} TO ${db}.gpu_inventory AS
+SELECT gpu_uuid, time, cluster, node, model, serial, vbios_version, driver_version, persistence_mode, ecc_mode
+FROM ${db}.gpu_samples
+WHERE serial IS NOT NULL OR vbios_version IS NOT NULL OR driver_version IS NOT NULL
+   OR persistence_mode IS NOT NULL OR ecc_mode IS NOT NULL;
