@@ -36,6 +36,7 @@ EXIT_CODES = {
     "gpufleet.agents.otlp.receiver.ReceiverError": 2,
     "gpufleet.agents.kafka_exporter.ExportError": 1,
     "gpufleet.pipeline.store.migrate.MigrationError": 1,
+    "gpufleet.pipeline.store.sharding.UnclassifiedTable": 1,
     "gpufleet.pipeline.queries.billing.BillingError": 1,
     "gpufleet.pipeline.alerts.rules.RulesError": 2,
     "gpufleet.pipeline.alerts.state.StateError": 2,

@@ -36,7 +36,8 @@ FORMULA = "a shared formula from pipeline/queries/formulas.py: constant SQL over
 FRAGMENT_ARG = "SQL its callers pass from constants: bound-parameter placeholders or Grafana macros"
 BY = "rule.by: validated as Literal['cluster', 'tenant']"
 
-DDL_MODULES = ("pipeline/store/migrate.py", "pipeline/store/tenants.py", "pipeline/ingest/staging.py")
+DDL_MODULES = ("pipeline/store/migrate.py", "pipeline/store/sharding.py", "pipeline/store/tenants.py",
+               "pipeline/ingest/staging.py")
 """The only modules that splice the database name: DDL, which cannot bind an identifier (a view's
 SELECT keeps no parameters). Every query names its database as `{db:Identifier}`, bound by `Store`."""
 
@@ -52,6 +53,14 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/ingest/staging.py", "on_cluster"): CLUSTER,
     ("pipeline/store/migrate.py", "engine"): CONST,
     ("pipeline/store/migrate.py", "options.substitutions()['replicated']"): CONST,
+    ("pipeline/store/migrate.py", "options.substitutions()['on_cluster']"): CLUSTER,
+    # the cluster layout's Distributed tables (pipeline/store/sharding.py)
+    ("pipeline/store/sharding.py", "create"): "one of two constant CREATE clauses",
+    ("pipeline/store/sharding.py", "db"): IDENT,
+    ("pipeline/store/sharding.py", "name"): "a table name from the constant SHARDED (a KeyError otherwise)",
+    ("pipeline/store/sharding.py", "cluster"): CLUSTER,
+    ("pipeline/store/sharding.py", "LOCAL_SUFFIX"): CONST,
+    ("pipeline/store/sharding.py", "args"): "the cluster, database and table above with SHARDED's constant key",
     # shared formulas
     ("pipeline/queries/formulas.py", "FIRST_START_MS"): CONST,
     ("pipeline/queries/formulas.py", "since_ms"): FRAGMENT_ARG,
