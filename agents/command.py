@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import msgspec
 
+from gpufleet.agents.collectors.infiniband import SysfsPorts
 from gpufleet.agents.config_check import agent_problems
 from gpufleet.agents.dry_run import StdoutSpool
 from gpufleet.agents.otlp.receiver import MetricSource, OtlpReceiver, ReceiverError, ReceiverSettings
@@ -60,6 +61,8 @@ class NodeParts:
     host_id: str | None = None
     receiver: OtlpReceiver | None = None
     """The node's OTLP receiver for jobs' FLOPs (None: no measured FLOPs)."""
+    network: Any = None
+    """The node's `NetworkSource` (InfiniBand/RoCE ports; None: not reported)."""
 
 
 def apply_overrides(
@@ -103,12 +106,15 @@ def nvml_node(cfg: Config, *, dry_run: bool = False) -> NodeParts:
         kmsg_path=agent.kmsg_path,
         kmsg_cursor=Path(agent.spool_dir) / "kmsg-cursor.json" if agent.kmsg_path and not dry_run else None,
         release_file=Path(agent.nvml_release_file) if agent.nvml_release_file else None,
+        inventory_every_s=agent.nvml_inventory_every_s, gpus_expected=agent.gpus_expected,
+        enumeration_file=None if dry_run else Path(agent.spool_dir) / "gpus.json",
     )
     collector.open()  # NvmlUnavailable says why and how to fix it
     uuids = getattr(collector, "gpu_uuids", None)
     uuid_index = {u: i for i, u in enumerate(uuids)} if uuids else None
     allocation = build_source(cfg.agent.allocation, uuid_index=uuid_index, devices=collector.devices)
-    return NodeParts(cfg.agent.node, collector, allocation, Path(cfg.agent.spool_dir), _machine_id())
+    network = SysfsPorts(agent.sysfs_root) if agent.network_ports else None
+    return NodeParts(cfg.agent.node, collector, allocation, Path(cfg.agent.spool_dir), _machine_id(), network=network)
 
 
 def simulated_nodes(cfg: Config, spec: FleetSpec) -> tuple[SimulatedFleet, list[NodeParts]]:
@@ -128,7 +134,8 @@ def simulated_nodes(cfg: Config, spec: FleetSpec) -> tuple[SimulatedFleet, list[
     own = cfg.agent.allocation.source == "none"
     parts = [NodeParts(node.name, node, node.allocation_source() if own else build_source(
         cfg.agent.allocation, uuid_index={u: i for i, u in enumerate(node.gpu_uuids)}, devices=node.devices),
-        root / node.name) for node in fleet.nodes]
+        root / node.name, network=node.network_source() if cfg.agent.network_ports else None)
+        for node in fleet.nodes]
     return fleet, parts
 
 
@@ -358,7 +365,8 @@ def agent(
                   flops=p.receiver.flops_source if p.receiver else None,
                   counts=count_sources(p.receiver) if p.receiver else None,
                   on_gpus=p.receiver.set_gpus if p.receiver else None, peak_flops=cfg.peak_flops,
-                  otlp_endpoint=cfg.agent.otlp_export_endpoint, otlp_interval_ms=interval_ms, host_id=p.host_id)
+                  otlp_endpoint=cfg.agent.otlp_export_endpoint, otlp_interval_ms=interval_ms, host_id=p.host_id,
+                  network=p.network)
         for i, (p, s) in enumerate(zip(parts, spools, strict=True))
     ]
     log.info("agent: %d node(s), %s backend, every %d ms -> %s", len(agents), cfg.agent.backend, interval_ms,

@@ -24,18 +24,23 @@ from gpufleet.agents.meter import (
     ATTR_INDEX,
     ATTR_JOB,
     ATTR_MODEL,
+    ATTR_PORT_ID,
     ATTR_TENANT,
     ATTR_UUID,
     FRAME_FIELDS,
     GPU_BY_NAME,
+    INFO_FIELDS,
+    NODE_BY_NAME,
+    PORT_BY_NAME,
     RES_BOOT_ID,
     RES_CLUSTER,
     RES_NODE,
     Frame,
+    MetricSpec,
     point_value,
 )
 from gpufleet.errors import GpufleetError
-from gpufleet.wire import SCHEMA_VERSION, AgentHealth, GpuSample, NodeReport, encode
+from gpufleet.wire import SCHEMA_VERSION, AgentHealth, GpuSample, NetworkPort, NodeReport, encode
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +59,11 @@ def report_from_metrics(data: MetricsData, frame: Frame) -> NodeReport:
         cluster, node, boot_id = str(res[RES_CLUSTER]), str(res[RES_NODE]), str(res[RES_BOOT_ID])
     except KeyError as exc:
         raise ExportError(f"resource lacks {exc.args[0]!r}; build it with meter.node_resource") from None
-    values: dict[str, dict[str, Any]] = {}
-    idents: dict[str, Any] = {}
-    health: dict[str, Any] = {}
+    points = _Points()
     for sm in rm.scope_metrics:
         for metric in sm.metrics:
-            gpu_spec = GPU_BY_NAME.get(metric.name)
-            agent_spec = AGENT_BY_NAME.get(metric.name) if gpu_spec is None else None
-            if gpu_spec is None and agent_spec is None:
-                continue
-            for point in metric.data.data_points:
-                attrs = point.attributes or {}
-                if agent_spec is not None:
-                    health[agent_spec.field] = point_value(agent_spec, point.value)
-                    continue
-                uuid = attrs.get(ATTR_UUID)
-                if uuid is None:
-                    raise ExportError(f"{metric.name} has a point without {ATTR_UUID} ({dict(attrs)}); "
-                                      "the OTel cardinality limit overflowed")
-                values.setdefault(str(uuid), {})[gpu_spec.field] = point_value(gpu_spec, point.value)
-                idents.setdefault(str(uuid), attrs)
+            points.add(metric)
+    values, idents = points.gpu, points.gpu_attrs
     gpus = []
     for gpu in frame.gpus:
         attrs = idents.get(gpu.uuid)
@@ -82,15 +72,61 @@ def report_from_metrics(data: MetricsData, frame: Frame) -> NodeReport:
         else:
             index, model = int(attrs[ATTR_INDEX]), attrs.get(ATTR_MODEL)
             tenant, job = attrs.get(ATTR_TENANT), attrs.get(ATTR_JOB)
-        carried = {f: getattr(gpu, f) for f in FRAME_FIELDS}
+        carried = {f: getattr(gpu, f) for f in (*FRAME_FIELDS, *INFO_FIELDS)}
         gpus.append(GpuSample(index=index, uuid=gpu.uuid, model=model, error=gpu.error, tenant=tenant,
                               job=job, xids=list(gpu.xids), **carried, **values.pop(gpu.uuid, {})))
     if values:
         log.error("points for GPUs not in this interval's roster were ignored: %s", sorted(values))
+    network = [NetworkPort(device=p.device, port=p.port, link_layer=p.link_layer,
+                           **points.port.pop(f"{p.device}/{p.port}", {})) for p in frame.node.network]
     return NodeReport(
         schema_version=SCHEMA_VERSION, cluster=cluster, node=node, boot_id=boot_id, seq=frame.seq,
-        time_ms=frame.time_ms, interval_ms=frame.interval_ms, gpus=gpus, agent=AgentHealth(**health),
+        time_ms=frame.time_ms, interval_ms=frame.interval_ms, gpus=gpus, agent=AgentHealth(**points.health),
+        gpus_expected=points.node.get("gpus_expected"), gpus_missing=list(frame.node.gpus_missing),
+        network=network,
     )
+
+
+class _Points:
+    """One collection's points, sorted by what they describe: GPUs (by uuid), ports (by `hw.id`), the
+    agent's health and the node."""
+
+    def __init__(self) -> None:
+        self.gpu: dict[str, dict[str, Any]] = {}
+        self.gpu_attrs: dict[str, Any] = {}
+        self.port: dict[str, dict[str, Any]] = {}
+        self.health: dict[str, Any] = {}
+        self.node: dict[str, Any] = {}
+
+    def add(self, metric: Any) -> None:
+        for table, sink in ((GPU_BY_NAME, self._gpu), (AGENT_BY_NAME, self._flat(self.health)),
+                            (PORT_BY_NAME, self._port), (NODE_BY_NAME, self._flat(self.node))):
+            spec = table.get(metric.name)
+            if spec is not None:
+                for point in metric.data.data_points:
+                    sink(metric.name, spec, point)
+                return
+
+    @staticmethod
+    def _flat(into: dict[str, Any]) -> Any:
+        def sink(_name: str, spec: MetricSpec, point: Any) -> None:
+            into[spec.field] = point_value(spec, point.value)
+        return sink
+
+    def _gpu(self, name: str, spec: MetricSpec, point: Any) -> None:
+        attrs = point.attributes or {}
+        uuid = attrs.get(ATTR_UUID)
+        if uuid is None:
+            raise ExportError(f"{name} has a point without {ATTR_UUID} ({dict(attrs)}); "
+                              "the OTel cardinality limit overflowed")
+        self.gpu.setdefault(str(uuid), {})[spec.field] = point_value(spec, point.value)
+        self.gpu_attrs.setdefault(str(uuid), attrs)
+
+    def _port(self, name: str, spec: MetricSpec, point: Any) -> None:
+        port = (point.attributes or {}).get(ATTR_PORT_ID)
+        if port is None:
+            raise ExportError(f"{name} has a point without {ATTR_PORT_ID}; the OTel cardinality limit overflowed")
+        self.port.setdefault(str(port), {})[spec.field] = point_value(spec, point.value)
 
 
 class KafkaMetricExporter(MetricExporter):

@@ -16,7 +16,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, Metri
 from opentelemetry.sdk.resources import Resource
 
 from gpufleet.version import __version__
-from gpufleet.wire import GPU_FIELDS, AgentHealth, GpuSample
+from gpufleet.wire import GPU_FIELDS, PORT_FIELDS, AgentHealth, GpuSample, NetworkPort
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,51 @@ GPU_METRICS: Final[tuple[MetricSpec, ...]] = (
        "Tokens the job reported processing during the interval (OTLP)"),
     _g("samples_measured", "gpufleet.gpu.samples.measured", "{sample}", "gauge", "float",
        "Samples the job reported processing during the interval (OTLP)"),
+    _g("recovery_action", "gpufleet.gpu.recovery_action", "1", "gauge", "int",
+       "NVML recovery action the GPU needs (0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, ...)"),
+    _g("temp_slowdown_c", "gpufleet.gpu.temperature.slowdown", "Cel", "gauge", "float",
+       "Temperature at which the GPU begins HW slowdown"),
+    _g("temp_shutdown_c", "gpufleet.gpu.temperature.shutdown", "Cel", "gauge", "float",
+       "Temperature at which the GPU shuts down"),
+    _g("temp_mem_max_c", "gpufleet.gpu.memory.temperature.max", "Cel", "gauge", "float",
+       "Maximum operating temperature of the HBM"),
+    _g("power_limit_w", "hw.power.limit", "W", "gauge", "float", "Power limit enforced now"),
+    _g("power_limit_default_w", "gpufleet.gpu.power.limit.default", "W", "gauge", "float",
+       "Power limit the GPU boots with"),
+    _g("fabric_state", "gpufleet.gpu.fabric.state", "1", "gauge", "int",
+       "NVSwitch fabric registration: 1 not started, 2 in progress, 3 completed"),
+    _g("fabric_status", "gpufleet.gpu.fabric.status", "1", "gauge", "int",
+       "NVML return code of the fabric registration"),
+    _g("fabric_clique_id", "gpufleet.gpu.fabric.clique", "1", "gauge", "int", "NVLink fabric clique id"),
+    _g("fabric_health_mask", "gpufleet.gpu.fabric.health_mask", "1", "gauge", "int",
+       "NVML fabric health bitmask"),
+    _g("persistence_mode", "gpufleet.gpu.persistence_mode", "1", "gauge", "bool", "1 when persistence mode is on"),
+    _g("ecc_mode", "gpufleet.gpu.ecc_mode", "1", "gauge", "bool", "1 when ECC is enabled"),
+)
+
+PORT_METRICS: Final[tuple[MetricSpec, ...]] = (
+    _g("state", "gpufleet.network.port.state", "1", "gauge", "int",
+       "Logical port state (1 DOWN, 2 INIT, 3 ARMED, 4 ACTIVE, 5 ACTIVE_DEFER)"),
+    _g("phys_state", "gpufleet.network.port.phys_state", "1", "gauge", "int",
+       "Physical port state (5 LinkUp, 2 Polling, 3 Disabled, ...)"),
+    _g("rate_gbps", "gpufleet.network.port.rate", "Gbit/s", "gauge", "float", "Link rate"),
+    _g("link_downed", "gpufleet.network.port.link_downed", "{event}", "counter", "int",
+       "Times the link went down (error recovery failed)"),
+    _g("link_error_recovery", "gpufleet.network.port.link_error_recovery", "{event}", "counter", "int",
+       "Link error recoveries that succeeded"),
+    _g("symbol_error", "gpufleet.network.port.symbol_errors", "{error}", "counter", "int",
+       "Minor link errors (symbol errors)"),
+    _g("port_rcv_errors", "gpufleet.network.port.rcv_errors", "{packet}", "counter", "int",
+       "Received packets with errors"),
+    _g("port_xmit_discards", "gpufleet.network.port.xmit_discards", "{packet}", "counter", "int",
+       "Outbound packets discarded (port down or congested)"),
+)
+"""Counters of `NetworkPort`, one point per port (attributes `hw.id` = `<device>/<port>`, `rdma.device`,
+`rdma.port`, `rdma.link_layer`)."""
+
+NODE_METRICS: Final[tuple[MetricSpec, ...]] = (
+    _g("gpus_expected", "gpufleet.node.gpus.expected", "{gpu}", "gauge", "int",
+       "GPUs the node should have (config, or its first complete enumeration)"),
 )
 
 AGENT_METRICS: Final[tuple[MetricSpec, ...]] = (
@@ -132,6 +177,8 @@ AGENT_METRICS: Final[tuple[MetricSpec, ...]] = (
 
 GPU_BY_NAME: Final = {s.name: s for s in GPU_METRICS}
 AGENT_BY_NAME: Final = {s.name: s for s in AGENT_METRICS}
+PORT_BY_NAME: Final = {s.name: s for s in PORT_METRICS}
+NODE_BY_NAME: Final = {s.name: s for s in NODE_METRICS}
 
 ATTR_UUID, ATTR_INDEX, ATTR_MODEL, ATTR_TENANT, ATTR_JOB = "hw.id", "gpu.index", "hw.model", "tenant", "job"
 IDENTITY_FIELDS: Final = ("index", "uuid", "model", "tenant", "job")
@@ -141,6 +188,10 @@ FRAME_FIELDS: Final = ("allocation_unknown", "shares", "parent_uuid", "gpu_insta
                        "mig_profile", "slices", "slices_total")
 """Attribution carried beside the metrics in the `Frame` (who holds the GPU, what part of a GPU it is)."""
 ATTR_MIG_PROFILE, ATTR_PARENT = "gpu.mig.profile", "hw.parent_id"
+INFO_FIELDS: Final = ("fabric_cluster_uuid", "serial", "vbios_version", "driver_version")
+"""Text about the GPU, carried beside the metrics in the `Frame` as the events are (not measurements)."""
+ATTR_PORT_ID, ATTR_PORT_DEVICE, ATTR_PORT, ATTR_LINK_LAYER = "hw.id", "rdma.device", "rdma.port", "rdma.link_layer"
+PORT_IDENTITY: Final = ("device", "port", "link_layer")
 
 RES_CLUSTER, RES_NODE, RES_BOOT_ID = "gpufleet.cluster", "host.name", "service.instance.id"
 SCOPE = "gpufleet.agent"
@@ -148,12 +199,14 @@ SCOPE = "gpufleet.agent"
 
 def _check_table() -> None:
     mapped = {s.field for s in GPU_METRICS}
-    expected = set(GPU_FIELDS) - set(IDENTITY_FIELDS) - set(EVENT_FIELDS) - set(FRAME_FIELDS)
+    expected = set(GPU_FIELDS) - set(IDENTITY_FIELDS) - set(EVENT_FIELDS) - set(FRAME_FIELDS) - set(INFO_FIELDS)
     if mapped != expected:
         raise RuntimeError(f"gpufleet.agents.meter.GPU_METRICS is out of step with GpuSample: "
                            f"unmapped {sorted(expected - mapped)}, unknown {sorted(mapped - expected)}")
     if {s.field for s in AGENT_METRICS} != set(AgentHealth.__struct_fields__):
         raise RuntimeError("gpufleet.agents.meter.AGENT_METRICS is out of step with AgentHealth")
+    if {s.field for s in PORT_METRICS} != set(PORT_FIELDS) - set(PORT_IDENTITY):
+        raise RuntimeError("gpufleet.agents.meter.PORT_METRICS is out of step with NetworkPort")
 
 
 _check_table()
@@ -182,6 +235,24 @@ def gpu_attributes(gpu: GpuSample) -> dict[str, str | int]:
     if gpu.mig_profile is not None:
         attrs[ATTR_MIG_PROFILE] = gpu.mig_profile
     return attrs
+
+
+def port_attributes(port: NetworkPort) -> dict[str, str | int]:
+    """The OTel attributes of one network port's points."""
+    attrs: dict[str, str | int] = {ATTR_PORT_ID: f"{port.device}/{port.port}", "hw.type": "network",
+                                   ATTR_PORT_DEVICE: port.device, ATTR_PORT: port.port}
+    if port.link_layer is not None:
+        attrs[ATTR_LINK_LAYER] = port.link_layer
+    return attrs
+
+
+@dataclass(frozen=True, slots=True)
+class NodeExtras:
+    """What one interval says about the node rather than a GPU: its GPU enumeration and network ports."""
+
+    gpus_expected: int | None = None
+    gpus_missing: tuple[str, ...] = ()
+    network: tuple[NetworkPort, ...] = ()
 
 
 def node_resource(cluster: str, node: str, boot_id: str, host_id: str | None = None) -> Resource:
@@ -214,6 +285,8 @@ class Frame:
     health: AgentHealth
     attrs: tuple[dict[str, str | int], ...] = field(default=(), compare=False)
     """`gpu_attributes` of each GPU, built once per frame by `AgentMeter.observe`."""
+    node: NodeExtras = NodeExtras()
+    """Node-level parts of the message: the network ports are observed as points, the rest carried."""
 
 
 class IntervalReader(MetricReader):
@@ -280,7 +353,7 @@ class AgentMeter:
     def observe(self, frame: Frame) -> Frame:
         """Install this interval's snapshot; returns it with the per-GPU attributes filled in."""
         attrs = tuple(gpu_attributes(g) for g in frame.gpus)
-        frame = Frame(frame.seq, frame.time_ms, frame.interval_ms, frame.gpus, frame.health, attrs)
+        frame = Frame(frame.seq, frame.time_ms, frame.interval_ms, frame.gpus, frame.health, attrs, frame.node)
         for a in attrs:
             self._attr_sets.add(tuple(a.values()))
         if len(self._attr_sets) > self._recycle_after:
@@ -320,6 +393,10 @@ class AgentMeter:
             _create(meter, spec, self._gpu_callback(spec))
         for spec in AGENT_METRICS:
             _create(meter, spec, self._agent_callback(spec))
+        for spec in PORT_METRICS:
+            _create(meter, spec, self._port_callback(spec))
+        for spec in NODE_METRICS:
+            _create(meter, spec, self._node_callback(spec))
         return provider, reader
 
     def _gpu_callback(self, spec: MetricSpec) -> Callable[[CallbackOptions], list[Observation]]:
@@ -345,6 +422,29 @@ class AgentMeter:
         def observe(_options: CallbackOptions) -> list[Observation]:
             frame = self._frame
             return [] if frame is None else [Observation(getattr(frame.health, name))]
+
+        return observe
+
+
+    def _port_callback(self, spec: MetricSpec) -> Callable[[CallbackOptions], list[Observation]]:
+        name = spec.field
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            frame = self._frame
+            if frame is None:
+                return []
+            return [Observation(getattr(p, name), port_attributes(p)) for p in frame.node.network
+                    if getattr(p, name) is not None]
+
+        return observe
+
+    def _node_callback(self, spec: MetricSpec) -> Callable[[CallbackOptions], list[Observation]]:
+        name = spec.field
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            frame = self._frame
+            value = None if frame is None else getattr(frame.node, name)
+            return [] if value is None else [Observation(value)]
 
         return observe
 

@@ -25,10 +25,19 @@ from gpufleet.agents.allocation import (
 )
 from gpufleet.agents.collectors.base import Collector, NodeDown, NodeReleased
 from gpufleet.agents.kafka_exporter import KafkaMetricExporter
-from gpufleet.agents.meter import AgentMeter, Frame, node_resource, otlp_reader
+from gpufleet.agents.meter import AgentMeter, Frame, NodeExtras, node_resource, otlp_reader
 from gpufleet.agents.spool import Spool
 from gpufleet.gpu_facts import peak_flops
-from gpufleet.wire import MAX_FLOP_RATE, AgentHealth, GpuSample, NodeReport, max_counts, max_flops, share_of_gpu
+from gpufleet.wire import (
+    MAX_FLOP_RATE,
+    AgentHealth,
+    GpuSample,
+    NetworkPort,
+    NodeReport,
+    max_counts,
+    max_flops,
+    share_of_gpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,12 @@ class FlopsSource(Protocol):
     """
 
     def take(self, now_ms: int, interval_ms: int) -> dict[str, float]: ...
+
+
+class NetworkSource(Protocol):
+    """The node's InfiniBand/RoCE ports this interval (`agents.collectors.infiniband.SysfsPorts`)."""
+
+    def read(self) -> list[NetworkPort]: ...
 
 
 class GpuListener(Protocol):
@@ -147,6 +162,7 @@ class NodeAgent:
         otlp_endpoint: str | None = None,
         otlp_interval_ms: int = 1000,
         host_id: str | None = None,
+        network: NetworkSource | None = None,
     ) -> None:
         self.cluster = cluster
         self.node = node
@@ -156,6 +172,7 @@ class NodeAgent:
         self._flops = flops
         self._counts = dict(counts or {})
         """`COUNT_FIELDS` name -> the source of its per-GPU amounts (the OTLP receiver's tokens and samples)."""
+        self._network = network
         self._on_gpus = on_gpus
         self._peak_overrides = dict(peak_flops or {})
         self._ceilings: dict[str | None, float] = {}
@@ -214,7 +231,8 @@ class NodeAgent:
             allocation_unknown_total=self._unknown_total,
         )
         self._warn_clamped(now_ms, health.flops_clamped_total)
-        self.meter.observe(Frame(self.spool.next_seq, now_ms, interval_ms, gpus, health))
+        extras = NodeExtras(*self._enumeration(), network=self._read_network())
+        self.meter.observe(Frame(self.spool.next_seq, now_ms, interval_ms, gpus, health, node=extras))
         self.meter.collect()
         return self.exporter.last_report
 
@@ -316,6 +334,22 @@ class NodeAgent:
             return False
         self._warned_at[what] = now_ms
         return True
+
+    def _read_network(self) -> tuple[NetworkPort, ...]:
+        if self._network is None:
+            return ()
+        try:
+            return tuple(self._network.read())
+        except Exception:
+            log.exception("reading node %s's network ports failed; none reported this interval", self.node)
+            return ()
+
+    def _enumeration(self) -> tuple[int | None, tuple[str, ...]]:
+        """(GPUs expected, UUIDs missing) when the collector keeps them (`Enumerating`), else (None, ())."""
+        found = getattr(self.collector, "enumeration", None)
+        if found is None:
+            return None, ()
+        return found.expected, tuple(found.missing)
 
     def _collector_health(self) -> dict[str, int]:
         """The collector's own figures for `AgentHealth` when it keeps them (`NvmlCollector.stats`)."""

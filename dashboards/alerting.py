@@ -11,6 +11,8 @@ from typing import Any, Final
 
 from gpufleet.dashboards import fragments as f
 from gpufleet.dashboards.builder import DS_TYPE, DS_UID, JSON, TABLE, sql
+from gpufleet.node_facts import RECOVERY_ACTIONS
+from gpufleet.pipeline.alerts.node_queries import sustained_reports
 from gpufleet.pipeline.alerts.rules import (
     DEFAULT_RULES,
     AgentAllocationUnknown,
@@ -18,17 +20,24 @@ from gpufleet.pipeline.alerts.rules import (
     AgentSendErrors,
     AgentSpoolDropping,
     AnyRule,
+    FabricDegraded,
     GpuBusyUnallocated,
     GpuClaimConflict,
     GpuDegraded,
     GpuFailing,
     GpuHeldNoProcess,
     GpuIdleAllocated,
+    GpuMissing,
+    GpuRecoveryAction,
     GpuRule,
     JobRule,
     JobStalled,
     JobStraggler,
     MfuBelowTarget,
+    NetworkPortDegraded,
+    NetworkPortDown,
+    NodeConfigDrift,
+    NodeRecoveryAction,
     NodeSilent,
     duration_ms,
     packaged_rules,
@@ -64,6 +73,12 @@ def _sustained(rule: GpuRule) -> str:
     """`formulas.sustained` for the rule's `for` D, ending at the evaluation's `$__toTime`."""
     since = f"toUnixTimestamp64Milli($__toTime_ms) - {rule.for_ms}"
     return formulas.sustained(since, f"{rule.coverage} * {rule.for_ms}")
+
+
+def _sustained_reports(rule: NetworkPortDown | GpuMissing) -> str:
+    """`node_queries.sustained_reports` (a port's or a node's reports) for `for` D, ending at `$__toTime`."""
+    since = f"(toUnixTimestamp64Milli($__toTime_ms) - {rule.for_ms})"
+    return sustained_reports(since, f"{rule.coverage} * {rule.for_ms}")
 
 
 _GPU_LABELS: Final = ("cluster", "node", "gpu", "gpu_index", "tenant")
@@ -111,7 +126,7 @@ def _failing(rule: GpuFailing) -> AlertQuery:
 def _degraded(rule: GpuDegraded) -> AlertQuery:
     cond = (
         f"bitAnd(ifNull(clock_event_reasons, 0), {rule.throttle_mask:#x}) != 0"
-        f" OR ifNull(temp_gpu_c >= {rule.temp_c}, 0)"
+        f" OR ifNull(temp_gpu_c >= coalesce(temp_slowdown_c - {rule.temp_slowdown_margin_c}, {rule.temp_c}), 0)"
         + (" OR ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0)" if rule.remap_pending else "")
     )
     nvlink = ("if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
@@ -123,7 +138,7 @@ def _degraded(rule: GpuDegraded) -> AlertQuery:
     )
     return _gpu_query(
         rule, cond, f"argMax(c, time) = 1 AND {_sustained(rule)}\n    OR {rising}", "1",
-        columns=("clock_event_reasons", "temp_gpu_c", "remap_pending", "retired_pages_pending",
+        columns=("clock_event_reasons", "temp_gpu_c", "temp_slowdown_c", "remap_pending", "retired_pages_pending",
                  "ecc_corrected_volatile", "pcie_replay_count", nvlink),
     )
 
@@ -314,6 +329,167 @@ def _claim_conflict(rule: GpuClaimConflict) -> AlertQuery:
     return AlertQuery(text, duration_ms(rule.window) // 1000, ("gpu",), "streams")
 
 
+def _codes(rule: GpuRecoveryAction) -> str:
+    codes = {name: code for code, name in RECOVERY_ACTIONS.items()}
+    return "[" + ", ".join(str(codes[a]) for a in rule.actions) + "]"
+
+
+def _recovery(rule: GpuRecoveryAction) -> AlertQuery:
+    return _gpu_query(rule, f"has({_codes(rule)}, ifNull(recovery_action, 0))",
+                      f"argMax(c, time) = 1 AND ({_sustained(rule)} OR {rule.for_ms} = 0)",
+                      "argMax(recovery_action, time)", columns=("recovery_action",))
+
+
+def _node_recovery(rule: NodeRecoveryAction) -> AlertQuery:
+    text = sql(
+        """
+        SELECT cluster, node, toFloat64(count()) AS gpus
+        FROM
+        (
+            SELECT cluster, node, gpu_uuid, argMax(recovery_action, time) AS action
+            FROM gpu_samples
+            WHERE $__timeFilter(time)
+            GROUP BY cluster, node, gpu_uuid
+            HAVING {fresh}
+                AND has({codes}, ifNull(action, 0))
+        )
+        GROUP BY cluster, node
+        ORDER BY cluster, node
+        """,
+        fresh=_fresh(rule), codes=_codes(rule),
+    )
+    return AlertQuery(text, max(rule.for_ms, duration_ms(rule.max_sample_age)) // 1000, ("cluster", "node"), "gpus")
+
+
+def _fabric(rule: FabricDegraded) -> AlertQuery:
+    return _gpu_query(rule, "arrayExists(r -> startsWith(r, 'fabric_'), health_reasons)",
+                      f"argMax(c, time) = 1 AND {_sustained(rule)}", "1", columns=("health_reasons",))
+
+
+_PORT_LABELS: Final = ("cluster", "node", "device", "port")
+
+
+def _ignored(rule: NetworkPortDown | NetworkPortDegraded) -> str:
+    names = ", ".join("'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'" for name in rule.ignore_ports)
+    return f"NOT has(CAST([{names}] AS Array(String)), concat(device, '/', toString(port)))"
+
+
+def _port_down(rule: NetworkPortDown) -> AlertQuery:
+    text = sql(
+        """
+        SELECT cluster, node, device, toString(port) AS port, toFloat64(argMax(ifNull(state, 0), time)) AS state
+        FROM
+        (
+            SELECT cluster, node, device, port, state, time, interval_ms,
+                toUInt8(ifNull(state != 4 OR phys_state != 5, 0) AND ifNull(phys_state != 3, 1)) AS c
+            FROM network_ports
+            WHERE $__timeFilter(time)
+                AND {ignored}
+        )
+        GROUP BY cluster, node, device, port
+        HAVING max(time) > $__toTime - INTERVAL {age} SECOND
+            AND argMax(c, time) = 1
+            AND ({sustained} OR {for_ms} = 0)
+        ORDER BY cluster, node, device, port
+        """,
+        ignored=_ignored(rule), age=str(rule.max_age_ms // 1000), sustained=_sustained_reports(rule),
+        for_ms=str(rule.for_ms),
+    )
+    # The value is the state (1 DOWN ... 3 ARMED; 4 when only the physical link is down): any row fires.
+    return AlertQuery(text, max(rule.for_ms, rule.max_age_ms) // 1000, _PORT_LABELS, "state", "gt", -1.0)
+
+
+def _port_degraded(rule: NetworkPortDegraded) -> AlertQuery:
+    rises = " OR ".join(f"{formulas.increase(c)} >= {n}" for c, n in rule.thresholds.items())
+    text = sql(
+        """
+        SELECT cluster, node, device, toString(port) AS port,
+            toFloat64({total}) AS errors
+        FROM network_ports
+        WHERE $__timeFilter(time)
+            AND {ignored}
+        GROUP BY cluster, node, device, port
+        HAVING max(time) > $__toTime - INTERVAL {age} SECOND
+            AND ({rises})
+        ORDER BY cluster, node, device, port
+        """,
+        total=" + ".join(formulas.increase(c) for c in rule.thresholds), ignored=_ignored(rule),
+        age=str(rule.max_age_ms // 1000), rises=rises,
+    )
+    return AlertQuery(text, duration_ms(rule.window) // 1000, _PORT_LABELS, "errors")
+
+
+def _missing(rule: GpuMissing) -> AlertQuery:
+    text = sql(
+        """
+        SELECT cluster, node, gpu, toFloat64(any(deficit)) AS missing
+        FROM
+        (
+            SELECT cluster, node,
+                argMax(gpus_expected, time) - argMax(gpus_enumerated, time) AS deficit,
+                argMax(gpus_missing, time) AS named
+            FROM
+            (
+                SELECT cluster, node, time, interval_ms, gpus_enumerated, gpus_expected, gpus_missing,
+                    toUInt8(ifNull(gpus_enumerated < gpus_expected, 0)) AS c
+                FROM agent_reports
+                WHERE $__timeFilter(time)
+            )
+            GROUP BY cluster, node
+            HAVING max(time) > $__toTime - INTERVAL {age} SECOND
+                AND argMax(c, time) = 1
+                AND ({sustained} OR {for_ms} = 0)
+        )
+        ARRAY JOIN if(empty(named), [''], named) AS gpu
+        GROUP BY cluster, node, gpu
+        ORDER BY cluster, node, gpu
+        """,
+        age=str(rule.max_age_ms // 1000), sustained=_sustained_reports(rule), for_ms=str(rule.for_ms),
+    )
+    return AlertQuery(text, max(rule.for_ms, rule.max_age_ms) // 1000, ("cluster", "node", "gpu"), "missing")
+
+
+def _drift(rule: NodeConfigDrift) -> AlertQuery:
+    fields = ", ".join(f"'{f}'" for f in rule.fields)
+    text = sql(
+        """
+        WITH latest AS
+        (
+            SELECT gpu_uuid, argMax(at_cluster, time) AS cluster, argMax(at_node, time) AS node,
+                argMax(of_model, time) AS model, field, argMax(found, time) AS found
+            FROM
+            (
+                SELECT cluster AS at_cluster, node AS at_node, gpu_uuid, model AS of_model, time,
+                    arrayJoin(arrayFilter(p -> p.2 IS NOT NULL AND has([{fields}], p.1), [
+                        ('driver_version', driver_version), ('vbios_version', vbios_version),
+                        ('ecc_mode', if(ecc_mode IS NULL, NULL, toString(ecc_mode))),
+                        ('persistence_mode', if(persistence_mode IS NULL, NULL, toString(persistence_mode)))
+                    ])) AS pair,
+                    pair.1 AS field, assumeNotNull(pair.2) AS found
+                FROM gpu_inventory
+                WHERE $__timeFilter(time)
+            )
+            GROUP BY gpu_uuid, field
+        ),
+        majority AS
+        (
+            SELECT model, field, argMax(found, n) AS common, max(n) AS common_n, sum(n) AS total
+            FROM (SELECT model, field, found, count() AS n FROM latest GROUP BY model, field, found)
+            GROUP BY model, field
+            HAVING total >= {min_gpus} AND common_n * 2 > total
+        )
+        SELECT l.cluster AS cluster, l.node AS node, l.field AS field, l.model AS model, toFloat64(count()) AS gpus
+        FROM latest AS l
+        INNER JOIN majority AS m ON m.model = l.model AND m.field = l.field
+        WHERE l.found != m.common
+        GROUP BY cluster, node, field, model
+        ORDER BY cluster, node, field, model
+        """,
+        fields=fields, min_gpus=str(rule.min_gpus),
+    )
+    return AlertQuery(text, duration_ms(rule.window) // 1000, ("cluster", "node", "field", "model"), "gpus")
+
+
 _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
     AgentSpoolDropping: _agent_counter,
     AgentSendErrors: _agent_counter,
@@ -328,6 +504,13 @@ _BUILDERS: Final[dict[type, Callable[[Any], AlertQuery]]] = {
     MfuBelowTarget: _mfu,
     JobStalled: _stalled,
     JobStraggler: _straggler,
+    GpuRecoveryAction: _recovery,
+    NodeRecoveryAction: _node_recovery,
+    FabricDegraded: _fabric,
+    NetworkPortDown: _port_down,
+    NetworkPortDegraded: _port_degraded,
+    GpuMissing: _missing,
+    NodeConfigDrift: _drift,
 }
 
 _SUMMARIES: Final[dict[type, str]] = {
@@ -367,6 +550,30 @@ _SUMMARIES: Final[dict[type, str]] = {
     JobStraggler: (
         "Job {{ $labels.job }} ({{ $labels.tenant }}) is held back by GPU {{ $labels.gpu_index }} on "
         "{{ $labels.node }}"
+    ),
+    GpuRecoveryAction: (
+        "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}) needs a remedy: NVML recovery "
+        "action {{ $values.A.Value }}"
+    ),
+    NodeRecoveryAction: (
+        "Node {{ $labels.node }} ({{ $labels.cluster }}) needs a reboot: {{ $values.A.Value }} GPU(s) ask for it"
+    ),
+    FabricDegraded: (
+        "GPU {{ $labels.gpu_index }} on {{ $labels.node }} ({{ $labels.cluster }}): NVSwitch fabric unhealthy"
+    ),
+    NetworkPortDown: (
+        "Port {{ $labels.device }}/{{ $labels.port }} on {{ $labels.node }} ({{ $labels.cluster }}) is down"
+    ),
+    NetworkPortDegraded: (
+        "Port {{ $labels.device }}/{{ $labels.port }} on {{ $labels.node }} ({{ $labels.cluster }}): "
+        "{{ $values.A.Value }} new errors in the window"
+    ),
+    GpuMissing: (
+        "Node {{ $labels.node }} ({{ $labels.cluster }}) misses {{ $values.A.Value }} GPU(s) ({{ $labels.gpu }})"
+    ),
+    NodeConfigDrift: (
+        "Node {{ $labels.node }} ({{ $labels.cluster }}): {{ $labels.field }} of {{ $values.A.Value }} "
+        "{{ $labels.model }} GPU(s) differs from the fleet's majority"
     ),
 }
 

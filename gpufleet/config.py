@@ -117,6 +117,15 @@ class AgentConfig(Strict):
     """While this file exists the agent releases NVML (driver upgrade, GPU reset) and sends nothing."""
     kmsg_path: str | None = "/dev/kmsg"
     """The kernel log read for XIDs beside NVML events; null: NVML events only."""
+    nvml_inventory_every_s: Positive = 300.0
+    """Serial, VBIOS, driver, persistence and ECC mode and the temperature thresholds are read at attach and
+    this often (one GPU per interval), and sent in the sample that read them."""
+    gpus_expected: PositiveInt | None = None
+    """GPUs this node should have; null: its first complete enumeration (kept in the spool directory)."""
+    network_ports: bool = True
+    """Report the node's InfiniBand/RoCE ports (state, rate, error counters) from sysfs."""
+    sysfs_root: str = "/sys"
+    """Where sysfs is mounted (ports are read under `<sysfs_root>/class/infiniband`)."""
 
 
 class IngestConfig(Strict):
@@ -144,9 +153,18 @@ class HealthConfig(Strict):
     degrading_xids: tuple[int, ...] = (63, 94, 109, 38, 39, 42, 67, 73, 121, 137)
     application_xids: tuple[int, ...] = (13, 31, 43, 45, 68, 92)
     """Application errors (the job's fault, not the GPU's): recorded, never mark the GPU."""
+    temp_slowdown_margin_c: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    """`temperature_high` from this many degrees below the GPU's own slowdown temperature (NVML's threshold)."""
+    temp_shutdown_margin_c: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """`temperature_critical` from this many degrees below the GPU's own shutdown temperature."""
     temp_degraded_c: float = 87.0
+    """`temperature_high` where the sample carries no slowdown temperature (NVML could not say)."""
     temp_failing_c: float = 95.0
+    """`temperature_critical` where the sample carries no shutdown temperature."""
     mem_temp_degraded_c: float = 95.0
+    """Memory `temperature_high` where the sample carries no memory maximum (`temp_mem_max_c`)."""
+    power_limit_low_ratio: Ratio = 0.8
+    """`power_limit_low` when the enforced power limit is below this share of the default limit (0: never)."""
     retired_pages_failing: PositiveInt = 63
     remapped_rows_uncorrectable_failing: PositiveInt = 512
     silent_after_s: Positive = 30.0

@@ -150,6 +150,38 @@ class GpuSample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     attributed as FLOPs are), or null; at most `MAX_COUNT_RATE` x `interval_ms` (checked by `decode`)."""
     samples_measured: Counts | None = None
     """Samples (sequences, images...) the job(s) reported during the interval (`gpufleet.job.samples`), as above."""
+    recovery_action: U8 | None = None
+    """NVML's recovery action for the GPU (`NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`): 0 none, 1 GPU reset,
+    2 node reboot, 3 drain P2P, 4 drain and reset, 5 recover IMEX domain, 6 bus reset, 7 system reboot
+    (`gpufleet.node_facts`). It stays set until the remedy, so one sample says what the GPU needs."""
+    temp_slowdown_c: Celsius | None = None
+    """The GPU's own HW-slowdown temperature (NVML threshold); the health rules' limit where known."""
+    temp_shutdown_c: Celsius | None = None
+    """The GPU's own shutdown temperature (NVML threshold)."""
+    temp_mem_max_c: Celsius | None = None
+    """The HBM's maximum operating temperature (NVML threshold), where memory SW slowdown begins."""
+    power_limit_w: Watts | None = None
+    """The power limit NVML enforces now (all limits combined, in-band and out-of-band)."""
+    power_limit_default_w: Watts | None = None
+    """The power limit the GPU boots with."""
+    fabric_state: U8 | None = None
+    """NVSwitch fabric registration (`nvmlDeviceGetGpuFabricInfoV`): 1 not started, 2 in progress,
+    3 completed; null where the GPU is on no NVSwitch fabric."""
+    fabric_status: U32 | None = None
+    """The NVML return code of the fabric registration (0 = success)."""
+    fabric_clique_id: U32 | None = None
+    fabric_cluster_uuid: Label | None = None
+    fabric_health_mask: U32 | None = None
+    """NVML's fabric health bitmask (`NVML_GPU_FABRIC_HEALTH_MASK_*`: degraded bandwidth, route recovery,
+    route unhealthy, access-timeout recovery, incorrect configuration)."""
+    serial: Label | None = None
+    """Board serial number. Inventory (`serial` .. `ecc_mode`): sent when read (at attach, then every
+    `agent.nvml_inventory_every_s`), null in the messages between."""
+    vbios_version: Label | None = None
+    driver_version: Label | None = None
+    persistence_mode: bool | None = None
+    ecc_mode: bool | None = None
+    """ECC enabled (the current mode, not a pending change)."""
 
 
 class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -176,6 +208,30 @@ class AgentHealth(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     """GPU-intervals the allocation source could not attribute (sent with `allocation_unknown`), since start."""
 
 
+class NetworkPort(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One InfiniBand or RoCE port of the node, from sysfs (`/sys/class/infiniband/<device>/ports/<port>/`).
+
+    The counters are cumulative (since the HCA came up or they were last cleared) and, per the IB
+    spec, stop at their maximum rather than wrap; growth is the signal.
+    """
+
+    device: Name
+    """RDMA device, e.g. `mlx5_0`."""
+    port: U16
+    link_layer: Label | None = None
+    """`InfiniBand` or `Ethernet` (RoCE)."""
+    state: U8 | None = None
+    """Logical state: 1 DOWN, 2 INIT, 3 ARMED, 4 ACTIVE, 5 ACTIVE_DEFER."""
+    phys_state: U8 | None = None
+    """Physical state: 1 Sleep, 2 Polling, 3 Disabled, 4 training, 5 LinkUp, 6 LinkErrorRecovery, 7 PhyTest."""
+    rate_gbps: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] | None = None
+    link_downed: Count | None = None
+    link_error_recovery: Count | None = None
+    symbol_error: Count | None = None
+    port_rcv_errors: Count | None = None
+    port_xmit_discards: Count | None = None
+
+
 class NodeReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One node's message for one interval: the unit of delivery, dedup and replay.
 
@@ -194,6 +250,12 @@ class NodeReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     interval_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_INTERVAL_MS)]
     gpus: Annotated[list[GpuSample], msgspec.Meta(max_length=0xFFFF)]
     agent: AgentHealth = msgspec.field(default_factory=AgentHealth)
+    gpus_expected: U16 | None = None
+    """GPUs the node should have (`agent.gpus_expected`, else its first complete enumeration); null: unknown."""
+    gpus_missing: Annotated[list[Name], msgspec.Meta(max_length=0xFFFF)] = []
+    """UUIDs of GPUs the node enumerated before and does not now."""
+    network: Annotated[list[NetworkPort], msgspec.Meta(max_length=1024)] = []
+    """The node's InfiniBand/RoCE ports (empty: none, or not read)."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -230,6 +292,9 @@ def decode(data: bytes) -> NodeReport:
         problem = attribution_problem(gpu)
         if problem:
             raise WireError(f"GPU uuid {gpu.uuid!r}: {problem}")
+    ports = {(p.device, p.port) for p in report.network}
+    if len(ports) != len(report.network):
+        raise WireError("a network port appears twice in one message")
     _check_flops(report)
     return report
 
@@ -301,3 +366,4 @@ def json_schema() -> dict[str, object]:
 
 
 GPU_FIELDS: Final = tuple(GpuSample.__struct_fields__)
+PORT_FIELDS: Final = tuple(NetworkPort.__struct_fields__)

@@ -717,7 +717,7 @@ def test_alertmanager_config_passes_amtool_and_routes_as_documented(tmp_path: Pa
                             timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
-    assert " - 2 inhibit rules" in result.stdout
+    assert " - 4 inhibit rules" in result.stdout
     assert " - 1 templates" in result.stdout
 
     def route(*labels: str) -> str:
@@ -729,12 +729,20 @@ def test_alertmanager_config_passes_amtool_and_routes_as_documented(tmp_path: Pa
     assert route("severity=critical", "alertname=NodeSilent") == "pagerduty,webhook"
     assert route("severity=warning", "alertname=GpuIdleAllocated") == "slack"
     assert route("severity=info", "alertname=FleetMfuBelowTarget") == "slack"
+    assert route("severity=critical", "alertname=GpuNeedsReset") == "pagerduty,webhook"
+    assert route("severity=warning", "alertname=NetworkPortDegraded") == "slack"
 
 
 def test_alertmanager_config_inhibits_gpu_alerts_of_a_silent_node() -> None:
     am = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
     assert {"source_matchers": ['alertname="NodeSilent"'], "target_matchers": ['alertname=~"Gpu.*"'],
             "equal": ["cluster", "node"]} in am["inhibit_rules"]
+    # the page with the remedy replaces the generic one
+    assert {"source_matchers": ['alertname="GpuNeedsReset"'], "target_matchers": ['alertname="GpuFailing"'],
+            "equal": ["cluster", "node", "gpu"]} in am["inhibit_rules"]
+    assert {"source_matchers": ['alertname="NodeNeedsReboot"'],
+            "target_matchers": ['alertname=~"GpuFailing|GpuNeedsReset"'], "equal": ["cluster", "node"]} in am[
+        "inhibit_rules"]
     names = {r["name"]: r for r in am["receivers"]}
     pagerduty = names["pagerduty"]["pagerduty_configs"][0]
     assert pagerduty["routing_key_file"] == "/run/secrets/alertmanager_pagerduty_routing_key"

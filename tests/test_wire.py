@@ -34,6 +34,10 @@ def test_round_trip_keeps_every_field_including_nulls() -> None:
         (lambda d: d | {"interval_ms": 0}, "Expected `int` >= 1 - at `$.interval_ms`"),
         (lambda d: {**d, "gpus": [{**d["gpus"][0], "util_gpu_ratio": 1.5}]}, "<= 1.0 - at `$.gpus[0].util_gpu_ratio`"),
         (lambda d: {**d, "gpus": [d["gpus"][0], d["gpus"][0]]}, "appears twice"),
+        (lambda d: d | {"network": [{"device": "mlx5_0", "port": 1}, {"device": "mlx5_0", "port": 1}]},
+         "a network port appears twice"),
+        (lambda d: d | {"network": [{"device": "mlx5_0", "port": 1, "state": 256}]},
+         "<= 255 - at `$.network[0].state`"),
     ],
 )
 def test_invalid_messages_are_refused_with_the_reason(mutate, message) -> None:
@@ -50,7 +54,7 @@ def test_committed_json_schema_matches_the_code() -> None:
 
 def test_every_field_is_documented() -> None:
     doc = (ROOT / "docs/wire-format.md").read_text()
-    for struct in (wire.NodeReport, wire.GpuSample, wire.AgentHealth):
+    for struct in (wire.NodeReport, wire.GpuSample, wire.AgentHealth, wire.NetworkPort):
         for name in struct.__struct_fields__:
             assert f"| `{name}` |" in doc, f"{struct.__name__}.{name} is not documented in docs/wire-format.md"
 

@@ -30,6 +30,20 @@ class Collector(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Enumeration:
+    """How many GPUs the node should have and which known ones it does not enumerate now.
+
+    A collector that knows it exposes it as its `enumeration` attribute (read after each `collect`);
+    the agent carries it in the node's message (`gpus_expected`, `gpus_missing`).
+    """
+
+    expected: int | None
+    """From `agent.gpus_expected`, else the node's first complete enumeration; None: not known yet."""
+    missing: tuple[str, ...] = ()
+    """UUIDs enumerated before and not now."""
+
+
 class NodeDown(Exception):
     """The whole node could not be read this interval (no GPU answered); the agent sends nothing."""
 

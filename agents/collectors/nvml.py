@@ -15,8 +15,9 @@ from typing import Any, Final
 
 import pynvml
 
-from gpufleet.agents.collectors.base import DeviceView, NodeReleased
+from gpufleet.agents.collectors.base import DeviceView, Enumeration, NodeReleased
 from gpufleet.agents.collectors.deadline_pool import DeadlinePool
+from gpufleet.agents.collectors.enumeration import EnumerationRecord
 from gpufleet.agents.collectors.nvml_device import (
     GPM_MIN_GAP_S,
     DeviceReader,
@@ -43,6 +44,7 @@ NVML: Final[Any] = pynvml
 EVENT_WAIT_MS: Final = 500
 """One round of event waits over every GPU's set; bounds how long releasing NVML waits for the XID thread."""
 SLOW_EVERY_S: Final = 10.0
+INVENTORY_EVERY_S: Final = 300.0
 CALL_BUDGET_PER_GPU: Final = 16
 """NVML queries per GPU per interval the agent expects to need (event waits excluded)."""
 BUDGET_WARN_EVERY_S: Final = 300.0
@@ -94,7 +96,8 @@ class NvmlCollector:
     monotonic clock in seconds (GPM spacing, slow-counter cadence, back-off). `interval_ms` below
     100 refuses GPM (nvml.h: samples must be more than 100 ms apart). `deadline_s` (default 0.8 x
     the interval) bounds how long one interval waits for its GPUs. `kmsg_path` adds the kernel log
-    as an XID source, `kmsg_cursor` remembers what it reported across restarts.
+    as an XID source, `kmsg_cursor` remembers what it reported across restarts. `gpus_expected` (else
+    the first complete enumeration, kept in `enumeration_file`) is how many GPUs the node should have.
     """
 
     def __init__(
@@ -109,6 +112,9 @@ class NvmlCollector:
         kmsg_cursor: Path | None = None,
         release_file: Path | None = None,
         call_budget_per_gpu: int = CALL_BUDGET_PER_GPU,
+        inventory_every_s: float = INVENTORY_EVERY_S,
+        gpus_expected: int | None = None,
+        enumeration_file: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._nvml = nvml
@@ -116,6 +122,8 @@ class NvmlCollector:
         self._event_wait_ms = event_wait_ms
         self._deadline_s = deadline_s if deadline_s is not None else max(0.05, 0.8 * interval_ms / 1000)
         self._slow_every_s = slow_every_s
+        self._inventory_every_s = inventory_every_s
+        self._enumeration = EnumerationRecord(enumeration_file, gpus_expected)
         self._budget_per_gpu = call_budget_per_gpu
         self._gpm_enabled = interval_ms >= GPM_MIN_GAP_S * 1000
         if not self._gpm_enabled:
@@ -172,6 +180,11 @@ class NvmlCollector:
     def devices(self) -> list[DeviceView]:
         """Each GPU as the last interval saw it: UUID, minor number, compute processes (allocation sources)."""
         return [v for d in self._devices for v in device_views(d)]
+
+    @property
+    def enumeration(self) -> Enumeration:
+        """The GPUs expected and those missing, as of the last `collect` (the agent carries it in the message)."""
+        return self._enumeration.current
 
     @property
     def state(self) -> str:
@@ -306,6 +319,7 @@ class NvmlCollector:
         self._follow_switch()
         xids = self._xid.drain()
         samples = self._read_all(xids) if self._state == "up" else self._all_in_error(xids)
+        self._enumeration.observe([d.uuid for d in self._devices])
         self._take_stats()
         return samples
 
@@ -347,10 +361,22 @@ class NvmlCollector:
         return [s for d in self._devices
                 for s in error_samples(d, self._down_reason or "NVML unavailable", xids.get(d.index, []))]
 
-    def _plan(self, dev: DeviceState, now: float) -> Plan:
+    def _plans(self, now: float) -> list[Plan]:
+        """Each GPU's plan this interval. Inventory is read at once for a GPU not read since it was attached,
+        otherwise for at most one GPU per interval whose `inventory_every_s` is up (spreading the calls)."""
+        refresh_taken = False
+        plans = []
+        for dev in self._devices:
+            inventory = dev.inventory_at is None
+            if not inventory and not refresh_taken and now - dev.inventory_at >= self._inventory_every_s:
+                inventory = refresh_taken = True
+            plans.append(self._plan(dev, now, inventory))
+        return plans
+
+    def _plan(self, dev: DeviceState, now: float, inventory: bool) -> Plan:
         slow = dev.slow_at is None or now - dev.slow_at >= self._slow_every_s
         gpm = self._gpm_enabled and (dev.gpm.taken_at is None or now - dev.gpm.taken_at >= GPM_MIN_GAP_S)
-        return Plan(slow=slow, gpm=gpm)
+        return Plan(slow=slow, gpm=gpm, inventory=inventory)
 
     def _task(self, dev: DeviceState, plan: Plan) -> Callable[[], Reading]:
         def run() -> Reading:
@@ -369,7 +395,8 @@ class NvmlCollector:
     def _read_all(self, xids: dict[int, list[int]]) -> list[GpuSample]:
         now = self._clock()
         started = time.monotonic()
-        futures = {d.index: self._pool.submit(d.index, self._task(d, self._plan(d, now))) for d in self._devices}
+        futures = {d.index: self._pool.submit(d.index, self._task(d, plan))
+                   for d, plan in zip(self._devices, self._plans(now), strict=True)}
         for d in self._devices:
             if futures[d.index] is not None:
                 d.inflight, d.inflight_since = futures[d.index], started

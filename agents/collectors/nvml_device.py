@@ -21,6 +21,13 @@ from gpufleet.agents.collectors.nvml_fields import (
     read_fields,
 )
 from gpufleet.agents.collectors.nvml_funnel import NOT_FOUND, CallCache, Funnel, GpuLost, LibraryDown, first_supported
+from gpufleet.agents.collectors.nvml_inventory import (
+    INVENTORY_FIELDS,
+    LIMIT_FIELDS,
+    power_limit_fallbacks,
+    read_fabric,
+    read_inventory,
+)
 from gpufleet.agents.collectors.nvml_mig import MigInstance, MigReader, MigReading, instance_error, instance_sample
 from gpufleet.wire import GpuSample
 
@@ -33,7 +40,8 @@ _SAMPLE_MEMBERS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal",
 _IDENTITY_FIELDS: Final = frozenset({"index", "uuid", "model", "error", "tenant", "job", "xids", "flops_measured",
                                      "tokens_measured", "samples_measured", "allocation_unknown", "shares",
                                      "parent_uuid", "gpu_instance_id", "compute_instance_id", "mig_profile", "slices",
-                                     "slices_total"})
+                                     "slices_total", *LIMIT_FIELDS, *INVENTORY_FIELDS})
+"""Not this interval's readings: a sample whose readings all failed becomes an error sample despite them."""
 
 
 def ratio(percent: float | None) -> float | None:
@@ -100,6 +108,10 @@ class DeviceState:
     base: Baselines = field(default_factory=Baselines)
     slow: dict[str, Any] = field(default_factory=dict)
     slow_at: float | None = None
+    limits: dict[str, Any] = field(default_factory=dict)
+    """The temperature thresholds of the last inventory read, repeated in every sample."""
+    inventory_at: float | None = None
+    """Collector clock (s) of the last committed inventory read; None: read it at the next interval."""
     lost: bool = False
     inflight: Future[Reading] | None = None
     inflight_since: float = 0.0
@@ -111,6 +123,7 @@ class DeviceState:
         self.base.util_ts.clear()
         self.mig = None
         self.mig_total = None
+        self.inventory_at = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,7 @@ class Plan:
 
     slow: bool
     gpm: bool
+    inventory: bool = False
 
 
 @dataclass
@@ -137,6 +151,7 @@ class Reading:
     mig_listed: list[MigInstance] | None = None
     mig_total: int | None = None
     mig: list[MigReading] | None = None
+    inventory: dict[str, Any] | None = None
     gpm_taken: bool = False
     errors: list[str] = field(default_factory=list)
     lost: str | None = None
@@ -164,8 +179,9 @@ class DeviceReader:
             fast = read_fields(self.funnel, dev.cache, r.errors, dev.handle, self.ids.fast(dev.links))
             self._fast_values(dev, fast, r)
             if plan.slow:
-                slow = read_fields(self.funnel, dev.cache, r.errors, dev.handle, self.ids.slow(dev.links))
-                r.slow = self._slow_values(slow, dev.links)
+                r.slow = self._slow(dev, r)
+            if plan.inventory:
+                r.inventory = read_inventory(self.funnel, dev.cache, r.errors, dev.handle)
             self._utilization(dev, r)
             self._point_values(dev, r)
             if plan.gpm:
@@ -221,10 +237,25 @@ class DeviceReader:
         if power is None and dev.cache.skip(("field", ids.power, 0)):
             power = self._call(dev, r, "nvmlDeviceGetPowerUsage", dev.handle)
         temp_mem = fast.get((ids.mem_temp, 0))
+        action = fast.get((ids.recovery_action, 0))
         r.values.update(
             energy_j=per_1000(energy), power_w=per_1000(power),
             temp_mem_c=None if temp_mem is None else float(temp_mem),
-            nvlink_links_down=links_down(fast, ids, dev.links))
+            nvlink_links_down=links_down(fast, ids, dev.links),
+            recovery_action=None if action is None else int(action))
+
+    def _slow(self, dev: DeviceState, r: Reading) -> dict[str, Any]:
+        """The slow field batch (error counters, power limits) and the fabric, as wire fields."""
+        f, c, ids = self.funnel, dev.cache, self.ids
+        slow = read_fields(f, c, r.errors, dev.handle, ids.slow(dev.links))
+        values = self._slow_values(slow, dev.links)
+        limits = {"power_limit_w": per_1000(slow.get((ids.power_limit, 0))),
+                  "power_limit_default_w": per_1000(slow.get((ids.power_default_limit, 0)))}
+        unsupported = {"power_limit_w": c.skip(("field", ids.power_limit, 0)),
+                       "power_limit_default_w": c.skip(("field", ids.power_default_limit, 0))}
+        values.update(power_limit_fallbacks(f, c, r.errors, dev.handle, limits, unsupported))
+        values.update(read_fabric(f, c, r.errors, dev.handle))
+        return values
 
     def _slow_values(self, slow: FieldReading, links: Sequence[int]) -> dict[str, Any]:
         ids = self.ids
@@ -371,6 +402,11 @@ class DeviceReader:
         if r.slow is not None:
             dev.slow, dev.slow_at = r.slow, now_s
         values.update(dev.slow)
+        if r.inventory is not None:
+            dev.limits = {k: r.inventory[k] for k in LIMIT_FIELDS}
+            dev.inventory_at = now_s
+            values.update(r.inventory)
+        values.update(dev.limits)
         if r.gpm_taken:
             dev.gpm.cur, dev.gpm.prev_valid, dev.gpm.taken_at = 1 - dev.gpm.cur, True, now_s
         dev.processes = r.processes

@@ -44,6 +44,10 @@ class FieldIds:
     nvlink5: tuple[int, int, int]
     """NVLink5, per link: symbol errors, effective errors, link recovery events."""
     link_inactive: int
+    recovery_action: int
+    power_limit: int
+    """The enforced limit (`NVML_FI_DEV_POWER_CURRENT_LIMIT`, mW, GPU scope)."""
+    power_default_limit: int
 
     @classmethod
     def of(cls, nvml: Any) -> FieldIds:
@@ -63,21 +67,27 @@ class FieldIds:
             nvlink5=(nvml.NVML_FI_DEV_NVLINK_COUNT_SYMBOL_ERRORS, nvml.NVML_FI_DEV_NVLINK_COUNT_EFFECTIVE_ERRORS,
                      nvml.NVML_FI_DEV_NVLINK_COUNT_LINK_RECOVERY_EVENTS),
             link_inactive=nvml.NVML_NVLINK_STATE_INACTIVE,
+            recovery_action=nvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION,
+            power_limit=nvml.NVML_FI_DEV_POWER_CURRENT_LIMIT,
+            power_default_limit=nvml.NVML_FI_DEV_POWER_DEFAULT_LIMIT,
         )
 
     def fast(self, links: Sequence[int]) -> list[Entry]:
-        """Read every interval: energy, power (GPU scope), memory temperature, throttle times, link states."""
+        """Read every interval: energy, power (GPU scope), memory temperature, throttle times, the recovery
+        action, link states."""
         return [(self.energy, 0), (self.power, 0), (self.mem_temp, 0), (self.throttle_power, 0),
-                (self.throttle_thermal, 0), *((self.link_state, link) for link in links)]
+                (self.throttle_thermal, 0), (self.recovery_action, 0), *((self.link_state, link) for link in links)]
 
     def baseline(self) -> list[Entry]:
         """Read once when a GPU is attached: the counters' starting values and the NVLink count."""
         return [(self.energy, 0), (self.throttle_power, 0), (self.throttle_thermal, 0), (self.link_count, 0)]
 
     def slow(self, links: Sequence[int]) -> list[Entry]:
-        """Read every `slow_every_s`: error counters that change rarely (and cost GSP RPCs on Hopper)."""
+        """Read every `slow_every_s`: error counters that change rarely (and cost GSP RPCs on Hopper), and the
+        power limits (GPU scope)."""
         per_link = [(f, link) for link in links for f in (*self.dl, *self.nvlink5)]
-        return [*((f, 0) for f in (*self.ecc, *self.remapped, *self.retired, self.pcie_replay)), *per_link]
+        return [*((f, 0) for f in (*self.ecc, *self.remapped, *self.retired, self.pcie_replay)),
+                (self.power_limit, 0), (self.power_default_limit, 0), *per_link]
 
 
 @dataclass

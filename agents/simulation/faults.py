@@ -2,8 +2,9 @@
 
 A `Fault` is active on the half-open window `[start_ms, end_ms)`. Its XID (if the kind has one) is
 an event at `start_ms`, reported once, in the collect interval that contains that instant. A job
-fault (`JOB_KINDS`) names one GPU and acts on the whole job holding that GPU at `start_ms`.
-`default_faults` gives the demo one fault of every kind shortly after start.
+fault (`JOB_KINDS`) names one GPU and acts on the whole job holding that GPU at `start_ms`; a node
+kind (`NODE_KINDS`) names no GPU; a port kind (`PORT_KINDS`) acts on the InfiniBand port paired with
+its GPU. `default_faults` gives the demo one fault of every kind shortly after start.
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ HELD_NO_PROCESS: Final = "held_no_process"
 IDLE_ALLOCATED: Final = "idle_allocated"
 JOB_HANG: Final = "job_hang"
 STRAGGLER: Final = "straggler"
+NEEDS_RESET: Final = "needs_reset"
+NEEDS_REBOOT: Final = "needs_reboot"
+NEEDS_DRAIN: Final = "needs_drain"
+FABRIC_DEGRADED: Final = "fabric_degraded"
+IB_PORT_FLAP: Final = "ib_port_flap"
+IB_PORT_DOWN: Final = "ib_port_down"
+GPU_MISSING: Final = "gpu_missing"
+DRIVER_DRIFT: Final = "driver_drift"
+XID_RECOVERY_ACTION_CHANGED: Final = 154
+"""Node-side kinds: `needs_reset` / `needs_reboot` / `needs_drain` set NVML's recovery action (GPU reset,
+node reboot, drain P2P) and raise XID 154 ("recovery action changed"); `fabric_degraded` sets the NVSwitch
+fabric's degraded-bandwidth bit; `ib_port_flap` takes the InfiniBand port paired with the GPU
+(`mlx5_<gpu>`, rail-optimised) down for 20 s and then errors it, `ib_port_down` keeps it down (a pulled
+cable); `gpu_missing` drops the GPU from the node's enumeration; `driver_drift` (a node kind) makes the
+node report another driver version."""
 
 XID_OF: Final[dict[str, int | None]] = {
     FELL_OFF_BUS: 79,
@@ -42,8 +58,21 @@ XID_OF: Final[dict[str, int | None]] = {
     IDLE_ALLOCATED: None,
     JOB_HANG: None,
     STRAGGLER: None,
+    NEEDS_RESET: XID_RECOVERY_ACTION_CHANGED,
+    NEEDS_REBOOT: XID_RECOVERY_ACTION_CHANGED,
+    NEEDS_DRAIN: XID_RECOVERY_ACTION_CHANGED,
+    FABRIC_DEGRADED: None,
+    IB_PORT_FLAP: None,
+    IB_PORT_DOWN: None,
+    GPU_MISSING: None,
+    DRIVER_DRIFT: None,
 }
 """Every fault kind and the XID it raises at its start (None: no XID)."""
+
+NODE_KINDS: Final = frozenset({NODE_SILENT, DRIVER_DRIFT})
+PORT_KINDS: Final = frozenset({IB_PORT_FLAP, IB_PORT_DOWN})
+"""Kinds that act on the InfiniBand port paired with their GPU, not on the GPU."""
+"""Kinds that affect a whole node: their `gpu` is None."""
 
 FAULT_KINDS: Final = tuple(XID_OF)
 
@@ -69,7 +98,7 @@ this long after it, so the fault sits inside an ordinary-looking job."""
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """One injected fault on GPU `gpu` of node index `node` (gpu is None for `node_silent`)."""
+    """One injected fault on GPU `gpu` of node index `node` (gpu is None for the node kinds)."""
 
     kind: str
     node: int
@@ -82,8 +111,11 @@ class Fault:
             raise ValueError(f"unknown fault kind {self.kind!r}; use one of: {', '.join(FAULT_KINDS)}")
         if self.end_ms <= self.start_ms:
             raise ValueError(f"{self.kind} fault ends ({self.end_ms}) before it starts ({self.start_ms})")
-        if self.gpu is None and self.kind != NODE_SILENT:
-            raise ValueError(f"{self.kind} fault needs a gpu index (only node_silent takes gpu=None)")
+        if (self.gpu is None) != (self.kind in NODE_KINDS):
+            if self.gpu is None:
+                raise ValueError(f"{self.kind} fault needs a gpu index (only {', '.join(sorted(NODE_KINDS))} "
+                                 "take gpu=None)")
+            raise ValueError(f"{self.kind} affects a whole node: give it gpu=None")
 
     @property
     def xid(self) -> int | None:
@@ -132,6 +164,12 @@ DEFAULT_ORDER: Final[Sequence[str]] = (
     ZOMBIE_PROCESS,
     HELD_NO_PROCESS,
     IDLE_ALLOCATED,
+    NEEDS_RESET,
+    FABRIC_DEGRADED,
+    IB_PORT_FLAP,
+    GPU_MISSING,
+    DRIVER_DRIFT,
+    NEEDS_REBOOT,
     NVLINK_ERRORS,
     PAGE_RETIREMENT_PENDING,
     ROW_REMAP_FAILURE,
@@ -143,11 +181,12 @@ _REQUIRED_GPU_FAULTS: Final = 6
 
 def default_faults(start_ms: int, *, nodes: int = 32, gpus_per_node: int = 8) -> list[Fault]:
     """The demo's faults: each kind once, on distinct GPUs, starting 20-60 s after `start_ms`
-    and clearing 60-90 s later. `node_silent` takes the last node; the kinds that pin a GPU's
-    allocation (zombie_process, held_no_process, idle_allocated) share node 0, so only that node
-    is split into one-GPU slots; the others (in `DEFAULT_ORDER`, as many as fit) spread over the
-    remaining nodes. Then a hung job and a straggler, each on a node of its own (the highest below the
-    silent one that no pinned fault split), starting 20 and 25 s after `start_ms`, lasting a minute."""
+    and clearing 60-90 s later. `node_silent` takes the last node and `driver_drift` the one before
+    it; the kinds that pin a GPU's allocation (zombie_process, held_no_process, idle_allocated) share
+    node 0, so only that node is split into one-GPU slots; the others (in `DEFAULT_ORDER`, as many as
+    there are GPU slots) spread over the remaining nodes. Then a hung job and a straggler, each on a node
+    of its own (the highest below the silent one that no pinned fault split), starting 20 and 25 s after
+    `start_ms`, lasting a minute."""
     if nodes < 2:
         raise ValueError("default_faults needs at least 2 nodes (one of them goes silent)")
     slots = (nodes - 1) * gpus_per_node
@@ -164,8 +203,8 @@ def default_faults(start_ms: int, *, nodes: int = 32, gpus_per_node: int = 8) ->
     for i, kind in enumerate(kinds):
         start = start_ms + 20_000 + 40_000 * i // (n - 1)
         end = start + 60_000 + 30_000 * ((i * 7) % n) // (n - 1)
-        if kind == NODE_SILENT:
-            faults.append(Fault(kind, nodes - 1, None, start, end))
+        if kind in NODE_KINDS:
+            faults.append(Fault(kind, nodes - 1 if kind == NODE_SILENT else max(0, nodes - 2), None, start, end))
             continue
         node, gpu = next(g for g in (pinned if kind in FREE_KINDS | BOOKING_KINDS else spread) if g not in used)
         used.add((node, gpu))

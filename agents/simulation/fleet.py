@@ -7,6 +7,7 @@ simulated time at a time, and cached, so a collect costs a lookup and a few hash
 
 Attribution rule (shared by `allocation_source()` and the ground truth): a sample taken at `t`
 carries the tenant of the allocation whose half-open interval `[start_ms, end_ms)` contains `t`.
+Node-side parts (ports, enumeration, inventory): docs/design-notes.md#agents-simulation-fleet-py.
 """
 
 from __future__ import annotations
@@ -17,20 +18,32 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from gpufleet.agents.allocation import Allocation
-from gpufleet.agents.collectors.base import DeviceView, NodeDown
+from gpufleet.agents.collectors.base import DeviceView, Enumeration, NodeDown
 from gpufleet.agents.simulation import faults as fk
 from gpufleet.agents.simulation import truth
 from gpufleet.agents.simulation.faults import Fault
 from gpufleet.agents.simulation.jobs import HOUR, Job, Scheduler
+from gpufleet.agents.simulation.network import node_ports
 from gpufleet.agents.simulation.rng import gpu_uuid, key, unit
-from gpufleet.agents.simulation.sample import GpuConst, build_sample, health_at
+from gpufleet.agents.simulation.sample import (
+    DRIFTED_DRIVER_VERSION,
+    DRIVER_VERSION,
+    GpuConst,
+    Inventory,
+    build_sample,
+    health_at,
+)
 from gpufleet.agents.simulation.timeline import GIB, HUNG, PACED, SLOW, Effect, GpuTimeline
-from gpufleet.wire import GpuSample
+from gpufleet.wire import GpuSample, NetworkPort
 
 DEFAULT_MODEL: Final = "NVIDIA H100 80GB HBM3"
 CHUNK_MS: Final = HOUR
 """GPU timelines are built in steps of this much simulated time from the origin."""
-_NOISE, _TEMP, _MEM_TEMP, _IDLE_POWER, _ENERGY = 1, 2, 3, 4, 5
+_NOISE, _TEMP, _MEM_TEMP, _IDLE_POWER, _ENERGY, _SERIAL = 1, 2, 3, 4, 5, 6
+INVENTORY_EVERY_MS: Final = 60_000
+"""The simulated agents' inventory cadence (the real agent's default is 300 s)."""
+GPUS_PER_CLIQUE: Final = 8
+"""GPUs per NVLink clique: one HGX board (NVSwitches inside the node)."""
 
 
 def tenant_name(i: int) -> str:
@@ -90,12 +103,13 @@ class SimulatedFleet:
         )
         self._gpu_faults: dict[tuple[int, int], list[Fault]] = defaultdict(list)
         self._silent: dict[int, list[Fault]] = defaultdict(list)
+        self._node_faults: dict[int, list[Fault]] = defaultdict(list)
         self._xids: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
         self._job_faults = [f for f in self.faults if f.kind in fk.JOB_KINDS]
         self._fault_jobs: dict[Fault, Job | None] = {}
         for f in self.faults:
             if f.gpu is None:
-                self._silent[f.node].append(f)
+                (self._silent if f.kind == fk.NODE_SILENT else self._node_faults)[f.node].append(f)
                 continue
             if f.kind in fk.JOB_KINDS:
                 continue
@@ -113,6 +127,9 @@ class SimulatedFleet:
                 noise_key=key(seed, n, g, _NOISE),
                 temp_offset_c=-2 + 6 * unit(seed, n, g, _TEMP),
                 mem_temp_offset_c=2 + int(5 * unit(seed, n, g, _MEM_TEMP)),
+                serial=str(1_650_000_000_000 + int(9e11 * unit(seed, n, g, _SERIAL))),
+                fabric_clique_id=1 + g // GPUS_PER_CLIQUE,
+                fabric_cluster_uuid=str(gpu_uuid(seed, cluster, n, -1)).removeprefix("GPU-"),
             )
             for n in range(nodes)
             for g in range(gpus_per_node)
@@ -131,13 +148,38 @@ class SimulatedFleet:
         """The node_silent fault covering `t_ms` on `node`, if any."""
         return next((f for f in self._silent.get(node, ()) if f.active(t_ms)), None)
 
-    def sample(self, node: int, gpu: int, t_ms: int, since_ms: int) -> GpuSample:
-        """GPU `gpu` of `node` at `t_ms`, with the XIDs raised in `(since_ms, t_ms]`."""
+    def sample(self, node: int, gpu: int, t_ms: int, since_ms: int, inventory: bool = False) -> GpuSample:
+        """GPU `gpu` of `node` at `t_ms`, with the XIDs raised in `(since_ms, t_ms]` (and the inventory if asked)."""
         act, energy = self._timeline(node, gpu, t_ms).at(t_ms)
         events = self._xids.get((node, gpu))
         xids = [x for ts, x in events if since_ms < ts <= t_ms] if events else []
         health = health_at(self._gpu_faults.get((node, gpu), ()), t_ms)
-        return build_sample(self._consts[(node, gpu)], act, energy, t_ms, health, xids)
+        inv = self.inventory(node, t_ms) if inventory else None
+        return build_sample(self._consts[(node, gpu)], act, energy, t_ms, health, xids, inv)
+
+    def inventory(self, node: int, t_ms: int) -> Inventory:
+        """What the node's inventory says at `t_ms` (a driver_drift fault changes its driver version)."""
+        drifted = any(f.kind == fk.DRIVER_DRIFT and f.active(t_ms) for f in self._node_faults.get(node, ()))
+        return Inventory(DRIFTED_DRIVER_VERSION if drifted else DRIVER_VERSION)
+
+    def inventory_due(self, node: int, t_ms: int, since_ms: int | None) -> bool:
+        """Whether the node's samples at `t_ms` carry the inventory: its first collect, every
+        `INVENTORY_EVERY_MS` (on the origin's grid), and the first collect after it changed."""
+        if since_ms is None or (t_ms - self.origin_ms) // INVENTORY_EVERY_MS != (since_ms - self.origin_ms) // (
+                INVENTORY_EVERY_MS):
+            return True
+        return any(since_ms < edge <= t_ms for f in self._node_faults.get(node, ()) for edge in (f.start_ms, f.end_ms))
+
+    def missing_gpus(self, node: int, t_ms: int) -> list[int]:
+        """GPUs of `node` that a gpu_missing fault keeps out of its enumeration at `t_ms`."""
+        return sorted(g for g in range(self.gpus_per_node)
+                      if any(f.kind == fk.GPU_MISSING and f.active(t_ms) for f in self._gpu_faults.get((node, g), ())))
+
+    def ports(self, node: int, t_ms: int) -> list[NetworkPort]:
+        """Node `node`'s InfiniBand ports at `t_ms` (see `simulation.network`)."""
+        flaps = {f.gpu: f for g in range(self.gpus_per_node) for f in self._gpu_faults.get((node, g), ())
+                 if f.kind in fk.PORT_KINDS and f.gpu is not None}
+        return node_ports(self.seed, node, self.gpus_per_node, t_ms, flaps)
 
     def job_at(self, node: int, gpu: int, t_ms: int) -> Job | None:
         """The job holding the GPU at `t_ms` (allocation interval contains `t_ms`), or None."""
@@ -215,17 +257,23 @@ class SimulatedNode:
         self.interval_ms = interval_ms
         self.last_collect_ms: int | None = None
         self.gpu_uuids = [fleet.gpu_const(index, g).uuid for g in range(fleet.gpus_per_node)]
+        self.enumeration = Enumeration(fleet.gpus_per_node, ())
+        """GPUs expected (all of the node's) and those a gpu_missing fault hid at the last collect."""
 
     def collect(self, now_ms: int) -> list[GpuSample]:
-        """Every GPU at `now_ms`; raises `NodeDown` inside a node_silent window (XIDs raised
-        meanwhile are reported by the first collect after it)."""
+        """Every GPU at `now_ms` (except those a gpu_missing fault hides); raises `NodeDown` inside a
+        node_silent window (XIDs raised meanwhile are reported by the first collect after it)."""
         silent = self.fleet.silent_fault(self.index, now_ms)
         if silent is not None:
             raise NodeDown(f"{self.name} is not answering (simulated node_silent until {silent.end_ms})")
         last = self.last_collect_ms
         since = last if last is not None and last < now_ms else now_ms - self.interval_ms
+        inventory = self.fleet.inventory_due(self.index, now_ms, last if last is not None and last < now_ms else None)
         self.last_collect_ms = now_ms
-        return [self.fleet.sample(self.index, g, now_ms, since) for g in range(self.fleet.gpus_per_node)]
+        missing = self.fleet.missing_gpus(self.index, now_ms)
+        self.enumeration = Enumeration(self.fleet.gpus_per_node, tuple(self.gpu_uuids[g] for g in missing))
+        return [self.fleet.sample(self.index, g, now_ms, since, inventory)
+                for g in range(self.fleet.gpus_per_node) if g not in missing]
 
     def close(self) -> None:
         """Nothing to release."""
@@ -237,6 +285,10 @@ class SimulatedNode:
         """The node's GPUs for allocation sources (`slurm`): UUIDs and minor numbers; the simulator runs no
         real processes, so none are listed (a slurm source sees only cgroup device lists)."""
         return [DeviceView(g, u, g, ()) for g, u in enumerate(self.gpu_uuids)]
+
+    def network_source(self) -> SimulatedPorts:
+        """A `NetworkSource` reading the node's ports at its last collect."""
+        return SimulatedPorts(self)
 
     def allocation_source(self, clock: Callable[[], int] | None = None) -> SimulatedAllocationSource:
         """An `AllocationSource` that agrees with the ground truth (see the module docstring)."""
@@ -254,3 +306,14 @@ class SimulatedAllocationSource:
     def read(self) -> dict[int, Allocation]:
         t = self._clock() if self._clock is not None else self._node.last_collect_ms
         return {} if t is None else self._node.allocation_at(t)
+
+
+class SimulatedPorts:
+    """The node's InfiniBand ports at its last collect (the agent collects, then reads the ports)."""
+
+    def __init__(self, node: SimulatedNode) -> None:
+        self._node = node
+
+    def read(self) -> list[NetworkPort]:
+        t = self._node.last_collect_ms
+        return [] if t is None else self._node.fleet.ports(self._node.index, t)

@@ -1,7 +1,8 @@
 """Complete wire messages from a simulated fleet without an agent or Kafka, for tests and benchmarks.
 
 `simulate_reports` does what the agent runtime does each interval, minus the I/O: collect every
-node, stamp tenant and job from the node's allocation, number the messages per node. A node inside
+node, stamp tenant and job from the node's allocation, add the node's enumeration and network ports,
+number the messages per node. A node inside
 a node_silent window sends nothing (its sequence does not advance).
 """
 
@@ -28,6 +29,7 @@ def simulate_reports(fleet: SimulatedFleet, start_ms: int, end_ms: int, interval
         raise ValueError("interval_ms must be positive")
     nodes = [fleet.make_node(i, interval_ms) for i in range(len(fleet.node_names))]
     sources = [node.allocation_source() for node in nodes]
+    ports = [node.network_source() for node in nodes]
     boots = [boot_id(fleet, i) for i in range(len(nodes))]
     seqs = [0] * len(nodes)
     for t in range(start_ms + interval_ms, end_ms + 1, interval_ms):
@@ -51,5 +53,8 @@ def simulate_reports(fleet: SimulatedFleet, start_ms: int, end_ms: int, interval
                 time_ms=t,
                 interval_ms=interval_ms,
                 gpus=gpus,
+                gpus_expected=node.enumeration.expected,
+                gpus_missing=list(node.enumeration.missing),
+                network=ports[i].read(),
             )
             seqs[i] += 1

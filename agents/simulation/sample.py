@@ -24,6 +24,7 @@ from gpufleet.agents.simulation.timeline import (
     ZOMBIE,
     Activity,
 )
+from gpufleet.node_facts import FABRIC_COMPLETED, RECOVERY_DRAIN_P2P, RECOVERY_GPU_RESET, RECOVERY_NODE_REBOOT
 from gpufleet.wire import GpuSample
 
 GPU_LOST_ERROR: Final = "GPU is lost"
@@ -32,12 +33,25 @@ SM_CLOCK_IDLE_MHZ: Final = 345
 SM_CLOCK_THERMAL_MHZ: Final = 1260
 SM_CLOCK_POWER_BRAKE_MHZ: Final = 990
 MEM_CLOCK_MHZ: Final = 2619
-THERMAL_TEMP_C: Final = 92.0
+THERMAL_TEMP_C: Final = 90.0
+"""In HW thermal slowdown (the H100 slows from 89 °C), below its 92 °C shutdown: degraded, not failing."""
 THERMAL_MEM_TEMP_C: Final = 90.0
 THROTTLE_GPU_IDLE: Final = 0x1
 PCIE_REPLAYS_PER_S: Final = 5
 NVLINK_REPLAYS_PER_S: Final = 2
 NVLINK_RECOVERY_EVERY_MS: Final = 10_000
+TEMP_SHUTDOWN_C: Final = 92.0
+TEMP_SLOWDOWN_C: Final = 89.0
+TEMP_MEM_MAX_C: Final = 95.0
+"""The H100 SXM's own thresholds, as `nvidia-smi -q` reports them."""
+POWER_LIMIT_W: Final = 700.0
+FABRIC_HEALTHY_MASK: Final = 0b0001_1010_1010
+"""Every yes/no field of the fabric health mask "false" (2), incorrect configuration "none" (1)."""
+FABRIC_DEGRADED_MASK: Final = 0b0001_1010_1001
+"""The same with degraded bandwidth "true" (1)."""
+DRIVER_VERSION: Final = "580.95.05"
+DRIFTED_DRIVER_VERSION: Final = "570.172.08"
+VBIOS_VERSION: Final = "96.00.89.00.01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +65,9 @@ class GpuConst:
     noise_key: int
     temp_offset_c: float
     mem_temp_offset_c: int
+    serial: str = ""
+    fabric_clique_id: int = 0
+    fabric_cluster_uuid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +85,18 @@ class Health:
     nvlink_replay_errors: int = 0
     nvlink_recovery_errors: int = 0
     nvlink_links_down: int = 0
+    recovery_action: int = 0
+    fabric_health_mask: int = FABRIC_HEALTHY_MASK
 
 
 HEALTHY: Final = Health()
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """What the agent reads on its inventory cadence; sent only in the samples that carry it."""
+
+    driver_version: str = DRIVER_VERSION
 
 
 def health_at(faults: Sequence[Fault], t_ms: int) -> Health:
@@ -78,12 +104,16 @@ def health_at(faults: Sequence[Fault], t_ms: int) -> Health:
     volatile ECC, pending flags, remap failure and links down clear at its end."""
     if not faults:
         return HEALTHY
-    h = dict.fromkeys(("ecc_v", "ecc_a", "remapped", "retired", "pcie", "nv_replay", "nv_recovery", "nv_down"), 0)
-    pending = failure = False
+    h = dict.fromkeys(("ecc_v", "ecc_a", "remapped", "retired", "pcie", "nv_replay", "nv_recovery", "nv_down",
+                       "action"), 0)
+    pending = failure = fabric_degraded = False
     for f in faults:
         if t_ms < f.start_ms:
             continue
         active = t_ms < f.end_ms
+        if f.kind in _ACTIONS and active:
+            h["action"] = max(h["action"], _ACTIONS[f.kind])
+        fabric_degraded = fabric_degraded or (f.kind == fk.FABRIC_DEGRADED and active)
         elapsed = min(t_ms, f.end_ms) - f.start_ms
         if f.kind == fk.ECC_DBE:
             h["ecc_a"] += 1
@@ -112,7 +142,14 @@ def health_at(faults: Sequence[Fault], t_ms: int) -> Health:
         nvlink_replay_errors=h["nv_replay"],
         nvlink_recovery_errors=h["nv_recovery"],
         nvlink_links_down=h["nv_down"],
+        recovery_action=h["action"],
+        fabric_health_mask=FABRIC_DEGRADED_MASK if fabric_degraded else FABRIC_HEALTHY_MASK,
     )
+
+
+_ACTIONS: Final = {fk.NEEDS_RESET: RECOVERY_GPU_RESET, fk.NEEDS_REBOOT: RECOVERY_NODE_REBOOT,
+                   fk.NEEDS_DRAIN: RECOVERY_DRAIN_P2P}
+"""Faults that set NVML's recovery action while they last (the remedy clears it at the fault's end)."""
 
 
 def _clamp(x: float) -> float:
@@ -120,11 +157,30 @@ def _clamp(x: float) -> float:
 
 
 def build_sample(
-    gpu: GpuConst, act: Activity, energy_j: float, t_ms: int, health: Health, xids: list[int]
+    gpu: GpuConst, act: Activity, energy_j: float, t_ms: int, health: Health, xids: list[int],
+    inventory: Inventory | None = None,
 ) -> GpuSample:
-    """The GPU's sample at `t_ms` (tenant, job and flops_measured left unset for the agent)."""
+    """The GPU's sample at `t_ms` (tenant, job and flops_measured left unset for the agent); `inventory` when
+    this interval read it."""
     if act.kind == LOST:
         return GpuSample(index=gpu.index, uuid=gpu.uuid, model=gpu.model, error=GPU_LOST_ERROR, xids=xids)
+    sample = _activity_sample(gpu, act, energy_j, t_ms, health, xids)
+    sample.recovery_action = health.recovery_action
+    sample.temp_slowdown_c, sample.temp_shutdown_c, sample.temp_mem_max_c = (
+        TEMP_SLOWDOWN_C, TEMP_SHUTDOWN_C, TEMP_MEM_MAX_C)
+    sample.power_limit_w = sample.power_limit_default_w = POWER_LIMIT_W
+    sample.fabric_state, sample.fabric_status = FABRIC_COMPLETED, 0
+    sample.fabric_clique_id, sample.fabric_cluster_uuid = gpu.fabric_clique_id, gpu.fabric_cluster_uuid
+    sample.fabric_health_mask = health.fabric_health_mask
+    if inventory is not None:
+        sample.serial, sample.vbios_version, sample.driver_version = gpu.serial, VBIOS_VERSION, inventory.driver_version
+        sample.persistence_mode = sample.ecc_mode = True
+    return sample
+
+
+def _activity_sample(
+    gpu: GpuConst, act: Activity, energy_j: float, t_ms: int, health: Health, xids: list[int]
+) -> GpuSample:
     h1 = mix(gpu.noise_key ^ t_ms)
     n0, n1, n2, n3 = lanes(h1)
     n4, n5, n6, _ = lanes(mix(h1))

@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpufleet.agents.simulation import faults as fk
 from gpufleet.agents.simulation.faults import JOB_KINDS, Fault
+from gpufleet.agents.simulation.network import port_device
 
 if TYPE_CHECKING:
     from gpufleet.agents.simulation.fleet import SimulatedFleet
@@ -44,6 +46,7 @@ def ground_truth(fleet: SimulatedFleet, start_ms: int, end_ms: int) -> dict[str,
             "gpu": f.gpu,
             "uuid": uuid(f.node, f.gpu),
             "xid": f.xid,
+            "port": f"{port_device(f.gpu)}/1" if f.kind in fk.PORT_KINDS and f.gpu is not None else None,
             "start_ms": f.start_ms,
             "end_ms": f.end_ms,
             **_job_of(fleet, f),

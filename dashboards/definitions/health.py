@@ -1,8 +1,10 @@
-"""GPU health and node drill-down: state timeline, XID and ECC events, throttling, temperature, links.
+"""GPU health and node drill-down: state timeline, XID and ECC events, throttling, temperature, links,
+and the nodes' InfiniBand/RoCE ports.
 
-Everything reads the per-GPU health rollup (`gpu_health_1m`/`_1h`: whole hours from the hour level)
+The GPU panels read the per-GPU health rollup (`gpu_health_1m`/`_1h`: whole hours from the hour level)
 and the event tables (`gpu_health_events`, `gpu_xid_events`), never raw samples: a week of the
-whole fleet reads one row per GPU and hour, and a picked node only its own rows (by key).
+whole fleet reads one row per GPU and hour, and a picked node only its own rows (by key). The port
+panels read `network_ports` (no rollup yet): the range's rows, a picked node's by key.
 """
 
 from __future__ import annotations
@@ -21,13 +23,25 @@ from gpufleet.dashboards.builder import (
     value_mappings,
 )
 from gpufleet.dashboards.definitions import links
+from gpufleet.node_facts import IB_PHYS_LINK_UP, IB_STATE_ACTIVE, IB_STATES
 from gpufleet.pipeline.queries import health_events, rollups
+
+PORT_FILTERS = ("cluster", "node")
+"""`network_ports` has no tenant or GPU model: the board's other variables do not filter it."""
+PORT_DOWN = (f"toUInt8(ifNull(state != {IB_STATE_ACTIVE} OR phys_state != {IB_PHYS_LINK_UP}, 0) "
+             "AND ifNull(phys_state != 3, 1))")
+"""A port that is not up (the `network_port_down` alert's condition; physical state 3, Disabled, is on purpose)."""
+PORT_ERRORS = ("ifNull(link_downed, 0) + ifNull(link_error_recovery, 0) + ifNull(symbol_error, 0)"
+               " + ifNull(port_rcv_errors, 0)")
+STATE_NAME = ("transform(ifNull(state, 0), [{codes}], [{names}], 'unknown')"
+              .format(codes=", ".join(map(str, IB_STATES)), names=", ".join(f"'{n}'" for n in IB_STATES.values())))
 
 
 def _series(*columns: str) -> str:
     """The health rollup's rows of the range for a time series: whole hours from the hour level when the
     buckets are whole hours."""
     return f.level_rows(rollups.HEALTH, columns, f.HOURLY_BUCKETS)
+
 
 HEALTH_MAPPINGS = value_mappings(
     {0: ("ok", "green"), 1: ("degraded", "orange"), 2: ("failing", "red"), 3: ("unknown", "gray")}
@@ -356,11 +370,91 @@ events = Panel(
     overrides=links.gpu_detail(),
 )
 
+network = Panel(
+    "Network ports down and link errors",
+    "timeseries",
+    (Query(
+        sql(
+            """
+            SELECT t, sum(down) AS ports_down, sum(greatest(cur - prev, 0)) AS link_errors
+            FROM
+            (
+                SELECT *, lagInFrame(cur, 1, cur) OVER w AS prev
+                FROM
+                (
+                    SELECT
+                        $__timeInterval(time) AS t,
+                        node,
+                        device,
+                        port,
+                        max({down}) AS down,
+                        toInt64(max({errors})) AS cur
+                    FROM network_ports
+                    WHERE {where}
+                    GROUP BY t, node, device, port
+                )
+                WINDOW w AS (PARTITION BY node, device, port ORDER BY t ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+            )
+            GROUP BY t
+            ORDER BY t
+            """,
+            down=PORT_DOWN, errors=PORT_ERRORS, where=f.where(names=PORT_FILTERS),
+        ),
+        ("t", "ports_down", "link_errors"),
+    ),),
+    description=(
+        "InfiniBand/RoCE ports not up (NetworkPortDown), and new link errors per interval: links downed, "
+        "error recoveries, symbol and receive errors (NetworkPortDegraded). From sysfs, per node."
+    ),
+    w=12,
+    overrides=(
+        rename("ports_down", "ports down"),
+        rename("link_errors", "new link errors"),
+        override("ports_down", color={"fixedColor": "red", "mode": "fixed"}),
+    ),
+)
+
+ports = Panel(
+    "Network ports",
+    "table",
+    (Query(
+        sql(
+            """
+            SELECT
+                node,
+                concat(device, '/', toString(port)) AS port_name,
+                argMax(link_layer, time) AS link_layer,
+                argMax({state}, time) AS last_state,
+                argMax(rate_gbps, time) AS rate_gbps,
+                sumIf(interval_ms, {down} = 1) / sum(interval_ms) AS down_share,
+                max(ifNull(link_downed, 0)) - min(ifNull(link_downed, 0)) AS link_downed,
+                max(ifNull(link_error_recovery, 0)) - min(ifNull(link_error_recovery, 0)) AS recoveries,
+                max(ifNull(symbol_error, 0)) - min(ifNull(symbol_error, 0)) AS symbol_errors,
+                max(ifNull(port_rcv_errors, 0)) - min(ifNull(port_rcv_errors, 0)) AS rcv_errors,
+                max(ifNull(port_xmit_discards, 0)) - min(ifNull(port_xmit_discards, 0)) AS xmit_discards
+            FROM network_ports
+            WHERE {where}
+            GROUP BY node, device, port
+            ORDER BY down_share DESC, link_downed DESC, symbol_errors DESC, rcv_errors DESC, node, port_name
+            LIMIT 100
+            """,
+            state=STATE_NAME, down=PORT_DOWN, where=f.where(names=PORT_FILTERS),
+        ),
+        ("node", "port_name", "link_layer", "last_state", "rate_gbps", "down_share", "link_downed", "recoveries",
+         "symbol_errors", "rcv_errors", "xmit_discards"),
+        TABLE,
+    ),),
+    description="Each port in the range: its newest state and rate, the share of time it was down, and its error "
+                "counters' growth (a counter cleared in the range shows less).",
+    w=12,
+    overrides=(override("down_share", unit="percentunit"), rename("rate_gbps", "rate (Gb/s)")),
+)
+
 BOARD = Board(
     uid=links.HEALTH,
     title="GPU fleet health",
     description="GPU health and node drill-down: pick a node to see its GPUs' events, errors and temperatures.",
     variables=f.standard_variables(datasource_variable()),
-    panels=(state_timeline, xids, ecc, throttling, temperature, links_errors, worst, events),
+    panels=(state_timeline, xids, ecc, throttling, temperature, links_errors, network, ports, worst, events),
     links=links.nav(links.HEALTH),
 )

@@ -17,20 +17,25 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_POWER_CAP,
     THROTTLE_SW_THERMAL,
 )
+from gpufleet.pipeline.alerts import node_queries
+from gpufleet.pipeline.alerts.candidate import Candidate, Query, clean_labels
 from gpufleet.pipeline.alerts.rules import (
     AgentCounterRising,
     AnyRule,
+    FabricDegraded,
     GpuBusyUnallocated,
     GpuClaimConflict,
     GpuDegraded,
     GpuFailing,
     GpuHeldNoProcess,
     GpuIdleAllocated,
+    GpuRecoveryAction,
     GpuRule,
     JobRule,
     JobStalled,
     JobStraggler,
     MfuBelowTarget,
+    NodeRecoveryAction,
     NodeSilent,
     duration_ms,
     format_duration,
@@ -45,31 +50,6 @@ THROTTLE_NAMES: Final = {
     THROTTLE_HW_THERMAL: "hw_thermal",
     THROTTLE_HW_POWER_BRAKE: "hw_power_brake",
 }
-
-
-@dataclass(frozen=True)
-class Query:
-    sql: str
-    parameters: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One series (GPU, node, tenant or fleet) whose condition holds at `now`."""
-
-    labels: dict[str, str]
-    """The series' own labels (cluster, node, gpu, gpu_index, tenant...); empty values are dropped."""
-    firing: bool
-    """True: sustained (or a `for: 0` rule); False: pending."""
-    since_ms: int
-    last_ms: int
-    value: float | None
-    """The number the alert is about (see docs/alerts.md); None: the GPU-hours wasted, known to the evaluator."""
-    context: dict[str, Any]
-    tracks_waste: bool = False
-    """The evaluator adds `gpu_hours_wasted` (from the alert's active_at to `last_ms`, times `gpus`)."""
-    gpus: int = 1
-    """GPUs the alert holds (a job's): what `gpu_hours_wasted` multiplies."""
 
 
 def _ms(name: str) -> str:
@@ -138,20 +118,22 @@ def _gpu_shape(rule: GpuRule) -> _GpuShape:
         )
     if isinstance(rule, GpuDegraded):
         cond = ("bitAnd(ifNull(clock_event_reasons, 0), {mask:UInt64}) != 0"
-                " OR ifNull(temp_gpu_c >= {temp_c:Float64}, 0)"
+                f" OR ifNull(temp_gpu_c >= {_TEMP_LIMIT}, 0)"
                 " OR ({remap:UInt8} = 1 AND (ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0)))")
         nvlink = "nvlink_errors"
         return _GpuShape(
             cond,
             "bitAnd(groupBitOr(clock_event_bits), {mask:UInt64}) != 0 OR ifNull(max(temp_max_c) >= {temp_c:Float64}, 0)"
+            f" OR {_HOT_REASON}"
             " OR ({remap:UInt8} = 1 AND max(remap_pending_max) = 1) OR min(ecc_corrected_min) != max(ecc_corrected_max)"
             " OR min(pcie_replay_min) != max(pcie_replay_max) OR min(nvlink_rr_min) != max(nvlink_rr_max)",
-            ("clock_event_reasons", "temp_gpu_c", "remap_pending", "retired_pages_pending",
+            ("clock_event_reasons", "temp_gpu_c", "temp_slowdown_c", "remap_pending", "retired_pages_pending",
              "ecc_corrected_volatile", "pcie_replay_count",
              "if(nvlink_replay_errors IS NULL AND nvlink_recovery_errors IS NULL, NULL, "
              f"ifNull(nvlink_replay_errors, 0) + ifNull(nvlink_recovery_errors, 0)) AS {nvlink}"),
             ("argMax(ifNull(clock_event_reasons, 0), time) AS throttle_bits",
              "argMax(temp_gpu_c, time) AS temp_c",
+             f"argMax({_TEMP_LIMIT}, time) AS temp_limit_c",
              "argMax(ifNull(remap_pending, 0) OR ifNull(retired_pages_pending, 0), time) AS remap",
              f"{formulas.increase('ecc_corrected_volatile')} AS ecc_inc",
              f"{formulas.increase('pcie_replay_count')} AS pcie_inc",
@@ -177,28 +159,61 @@ def _gpu_shape(rule: GpuRule) -> _GpuShape:
             ("error", "compute_processes", "mem_used_bytes"),
             ("argMax(compute_processes, time) AS processes", "argMax(mem_used_bytes, time) AS mem_used"),
         )
+    return _signal_shape(rule)
+
+
+def _signal_shape(rule: GpuRule) -> _GpuShape:
+    """The node-side per-GPU kinds: the recovery action (NodeRecoveryAction's rows are merged per node) and
+    the fabric."""
+    if isinstance(rule, GpuRecoveryAction):
+        return _GpuShape("has({actions:Array(UInt8)}, ifNull(recovery_action, 0))", _reason_in_rollup("recovery_"),
+                         ("recovery_action",), ("argMax(recovery_action, time) AS action",))
+    if isinstance(rule, FabricDegraded):
+        return _GpuShape(_FABRIC_REASON, _reason_in_rollup("fabric_"), ("health_reasons", "fabric_clique_id"),
+                         ("arrayFilter(r -> startsWith(r, 'fabric_'), argMax(health_reasons, time)) AS reasons",
+                          "argMax(fabric_clique_id, time) AS clique"))
     raise TypeError(f"no per-GPU query for {type(rule).__name__}")
+
+
+_TEMP_LIMIT: Final = "coalesce(temp_slowdown_c - {temp_margin_c:Float64}, {temp_c:Float64})"
+"""GpuDegraded's temperature limit: the GPU's own slowdown temperature less the margin, `temp_c` where unknown."""
+_FABRIC_REASON: Final = "arrayExists(r -> startsWith(r, 'fabric_'), health_reasons)"
+"""A `fabric_*` health reason (pipeline/ingest/health.py decides them)."""
+_HOT_REASON: Final = "hasAny(groupUniqArrayArray(reasons), ['temperature_high', 'temperature_critical'])"
+"""Over `gpu_health_1m` rows: the ingest found the GPU near or past its own limits (`temp_slowdown_c` less
+`health.temp_slowdown_margin_c`), which the rollup's `temp_max_c` cannot tell against the fixed `temp_c`."""
+
+
+def _reason_in_rollup(prefix: str) -> str:
+    """Over `gpu_health_1m` rows: a health reason starting with `prefix` in the minutes read (the ingest adds
+    `recovery_*` for every recovery action NVML reports and `fabric_*` for every fabric fault)."""
+    return f"arrayExists(r -> startsWith(r, '{prefix}'), groupUniqArrayArray(reasons))"
 
 
 def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
     if isinstance(rule, GpuFailing):
         return {"keep_ms": now_ms - rule.keep_ms}
     if isinstance(rule, GpuDegraded):
-        return {"mask": rule.throttle_mask, "temp_c": rule.temp_c, "remap": int(rule.remap_pending),
+        return {"mask": rule.throttle_mask, "temp_c": rule.temp_c, "temp_margin_c": rule.temp_slowdown_margin_c,
+                "remap": int(rule.remap_pending),
                 "ecc_min": rule.ecc_corrected_increase, "pcie_min": rule.pcie_replay_increase,
                 "nvlink_min": rule.nvlink_error_increase}
     if isinstance(rule, GpuIdleAllocated):
         return {"util": rule.util_below}
     if isinstance(rule, GpuBusyUnallocated):
         return {"mem_bytes": rule.mem_used_above_bytes}
+    if isinstance(rule, GpuRecoveryAction):
+        return {"actions": [node_queries.recovery_code(a) for a in rule.actions]}
     return {}
 
 
 _SUSTAINED: Final = formulas.sustained("{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
 
 
-def build(rule: AnyRule, now_ms: int) -> Query:
+def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return per family of rule kinds
     """The rule's SQL and parameters for an evaluation at `now_ms` (run it through a `Store`)."""
+    if node_queries.is_node_signal(rule):
+        return node_queries.build(rule, now_ms)  # type: ignore[arg-type]
     if isinstance(rule, NodeSilent):
         return _node_silent(rule, now_ms)
     if isinstance(rule, MfuBelowTarget):
@@ -382,8 +397,12 @@ def iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> list[Candidate]:
+def candidates(  # noqa: PLR0911 - one return per family of rule kinds
+        rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> list[Candidate]:
     """The query's rows as candidates: firing or pending, with labels and annotation context."""
+    signals = _signal_candidates(rule, rows, now_ms)
+    if signals is not None:
+        return signals
     if isinstance(rule, NodeSilent):
         return [_silent_candidate(r, now_ms) for r in rows]
     if isinstance(rule, MfuBelowTarget):
@@ -397,6 +416,16 @@ def candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> lis
     if isinstance(rule, GpuFailing) and rule.for_ms > 0:  # keep_firing_for applies to `for: 0` only
         rows = [r for r in rows if r["last_c"]]
     return [_gpu_candidate(rule, r, now_ms) for r in rows]
+
+
+def _signal_candidates(rule: AnyRule, rows: list[Mapping[str, Any]], now_ms: int) -> list[Candidate] | None:
+    """The node-side kinds built in `node_queries` (and NodeRecoveryAction's GPU rows merged per node); None
+    for the other kinds."""
+    if node_queries.is_node_signal(rule):
+        return node_queries.candidates(rule, rows)  # type: ignore[arg-type]
+    if isinstance(rule, NodeRecoveryAction):
+        return node_queries.node_recovery_candidates(rule, [_gpu_candidate(rule, r, now_ms) for r in rows])
+    return None
 
 
 def sustained(rule: GpuRule, row: Mapping[str, Any]) -> bool:
@@ -438,6 +467,13 @@ def _gpu_candidate(rule: GpuRule, row: Mapping[str, Any], now_ms: int) -> Candid
         mem = int(row["mem_used"] or 0)
         ctx.update(processes=int(row["processes"] or 0), mem_used_gib=mem / GIB)
         value = float(mem)
+    elif isinstance(rule, GpuRecoveryAction):
+        action = node_queries.recovery_name(int(row["action"]))
+        labels["action"] = action
+        ctx.update(action=action, remedy=node_queries.remedy(action))
+        value = float(row["action"])
+    elif isinstance(rule, FabricDegraded):
+        ctx.update(reasons=", ".join(row["reasons"]) or "fabric", clique=int(row["clique"] or 0))
     ctx["value"] = value
     return Candidate(_clean(labels), firing, since, int(row["last_ms"]), value, ctx, waste)
 
@@ -453,8 +489,8 @@ def _degraded_reasons(rule: GpuDegraded, row: Mapping[str, Any]) -> list[str]:
     if bits:
         names = [name for bit, name in THROTTLE_NAMES.items() if bits & bit]
         out.append(f"throttling ({'+'.join(names)})")
-    if row["temp_c"] is not None and row["temp_c"] >= rule.temp_c:
-        out.append(f"temperature {row['temp_c']:.0f} C >= {rule.temp_c:.0f} C")
+    if row["temp_c"] is not None and row["temp_c"] >= row["temp_limit_c"]:
+        out.append(f"temperature {row['temp_c']:.0f} C >= {row['temp_limit_c']:.0f} C")
     if rule.remap_pending and row["remap"]:
         out.append("row remap / page retirement pending a reset")
     window = format_duration(max(rule.for_ms, rule.max_age_ms))
@@ -547,5 +583,4 @@ def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _clean(labels: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in labels.items() if v != ""}
+_clean = clean_labels

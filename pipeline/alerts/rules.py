@@ -36,7 +36,8 @@ NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Increase = Annotated[int, msgspec.Meta(ge=1)]
 
-RESERVED_LABELS: Final = frozenset({"alertname", "severity", "cluster", "node", "gpu", "gpu_index", "tenant", "job"})
+RESERVED_LABELS: Final = frozenset({"alertname", "severity", "cluster", "node", "gpu", "gpu_index", "tenant", "job",
+                                    "action", "device", "port", "field", "model"})
 """Labels the evaluator sets itself; a rule's `labels` may not override them."""
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
@@ -156,7 +157,9 @@ class GpuDegraded(GpuRule, tag="gpu_degraded", kw_only=True):
     """NVML clocks-event bits that count as throttling: HW slowdown, SW/HW thermal, HW power brake
     (SW power capping, 0x4, is normal under load)."""
     temp_c: float = 87.0
-    """GPU temperature at or above this counts as near the limit."""
+    """GPU temperature at or above this counts as near the limit where the sample carries no slowdown temperature."""
+    temp_slowdown_margin_c: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    """Otherwise: within this many degrees of the GPU's own slowdown temperature (`temp_slowdown_c`)."""
     remap_pending: bool = True
     """A row remap or page retirement waiting for a GPU reset counts as degraded."""
     ecc_corrected_increase: Increase = 10
@@ -348,9 +351,141 @@ class AgentAllocationUnknown(AgentCounterRising, tag="agent_allocation_unknown",
         return self.min_intervals
 
 
+RecoveryName = Literal["gpu_reset", "node_reboot", "drain_p2p", "drain_and_reset", "recover_imex_domain",
+                       "bus_reset", "system_reboot"]
+"""NVML's recovery actions by name (`gpufleet.node_facts.RECOVERY_ACTIONS`, `none` excluded)."""
+
+
+class GpuRecoveryAction(GpuRule, tag="gpu_recovery_action", kw_only=True):
+    """NVML asks for a remedy on the GPU: its newest sample's recovery action is one of `actions`. The action
+    stays set until the remedy, so the alert holds until the GPU is reset (one alert per GPU and action)."""
+
+    for_: Duration = msgspec.field(name="for", default=0)
+    actions: list[RecoveryName] = msgspec.field(default_factory=lambda: ["gpu_reset", "drain_and_reset", "bus_reset"])
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "action", "remedy")
+
+
+class NodeRecoveryAction(GpuRecoveryAction, tag="node_recovery_action", kw_only=True):
+    """A GPU of the node asks for a remedy in `actions` that acts on the node (a reboot): one alert per node and
+    action, naming its GPUs."""
+
+    actions: list[RecoveryName] = msgspec.field(default_factory=lambda: ["node_reboot", "system_reboot"])
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (
+        "cluster", "node", "action", "remedy", "gpus", "gpu_indexes", "for", "active_for", "value")
+
+
+class FabricDegraded(GpuRule, tag="fabric_degraded", kw_only=True):
+    """The GPU's NVSwitch fabric is unhealthy: a `fabric_*` health reason (not registered, registration failed,
+    degraded bandwidth, route recovery or unhealthy, access-timeout recovery, wrong configuration) for `for`."""
+
+    for_: Duration = msgspec.field(name="for", default="1m")
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "reasons", "clique")
+
+
+class PortRule(Rule, kw_only=True):
+    """A condition on a node's InfiniBand/RoCE port (`network_ports`); `ignore_ports` lists `device/port`
+    names never to alert on (ports that are not cabled)."""
+
+    max_sample_age: Duration = "60s"
+    ignore_ports: list[str] = []
+
+    @property
+    def max_age_ms(self) -> int:
+        return duration_ms(self.max_sample_age)
+
+
+_PORT_PLACEHOLDERS: Final = ("cluster", "node", "device", "port", "port_name", "link_layer", "active_for", "value")
+
+
+class NetworkPortDown(PortRule, tag="network_port_down", kw_only=True):
+    """The port is not up (logical state not ACTIVE, or physical state not LinkUp) in every report for `for`;
+    an administratively disabled port (physical state Disabled) is left alone."""
+
+    for_: Duration = msgspec.field(name="for", default="1m")
+    coverage: Ratio = 0.9
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_PORT_PLACEHOLDERS, "state", "phys_state", "for")
+
+    @property
+    def for_ms(self) -> int:
+        return duration_ms(self.for_)
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"for": self.for_, "max_sample_age": self.max_sample_age}
+
+
+class NetworkPortDegraded(PortRule, tag="network_port_degraded", kw_only=True):
+    """An error counter of the port rose by at least its threshold within `window` (a fall is a reset and counts
+    the new value). Fires at the first such rise, resolves once `window` has passed without one."""
+
+    window: Duration = "15m"
+    link_downed_increase: Increase = 1
+    link_error_recovery_increase: Increase = 1
+    symbol_error_increase: Increase = 100
+    port_rcv_errors_increase: Increase = 10
+    port_xmit_discards_increase: Increase = 1000
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_PORT_PLACEHOLDERS, "reasons", "window")
+
+    @property
+    def thresholds(self) -> dict[str, int]:
+        """Counter column -> the rise that counts."""
+        return {"link_downed": self.link_downed_increase, "link_error_recovery": self.link_error_recovery_increase,
+                "symbol_error": self.symbol_error_increase, "port_rcv_errors": self.port_rcv_errors_increase,
+                "port_xmit_discards": self.port_xmit_discards_increase}
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"window": self.window, "max_sample_age": self.max_sample_age}
+
+
+class GpuMissing(Rule, tag="gpu_missing", kw_only=True):
+    """The node's newest report lists fewer GPUs than it should have (`gpus_expected`) in every report for `for`:
+    one alert per GPU it names as missing (by UUID), or one for the node when it cannot name them."""
+
+    for_: Duration = msgspec.field(name="for", default="1m")
+    coverage: Ratio = 0.9
+    max_sample_age: Duration = "60s"
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (
+        "cluster", "node", "gpu", "expected", "enumerated", "missing", "for", "active_for", "value")
+
+    @property
+    def for_ms(self) -> int:
+        return duration_ms(self.for_)
+
+    @property
+    def max_age_ms(self) -> int:
+        return duration_ms(self.max_sample_age)
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"for": self.for_, "max_sample_age": self.max_sample_age}
+
+
+DriftField = Literal["driver_version", "vbios_version", "ecc_mode", "persistence_mode"]
+
+
+class NodeConfigDrift(Rule, tag="node_config_drift", kw_only=True):
+    """A node's GPUs differ in `fields` from the majority of GPUs of their model (over more than half of them),
+    by each GPU's newest inventory within `window` (longer than `agent.nvml_inventory_every_s`): one alert per
+    node and field."""
+
+    window: Duration = "15m"
+    fields: list[DriftField] = msgspec.field(default_factory=lambda: ["driver_version", "vbios_version"])
+    min_gpus: Annotated[int, msgspec.Meta(ge=2)] = 3
+    """A model needs at least this many GPUs reporting the field for a majority to mean something."""
+    PLACEHOLDERS: ClassVar[tuple[str, ...]] = (
+        "cluster", "node", "field", "found", "majority", "model", "gpus", "window", "active_for", "value")
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"window": self.window}
+
+
 AnyRule = (
     GpuFailing | GpuDegraded | GpuIdleAllocated | GpuHeldNoProcess | GpuBusyUnallocated | NodeSilent | MfuBelowTarget
     | AgentSpoolDropping | AgentSendErrors | GpuClaimConflict | JobStalled | JobStraggler | AgentAllocationUnknown
+    | GpuRecoveryAction | NodeRecoveryAction | FabricDegraded | NetworkPortDown | NetworkPortDegraded | GpuMissing
+    | NodeConfigDrift
 )
 KINDS: Final = {cls.__struct_config__.tag: cls for cls in AnyRule.__args__}  # type: ignore[attr-defined]
 
@@ -369,7 +504,8 @@ def _sample_context(rule: Rule) -> dict[str, object]:
     """Typed stand-ins for every placeholder, to check format specs (`{util_pct:.1f}`) at load time."""
     numeric = {"value", "util_pct", "threshold_pct", "gpu_hours_wasted", "mem_used_gib", "mfu_pct", "target_pct",
                "temp_c", "power_pct", "clock_mhz", "job_clock_mhz", "tensor_pct", "job_tensor_pct"}
-    ints = {"processes", "gpus", "dropped", "errors", "streams", "job_gpus", "intervals"}
+    ints = {"processes", "gpus", "dropped", "errors", "streams", "job_gpus", "intervals", "expected", "enumerated",
+            "clique"}
     return {p: 1.0 if p in numeric else 1 if p in ints else "x" for p in rule.PLACEHOLDERS}
 
 
@@ -417,8 +553,13 @@ def _problems(rule: AnyRule) -> Iterator[str]:
         yield f"`labels` may not set {', '.join(clash)}: the evaluator sets those"
     if isinstance(rule, MfuBelowTarget) and len(set(rule.by)) != len(rule.by):
         yield "`by` lists a key twice"
-    if isinstance(rule, MfuBelowTarget | AgentCounterRising | GpuClaimConflict) and duration_ms(rule.window) == 0:
+    if isinstance(rule, MfuBelowTarget | AgentCounterRising | GpuClaimConflict | NetworkPortDegraded
+                  | NodeConfigDrift) and duration_ms(rule.window) == 0:
         yield "`window` must be longer than 0"
+    if isinstance(rule, GpuRecoveryAction) and not rule.actions:
+        yield "`actions` lists no recovery action"
+    if isinstance(rule, NodeConfigDrift) and (not rule.fields or len(set(rule.fields)) != len(rule.fields)):
+        yield "`fields` must list each field once, and at least one"
     if isinstance(rule, NodeSilent) and duration_ms(rule.forget_after) <= duration_ms(rule.silent_after):
         yield "`forget_after` must be longer than `silent_after`"
 

@@ -23,7 +23,7 @@ from gpufleet.gpu_facts import peak_flops
 from gpufleet.pipeline.ingest import claims, transitions
 from gpufleet.pipeline.ingest.claims import ClaimBook
 from gpufleet.pipeline.ingest.health import Previous, State, classify, classify_all, previous_of
-from gpufleet.wire import GPU_FIELDS, GpuSample, NodeReport, share_of_gpu
+from gpufleet.wire import GPU_FIELDS, PORT_FIELDS, GpuSample, NodeReport, share_of_gpu
 
 if TYPE_CHECKING:
     from gpufleet.pipeline.store import Store
@@ -54,6 +54,13 @@ AGENT_COLUMNS: tuple[str, ...] = (
     "collect_seconds", "nvml_errors", "spool_depth", "spool_dropped_total", "send_errors_total",
     "otlp_points_accepted_total", "otlp_points_rejected_total",
     "nvml_calls", "nvml_call_budget", "nvml_deadline_misses", "xids_dropped_total", "allocation_unknown_total",
+    "gpus_expected", "gpus_missing", "gpus_enumerated",
+)
+
+_PORT_VALUES: tuple[str, ...] = tuple(f for f in PORT_FIELDS if f not in {"device", "port", "link_layer"})
+NETWORK_COLUMNS: tuple[str, ...] = (
+    "time", "interval_ms", "ingest_time", "cluster", "node", "boot_id", "seq",
+    "device", "port", "link_layer", *_PORT_VALUES,
 )
 
 
@@ -214,8 +221,28 @@ def agent_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
         [x.otlp_points_accepted_total for x in a], [x.otlp_points_rejected_total for x in a],
         [x.nvml_calls for x in a], [x.nvml_call_budget for x in a], [x.nvml_deadline_misses for x in a],
         [x.xids_dropped_total for x in a], [x.allocation_unknown_total for x in a],
+        [r.gpus_expected for r in reports], [list(r.gpus_missing) for r in reports],
+        [physical_gpus(r) for r in reports],
     ]
     return Columns(AGENT_COLUMNS, data)
+
+
+def physical_gpus(report: NodeReport) -> int:
+    """The physical GPUs a message lists: a MIG GPU's instances count once, by their parent."""
+    return len({g.parent_uuid or g.uuid for g in report.gpus})
+
+
+def network_columns(reports: Sequence[NodeReport], ingest_ms: int) -> Columns:
+    """One row per network port per report (`network_ports`); reports without ports add none."""
+    rows = [(r, p) for r in reports for p in r.network]
+    data: list[list[object]] = [
+        [r.time_ms for r, _ in rows], [r.interval_ms for r, _ in rows], [ingest_ms] * len(rows),
+        [r.cluster for r, _ in rows], [r.node for r, _ in rows], [r.boot_id for r, _ in rows],
+        [r.seq for r, _ in rows], [p.device for _, p in rows], [p.port for _, p in rows],
+        [p.link_layer or "" for _, p in rows],
+        *([getattr(p, f) for _, p in rows] for f in _PORT_VALUES),
+    ]
+    return Columns(NETWORK_COLUMNS, data)
 
 
 def insert_columns(store: Store, table: str, cols: Columns, settings: dict[str, object] | None = None) -> None:
@@ -234,6 +261,7 @@ def insert_reports(
     claims.load(store, deriver.claims, batch, ingest_ms)
     cols = sample_columns(batch, ingest_ms, deriver)
     insert_columns(store, "agent_reports", agent_columns(batch, ingest_ms))
+    insert_columns(store, "network_ports", network_columns(batch, ingest_ms))
     insert_columns(store, "gpu_samples", cols)
     return cols.rows
 

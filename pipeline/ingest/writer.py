@@ -18,7 +18,15 @@ from gpufleet.pipeline.ingest import claims, dead_letters, dedup, staging
 from gpufleet.pipeline.ingest.dead_letters import DeadLetter
 from gpufleet.pipeline.ingest.kafka_io import Producer, TopicPartition
 from gpufleet.pipeline.ingest.ledger import BatchTaken, Entry, Ledger
-from gpufleet.pipeline.ingest.rows import Derived, Deriver, agent_columns, derive, derived_columns, insert_columns
+from gpufleet.pipeline.ingest.rows import (
+    Derived,
+    Deriver,
+    agent_columns,
+    derive,
+    derived_columns,
+    insert_columns,
+    network_columns,
+)
 from gpufleet.pipeline.ingest.validation import DAY_MS, TimeWindow
 
 if TYPE_CHECKING:
@@ -334,8 +342,8 @@ class BatchWriter:
 
     # --- inserts ---------------------------------------------------------------------------
     def _write_plan(self, batch: Batch, pipelined: bool) -> Future[None] | None:
-        """The plan's inserts, block by block: agent_reports, then the GPU rows (the last insert is left
-        running when pipelined)."""
+        """The plan's inserts, block by block: agent_reports and network_ports, then the GPU rows (the last
+        insert is left running when pipelined)."""
         fresh = batch.plan or []
         fresh_ids = {id(r) for r in fresh}
         if batch.derived is None or not fresh_ids <= {id(r) for r in batch.derived.reports}:
@@ -348,6 +356,8 @@ class BatchWriter:
             agents = [r for r in fresh if block_of[id(r)] == b]
             insert_columns(self.store, "agent_reports", agent_columns(agents, batch.ingest_ms),
                            settings=dedup.insert_settings(batch.token, _target("agents", b), self.dedup))
+            insert_columns(self.store, "network_ports", network_columns(agents, batch.ingest_ms),
+                           settings=dedup.insert_settings(batch.token, _target("network", b), self.dedup))
         pending = None
         for b in range(blocks):
             keep = [block_of.get(id(r)) == b for r in derived.reports]

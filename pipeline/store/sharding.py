@@ -31,6 +31,8 @@ SHARDED: Final[dict[str, str | None]] = {
     "gpu_health_1m": SHARDING_KEY,
     "gpu_health_1h": SHARDING_KEY,
     "node_latest": SHARDING_KEY,
+    "network_ports": SHARDING_KEY,  # a node's InfiniBand/RoCE ports, one row per port per message (0050)
+    "gpu_inventory": SHARDING_KEY,  # each GPU's newest inventory read, from its node's samples (0050)
     # rollups with no node column: each shard aggregates its own nodes' rows, reads sum the shards;
     # only their views write them, so the Distributed table has no sharding key (it refuses inserts)
     "fleet_usage_1m": None,

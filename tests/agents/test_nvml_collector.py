@@ -47,7 +47,8 @@ FI_SYMBOL = pynvml.NVML_FI_DEV_NVLINK_COUNT_SYMBOL_ERRORS
 FI_EFFECTIVE = pynvml.NVML_FI_DEV_NVLINK_COUNT_EFFECTIVE_ERRORS
 FI_LINK_RECOVERY = pynvml.NVML_FI_DEV_NVLINK_COUNT_LINK_RECOVERY_EVENTS
 THREAD_NAME = "nvml-xid-events"
-COLLECTOR_MODULES = ("nvml.py", "nvml_device.py", "nvml_fields.py", "nvml_funnel.py", "xid_events.py")
+COLLECTOR_MODULES = ("nvml.py", "nvml_device.py", "nvml_fields.py", "nvml_funnel.py", "nvml_inventory.py",
+                     "xid_events.py")
 
 
 def ecc(cv: int = 0, uv: int = 0, ca: int = 0, ua: int = 0) -> dict[tuple[int, int], int]:
@@ -69,8 +70,14 @@ def test_every_field_is_mapped_in_its_base_unit(make_collector: Make) -> None:
         nvlink_errors={(0, CRC_FLIT): 3, (0, CRC_DATA): 4, (5, CRC_FLIT): 10, (1, REPLAY): 6, (17, REPLAY): 1,
                        (2, RECOVERY): 2},
         process_pids=[1234, 5678], gpm_metrics={SM_UTIL: 45.5, TENSOR_UTIL: 30.25, DRAM_UTIL: 12.5},
+        recovery_action=pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_P2P, power_limit_mw=650_000,
+        power_default_limit_mw=700_000, serial="1321021034567", vbios="96.00.74.00.0C",
+        persistence_mode=pynvml.NVML_FEATURE_DISABLED,
+        ecc_mode=(pynvml.NVML_FEATURE_ENABLED, pynvml.NVML_FEATURE_DISABLED),  # ECC on; off after the next reset
+        fabric=(pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, 0, 4, bytes(range(16)), 0b0001_1010_1001),
     )  # fmt: skip
     fake = FakeNvml([gpu])
+    fake.driver_version = "570.172.08"
     collector = make_collector(fake)
     expected = wire.GpuSample(
         index=0, uuid=UUID0, model="NVIDIA H100 80GB HBM3",
@@ -87,9 +94,17 @@ def test_every_field_is_mapped_in_its_base_unit(make_collector: Make) -> None:
         nvlink_recovery_errors=2,
         nvlink_links_down=2,  # links 4 and 9
         compute_processes=2,
+        recovery_action=3,
+        temp_shutdown_c=92.0, temp_slowdown_c=89.0, temp_mem_max_c=95.0,  # the H100's thresholds
+        power_limit_w=650.0, power_limit_default_w=700.0,
+        fabric_state=3, fabric_status=0, fabric_clique_id=4,
+        fabric_cluster_uuid="00010203-0405-0607-0809-0a0b0c0d0e0f", fabric_health_mask=0b0001_1010_1001,
     )  # fmt: skip
+    inventory = {"serial": "1321021034567", "vbios_version": "96.00.74.00.0C", "driver_version": "570.172.08",
+                 "persistence_mode": False, "ecc_mode": True}
     collector.open()
-    assert collector.collect(0) == [expected]  # first reading: no deltas, no GPM pair yet
+    # first reading: no deltas, no GPM pair yet; the inventory, read at attach
+    assert collector.collect(0) == [msgspec.structs.replace(expected, **inventory)]
     assert collector.errors_last_interval == 0
 
     (second,) = tick(fake, collector, 10.0)
@@ -118,6 +133,8 @@ def test_pre_ampere_gpu_reports_retired_pages_and_nulls_what_it_lacks(make_colle
         temp_gpu_c=30.0, clock_sm_mhz=1980, clock_mem_mhz=2619, clock_event_reasons=0,
         ecc_corrected_volatile=0, ecc_uncorrected_volatile=0, ecc_corrected_aggregate=0, ecc_uncorrected_aggregate=0,
         retired_pages=3, retired_pages_pending=True, pcie_replay_count=0, compute_processes=0,
+        temp_shutdown_c=90.0, temp_slowdown_c=87.0,  # no memory maximum, no recovery action, no fabric
+        power_limit_w=250.0, power_limit_default_w=250.0,
     )  # fmt: skip
     assert collector.errors_last_interval == 0
 
@@ -238,8 +255,9 @@ def test_a_hopper_costs_twelve_calls_per_interval_and_error_counters_every_ten_s
         tick(fake, collector)
     per_interval = (fake.calls_for_gpu(0) - before) / 10
     # MIG mode, fast fields, 2 x samples, memory, temperature, 2 x clock, clocks-event reasons, processes,
-    # GPM sample + metrics = 12, plus one slow field batch in 10 intervals; the old reader made 108.
-    assert per_interval == 12.1
+    # GPM sample + metrics = 12, plus one slow field batch and one fabric query in 10 intervals; the old reader
+    # made 108. The inventory (7 queries) is read at attach and then every 300 s.
+    assert per_interval == 12.2
     assert collector.stats.nvml_call_budget == 16
     assert fake.calls_to("nvmlDeviceGetNvLinkErrorCounter", 0) == fake.calls_to("nvmlDeviceGetTotalEccErrors", 0) == 0
 
@@ -323,7 +341,7 @@ def test_binding_without_a_function_falls_back(make_collector: Make) -> None:
 def test_gpu_failing_every_read_is_in_error(make_collector: Make) -> None:
     reads = ["nvmlDeviceGetMigMode", "nvmlDeviceGetFieldValues", "nvmlDeviceGetSamples", "nvmlDeviceGetMemoryInfo",
              "nvmlDeviceGetTemperatureV", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
-             "nvmlDeviceGetComputeRunningProcesses", "nvmlGpmQueryDeviceSupport"]
+             "nvmlDeviceGetComputeRunningProcesses", "nvmlGpmQueryDeviceSupport", "nvmlDeviceGetGpuFabricInfoV"]
     fake = FakeNvml([hopper(errors=dict.fromkeys(reads, UNKNOWN)), volta()])
     broken, fine = make_collector(fake).collect(0)
     assert broken.error is not None

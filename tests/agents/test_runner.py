@@ -399,3 +399,23 @@ def test_a_released_collector_sends_nothing_and_says_so(tmp_path: Path) -> None:
     assert not agent.released
     assert [r.seq for r in spooled(agent)] == [0]
     agent.close()
+
+
+SIGNALS = {
+    "index": 3, "uuid": "GPU-eeee", "model": H100, "recovery_action": 1, "temp_slowdown_c": 89.0,
+    "temp_shutdown_c": 92.0, "temp_mem_max_c": 95.0, "power_limit_w": 650.0, "power_limit_default_w": 700.0,
+    "fabric_state": 3, "fabric_status": 0, "fabric_clique_id": 4, "fabric_health_mask": 0b0001_1010_1001,
+    "fabric_cluster_uuid": "00010203-0405-0607-0809-0a0b0c0d0e0f", "serial": "1321021034567",
+    "vbios_version": "96.00.74.00.0C", "driver_version": "570.172.08", "persistence_mode": False, "ecc_mode": True,
+}
+"""The node-side signals of one GPU: numbers travel as points, text beside them, as the events do."""
+
+
+def test_node_signals_round_trip_through_otel_exactly(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, collector=ScriptedCollector(lambda: [GpuSample(**SIGNALS), GpuSample(**PARTIAL)]))
+    try:
+        agent.tick(1_700_000_001_000, 1000)
+        [report] = spooled(agent)
+    finally:
+        agent.close()
+    assert report.gpus == [GpuSample(**SIGNALS), GpuSample(**PARTIAL)]

@@ -294,7 +294,7 @@ def test_thermal_and_power_throttle_set_their_clock_event_bits(fault_run):
     for t, s in _series(fault_run, "thermal_throttle").items():
         assert bool(s.clock_event_reasons & 0x40) is _inside(t)
         if _inside(t):
-            assert s.temp_gpu_c == 92.0
+            assert s.temp_gpu_c == 90.0  # past the slowdown (89 °C), short of the shutdown (92 °C)
             assert s.clock_sm_mhz <= 1260
         else:
             assert s.temp_gpu_c <= 85.0

@@ -110,4 +110,6 @@ def test_shipped_rules_load() -> None:
         "GpuFailing", "GpuDegraded", "GpuIdleAllocated", "GpuHeldNoProcess", "GpuBusyUnallocated", "JobStalled",
         "JobStraggler", "NodeSilent",
         "AgentSpoolDropping", "GpuClaimConflict", "AllocationUnknown",
-        "FleetMfuBelowTarget", "TenantMfuBelowTarget"]
+        "FleetMfuBelowTarget", "TenantMfuBelowTarget",
+        "GpuNeedsReset", "NodeNeedsReboot", "GpuNeedsDrain", "FabricDegraded", "NetworkPortDown",
+        "NetworkPortDegraded", "GpuMissing", "NodeConfigDrift"]

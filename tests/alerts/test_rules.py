@@ -84,7 +84,8 @@ def _error(raw: object) -> str:
      "rules.yaml: rule 'Idle' (rules[0]): unknown kind 'gpu_sleepy'; use one of gpu_failing, gpu_degraded, "
      "gpu_idle_allocated, gpu_held_no_process, gpu_busy_unallocated, node_silent, mfu_below_target, "
      "agent_spool_dropping, agent_send_errors, gpu_claim_conflict, job_stalled, job_straggler, "
-     "agent_allocation_unknown"),
+     "agent_allocation_unknown, gpu_recovery_action, node_recovery_action, fabric_degraded, network_port_down, "
+     "network_port_degraded, gpu_missing, node_config_drift"),
     ({"kind": "node_silent", "severity": "critical", "annotations": {"summary": "s"}},
      "rules.yaml: rules[0]: Object missing required field `name`"),
     ({"name": "S", "kind": "node_silent", "severity": "critical", "annotations": {"summary": "s"},

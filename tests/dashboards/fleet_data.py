@@ -67,6 +67,14 @@ def _faults() -> list[Fault]:
         Fault(fk.NODE_SILENT, 3, None, e - 3 * MINUTE, e + 5 * MINUTE),
         Fault(fk.STRAGGLER, 1, 1, s + 40 * MINUTE, e + 5 * MINUTE),  # the thermal GPU lags its node's job
         Fault(fk.JOB_HANG, 2, 3, s + 45 * MINUTE, e + 5 * MINUTE),  # node 2's job hangs for the last 25 minutes
+        Fault(fk.NEEDS_RESET, 2, 2, e - 6 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.NEEDS_REBOOT, 2, 1, e - 7 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.NEEDS_DRAIN, 1, 3, e - 9 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.FABRIC_DEGRADED, 2, 3, e - 10 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.IB_PORT_FLAP, 2, 3, e - 8 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.IB_PORT_DOWN, 2, 0, e - 5 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.GPU_MISSING, 0, 0, e - 5 * MINUTE, e + 5 * MINUTE),
+        Fault(fk.DRIVER_DRIFT, 1, None, e - 10 * MINUTE, e + 5 * MINUTE),
     ]
 
 

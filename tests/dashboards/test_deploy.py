@@ -109,7 +109,8 @@ def test_deploy_command_reads_the_token_from_a_file(tmp_path: Path, monkeypatch:
     with fake_grafana(TOKEN) as (url, state):
         result = CliRunner().invoke(dashboards, ["deploy", "--url", url, "--token-file", str(token_file)])
     assert result.exit_code == 0, result.output
-    assert "created 22, updated 0" in result.output
+    # the folder, the datasource, every board and every alert rule
+    assert f"created {2 + len(BOARDS) + len(RULE_UIDS)}, updated 0" in result.output
     assert TOKEN not in result.output
     assert len(state.dashboards) == len(BOARDS)
     missing = CliRunner().invoke(cli, ["dashboards", "deploy", "--url", url])

@@ -148,7 +148,7 @@ def test_alert_rule_queries_return_labels_and_one_number(fleet: Fleet) -> None:
 def test_alert_rules_fire_for_exactly_the_injected_faults(fleet: Fleet) -> None:
     """Fault placement (fleet_data._faults) says which GPU or node each rule must catch at the end."""
     expected = {
-        "GpuFailing": {("sim-node-001", "0")},
+        "GpuFailing": {("sim-node-001", "0"), ("sim-node-002", "1"), ("sim-node-002", "2")},  # + the recovery actions
         "GpuDegraded": {("sim-node-001", "1")},
         "GpuIdleAllocated": {("sim-node-000", "1")},
         "GpuHeldNoProcess": {("sim-node-000", "2")},
@@ -156,6 +156,14 @@ def test_alert_rules_fire_for_exactly_the_injected_faults(fleet: Fleet) -> None:
         "NodeSilent": {("sim-node-003", None)},
         "JobStalled": {(None, None)},  # a job: fleet_data's job_hang on node 2 (labels cluster, tenant, job)
         "JobStraggler": {("sim-node-001", "1")},  # the thermal GPU that lags its node's job
+        "GpuNeedsReset": {("sim-node-002", "2")},
+        "NodeNeedsReboot": {("sim-node-002", None)},
+        "GpuNeedsDrain": {("sim-node-001", "3")},
+        "FabricDegraded": {("sim-node-002", "3")},
+        "NetworkPortDown": {("sim-node-002", None)},
+        "NetworkPortDegraded": {("sim-node-002", None)},
+        "GpuMissing": {("sim-node-000", None)},
+        "NodeConfigDrift": {("sim-node-001", None)},
     }
     for rule in RULES:
         if rule["title"] not in expected:

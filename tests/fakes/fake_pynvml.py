@@ -48,7 +48,20 @@ NVML's documented rules (nvml.h, quoted where it matters) that the fake keeps:
   "returns" under a collector that keeps NVML open; a driver load gives new handles and restarts
   the energy counters and the volatile ECC counts;
 * **permissions**: an unprivileged caller (`privileged=False`) gets NoPermission from
-  `nvmlDeviceGetComputeRunningProcesses` ("if the user doesn't have permission").
+  `nvmlDeviceGetComputeRunningProcesses` ("if the user doesn't have permission");
+* **recovery action** (`NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`): a field value that stays what the driver
+  set (`FakeGpu.recovery_action`) until the remedy: `reset_gpu` clears a GPU or bus reset, a driver
+  reload (what a reboot does to NVML) clears every action; NotSupported before R570 (`None`);
+* **limits**: `nvmlDeviceGetTemperatureThreshold` answers absolute degrees per threshold and
+  NotSupported for one the GPU lacks; the power-limit fields (`NVML_FI_DEV_POWER_CURRENT_LIMIT`,
+  `..._DEFAULT_LIMIT`, mW, power scope GPU) agree with `nvmlDeviceGetEnforcedPowerLimit` and
+  `nvmlDeviceGetPowerManagementDefaultLimit`;
+* **fabric**: `nvmlDeviceGetGpuFabricInfoV` fills the versioned struct it is given by reference (v2 or
+  v3; another version: ArgumentVersionMismatch); NotSupported on GPUs without fabric support (before
+  Hopper), state NOT_SUPPORTED on a Hopper that is on no NVSwitch fabric;
+* **enumeration**: a GPU taken off the bus for good (`FakeGpu.present = False`) is still enumerated
+  (and GpuIsLost if `lost`) until the driver is loaded again, which enumerates only present GPUs;
+  indices then close up, as NVML's do.
 
 Time: the fake keeps its own clock (`now_us`, CPU microseconds). In the default manual mode only
 `advance(seconds)` moves it; with `real_time=True` it follows the wall clock. While time passes each
@@ -270,6 +283,25 @@ class FakeGpu:
     """The GPU has fallen off the bus: every call about it raises NVMLError_GpuIsLost until `reset_gpu`."""
     hang: set[str] = field(default_factory=set)
     """Call names that block (a GSP timeout) until `FakeNvml.release_hangs()`."""
+    recovery_action: int | None = pynvml.NVML_GPU_RECOVERY_ACTION_NONE
+    """NVML_GPU_RECOVERY_ACTION_*; None: a driver without the field (NotSupported)."""
+    temp_thresholds: dict[int, int] = field(default_factory=lambda: {
+        pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: 92, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: 89,
+        pynvml.NVML_TEMPERATURE_THRESHOLD_MEM_MAX: 95, pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX: 87})
+    """NVML_TEMPERATURE_THRESHOLD_* -> °C (an H100 SXM's); a threshold not listed answers NotSupported."""
+    power_limit_mw: int | None = 700_000
+    """The enforced power limit; None: not supported (both the field and the call)."""
+    power_default_limit_mw: int | None = 700_000
+    fabric: tuple[int, int, int, bytes, int] | None = None
+    """(state, status, clique id, cluster uuid (16 bytes), health mask) of nvmlDeviceGetGpuFabricInfoV;
+    None: the GPU has no fabric support (NotSupported)."""
+    serial: str = "1654922007431"
+    vbios: str = "96.00.89.00.01"
+    persistence_mode: int = pynvml.NVML_FEATURE_ENABLED
+    ecc_mode: tuple[int, int] = (pynvml.NVML_FEATURE_ENABLED, pynvml.NVML_FEATURE_ENABLED)
+    """(current, pending)."""
+    present: bool = True
+    """On the bus: False takes the GPU out of the next enumeration (a driver load)."""
 
     @property
     def nvlink5(self) -> bool:
@@ -280,10 +312,19 @@ class FakeGpu:
         return self.mig_mode is not None and self.mig_mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE
 
 
+FABRIC_CLUSTER = bytes.fromhex("7c3a1f0e9b2d4c58a6e1f203b4c5d6e7")
+FABRIC_HEALTHY_MASK = 0b0001_1010_1010
+"""Every yes/no field "false" (2), incorrect configuration "none" (1)."""
+FABRIC_OK = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, NVML_SUCCESS, 1, FABRIC_CLUSTER, FABRIC_HEALTHY_MASK)
+"""An HGX GPU registered with the Fabric Manager in clique 1."""
+
+
 def h100(uuid: str, **overrides: Any) -> FakeGpu:
-    """An H100 SXM: remapped rows, no page retirement, 18 NVLink 4 links, GPM, MIG capable."""
+    """An H100 SXM on an HGX board: remapped rows, no page retirement, 18 NVLink 4 links to the NVSwitches (fabric
+    registered), GPM, MIG capable."""
     values: dict[str, Any] = {"uuid": uuid, "nvlink_states": dict.fromkeys(range(18), 1), "gpm_supported": True,
-                              "mig_mode": (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_DISABLE)}
+                              "mig_mode": (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_DISABLE),
+                              "fabric": FABRIC_OK}
     values.update(overrides)
     return FakeGpu(**values)
 
@@ -292,7 +333,8 @@ def b200(uuid: str, **overrides: Any) -> FakeGpu:
     """A B200: NVLink5 (18 links; DL replay/recovery/CRC unsupported, symbol/effective/recovery counters), GPM."""
     values: dict[str, Any] = {"uuid": uuid, "name": "NVIDIA B200", "architecture": pynvml.NVML_DEVICE_ARCH_BLACKWELL,
                               "mem_total": 183_359 * 1024 * 1024, "nvlink_states": dict.fromkeys(range(18), 1),
-                              "gpm_supported": True,
+                              "gpm_supported": True, "fabric": FABRIC_OK, "power_limit_mw": 1_000_000,
+                              "power_default_limit_mw": 1_000_000,
                               "mig_mode": (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_DISABLE)}
     values.update(overrides)
     return FakeGpu(**values)
@@ -305,7 +347,10 @@ def v100(uuid: str, **overrides: Any) -> FakeGpu:
         "mem_total": 34_359_738_368, "temp_mem_c": None, "remapped_rows": None,
         "retired_pages": {NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS: [],
                           NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR: []},
-        "throttle_ns": {}, "util_sample_period_us": 1_000_000,
+        "throttle_ns": {}, "util_sample_period_us": 1_000_000, "recovery_action": None,
+        "temp_thresholds": {pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: 90,
+                            pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: 87},
+        "power_limit_mw": 250_000, "power_default_limit_mw": 250_000, "vbios": "88.00.4F.00.09",
     }
     values.update(overrides)
     return FakeGpu(**values)
@@ -354,6 +399,18 @@ def _address(pointer: Any) -> int:
     return ctypes.cast(pointer, ctypes.c_void_p).value or 0
 
 
+def _power_field(milliwatts: int | None, scope: int) -> tuple[int, int] | int:
+    """A power-limit field: mW at the GPU scope; NotSupported for another scope or a GPU without limits."""
+    if milliwatts is None or scope != pynvml.NVML_POWER_SCOPE_GPU:
+        return NVML_ERROR_NOT_SUPPORTED
+    return (NVML_VALUE_TYPE_UNSIGNED_INT, milliwatts)
+
+
+_RESET_REMEDIES = frozenset({pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET, pynvml.NVML_GPU_RECOVERY_ACTION_BUS_RESET})
+"""Recovery actions a GPU reset clears; the rest need a reboot (a driver load here) or a drain."""
+_FABRIC_VERSIONS = frozenset({pynvml.nvmlGpuFabricInfo_v2, pynvml.nvmlGpuFabricInfo_v3})
+
+
 def _field_key(requested: int | tuple[int, int]) -> tuple[int, int]:
     """Like pynvml: a field entry is a field id or a (field id, scope id) pair."""
     return requested if isinstance(requested, tuple) else (requested, 0)
@@ -386,7 +443,16 @@ class FakeNvml:
     NVMLError_NotFound = pynvml.NVMLError_NotFound
     NVMLError_LibRmVersionMismatch = pynvml.NVMLError_LibRmVersionMismatch
     NVMLError_Unknown = pynvml.NVMLError_Unknown
+    NVMLError_ArgumentVersionMismatch = pynvml.NVMLError_ArgumentVersionMismatch
     c_nvmlGpmMetricsGet_t = pynvml.c_nvmlGpmMetricsGet_t
+    c_nvmlGpuFabricInfoV_t = pynvml.c_nvmlGpuFabricInfoV_t
+    NVML_GPU_FABRIC_STATE_NOT_SUPPORTED = pynvml.NVML_GPU_FABRIC_STATE_NOT_SUPPORTED
+    NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
+    NVML_FI_DEV_POWER_CURRENT_LIMIT = pynvml.NVML_FI_DEV_POWER_CURRENT_LIMIT
+    NVML_FI_DEV_POWER_DEFAULT_LIMIT = pynvml.NVML_FI_DEV_POWER_DEFAULT_LIMIT
+    NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN
+    NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+    NVML_TEMPERATURE_THRESHOLD_MEM_MAX = pynvml.NVML_TEMPERATURE_THRESHOLD_MEM_MAX
     NVML_SUCCESS = NVML_SUCCESS
     NVML_ERROR_NOT_SUPPORTED = NVML_ERROR_NOT_SUPPORTED
     NVML_ERROR_NO_PERMISSION = NVML_ERROR_NO_PERMISSION
@@ -478,6 +544,8 @@ class FakeNvml:
         self.init_count = 0
         self.shutdown_count = 0
         self.driver_loaded = True
+        self.driver_version = "580.95.05"
+        """What `nvmlSystemGetDriverVersion` answers (a test changes it around `load_driver`)."""
         self._real_time = real_time
         self._now_us = time.time_ns() // 1000 if real_time else T0_US
         self._refcount = 0
@@ -487,6 +555,8 @@ class FakeNvml:
         self._addresses = itertools.count(0x7F0000001000, 0x100)
         self._drivers = [_Driver() for _ in self.gpus]
         self._handles: list[Any] = []
+        self._enumerated: list[int] = []
+        """The GPUs (by position in `gpus`) the driver enumerated at its last load, in NVML index order."""
         self._by_address: dict[int, int] = {}
         self._new_handles()
         self._event_sets: dict[int, _EventSet] = {}
@@ -566,13 +636,16 @@ class FakeNvml:
     def reset_gpu(self, gpu: int) -> bool:
         """`nvidia-smi -r -i gpu`: refused (False) while any client holds NVML open, as a real reset is.
 
-        A reset brings a lost GPU back, clears its volatile ECC counts and applies a pending MIG mode.
+        A reset brings a lost GPU back, clears its volatile ECC counts, applies a pending MIG mode and clears
+        a recovery action a GPU or bus reset remedies (a reboot or a drain is still needed for the others).
         """
         with self._lock:
             if self._refcount > 0:
                 return False
             g = self.gpus[gpu]
             g.lost = False
+            if g.recovery_action in _RESET_REMEDIES:
+                g.recovery_action = pynvml.NVML_GPU_RECOVERY_ACTION_NONE
             for key in list(g.ecc):
                 if key[1] == NVML_VOLATILE_ECC:
                     g.ecc[key] = 0
@@ -596,11 +669,14 @@ class FakeNvml:
             return True
 
     def load_driver(self) -> None:
-        """`modprobe nvidia`: new handles, energy counters from 0, volatile ECC cleared, lost GPUs back."""
+        """`modprobe nvidia`: new handles, energy counters from 0, volatile ECC cleared, lost GPUs back, recovery
+        actions cleared; only the GPUs still on the bus (`present`) are enumerated."""
         with self._lock:
             self.driver_loaded = True
             for g, d in zip(self.gpus, self._drivers, strict=True):
                 g.energy_mj, d.energy_remainder_nj, g.lost = 0, 0, False
+                if g.recovery_action is not None:
+                    g.recovery_action = pynvml.NVML_GPU_RECOVERY_ACTION_NONE
                 for key in list(g.ecc):
                     if key[1] == NVML_VOLATILE_ECC:
                         g.ecc[key] = 0
@@ -623,7 +699,8 @@ class FakeNvml:
 
     def _new_handles(self) -> None:
         self._handles = [_pointer(c_nvmlDevice_t, next(self._addresses)) for _ in self.gpus]
-        self._by_address = {_address(h): i for i, h in enumerate(self._handles)}
+        self._enumerated = [i for i, g in enumerate(self.gpus) if g.present]
+        self._by_address = {_address(self._handles[i]): i for i in self._enumerated}
         self._registered_address = dict(self._by_address)
         self._mig_handles: dict[tuple[int, str], Any] = {}
         self._mig_by_address: dict[int, tuple[int, str]] = {}
@@ -744,18 +821,19 @@ class FakeNvml:
 
     def nvmlSystemGetDriverVersion(self) -> str:
         self._require_init("nvmlSystemGetDriverVersion")
-        return "580.95.05"
+        return self.driver_version
 
     def nvmlDeviceGetCount(self) -> int:
         self._require_init("nvmlDeviceGetCount")
-        return len(self.gpus)
+        return len(self._enumerated)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
-        self._require_init("nvmlDeviceGetHandleByIndex", index)
-        if not 0 <= index < len(self.gpus):
+        gpu = self._enumerated[index] if 0 <= index < len(self._enumerated) else None
+        self._require_init("nvmlDeviceGetHandleByIndex", gpu)
+        if gpu is None:
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
-        self._raise_injected(self.gpus[index], "nvmlDeviceGetHandleByIndex")
-        return self._handles[index]
+        self._raise_injected(self.gpus[gpu], "nvmlDeviceGetHandleByIndex")
+        return self._handles[gpu]
 
     # -- identity and readings ---------------------------------------------------------------
 
@@ -938,6 +1016,10 @@ class FakeNvml:
             p.NVML_FI_DEV_PCIE_REPLAY_COUNTER: lambda: (ull, gpu.pcie_replay),
             p.NVML_FI_DEV_NVLINK_LINK_COUNT: lambda: (uint, len(gpu.nvlink_states)) if gpu.nvlink_states
             else NVML_ERROR_NOT_SUPPORTED,
+            p.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: lambda: (uint, gpu.recovery_action)
+            if gpu.recovery_action is not None else NVML_ERROR_NOT_SUPPORTED,
+            p.NVML_FI_DEV_POWER_CURRENT_LIMIT: lambda: _power_field(gpu.power_limit_mw, scope),
+            p.NVML_FI_DEV_POWER_DEFAULT_LIMIT: lambda: _power_field(gpu.power_default_limit_mw, scope),
         }
         if field_id in simple:
             return simple[field_id]()
@@ -1027,6 +1109,53 @@ class FakeNvml:
         if gpu.retired_pages is None:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return gpu.retired_pages_pending
+
+    def nvmlDeviceGetTemperatureThreshold(self, handle: Any, threshold: int) -> int:
+        gpu = self._device("nvmlDeviceGetTemperatureThreshold", handle, threshold)
+        if not 0 <= threshold < pynvml.NVML_TEMPERATURE_THRESHOLD_COUNT:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if threshold not in gpu.temp_thresholds:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.temp_thresholds[threshold]
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
+        gpu = self._device("nvmlDeviceGetEnforcedPowerLimit", handle)
+        if gpu.power_limit_mw is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.power_limit_mw
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: Any) -> int:
+        gpu = self._device("nvmlDeviceGetPowerManagementDefaultLimit", handle)
+        if gpu.power_default_limit_mw is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.power_default_limit_mw
+
+    def nvmlDeviceGetGpuFabricInfoV(self, device: Any, gpuFabricInfo: Any) -> int:
+        gpu = self._device("nvmlDeviceGetGpuFabricInfoV", device)
+        info = getattr(gpuFabricInfo, "_obj", None)  # pynvml passes the struct by reference
+        if not isinstance(info, pynvml.c_nvmlGpuFabricInfo_v2_t | pynvml.c_nvmlGpuFabricInfo_v3_t):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if info.version not in _FABRIC_VERSIONS:
+            raise NVMLError(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        if gpu.fabric is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        state, status, clique, cluster, mask = gpu.fabric
+        info.state, info.status, info.cliqueId, info.healthMask = state, status, clique, mask
+        ctypes.memmove(info.clusterUuid, cluster, len(cluster))
+        return NVML_SUCCESS
+
+    def nvmlDeviceGetSerial(self, handle: Any) -> str:
+        return self._device("nvmlDeviceGetSerial", handle).serial
+
+    def nvmlDeviceGetVbiosVersion(self, handle: Any) -> str:
+        return self._device("nvmlDeviceGetVbiosVersion", handle).vbios
+
+    def nvmlDeviceGetPersistenceMode(self, handle: Any) -> int:
+        return self._device("nvmlDeviceGetPersistenceMode", handle).persistence_mode
+
+    def nvmlDeviceGetEccMode(self, handle: Any) -> list[int]:
+        gpu = self._device("nvmlDeviceGetEccMode", handle)
+        return list(gpu.ecc_mode)
 
     def nvmlDeviceGetPcieReplayCounter(self, handle: Any) -> int:
         return self._device("nvmlDeviceGetPcieReplayCounter", handle).pcie_replay

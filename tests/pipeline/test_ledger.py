@@ -24,7 +24,7 @@ from gpufleet.pipeline.store import Store
 from tests.builders import T0_MS, gpu, report
 from tests.pipeline.test_ingest import _cfg, _ingester, _produce, connect_target
 
-NODES, SEQS = 4, 6
+NODES, SEQS, PORTS = 4, 6, 2
 FULL = "min_free_disk_bytes_to_perform_insert = 1000000000000000000"
 
 
@@ -127,10 +127,17 @@ class HeldInsert:
 
 
 def _messages() -> list[wire.NodeReport]:
-    """NODES nodes x SEQS seconds, 2 GPUs each: GPU 0 of tenant acme, GPU 1 unallocated."""
-    return [report(node=f"ld{n}", seq=s, time_ms=T0_MS + (s + 1) * 1000, gpus=[gpu(0, f"ld{n}", tenant="acme"),
-                                                                               gpu(1, f"ld{n}")])
-            for s in range(SEQS) for n in range(NODES)]
+    """NODES nodes x SEQS seconds, 2 GPUs each: GPU 0 of tenant acme, GPU 1 unallocated; each message also
+    lists its node's PORTS InfiniBand ports (`network_ports`, written before the GPU rows)."""
+    out = []
+    for s in range(SEQS):
+        for n in range(NODES):
+            r = report(node=f"ld{n}", seq=s, time_ms=T0_MS + (s + 1) * 1000,
+                       gpus=[gpu(0, f"ld{n}", tenant="acme"), gpu(1, f"ld{n}")])
+            r.network = [wire.NetworkPort(device=f"mlx5_{p}", port=1, link_layer="InfiniBand", state=4, phys_state=5)
+                         for p in range(PORTS)]
+            out.append(r)
+    return out
 
 
 def _one_partition(broker: Any, ch_target: Any, topic: str) -> Config:
@@ -179,6 +186,7 @@ def _assert_exact(ch_client: Any, db: str) -> None:
     n = NODES * SEQS
     assert one(f"SELECT count(), uniqExact(node, seq, gpu_index) FROM {db}.gpu_samples") == [(2 * n, 2 * n)]
     assert one(f"SELECT count() FROM {db}.agent_reports") == [(n,)]  # not even a second part before merges
+    assert one(f"SELECT count(), uniqExact(node, seq, device) FROM {db}.network_ports") == [(PORTS * n, PORTS * n)]
     assert one(f"SELECT sum(samples), sum(reported_ms) FROM {db}.gpu_usage_1m") == [(2 * n, 2000 * n)]
     assert one(f"SELECT sum(samples), sum(reported_ms) FROM {db}.gpu_usage_1h") == [(2 * n, 2000 * n)]
     assert one(f"SELECT tenant, sum(billable_gpu_seconds) FROM {db}.usage_hourly GROUP BY tenant") == [

@@ -59,13 +59,22 @@ def _agent_reports(client: Any, db: str, nodes: int, start_ms: int, end_ms: int,
         f"intDiv(number, {nodes}), {interval_ms}, 8, 0.01, 0, 0, 0, 0, 0, 0 FROM numbers({n * nodes})")
 
 
+def _inventory(client: Any, db: str) -> None:
+    """Each GPU's inventory every 300 s (`agent.nvml_inventory_every_s`), as `gpu_inventory_mv` writes it from
+    the samples that carry one (the generator's samples carry none)."""
+    client.command(
+        f"INSERT INTO {db}.gpu_inventory SELECT gpu_uuid, time, cluster, node, model, concat('S-', gpu_uuid), "
+        f"'96.00.89.00.01', '580.95.05', true, true FROM {db}.gpu_samples WHERE toUnixTimestamp(time) % 300 = 0")
+
+
 def _history(chdb_dsn: str, admin: Any, gpus: int, days: int, end_ms: int) -> Iterator[History]:
     db = f"t_{uuid.uuid4().hex[:12]}"
     migrate(admin, SchemaOptions(database=db, raw_ttl_days=3650))
     start = end_ms - days * DAY_MS
     history.generate(admin, db, gpus=gpus, days=days, start_ms=start)
     _agent_reports(admin, db, gpus // 8, start, end_ms, 10_000)
-    for table in ("gpu_samples", "agent_reports", "node_latest", "gpu_usage_1m", "fleet_usage_1m"):
+    _inventory(admin, db)
+    for table in ("gpu_samples", "agent_reports", "node_latest", "gpu_usage_1m", "fleet_usage_1m", "gpu_inventory"):
         admin.command(f"OPTIMIZE TABLE {db}.{table} FINAL")  # one part per partition: the same layout every run
     client = connect(Target(chdb_dsn, db))
     client.database = db
@@ -190,4 +199,7 @@ def test_an_alert_cycle_reads_the_same_rows_after_one_day_or_three(one_day: Hist
     # latest-state tables. JobStalled and JobStraggler read their window of every GPU's raw samples
     # (pipeline/queries/job_signals.py): whole granules per GPU, at 10 s about a day per GPU.
     per_gpu_and_fleet = {name: rows for name, rows in long.items() if not name.startswith("Job")}
+    # NodeConfigDrift reads each GPU's newest inventory (gpu_inventory, a row per GPU once merged), not the
+    # window of every sample: twice, as its `latest` CTE is read for the majority and for the nodes
+    assert long["NodeConfigDrift"] == short["NodeConfigDrift"] == 2 * three_days.gpus, long
     assert sum(per_gpu_and_fleet.values()) < _table_rows(one_day, "gpu_samples") // 2 + 10 * GRANULE, long

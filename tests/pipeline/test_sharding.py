@@ -24,7 +24,9 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
     for stmt in ddl:
         ast = "\n".join(str(r[0]) for r in ch_client.query(f"EXPLAIN AST {stmt}").result_rows)
         assert ast.startswith(("CreateQuery", "AlterQuery", "InsertQuery", "DropQuery")), stmt[:200]
-    assert len(ddl) == 107
+    # 0050 adds 11: two column ALTERs (each + its Distributed), network_ports (+ Distributed), a setting, a
+    # projection, gpu_inventory (+ Distributed) and its view
+    assert len(ddl) == 118
 
 
 def test_tables_queries_read_are_distributed_by_node() -> None:
@@ -37,7 +39,8 @@ def test_tables_queries_read_are_distributed_by_node() -> None:
     assert dist == {
         "gpu_samples": NODE, "agent_reports": NODE, "gpu_usage_1m": NODE, "gpu_usage_1h": NODE,
         "gpu_latest": NODE, "gpu_claim_homes": NODE, "gpu_health_events": NODE, "gpu_xid_events": NODE,
-        "gpu_health_1m": NODE, "gpu_health_1h": NODE, "node_latest": NODE,
+        "gpu_health_1m": NODE, "gpu_health_1h": NODE, "node_latest": NODE, "network_ports": NODE,
+        "gpu_inventory": NODE,
         "fleet_usage_1m": None, "fleet_usage_1h": None, "job_usage_1h": None,
     }
 
@@ -79,6 +82,7 @@ def test_every_materialized_view_reads_and_writes_local_tables() -> None:
         "gpu_xid_events_mv": ("gpu_xid_events_local", ["gpu_samples_local"]),
         "gpu_health_1m_mv": ("gpu_health_1m_local", ["gpu_samples_local"]),
         "gpu_health_1h_mv": ("gpu_health_1h_local", ["gpu_health_1m_local"]),
+        "gpu_inventory_mv": ("gpu_inventory_local", ["gpu_samples_local"]),
     }
 
 
@@ -112,8 +116,9 @@ def test_the_single_server_ddl_is_byte_for_byte_unchanged() -> None:
     single = SchemaOptions()
     text = "\n;\n".join(s for m in available() if m.version <= 80 for s in statements(m, single))
     # computed before the cluster layout, then again after 0040/0041 took the 10,000-block dedup window
-    # (a change of those files, made with the sharding code absent from the single-server path)
-    digest = "6e1f17f5bb39b1cf134f7e9585b95b2ff91e0a039ca282fcb727cb458d19c452"
+    # (a change of those files, made with the sharding code absent from the single-server path), and again
+    # after 0050 (node signals) joined: without 0050 the text still hashes to 6e1f17f5...c452, main's digest
+    digest = "d09bbda05c260169bfeeed2740db9a6a55123e4c50d3dd5ae3d7f84bbba84875"
     assert hashlib.sha256(text.encode()).hexdigest() == digest
     assert schema_table(single) == (
         "CREATE TABLE IF NOT EXISTS gpufleet.schema_migrations  (version UInt32, name String, checksum String, "

@@ -174,7 +174,8 @@ def test_full_spool_drops_oldest_first_counted_and_logged(proxied: TcpProxy, tmp
     proxied.cut()
     sizer = fleet_agents(tmp_path / "sizer", base, lambda i: 0)[0]  # the same node, to learn a record's size
     sizer.tick(base + 1000, 1000)
-    size = len(sizer.spool.peek()[0].data) + RECORD_OVERHEAD
+    sizer.tick(base + 2000, 1000)  # the first message also carries the GPUs' inventory: size the second
+    size = len(sizer.spool.peek()[1].data) + RECORD_OVERHEAD
     sizer.close()
     keep = 10
     agent = fleet_agents(tmp_path / "real", base, lambda i: 0, spool_bytes=keep * size + size // 2)[0]

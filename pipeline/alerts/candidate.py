@@ -1,0 +1,44 @@
+"""What a rule's query is and what it finds: the `Query` (SQL and bound parameters) and the `Candidate`s the
+evaluator turns into alerts. Shared by the query builders (`queries`, `node_queries`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Query:
+    sql: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One series (GPU, node, port, tenant or fleet) whose condition holds at `now`."""
+
+    labels: dict[str, str]
+    """The series' own labels (cluster, node, gpu, gpu_index, tenant...); empty values are dropped."""
+    firing: bool
+    """True: sustained (or a `for: 0` rule); False: pending."""
+    since_ms: int
+    last_ms: int
+    value: float | None
+    """The number the alert is about (see docs/alerts.md); None: the GPU-hours wasted, known to the evaluator."""
+    context: dict[str, Any]
+    tracks_waste: bool = False
+    """The evaluator adds `gpu_hours_wasted` (from the alert's active_at to `last_ms`, times `gpus`)."""
+    gpus: int = 1
+    """GPUs the alert holds (a job's): what `gpu_hours_wasted` multiplies."""
+
+
+def clean_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """The labels without empty values (as Prometheus drops them)."""
+    return {k: v for k, v in labels.items() if v != ""}
+
+
+def time_window(column: str = "time") -> str:
+    """`column` in `(from_ms, now_ms]`, both bound parameters (Int64 Unix ms)."""
+    return (f"{column} > fromUnixTimestamp64Milli({{from_ms:Int64}}, 'UTC') "
+            f"AND {column} <= fromUnixTimestamp64Milli({{now_ms:Int64}}, 'UTC')")
