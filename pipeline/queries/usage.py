@@ -61,7 +61,8 @@ _INPUTS: Final = (
 )
 _NULLABLE: Final = frozenset({"avg_utilization", "mfu", "measured_coverage"})
 _TOMBSTONE: Final = ", ".join(
-    c if c in ("hour", "tenant", "gpu_model") else f"{'NULL' if c in _NULLABLE else repr('') if c == 'mfu_source' else 0} AS {c}"
+    c if c in ("hour", "tenant", "gpu_model")
+    else f"{'NULL' if c in _NULLABLE else repr('') if c == 'mfu_source' else 0} AS {c}"
     for c in USAGE_COLUMNS
 )
 _VIEW: Final = "$usage_hourly_at"
