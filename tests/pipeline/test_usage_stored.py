@@ -1,19 +1,23 @@
 """The stored usage rows (`usage_hourly_stored`, migration 0090) equal `usage_hourly` computed from the raw
 rollups: after late data into an hour already stored, a retried (duplicate) insert, a batch repeated as
 the ingester repeats it, and claims that change after an hour was stored; `refresh` recomputes only the
-hours whose inputs changed. Every figure is counted by hand from the samples' intervals.
+hours whose inputs changed; the ingester keeps them current. Every figure is counted by hand from the
+samples' intervals.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gpufleet import wire
 from gpufleet.config import BillingConfig
+from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.queries.policy import sync_policy
 from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, refresh, usage_rows
 from gpufleet.pipeline.store import Store
-from tests.builders import gpu, report
+from tests.builders import clock_at, gpu, report
+from tests.pipeline.test_ingest import _cfg, _create, _produce, _run_until
 
 H = 1_794_999_600_000  # 2026-11-18T11:00:00Z, a whole hour
 HOUR = 3_600_000
@@ -118,3 +122,16 @@ def test_a_policy_change_recomputes_every_stored_hour(ch_store) -> None:
     assert refresh(ch_store) == [H + k * HOUR for k in range(-2, 3)]
     assert [r["billable_gpu_seconds"] for r in usage_rows(ch_store)] == [10.0]
     assert usage_rows(ch_store) == _raw(ch_store)
+
+
+def test_the_ingester_stores_the_rows_of_the_hours_it_wrote(broker, ch_target, ch_store, topic) -> None:
+    cfg = _cfg(broker, ch_target, topic)
+    _create(broker, topic, cfg.kafka.dlq_topic)
+    _produce(broker, topic, [(b"n1", wire.encode(_second(i))) for i in range(10)])
+    ing = build_ingester(cfg, ch_store, clock=clock_at(H + HOUR))
+    _run_until(ing, lambda: ing.stats.messages == 10)
+    # Read as the billing board reads them: the stored rows only, no refresh by the reader.
+    stored = ch_store.rows("SELECT hour, tenant, allocated_gpu_seconds, gap_gpu_seconds, gpus "
+                           "FROM {db:Identifier}.usage_hourly_stored FINAL ORDER BY tenant")
+    assert [(t, a, g, n) for _, t, a, g, n in stored] == [("acme", 10.0, 0.0, 1), ("beta", 10.0, 0.0, 1)]
+    assert refresh(ch_store) == []  # the ingester left nothing to recompute
