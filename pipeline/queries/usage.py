@@ -8,6 +8,7 @@ The billing policy applied is `policy.py`'s.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from typing import TYPE_CHECKING, Any, Final
 
@@ -57,8 +58,17 @@ _INPUTS: Final = (
     " SELECT hour AS h, argMax(inputs, version) AS inputs FROM {db:Identifier}.usage_hourly_marks"
     " WHERE hour >= toDateTime({lo:Int64}, 'UTC') AND hour < toDateTime({hi:Int64}, 'UTC') GROUP BY hour) "
     "SELECT toUInt32(h), n.inputs FROM now_inputs AS n FULL OUTER JOIN stored AS s USING (h) "
-    "WHERE n.inputs != s.inputs ORDER BY h"
 )
+_CHANGED: Final = _INPUTS + "WHERE n.inputs != s.inputs ORDER BY h"
+"""The hours whose inputs changed since their rows were stored (or never stored), with their inputs now."""
+_CURRENT: Final = _INPUTS + "WHERE n.inputs = s.inputs AND n.inputs != '' ORDER BY h"
+"""The hours whose stored rows claim to be current: their mark holds their inputs now."""
+BILLED: Final = (
+    "gpus", "allocated_gpu_seconds", "unhealthy_gpu_seconds", "billable_gpu_seconds", "billable_gpu_hours",
+    "idle_allocated_gpu_hours", "gap_gpu_seconds", "energy_kwh", "unknown_model_gpu_seconds",
+)
+"""The columns computed from integers until one final division: equal to the last bit wherever computed."""
+_BILLED_SELECT: Final = "hour, tenant, gpu_model, " + ", ".join(BILLED)
 _NULLABLE: Final = frozenset({"avg_utilization", "mfu", "measured_coverage"})
 _TOMBSTONE: Final = ", ".join(
     c if c in ("hour", "tenant", "gpu_model")
@@ -73,6 +83,9 @@ _RECOMPUTE: Final = (
     f"SELECT {_TOMBSTONE}, now64(9, 'UTC'), 1 FROM {STORED} WHERE hour IN {{hours:Array(DateTime('UTC'))}} "
     f"UNION ALL SELECT {_SELECT}, now64(9, 'UTC') + toIntervalNanosecond(1), 0 "
     f"FROM {_VIEW}(hours = {{hours:Array(DateTime('UTC'))}})"
+)
+_RECOMPUTED: Final = (
+    f"SELECT {_BILLED_SELECT} FROM {_VIEW}(hours = {{hours:Array(DateTime('UTC'))}})"
 )
 _MARK: Final = (
     "INSERT INTO {db:Identifier}.usage_hourly_marks (hour, inputs, version) "
@@ -99,15 +112,41 @@ def refresh(store: Store, from_ms: int | None = None, to_ms: int | None = None) 
     The inputs are read before the rows are recomputed, so rows never lag the inputs stored with them: at
     worst an hour is recomputed once more. Idempotent; safe to run from several processes at once (the
     newest refresh's rows win)."""
-    lo = (_ALL_HOURS[0] if from_ms is None else from_ms) // HOUR_MS * 3600
-    hi = (_ALL_HOURS[1] if to_ms is None else to_ms) // 1000
-    changed = store.rows(_INPUTS, {"lo": lo, "hi": hi})
+    changed = store.rows(_CHANGED, _range(from_ms, to_ms))
     if not changed:
         return []
     hours = [int(h) for h, _ in changed]
     store.command(_RECOMPUTE.replace(_VIEW, store.table("usage_hourly_at")), {"hours": hours})
     store.command(_MARK, {"hours": hours, "inputs": [str(i) for _, i in changed]})
     return [h * 1000 for h in hours]
+
+
+def _range(from_ms: int | None, to_ms: int | None) -> dict[str, int]:
+    """`lo`/`hi` (Unix seconds) of `_INPUTS`: the hours starting in `[from_ms, to_ms)`, from rounded down."""
+    return {"lo": (_ALL_HOURS[0] if from_ms is None else from_ms) // HOUR_MS * 3600,
+            "hi": (_ALL_HOURS[1] if to_ms is None else to_ms) // 1000}
+
+
+def stale_hours(store: Store, from_ms: int | None = None, to_ms: int | None = None) -> dict[int, str]:
+    """Hours starting in `[from_ms, to_ms)` whose stored rows claim to be current but differ, in a billed
+    column, from `usage_hourly` of the rollups now (hour in Unix ms -> the first difference). Empty unless a
+    refresh raced an insert (docs/aggregations.md, "Stored usage"); recomputes the hours to compare, so it
+    reads their hour rollup rows. Writes nothing."""
+    hours = [int(h) for h, _ in store.rows(_CURRENT, _range(from_ms, to_ms))]
+    if not hours:
+        return {}
+    stored = store.rows(f"SELECT {_BILLED_SELECT} FROM {STORED} WHERE hour IN {{hours:Array(DateTime('UTC'))}}",
+                        {"hours": hours})
+    now = store.rows(_RECOMPUTED.replace(_VIEW, store.table("usage_hourly_at")), {"hours": hours})
+    was = {(iso(r[0]), r[1], r[2]): tuple(r[3:]) for r in stored}
+    is_ = {(iso(r[0]), r[1], r[2]): tuple(r[3:]) for r in now}
+    out: dict[int, str] = {}
+    for key in sorted(set(was) | set(is_)):
+        if was.get(key) != is_.get(key):
+            ms = int(dt.datetime.fromisoformat(key[0]).timestamp()) * 1000
+            out.setdefault(ms, f"{key[1]}/{key[2]}: stored {was.get(key)}, rollups {is_.get(key)} "
+                               f"({', '.join(BILLED)})")
+    return out
 
 
 def usage_rows(

@@ -13,6 +13,7 @@ from gpufleet import wire
 from gpufleet.config import BillingConfig
 from gpufleet.pipeline.ingest.consumer import build_ingester
 from gpufleet.pipeline.ingest.rows import insert_reports
+from gpufleet.pipeline.queries import integrity
 from gpufleet.pipeline.queries.policy import sync_policy
 from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, refresh, usage_rows
 from gpufleet.pipeline.store import Store
@@ -135,3 +136,29 @@ def test_the_ingester_stores_the_rows_of_the_hours_it_wrote(broker, ch_target, c
                            "FROM {db:Identifier}.usage_hourly_stored FINAL ORDER BY tenant")
     assert [(t, a, g, n) for _, t, a, g, n in stored] == [("acme", 10.0, 0.0, 1), ("beta", 10.0, 0.0, 1)]
     assert refresh(ch_store) == []  # the ingester left nothing to recompute
+
+
+def test_stored_rows_that_missed_an_insert_are_a_finding_until_their_hours_are_marked_stale(ch_store) -> None:
+    insert_reports(ch_store, [_second(i) for i in range(10)], ingest_ms=H + 20_000)
+    refresh(ch_store)
+    # What a refresh racing an insert would leave: acme's row from before seconds 8-9 arrived, marked current.
+    ch_store.command("INSERT INTO {db:Identifier}.usage_hourly_stored (hour, tenant, gpu_model, gpus, "
+                     "allocated_gpu_seconds, billable_gpu_seconds, billable_gpu_hours, version, is_deleted) "
+                     "SELECT hour, tenant, gpu_model, 1, 8, 8, 8 / 3600, now64(9, 'UTC'), 0 "
+                     "FROM {db:Identifier}.usage_hourly_stored FINAL WHERE tenant = 'acme'")
+    found = [f.describe() for f in integrity.findings(ch_store, H, H + HOUR)]
+    kwh = 300 * 10 / 3_600_000  # 300 W for 10 s
+    assert found == [
+        "stored usage vs usage_hourly: hour 2026-11-18T11:00:00Z: acme/NVIDIA H100 80GB HBM3: stored "
+        f"(1, 8.0, 0.0, 8.0, {8 / 3600}, 0.0, 0.0, 0.0, 0.0), rollups "
+        f"(1, 10.0, 0.0, 10.0, {10 / 3600}, 0.0, 0.0, {kwh}, 0.0) (gpus, allocated_gpu_seconds, "
+        "unhealthy_gpu_seconds, billable_gpu_seconds, billable_gpu_hours, idle_allocated_gpu_hours, "
+        "gap_gpu_seconds, energy_kwh, unknown_model_gpu_seconds)"]
+    # The repair (docs/reliability.md): mark the hour stale; the next refresh recomputes it.
+    ch_store.command("INSERT INTO {db:Identifier}.usage_hourly_marks (hour, inputs, version) "
+                     "SELECT hour, 'stale', now64(9, 'UTC') FROM {db:Identifier}.usage_hourly_marks FINAL "
+                     "WHERE hour = toDateTime(intDiv({h:Int64}, 1000), 'UTC')", {"h": H})
+    assert integrity.findings(ch_store, H, H + HOUR) == []  # a stale hour is not claimed current
+    assert refresh(ch_store) == [H]
+    assert integrity.findings(ch_store, H, H + HOUR) == []
+    assert _billed(ch_store)[("11:00", "acme")] == (10.0, 0.0, 1)

@@ -133,6 +133,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/usage.py", "where"): "conditions from the constant _FILTERS table, each with bound parameters",
     ("pipeline/queries/usage.py", "WINDOW if windowed else ALL_TIME"): WINDOW + ", or ALL_TIME ('1')",
     ("pipeline/queries/usage.py", "STORED"): CONST + ": the stored usage table, read with FINAL",
+    ("pipeline/queries/usage.py", "_BILLED_SELECT"): COLUMNS,
     ("pipeline/queries/usage.py", "_NEAR"): CONST + ": an array literal of integer offsets",
     ("pipeline/queries/usage.py", "NEAR_HOURS * 3600"): "an integer constant",
     ("pipeline/queries/usage.py", "_TOMBSTONE"): CONST + ": USAGE_COLUMNS with constant defaults",
