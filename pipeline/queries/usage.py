@@ -109,9 +109,10 @@ def refresh(store: Store, from_ms: int | None = None, to_ms: int | None = None) 
     None: unbounded) whose inputs changed since they were stored; returns those hours (Unix ms).
 
     Reads O(tenants x models x hours) rows to find them, then recomputes only those, from the hour rollups.
-    The inputs are read before the rows are recomputed, so rows never lag the inputs stored with them: at
-    worst an hour is recomputed once more. Idempotent; safe to run from several processes at once (the
-    newest refresh's rows win)."""
+    The inputs are read before the rows are recomputed, so data arriving in between makes an hour's mark
+    older than its rows (recomputed once more later), not newer; the one exception, an insert caught between
+    its two hour rollups, is what `stale_hours` finds. Idempotent; safe to run from several processes at
+    once (the newest refresh's rows win)."""
     changed = store.rows(_CHANGED, _range(from_ms, to_ms))
     if not changed:
         return []
