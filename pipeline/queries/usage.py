@@ -46,11 +46,11 @@ _INPUTS: Final = (
     # per hour of the range: its inputs now (samples near it, expected coverage, policy) and as stored
     "WITH (SELECT (argMax(exclude_states, updated_at), argMax(idle_util_pct, updated_at)) "
     "      FROM {db:Identifier}.billing_policy) AS policy, "
-    "     (SELECT (min(first_start_ms), max(last_end_ms)) FROM {db:Identifier}.fleet_usage_1h) AS span, "
+    "     (SELECT (min(first_start_ms), max(last_end_ms)) FROM {db:Identifier}.usage_hour_inputs) AS span, "
     "now_inputs AS ("
     " SELECT h, toString((sum(samples), least(toInt64(toUnixTimestamp(h)) * 1000 + 3600000, span.2) "
     "        - greatest(toInt64(toUnixTimestamp(h)) * 1000, span.1), policy.1, policy.2)) AS inputs"
-    " FROM (SELECT hour + d AS h, samples FROM {db:Identifier}.fleet_usage_1h ARRAY JOIN " + _NEAR + " AS d"
+    " FROM (SELECT hour + d AS h, samples FROM {db:Identifier}.usage_hour_inputs ARRAY JOIN " + _NEAR + " AS d"
     f"       WHERE hour >= toDateTime({{lo:Int64}} - {NEAR_HOURS * 3600}, 'UTC') "
     f"AND hour < toDateTime({{hi:Int64}} + {NEAR_HOURS * 3600}, 'UTC'))"
     " WHERE h >= toDateTime({lo:Int64}, 'UTC') AND h < toDateTime({hi:Int64}, 'UTC') GROUP BY h), "
@@ -93,7 +93,8 @@ _MARK: Final = (
     "FROM (SELECT arrayJoin(arrayZip({hours:Array(UInt32)}, {inputs:Array(String)})) AS m)"
 )
 _ALL_HOURS: Final = (7_200_000, 4_102_444_800_000)
-"""The range `refresh` covers when given none: 1970-01-01T02:00 (so two hours before it are a DateTime) to 2100."""
+"""The range `refresh` covers when given none, and the earliest it reads: 1970-01-01T02:00 (so two hours before
+it are a DateTime) to 2100."""
 _BILLABLE: Final = {
     # windowed? -> billable milliseconds per tenant (bind `excl`, and the window's parameters)
     windowed: "SELECT tenant, sumIf(claimed_ms, NOT has({excl:Array(String)}, toString(health)) "
@@ -108,7 +109,8 @@ def refresh(store: Store, from_ms: int | None = None, to_ms: int | None = None) 
     """Recompute the stored rows of every hour starting in `[from_ms, to_ms)` (from rounded down to the hour;
     None: unbounded) whose inputs changed since they were stored; returns those hours (Unix ms).
 
-    Reads O(tenants x models x hours) rows to find them, then recomputes only those, from the hour rollups.
+    Reads O(hours) rows to find them (`usage_hour_inputs`, the marks), then recomputes only those, from the
+    hour rollups.
     The inputs are read before the rows are recomputed, so data arriving in between makes an hour's mark
     older than its rows (recomputed once more later), not newer; the one exception, an insert caught between
     its two hour rollups, is what `stale_hours` finds. Idempotent; safe to run from several processes at
@@ -124,7 +126,7 @@ def refresh(store: Store, from_ms: int | None = None, to_ms: int | None = None) 
 
 def _range(from_ms: int | None, to_ms: int | None) -> dict[str, int]:
     """`lo`/`hi` (Unix seconds) of `_INPUTS`: the hours starting in `[from_ms, to_ms)`, from rounded down."""
-    return {"lo": (_ALL_HOURS[0] if from_ms is None else from_ms) // HOUR_MS * 3600,
+    return {"lo": max(_ALL_HOURS[0], _ALL_HOURS[0] if from_ms is None else from_ms) // HOUR_MS * 3600,
             "hi": (_ALL_HOURS[1] if to_ms is None else to_ms) // 1000}
 
 

@@ -51,7 +51,7 @@ def _fleet(client: Any, gpus: int) -> Iterator[MeasuredStore]:
         f"'UTC'), 'c1', concat('node-', toString(intDiv(number % {gpus}, 8))), 'boot-1', intDiv(number, {gpus}), "
         f"number % {gpus} % 8, concat('GPU-', toString(number % {gpus})), 'NVIDIA H100 80GB HBM3', "
         f"concat('tenant-', toString(number % 2)), 'job', 0.5, 300, 1, 'ok' FROM numbers({gpus * steps})")
-    for table in ("gpu_usage_1h", "fleet_usage_1h"):
+    for table in ("gpu_usage_1h", "usage_hour_inputs"):
         client.command(f"OPTIMIZE TABLE {db}.{table} FINAL")
     store = MeasuredStore(client, db)
     refresh(store)  # what the ingester does after each batch
@@ -97,11 +97,10 @@ def test_usage_over_30_days_reads_the_same_rows_at_8_and_32_gpus(eight: Measured
     assert {r["allocated_gpu_seconds"] for r in many_rows} == {16 * 3600.0}
     assert _count(thirty_two, "gpu_usage_1h") == 4 * _count(eight, "gpu_usage_1h") == 4 * 8 * hours
     assert few == many
-    # what it reads: the fleet rollup's hour rows (tenant x model x hour) for the span and for the inputs,
+    # what it reads: one row per hour of the hour rollup's inputs (for the span and to find changed hours),
     # the marks (one per hour, and two hours either side), the policy row and the stored rows
-    fleet_rows = _count(eight, "fleet_usage_1h")
-    assert fleet_rows == 2 * hours
-    assert few <= 2 * fleet_rows + (hours + 4) + 1 + 2 * hours
+    assert _count(eight, "usage_hour_inputs") == _count(thirty_two, "usage_hour_inputs") == hours
+    assert few <= 2 * hours + (hours + 4) + 1 + 2 * hours
     # the view over the per-GPU rollups reads every GPU-hour: four times more GPUs, about four times more rows
     raw_few, raw_many = _raw_reads(eight), _raw_reads(thirty_two)
     assert raw_many >= 32 * hours > 6 * few

@@ -5,13 +5,42 @@
 -- An hour's answer is not a sum of its samples (the gap of a GPU-hour is charged to the (tenant, model) it
 -- served most and clipped to the fleet's reporting span; `gpus` counts distinct GPUs; claims outranked by
 -- another node's are taken out), so it is recomputed, whole, from the hour rollups when its inputs change:
--- `usage_hourly_at(hours)` is `usage_hourly` (0071) for the given hours only, the fleet span read from the
--- fleet rollup. `pipeline/queries/usage.py` (`refresh`) finds the hours whose inputs changed and stores
+-- `usage_hourly_at(hours)` is `usage_hourly` (0071) for the given hours only, the fleet span read from
+-- `usage_hour_inputs`. `pipeline/queries/usage.py` (`refresh`) finds the hours whose inputs changed and stores
 -- their rows with a version; the ingester refreshes the hours of each batch, and every reader refreshes
 -- the hours it reads first. The view `usage_hourly` stays: the raw answer the stored rows are checked against.
 
+-- Per hour, what the hour rollup holds: its samples and its span. Fed by a view on gpu_usage_1h, so it
+-- changes exactly when the hour rollup does (an insert that reached the minute rollup but not the hour
+-- rollup changes neither; its repeat changes both). One row per hour after merges: what `refresh`
+-- compares, and the fleet's reporting span (the same minimum and maximum as gpu_usage_1h's).
+CREATE TABLE IF NOT EXISTS ${db}.usage_hour_inputs ${on_cluster}
+(
+    hour            DateTime('UTC'),
+    samples         SimpleAggregateFunction(sum, UInt64),
+    first_start_ms  SimpleAggregateFunction(min, Int64),
+    last_end_ms     SimpleAggregateFunction(max, Int64)
+)
+ENGINE = ${replicated}AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY hour
+SETTINGS ${dedup_window} = 10000;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS ${db}.usage_hour_inputs_mv ${on_cluster} TO ${db}.usage_hour_inputs AS
+SELECT hour, sum(samples) AS samples, min(first_start_ms) AS first_start_ms, max(last_end_ms) AS last_end_ms
+FROM ${db}.gpu_usage_1h
+GROUP BY hour;
+
+-- Backfill from the hour rollup already stored (an insert racing this counts twice in `samples`, which
+-- only makes its hour recomputed once more: the counts are compared, never billed).
+INSERT INTO ${db}.usage_hour_inputs
+SELECT hour, sum(samples), min(first_start_ms), max(last_end_ms)
+FROM ${db}.gpu_usage_1h
+WHERE (SELECT count() FROM ${db}.usage_hour_inputs) = 0
+GROUP BY hour;
+
 -- usage_hourly_at: 0071's usage_hourly, restricted to `hours` (whole-hour DateTimes); the fleet span from
--- fleet_usage_1h (same min/max as gpu_usage_1h's, O(tenants x models x hours) rows).
+-- usage_hour_inputs (one row per hour).
 CREATE OR REPLACE VIEW ${db}.usage_hourly_at ${on_cluster} AS
 WITH
     policy AS (
@@ -59,7 +88,7 @@ WITH
         GROUP BY hour, cluster, node, gpu_uuid, tenant, model
     ),
     fleet_span AS (
-        SELECT min(first_start_ms) AS span_start, max(last_end_ms) AS span_end FROM ${db}.fleet_usage_1h
+        SELECT min(first_start_ms) AS span_start, max(last_end_ms) AS span_end FROM ${db}.usage_hour_inputs
     ),
     ranked AS (
         SELECT *,
@@ -136,8 +165,8 @@ PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, tenant, gpu_model);
 
 -- Per hour, the inputs its stored rows were computed from (pipeline/queries/usage.py, `refresh`): the
--- samples of the fleet rollup within two hours of it (claims reach that far), its expected coverage
--- within the fleet's reporting span, and the billing policy. An hour whose inputs differ is recomputed.
+-- hour rollup's samples within two hours of it (claims reach that far), its expected coverage within the
+-- fleet's reporting span, and the billing policy. An hour whose inputs differ is recomputed.
 CREATE TABLE IF NOT EXISTS ${db}.usage_hourly_marks ${on_cluster}
 (
     hour     DateTime('UTC'),
