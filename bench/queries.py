@@ -163,8 +163,10 @@ def run_boards(client: Any, db: str, end_ms: int, span_ms: int | None, runs: int
 
 
 def run_usage(client: Any, db: str, start_ms: int, end_ms: int, runs: int = 5, raw_runs: int = 1) -> dict[str, Any]:
-    """`gpufleet usage` for the whole history (`pipeline.usage.usage_rows`), and its raw equivalent."""
+    """`gpufleet usage` for the whole history (`pipeline.usage.usage_rows`: the stored rows, refreshed by the
+    first call), the view it read before (`usage_hourly`), and its raw equivalent; all must agree."""
     from gpufleet.pipeline.queries.usage import USAGE_COLUMNS, usage_rows
+    from gpufleet.pipeline.queries.window import iso
     from gpufleet.pipeline.store import Store
 
     store = Store(client, db)
@@ -180,14 +182,18 @@ def run_usage(client: Any, db: str, start_ms: int, end_ms: int, runs: int = 5, r
                f"WHERE hour >= toDateTime(intDiv({start_ms}, 3600000) * 3600, 'UTC') "
                f"AND hour < toDateTime(intDiv({end_ms}, 1000), 'UTC') ORDER BY hour, tenant, gpu_model")
     raw_times, raw_rows = _timed(client, raw_sql, raw_runs)
-    view_rows = client.query(
-        f"SELECT {', '.join(USAGE_COLUMNS)} FROM {db}.usage_hourly "
-        f"WHERE hour >= toDateTime(intDiv({start_ms}, 3600000) * 3600, 'UTC') "
-        f"AND hour < toDateTime(intDiv({end_ms}, 1000), 'UTC') ORDER BY hour, tenant, gpu_model").result_rows
+    view_sql = (f"SELECT {', '.join(USAGE_COLUMNS)} FROM {db}.usage_hourly "
+                f"WHERE hour >= toDateTime(intDiv({start_ms}, 3600000) * 3600, 'UTC') "
+                f"AND hour < toDateTime(intDiv({end_ms}, 1000), 'UTC') ORDER BY hour, tenant, gpu_model")
+    view_times, view_rows = _timed(client, view_sql, raw_runs)
+    stored = [tuple(r.values()) for r in rows]
+    viewed = [(iso(v[0]), *(None if isinstance(x, float) and math.isnan(x) else x for x in v[1:])) for v in view_rows]
     return {"rows": len(rows), "p50_ms": statistics.median(times), "p95_ms": percentile(times, 95),
             "raw_p50_ms": statistics.median(raw_times), "raw_p95_ms": percentile(raw_times, 95),
             "speedup_p50": statistics.median(raw_times) / max(statistics.median(times), 1e-6),
-            "answers_equal": _same(_sorted(view_rows), _sorted(raw_rows))}
+            # the view over the per-GPU rollups: what `gpufleet usage` read before the stored rows (0090)
+            "view_p50_ms": statistics.median(view_times),
+            "answers_equal": _same(_sorted(view_rows), _sorted(raw_rows)) and _same(stored, viewed)}
 
 
 def run(dsn: str, gpus: int = 1000, days: float = 7.0, runs: int = 5, raw_runs: int = 1) -> dict[str, Any]:

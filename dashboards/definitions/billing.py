@@ -1,8 +1,9 @@
 """Billing board: usage by tenant and period, closed statements, adjustments, and reporting gaps.
 
-Usage comes from `usage_hourly`, the view billing reads, and statements and adjustments from the
-tables `gpufleet billing close` writes, so the board shows billing's own numbers. Those are per
-tenant and GPU model: the cluster and node variables apply only to the per-node gaps table.
+Usage comes from `usage_hourly_stored`, the stored `usage_hourly` rows billing reads (one per hour,
+tenant and model, kept current by the ingester), and statements and adjustments from the tables
+`gpufleet billing close` writes, so the board shows billing's own numbers. Those are per tenant and GPU
+model: the cluster and node variables apply only to the per-node gaps table.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ usage = Panel(
                 sum(idle_allocated_gpu_hours) AS idle_gpu_hours,
                 sum(gap_gpu_seconds) / 3600 AS unreported_gpu_hours,
                 sum(energy_kwh) AS energy_kwh
-            FROM usage_hourly
+            FROM usage_hourly_stored FINAL
             WHERE hour >= toStartOfHour($__fromTime) AND hour <= $__toTime{filters}
             GROUP BY period, tenant, gpu_model
             ORDER BY period, tenant, gpu_model
@@ -50,7 +51,7 @@ usage = Panel(
         TABLE,
     ),),
     description=(
-        "Hours of the range from usage_hourly, per calendar month (UTC). Billable = allocated minus "
+        "Hours of the range from the stored usage_hourly rows, per calendar month (UTC). Billable = allocated minus "
         "unhealthy (the SLA policy's excluded states); unreported hours (reporting gaps) are never billed."
     ),
     w=24,
@@ -71,7 +72,7 @@ billable = Panel(
         sql(
             """
             SELECT $__timeInterval(hour) AS t, tenant, sum(billable_gpu_hours) AS billable_gpu_hours
-            FROM usage_hourly
+            FROM usage_hourly_stored FINAL
             WHERE hour >= toStartOfHour($__fromTime) AND hour <= $__toTime{filters}
             GROUP BY t, tenant
             ORDER BY t, tenant
@@ -94,7 +95,7 @@ unreported = Panel(
         sql(
             """
             SELECT $__timeInterval(hour) AS t, tenant, sum(gap_gpu_seconds) / 3600 AS unreported_gpu_hours
-            FROM usage_hourly
+            FROM usage_hourly_stored FINAL
             WHERE hour >= toStartOfHour($__fromTime) AND hour <= $__toTime{filters}
             GROUP BY t, tenant
             ORDER BY t, tenant

@@ -26,6 +26,8 @@ from gpufleet.pipeline.ingest.ledger import BatchTaken, Entry, resume
 from gpufleet.pipeline.ingest.liveness import COMMIT, POLL, ingest_liveness
 from gpufleet.pipeline.ingest.validation import validate, validate_for_staging
 from gpufleet.pipeline.ingest.writer import Batch, BatchWriter
+from gpufleet.pipeline.queries import usage
+from gpufleet.pipeline.queries.window import HOUR_MS
 
 if TYPE_CHECKING:
     from gpufleet.pipeline.store import Store
@@ -38,6 +40,9 @@ MAX_POLL_RECORDS = 5000
 COMMIT_RETRY_S = 2.0
 """How often a refused commit of stored batches is retried while nothing else commits (each retry during a
 rebalance is refused again, and the rebalance completes in `poll`)."""
+USAGE_REFRESH_S = 10.0
+"""How often, at most, the ingester refreshes the stored usage of the hours its batches stored
+(`queries.usage.refresh`): the billing board reads the stored rows, at most this much behind."""
 T = TypeVar("T")
 
 
@@ -129,6 +134,9 @@ class Ingester:
         self._abandoned = False
         self._last_poll_warning = -float("inf")
         self._last_commit_retry = -float("inf")
+        self._usage_span: tuple[int, int] | None = None
+        """Earliest interval start and latest end (Unix ms) of the samples stored since the last usage refresh."""
+        self._last_usage_refresh = time.monotonic()
 
     @property
     def dlq(self) -> Producer:
@@ -160,6 +168,7 @@ class Ingester:
                 self._settle(final=True)
                 if self.batches:
                     self.flush(final=True)
+                self.refresh_usage(force=True)
         finally:
             self.writer.close()
 
@@ -176,8 +185,28 @@ class Ingester:
             self._settle()
         if self._due():
             self.flush(pipelined=True)
+            self.refresh_usage()
             return True
+        self.refresh_usage()
         return False
+
+    def refresh_usage(self, force: bool = False) -> None:
+        """Recompute the stored usage of the hours the batches stored since the last refresh touched (and
+        those within `usage.NEAR_HOURS` of them), at most every `USAGE_REFRESH_S` unless `force`. A failure
+        is logged and the hours kept for the next try: readers refresh what they read anyway."""
+        span = self._usage_span
+        if span is None or (not force and time.monotonic() - self._last_usage_refresh < USAGE_REFRESH_S):
+            return
+        self._last_usage_refresh = time.monotonic()
+        reach = (usage.NEAR_HOURS + 1) * HOUR_MS  # a claim reaches an hour past its start
+        try:
+            usage.refresh(self.store, span[0] - reach, span[1] + reach)
+        except Exception as exc:
+            log.warning("refreshing the stored usage of %d..%d failed (retried after the next batch): %s",
+                        span[0], span[1], str(exc)[:500])
+            return
+        if self._usage_span == span:
+            self._usage_span = None
 
     def _due(self) -> bool:
         if not self.batches:
@@ -382,6 +411,10 @@ class Ingester:
         s.last_flush_ms = batch.ingest_ms
         if fresh:
             s.last_sample_ms = max(s.last_sample_ms, *(r.time_ms for r in fresh))
+            lo, hi = min(r.time_ms - r.interval_ms for r in fresh), max(r.time_ms for r in fresh)
+            if self._usage_span is not None:
+                lo, hi = min(lo, self._usage_span[0]), max(hi, self._usage_span[1])
+            self._usage_span = (lo, hi)
         s.backing_off = False
         if committed:
             s.last_error = ""

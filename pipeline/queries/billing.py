@@ -13,7 +13,7 @@ from dataclasses import astuple, dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
 
 from gpufleet.errors import GpufleetError
-from gpufleet.pipeline.queries import integrity
+from gpufleet.pipeline.queries import integrity, usage
 from gpufleet.pipeline.queries.policy import Policy, read_policy
 from gpufleet.pipeline.queries.window import iso, ms_datetime
 
@@ -174,7 +174,7 @@ _CURRENT: Final = (
     "sum(toUInt64(round(allocated_gpu_seconds * 1000))), sum(toUInt64(round(unhealthy_gpu_seconds * 1000))), "
     "sum(toUInt64(round(billable_gpu_seconds * 1000))), sum(toUInt64(round(idle_allocated_gpu_hours * 3600000))), "
     "sum(toUInt64(round(gap_gpu_seconds * 1000))), sum(toUInt64(round(energy_kwh * 3600000000))) "
-    "FROM {db:Identifier}.usage_hourly "
+    f"FROM {usage.STORED} "
     "WHERE hour >= toDateTime(intDiv({start:Int64}, 1000), 'UTC') "
     "AND hour < toDateTime(intDiv({end:Int64}, 1000), 'UTC') "
     "GROUP BY tenant, gpu_model"
@@ -206,8 +206,9 @@ _ADJUSTMENTS: Final = (
 
 
 def current_totals(store: Store, period: str) -> dict[Key, Totals]:
-    """Usage per (tenant, model) of the period, as `usage_hourly` shows it now."""
+    """Usage per (tenant, model) of the period, as `usage_hourly` shows it now: its stored rows, refreshed."""
     start, end = period_bounds(period)
+    usage.refresh(store, start, end)
     rows = store.rows(_CURRENT, {"start": start, "end": end})
     return {(t, m): Totals(int(a), int(u), int(b), int(i), int(g), int(e)) for t, m, a, u, b, i, g, e in rows}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from gpufleet.pipeline.queries import usage
 from gpufleet.pipeline.queries.window import HOUR_MS, MINUTE_MS, iso
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def findings(store: Store, start_ms: int, end_ms: int, limit: int = LIMIT) -> li
     lo_hour, hi_hour = -(-start_ms // HOUR_MS) * HOUR_MS, end_ms // HOUR_MS * HOUR_MS
     if lo_hour < hi_hour:
         out += minute_vs_hour(store, lo_hour, hi_hour, limit)
+        out += stored_usage(store, lo_hour, hi_hour, limit)
     return out
 
 
@@ -108,3 +110,10 @@ def minute_vs_hour(store: Store, lo: int, hi: int, limit: int = LIMIT) -> list[F
     rows = store.rows(_MINUTE_VS_HOUR, {"lo": lo, "hi": hi, "limit": limit})
     return [Finding("minute vs hour rollup", f"hour {iso(int(h))}", f"gpu_usage_1m {ms} samples / {mm} ms, "
                     f"gpu_usage_1h {hs} samples / {hm} ms") for h, ms, mm, hs, hm in rows]
+
+
+def stored_usage(store: Store, lo: int, hi: int, limit: int = LIMIT) -> list[Finding]:
+    """Hours whose stored usage rows claim to be current but differ from `usage_hourly` of the rollups
+    (`usage.stale_hours`); the repair: docs/reliability.md, "Repairing what the checks find"."""
+    stale = sorted(usage.stale_hours(store, lo, hi).items())[:limit]
+    return [Finding("stored usage vs usage_hourly", f"hour {iso(h)}", detail) for h, detail in stale]

@@ -45,6 +45,7 @@ TABLES: Final[tuple[TenantTable, ...]] = (
     TenantTable("gpu_xid_events", "tenant"),
     TenantTable("billing_statements", "tenant"),
     TenantTable("billing_adjustments", "tenant"),
+    TenantTable("usage_hourly_stored", "tenant"),
     TenantTable("alerts", "labels['tenant']"),
 )
 """Every table holding tenant rows: each gets a policy per tenant and the operators' policy."""

@@ -47,9 +47,10 @@ def test_the_sql_for_one_tenant_is_exactly_the_documented_sql() -> None:
                "gpu_health_events", "gpu_xid_events")
     grants = [f"GRANT SELECT ON gpufleet.{t} TO `gpufleet_tenants`" for t in (
         "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes", *rollups,
-        "billing_statements", "billing_adjustments", "alerts", "usage_hourly", "billing_policy", "gpu_claim_outranked")]
+        "billing_statements", "billing_adjustments", "usage_hourly_stored", "alerts", "usage_hourly", "billing_policy",
+        "gpu_claim_outranked")]
     tables = ["gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes", *rollups,
-              "billing_statements", "billing_adjustments", "alerts"]
+              "billing_statements", "billing_adjustments", "usage_hourly_stored", "alerts"]
     assert tenants.setup_sql("gpufleet") == [
         "CREATE ROLE IF NOT EXISTS `gpufleet_tenants`", *grants,
         *[f"CREATE ROW POLICY OR REPLACE `gpufleet_operators` ON gpufleet.{t} FOR SELECT USING 1 "
