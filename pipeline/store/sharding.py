@@ -38,12 +38,15 @@ SHARDED: Final[dict[str, str | None]] = {
     "fleet_usage_1m": None,
     "fleet_usage_1h": None,
     "job_usage_1h": None,
+    "usage_hour_inputs": None,  # per hour: samples (sum), reporting span (min, max) over every shard (0090)
 }
 """Tables split by node over the shards: table -> the sharding key of its `Distributed` table."""
 
 GLOBAL: Final = frozenset({
     "schema_migrations", "billing_policy", "billing_statements", "billing_adjustments", "billing_periods",
     "alerts", "ingest_batches", "dead_letters",
+    # billing's stored usage (0090): computed from the Distributed tables, rows per hour x tenant x model
+    "usage_hourly_stored", "usage_hourly_marks",
 })
 """Small tables every server holds whole: one replica set over all servers (no `{shard}` in its path)."""
 

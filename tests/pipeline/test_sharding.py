@@ -26,7 +26,9 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
         assert ast.startswith(("CreateQuery", "AlterQuery", "InsertQuery", "DropQuery")), stmt[:200]
     # 0050 adds 11: two column ALTERs (each + its Distributed), network_ports (+ Distributed), a setting, a
     # projection, gpu_inventory (+ Distributed) and its view
-    assert len(ddl) == 118
+    # 0090 adds 7: usage_hour_inputs (+ Distributed), its view and backfill, usage_hourly_at, and the two
+    # global tables of stored usage
+    assert len(ddl) == 125
 
 
 def test_tables_queries_read_are_distributed_by_node() -> None:
@@ -41,7 +43,7 @@ def test_tables_queries_read_are_distributed_by_node() -> None:
         "gpu_latest": NODE, "gpu_claim_homes": NODE, "gpu_health_events": NODE, "gpu_xid_events": NODE,
         "gpu_health_1m": NODE, "gpu_health_1h": NODE, "node_latest": NODE, "network_ports": NODE,
         "gpu_inventory": NODE,
-        "fleet_usage_1m": None, "fleet_usage_1h": None, "job_usage_1h": None,
+        "fleet_usage_1m": None, "fleet_usage_1h": None, "job_usage_1h": None, "usage_hour_inputs": None,
     }
 
 
@@ -54,7 +56,7 @@ def test_local_tables_are_replicated_per_shard_and_global_tables_span_every_serv
     glob = "('/clickhouse/tables/{uuid}/global', '{shard}-{replica}'"
     assert {n for n, (_, args) in engines.items() if args and args.startswith(glob)} == {
         "schema_migrations", "billing_policy", "billing_statements", "billing_adjustments", "billing_periods",
-        "alerts", "ingest_batches", "dead_letters"}
+        "alerts", "ingest_batches", "dead_letters", "usage_hourly_stored", "usage_hourly_marks"}
     assert engines["alerts"] == ("ReplicatedReplacingMergeTree", glob + ", revision)")
     local = {n for n in engines if n.endswith("_local")}
     assert local == {f"{t}_local" for t in sharding.SHARDED}
@@ -83,12 +85,13 @@ def test_every_materialized_view_reads_and_writes_local_tables() -> None:
         "gpu_health_1m_mv": ("gpu_health_1m_local", ["gpu_samples_local"]),
         "gpu_health_1h_mv": ("gpu_health_1h_local", ["gpu_health_1m_local"]),
         "gpu_inventory_mv": ("gpu_inventory_local", ["gpu_samples_local"]),
+        "usage_hour_inputs_mv": ("usage_hour_inputs_local", ["gpu_usage_1h_local"]),
     }
 
 
 def test_plain_views_read_the_distributed_tables_unchanged() -> None:
     plain = [s for s in cluster_ddl() if re.match(r"CREATE (OR REPLACE )?VIEW", s)]
-    assert len(plain) == 4  # usage_hourly (0002, 0032), gpu_claim_outranked, ...
+    assert len(plain) == 5  # usage_hourly (0002, 0032), gpu_claim_outranked, ..., usage_hourly_at (0090)
     assert not any("_local" in s for s in plain)
 
 

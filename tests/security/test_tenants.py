@@ -78,14 +78,15 @@ SHARDED_TENANT_TABLES = ("gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_lat
 
 def test_the_sql_on_a_cluster_runs_on_every_server_and_covers_the_local_tables() -> None:
     # a shard runs its part of a query on gpufleet.T_local, as the querying user: that table needs the grant
-    # and the policies too; billing_statements, billing_adjustments, alerts are global (no _local table)
+    # and the policies too; billing_statements, billing_adjustments, usage_hourly_stored, alerts are global (no
+    # _local table)
     u = "`gpufleet_t_acme_" + hashlib.sha256(b"acme").hexdigest()[:10] + "`"
     on = "ON CLUSTER 'gf_2x2'"
     both = [n for t in SHARDED_TENANT_TABLES for n in (t, t + "_local")]
     grants = [f"GRANT {on} SELECT ON gpufleet.{t} TO `gpufleet_tenants`" for t in (
-        *both, "billing_statements", "billing_adjustments", "alerts", "usage_hourly", "billing_policy",
-        "gpu_claim_outranked")]
-    tables = [*both, "billing_statements", "billing_adjustments"]
+        *both, "billing_statements", "billing_adjustments", "usage_hourly_stored", "alerts", "usage_hourly",
+        "billing_policy", "gpu_claim_outranked")]
+    tables = [*both, "billing_statements", "billing_adjustments", "usage_hourly_stored"]
     assert tenants.setup_sql("gpufleet", CLUSTER) == [
         f"CREATE ROLE IF NOT EXISTS `gpufleet_tenants` {on}",
         f"ALTER ROLE `gpufleet_tenants` {on} SETTINGS distributed_product_mode = 'global'",
@@ -93,7 +94,7 @@ def test_the_sql_on_a_cluster_runs_on_every_server_and_covers_the_local_tables()
         *[f"CREATE ROW POLICY OR REPLACE `gpufleet_operators` {on} ON gpufleet.{t} FOR SELECT USING 1 "
           "TO ALL EXCEPT `gpufleet_tenants`" for t in [*tables, "alerts"]],
     ]
-    assert len(grants) == 30
+    assert len(grants) == 31
     assert tenants.tenant_sql("acme", "gpufleet", H, S, CLUSTER) == [
         f"CREATE USER IF NOT EXISTS {u} {on} IDENTIFIED WITH sha256_hash BY '{H}' SALT '{S}' "
         "DEFAULT DATABASE gpufleet SETTINGS readonly = 2",
@@ -110,10 +111,11 @@ def test_the_sql_on_a_cluster_runs_on_every_server_and_covers_the_local_tables()
 
 
 def test_the_sql_without_a_cluster_is_byte_for_byte_unchanged() -> None:
-    # digest computed with the tenants module as it was before clusters (git show of its previous version)
+    # digest computed with the tenants module as it was before clusters (git show of its previous version),
+    # then with usage_hourly_stored (migration 0090) in TABLES; without it the digest is still aad9b95e...
     text = tenants.script("acme", "gpufleet", H, S) + "\n".join(tenants.drop_sql("a'b", "gpufleet"))
     assert hashlib.sha256(text.encode()).hexdigest() == (
-        "aad9b95e2668b853a3127b6928d69b05e9dba481572dae1130f75f2e2354d662")
+        "e53fe1275bd65893895b9b8e35fb870e9b73863b0f8444591f317dd85c884d5b")
     assert tenants.script("acme", "gpufleet", H, S, None) == tenants.script("acme", "gpufleet", H, S)
 
 
@@ -125,7 +127,7 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
     for h in ("acme", *HOSTILE):
         statements = (tenants.setup_sql("gpufleet", CLUSTER) + tenants.tenant_sql(h, "gpufleet", H, S, CLUSTER)
                       + tenants.drop_sql(h, "gpufleet", CLUSTER))
-        assert len(statements) == 2 + 30 + 27 + 4 + 27 + 28
+        assert len(statements) == 2 + 31 + 28 + 4 + 28 + 29
         for statement in statements:
             ast = ch_client.query(f"EXPLAIN AST {statement}").result_rows[0][0]
             kind = next(v for k, v in kinds.items() if statement.startswith(k))
@@ -146,7 +148,7 @@ def test_tenants_sql_on_a_cluster_config_prints_the_cluster_script(tmp_path: Pat
     assert result.stdout == tenants.script("acme", "gpufleet", digest, salt, CLUSTER)
     assert result.stdout.startswith("-- gpufleet tenant isolation for tenant 'acme' in database gpufleet "
                                     "on cluster gf_2x2\n")
-    assert result.stdout.count(" ON CLUSTER 'gf_2x2'") == 2 + 30 + 27 + 4 + 27
+    assert result.stdout.count(" ON CLUSTER 'gf_2x2'") == 2 + 31 + 28 + 4 + 28
 
 
 def test_hostile_tenant_names_become_escaped_literals_and_safe_user_names() -> None:
