@@ -120,7 +120,7 @@ billable = Panel(
                 sum(billable_gpu_hours) AS billable_gpu_hours,
                 sum(unhealthy_gpu_seconds) / 3600 AS excluded_gpu_hours,
                 sum(gap_gpu_seconds) / 3600 AS unreported_gpu_hours
-            FROM usage_hourly
+            FROM usage_hourly_stored FINAL
             WHERE hour >= toStartOfMonth($__toTime, 'UTC') AND hour <= $__toTime{filters}
             GROUP BY tenant
             ORDER BY tenant
@@ -131,7 +131,7 @@ billable = Panel(
         TABLE,
     ),),
     description=(
-        "From usage_hourly (what billing reads), from the start of the billing period (the UTC "
+        "From the stored usage_hourly rows (what billing reads), from the start of the billing period (the UTC "
         "calendar month of the range's end) to the end of the range. Unhealthy and unreported "
         "GPU-hours are not billed. Filtered by tenant and GPU model only."
     ),
