@@ -3,7 +3,8 @@
 What `gpufleet jobs` shows (pipeline/queries/jobs.py), as panels: MFU from the minute rollup
 (`formulas.MFU`), stalled GPU-hours and stragglers from raw samples with the pipeline's own detectors
 (`pipeline/queries/job_signals.py`, thresholds from config `jobs` defaults), throughput from the tokens
-and samples jobs report over OTLP. A job spans nodes, so the node variable does not apply here.
+and samples jobs report over OTLP (no rollup carries them: only the jobs that report any are read). A job
+spans nodes, so the node variable does not apply here.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ jobs = Panel(
                 FROM gpu_samples
                 WHERE {raw}
                     AND tenant != '' AND job != ''
+                    AND (tenant, job) IN (
+                        SELECT DISTINCT tenant, job FROM gpu_samples
+                        WHERE {raw} AND (tokens_measured IS NOT NULL OR samples_measured IS NOT NULL)
+                    )
                 GROUP BY tenant, job
             ) AS t ON t.tenant = r.tenant AND t.job = r.job
             ORDER BY gpu_hours DESC, tenant, job
