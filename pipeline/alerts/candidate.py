@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpufleet.pipeline.alerts.rules import Sustained
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,12 @@ def time_window(column: str = "time") -> str:
     """`column` in `(from_ms, now_ms]`, both bound parameters (Int64 Unix ms)."""
     return (f"{column} > fromUnixTimestamp64Milli({{from_ms:Int64}}, 'UTC') "
             f"AND {column} <= fromUnixTimestamp64Milli({{now_ms:Int64}}, 'UTC')")
+
+
+def sustained_params(rule: Sustained, now_ms: int, span_ms: int | None = None) -> dict[str, Any]:
+    """The bound parameters of a sustained rule's query: its window `(from_ms, now_ms]` (`span_ms`, by
+    default the longer of `for` and `max_sample_age`), the fresh-data bound and the `for`/coverage of the
+    shared "sustained for D" formula (`{sustained_since_ms:Int64}`, `{sustained_cover_ms:Float64}`)."""
+    span = max(rule.for_ms, rule.max_age_ms) if span_ms is None else span_ms
+    return {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
+            "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms}

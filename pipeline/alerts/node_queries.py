@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from gpufleet.node_facts import IB_PHYS_STATES, IB_STATES, RECOVERY_ACTIONS, recovery_name
-from gpufleet.pipeline.alerts.candidate import Candidate, Query, clean_labels, time_window
+from gpufleet.pipeline.alerts.candidate import Candidate, Query, clean_labels, sustained_params, time_window
 from gpufleet.pipeline.alerts.rules import (
     GpuMissing,
     NetworkPortDegraded,
@@ -134,10 +134,7 @@ ORDER BY {_PORT_KEYS}
 
 
 def _port_down(rule: NetworkPortDown, now_ms: int) -> Query:
-    span = max(rule.for_ms, rule.max_age_ms)
-    return Query(_PORT_DOWN_SQL, {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
-                                  "sustained_since_ms": now_ms - rule.for_ms,
-                                  "sustained_cover_ms": rule.coverage * rule.for_ms, "ignore": rule.ignore_ports})
+    return Query(_PORT_DOWN_SQL, {**sustained_params(rule, now_ms), "ignore": rule.ignore_ports})
 
 
 def _port_degraded(rule: NetworkPortDegraded, now_ms: int) -> Query:
@@ -202,10 +199,7 @@ ORDER BY cluster, node
 
 
 def _missing(rule: GpuMissing, now_ms: int) -> Query:
-    span = max(rule.for_ms, rule.max_age_ms)
-    return Query(_MISSING_SQL, {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
-                                "sustained_since_ms": now_ms - rule.for_ms,
-                                "sustained_cover_ms": rule.coverage * rule.for_ms})
+    return Query(_MISSING_SQL, sustained_params(rule, now_ms))
 
 
 def _missing_candidates(rule: GpuMissing, row: Mapping[str, Any]) -> list[Candidate]:

@@ -18,7 +18,7 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_THERMAL,
 )
 from gpufleet.pipeline.alerts import node_queries
-from gpufleet.pipeline.alerts.candidate import Candidate, Query, clean_labels
+from gpufleet.pipeline.alerts.candidate import Candidate, Query, clean_labels, sustained_params
 from gpufleet.pipeline.alerts.rules import (
     AgentCounterRising,
     AnyRule,
@@ -230,19 +230,14 @@ def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return pe
         columns="".join(f", {c}" for c in shape.columns), extra="".join(f",\n       {e}" for e in shape.extra),
     )
     span = max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
-    params = {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
-              "candidates_from_ms": now_ms - span - MAX_INTERVAL_MS,
-              "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
+    params = {**sustained_params(rule, now_ms, span), "candidates_from_ms": now_ms - span - MAX_INTERVAL_MS,
               **_gpu_params(rule, now_ms)}
     return Query(sql, params)
 
 
 def _job(rule: JobRule, now_ms: int) -> Query:
     span = job_signals.Span(_WINDOW, "{fresh_ms:Int64}", "{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
-    params: dict[str, Any] = {
-        "from_ms": now_ms - max(rule.for_ms, rule.max_age_ms), "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
-        "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms,
-    }
+    params = sustained_params(rule, now_ms)
     table = "{db:Identifier}.gpu_samples"
     if isinstance(rule, JobStalled):
         return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND),

@@ -15,7 +15,7 @@ import string
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, ClassVar, Final, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -105,7 +105,38 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="
         return {}
 
 
-class GpuRule(Rule, kw_only=True):
+class FreshData:
+    """Mixin of the rules whose newest data must be at most `max_sample_age` old (no fields of its own)."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        max_sample_age: Duration
+
+    @property
+    def max_age_ms(self) -> int:
+        return duration_ms(self.max_sample_age)
+
+
+class Sustained(FreshData):
+    """Mixin of the rules whose condition must hold over `coverage` of `for` on fresh data (no fields of its
+    own: each rule declares `for`, `coverage` and `max_sample_age` with its defaults). Listed first among a
+    rule's bases, so its `durations` is the rule's."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        for_: Duration
+        coverage: float
+
+    @property
+    def for_ms(self) -> int:
+        return duration_ms(self.for_)
+
+    @property
+    def durations(self) -> dict[str, Duration]:
+        return {"for": self.for_, "max_sample_age": self.max_sample_age}
+
+
+class GpuRule(Sustained, Rule, kw_only=True):
     """A per-GPU condition that must hold for `for` before the alert fires."""
 
     for_: Duration = msgspec.field(name="for", default="5m")
@@ -113,18 +144,6 @@ class GpuRule(Rule, kw_only=True):
     """Share of `for` the GPU's samples must cover (a lost sample or two is tolerated)."""
     max_sample_age: Duration = "60s"
     """The GPU's newest sample must be at most this old; older data never fires or keeps firing."""
-
-    @property
-    def for_ms(self) -> int:
-        return duration_ms(self.for_)
-
-    @property
-    def max_age_ms(self) -> int:
-        return duration_ms(self.max_sample_age)
-
-    @property
-    def durations(self) -> dict[str, Duration]:
-        return {"for": self.for_, "max_sample_age": self.max_sample_age}
 
 
 _GPU_PLACEHOLDERS: Final = (
@@ -382,36 +401,24 @@ class FabricDegraded(GpuRule, tag="fabric_degraded", kw_only=True):
     PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_GPU_PLACEHOLDERS, "reasons", "clique")
 
 
-class PortRule(Rule, kw_only=True):
+class PortRule(FreshData, Rule, kw_only=True):
     """A condition on a node's InfiniBand/RoCE port (`network_ports`); `ignore_ports` lists `device/port`
     names never to alert on (ports that are not cabled)."""
 
     max_sample_age: Duration = "60s"
     ignore_ports: list[str] = []
 
-    @property
-    def max_age_ms(self) -> int:
-        return duration_ms(self.max_sample_age)
-
 
 _PORT_PLACEHOLDERS: Final = ("cluster", "node", "device", "port", "port_name", "link_layer", "active_for", "value")
 
 
-class NetworkPortDown(PortRule, tag="network_port_down", kw_only=True):
+class NetworkPortDown(Sustained, PortRule, tag="network_port_down", kw_only=True):
     """The port is not up (logical state not ACTIVE, or physical state not LinkUp) in every report for `for`;
     an administratively disabled port (physical state Disabled) is left alone."""
 
     for_: Duration = msgspec.field(name="for", default="1m")
     coverage: Ratio = 0.9
     PLACEHOLDERS: ClassVar[tuple[str, ...]] = (*_PORT_PLACEHOLDERS, "state", "phys_state", "for")
-
-    @property
-    def for_ms(self) -> int:
-        return duration_ms(self.for_)
-
-    @property
-    def durations(self) -> dict[str, Duration]:
-        return {"for": self.for_, "max_sample_age": self.max_sample_age}
 
 
 class NetworkPortDegraded(PortRule, tag="network_port_degraded", kw_only=True):
@@ -438,7 +445,7 @@ class NetworkPortDegraded(PortRule, tag="network_port_degraded", kw_only=True):
         return {"window": self.window, "max_sample_age": self.max_sample_age}
 
 
-class GpuMissing(Rule, tag="gpu_missing", kw_only=True):
+class GpuMissing(Sustained, Rule, tag="gpu_missing", kw_only=True):
     """The node's newest report lists fewer GPUs than it should have (`gpus_expected`) in every report for `for`:
     one alert per GPU it names as missing (by UUID), or one for the node when it cannot name them."""
 
@@ -447,18 +454,6 @@ class GpuMissing(Rule, tag="gpu_missing", kw_only=True):
     max_sample_age: Duration = "60s"
     PLACEHOLDERS: ClassVar[tuple[str, ...]] = (
         "cluster", "node", "gpu", "expected", "enumerated", "missing", "for", "active_for", "value")
-
-    @property
-    def for_ms(self) -> int:
-        return duration_ms(self.for_)
-
-    @property
-    def max_age_ms(self) -> int:
-        return duration_ms(self.max_sample_age)
-
-    @property
-    def durations(self) -> dict[str, Duration]:
-        return {"for": self.for_, "max_sample_age": self.max_sample_age}
 
 
 DriftField = Literal["driver_version", "vbios_version", "ecc_mode", "persistence_mode"]
