@@ -54,3 +54,21 @@ def sustained_params(rule: Sustained, now_ms: int, span_ms: int | None = None) -
     span = max(rule.for_ms, rule.max_age_ms) if span_ms is None else span_ms
     return {"from_ms": now_ms - span, "now_ms": now_ms, "fresh_ms": now_ms - rule.max_age_ms,
             "sustained_since_ms": now_ms - rule.for_ms, "sustained_cover_ms": rule.coverage * rule.for_ms}
+
+
+def run_columns(sustained: str) -> str:
+    """The aggregate columns a sustained rule's query reads per series whose condition is the column `c`:
+    the newest time, the first sample's interval start, the newest `c`, how many samples failed `c` and when
+    the last did, and `sustained` (the SQL `sustained`, a "sustained for D" formula). `run_since` reads them."""
+    return ("toUnixTimestamp64Milli(max(time)) AS last_ms,\n"
+            "       toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms,\n"
+            "       argMax(c, time) AS last_c,\n"
+            "       countIf(c = 0) AS n_false,\n"
+            "       toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms,\n"
+            f"       toUInt8({sustained}) AS sustained")
+
+
+def run_since(row: Mapping[str, Any]) -> int:
+    """When the series' current run of its condition began (`run_columns`): at its last failing sample, or
+    at the start of its first sample in the window when none failed."""
+    return int(row["last_false_ms"]) if row["n_false"] else int(row["first_start_ms"])

@@ -17,7 +17,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from gpufleet.node_facts import IB_PHYS_STATES, IB_STATES, RECOVERY_ACTIONS, recovery_name
-from gpufleet.pipeline.alerts.candidate import Candidate, Query, clean_labels, sustained_params, time_window
+from gpufleet.pipeline.alerts.candidate import (
+    Candidate,
+    Query,
+    clean_labels,
+    run_columns,
+    run_since,
+    sustained_params,
+    time_window,
+)
 from gpufleet.pipeline.alerts.rules import (
     GpuMissing,
     NetworkPortDegraded,
@@ -92,12 +100,7 @@ def node_recovery_candidates(rule: NodeRecoveryAction, gpus: Sequence[Candidate]
 _PORT_DOWN_SQL: Final = f"""
 SELECT {_PORT_KEYS}, argMax(link_layer, time) AS link_layer,
        argMax(state, time) AS last_state, argMax(phys_state, time) AS last_phys,
-       toUnixTimestamp64Milli(max(time)) AS last_ms,
-       toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms,
-       argMax(c, time) AS last_c,
-       countIf(c = 0) AS n_false,
-       toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms,
-       toUInt8({_SUSTAINED}) AS sustained
+       {run_columns(_SUSTAINED)}
 FROM (
     SELECT {_PORT_KEYS}, link_layer, state, phys_state, time, interval_ms,
            toUInt8(ifNull(state != 4 OR phys_state != 5, 0) AND ifNull(phys_state != 3, 1)) AS c
@@ -156,7 +159,7 @@ def _port_down_candidate(rule: NetworkPortDown, row: Mapping[str, Any]) -> Candi
     ctx.update(state=IB_STATES.get(state, "unknown") if state is not None else "unknown",
                phys_state=IB_PHYS_STATES.get(phys, "unknown") if phys is not None else "unknown",
                **{"for": format_duration(rule.for_ms)})
-    since = int(row["last_false_ms"]) if row["n_false"] else int(row["first_start_ms"])
+    since = run_since(row)
     firing = rule.for_ms == 0 or bool(row["sustained"])
     value = float(state) if state is not None else None
     ctx["value"] = value
@@ -180,12 +183,7 @@ _MISSING_SQL: Final = f"""
 SELECT cluster, node,
        argMax(gpus_expected, time) AS expected, argMax(gpus_enumerated, time) AS enumerated,
        argMax(gpus_missing, time) AS missing,
-       toUnixTimestamp64Milli(max(time)) AS last_ms,
-       toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms,
-       argMax(c, time) AS last_c,
-       countIf(c = 0) AS n_false,
-       toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms,
-       toUInt8({_SUSTAINED}) AS sustained
+       {run_columns(_SUSTAINED)}
 FROM (
     SELECT cluster, node, time, interval_ms, gpus_enumerated, gpus_expected, gpus_missing,
            toUInt8(ifNull(gpus_enumerated < gpus_expected, 0)) AS c
@@ -205,7 +203,7 @@ def _missing(rule: GpuMissing, now_ms: int) -> Query:
 def _missing_candidates(rule: GpuMissing, row: Mapping[str, Any]) -> list[Candidate]:
     expected, enumerated = int(row["expected"]), int(row["enumerated"])
     named = list(row["missing"]) or [""]  # GPUs it cannot name: one alert for the node
-    since = int(row["last_false_ms"]) if row["n_false"] else int(row["first_start_ms"])
+    since = run_since(row)
     firing = rule.for_ms == 0 or bool(row["sustained"])
     out = []
     for gpu in named:

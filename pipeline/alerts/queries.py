@@ -18,7 +18,14 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_THERMAL,
 )
 from gpufleet.pipeline.alerts import node_queries
-from gpufleet.pipeline.alerts.candidate import Candidate, Query, clean_labels, sustained_params
+from gpufleet.pipeline.alerts.candidate import (
+    Candidate,
+    Query,
+    clean_labels,
+    run_columns,
+    run_since,
+    sustained_params,
+)
 from gpufleet.pipeline.alerts.rules import (
     AgentCounterRising,
     AnyRule,
@@ -63,13 +70,8 @@ _WINDOW = f"time > {_ms('from_ms')} AND time <= {_ms('now_ms')}"
 _GPU_SQL = """
 SELECT cluster, node, gpu_uuid, gpu_index,
        argMax(tenant, time) AS tenant, argMax(job, time) AS job, argMax(model, time) AS model,
-       toUnixTimestamp64Milli(max(time)) AS last_ms,
-       toUnixTimestamp64Milli(min(time)) - argMin(interval_ms, time) AS first_start_ms,
        sum(claimed_ms) AS covered_ms,
-       argMax(c, time) AS last_c,
-       countIf(c = 0) AS n_false,
-       toUnixTimestamp64Milli(maxIf(time, c = 0)) AS last_false_ms,
-       toUInt8({sustained}) AS sustained{extra}
+       {run}{extra}
 FROM (
     SELECT cluster, node, gpu_uuid, gpu_index, tenant, job, model, time, interval_ms, claimed_ms{columns},
            toUInt8(ifNull({cond}, 0)) AS c
@@ -226,7 +228,7 @@ def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return pe
         return _job(rule, now_ms)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
-        window=_WINDOW, sustained=_SUSTAINED, cond=shape.cond, having=shape.having, candidate=shape.candidate,
+        window=_WINDOW, run=run_columns(_SUSTAINED), cond=shape.cond, having=shape.having, candidate=shape.candidate,
         columns="".join(f", {c}" for c in shape.columns), extra="".join(f",\n       {e}" for e in shape.extra),
     )
     span = max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
@@ -431,7 +433,7 @@ def sustained(rule: GpuRule, row: Mapping[str, Any]) -> bool:
 
 def _gpu_candidate(rule: GpuRule, row: Mapping[str, Any], now_ms: int) -> Candidate:
     firing = sustained(rule, row)
-    since = int(row["last_false_ms"]) if row["n_false"] else int(row["first_start_ms"])
+    since = run_since(row)
     labels = {"cluster": row["cluster"], "node": row["node"], "gpu": row["gpu_uuid"],
               "gpu_index": str(row["gpu_index"])}
     ctx: dict[str, Any] = {**labels, "tenant": row["tenant"], "job": row["job"], "model": row["model"],

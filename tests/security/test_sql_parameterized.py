@@ -69,7 +69,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/mfu.py", "formulas.PEAK_FLOP"): FORMULA,
     ("pipeline/queries/mfu.py", "formulas.MFU"): FORMULA,
     ("pipeline/queries/waterfall.py", "formulas.ACHIEVED_FLOP"): FORMULA,
-    ("pipeline/alerts/queries.py", "sustained=_SUSTAINED"): FORMULA + " with bound placeholders",
+    ("pipeline/alerts/queries.py", "run=run_columns(_SUSTAINED)"): "candidate.run_columns() of the shared formula "
+                                                                  "with bound placeholders",
+    ("pipeline/alerts/candidate.py", "sustained"): FRAGMENT_ARG,
     # claims (pipeline/queries/claims.py): which claims billing leaves out, in a window or all time
     ("pipeline/queries/claims.py", "where"): "queries.window's WINDOW or ALL_TIME, passed by this package's callers",
     ("pipeline/queries/claims.py", "WINDOW if windowed else ALL_TIME"): WINDOW,
@@ -95,7 +97,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/integrity.py", "_RANGE"): CONST + " with bound placeholders",
     ("pipeline/alerts/candidate.py", "column"): "a constant column name from the alert query builders",
     ("pipeline/alerts/node_queries.py", "_WINDOW"): CONST + " (candidate.time_window(): bound placeholders)",
-    ("pipeline/alerts/node_queries.py", "_SUSTAINED"): CONST + " with bound placeholders",
+    ("pipeline/alerts/node_queries.py", "run_columns(_SUSTAINED)"): "candidate.run_columns() of a constant with "
+                                                                    "bound placeholders",
     ("pipeline/alerts/node_queries.py", "since_ms"): FRAGMENT_ARG,
     ("pipeline/alerts/node_queries.py", "cover_ms"): FRAGMENT_ARG,
     ("pipeline/alerts/node_queries.py", "after"): "a condition built in sustained_reports from its since_ms argument",
