@@ -180,8 +180,8 @@ def options(column: str, source: str, conditions: str) -> str:
 def standard_variables(datasource: JSON) -> tuple[JSON, ...]:
     """The variables every board has: datasource, cluster, node, tenant and GPU model.
 
-    Filled from `gpu_latest` (one row per GPU) and `agent_reports` (one row per node and interval),
-    never from a scan of raw samples.
+    Filled from `gpu_latest` (one row per GPU), `agent_reports` (one row per node and interval) and the hourly
+    fleet rollup (tenants: no GPU in its key), never from a scan of raw samples.
     """
     return (
         datasource,
@@ -190,10 +190,12 @@ def standard_variables(datasource: JSON) -> tuple[JSON, ...]:
         query_variable(
             "tenant", "Tenant",
             options(
-                "tenant", "gpu_usage_1h",
+                "tenant", "fleet_usage_1h",
                 "hour >= toStartOfHour($__fromTime) AND hour <= $__toTime AND tenant != ''" + filters(("cluster",)),
             ),
-            description="Tenants holding GPUs in the time range (hourly rollup); All also includes unallocated GPUs.",
+            description=("Tenants holding GPUs in the time range (the hourly fleet rollup: one row per cluster, "
+                         "tenant, model and state, so the list costs the same whatever the fleet size); All also "
+                         "includes unallocated GPUs."),
         ),
         query_variable("model", "GPU model", options("model", "gpu_latest", "model != ''" + filters(("cluster",)))),
     )
