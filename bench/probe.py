@@ -27,11 +27,12 @@ def probe(admin: Any, dsn: str, gpus: int, days: float, args: argparse.Namespace
     limits = Limits(runs=args.runs, budget_s=args.budget_s)
     pattern = re.compile(args.match) if args.match else None
     end_ms = read_path._end_ms(days)
-    with read_path.history(admin, dsn, gpus, days, 10_000, end_ms) as h:
+    with read_path.history(admin, dsn, gpus, days, args.interval_ms, end_ms) as h:
         default, whole = read_path._panel_lists(h)
         picked = [p for p in (default if args.range != "whole" else []) + (whole if args.range != "default" else [])
                   if pattern is not None and pattern.search(p.key)]
-        out: dict[str, Any] = {"gpus": gpus, "days": days, "history_s": round(h.gen["seconds"], 1),
+        out: dict[str, Any] = {"gpus": gpus, "days": days, "interval_ms": args.interval_ms,
+                               "history_s": round(h.gen["seconds"], 1),
                                "panels": time_panels(h.client, picked, limits)}
         if args.alerts:
             out["alert_cycle"] = read_path.alert_cycle(h, dsn, limits)
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.probe", description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", default="1000,4000", help="comma-separated fleet sizes")
     ap.add_argument("--days", type=float, default=1.0)
+    ap.add_argument("--interval-ms", type=int, default=10_000,
+                    help="sample interval (item 7's month history: --days 30 --interval-ms 300000 --usage)")
     ap.add_argument("--match", default="", help="regex on board/title/ref of the panels to time")
     ap.add_argument("--range", choices=("default", "whole", "both"), default="both")
     ap.add_argument("--alerts", action="store_true", help="time one alert cycle")
