@@ -162,3 +162,19 @@ def test_stored_rows_that_missed_an_insert_are_a_finding_until_their_hours_are_m
     assert refresh(ch_store) == [H]
     assert integrity.findings(ch_store, H, H + HOUR) == []
     assert _billed(ch_store)[("11:00", "acme")] == (10.0, 0.0, 1)
+
+
+def test_usage_rows_read_hours_as_iso_text_and_non_finite_figures_as_none(ch_store) -> None:
+    # a stored row written by hand for an hour no sample is near (its inputs and mark both empty: current)
+    ch_store.command(
+        "INSERT INTO {db:Identifier}.usage_hourly_stored (hour, tenant, gpu_model, gpus, allocated_gpu_seconds, "
+        "billable_gpu_hours, energy_kwh, avg_utilization, mfu, mfu_source, measured_coverage, version) VALUES "
+        "(toDateTime(1794999600, 'UTC'), 'acme', 'H100', 2, 7200.5, nan, inf, -inf, NULL, 'measured', 0.25, "
+        "now64(9, 'UTC'))")
+    assert usage_rows(ch_store, H, H + HOUR) == [{
+        "hour": "2026-11-18T11:00:00Z", "tenant": "acme", "gpu_model": "H100", "gpus": 2,
+        "allocated_gpu_seconds": 7200.5, "unhealthy_gpu_seconds": 0.0, "billable_gpu_seconds": 0.0,
+        "billable_gpu_hours": None, "idle_allocated_gpu_hours": 0.0, "gap_gpu_seconds": 0.0, "energy_kwh": None,
+        "avg_utilization": None, "mfu": None, "mfu_source": "measured", "measured_coverage": 0.25,
+        "unknown_model_gpu_seconds": 0.0,
+    }]
