@@ -165,6 +165,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/mfu.py", "rows"): "scope filter from the constant _KEYS table",
     ("pipeline/queries/window.py", "column"): "a constant column name of the rollups",
     ("pipeline/queries/usage.py", "_SELECT"): COLUMNS,
+    ("pipeline/queries/usage.py", "_READ"): CONST + ": USAGE_COLUMNS, the hour formatted and the float columns checked",
     ("pipeline/queries/usage.py", "where"): "conditions from the constant _FILTERS table, each with bound parameters",
     ("pipeline/queries/usage.py", "WINDOW if windowed else ALL_TIME"): WINDOW + ", or ALL_TIME ('1')",
     ("pipeline/queries/usage.py", "STORED"): CONST + ": the stored usage table, read with FINAL",
