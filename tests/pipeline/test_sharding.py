@@ -44,6 +44,7 @@ def test_tables_queries_read_are_distributed_by_node() -> None:
         "gpu_health_1m": NODE, "gpu_health_1h": NODE, "node_latest": NODE, "network_ports": NODE,
         "gpu_inventory": NODE,
         "fleet_usage_1m": None, "fleet_usage_1h": None, "job_usage_1h": None, "usage_hour_inputs": None,
+        "job_throughput_1m": None, "job_throughput_1h": None,
     }
 
 
@@ -86,6 +87,8 @@ def test_every_materialized_view_reads_and_writes_local_tables() -> None:
         "gpu_health_1h_mv": ("gpu_health_1h_local", ["gpu_health_1m_local"]),
         "gpu_inventory_mv": ("gpu_inventory_local", ["gpu_samples_local"]),
         "usage_hour_inputs_mv": ("usage_hour_inputs_local", ["gpu_usage_1h_local"]),
+        "job_throughput_1m_mv": ("job_throughput_1m_local", ["gpu_samples_local"]),
+        "job_throughput_1h_mv": ("job_throughput_1h_local", ["job_throughput_1m_local"]),
     }
 
 

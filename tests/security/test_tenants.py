@@ -43,7 +43,8 @@ H, S = "ab" * 32, "cd" * 16
 
 def test_the_sql_for_one_tenant_is_exactly_the_documented_sql() -> None:
     u = "`gpufleet_t_acme_" + hashlib.sha256(b"acme").hexdigest()[:10] + "`"
-    rollups = ("fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "gpu_health_1m", "gpu_health_1h",
+    rollups = ("fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "job_throughput_1m", "job_throughput_1h",
+               "gpu_health_1m", "gpu_health_1h",
                "gpu_health_events", "gpu_xid_events")
     grants = [f"GRANT SELECT ON gpufleet.{t} TO `gpufleet_tenants`" for t in (
         "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes", *rollups,
@@ -71,8 +72,8 @@ def test_the_sql_for_one_tenant_is_exactly_the_documented_sql() -> None:
 CLUSTER = "gf_2x2"
 """A 2-shard x 2-replica cluster, as tests/pipeline/test_sharding.py names it."""
 SHARDED_TENANT_TABLES = ("gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
-                         "fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "gpu_health_1m", "gpu_health_1h",
-                         "gpu_health_events", "gpu_xid_events")
+                         "fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "job_throughput_1m", "job_throughput_1h",
+                         "gpu_health_1m", "gpu_health_1h", "gpu_health_events", "gpu_xid_events")
 """The tenant tables split over the shards (each a Distributed table over its `_local` one)."""
 
 
