@@ -30,13 +30,14 @@ def _train(i: int, node: str, k: int) -> GpuSample:
                tokens_measured=1000.0 if reporting else 0.0, samples_measured=2.0 if reporting else 0.0)
 
 
-def _reports(seq0: int = 0) -> list[Any]:
+def _reports() -> list[Any]:
     out = []
     for k in range(1, 11):  # samples ending at M + k minutes: claims in minutes M .. M + 9
         t = M + k * MIN
-        out += [report(node="n1", seq=seq0 + k, time_ms=t, interval_ms=MIN, gpus=[_train(0, "n1", k), _train(1, "n1", k)]),
-                report(node="n2", seq=seq0 + k, time_ms=t, interval_ms=MIN, gpus=[_train(0, "n2", k)]),
-                report(node="n3", seq=seq0 + k, time_ms=t, interval_ms=MIN,
+        out += [report(node="n1", seq=k, time_ms=t, interval_ms=MIN,
+                       gpus=[_train(0, "n1", k), _train(1, "n1", k)]),
+                report(node="n2", seq=k, time_ms=t, interval_ms=MIN, gpus=[_train(0, "n2", k)]),
+                report(node="n3", seq=k, time_ms=t, interval_ms=MIN,
                        gpus=[gpu(i, "n3", tenant="beta", job="pair", util_gpu_ratio=0.5) for i in (0, 1)])]
     return out
 

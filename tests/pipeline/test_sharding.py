@@ -28,7 +28,9 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
     # projection, gpu_inventory (+ Distributed) and its view
     # 0090 adds 7: usage_hour_inputs (+ Distributed), its view and backfill, usage_hourly_at, and the two
     # global tables of stored usage
-    assert len(ddl) == 125
+    # 0100 adds 11: job_usage_1h's nodes column (+ its Distributed), its view and backfill, job_throughput_1m
+    # and _1h (each + Distributed), their views and backfill
+    assert len(ddl) == 136
 
 
 def test_tables_queries_read_are_distributed_by_node() -> None:
