@@ -33,7 +33,7 @@ from bench.common import percentile
 log = logging.getLogger("bench.queries")
 
 ROLLUPS = ("gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "usage_hourly", "fleet_usage_1m", "fleet_usage_1h",
-           "job_usage_1h", "gpu_health_1m", "gpu_health_1h")
+           "job_usage_1h", "job_throughput_1m", "job_throughput_1h", "gpu_health_1m", "gpu_health_1h")
 BOARDS = Path(__file__).resolve().parent.parent / "dashboards" / "boards"
 SETTINGS = {"max_execution_time": 300, "max_memory_usage": 8_000_000_000}
 
@@ -74,6 +74,9 @@ def raw_sources(client: Any, db: str, from_ms: int, to_ms: int) -> dict[str, str
             "fleet_usage_1m": fleet_minute,
             "fleet_usage_1h": views["fleet_usage_1h"].replace(f"{db}.fleet_usage_1m", f"({fleet_minute})"),
             "job_usage_1h": views["job_usage_1h"].replace(f"{db}.gpu_usage_1m", f"({minute})"),
+            "job_throughput_1m": views["job_throughput_1m"],
+            "job_throughput_1h": views["job_throughput_1h"].replace(f"{db}.job_throughput_1m",
+                                                                    f"({views['job_throughput_1m']})"),
             "gpu_health_1m": health_minute,
             "gpu_health_1h": views["gpu_health_1h"].replace(f"{db}.gpu_health_1m", f"({health_minute})")}
 

@@ -36,8 +36,9 @@ class Question:
     sql: str | None
     """Where no panel answers it: the query a panel would run today (macros, current tables)."""
     raw_sql: str
-    promql: str
-    """MetricsQL; `$step` is the panel's interval, `$range` the whole range."""
+    promql: str | None
+    """MetricsQL; `$step` is the panel's interval, `$range` the whole range. None: no dcgm-exporter series
+    answers it (a per-job table), so it is compared with raw only, not asked of the peer."""
     instant: bool = False
     """True: one value over the range (an instant query at its end); False: a series over time."""
 
@@ -62,6 +63,46 @@ _UTIL = ("sum(toFloat64(ifNull(util_gpu_ratio, 0)) * interval_ms) "
          "/ nullIf(sumIf(toUInt64(interval_ms), util_gpu_ratio IS NOT NULL), 0) AS util")
 _ENERGY_MJ = "sum(toUInt64(round(ifNull(power_w, 0) * interval_ms)))"
 _FLEET_UTIL = "sum(util_weighted_ms) / nullIf(sum(util_ms), 0) AS util"
+
+_MFU_IN = ("peak_flops IS NOT NULL AND (flops_measured IS NOT NULL OR flops_estimated IS NOT NULL "
+           "OR error != '')")
+_START_MS = "(toUnixTimestamp64Milli(time) - interval_ms)"
+JOBS_RAW: Final = f"""
+SELECT r.tenant, r.job, r.gpus, r.nodes, r.gpu_hours, r.mfu, r.measured_coverage,
+    ifNull(s.stalled_gpu_hours, 0), if(r.tokens_n > 0, r.tokens / r.span_s, NULL),
+    if(r.samples_n > 0, r.samples / r.span_s, NULL), r.first_seen, r.last_seen
+FROM (
+    SELECT tenant, job, uniqExact(gpu_uuid) AS gpus,
+        arrayStringConcat(arraySort(groupUniqArray(toString(node))), ', ') AS nodes,
+        sum(toUInt64(interval_ms)) / 3600000 AS gpu_hours,
+        (sumIf(ifNull(flops_measured, 0), peak_flops IS NOT NULL)
+            + sumIf(ifNull(flops_estimated, 0), peak_flops IS NOT NULL AND flops_measured IS NULL)) AS achieved,
+        sumIf(ifNull(peak_flops, 0) * interval_ms / 1000, {_MFU_IN}) AS peak,
+        if(peak > 0, achieved / peak, NULL) AS mfu,
+        sumIf(toUInt64(interval_ms), peak_flops IS NOT NULL AND flops_measured IS NOT NULL)
+            / nullIf(sumIf(toUInt64(interval_ms), {_MFU_IN}), 0) AS measured_coverage,
+        sum(ifNull(tokens_measured, 0)) AS tokens, countIf(tokens_measured IS NOT NULL) AS tokens_n,
+        sum(ifNull(samples_measured, 0)) AS samples, countIf(samples_measured IS NOT NULL) AS samples_n,
+        (max(toUnixTimestamp64Milli(time)) - min({_START_MS})) / 1000 AS span_s,
+        fromUnixTimestamp64Milli(min({_START_MS}), 'UTC') AS first_seen,
+        fromUnixTimestamp64Milli(max(toUnixTimestamp64Milli(time)), 'UTC') AS last_seen
+    FROM {RAW}
+    WHERE $__timeFilter(minute) AND tenant != '' AND job != ''
+    GROUP BY tenant, job
+) AS r
+LEFT JOIN (
+    SELECT tenant, job, sum(claimed_ms) / 3600000 AS stalled_gpu_hours
+    FROM ({fragments.stalled_samples(())})
+    WHERE {fragments.STALLED_IN_RANGE}
+    GROUP BY tenant, job
+) AS s ON s.tenant = r.tenant AND s.job = r.job
+ORDER BY r.gpu_hours DESC, r.tenant, r.job
+LIMIT 200
+SETTINGS join_use_nulls = 1
+"""
+"""The Jobs table from raw samples: each sample claims its whole interval (one stream per GPU), filed under the
+minute its interval starts in; tokens and samples per second of the job's first to last second in the range;
+stalled GPU-hours by the stall detector, which reads raw samples itself."""
 
 QUESTIONS: Final = (
     Question(
@@ -95,5 +136,9 @@ QUESTIONS: Final = (
         _raw(f"{_ENERGY_MJ} / 3600000000 AS energy_kwh"),
         "sum(increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[$range])) / 3.6e9",
         instant=True,
+    ),
+    Question(
+        "per-job table (GPUs, nodes, GPU-hours, MFU, stalled, throughput)", ("gpufleet-jobs", "Jobs"), None,
+        JOBS_RAW, None, instant=True,
     ),
 )

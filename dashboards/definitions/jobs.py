@@ -1,11 +1,10 @@
 """Jobs board: per job, its GPUs, MFU, stalled time, stragglers and throughput; the job alerts in the range.
 
-What `gpufleet jobs` shows (pipeline/queries/jobs.py), as panels: MFU from the minute rollup
-(`formulas.MFU`), stalled GPU-hours and stragglers from raw samples with the pipeline's own detectors
-(`pipeline/queries/job_signals.py`, thresholds from config `jobs` defaults), throughput from the tokens
-and samples jobs report over OTLP (no rollup carries them: only the jobs that report any are read). A job
-spans nodes, so the node variable does not apply here.
-"""
+What `gpufleet jobs` shows (pipeline/queries/jobs.py), as panels. The Jobs table reads the job rollups
+(`job_usage_1h`, `job_throughput_1m`/`_1h`; ragged ends from `gpu_usage_1m`): rows per job and hour, not
+per GPU or sample. Stalled GPU-hours and stragglers come from raw samples with the pipeline's own detectors
+(`pipeline/queries/job_signals.py`, thresholds from config `jobs` defaults); the throughput series from the
+tokens jobs report over OTLP. A job spans nodes, so the node variable does not apply here."""
 
 from __future__ import annotations
 
@@ -21,8 +20,9 @@ from gpufleet.dashboards.builder import (
     sql,
 )
 from gpufleet.dashboards.definitions import links
+from gpufleet.pipeline.queries import rollups
 
-_ROLLUP = f.where("minute", f.JOB_FILTERS)
+_JOB_ROWS = "tenant != '' AND job != ''"
 _RAW = f.where("time", f.JOB_FILTERS)
 
 jobs = Panel(
@@ -40,8 +40,8 @@ jobs = Panel(
                 r.mfu AS mfu,
                 r.measured_coverage AS measured_coverage,
                 ifNull(s.stalled_gpu_hours, 0) AS stalled_gpu_hours,
-                t.tokens_per_s AS tokens_per_s,
-                t.samples_per_s AS samples_per_s,
+                if(t.tokens_reports > 0, t.tokens_weighted / r.span_s, NULL) AS tokens_per_s,
+                if(t.samples_reports > 0, t.samples_weighted / r.span_s, NULL) AS samples_per_s,
                 r.first_seen AS first_seen,
                 r.last_seen AS last_seen
             FROM
@@ -49,16 +49,15 @@ jobs = Panel(
                 SELECT
                     tenant,
                     job,
-                    uniqExact(gpu_uuid) AS gpus,
-                    arrayStringConcat(arraySort(groupUniqArray(toString(node))), ', ') AS nodes,
+                    length(groupUniqArrayArray(gpus)) AS gpus,
+                    arrayStringConcat(arraySort(groupUniqArrayArray(nodes)), ', ') AS nodes,
                     sum(claimed_ms) / {hour} AS gpu_hours,
                     {mfu} AS mfu,
                     {coverage} AS measured_coverage,
+                    (max(last_end_ms) - min(first_start_ms)) / 1000 AS span_s,
                     fromUnixTimestamp64Milli(min(first_start_ms), 'UTC') AS first_seen,
                     fromUnixTimestamp64Milli(max(last_end_ms), 'UTC') AS last_seen
-                FROM gpu_usage_1m
-                WHERE {rollup}
-                    AND tenant != '' AND job != ''
+                FROM {rows}
                 GROUP BY tenant, job
             ) AS r
             LEFT JOIN
@@ -73,25 +72,24 @@ jobs = Panel(
                 SELECT
                     tenant,
                     job,
-                    sum(tokens_measured * claimed_ms / interval_ms) / span_s AS tokens_per_s,
-                    sum(samples_measured * claimed_ms / interval_ms) / span_s AS samples_per_s,
-                    (max(toUnixTimestamp64Milli(time)) - min(toUnixTimestamp64Milli(time) - interval_ms)) / 1000
-                        AS span_s
-                FROM gpu_samples
-                WHERE {raw}
-                    AND tenant != '' AND job != ''
-                    AND (tenant, job) IN (
-                        SELECT DISTINCT tenant, job FROM gpu_samples
-                        WHERE {raw} AND (tokens_measured IS NOT NULL OR samples_measured IS NOT NULL)
-                    )
+                    sum(tokens_weighted) AS tokens_weighted,
+                    sum(tokens_reports) AS tokens_reports,
+                    sum(samples_weighted) AS samples_weighted,
+                    sum(samples_reports) AS samples_reports
+                FROM {throughput}
                 GROUP BY tenant, job
             ) AS t ON t.tenant = r.tenant AND t.job = r.job
             ORDER BY gpu_hours DESC, tenant, job
             LIMIT 200
             SETTINGS join_use_nulls = 1
             """,
-            hour=f.HOUR_MS, mfu=f.MFU, coverage=f.COVERAGE, rollup=_ROLLUP, stalled=f.stalled_samples(),
-            in_range=f.STALLED_IN_RANGE, raw=_RAW,
+            hour=f.HOUR_MS, mfu=f.MFU, coverage=f.COVERAGE, stalled=f.stalled_samples(),
+            in_range=f.STALLED_IN_RANGE,
+            rows=f.level_rows(rollups.JOB, ("tenant", "job", "gpus", "nodes", "claimed_ms", "mfu_ms", "measured_ms",
+                                            *f.MFU_COLUMNS, "first_start_ms", "last_end_ms"),
+                              names=f.JOB_FILTERS, where=_JOB_ROWS),
+            throughput=f.level_rows(rollups.JOB_THROUGHPUT, rollups.JOB_THROUGHPUT.columns, names=f.JOB_FILTERS,
+                                    where=_JOB_ROWS),
         ),
         ("tenant", "job", "gpus", "nodes", "gpu_hours", "mfu", "measured_coverage", "stalled_gpu_hours",
          "tokens_per_s", "samples_per_s", "first_seen", "last_seen"),

@@ -60,12 +60,17 @@ FLEET_FROM_GPUS: Final = Levels("gpu_usage_1m", "gpu_usage_1h", FLEET.columns, h
 """The fleet rollup's columns read from the per-GPU rollups: the same rows for a node (or GPU) filter."""
 JOB: Final = Levels(
     "gpu_usage_1m", "job_usage_1h",
-    ("tenant", "job", "cluster", "model", "gpus", "reported_ms", "claimed_ms", "mfu_ms", "measured_ms", "measured_flop",
-     "estimated_unmeasured_flop", "peak_capacity_flop", "measured_peak_flop", "unmeasured_peak_flop",
+    ("tenant", "job", "cluster", "model", "gpus", "nodes", "reported_ms", "claimed_ms", "mfu_ms", "measured_ms",
+     "measured_flop", "estimated_unmeasured_flop", "peak_capacity_flop", "measured_peak_flop", "unmeasured_peak_flop",
      "first_start_ms", "last_end_ms"),
-    minute_exprs=(("gpus", "[toString(gpu_uuid)]"), *_PEAK_SPLIT),
+    minute_exprs=(("gpus", "[toString(gpu_uuid)]"), ("nodes", "[toString(node)]"), *_PEAK_SPLIT),
 )
 """Per job: whole hours from `job_usage_1h`, the ragged ends from the per-GPU minute rollup."""
+JOB_THROUGHPUT: Final = Levels(
+    "job_throughput_1m", "job_throughput_1h",
+    ("tenant", "job", "cluster", "model", "tokens_weighted", "tokens_reports", "samples_weighted", "samples_reports"),
+)
+"""Per job: the tokens and samples it reported over OTLP (claimed share of each sample; migration 0100)."""
 HEALTH: Final = Levels(
     "gpu_health_1m", "gpu_health_1h",
     ("cluster", "node", "gpu_uuid", "gpu_index", "model", "tenant", "samples", "reported_ms", "failing_ms",

@@ -38,6 +38,8 @@ SHARDED: Final[dict[str, str | None]] = {
     "fleet_usage_1m": None,
     "fleet_usage_1h": None,
     "job_usage_1h": None,
+    "job_throughput_1m": None,  # per job: reported tokens and samples (0100)
+    "job_throughput_1h": None,
     "usage_hour_inputs": None,  # per hour: samples (sum), reporting span (min, max) over every shard (0090)
 }
 """Tables split by node over the shards: table -> the sharding key of its `Distributed` table."""

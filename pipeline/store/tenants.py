@@ -39,6 +39,8 @@ TABLES: Final[tuple[TenantTable, ...]] = (
     TenantTable("fleet_usage_1m", "tenant"),
     TenantTable("fleet_usage_1h", "tenant"),
     TenantTable("job_usage_1h", "tenant"),
+    TenantTable("job_throughput_1m", "tenant"),
+    TenantTable("job_throughput_1h", "tenant"),
     TenantTable("gpu_health_1m", "tenant"),
     TenantTable("gpu_health_1h", "tenant"),
     TenantTable("gpu_health_events", "tenant"),

@@ -16,12 +16,13 @@ from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_vari
 from tests.dashboards import fleet_data as fd
 from tests.dashboards.conftest import Fleet, committed
 
-NEW_ROLLUPS = {"fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "gpu_health_1m", "gpu_health_1h"}
+NEW_ROLLUPS = {"fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "job_throughput_1m", "job_throughput_1h",
+               "gpu_health_1m", "gpu_health_1h"}
 WEEK = 7 * 86_400_000
 RANGES = {"fleet range": (fd.START_MS, fd.END_MS), "a week": (fd.END_MS - WEEK + 3_600_000, fd.END_MS + 3_600_000)}
 
 
-@pytest.mark.parametrize("uid", ["gpufleet-fleet", "gpufleet-tenant", "gpufleet-health"])
+@pytest.mark.parametrize("uid", ["gpufleet-fleet", "gpufleet-tenant", "gpufleet-health", "gpufleet-jobs"])
 @pytest.mark.parametrize("span", sorted(RANGES))
 @pytest.mark.parametrize("kind", ["all", "one node"])
 def test_rollup_panels_equal_their_raw_answers(fleet: Fleet, uid: str, span: str, kind: str) -> None:

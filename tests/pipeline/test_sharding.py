@@ -28,7 +28,9 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
     # projection, gpu_inventory (+ Distributed) and its view
     # 0090 adds 7: usage_hour_inputs (+ Distributed), its view and backfill, usage_hourly_at, and the two
     # global tables of stored usage
-    assert len(ddl) == 125
+    # 0100 adds 11: job_usage_1h's nodes column (+ its Distributed), its view and backfill, job_throughput_1m
+    # and _1h (each + Distributed), their views and backfill
+    assert len(ddl) == 136
 
 
 def test_tables_queries_read_are_distributed_by_node() -> None:
@@ -44,6 +46,7 @@ def test_tables_queries_read_are_distributed_by_node() -> None:
         "gpu_health_1m": NODE, "gpu_health_1h": NODE, "node_latest": NODE, "network_ports": NODE,
         "gpu_inventory": NODE,
         "fleet_usage_1m": None, "fleet_usage_1h": None, "job_usage_1h": None, "usage_hour_inputs": None,
+        "job_throughput_1m": None, "job_throughput_1h": None,
     }
 
 
@@ -86,6 +89,8 @@ def test_every_materialized_view_reads_and_writes_local_tables() -> None:
         "gpu_health_1h_mv": ("gpu_health_1h_local", ["gpu_health_1m_local"]),
         "gpu_inventory_mv": ("gpu_inventory_local", ["gpu_samples_local"]),
         "usage_hour_inputs_mv": ("usage_hour_inputs_local", ["gpu_usage_1h_local"]),
+        "job_throughput_1m_mv": ("job_throughput_1m_local", ["gpu_samples_local"]),
+        "job_throughput_1h_mv": ("job_throughput_1h_local", ["job_throughput_1m_local"]),
     }
 
 
