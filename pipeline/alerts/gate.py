@@ -1,10 +1,12 @@
 """The gate: one cheap query, run before the rules', saying which rules can find nothing this evaluation.
 
 A gated rule's query returns no rows whenever its gate count is 0, so the evaluator skips it: per-GPU
-rules (no GPU meets the rule's candidate condition over `gpu_health_1m`: one scan for all of them, over
-the widest window any reads, which can only add candidates), GpuClaimConflict (no GPU two streams
-reported at once in `gpu_claim_homes`) and JobStalled (no stall-like sample of a job in the fresh-data
-window: the newest sample of each GPU of a stalled job is one). Rules not gated always run.
+rules (no GPU meets the rule's candidate condition over `gpu_health_1m`, checked for all of them in one
+scan of the `gpu_health_1h` hours holding the widest window any reads: their aggregates cover those
+minutes and more, and each condition that holds on some rows holds on more, so this only adds
+candidates), GpuClaimConflict (no GPU two streams reported at once in `gpu_claim_homes`) and JobStalled
+(no stall-like sample of a job in the fresh-data window: each GPU of a stalled job has one, its newest).
+Rules not gated always run; the rules that do run read exactly what they read without the gate.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ _STALL_WINDOW: Final = ("time > fromUnixTimestamp64Milli({fresh_ms:Int64}, 'UTC'
                         "AND time <= fromUnixTimestamp64Milli({now_ms:Int64}, 'UTC')")
 _GPU_FLAGS: Final = """
     SELECT {flags}
-    FROM {{db:Identifier}}.gpu_health_1m
-    WHERE minute >= toDateTime(intDiv({{gate_from_ms:Int64}}, 60000) * 60, 'UTC')
-      AND minute <= toDateTime(intDiv({{gate_now_ms:Int64}}, 1000), 'UTC')
+    FROM {{db:Identifier}}.gpu_health_1h
+    WHERE hour >= toStartOfHour(toDateTime(intDiv({{gate_from_ms:Int64}}, 1000), 'UTC'))
+      AND hour <= toDateTime(intDiv({{gate_now_ms:Int64}}, 1000), 'UTC')
     GROUP BY cluster, node, gpu_index
 """
 
