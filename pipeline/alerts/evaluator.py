@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gpufleet.config import Config
 from gpufleet.liveness import Liveness
+from gpufleet.pipeline.alerts import gate
 from gpufleet.pipeline.alerts import lifecycle as lc
 from gpufleet.pipeline.alerts.alertmanager import AlertmanagerClient, AlertmanagerError, payload
 from gpufleet.pipeline.alerts.lifecycle import AlertRecord
@@ -119,11 +120,15 @@ class Evaluator:
         records = self._records
         before = dict(records)
         names = set()
-        for rule in self.rules.rules:
+        skip = self._quiet_rules(now)
+        for i, rule in enumerate(self.rules.rules):
             names.add(rule.name)
             try:
-                q = build(rule, now)
-                found = candidates(rule, list(self.store.query(q.sql, q.parameters).named_results()), now)
+                rows: list[dict[str, Any]] = []
+                if i not in skip:
+                    q = build(rule, now)
+                    rows = list(self.store.query(q.sql, q.parameters).named_results())
+                found = candidates(rule, rows, now)
             except Exception as exc:
                 report.errors.append(f"rule {rule.name}: query failed, its alerts stay as they were: {exc}")
                 continue
@@ -144,6 +149,20 @@ class Evaluator:
         return self._finish(report)
 
     # --- steps ----------------------------------------------------------------------------------
+
+    def _quiet_rules(self, now: int) -> set[int]:
+        """The rules (positions) whose query would find nothing at `now`, per the gate (alerts/gate.py); none
+        when the gate fails (every rule's query then runs and reports its own failure)."""
+        gated = gate.gate(self.rules.rules, now)
+        if gated is None:
+            return set()
+        q, columns = gated
+        try:
+            (row,) = list(self.store.query(q.sql, q.parameters).named_results())
+        except Exception as exc:
+            log.debug("alert gate failed, running every rule: %s", exc)
+            return set()
+        return gate.quiet(columns, row)
 
     def _apply(self, rule: AnyRule, found: list[Candidate], now: int) -> None:
         records = self._records

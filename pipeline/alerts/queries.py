@@ -181,7 +181,7 @@ _TEMP_LIMIT: Final = "coalesce(temp_slowdown_c - {temp_margin_c:Float64}, {temp_
 """GpuDegraded's temperature limit: the GPU's own slowdown temperature less the margin, `temp_c` where unknown."""
 _FABRIC_REASON: Final = "arrayExists(r -> startsWith(r, 'fabric_'), health_reasons)"
 """A `fabric_*` health reason (pipeline/ingest/health.py decides them)."""
-_HOT_REASON: Final = "hasAny(groupUniqArrayArray(reasons), ['temperature_high', 'temperature_critical'])"
+_HOT_REASON: Final = "max(hasAny(reasons, ['temperature_high', 'temperature_critical'])) = 1"
 """Over `gpu_health_1m` rows: the ingest found the GPU near or past its own limits (`temp_slowdown_c` less
 `health.temp_slowdown_margin_c`), which the rollup's `temp_max_c` cannot tell against the fixed `temp_c`."""
 
@@ -189,7 +189,7 @@ _HOT_REASON: Final = "hasAny(groupUniqArrayArray(reasons), ['temperature_high', 
 def _reason_in_rollup(prefix: str) -> str:
     """Over `gpu_health_1m` rows: a health reason starting with `prefix` in the minutes read (the ingest adds
     `recovery_*` for every recovery action NVML reports and `fabric_*` for every fabric fault)."""
-    return f"arrayExists(r -> startsWith(r, '{prefix}'), groupUniqArrayArray(reasons))"
+    return f"max(arrayExists(r -> startsWith(r, '{prefix}'), reasons)) = 1"
 
 
 def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
@@ -231,10 +231,25 @@ def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return pe
         window=_WINDOW, run=run_columns(_SUSTAINED), cond=shape.cond, having=shape.having, candidate=shape.candidate,
         columns="".join(f", {c}" for c in shape.columns), extra="".join(f",\n       {e}" for e in shape.extra),
     )
-    span = max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
+    span = _gpu_span(rule)
     params = {**sustained_params(rule, now_ms, span), "candidates_from_ms": now_ms - span - MAX_INTERVAL_MS,
               **_gpu_params(rule, now_ms)}
     return Query(sql, params)
+
+
+def _gpu_span(rule: GpuRule) -> int:
+    return max(rule.for_ms, rule.max_age_ms, rule.keep_ms if isinstance(rule, GpuFailing) else 0)
+
+
+def is_per_gpu(rule: AnyRule) -> bool:
+    """Whether `build` gives `rule` the per-GPU query, whose GPUs come from `gpu_health_1m` (`gpu_candidates`)."""
+    return isinstance(rule, GpuRule) and not isinstance(rule, JobRule)
+
+
+def gpu_candidates(rule: GpuRule, now_ms: int) -> tuple[str, dict[str, Any], int]:
+    """A per-GPU rule's candidate condition over one GPU's `gpu_health_1m` rows (its query reads the samples
+    of the GPUs that meet it), the condition's parameters, and the first minute (Unix ms) it reads."""
+    return _gpu_shape(rule).candidate, _gpu_params(rule, now_ms), now_ms - _gpu_span(rule) - MAX_INTERVAL_MS
 
 
 def _job(rule: JobRule, now_ms: int) -> Query:
@@ -341,9 +356,7 @@ def _agent_counter(rule: AgentCounterRising, now_ms: int) -> Query:
 # streams' samples (`gpu_samples`, over its primary key): each stream's span of reported intervals per
 # minute of interval start, compared in every minute both touch. An interval is at most an hour long,
 # so the scan reaches an hour and a minute back.
-_CLAIM_CONFLICT_SQL = """
-WITH
-    homes AS (
+CLAIM_SUSPECTS: Final = """homes AS (
         SELECT gpu_uuid, cluster, node, boot_id, min(first_start_ms) AS lo, max(last_end_ms) AS hi
         FROM {db:Identifier}.gpu_claim_homes
         GROUP BY gpu_uuid, cluster, node, boot_id
@@ -354,7 +367,9 @@ WITH
         FROM homes AS a
         INNER JOIN homes AS b ON a.gpu_uuid = b.gpu_uuid
         WHERE (a.cluster, a.node, a.boot_id) < (b.cluster, b.node, b.boot_id) AND a.lo < b.hi AND b.lo < a.hi
-    ),
+    )"""
+"""The CTEs `homes` (each stream's reported span per GPU) and `suspects` (GPUs two streams reported at once)."""
+_CLAIM_CONFLICT_SQL = "\nWITH\n    " + CLAIM_SUSPECTS + """,
     spans AS (
         SELECT intDiv(toUnixTimestamp64Milli(time) - interval_ms, 60000) AS minute, gpu_uuid, cluster, node, boot_id,
                min(toUnixTimestamp64Milli(time) - interval_ms) AS lo, max(toUnixTimestamp64Milli(time)) AS hi
@@ -385,8 +400,12 @@ ORDER BY gpu_uuid
 
 def _claim_conflict(rule: GpuClaimConflict, now_ms: int) -> Query:
     window = duration_ms(rule.window)
-    return Query(_CLAIM_CONFLICT_SQL, {"from_ms": now_ms - window, "now_ms": now_ms,
-                                       "scan_ms": now_ms - window - 3_660_000})
+    return Query(_CLAIM_CONFLICT_SQL, {"from_ms": now_ms - window, **claim_suspects_params(rule, now_ms)})
+
+
+def claim_suspects_params(rule: GpuClaimConflict, now_ms: int) -> dict[str, Any]:
+    """The parameters `CLAIM_SUSPECTS` names."""
+    return {"now_ms": now_ms, "scan_ms": now_ms - duration_ms(rule.window) - 3_660_000}
 
 
 def iso(ms: int) -> str:

@@ -166,6 +166,12 @@ ORDER BY cluster, tenant, job
 """
 
 
+def stall_like_count(table: str, where: str, terms: StallTerms) -> str:
+    """How many samples (filtered by `where`) of GPUs allocated to a job are stall-like. A job `stalled_jobs`
+    finds has a stall-like newest sample in `(fresh, now]`, so a count of 0 there means it finds none."""
+    return f"SELECT count() FROM {table} WHERE ({where}) AND {JOB_ROWS} AND ifNull({terms.like()}, 0)"
+
+
 _RUN: Final = "PARTITION BY cluster, node, gpu_uuid, tenant, job"
 _ORDERED: Final = f"{_RUN} ORDER BY time ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW"
 

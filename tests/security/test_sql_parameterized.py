@@ -95,6 +95,14 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/ingest/ledger.py", "_KEY"): CONST + " with bound placeholders",
     ("pipeline/queries/integrity.py", "_MINUTE_OF"): CONST,
     ("pipeline/queries/integrity.py", "_RANGE"): CONST + " with bound placeholders",
+    # the alert gate (pipeline/alerts/gate.py): the rules' own constant fragments, their placeholders renamed
+    ("pipeline/alerts/gate.py", "name"): "a column alias g<position of the rule>, built from an int",
+    ("pipeline/alerts/gate.py", "cond"): "queries.gpu_candidates(): a constant candidate condition with bound "
+                                         "placeholders (renamed by _scoped)",
+    ("pipeline/alerts/gate.py", "CLAIM_SUSPECTS"): "queries.CLAIM_SUSPECTS: constant CTEs with bound placeholders",
+    ("pipeline/alerts/gate.py", "sql"): "a gate subquery built here from constants (placeholders renamed by _scoped)",
+    ("pipeline/alerts/gate.py", "', '.join(scalars)"): "the gate's columns, built here from the fragments above",
+    ("pipeline/alerts/gate.py", "source"): "'system.one' or _GPU_FLAGS over the fragments above",
     ("pipeline/alerts/candidate.py", "column"): "a constant column name from the alert query builders",
     ("pipeline/alerts/node_queries.py", "_WINDOW"): CONST + " (candidate.time_window(): bound placeholders)",
     ("pipeline/alerts/node_queries.py", "run_columns(_SUSTAINED)"): "candidate.run_columns() of a constant with "
