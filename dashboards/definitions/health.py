@@ -63,6 +63,9 @@ def _buckets() -> str:
     return f"(SELECT DISTINCT {f.bucket()} AS t FROM {_series()})"
 
 
+THROTTLE_BITS = f.THERMAL_BITS | f.POWER_BRAKE_BITS | f.POWER_CAP_BITS
+"""The clock-event bits the throttling panel counts: a GPU without any of them adds nothing to it."""
+
 HEALTH_MAPPINGS = value_mappings(
     {0: ("ok", "green"), 1: ("degraded", "orange"), 2: ("failing", "red"), 3: ("unknown", "gray")}
 )
@@ -251,8 +254,7 @@ throttling = Panel(
             thermal=f"{f.THERMAL_BITS:#x}", brake=f"{f.POWER_BRAKE_BITS:#x}", cap=f"{f.POWER_CAP_BITS:#x}",
             bucket=f.bucket(), buckets=_buckets(),
             rows=_series("gpu_uuid", "clock_event_bits", where=_picked_gpus(
-                f"bitAnd(groupBitOr(clock_event_bits), {f.THERMAL_BITS | f.POWER_BRAKE_BITS | f.POWER_CAP_BITS:#x}) != 0",
-                "clock_event_bits")),
+                f"bitAnd(groupBitOr(clock_event_bits), {THROTTLE_BITS:#x}) != 0", "clock_event_bits")),
         ),
         ("t", "thermal", "power_brake", "power_cap"),
     ),),
