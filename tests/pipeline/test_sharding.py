@@ -28,7 +28,8 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
     # projection, gpu_inventory (+ Distributed) and its view
     # 0090 adds 7: usage_hour_inputs (+ Distributed), its view and backfill, usage_hourly_at, and the two
     # global tables of stored usage
-    assert len(ddl) == 125
+    # 0102 adds 6: two column ALTERs of the health rollups (each + its Distributed) and their two views
+    assert len(ddl) == 131
 
 
 def test_tables_queries_read_are_distributed_by_node() -> None:
