@@ -166,15 +166,14 @@ state_timeline = Panel(
             ORDER BY t, gpu
             """,
             bucket=f.bucket(),
-            rows=_series("node", "gpu_index", "gpu_uuid", "worst", where=_picked_gpus("max(worst) > 0", "worst")),
+            rows=_series("node", "gpu_index", "gpu_uuid", "worst"),
         ),
         ("t", "gpu", "state"),
     ),),
     description=(
         "The worst state of each GPU per interval, for GPUs that were degraded or failing in the range; a "
-        "point where a GPU's state changes (the timeline holds a state until the next point). Only those GPUs' "
-        "rows are read (picked from the hour level): the cost follows how many GPUs were not ok, which grows "
-        "with the fleet, not the fleet's size."
+        "point where a GPU's state changes (the timeline holds a state until the next point). Its answer grows "
+        "with the number of GPUs that were not ok."
     ),
     w=24,
     h=9,

@@ -1,7 +1,8 @@
 """The health board's fleet panels that read only the GPUs (or nodes) the hour level picks, by hand.
 
-A GPU whose error counter did not change, with no link down, no throttle bit counted or never worse than
-ok adds nothing to those panels and is not read; every interval with any rollup row still has its point.
+A GPU whose error counter did not change, with no link down or no throttle bit counted adds nothing to
+those panels and is not read; every interval with any rollup row still has its point. The not-ok timeline
+reads every GPU; it is checked beside them.
 """
 
 from __future__ import annotations
