@@ -101,6 +101,13 @@ def level_rows(levels: rollups.Levels, columns: tuple[str, ...], hourly: str = "
     return rollups.rows(levels, *RANGE, where=where + filters(names), hourly=hourly, columns=columns)
 
 
+def touched_hours(levels: rollups.Levels, columns: tuple[str, ...],
+                  names: tuple[str, ...] = ("cluster", "node", "tenant", "model"), where: str = "1") -> str:
+    """Hour-level rows of the hours the range touches (a superset of the range), filtered by the variables
+    `names`: where a panel picks the GPUs or nodes whose rows of the range it then reads."""
+    return rollups.touched_hours(levels, *RANGE, where=where + filters(names), columns=columns)
+
+
 MFU_COLUMNS: Final = ("measured_flop", "estimated_unmeasured_flop", "peak_capacity_flop", "measured_peak_flop",
                       "unmeasured_peak_flop")
 """What `MFU`, `MFU_MEASURED` and `MFU_ESTIMATED` read."""

@@ -37,11 +37,34 @@ STATE_NAME = ("transform(ifNull(state, 0), [{codes}], [{names}], 'unknown')"
               .format(codes=", ".join(map(str, IB_STATES)), names=", ".join(f"'{n}'" for n in IB_STATES.values())))
 
 
-def _series(*columns: str) -> str:
+TOP_NODES = 20
+"""How many nodes the per-node panels draw: one line per node is unreadable at thousands of nodes."""
+GPU_KEY = "(cluster, node, gpu_uuid)"
+"""A GPU's identity in the health rollup: the prefix of its `by_gpu` projection, so picked GPUs are read by key."""
+
+
+def _series(*columns: str, where: str = "1") -> str:
     """The health rollup's rows of the range for a time series: whole hours from the hour level when the
     buckets are whole hours."""
-    return f.level_rows(rollups.HEALTH, columns, f.HOURLY_BUCKETS)
+    return f.level_rows(rollups.HEALTH, columns, f.HOURLY_BUCKETS, where=where)
 
+
+def _picked_gpus(having: str, *columns: str) -> str:
+    """`GPU_KEY IN (...)`: the GPUs whose hour rows in the hours the range touches meet `having` (an aggregate
+    condition over `columns`). A superset of the GPUs that meet it within the range, read at one row per GPU
+    and hour; the caller reads the range's rows of those GPUs only."""
+    rows = f.touched_hours(rollups.HEALTH, ("cluster", "node", "gpu_uuid", *columns))
+    return f"{GPU_KEY} IN (SELECT cluster, node, gpu_uuid FROM {rows} GROUP BY cluster, node, gpu_uuid HAVING {having})"
+
+
+def _buckets() -> str:
+    """The time series buckets holding any health rollup row of the range (the variables applied): the
+    intervals a fleet-wide series has a point for, read from the time column alone."""
+    return f"(SELECT DISTINCT {f.bucket()} AS t FROM {_series()})"
+
+
+THROTTLE_BITS = f.THERMAL_BITS | f.POWER_BRAKE_BITS | f.POWER_CAP_BITS
+"""The clock-event bits the throttling panel counts: a GPU without any of them adds nothing to it."""
 
 HEALTH_MAPPINGS = value_mappings(
     {0: ("ok", "green"), 1: ("degraded", "orange"), 2: ("failing", "red"), 3: ("unknown", "gray")}
@@ -49,20 +72,25 @@ HEALTH_MAPPINGS = value_mappings(
 """Health Enum8 values (pipeline.health.State) -> text and colour."""
 
 
-def _counter_increase(counters: dict[str, str], gauges: dict[str, tuple[str, str]] | None = None) -> str:
+def _counter_increase(counters: dict[str, tuple[str, str]], gauges: dict[str, str] | None = None) -> str:
     """Per-interval increase of per-GPU cumulative counters, summed over GPUs (a reset counts as 0).
 
-    `counters` maps an output name to a health rollup column holding a counter's maximum: each GPU's
-    counter is taken at its maximum in each interval and compared with the GPU's previous interval
-    in the range (its first interval counts 0). `gauges` maps an output name to (a rollup column,
-    taken at its maximum per GPU and interval; the aggregate over GPUs with `{}` for that maximum).
-    Each GPU's intervals are one sorted array (a pass per GPU, no window sort over the fleet).
+    `counters` maps an output name to the health rollup columns holding a counter's (maximum, minimum):
+    each GPU's counter is taken at its maximum in each interval and compared with the GPU's previous
+    interval in the range (its first interval counts 0). `gauges` maps an output name to a rollup column,
+    taken at its maximum per GPU and interval and summed over GPUs. Each GPU's intervals are one sorted
+    array (a pass per GPU, no window sort over the fleet).
+
+    Only GPUs whose counter changed (maximum above minimum), or whose gauge was above 0, in the hours the
+    range touches can add anything: their minute rows are read, every other GPU adds 0 (`_picked_gpus`).
+    Every interval with any rollup row has its point (0 when no picked GPU adds to it), as when every
+    GPU was read.
     """
     gauges = gauges or {}
     names = [*counters, *gauges]
     inner = ",\n".join(
-        [f"toInt64(max({column})) AS {name}" for name, column in counters.items()]
-        + [f"max({column}) AS {name}" for name, (column, _) in gauges.items()]
+        [f"toInt64(max({high})) AS {name}" for name, (high, _) in counters.items()]
+        + [f"max({column}) AS {name}" for name, column in gauges.items()]
     )
     points = f"arraySort(groupArray((t, {', '.join(names)}))) AS pts"
     joined = ",\n".join(
@@ -71,36 +99,43 @@ def _counter_increase(counters: dict[str, str], gauges: dict[str, tuple[str, str
            for k, name in enumerate(counters, start=2)]
         + [f"arrayMap(p -> p.{k}, pts) AS g_{name}" for k, name in enumerate(gauges, start=2 + len(counters))]
     )
-    outer = ",\n".join(
-        [f"sum(d_{name}) AS {name}" for name in counters]
-        + [f"{over_gpus.format(f'g_{name}')} AS {name}" for name, (_, over_gpus) in gauges.items()]
-    )
+    outer = ",\n".join([f"sum(d_{name}) AS {name}" for name in counters]
+                       + [f"sum(g_{name}) AS {name}" for name in gauges])
+    having = " OR ".join([f"max({high}) > min({low})" for high, low in counters.values()]
+                         + [f"max({column}) > 0" for column in gauges.values()])
+    picked = _picked_gpus(having, *(c for pair in counters.values() for c in pair), *gauges.values())
     return sql(
         """
-        SELECT
-            t,
-            {outer}
-        FROM
+        SELECT t, {names}
+        FROM {buckets} AS buckets
+        LEFT JOIN
         (
-            SELECT gpu_uuid, {points}
+            SELECT
+                t,
+                {outer}
             FROM
             (
-                SELECT
-                    {bucket} AS t,
-                    gpu_uuid,
-                    {inner}
-                FROM {rows}
-                GROUP BY t, gpu_uuid
+                SELECT gpu_uuid, {points}
+                FROM
+                (
+                    SELECT
+                        {bucket} AS t,
+                        gpu_uuid,
+                        {inner}
+                    FROM {rows}
+                    GROUP BY t, gpu_uuid
+                )
+                GROUP BY gpu_uuid
             )
-            GROUP BY gpu_uuid
-        )
-        ARRAY JOIN
-            {joined}
-        GROUP BY t
+            ARRAY JOIN
+                {joined}
+            GROUP BY t
+        ) AS changed USING (t)
         ORDER BY t
         """,
-        outer=outer, points=points, inner=inner, joined=joined, bucket=f.bucket(),
-        rows=_series("gpu_uuid", *counters.values(), *(column for column, _ in gauges.values())),
+        names=", ".join(names), buckets=_buckets(), outer=outer, points=points, inner=inner, joined=joined,
+        bucket=f.bucket(),
+        rows=_series("gpu_uuid", *(high for high, _ in counters.values()), *gauges.values(), where=picked),
     )
 
 
@@ -130,13 +165,15 @@ state_timeline = Panel(
             ARRAY JOIN arrayFilter((x, i) -> i = 1 OR x.2 != pts[i - 1].2, pts, arrayEnumerate(pts)) AS p
             ORDER BY t, gpu
             """,
-            bucket=f.bucket(), rows=_series("node", "gpu_index", "gpu_uuid", "worst"),
+            bucket=f.bucket(),
+            rows=_series("node", "gpu_index", "gpu_uuid", "worst"),
         ),
         ("t", "gpu", "state"),
     ),),
     description=(
         "The worst state of each GPU per interval, for GPUs that were degraded or failing in the range; a "
-        "point where a GPU's state changes (the timeline holds a state until the next point)."
+        "point where a GPU's state changes (the timeline holds a state until the next point). Its answer grows "
+        "with the number of GPUs that were not ok."
     ),
     w=24,
     h=9,
@@ -175,12 +212,13 @@ ecc = Panel(
     "ECC errors",
     "timeseries",
     (Query(
-        _counter_increase({"ecc_corrected": "ecc_corrected_max", "ecc_uncorrected": "ecc_uncorrected_max"}),
+        _counter_increase({"ecc_corrected": ("ecc_corrected_max", "ecc_corrected_min"),
+                           "ecc_uncorrected": ("ecc_uncorrected_max", "ecc_uncorrected_min")}),
         ("t", "ecc_corrected", "ecc_uncorrected"),
     ),),
     description=(
         "New volatile ECC errors per interval: single-bit (corrected) and double-bit (uncorrected, "
-        "which makes a GPU failing)."
+        "which makes a GPU failing). Only GPUs whose counters changed in the hours the range touches are read."
     ),
     w=12,
     min_interval=f.MINUTE,
@@ -198,23 +236,31 @@ throttling = Panel(
     (Query(
         sql(
             """
-            SELECT
-                {bucket} AS t,
-                uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {thermal}) != 0) AS thermal,
-                uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {brake}) != 0) AS power_brake,
-                uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {cap}) != 0) AS power_cap
-            FROM {rows}
-            GROUP BY t
+            SELECT t, thermal, power_brake, power_cap
+            FROM {buckets} AS buckets
+            LEFT JOIN
+            (
+                SELECT
+                    {bucket} AS t,
+                    uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {thermal}) != 0) AS thermal,
+                    uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {brake}) != 0) AS power_brake,
+                    uniqExactIf(gpu_uuid, bitAnd(clock_event_bits, {cap}) != 0) AS power_cap
+                FROM {rows}
+                GROUP BY t
+            ) AS throttled USING (t)
             ORDER BY t
             """,
             thermal=f"{f.THERMAL_BITS:#x}", brake=f"{f.POWER_BRAKE_BITS:#x}", cap=f"{f.POWER_CAP_BITS:#x}",
-            bucket=f.bucket(), rows=_series("gpu_uuid", "clock_event_bits"),
+            bucket=f.bucket(), buckets=_buckets(),
+            rows=_series("gpu_uuid", "clock_event_bits", where=_picked_gpus(
+                f"bitAnd(groupBitOr(clock_event_bits), {THROTTLE_BITS:#x}) != 0", "clock_event_bits")),
         ),
         ("t", "thermal", "power_brake", "power_cap"),
     ),),
     description=(
         "GPUs whose clocks NVML reported lowered in the interval, by reason: thermal slowdown and HW slowdown "
-        "or power brake degrade a GPU; the SW power cap is normal under load."
+        "or power brake degrade a GPU; the SW power cap is normal under load. Only the rows of GPUs with any of "
+        "these bits in the hours the range touches are read (picked from the hour level)."
     ),
     w=12,
     min_interval=f.MINUTE,
@@ -225,8 +271,9 @@ throttling = Panel(
     ),
 )
 
+_HOTTEST_HOURS = f.touched_hours(rollups.HEALTH, ("node", "temp_max_c"))
 temperature = Panel(
-    "Hottest GPU per node",
+    f"Hottest GPU of the {TOP_NODES} hottest nodes",
     "timeseries",
     (Query(
         sql(
@@ -236,11 +283,15 @@ temperature = Panel(
             GROUP BY t, node
             ORDER BY t, node
             """,
-            bucket=f.bucket(), rows=_series("node", "temp_max_c"),
+            bucket=f.bucket(),
+            rows=_series("node", "temp_max_c", where=f"node IN (SELECT node FROM {_HOTTEST_HOURS} GROUP BY node "
+                                                     f"ORDER BY max(temp_max_c) DESC, node LIMIT {TOP_NODES})"),
         ),
         ("t", "node", "max_temp_c"),
     ),),
     description=(
+        f"The hottest GPU's temperature per interval of the {TOP_NODES} nodes whose GPUs ran hottest in the hours "
+        "the range touches (one line per node would be unreadable across a fleet); a picked node shows its own. "
         f"Lines: {f.HEALTH.temp_degraded_c:g} °C degrades a GPU, {f.HEALTH.temp_failing_c:g} °C makes it failing."
     ),
     w=12,
@@ -259,14 +310,16 @@ links_errors = Panel(
     "timeseries",
     (Query(
         _counter_increase(
-            {"nvlink_errors": "nvlink_errors_max", "pcie_replays": "pcie_replay_max"},
-            {"nvlink_links_down": ("nvlink_down_max", "sum({})")},
+            {"nvlink_errors": ("nvlink_errors_max", "nvlink_errors_min"),
+             "pcie_replays": ("pcie_replay_max", "pcie_replay_min")},
+            {"nvlink_links_down": "nvlink_down_max"},
         ),
         ("t", "nvlink_errors", "pcie_replays", "nvlink_links_down"),
     ),),
     description=(
         "New NVLink CRC/replay/recovery errors and PCIe replays per interval (growth degrades a GPU), "
-        "and NVLinks down (a down link makes it failing)."
+        "and NVLinks down (a down link makes it failing). Only GPUs whose counters changed, or with a link down, "
+        "in the hours the range touches are read."
     ),
     w=12,
     min_interval=f.MINUTE,

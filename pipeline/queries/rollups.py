@@ -77,7 +77,7 @@ HEALTH: Final = Levels(
      "degraded_ms", "worst", "last", "xid_events", "reasons", "temp_max_c", "ecc_corrected_max", "ecc_uncorrected_max",
      "retired_pages_max", "pcie_replay_min", "pcie_replay_max", "nvlink_errors_max", "nvlink_down_max",
      "clock_event_bits", "ecc_corrected_min", "nvlink_rr_min", "nvlink_rr_max", "remap_pending_max", "idle_util_min",
-     "held_no_process", "unallocated_processes_max", "unallocated_mem_max"),
+     "held_no_process", "unallocated_processes_max", "unallocated_mem_max", "ecc_uncorrected_min", "nvlink_errors_min"),
 )
 """Per GPU and tenant: health time, XIDs, reasons, temperatures, error counters, clock-event bits."""
 
@@ -106,7 +106,7 @@ def _select(levels: Levels, level: str, columns: Sequence[str] | None) -> str:
     if unknown:
         raise ValueError(f"{levels.minute_table}/{levels.hour_table} have no column {sorted(unknown)}")
     cols = [f"{exprs[c]} AS {c}" if c in exprs else c for c in wanted]
-    return f"SELECT {time_col} AS at, {', '.join(cols)}"
+    return f"SELECT {', '.join([f'{time_col} AS at', *cols])}"
 
 
 def rows(levels: Levels, start: str, end: str, *, where: str = "1", hourly: str = "1", prefix: str = "",
@@ -126,6 +126,15 @@ def rows(levels: Levels, start: str, end: str, *, where: str = "1", hourly: str 
                    f"WHERE {minute} >= {start} AND {minute} < {end} "
                    f"AND (NOT ({hourly}) OR {minute} < {h0} OR {minute} >= {h1}) AND ({where})")
     return f"({hour_rows}\n UNION ALL\n {minute_rows})"
+
+
+def touched_hours(levels: Levels, start: str, end: str, *, where: str = "1", prefix: str = "",
+                  columns: Sequence[str] | None = None) -> str:
+    """The hour-level rows of every hour `[start, end)` touches, ragged ends included: a superset of the
+    range read at one row per key and hour, for picking the keys (GPUs, nodes) whose rows of the range
+    are then read by key. Same shape as `rows`."""
+    return (f"({_select(levels, 'hour', columns)} FROM {prefix}{levels.hour_table} "
+            f"WHERE {levels.hour_column} >= toStartOfHour({start}) AND {levels.hour_column} < {end} AND ({where}))")
 
 
 def all_rows(levels: Levels, *, where: str = "1", prefix: str = "", columns: Sequence[str] | None = None) -> str:
