@@ -60,7 +60,7 @@ def _picked_gpus(having: str, *columns: str) -> str:
 def _buckets() -> str:
     """The time series buckets holding any health rollup row of the range (the variables applied): the
     intervals a fleet-wide series has a point for, read from the time column alone."""
-    return f"(SELECT DISTINCT {f.bucket()} AS t FROM {_series()})"
+    return f"(SELECT {f.bucket()} AS t FROM {_series()} GROUP BY t)"
 
 
 THROTTLE_BITS = f.THERMAL_BITS | f.POWER_BRAKE_BITS | f.POWER_CAP_BITS

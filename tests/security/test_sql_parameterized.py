@@ -133,7 +133,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/mfu.py", "source"): "rollup rows built here from constants and queries.rollups (bound window)",
     ("pipeline/queries/rollups.py", "c"): COLUMNS + " (Levels.columns)",
     ("pipeline/queries/rollups.py", "exprs[c]"): "a constant expression of the module's Levels tables",
-    ("pipeline/queries/rollups.py", "', '.join(cols)"): COLUMNS + " (Levels.columns)",
+    ("pipeline/queries/rollups.py", "', '.join([f'{time_col} AS at', *cols])"): COLUMNS + " (Levels.columns)",
     ("pipeline/queries/rollups.py", "time_col"): "a constant time column of the module's Levels tables",
     ("pipeline/queries/rollups.py", "_select(levels, 'hour', columns)"): CONST,
     ("pipeline/queries/rollups.py", "_select(levels, 'minute', columns)"): CONST,
