@@ -62,6 +62,15 @@ def increase(column: str) -> str:
     return f"arraySum(arrayMap((d, v) -> if(d >= 0, d, v), arrayDifference({values}), {values}))"
 
 
+def rose(column: str) -> str:
+    """Whether `increase(column)` is above 0, from plain aggregates (no per-series array to sort). Its terms
+    are never negative, so it is 0 exactly when the readings in time order never rise and only drop to 0:
+    one value throughout, or a value then 0 (design notes: pipeline/queries/formulas.py)."""
+    flat = (f"min({column}) = max({column}) OR (min({column}) = 0 AND uniqExact({column}) = 2 "
+            f"AND maxIf(time, {column} != 0) < minIf(time, {column} = 0))")
+    return f"NOT ifNull({flat}, 1)"
+
+
 def _default_power_limit(model: str) -> str:
     branches = ", ".join(f"positionCaseInsensitive({model}, '{pattern}') > 0, {limit.watts:.1f}"
                          for limit in POWER_LIMIT_TABLE.values() for pattern in limit.patterns)

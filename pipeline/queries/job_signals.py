@@ -247,7 +247,7 @@ def stragglers(table: str, span: Span, terms: StragglerTerms) -> str:
     below = terms.below_ratio
     thermal = f"bitAnd(bits, bitAnd({THROTTLE_THERMAL_MASK}, {terms.throttle_mask})) != 0"
     power = f"bitAnd(bits, bitAnd({POWER_BITS}, {terms.throttle_mask})) != 0"
-    links = f"{formulas.increase('pcie_replay_count')} + {formulas.increase('nvlink_errors')}"
+    links = f"{formulas.rose('pcie_replay_count')} OR {formulas.rose('nvlink_errors')}"
     return f"""
 SELECT cluster, tenant, job, node, gpu_uuid, gpu_index,
        any(job_gpus) AS job_gpus,
@@ -260,7 +260,7 @@ SELECT cluster, tenant, job, node, gpu_uuid, gpu_index,
        avg(tensor) AS tensor, any(med_tensor) AS job_tensor,
        multiIf(countIf({thermal}) * 2 >= count(), 'thermal_throttle',
                countIf({power}) * 2 >= count(), 'power_throttle',
-               {links} > 0, 'pcie_nvlink_errors',
+               {links}, 'pcie_nvlink_errors',
                countIf(slow_clock = 1 AND bits = 0) * 2 >= count(), 'clock',
                'below_median') AS cause
 FROM (

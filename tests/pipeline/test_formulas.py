@@ -96,3 +96,22 @@ def test_ratio_is_null_without_a_positive_denominator(ch_store, achieved: float,
                                                       want: float | None) -> None:
     sql = f"SELECT {formulas.ratio('{a:Float64}', '{p:Float64}')}"
     assert ch_store.rows(sql, {"a": achieved, "p": peak}) == [(want,)]
+
+
+# Per series: readings in time order (None: no reading), the increase counted by hand (a drop counts the
+# new value) and so whether it rose. The rows go in reversed, so that the order read is not time order.
+_COUNTER_SERIES = [
+    ([5, 5, 5], 0), ([5, 5, 0, 0], 0), ([5, 0, 3], 3), ([5, 2], 2), ([1, 2], 1), ([None, None], 0),
+    ([None, 4, None, 4], 0), ([7], 0), ([0, 0, 5], 5), ([3, None, 0, None, 0], 0), ([0, 3, 3], 3),
+    ([2, 0, 2, 0], 2),
+]
+
+
+def test_rose_is_increase_above_zero(ch_client) -> None:
+    rows = ", ".join(f"({g}, {t}, {'NULL' if v is None else v})"
+                     for g, (values, _) in enumerate(_COUNTER_SERIES) for t, v in reversed(list(enumerate(values))))
+    sql = (f"SELECT g, {formulas.increase('v')} AS inc, {formulas.rose('v')} AS rose FROM ("
+           "SELECT g, toDateTime64(t, 3, 'UTC') AS time, v "
+           f"FROM values('g UInt8, t UInt32, v Nullable(UInt64)', {rows})) GROUP BY g ORDER BY g")
+    got = [(int(inc), bool(r)) for _, inc, r in ch_client.query(sql).result_rows]
+    assert got == [(inc, inc > 0) for _, inc in _COUNTER_SERIES]

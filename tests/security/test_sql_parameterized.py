@@ -193,6 +193,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/alerts/queries.py", "formulas.increase('pcie_replay_count')"): FORMULA,
     ("pipeline/alerts/queries.py", "formulas.increase(nvlink)"): FORMULA,
     # job-level detectors (pipeline/queries/job_signals.py builds from fragments its callers pass)
+    ("pipeline/queries/formulas.py", "column"): "a constant counter column name its callers pass (rose)",
+    ("pipeline/queries/job_signals.py", "formulas.rose('pcie_replay_count')"): FORMULA,
+    ("pipeline/queries/job_signals.py", "formulas.rose('nvlink_errors')"): FORMULA,
     ("pipeline/queries/formulas.py", "POWER_LIMIT_W"): CONST,
     ("pipeline/queries/formulas.py", "flops_below_ratio"): FRAGMENT_ARG,
     ("pipeline/queries/formulas.py", "power_below_ratio"): FRAGMENT_ARG,
