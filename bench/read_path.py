@@ -97,6 +97,7 @@ def history(admin: Any, dsn: str, gpus: int, days: float, interval_ms: int, end_
     from bench import history as gen_history
     from gpufleet.config import BillingConfig
     from gpufleet.pipeline.queries.policy import sync_policy
+    from gpufleet.pipeline.queries.usage import refresh
     from gpufleet.pipeline.store import Store
     from gpufleet.pipeline.store.client import Target, connect
     from gpufleet.pipeline.store.migrate import SchemaOptions, migrate
@@ -111,6 +112,7 @@ def history(admin: Any, dsn: str, gpus: int, days: float, interval_ms: int, end_
         if gen["rows"] != expected:  # e.g. a TTL that expires the fixed historical dates
             raise RuntimeError(f"history holds {gen['rows']} samples, expected {expected}")
         sync_policy(Store(admin, db), BillingConfig(), gen["start_ms"])
+        refresh(Store(admin, db))  # the stored usage the ingester keeps current after each batch
         gen["merges"] = settle(admin, db)
         client = connect(Target(dsn, db))
         client.database = db
@@ -119,16 +121,28 @@ def history(admin: Any, dsn: str, gpus: int, days: float, interval_ms: int, end_
         admin.command(f"DROP DATABASE IF EXISTS {db} SYNC")
 
 
-def settle(admin: Any, db: str, timeout_s: float = 300.0) -> dict[str, Any]:
+def settle(admin: Any, db: str, timeout_s: float = 300.0, quiet_s: float = 5.0) -> dict[str, Any]:
     """Wait (bounded) until the background merges of the fresh inserts have finished, so that queries are
-    timed on the parts a steady-state store has, not against merges competing for the same cores."""
+    timed on the parts a steady-state store has, not against merges competing for the same cores.
+
+    Quiet means no merge running in `db` and its set of active parts unchanged for `quiet_s`: the merge
+    selector starts the next merge a moment after one ends (and after an insert), so one poll seeing none
+    running is not the end of them (measured: merges of the rollups landing seconds after such a poll)."""
     started = time.perf_counter()
+    state_sql = ("SELECT (SELECT count() FROM system.merges WHERE database = {db:String}), "
+                 "(SELECT (count(), sum(cityHash64(table, name))) FROM system.parts "
+                 " WHERE database = {db:String} AND active)")
+    last: Any = None
+    quiet_since = started
     running = 1
-    while running and time.perf_counter() - started < timeout_s:
-        running = admin.query("SELECT count() FROM system.merges WHERE database = {db:String}",
-                              parameters={"db": db}).result_rows[0][0]
-        if running:
-            time.sleep(1.0)
+    while time.perf_counter() - started < timeout_s:
+        running, parts = admin.query(state_sql, parameters={"db": db}).result_rows[0]
+        now = time.perf_counter()
+        if running or parts != last:
+            last, quiet_since = parts, now
+        elif now - quiet_since >= quiet_s:
+            break
+        time.sleep(0.5)
     parts = admin.query("SELECT count() FROM system.parts WHERE database = {db:String} AND table = 'gpu_samples' "
                         "AND active", parameters={"db": db}).result_rows[0][0]
     return {"waited_s": round(time.perf_counter() - started, 1), "still_running": int(running),
