@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from gpufleet.pipeline.alerts.candidate import Query
+from gpufleet.pipeline.alerts.candidate import Query, time_window
 from gpufleet.pipeline.alerts.queries import (
     CLAIM_SUSPECTS,
     claim_suspects_params,
@@ -26,8 +26,6 @@ from gpufleet.pipeline.alerts.rules import AnyRule, GpuClaimConflict, GpuRule, J
 from gpufleet.pipeline.queries import job_signals
 
 _PLACEHOLDER: Final = re.compile(r"\{(\w+):")
-_STALL_WINDOW: Final = ("time > fromUnixTimestamp64Milli({fresh_ms:Int64}, 'UTC') "
-                        "AND time <= fromUnixTimestamp64Milli({now_ms:Int64}, 'UTC')")
 _GPU_FLAGS: Final = """
     SELECT {flags}
     FROM {{db:Identifier}}.gpu_health_1h
@@ -65,8 +63,8 @@ def gate(rules: Sequence[AnyRule], now_ms: int) -> tuple[Query, dict[str, int]] 
                                   claim_suspects_params(rule, now_ms), f"{name}_")
             scalars.append(f"({sql}) AS {name}")
         elif isinstance(rule, JobStalled):
-            sql = job_signals.stall_like_count("{db:Identifier}.gpu_samples", _STALL_WINDOW, job_signals.STALL_BOUND)
-            sql, scoped = _scoped(sql, {"fresh_ms": now_ms - rule.max_age_ms, "now_ms": now_ms,
+            sql = job_signals.stall_like_count("{db:Identifier}.gpu_samples", time_window(), job_signals.STALL_BOUND)
+            sql, scoped = _scoped(sql, {"from_ms": now_ms - rule.max_age_ms, "now_ms": now_ms,
                                         **job_signals.stall_params(rule)}, f"{name}_")
             scalars.append(f"({sql}) AS {name}")
         else:

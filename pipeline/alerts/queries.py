@@ -25,6 +25,7 @@ from gpufleet.pipeline.alerts.candidate import (
     run_columns,
     run_since,
     sustained_params,
+    time_window,
 )
 from gpufleet.pipeline.alerts.rules import (
     AgentCounterRising,
@@ -63,7 +64,7 @@ def _ms(name: str) -> str:
     return f"fromUnixTimestamp64Milli({{{name}:Int64}}, 'UTC')"
 
 
-_WINDOW = f"time > {_ms('from_ms')} AND time <= {_ms('now_ms')}"
+_WINDOW: Final = time_window()
 
 # The per-GPU query: the window's samples with the rule's condition `c`, one row per GPU whose
 # newest sample is fresh and satisfies it (or, for GpuDegraded, whose counters rose).

@@ -79,8 +79,6 @@ ALLOWED: dict[tuple[str, str], str] = {
         "claims.not_outranked() over queries.window's filter: constant SQL with bound parameters",
     # fragments and column lists
     ("pipeline/alerts/queries.py", "column=rule.COLUMN"): "an agent_reports column fixed by the rule kind",
-    ("pipeline/alerts/queries.py", "_ms('from_ms')"): "a bound parameter placeholder {from_ms:Int64}",
-    ("pipeline/alerts/queries.py", "_ms('now_ms')"): "a bound parameter placeholder {now_ms:Int64}",
     ("pipeline/alerts/queries.py", "nvlink"): CONST,
     ("pipeline/alerts/queries.py", "_SAME_TENANT"): CONST,
     ("pipeline/alerts/queries.py", "window=_WINDOW"): CONST,
