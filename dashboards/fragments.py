@@ -108,6 +108,19 @@ def touched_hours(levels: rollups.Levels, columns: tuple[str, ...],
     return rollups.touched_hours(levels, *RANGE, where=where + filters(names), columns=columns)
 
 
+TOP_NODES: Final = 20
+"""How many nodes a per-node panel draws: one line (or row) per node is unreadable at thousands of nodes."""
+
+
+def top_nodes(levels: rollups.Levels, columns: tuple[str, ...], order: str, having: str | None = None) -> str:
+    """`node IN (...)`: the `TOP_NODES` nodes first by `order` (an aggregate over `columns`, ties by node name;
+    only those meeting `having`, when given) over the hour-level rows of the hours the range touches, for a
+    per-node panel that then reads only their rows of the range."""
+    hours = touched_hours(levels, ("node", *columns))
+    cond = f" HAVING {having}" if having else ""
+    return f"node IN (SELECT node FROM {hours} GROUP BY node{cond} ORDER BY {order}, node LIMIT {TOP_NODES})"
+
+
 MFU_COLUMNS: Final = ("measured_flop", "estimated_unmeasured_flop", "peak_capacity_flop", "measured_peak_flop",
                       "unmeasured_peak_flop")
 """What `MFU`, `MFU_MEASURED` and `MFU_ESTIMATED` read."""

@@ -241,12 +241,8 @@ waterfall = Panel(
     ),
 )
 
-UTIL_NODES = 20
-"""How many nodes the utilization heatmap draws: a row per node is unreadable at thousands of nodes."""
-
-_UTIL_HOURS = f.touched_hours(rollups.GPU_USAGE, ("node", "util_ms", "util_weighted_ms"))
 util_heatmap = Panel(
-    f"GPU utilization of the {UTIL_NODES} least-utilized nodes",
+    f"GPU utilization of the {f.TOP_NODES} least-utilized nodes",
     "heatmap",
     (Query(
         sql(
@@ -259,13 +255,13 @@ util_heatmap = Panel(
             bucket=f.bucket(),
             rows=f.level_rows(
                 rollups.GPU_USAGE, ("node", "util_ms", "util_weighted_ms"), f.HOURLY_BUCKETS,
-                where=f"node IN (SELECT node FROM {_UTIL_HOURS} GROUP BY node HAVING sum(util_ms) > 0 "
-                      f"ORDER BY sum(util_weighted_ms) / sum(util_ms), node LIMIT {UTIL_NODES})"),
+                where=f.top_nodes(rollups.GPU_USAGE, ("util_ms", "util_weighted_ms"),
+                                  order="sum(util_weighted_ms) / sum(util_ms)", having="sum(util_ms) > 0")),
         ),
         ("t", "node", "util"),
     ),),
     description=(
-        f"Time-weighted mean GPU utilization per interval of the {UTIL_NODES} nodes whose GPUs were least "
+        f"Time-weighted mean GPU utilization per interval of the {f.TOP_NODES} nodes whose GPUs were least "
         "utilized in the hours the range touches (idle capacity to reclaim; a row per node would be unreadable "
         "across a fleet); a picked node shows its own. From the per-GPU rollups: the ranking from the hour "
         "level, then only those nodes' rows."

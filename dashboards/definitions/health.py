@@ -37,8 +37,6 @@ STATE_NAME = ("transform(ifNull(state, 0), [{codes}], [{names}], 'unknown')"
               .format(codes=", ".join(map(str, IB_STATES)), names=", ".join(f"'{n}'" for n in IB_STATES.values())))
 
 
-TOP_NODES = 20
-"""How many nodes the per-node panels draw: one line per node is unreadable at thousands of nodes."""
 GPU_KEY = "(cluster, node, gpu_uuid)"
 """A GPU's identity in the health rollup: the prefix of its `by_gpu` projection, so picked GPUs are read by key."""
 
@@ -271,9 +269,8 @@ throttling = Panel(
     ),
 )
 
-_HOTTEST_HOURS = f.touched_hours(rollups.HEALTH, ("node", "temp_max_c"))
 temperature = Panel(
-    f"Hottest GPU of the {TOP_NODES} hottest nodes",
+    f"Hottest GPU of the {f.TOP_NODES} hottest nodes",
     "timeseries",
     (Query(
         sql(
@@ -284,13 +281,13 @@ temperature = Panel(
             ORDER BY t, node
             """,
             bucket=f.bucket(),
-            rows=_series("node", "temp_max_c", where=f"node IN (SELECT node FROM {_HOTTEST_HOURS} GROUP BY node "
-                                                     f"ORDER BY max(temp_max_c) DESC, node LIMIT {TOP_NODES})"),
+            rows=_series("node", "temp_max_c",
+                         where=f.top_nodes(rollups.HEALTH, ("temp_max_c",), order="max(temp_max_c) DESC")),
         ),
         ("t", "node", "max_temp_c"),
     ),),
     description=(
-        f"The hottest GPU's temperature per interval of the {TOP_NODES} nodes whose GPUs ran hottest in the hours "
+        f"The hottest GPU's temperature per interval of the {f.TOP_NODES} nodes whose GPUs ran hottest in the hours "
         "the range touches (one line per node would be unreadable across a fleet); a picked node shows its own. "
         f"Lines: {f.HEALTH.temp_degraded_c:g} °C degrades a GPU, {f.HEALTH.temp_failing_c:g} °C makes it failing."
     ),
