@@ -178,3 +178,14 @@ def test_usage_rows_read_hours_as_iso_text_and_non_finite_figures_as_none(ch_sto
         "avg_utilization": None, "mfu": None, "mfu_source": "measured", "measured_coverage": 0.25,
         "unknown_model_gpu_seconds": 0.0,
     }]
+
+
+def test_the_floats_usage_rows_reads_as_null_when_not_finite_are_the_stored_tables_float_columns(ch_store) -> None:
+    # usage._FLOATS restates migration 0090's Float64 columns: a float column added there and not here would
+    # reach callers as nan/inf instead of None
+    from gpufleet.pipeline.queries import usage
+
+    floats = {name for name, kind in ch_store.rows(
+        "SELECT name, type FROM system.columns WHERE database = {database:String} AND table = 'usage_hourly_stored'",
+        {"database": ch_store.database}) if "Float" in kind and name in USAGE_COLUMNS}
+    assert floats == usage._FLOATS
