@@ -14,6 +14,7 @@ from bench import model, report
     ("run", "main"), ("ingest", "run"), ("agent", "run"), ("storage", "run"), ("queries", "run"),
     ("history", "generate"), ("freshness", "run"), ("scaling", "run"), ("read_path", "run"), ("peer", "compare"),
     ("victoria", "load"), ("answers", "compare_usage"), ("panels", "expanded"), ("plot", "growth_png"),
+    ("views", "main"),
 ])
 def test_every_item_imports(name: str, entry: str) -> None:
     assert callable(getattr(importlib.import_module(f"bench.{name}"), entry))
