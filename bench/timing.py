@@ -21,10 +21,12 @@ from bench.common import percentile
 T = TypeVar("T")
 
 
-WARM_UPS = 3
+WARM_UPS = 4
 """Untimed calls before a fast question's timed ones: ClickHouse compiles a query shape's expressions, aggregates
-and sort once it has run `min_count_to_compile_expression` (3) times, inside that execution (+12-32 ms measured
-for usage's refresh query), then reuses the code for any parameter values: a steady-state server has paid it."""
+and sort once it has run `min_count_to_compile_expression` (3) times, inside the next execution (+12-32 ms measured
+for usage's refresh query; +340 ms CPU in the capacity waterfall's 4th execution, its compile spike that 3
+warm-ups left in the first timed run), then reuses the code for any parameter values: a steady-state server has
+paid it."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def measure(fn: Callable[[], T], limits: Limits) -> tuple[dict[str, Any], T]:
     first_ms = (time.perf_counter() - started) * 1000
     times = [first_ms] if first_ms > limits.slow_s * 1000 else []
     if not times:
-        for _ in range(WARM_UPS - 1):  # ClickHouse JIT-compiles a query's expressions at its 3rd execution
+        for _ in range(WARM_UPS - 1):  # ClickHouse JIT-compiles a query's expressions at its 4th execution
             result = fn()
     while len(times) < limits.runs and (not times or time.perf_counter() - started < limits.budget_s):
         t = time.perf_counter()

@@ -238,8 +238,11 @@ def stalled_samples(names: tuple[str, ...] = JOB_FILTERS) -> str:
     them with `STALLED_IN_RANGE`. Columns: see `job_signals.stalled_samples`."""
     pad_s = int(STALL.for_s + STALL.max_gap_s)
     read = f"time > $__fromTime - INTERVAL {pad_s} SECOND AND time <= $__toTime + INTERVAL {pad_s} SECOND"
+    hours = (f"hour >= toStartOfHour($__fromTime - INTERVAL {pad_s} SECOND) "
+             f"AND hour <= $__toTime + INTERVAL {pad_s} SECOND")
     return job_signals.stalled_samples("gpu_samples", read + filters(names), job_signals.stall_literal(STALL),
-                                       str(int(STALL.for_s * 1000)), str(int(STALL.max_gap_s * 1000)))
+                                       str(int(STALL.for_s * 1000)), str(int(STALL.max_gap_s * 1000)),
+                                       f"stall_candidates_1h WHERE {hours}{filters(names)}")
 
 
 def stragglers(names: tuple[str, ...] = JOB_FILTERS) -> str:

@@ -258,7 +258,9 @@ def _job(rule: JobRule, now_ms: int) -> Query:
     params = sustained_params(rule, now_ms)
     table = "{db:Identifier}.gpu_samples"
     if isinstance(rule, JobStalled):
-        return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND),
+        candidates = ("{db:Identifier}.stall_candidates_1h WHERE hour >= toStartOfHour("
+                      f"{_ms('from_ms')}) AND hour <= {_ms('now_ms')}")
+        return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND, candidates),
                      {**params, **job_signals.stall_params(rule)})
     if isinstance(rule, JobStraggler):
         return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND),

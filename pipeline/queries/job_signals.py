@@ -123,15 +123,43 @@ def straggler_literal(th: StragglerThresholds) -> StragglerTerms:
                             for n in _STRAGGLER_NAMES))
 
 
+def candidate_rows(terms: StallTerms) -> str:
+    """Over `stall_candidates_1h` (migration 0108): true for every row that could hold a stall-like sample
+    (`StallTerms.like`), each figure's extreme compared as the sample's is; the FLOPs ratio with a margin for
+    its rounding (a row passing wrongly costs a read, never an answer)."""
+    return (
+        f"ifNull(util_max >= toFloat32({terms.util_above}), 0)"
+        f" AND (ifNull(tensor_min <= toFloat32({terms.tensor_below}), 0)"
+        f" OR ifNull(sm_untensored_min <= toFloat32({terms.sm_below}), 0))"
+        f" AND ifNull(power_min <= {terms.power_below_ratio} * {formulas.POWER_LIMIT_W}, 0)"
+        f" AND (flops_unreported > 0 OR ifNull(flops_ratio_min <= {terms.flops_below_ratio} * 1.000001 + 1e-12, 0))"
+    )
+
+
+def _candidate_gpus(candidates: str | None, terms: StallTerms) -> str:
+    """`AND (cluster, node, gpu_index) IN (...)`: the GPUs with a candidate row, or nothing without a rollup.
+    `candidates` is `<db.>stall_candidates_1h WHERE <its range and filters>`."""
+    if candidates is None:
+        return ""
+    return (f" AND (cluster, node, gpu_index) IN (SELECT DISTINCT cluster, node, gpu_index FROM {candidates} "
+            f"AND {candidate_rows(terms)})")
+
+
 _SINCE: Final = f"if(countIf(c = 0) > 0, toUnixTimestamp64Milli(maxIf(time, c = 0)), {formulas.FIRST_START_MS})"
 """Where a series' current run of samples meeting `c` began: the end of its newest sample that did not."""
 
 
-def stalled_jobs(table: str, span: Span, terms: StallTerms) -> str:
+def stalled_jobs(table: str, span: Span, terms: StallTerms, candidates: str | None = None) -> str:
     """One row per job (cluster, tenant, job) whose every fresh GPU's newest sample is stall-like: `gpus`,
     `nodes`, `gpu_uuids`, `sustained` (every GPU for D), `since_ms` (the latest GPU's run start), `last_ms`,
-    `power_ratio` and `util` (newest samples, mean over the GPUs)."""
+    `power_ratio` and `util` (newest samples, mean over the GPUs). With `candidates` (see `_candidate_gpus`),
+    only the jobs with a row that could hold a stall-like sample are read, all their GPUs by the raw key."""
     sustained = formulas.sustained(span.since_ms, span.cover_ms)
+    jobs = ""
+    if candidates is not None:
+        some = f"SELECT DISTINCT cluster, tenant, job FROM {candidates} AND {candidate_rows(terms)}"
+        jobs = (f" AND (cluster, tenant, job) IN ({some}) AND (cluster, node, gpu_index) IN (SELECT DISTINCT "
+                f"cluster, node, gpu_index FROM {candidates} AND (cluster, tenant, job) IN ({some}))")
     return f"""
 SELECT cluster, tenant, job,
        count() AS gpus,
@@ -155,7 +183,7 @@ FROM (
                {formulas.POWER_LIMIT_W} AS limit_w,
                toUInt8(ifNull({terms.like()}, 0)) AS c
         FROM {table}
-        WHERE {span.where} AND {JOB_ROWS}
+        WHERE {span.where} AND {JOB_ROWS}{jobs}
     )
     GROUP BY cluster, node, gpu_uuid, tenant, job
     HAVING last_ms > {span.fresh_ms}
@@ -176,7 +204,8 @@ _RUN: Final = "PARTITION BY cluster, node, gpu_uuid, tenant, job"
 _ORDERED: Final = f"{_RUN} ORDER BY time ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW"
 
 
-def stalled_samples(table: str, where: str, terms: StallTerms, for_ms: str, gap_ms: str) -> str:
+def stalled_samples(table: str, where: str, terms: StallTerms, for_ms: str, gap_ms: str,
+                    candidates: str | None = None) -> str:
     """The samples (filtered by `where`) in a run of stall-like samples of one GPU and job lasting at least
     `for_ms`: from the start of its first sample to the end of its last, with no sample that is not
     stall-like and no gap over `gap_ms` between them. Columns: cluster, node, gpu_uuid, model, tenant, job,
@@ -187,15 +216,17 @@ def stalled_samples(table: str, where: str, terms: StallTerms, for_ms: str, gap_
     A run is judged on the samples `where` reads: read D (and the gap) beyond both ends of the window
     whose samples are counted, so a run that crosses its edge is judged whole. Only the series (GPU and
     job) with a stall-like sample are ordered into runs: most GPUs never stall, and ordering every sample
-    cost most of the time.
+    cost most of the time. With `candidates` (see `_candidate_gpus`), only the GPUs whose hour rollup could
+    hold a stall-like sample are read, by the raw table's key.
     """
     series = "(cluster, node, gpu_uuid, tenant, job)"
+    gpus = _candidate_gpus(candidates, terms)
     samples = (
         "SELECT cluster, node, gpu_uuid, model, tenant, job, time, health, util_gpu_ratio, compute_processes, "
         "interval_ms, claimed_ms, toInt64(toUnixTimestamp64Milli(claim_start)) AS claim_ms, "
         "toInt64(toUnixTimestamp64Milli(time)) AS end_ms, end_ms - interval_ms AS start_ms, "
-        f"toUInt8(ifNull({terms.like()}, 0)) AS c FROM {table} WHERE ({where}) AND {JOB_ROWS} "
-        f"AND {series} IN (SELECT DISTINCT {series} FROM {table} WHERE ({where}) AND {JOB_ROWS} "
+        f"toUInt8(ifNull({terms.like()}, 0)) AS c FROM {table} WHERE ({where}) AND {JOB_ROWS}{gpus} "
+        f"AND {series} IN (SELECT DISTINCT {series} FROM {table} WHERE ({where}) AND {JOB_ROWS}{gpus} "
         f"AND ifNull({terms.like()}, 0))"
     )
     breaks = (f"SELECT *, sum(toUInt8(c = 0 OR start_ms - prev_end > {gap_ms})) OVER ({_ORDERED}) AS run "

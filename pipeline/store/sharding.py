@@ -33,6 +33,7 @@ SHARDED: Final[dict[str, str | None]] = {
     "node_latest": SHARDING_KEY,
     "network_ports": SHARDING_KEY,  # a node's InfiniBand/RoCE ports, one row per port per message (0050)
     "gpu_inventory": SHARDING_KEY,  # each GPU's newest inventory read, from its node's samples (0050)
+    "stall_candidates_1h": SHARDING_KEY,  # per GPU, job and hour: which GPUs may hold a stall (0108)
     # rollups with no node column: each shard aggregates its own nodes' rows, reads sum the shards;
     # only their views write them, so the Distributed table has no sharding key (it refuses inserts)
     "fleet_usage_1m": None,

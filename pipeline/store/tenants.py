@@ -41,6 +41,7 @@ TABLES: Final[tuple[TenantTable, ...]] = (
     TenantTable("job_usage_1h", "tenant"),
     TenantTable("job_throughput_1m", "tenant"),
     TenantTable("job_throughput_1h", "tenant"),
+    TenantTable("stall_candidates_1h", "tenant"),
     TenantTable("gpu_health_1m", "tenant"),
     TenantTable("gpu_health_1h", "tenant"),
     TenantTable("gpu_health_events", "tenant"),

@@ -31,8 +31,9 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
     # 0100 adds 11: job_usage_1h's nodes column (+ its Distributed), its view and backfill, job_throughput_1m
     # and _1h (each + Distributed), their views and backfill
     # 0102 adds 6: two column ALTERs of the health rollups (each + its Distributed) and their two views
+    # 0108 adds 4: stall_candidates_1h (+ Distributed), its view and its backfill
     # 0110 adds 2: the health rollups' two views, replaced
-    assert len(ddl) == 144
+    assert len(ddl) == 148
 
 
 def test_tables_queries_read_are_distributed_by_node() -> None:
@@ -46,7 +47,7 @@ def test_tables_queries_read_are_distributed_by_node() -> None:
         "gpu_samples": NODE, "agent_reports": NODE, "gpu_usage_1m": NODE, "gpu_usage_1h": NODE,
         "gpu_latest": NODE, "gpu_claim_homes": NODE, "gpu_health_events": NODE, "gpu_xid_events": NODE,
         "gpu_health_1m": NODE, "gpu_health_1h": NODE, "node_latest": NODE, "network_ports": NODE,
-        "gpu_inventory": NODE,
+        "gpu_inventory": NODE, "stall_candidates_1h": NODE,
         "fleet_usage_1m": None, "fleet_usage_1h": None, "job_usage_1h": None, "usage_hour_inputs": None,
         "job_throughput_1m": None, "job_throughput_1h": None,
     }
@@ -85,6 +86,7 @@ def test_every_materialized_view_reads_and_writes_local_tables() -> None:
         "fleet_usage_1h_mv": ("fleet_usage_1h_local", ["fleet_usage_1m_local"]),
         "job_usage_1h_mv": ("job_usage_1h_local", ["gpu_usage_1m_local"]),
         "node_latest_mv": ("node_latest_local", ["agent_reports_local"]),
+        "stall_candidates_1h_mv": ("stall_candidates_1h_local", ["gpu_samples_local"]),
         "gpu_health_events_mv": ("gpu_health_events_local", ["gpu_samples_local"]),
         "gpu_xid_events_mv": ("gpu_xid_events_local", ["gpu_samples_local"]),
         "gpu_health_1m_mv": ("gpu_health_1m_local", ["gpu_samples_local"]),

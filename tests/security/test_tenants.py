@@ -44,7 +44,7 @@ H, S = "ab" * 32, "cd" * 16
 def test_the_sql_for_one_tenant_is_exactly_the_documented_sql() -> None:
     u = "`gpufleet_t_acme_" + hashlib.sha256(b"acme").hexdigest()[:10] + "`"
     rollups = ("fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "job_throughput_1m", "job_throughput_1h",
-               "gpu_health_1m", "gpu_health_1h",
+               "stall_candidates_1h", "gpu_health_1m", "gpu_health_1h",
                "gpu_health_events", "gpu_xid_events")
     grants = [f"GRANT SELECT ON gpufleet.{t} TO `gpufleet_tenants`" for t in (
         "gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes", *rollups,
@@ -73,7 +73,7 @@ CLUSTER = "gf_2x2"
 """A 2-shard x 2-replica cluster, as tests/pipeline/test_sharding.py names it."""
 SHARDED_TENANT_TABLES = ("gpu_samples", "gpu_usage_1m", "gpu_usage_1h", "gpu_latest", "gpu_claim_homes",
                          "fleet_usage_1m", "fleet_usage_1h", "job_usage_1h", "job_throughput_1m", "job_throughput_1h",
-                         "gpu_health_1m", "gpu_health_1h", "gpu_health_events", "gpu_xid_events")
+                         "stall_candidates_1h", "gpu_health_1m", "gpu_health_1h", "gpu_health_events", "gpu_xid_events")
 """The tenant tables split over the shards (each a Distributed table over its `_local` one)."""
 
 
@@ -95,7 +95,7 @@ def test_the_sql_on_a_cluster_runs_on_every_server_and_covers_the_local_tables()
         *[f"CREATE ROW POLICY OR REPLACE `gpufleet_operators` {on} ON gpufleet.{t} FOR SELECT USING 1 "
           "TO ALL EXCEPT `gpufleet_tenants`" for t in [*tables, "alerts"]],
     ]
-    assert len(grants) == 35
+    assert len(grants) == 37
     assert tenants.tenant_sql("acme", "gpufleet", H, S, CLUSTER) == [
         f"CREATE USER IF NOT EXISTS {u} {on} IDENTIFIED WITH sha256_hash BY '{H}' SALT '{S}' "
         "DEFAULT DATABASE gpufleet SETTINGS readonly = 2",
@@ -114,10 +114,11 @@ def test_the_sql_on_a_cluster_runs_on_every_server_and_covers_the_local_tables()
 def test_the_sql_without_a_cluster_is_byte_for_byte_unchanged() -> None:
     # digest computed with the tenants module as it was before clusters (git show of its previous version),
     # then with usage_hourly_stored (migration 0090) in TABLES; without it the digest is still aad9b95e...;
-    # then with job_throughput_1m/_1h (0100) after job_usage_1h (with 0090 alone: e53fe127...)
+    # then with job_throughput_1m/_1h (0100) after job_usage_1h (with 0090 alone: e53fe127...), then with
+    # stall_candidates_1h (0108) after them (without it: d6622d54...)
     text = tenants.script("acme", "gpufleet", H, S) + "\n".join(tenants.drop_sql("a'b", "gpufleet"))
     assert hashlib.sha256(text.encode()).hexdigest() == (
-        "d6622d54cca3db72afab656e84ba3b1eab4d9f7d4c343ce463c94b73fa60c044")
+        "77369d15509d9e82c0eb9c38bcaece83d0b880878dbead5d76a0b63cb82b039a")
     assert tenants.script("acme", "gpufleet", H, S, None) == tenants.script("acme", "gpufleet", H, S)
 
 
@@ -129,7 +130,7 @@ def test_every_cluster_statement_parses_in_the_clickhouse_engine(ch_client) -> N
     for h in ("acme", *HOSTILE):
         statements = (tenants.setup_sql("gpufleet", CLUSTER) + tenants.tenant_sql(h, "gpufleet", H, S, CLUSTER)
                       + tenants.drop_sql(h, "gpufleet", CLUSTER))
-        assert len(statements) == 2 + 35 + 32 + 4 + 32 + 33
+        assert len(statements) == 2 + 37 + 34 + 4 + 34 + 35
         for statement in statements:
             ast = ch_client.query(f"EXPLAIN AST {statement}").result_rows[0][0]
             kind = next(v for k, v in kinds.items() if statement.startswith(k))
@@ -150,7 +151,7 @@ def test_tenants_sql_on_a_cluster_config_prints_the_cluster_script(tmp_path: Pat
     assert result.stdout == tenants.script("acme", "gpufleet", digest, salt, CLUSTER)
     assert result.stdout.startswith("-- gpufleet tenant isolation for tenant 'acme' in database gpufleet "
                                     "on cluster gf_2x2\n")
-    assert result.stdout.count(" ON CLUSTER 'gf_2x2'") == 2 + 35 + 32 + 4 + 32
+    assert result.stdout.count(" ON CLUSTER 'gf_2x2'") == 2 + 37 + 34 + 4 + 34
 
 
 def test_hostile_tenant_names_become_escaped_literals_and_safe_user_names() -> None:
