@@ -355,8 +355,10 @@ def views_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[str, 
     return out
 
 
-ISSUE_12_MIGRATIONS: Final = ("0040_fleet_rollups.sql", "0041_health_events.sql", "0100_job_rollups.sql")
-"""The migrations whose views issue 12's read-side fixes added (fleet rollups, health events, job throughput)."""
+ISSUE_12_MIGRATIONS: Final = ("0040_fleet_rollups.sql", "0041_health_events.sql", "0100_job_rollups.sql",
+                               "0108_stall_candidates.sql")
+"""The migrations whose views issue 12's read-side fixes added (fleet rollups, health events, job throughput,
+stall candidates)."""
 
 
 def issue_12_views() -> set[str]:
