@@ -120,7 +120,10 @@ class Evaluator:
         records = self._records
         before = dict(records)
         names = set()
-        skip = self._quiet_rules(now)
+        holding = {r.alertname for r in records.values() if r.open}
+        # A rule with open alerts runs even when the gate says it finds nothing: its own query closes them, or,
+        # when it fails (raw samples unreadable while the rollups answer), keeps them as they were.
+        skip = {i for i in self._quiet_rules(now) if self.rules.rules[i].name not in holding}
         for i, rule in enumerate(self.rules.rules):
             names.add(rule.name)
             try:
