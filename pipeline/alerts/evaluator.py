@@ -89,6 +89,8 @@ class Evaluator:
         self._written_at: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._logged_errors: set[str] = set()
+        self._materialized_cte: bool | None = None
+        """Whether the server has materialized CTEs (asked once, at the first evaluation)."""
         self.last_report: EvalReport | None = None
         self.liveness = liveness or Liveness().expect(EVALUATED, cfg.alerts.eval_stale_s)
         """`evaluated` beats after each evaluation without error (`alerts.status_port` serves it)."""
@@ -129,8 +131,8 @@ class Evaluator:
             try:
                 rows: list[dict[str, Any]] = []
                 if i not in skip:
-                    q = build(rule, now)
-                    rows = list(self.store.query(q.sql, q.parameters).named_results())
+                    q = build(rule, now, materialized_cte=self._has_materialized_cte())
+                    rows = list(self.store.query(q.sql, q.parameters, q.settings).named_results())
                 found = candidates(rule, rows, now)
             except Exception as exc:
                 report.errors.append(f"rule {rule.name}: query failed, its alerts stay as they were: {exc}")
@@ -152,6 +154,18 @@ class Evaluator:
         return self._finish(report)
 
     # --- steps ----------------------------------------------------------------------------------
+
+    def _has_materialized_cte(self) -> bool:
+        """Whether the server knows `enable_materialized_cte` (ClickHouse 25.x on; chDB 26.9 does); asked
+        once. Unknown (the question failed): no, and asked again next evaluation."""
+        if self._materialized_cte is None:
+            try:
+                (row,) = self.store.rows("SELECT count() FROM system.settings WHERE name = 'enable_materialized_cte'")
+            except Exception as exc:
+                log.debug("could not ask the server for materialized CTEs: %s", exc)
+                return False
+            self._materialized_cte = bool(row[0])
+        return self._materialized_cte
 
     def _quiet_rules(self, now: int) -> set[int]:
         """The rules (positions) whose query would find nothing at `now`, per the gate (alerts/gate.py); none

@@ -213,8 +213,10 @@ def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
 _SUSTAINED: Final = formulas.sustained("{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
 
 
-def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return per family of rule kinds
-    """The rule's SQL and parameters for an evaluation at `now_ms` (run it through a `Store`)."""
+def build(  # noqa: PLR0911 - one return per family of rule kinds
+        rule: AnyRule, now_ms: int, *, materialized_cte: bool = False) -> Query:
+    """The rule's SQL, parameters and settings for an evaluation at `now_ms` (run it through a `Store`);
+    `materialized_cte`: the server has materialized CTEs (JobStraggler then reads its window once)."""
     if node_queries.is_node_signal(rule):
         return node_queries.build(rule, now_ms)  # type: ignore[arg-type]
     if isinstance(rule, NodeSilent):
@@ -226,7 +228,7 @@ def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return pe
     if isinstance(rule, GpuClaimConflict):
         return _claim_conflict(rule, now_ms)
     if isinstance(rule, JobRule):
-        return _job(rule, now_ms)
+        return _job(rule, now_ms, materialized_cte)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
         window=_WINDOW, run=run_columns(_SUSTAINED), cond=shape.cond, having=shape.having, candidate=shape.candidate,
@@ -253,7 +255,7 @@ def gpu_candidates(rule: GpuRule, now_ms: int) -> tuple[str, dict[str, Any], int
     return _gpu_shape(rule).candidate, _gpu_params(rule, now_ms), now_ms - _gpu_span(rule) - MAX_INTERVAL_MS
 
 
-def _job(rule: JobRule, now_ms: int) -> Query:
+def _job(rule: JobRule, now_ms: int, materialized_cte: bool = False) -> Query:
     span = job_signals.Span(_WINDOW, "{fresh_ms:Int64}", "{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
     params = sustained_params(rule, now_ms)
     table = "{db:Identifier}.gpu_samples"
@@ -261,8 +263,9 @@ def _job(rule: JobRule, now_ms: int) -> Query:
         return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND),
                      {**params, **job_signals.stall_params(rule)})
     if isinstance(rule, JobStraggler):
-        return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND),
-                     {**params, **job_signals.straggler_params(rule)})
+        return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND, materialize=materialized_cte),
+                     {**params, **job_signals.straggler_params(rule)},
+                     dict(job_signals.MATERIALIZED_CTE) if materialized_cte else None)
     raise TypeError(f"no job query for {type(rule).__name__}")
 
 
