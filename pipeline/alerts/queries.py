@@ -6,6 +6,7 @@ Design notes: docs/design-notes.md#pipeline-alerts-queries-py.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -412,6 +413,7 @@ def claim_suspects_params(rule: GpuClaimConflict, now_ms: int) -> dict[str, Any]
     return {"now_ms": now_ms, "scan_ms": now_ms - duration_ms(rule.window) - 3_660_000}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # an open alert's active_at, every evaluation
 def iso(ms: int) -> str:
     """Unix ms -> `2026-11-18T08:26:40.000Z`."""
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -75,6 +75,7 @@ def duration_ms(value: Duration) -> int:
     return sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_MS, strict=True) if g)
 
 
+@functools.lru_cache(maxsize=1024)
 def format_duration(ms: int) -> str:
     """`5400000` -> `"1h30m"`: the short form used in annotations."""
     if ms <= 0:
