@@ -113,7 +113,7 @@ have started this long before it, in an earlier minute of the rollup."""
 def _gpu_shape(rule: GpuRule) -> _GpuShape:
     if isinstance(rule, GpuFailing):
         return _GpuShape(
-            "health = 'failing'", "max(worst) = 'failing'", ("health", "health_reasons"),
+            "health = 'failing'", _FAILING_CANDIDATE, ("health", "health_reasons"),
             ("arrayDistinct(arrayFlatten(arrayMap(p -> p.2, arraySort(p -> p.1, "
              "groupArrayIf((time, health_reasons), c = 1))))) AS reasons",
              "toUnixTimestamp64Milli(maxIf(time, c = 1)) AS last_true_ms",
@@ -179,6 +179,11 @@ def _signal_shape(rule: GpuRule) -> _GpuShape:
     raise TypeError(f"no per-GPU query for {type(rule).__name__}")
 
 
+_FAILING_CANDIDATE: Final = ("max(failing_ms > 0 AND tupleElement(last, 1) > "
+                              "fromUnixTimestamp64Milli({failing_from_ms:Int64}, 'UTC')) = 1")
+"""GpuFailing over `gpu_health_1m` (or `_1h`) rows: a row with failing time whose newest sample ends after the
+window's start. A failing sample in the window lies in such a row (the row's newest ends no earlier), so
+these GPUs include every one the query can return, and not those that failed earlier in the hour read."""
 _TEMP_LIMIT: Final = "coalesce(temp_slowdown_c - {temp_margin_c:Float64}, {temp_c:Float64})"
 """GpuDegraded's temperature limit: the GPU's own slowdown temperature less the margin, `temp_c` where unknown."""
 _FABRIC_REASON: Final = "arrayExists(r -> startsWith(r, 'fabric_'), health_reasons)"
@@ -196,7 +201,7 @@ def _reason_in_rollup(prefix: str) -> str:
 
 def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
     if isinstance(rule, GpuFailing):
-        return {"keep_ms": now_ms - rule.keep_ms}
+        return {"keep_ms": now_ms - rule.keep_ms, "failing_from_ms": now_ms - _gpu_span(rule)}
     if isinstance(rule, GpuDegraded):
         return {"mask": rule.throttle_mask, "temp_c": rule.temp_c, "temp_margin_c": rule.temp_slowdown_margin_c,
                 "remap": int(rule.remap_pending),
