@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 class Query:
     sql: str
     parameters: dict[str, Any]
+    settings: dict[str, Any] | None = None
+    """ClickHouse settings the query needs (none for most)."""
 
 
 @dataclass(frozen=True)

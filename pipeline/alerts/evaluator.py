@@ -10,7 +10,6 @@ start, so a restarted evaluator keeps each alert's `startsAt` and sends nothing 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -89,6 +88,8 @@ class Evaluator:
         self._written_at: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._logged_errors: set[str] = set()
+        self._materialized_cte: bool | None = None
+        """Whether the server has materialized CTEs (asked once, at the first evaluation)."""
         self.last_report: EvalReport | None = None
         self.liveness = liveness or Liveness().expect(EVALUATED, cfg.alerts.eval_stale_s)
         """`evaluated` beats after each evaluation without error (`alerts.status_port` serves it)."""
@@ -120,19 +121,25 @@ class Evaluator:
         records = self._records
         before = dict(records)
         names = set()
-        skip = self._quiet_rules(now)
+        holding: dict[str, list[str]] = {}  # rule name -> its open alerts (names are unique: only it changes them)
+        for fp, rec in records.items():
+            if rec.open:
+                holding.setdefault(rec.alertname, []).append(fp)
+        # A rule with open alerts runs even when the gate says it finds nothing: its own query closes them, or,
+        # when it fails (raw samples unreadable while the rollups answer), keeps them as they were.
+        skip = {i for i in self._quiet_rules(now) if self.rules.rules[i].name not in holding}
         for i, rule in enumerate(self.rules.rules):
             names.add(rule.name)
             try:
                 rows: list[dict[str, Any]] = []
                 if i not in skip:
-                    q = build(rule, now)
-                    rows = list(self.store.query(q.sql, q.parameters).named_results())
+                    q = build(rule, now, materialized_cte=self._has_materialized_cte())
+                    rows = list(self.store.query(q.sql, q.parameters, q.settings).named_results())
                 found = candidates(rule, rows, now)
             except Exception as exc:
                 report.errors.append(f"rule {rule.name}: query failed, its alerts stay as they were: {exc}")
                 continue
-            self._apply(rule, found, now)
+            self._apply(rule, found, now, holding.get(rule.name, ()))
         for fp, rec in list(records.items()):
             if rec.open and rec.alertname not in names:  # its rule was removed from the rules file
                 records[fp] = lc.close(rec, now)
@@ -150,6 +157,18 @@ class Evaluator:
 
     # --- steps ----------------------------------------------------------------------------------
 
+    def _has_materialized_cte(self) -> bool:
+        """Whether the server knows `enable_materialized_cte` (ClickHouse 25.x on; chDB 26.9 does); asked
+        once. Unknown (the question failed): no, and asked again next evaluation."""
+        if self._materialized_cte is None:
+            try:
+                (row,) = self.store.rows("SELECT count() FROM system.settings WHERE name = 'enable_materialized_cte'")
+            except Exception as exc:
+                log.debug("could not ask the server for materialized CTEs: %s", exc)
+                return False
+            self._materialized_cte = bool(row[0])
+        return self._materialized_cte
+
     def _quiet_rules(self, now: int) -> set[int]:
         """The rules (positions) whose query would find nothing at `now`, per the gate (alerts/gate.py); none
         when the gate fails (every rule's query then runs and reports its own failure)."""
@@ -164,7 +183,8 @@ class Evaluator:
             return set()
         return gate.quiet(columns, row)
 
-    def _apply(self, rule: AnyRule, found: list[Candidate], now: int) -> None:
+    def _apply(self, rule: AnyRule, found: list[Candidate], now: int, held: Sequence[str]) -> None:
+        """`found` into the rule's records; its alerts open before (`held`) that are not found close."""
         records = self._records
         assert records is not None
         seen: set[str] = set()
@@ -175,9 +195,9 @@ class Evaluator:
             rec = lc.observe(records.get(fp), alertname=rule.name, severity=rule.severity, labels=labels,
                              firing=cand.firing, since_ms=cand.since_ms, now_ms=now)
             records[fp] = _render(rule, rec, cand, now, self.cfg.alerts.runbook_base_url)
-        for fp, rec in list(records.items()):
-            if rec.alertname == rule.name and rec.open and fp not in seen:
-                records[fp] = lc.close(rec, now)
+        for fp in held:
+            if fp not in seen:
+                records[fp] = lc.close(records[fp], now)
 
     def _notify(self, now: int, report: EvalReport) -> None:
         records = self._records
@@ -209,7 +229,7 @@ class Evaluator:
             elif rec.open and now - self._written_at.get(fp, 0) >= self.resend_ms:
                 self._dirty.add(fp)  # keep last_eval, value and annotations fresh for dashboards
         todo = [records[fp] for fp in sorted(self._dirty)]
-        stamped = [dataclasses.replace(r, revision=lc.next_revision(r, now)) for r in todo]
+        stamped = [lc.replace(r, revision=lc.next_revision(r, now)) for r in todo]
         try:
             self.alert_store.write(stamped)
         except Exception as exc:
@@ -259,7 +279,7 @@ def _render(rule: AnyRule, rec: AlertRecord, cand: Candidate, now: int, runbook_
     if "runbook_url" in annotations:
         annotations["runbook_url"] = runbook_link(annotations["runbook_url"], runbook_base)
     url = _fill(rule.generator_url, ctx) if rule.generator_url else ""
-    return dataclasses.replace(rec, annotations=annotations, value=value, generator_url=url)
+    return lc.replace(rec, annotations=annotations, value=value, generator_url=url)
 
 
 def _fill(template: str, ctx: dict[str, Any]) -> str:

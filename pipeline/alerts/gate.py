@@ -6,7 +6,8 @@ scan of the `gpu_health_1h` hours holding the widest window any reads: their agg
 minutes and more, and each condition that holds on some rows holds on more, so this only adds
 candidates), GpuClaimConflict (no GPU two streams reported at once in `gpu_claim_homes`) and JobStalled
 (no stall-like sample of a job in the fresh-data window: each GPU of a stalled job has one, its newest).
-Rules not gated always run; the rules that do run read exactly what they read without the gate.
+Rules not gated always run, and so does a rule holding open alerts (the evaluator's choice: its query
+closes them or, failing, keeps them); the rules that do run read exactly what they read without the gate.
 """
 
 from __future__ import annotations

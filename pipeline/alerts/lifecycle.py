@@ -14,6 +14,7 @@ every `resend_ms` (Alertmanager forgets an alert not re-sent before its `endsAt`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -27,7 +28,12 @@ OPEN: Final = frozenset({"pending", "firing"})
 
 def fingerprint(labels: Mapping[str, str]) -> str:
     """A stable id of a label set (the alert's identity, as in Alertmanager)."""
-    return hashlib.sha256(json.dumps(sorted(labels.items())).encode()).hexdigest()[:16]
+    return _fingerprint(tuple(sorted(labels.items())))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same label sets come back every evaluation
+def _fingerprint(items: tuple[tuple[str, str], ...]) -> str:
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,21 @@ class AlertRecord:
         return self.state == "resolved" and self.sent_state == "firing"
 
 
+_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(AlertRecord))
+
+
+def replace(rec: AlertRecord, **changes: object) -> AlertRecord:
+    """`replace(rec, **changes)` for an `AlertRecord` (a copy with those fields changed), without
+    its per-call introspection: every evaluation makes a few per open alert."""
+    unknown = changes.keys() - _FIELDS
+    if unknown:
+        raise TypeError(f"AlertRecord has no field {sorted(unknown)}")
+    new = object.__new__(AlertRecord)
+    new.__dict__.update(rec.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 def next_revision(rec: AlertRecord | None, now_ms: int) -> int:
     """Revisions grow with evaluation time, so a new episode always outranks older rows."""
     return max(now_ms * 1000, (rec.revision + 1) if rec else 0)
@@ -81,9 +102,9 @@ def observe(
             last_eval=now_ms, revision=next_revision(rec, now_ms),
         )
     if rec.state == "pending" and firing:
-        return dataclasses.replace(rec, state="firing", starts_at=now_ms, last_eval=now_ms, severity=severity,
+        return replace(rec, state="firing", starts_at=now_ms, last_eval=now_ms, severity=severity,
                                    revision=next_revision(rec, now_ms))
-    return dataclasses.replace(rec, last_eval=now_ms, severity=severity, revision=next_revision(rec, now_ms))
+    return replace(rec, last_eval=now_ms, severity=severity, revision=next_revision(rec, now_ms))
 
 
 def close(rec: AlertRecord, now_ms: int) -> AlertRecord:
@@ -95,7 +116,7 @@ def close(rec: AlertRecord, now_ms: int) -> AlertRecord:
     else:
         return rec
     ends = max(now_ms, (rec.starts_at or rec.active_at) + 1)
-    return dataclasses.replace(rec, state=state, ends_at=ends, last_eval=now_ms, revision=next_revision(rec, now_ms))
+    return replace(rec, state=state, ends_at=ends, last_eval=now_ms, revision=next_revision(rec, now_ms))
 
 
 def due(rec: AlertRecord, now_ms: int, resend_ms: int) -> bool:
@@ -109,4 +130,4 @@ def due(rec: AlertRecord, now_ms: int, resend_ms: int) -> bool:
 def delivered(rec: AlertRecord, now_ms: int) -> AlertRecord:
     """The record after Alertmanager accepted its current state."""
     sent: Sent = "firing" if rec.state == "firing" else "resolved"
-    return dataclasses.replace(rec, sent_state=sent, last_sent_at=now_ms)
+    return replace(rec, sent_state=sent, last_sent_at=now_ms)

@@ -6,6 +6,7 @@ Design notes: docs/design-notes.md#pipeline-alerts-queries-py.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -112,7 +113,7 @@ have started this long before it, in an earlier minute of the rollup."""
 def _gpu_shape(rule: GpuRule) -> _GpuShape:
     if isinstance(rule, GpuFailing):
         return _GpuShape(
-            "health = 'failing'", "max(worst) = 'failing'", ("health", "health_reasons"),
+            "health = 'failing'", _FAILING_CANDIDATE, ("health", "health_reasons"),
             ("arrayDistinct(arrayFlatten(arrayMap(p -> p.2, arraySort(p -> p.1, "
              "groupArrayIf((time, health_reasons), c = 1))))) AS reasons",
              "toUnixTimestamp64Milli(maxIf(time, c = 1)) AS last_true_ms",
@@ -178,6 +179,11 @@ def _signal_shape(rule: GpuRule) -> _GpuShape:
     raise TypeError(f"no per-GPU query for {type(rule).__name__}")
 
 
+_FAILING_CANDIDATE: Final = ("max(failing_ms > 0 AND tupleElement(last, 1) > "
+                              "fromUnixTimestamp64Milli({failing_from_ms:Int64}, 'UTC')) = 1")
+"""GpuFailing over `gpu_health_1m` (or `_1h`) rows: a row with failing time whose newest sample ends after the
+window's start. A failing sample in the window lies in such a row (the row's newest ends no earlier), so
+these GPUs include every one the query can return, and not those that failed earlier in the hour read."""
 _TEMP_LIMIT: Final = "coalesce(temp_slowdown_c - {temp_margin_c:Float64}, {temp_c:Float64})"
 """GpuDegraded's temperature limit: the GPU's own slowdown temperature less the margin, `temp_c` where unknown."""
 _FABRIC_REASON: Final = "arrayExists(r -> startsWith(r, 'fabric_'), health_reasons)"
@@ -195,7 +201,7 @@ def _reason_in_rollup(prefix: str) -> str:
 
 def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
     if isinstance(rule, GpuFailing):
-        return {"keep_ms": now_ms - rule.keep_ms}
+        return {"keep_ms": now_ms - rule.keep_ms, "failing_from_ms": now_ms - _gpu_span(rule)}
     if isinstance(rule, GpuDegraded):
         return {"mask": rule.throttle_mask, "temp_c": rule.temp_c, "temp_margin_c": rule.temp_slowdown_margin_c,
                 "remap": int(rule.remap_pending),
@@ -213,8 +219,10 @@ def _gpu_params(rule: GpuRule, now_ms: int) -> dict[str, Any]:
 _SUSTAINED: Final = formulas.sustained("{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
 
 
-def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return per family of rule kinds
-    """The rule's SQL and parameters for an evaluation at `now_ms` (run it through a `Store`)."""
+def build(  # noqa: PLR0911 - one return per family of rule kinds
+        rule: AnyRule, now_ms: int, *, materialized_cte: bool = False) -> Query:
+    """The rule's SQL, parameters and settings for an evaluation at `now_ms` (run it through a `Store`);
+    `materialized_cte`: the server has materialized CTEs (JobStraggler then reads its window once)."""
     if node_queries.is_node_signal(rule):
         return node_queries.build(rule, now_ms)  # type: ignore[arg-type]
     if isinstance(rule, NodeSilent):
@@ -226,7 +234,7 @@ def build(rule: AnyRule, now_ms: int) -> Query:  # noqa: PLR0911 - one return pe
     if isinstance(rule, GpuClaimConflict):
         return _claim_conflict(rule, now_ms)
     if isinstance(rule, JobRule):
-        return _job(rule, now_ms)
+        return _job(rule, now_ms, materialized_cte)
     shape = _gpu_shape(rule)
     sql = _GPU_SQL.format(
         window=_WINDOW, run=run_columns(_SUSTAINED), cond=shape.cond, having=shape.having, candidate=shape.candidate,
@@ -253,7 +261,7 @@ def gpu_candidates(rule: GpuRule, now_ms: int) -> tuple[str, dict[str, Any], int
     return _gpu_shape(rule).candidate, _gpu_params(rule, now_ms), now_ms - _gpu_span(rule) - MAX_INTERVAL_MS
 
 
-def _job(rule: JobRule, now_ms: int) -> Query:
+def _job(rule: JobRule, now_ms: int, materialized_cte: bool = False) -> Query:
     span = job_signals.Span(_WINDOW, "{fresh_ms:Int64}", "{sustained_since_ms:Int64}", "{sustained_cover_ms:Float64}")
     params = sustained_params(rule, now_ms)
     table = "{db:Identifier}.gpu_samples"
@@ -263,8 +271,9 @@ def _job(rule: JobRule, now_ms: int) -> Query:
         return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND, candidates),
                      {**params, **job_signals.stall_params(rule)})
     if isinstance(rule, JobStraggler):
-        return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND),
-                     {**params, **job_signals.straggler_params(rule)})
+        return Query(job_signals.stragglers(table, span, job_signals.STRAGGLER_BOUND, materialize=materialized_cte),
+                     {**params, **job_signals.straggler_params(rule)},
+                     dict(job_signals.MATERIALIZED_CTE) if materialized_cte else None)
     raise TypeError(f"no job query for {type(rule).__name__}")
 
 
@@ -411,6 +420,7 @@ def claim_suspects_params(rule: GpuClaimConflict, now_ms: int) -> dict[str, Any]
     return {"now_ms": now_ms, "scan_ms": now_ms - duration_ms(rule.window) - 3_660_000}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # an open alert's active_at, every evaluation
 def iso(ms: int) -> str:
     """Unix ms -> `2026-11-18T08:26:40.000Z`."""
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -10,6 +10,7 @@ key. `default_rules.yaml` beside this module is the shipped set; docs/alerts.md 
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ def runbook_link(url: str, base: str | None) -> str:
     return f"{base.rstrip('/')}/{url.lstrip('/')}"
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # rules read theirs per candidate row: parse each value once
 def duration_ms(value: Duration) -> int:
     """Milliseconds of a duration (`"1h30m"`, `"45s"`, `0`); raises ValueError naming the format."""
     if isinstance(value, bool):
@@ -73,6 +75,7 @@ def duration_ms(value: Duration) -> int:
     return sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_MS, strict=True) if g)
 
 
+@functools.lru_cache(maxsize=1024)
 def format_duration(ms: int) -> str:
     """`5400000` -> `"1h30m"`: the short form used in annotations."""
     if ms <= 0:

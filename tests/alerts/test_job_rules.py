@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpufleet.pipeline.alerts.evaluator import Evaluator
-from gpufleet.pipeline.alerts.queries import iso
+from gpufleet.pipeline.alerts.queries import build, iso
 from gpufleet.pipeline.alerts.rules import parse_rules
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.wire import GpuSample
@@ -161,3 +161,31 @@ def test_job_straggler_names_the_gpu_the_node_and_the_cause(alertmanager, alerts
     # medians over the job's GPUs: big (1400 + 1980) / 2 = 1690 MHz, tensor (0.35 + 0.5) / 2; pair 1740 MHz
     assert got[("big", "n2", "0")]["annotations"]["numbers"] == "1400/1690 MHz, 35/42%, 8 GPUs, value 0.828"
     assert got[("pair", "n3", "1")]["annotations"]["numbers"] == "1500/1740 MHz, 50/50%, 2 GPUs, value 0.862"
+
+
+def test_job_straggler_reads_its_window_once_with_the_same_answer(alerts_cfg, ch_store) -> None:
+    """The evaluator's JobStraggler query reads the window's samples once (a materialized CTE, chDB has
+    them) and finds exactly the rows of the plain form the boards and Grafana run."""
+    b = base_ms()
+    thermal = {"clock_sm_mhz": 1400, "clock_event_reasons": 0x40, "tensor_active_ratio": 0.35}
+    _load(ch_store, b, {
+        "n1": lambda k, node: [_busy(i, node, "big") for i in range(4)],
+        "n2": lambda k, node: [_busy(i, node, "big", **thermal) for i in range(4)],
+        "n3": lambda k, node: [_busy(0, node, "pair"), _busy(1, node, "pair", clock_sm_mhz=1500)],
+    })
+    ev = Evaluator(alerts_cfg, ch_store, rules=parse_rules({"rules": [RULES["rules"][1]]}))
+    assert ev._has_materialized_cte()
+    (rule,) = ev.rules.rules
+    now = b + 10 * MIN
+    once, plain = build(rule, now, materialized_cte=True), build(rule, now)
+    assert "AS MATERIALIZED" in once.sql
+    assert "MATERIALIZED" not in plain.sql
+    assert once.settings == {"enable_materialized_cte": 1}
+    assert plain.settings is None
+    keys = ("job", "node", "gpu_index", "job_gpus", "node_job_gpus", "clock_mhz", "job_clock_mhz", "cause",
+            "sustained")
+    rows = [[tuple(r[k] for k in keys) for r in ch_store.query(q.sql, q.parameters, q.settings).named_results()]
+            for q in (once, plain)]
+    # medians over the job's GPUs: big (1400 + 1980) / 2 = 1690 MHz, pair (1980 + 1500) / 2 = 1740 MHz
+    assert rows[0] == rows[1] == [("big", "n2", i, 8, 4, 1400.0, 1690.0, "thermal_throttle", 1) for i in range(4)] + [
+        ("pair", "n3", 1, 2, 2, 1500.0, 1740.0, "clock", 1)]
