@@ -133,8 +133,7 @@ class Evaluator:
             try:
                 rows: list[dict[str, Any]] = []
                 if i not in skip:
-                    q = build(rule, now, materialized_cte=self._has_materialized_cte())
-                    rows = list(self.store.query(q.sql, q.parameters, q.settings).named_results())
+                    rows = self._rule_rows(rule, now)
                 found = candidates(rule, rows, now)
             except Exception as exc:
                 report.errors.append(f"rule {rule.name}: query failed, its alerts stay as they were: {exc}")
@@ -156,6 +155,24 @@ class Evaluator:
         return self._finish(report)
 
     # --- steps ----------------------------------------------------------------------------------
+
+    def _rule_rows(self, rule: AnyRule, now: int) -> list[dict[str, Any]]:
+        """The rows of `rule`'s query at `now`. A query in the materialized-CTE form (an experimental
+        server setting) that fails is asked again in the plain form, which every later cycle then uses: a
+        server that knows the setting but refuses it (a settings constraint, a readonly profile) costs one
+        failed query, never a rule that stops evaluating."""
+        materialized = self._has_materialized_cte()
+        q = build(rule, now, materialized_cte=materialized)
+        try:
+            return list(self.store.query(q.sql, q.parameters, q.settings).named_results())
+        except Exception as exc:
+            if not materialized or not q.settings:
+                raise
+            log.warning("rule %s: its materialized-CTE query failed (%s); using the plain form from now on",
+                        rule.name, exc)
+            self._materialized_cte = False
+            q = build(rule, now, materialized_cte=False)
+            return list(self.store.query(q.sql, q.parameters, q.settings).named_results())
 
     def _has_materialized_cte(self) -> bool:
         """Whether the server knows `enable_materialized_cte` (ClickHouse 25.x on; chDB 26.9 does); asked

@@ -189,3 +189,44 @@ def test_job_straggler_reads_its_window_once_with_the_same_answer(alerts_cfg, ch
     # medians over the job's GPUs: big (1400 + 1980) / 2 = 1690 MHz, pair (1980 + 1500) / 2 = 1740 MHz
     assert rows[0] == rows[1] == [("big", "n2", i, 8, 4, 1400.0, 1690.0, "thermal_throttle", 1) for i in range(4)] + [
         ("pair", "n3", 1, 2, 2, 1500.0, 1740.0, "clock", 1)]
+
+
+class _RefusingStore:
+    """`ch_store` behind a server that knows `enable_materialized_cte` but refuses it (a settings constraint:
+    ClickHouse answers SETTING_CONSTRAINT_VIOLATION, code 452). chDB cannot be configured with a constraint
+    here, so this wrapper refuses the setting the way such a server would and passes everything else on."""
+
+    def __init__(self, store: Any) -> None:
+        self._store, self.refused = store, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def query(self, sql: str, params: Any = None, settings: Any = None) -> Any:
+        if settings and "enable_materialized_cte" in settings:
+            self.refused += 1
+            raise RuntimeError("Code: 452. DB::Exception: Setting enable_materialized_cte should not be changed. "
+                               "(SETTING_CONSTRAINT_VIOLATION)")
+        return self._store.query(sql, params, settings)
+
+
+def test_job_straggler_falls_back_to_the_plain_form_when_the_server_refuses_materialized_ctes(
+        alerts_cfg, ch_store) -> None:
+    """A server that lists the experimental setting but refuses it costs one refused query: the rule is asked
+    again in the plain form in the same cycle, finds its stragglers, and later cycles never ask again."""
+    b = base_ms()
+    thermal = {"clock_sm_mhz": 1400, "clock_event_reasons": 0x40, "tensor_active_ratio": 0.35}
+    _load(ch_store, b, {
+        "n1": lambda k, node: [_busy(i, node, "big") for i in range(4)],
+        "n2": lambda k, node: [_busy(i, node, "big", **thermal) for i in range(4)],
+    })
+    store = _RefusingStore(ch_store)
+    ev = Evaluator(alerts_cfg, store, rules=parse_rules({"rules": [RULES["rules"][1]]}))  # type: ignore[arg-type]
+    report = ev.evaluate_once(b + 4 * MIN)
+    assert report.errors == []
+    assert store.refused == 1
+    assert ev._materialized_cte is False
+    assert sorted((r.labels["node"], r.labels["gpu_index"]) for r in ev.open_alerts()) == [
+        ("n2", str(i)) for i in range(4)]
+    ev.evaluate_once(b + 5 * MIN)
+    assert store.refused == 1

@@ -43,7 +43,8 @@ def store(ch_store: Store) -> Store:
 
 def _rows(store: Store) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in store.rows(
-        "SELECT gpu_uuid, tenant, job, round(toFloat64(max(util_max)), 4), round(toFloat64(min(tensor_min)), 4), min(power_min), "
+        "SELECT gpu_uuid, tenant, job, round(toFloat64(max(util_max)), 4), "
+        "round(toFloat64(min(tensor_min)), 4), min(power_min), "
         "sum(flops_unreported) > 0, min(sm_untensored_min), min(flops_ratio_min) "
         "FROM {db:Identifier}.stall_candidates_1h WHERE hour = toDateTime({m:Int64} / 1000, 'UTC') "
         "GROUP BY gpu_uuid, tenant, job ORDER BY gpu_uuid", {"m": M})]
