@@ -235,14 +235,17 @@ file it."""
 def stalled_samples(names: tuple[str, ...] = JOB_FILTERS) -> str:
     """The samples in a run of stall-like samples lasting `jobs.stall.for_s` (the config defaults), read
     `for_s` and the gap beyond both ends of the range so a run crossing an edge is judged whole; count
-    them with `STALLED_IN_RANGE`. Columns: see `job_signals.stalled_samples`."""
+    them with `STALLED_IN_RANGE`. Columns: see `job_signals.stalled_samples`. The candidate GPUs are picked
+    by the range alone: the raw read applies the board's filters, so a wider pick is still exact, and each
+    filter spelled once more per read would grow the query by every selected value (a selection of many
+    tenants would pass the server's `max_query_size`)."""
     pad_s = int(STALL.for_s + STALL.max_gap_s)
     read = f"time > $__fromTime - INTERVAL {pad_s} SECOND AND time <= $__toTime + INTERVAL {pad_s} SECOND"
     hours = (f"hour >= toStartOfHour($__fromTime - INTERVAL {pad_s} SECOND) "
              f"AND hour <= $__toTime + INTERVAL {pad_s} SECOND")
     return job_signals.stalled_samples("gpu_samples", read + filters(names), job_signals.stall_literal(STALL),
                                        str(int(STALL.for_s * 1000)), str(int(STALL.max_gap_s * 1000)),
-                                       f"stall_candidates_1h WHERE {hours}{filters(names)}")
+                                       f"stall_candidates_1h WHERE {hours}")
 
 
 def stragglers(names: tuple[str, ...] = JOB_FILTERS) -> str:
