@@ -37,10 +37,6 @@ STATE_NAME = ("transform(ifNull(state, 0), [{codes}], [{names}], 'unknown')"
               .format(codes=", ".join(map(str, IB_STATES)), names=", ".join(f"'{n}'" for n in IB_STATES.values())))
 
 
-GPU_KEY = "(cluster, node, gpu_uuid)"
-"""A GPU's identity in the health rollup: the prefix of its `by_gpu` projection, so picked GPUs are read by key."""
-
-
 def _series(*columns: str, where: str = "1") -> str:
     """The health rollup's rows of the range for a time series: whole hours from the hour level when the
     buckets are whole hours."""
@@ -52,7 +48,8 @@ def _picked_gpus(having: str, *columns: str) -> str:
     condition over `columns`). A superset of the GPUs that meet it within the range, read at one row per GPU
     and hour; the caller reads the range's rows of those GPUs only."""
     rows = f.touched_hours(rollups.HEALTH, ("cluster", "node", "gpu_uuid", *columns))
-    return f"{GPU_KEY} IN (SELECT cluster, node, gpu_uuid FROM {rows} GROUP BY cluster, node, gpu_uuid HAVING {having})"
+    return (f"{f.GPU_KEY} IN (SELECT cluster, node, gpu_uuid FROM {rows} GROUP BY cluster, node, gpu_uuid "
+            f"HAVING {having})")
 
 
 def _buckets() -> str:
@@ -138,7 +135,7 @@ def _counter_increase(counters: dict[str, tuple[str, str]], gauges: dict[str, st
 
 
 state_timeline = Panel(
-    "Health timeline of GPUs that were not ok",
+    f"Health timeline of the {f.TOP_GPUS} GPUs not ok the longest",
     "state-timeline",
     (Query(
         sql(
@@ -164,14 +161,16 @@ state_timeline = Panel(
             ORDER BY t, gpu
             """,
             bucket=f.bucket(),
-            rows=_series("node", "gpu_index", "gpu_uuid", "worst"),
+            rows=_series("node", "gpu_index", "gpu_uuid", "worst",
+                         where=f.top_gpus(rollups.HEALTH, ("failing_ms", "degraded_ms"))),
         ),
         ("t", "gpu", "state"),
     ),),
     description=(
-        "The worst state of each GPU per interval, for GPUs that were degraded or failing in the range; a "
-        "point where a GPU's state changes (the timeline holds a state until the next point). Its answer grows "
-        "with the number of GPUs that were not ok."
+        f"The worst state per interval of the {f.TOP_GPUS} GPUs that were degraded or failing the longest in the "
+        "range (ties by cluster, node and GPU UUID; a timeline row per GPU would be unreadable across a fleet); a "
+        "point where a GPU's state changes (the timeline holds a state until the next point). Only those GPUs' "
+        "rows are read, picked with the hour level."
     ),
     w=24,
     h=9,
@@ -323,6 +322,24 @@ links_errors = Panel(
     overrides=(override("nvlink_links_down", color={"fixedColor": "red", "mode": "fixed"}),),
 )
 
+WORST_GPUS = 50
+"""How many GPUs the worst-GPUs table lists."""
+WORST_ORDER = "failing_share DESC, degraded_share DESC, xid_events DESC, gpu_uuid, gpu"
+"""The worst-GPUs table's order (`gpu`: the GPU's index; a total order, so the GPUs picked first are its rows)."""
+
+
+def _worst_gpus() -> str:
+    """`GPU_KEY IN (...)`: the `WORST_GPUS` GPUs first by `WORST_ORDER` over the range, ranked on the four columns
+    it reads (every GPU's rows of the range: its shares need every GPU's reported time)."""
+    rows = f.level_rows(rollups.HEALTH, ("cluster", "node", "gpu_uuid", "gpu_index", "reported_ms", "failing_ms",
+                                         "degraded_ms", "xid_events"))
+    return (f"{f.GPU_KEY} IN (SELECT cluster, node, gpu_uuid FROM (SELECT cluster, node, gpu_uuid, gpu_index AS gpu, "
+            "sum(failing_ms) / sum(reported_ms) AS failing_share, "
+            "sum(degraded_ms) / sum(reported_ms) AS degraded_share, "
+            f"sum(xid_events) AS xid_events FROM {rows} GROUP BY gpu_uuid, cluster, node, gpu "
+            f"ORDER BY {WORST_ORDER} LIMIT {WORST_GPUS}))")
+
+
 worst = Panel(
     "Worst GPUs",
     "table",
@@ -347,13 +364,14 @@ worst = Panel(
                 hex(gpu_uuid) AS gpu_hex
             FROM {rows}
             GROUP BY gpu_uuid, cluster, node, gpu
-            ORDER BY failing_share DESC, degraded_share DESC, xid_events DESC, gpu_uuid
-            LIMIT 50
+            ORDER BY {order}
+            LIMIT {limit}
             """,
+            order=WORST_ORDER, limit=str(WORST_GPUS),
             rows=f.level_rows(rollups.HEALTH, (
                 "cluster", "node", "gpu_uuid", "gpu_index", "model", "last", "reported_ms", "failing_ms", "degraded_ms",
                 "xid_events", "reasons", "temp_max_c", "ecc_uncorrected_max", "retired_pages_max", "pcie_replay_min",
-                "pcie_replay_max")),
+                "pcie_replay_max"), where=_worst_gpus()),
         ),
         ("gpu_uuid", "cluster", "node", "gpu", "gpu_model", "last_health", "failing_share", "degraded_share",
          "xid_events", "reasons", "max_temp_c", "ecc_uncorrected", "retired_pages", "pcie_replay_growth",
@@ -361,8 +379,9 @@ worst = Panel(
         TABLE,
     ),),
     description=(
-        "GPUs ranked by time failing, then degraded, then XIDs, from the per-GPU health rollup (a row per GPU "
-        "and hour). Click a UUID for the GPU's own board."
+        f"The {WORST_GPUS} GPUs with the largest share of time failing, then degraded, then the most XIDs, from the "
+        "per-GPU health rollup: ranked on those columns alone (a row per GPU and hour of the whole fleet), then "
+        "only the ranked GPUs' rows read for the rest. Click a UUID for the GPU's own board."
     ),
     w=24,
     h=10,
