@@ -2,7 +2,7 @@
 
 A GPU whose error counter did not change, with no link down or no throttle bit counted adds nothing to
 those panels and is not read; every interval with any rollup row still has its point. The not-ok timeline
-reads every GPU; it is checked beside them.
+(the GPUs not ok the longest, fewer than its limit here) is checked beside them; its pick: test_health_top.py.
 """
 
 from __future__ import annotations
