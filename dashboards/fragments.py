@@ -130,24 +130,13 @@ GPU_KEY: Final = "(cluster, node, gpu_uuid)"
 
 def top_gpus(levels: rollups.Levels, score: tuple[str, ...]) -> str:
     """`GPU_KEY IN (...)`: the `TOP_GPUS` GPUs with the highest score over the range, exactly: the sum of the
-    `score` columns (non-negative sums, e.g. failing and degraded milliseconds); ties by cluster, node and GPU
-    UUID; only GPUs whose score is above 0.
-
-    Each GPU's score over the range lies between its score over the range's whole hours and over every hour the
-    range touches, both read from the hour level at one row per GPU and hour. Only the GPUs whose touched-hours
-    score reaches the `TOP_GPUS`-th highest whole-hours score can be among the top; their exact score over the
-    range (whole hours from the hour level, ragged ends from the minute level) is read by key, for them only.
-    """
+    `score` columns (e.g. failing and degraded milliseconds); ties by cluster, node and GPU UUID; only GPUs whose
+    score is above 0. Reads those columns of every GPU's rows of the range (whole hours from the hour level, the
+    ragged ends from the minute level), for a per-GPU panel that then reads only the picked GPUs' rows, by key."""
     key = "cluster, node, gpu_uuid"
     total = " + ".join(f"sum({c})" for c in score)
-    h0, h1 = rollups.whole_hours(*RANGE)
-    whole = " + ".join(f"sumIf({c}, at >= {h0} AND at < {h1})" for c in score)
-    hours = touched_hours(levels, ("cluster", "node", "gpu_uuid", *score))
-    floor = (f"(SELECT if(count() < {TOP_GPUS}, 0, min(s)) FROM (SELECT {whole} AS s FROM {hours} GROUP BY {key} "
-             f"ORDER BY s DESC LIMIT {TOP_GPUS}))")
-    candidates = f"{GPU_KEY} IN (SELECT {key} FROM {hours} GROUP BY {key} HAVING {total} >= greatest({floor}, 1))"
-    exact = level_rows(levels, ("cluster", "node", "gpu_uuid", *score), where=candidates)
-    return (f"{GPU_KEY} IN (SELECT {key} FROM {exact} GROUP BY {key} HAVING {total} > 0 "
+    rows = level_rows(levels, ("cluster", "node", "gpu_uuid", *score))
+    return (f"{GPU_KEY} IN (SELECT {key} FROM {rows} GROUP BY {key} HAVING {total} > 0 "
             f"ORDER BY {total} DESC, {key} LIMIT {TOP_GPUS})")
 
 

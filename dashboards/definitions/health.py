@@ -169,8 +169,8 @@ state_timeline = Panel(
     description=(
         f"The worst state per interval of the {f.TOP_GPUS} GPUs that were degraded or failing the longest in the "
         "range (ties by cluster, node and GPU UUID; a timeline row per GPU would be unreadable across a fleet); a "
-        "point where a GPU's state changes (the timeline holds a state until the next point). Only those GPUs' "
-        "rows are read, picked with the hour level."
+        "point where a GPU's state changes (the timeline holds a state until the next point). Picked from two "
+        "columns of every GPU's rows (whole hours from the hour level), then only those GPUs' rows are read."
     ),
     w=24,
     h=9,
