@@ -322,24 +322,6 @@ links_errors = Panel(
     overrides=(override("nvlink_links_down", color={"fixedColor": "red", "mode": "fixed"}),),
 )
 
-WORST_GPUS = 50
-"""How many GPUs the worst-GPUs table lists."""
-WORST_ORDER = "failing_share DESC, degraded_share DESC, xid_events DESC, gpu_uuid, gpu"
-"""The worst-GPUs table's order (`gpu`: the GPU's index; a total order, so the GPUs picked first are its rows)."""
-
-
-def _worst_gpus() -> str:
-    """`GPU_KEY IN (...)`: the `WORST_GPUS` GPUs first by `WORST_ORDER` over the range, ranked on the four columns
-    it reads (every GPU's rows of the range: its shares need every GPU's reported time)."""
-    rows = f.level_rows(rollups.HEALTH, ("cluster", "node", "gpu_uuid", "gpu_index", "reported_ms", "failing_ms",
-                                         "degraded_ms", "xid_events"))
-    return (f"{f.GPU_KEY} IN (SELECT cluster, node, gpu_uuid FROM (SELECT cluster, node, gpu_uuid, gpu_index AS gpu, "
-            "sum(failing_ms) / sum(reported_ms) AS failing_share, "
-            "sum(degraded_ms) / sum(reported_ms) AS degraded_share, "
-            f"sum(xid_events) AS xid_events FROM {rows} GROUP BY gpu_uuid, cluster, node, gpu "
-            f"ORDER BY {WORST_ORDER} LIMIT {WORST_GPUS}))")
-
-
 worst = Panel(
     "Worst GPUs",
     "table",
@@ -364,14 +346,13 @@ worst = Panel(
                 hex(gpu_uuid) AS gpu_hex
             FROM {rows}
             GROUP BY gpu_uuid, cluster, node, gpu
-            ORDER BY {order}
-            LIMIT {limit}
+            ORDER BY failing_share DESC, degraded_share DESC, xid_events DESC, gpu_uuid
+            LIMIT 50
             """,
-            order=WORST_ORDER, limit=str(WORST_GPUS),
             rows=f.level_rows(rollups.HEALTH, (
                 "cluster", "node", "gpu_uuid", "gpu_index", "model", "last", "reported_ms", "failing_ms", "degraded_ms",
                 "xid_events", "reasons", "temp_max_c", "ecc_uncorrected_max", "retired_pages_max", "pcie_replay_min",
-                "pcie_replay_max"), where=_worst_gpus()),
+                "pcie_replay_max")),
         ),
         ("gpu_uuid", "cluster", "node", "gpu", "gpu_model", "last_health", "failing_share", "degraded_share",
          "xid_events", "reasons", "max_temp_c", "ecc_uncorrected", "retired_pages", "pcie_replay_growth",
@@ -379,9 +360,8 @@ worst = Panel(
         TABLE,
     ),),
     description=(
-        f"The {WORST_GPUS} GPUs with the largest share of time failing, then degraded, then the most XIDs, from the "
-        "per-GPU health rollup: ranked on those columns alone (a row per GPU and hour of the whole fleet), then "
-        "only the ranked GPUs' rows read for the rest. Click a UUID for the GPU's own board."
+        "GPUs ranked by time failing, then degraded, then XIDs, from the per-GPU health rollup (a row per GPU "
+        "and hour). Click a UUID for the GPU's own board."
     ),
     w=24,
     h=10,

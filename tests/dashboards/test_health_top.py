@@ -2,7 +2,7 @@
 
 `fragments.top_gpus` picks the GPUs not ok the longest within the range (not within the hours it
 touches), ties by cluster, node and GPU UUID; the not-ok timeline draws those GPUs only. Worst GPUs
-ranks every GPU on four columns, then reads the ranked GPUs' rows only: the same table as reading all.
+ranks every GPU of the range (its shares need each GPU's reported time): its order, ties by UUID.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_the_timeline_draws_the_picked_gpus(ch_target: Target, ch_client: Any) -
     ]
 
 
-def test_worst_gpus_ranks_every_gpu_and_reads_the_first_fifty(ch_target: Target, ch_client: Any) -> None:
+def test_worst_gpus_order(ch_target: Target, ch_client: Any) -> None:
     _load(ch_target, ch_client)
     got = _answers(ch_target, _at(30), _at(150) - 1000)["Worst GPUs"]
     # (node, gpu, failing share, degraded share) of 120 reported minutes each; ok GPUs (R, S) by UUID last
