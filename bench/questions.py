@@ -104,6 +104,30 @@ SETTINGS join_use_nulls = 1
 minute its interval starts in; tokens and samples per second of the job's first to last second in the range;
 stalled GPU-hours by the stall detector, which reads raw samples itself."""
 
+_NOT_OK_MS = "sumIf(toUInt64(interval_ms), health IN ('degraded', 'failing'))"
+NOT_OK_TIMELINE_RAW: Final = f"""
+SELECT tupleElement(p, 1) AS t, gpu, tupleElement(p, 2) AS state
+FROM (
+    SELECT gpu, arraySort(groupArray((t, state))) AS pts
+    FROM (
+        SELECT {BUCKET} AS t, concat(node, ' / GPU ', toString(gpu_index)) AS gpu, gpu_uuid,
+            toUInt8(max(health)) AS state
+        FROM {RAW}
+        WHERE $__timeFilter(minute) AND (cluster, node, gpu_uuid) IN (
+            SELECT cluster, node, gpu_uuid FROM {RAW} WHERE $__timeFilter(minute)
+            GROUP BY cluster, node, gpu_uuid
+            HAVING {_NOT_OK_MS} > 0
+            ORDER BY {_NOT_OK_MS} DESC, cluster, node, gpu_uuid
+            LIMIT {fragments.TOP_GPUS})
+        GROUP BY t, node, gpu_index, gpu_uuid
+    )
+    GROUP BY gpu_uuid, gpu
+)
+ARRAY JOIN arrayFilter((x, i) -> i = 1 OR x.2 != pts[i - 1].2, pts, arrayEnumerate(pts)) AS p
+"""
+"""The not-ok timeline from raw samples: the `TOP_GPUS` GPUs with the most milliseconds degraded or failing in the
+range (ties by cluster, node, UUID), their worst state per bucket, and the points where it changes."""
+
 QUESTIONS: Final = (
     Question(
         "fleet utilization over time", None,
@@ -136,6 +160,11 @@ QUESTIONS: Final = (
         _raw(f"{_ENERGY_MJ} / 3600000000 AS energy_kwh"),
         "sum(increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[$range])) / 3.6e9",
         instant=True,
+    ),
+    Question(
+        "health timeline of the GPUs not ok the longest",
+        ("gpufleet-health", f"Health timeline of the {fragments.TOP_GPUS} GPUs not ok the longest"), None,
+        NOT_OK_TIMELINE_RAW, None,
     ),
     Question(
         "per-job table (GPUs, nodes, GPU-hours, MFU, stalled, throughput)", ("gpufleet-jobs", "Jobs"), None,

@@ -121,6 +121,25 @@ def top_nodes(levels: rollups.Levels, columns: tuple[str, ...], order: str, havi
     return f"node IN (SELECT node FROM {hours} GROUP BY node{cond} ORDER BY {order}, node LIMIT {TOP_NODES})"
 
 
+TOP_GPUS: Final = 20
+"""How many GPUs a per-GPU panel over the fleet draws: one row per GPU is unreadable at thousands of GPUs."""
+
+GPU_KEY: Final = "(cluster, node, gpu_uuid)"
+"""A GPU's identity in the per-GPU rollups: the prefix of their `by_gpu` projections, so picked GPUs are read by key."""
+
+
+def top_gpus(levels: rollups.Levels, score: tuple[str, ...]) -> str:
+    """`GPU_KEY IN (...)`: the `TOP_GPUS` GPUs with the highest score over the range, exactly: the sum of the
+    `score` columns (e.g. failing and degraded milliseconds); ties by cluster, node and GPU UUID; only GPUs whose
+    score is above 0. Reads those columns of every GPU's rows of the range (whole hours from the hour level, the
+    ragged ends from the minute level), for a per-GPU panel that then reads only the picked GPUs' rows, by key."""
+    key = "cluster, node, gpu_uuid"
+    total = " + ".join(f"sum({c})" for c in score)
+    rows = level_rows(levels, ("cluster", "node", "gpu_uuid", *score))
+    return (f"{GPU_KEY} IN (SELECT {key} FROM {rows} GROUP BY {key} HAVING {total} > 0 "
+            f"ORDER BY {total} DESC, {key} LIMIT {TOP_GPUS})")
+
+
 MFU_COLUMNS: Final = ("measured_flop", "estimated_unmeasured_flop", "peak_capacity_flop", "measured_peak_flop",
                       "unmeasured_peak_flop")
 """What `MFU`, `MFU_MEASURED` and `MFU_ESTIMATED` read."""

@@ -37,10 +37,6 @@ STATE_NAME = ("transform(ifNull(state, 0), [{codes}], [{names}], 'unknown')"
               .format(codes=", ".join(map(str, IB_STATES)), names=", ".join(f"'{n}'" for n in IB_STATES.values())))
 
 
-GPU_KEY = "(cluster, node, gpu_uuid)"
-"""A GPU's identity in the health rollup: the prefix of its `by_gpu` projection, so picked GPUs are read by key."""
-
-
 def _series(*columns: str, where: str = "1") -> str:
     """The health rollup's rows of the range for a time series: whole hours from the hour level when the
     buckets are whole hours."""
@@ -52,7 +48,8 @@ def _picked_gpus(having: str, *columns: str) -> str:
     condition over `columns`). A superset of the GPUs that meet it within the range, read at one row per GPU
     and hour; the caller reads the range's rows of those GPUs only."""
     rows = f.touched_hours(rollups.HEALTH, ("cluster", "node", "gpu_uuid", *columns))
-    return f"{GPU_KEY} IN (SELECT cluster, node, gpu_uuid FROM {rows} GROUP BY cluster, node, gpu_uuid HAVING {having})"
+    return (f"{f.GPU_KEY} IN (SELECT cluster, node, gpu_uuid FROM {rows} GROUP BY cluster, node, gpu_uuid "
+            f"HAVING {having})")
 
 
 def _buckets() -> str:
@@ -138,7 +135,7 @@ def _counter_increase(counters: dict[str, tuple[str, str]], gauges: dict[str, st
 
 
 state_timeline = Panel(
-    "Health timeline of GPUs that were not ok",
+    f"Health timeline of the {f.TOP_GPUS} GPUs not ok the longest",
     "state-timeline",
     (Query(
         sql(
@@ -164,14 +161,16 @@ state_timeline = Panel(
             ORDER BY t, gpu
             """,
             bucket=f.bucket(),
-            rows=_series("node", "gpu_index", "gpu_uuid", "worst"),
+            rows=_series("node", "gpu_index", "gpu_uuid", "worst",
+                         where=f.top_gpus(rollups.HEALTH, ("failing_ms", "degraded_ms"))),
         ),
         ("t", "gpu", "state"),
     ),),
     description=(
-        "The worst state of each GPU per interval, for GPUs that were degraded or failing in the range; a "
-        "point where a GPU's state changes (the timeline holds a state until the next point). Its answer grows "
-        "with the number of GPUs that were not ok."
+        f"The worst state per interval of the {f.TOP_GPUS} GPUs that were degraded or failing the longest in the "
+        "range (ties by cluster, node and GPU UUID; a timeline row per GPU would be unreadable across a fleet); a "
+        "point where a GPU's state changes (the timeline holds a state until the next point). Picked from two "
+        "columns of every GPU's rows (whole hours from the hour level), then only those GPUs' rows are read."
     ),
     w=24,
     h=9,

@@ -2,7 +2,7 @@
 
 A GPU whose error counter did not change, with no link down or no throttle bit counted adds nothing to
 those panels and is not read; every interval with any rollup row still has its point. The not-ok timeline
-reads every GPU; it is checked beside them.
+(the GPUs not ok the longest, fewer than its limit here) is checked beside them; its pick: test_health_top.py.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_minute_buckets_read_only_the_picked_gpus_and_keep_every_point(ch_target
     assert got["Throttled GPUs"] == [(_m(0), 0, 0, 0), (_m(1), 1, 0, 0), (_m(2), 0, 0, 0), (_m(3), 0, 0, 1),
                                      (_m(4), 0, 0, 0), (_m(5), 0, 0, 0)]
     # thermal throttling degrades n1/1, a link down fails n1/2, replay growth degrades n2/0; n1/0 stays ok
-    assert got["Health timeline of GPUs that were not ok"] == [
+    assert got["Health timeline of the 20 GPUs not ok the longest"] == [
         (_m(0), "n1 / GPU 1", 0), (_m(0), "n1 / GPU 2", 0), (_m(0), "n2 / GPU 0", 0),
         (_m(1), "n1 / GPU 1", 1), (_m(1), "n1 / GPU 2", 2),
         (_m(2), "n1 / GPU 1", 0), (_m(2), "n1 / GPU 2", 0),
@@ -85,5 +85,5 @@ def test_hourly_buckets(ch_target: Target, ch_client: Any) -> None:
     assert got["ECC errors"] == [(hour, 0, 0)]  # one interval per GPU: its first counts 0
     assert got["NVLink and PCIe errors"] == [(hour, 0, 0, 1)]
     assert got["Throttled GPUs"] == [(hour, 1, 0, 1)]
-    assert got["Health timeline of GPUs that were not ok"] == [
+    assert got["Health timeline of the 20 GPUs not ok the longest"] == [
         (hour, "n1 / GPU 1", 1), (hour, "n1 / GPU 2", 2), (hour, "n2 / GPU 0", 1)]
