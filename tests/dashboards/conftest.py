@@ -45,6 +45,26 @@ def committed(uid: str) -> dict[str, Any]:
     return json.loads((build.ROOT / build.BOARDS_DIR / f"{uid}.json").read_text())
 
 
+def board_client(target: Target) -> Any:
+    """A client of `target` whose default database is the store's (as the Grafana datasource sets it)."""
+    client = connect(target)
+    client.database = target.database
+    return client
+
+
+def board_answers(target: Target, uid: str, start: int, end: int, step_ms: int = 60_000) -> dict[str, list[Any]]:
+    """Every panel's rows of committed board `uid` over [start, end] (Unix ms), its variables resolved and
+    its macros expanded as Grafana and the ClickHouse plugin would, keyed by panel title."""
+    from gpufleet.dashboards.macros import TimeRange, render
+    from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables, run
+
+    client = board_client(target)
+    board = committed(uid)
+    variables = resolve_variables(client, board, TimeRange(start, end, step_ms))
+    return {q.panel_title: run(client, render(q.raw_sql, variables, panel_range(start, end, q.min_interval))).rows
+            for q in panel_queries(board)}
+
+
 def hexed(text: str) -> str:
     """A variable's value for `text`: its UTF-8 bytes in upper-case hex (what ClickHouse's hex() gives)."""
     return text.encode().hex().upper()

@@ -10,14 +10,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from gpufleet.dashboards.macros import TimeRange, render
-from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables, run
 from gpufleet.gpu_facts import THROTTLE_GPU_IDLE, THROTTLE_SW_POWER_CAP, THROTTLE_SW_THERMAL
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.store import Store
-from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.client import Target
 from tests.builders import gpu, report
-from tests.dashboards.conftest import committed
+from tests.dashboards.conftest import board_answers
 
 M = 1_794_999_600_000  # 2026-11-18T11:00:00Z, an hour boundary
 MIN = 60_000
@@ -44,13 +42,8 @@ def _load(target: Target, client: Any) -> None:
                    ingest_ms=M + 10 * MIN)
 
 
-def _answers(target: Target, start: int, end: int) -> dict[str, list[tuple[Any, ...]]]:
-    client = connect(target)
-    client.database = target.database
-    board = committed("gpufleet-health")
-    variables = resolve_variables(client, board, TimeRange(start, end, MIN))
-    return {q.panel_title: run(client, render(q.raw_sql, variables, panel_range(start, end, q.min_interval))).rows
-            for q in panel_queries(board)}
+def _answers(target: Target, start: int, end: int) -> dict[str, list[Any]]:
+    return board_answers(target, "gpufleet-health", start, end, MIN)
 
 
 def _m(i: int) -> datetime:

@@ -14,14 +14,14 @@ import pytest
 
 from gpufleet.dashboards import fragments
 from gpufleet.dashboards.macros import TimeRange, render
-from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables, run
+from gpufleet.dashboards.queries import panel_range, resolve_variables, run
 from gpufleet.gpu_facts import THROTTLE_SW_THERMAL
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.queries import rollups
 from gpufleet.pipeline.store import Store
-from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.client import Target
 from tests.builders import gpu, report
-from tests.dashboards.conftest import committed
+from tests.dashboards.conftest import board_answers, board_client, committed
 
 B = 1_794_996_000_000  # 2026-11-18T10:00:00Z, an hour boundary
 MIN = 60_000
@@ -56,12 +56,6 @@ def _load(target: Target, client: Any) -> None:
     insert_reports(Store(client, target.database), reports, ingest_ms=B + (MINUTES + 5) * MIN)
 
 
-def _client(target: Target) -> Any:
-    client = connect(target)
-    client.database = target.database
-    return client
-
-
 def _render(client: Any, sql: str, start: int, end: int) -> str:
     board = committed("gpufleet-health")
     return render(sql, resolve_variables(client, board, TimeRange(start, end, MIN)), panel_range(start, end, "1m"))
@@ -69,7 +63,7 @@ def _render(client: Any, sql: str, start: int, end: int) -> str:
 
 def _picked(target: Target, start: int, end: int) -> list[str]:
     """The GPUs `top_gpus` picks over [start, end] (ms, Grafana's inclusive end), as node/index."""
-    client = _client(target)
+    client = board_client(target)
     cond = fragments.top_gpus(rollups.HEALTH, ("failing_ms", "degraded_ms"))
     sql = f"SELECT DISTINCT concat(node, '/', toString(gpu_index)) AS g FROM gpu_health_1m WHERE {cond} ORDER BY g"
     return [r[0] for r in run(client, _render(client, sql, start, end)).rows]
@@ -107,12 +101,8 @@ def test_ties_by_cluster_node_and_uuid(ch_target: Target, ch_client: Any, monkey
     assert _picked(ch_target, _at(30), _at(150) - 1000) == ["n1/0", "n1/1", "n1/2"]
 
 
-def _answers(target: Target, start: int, end: int) -> dict[str, list[tuple[Any, ...]]]:
-    client = _client(target)
-    board = committed("gpufleet-health")
-    variables = resolve_variables(client, board, TimeRange(start, end, MIN))
-    return {q.panel_title: run(client, render(q.raw_sql, variables, panel_range(start, end, q.min_interval))).rows
-            for q in panel_queries(board)}
+def _answers(target: Target, start: int, end: int) -> dict[str, list[Any]]:
+    return board_answers(target, "gpufleet-health", start, end, MIN)
 
 
 def _m(minute: int) -> datetime:
