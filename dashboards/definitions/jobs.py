@@ -3,8 +3,8 @@
 What `gpufleet jobs` shows (pipeline/queries/jobs.py), as panels. The Jobs table reads the job rollups
 (`job_usage_1h`, `job_throughput_1m`/`_1h`; ragged ends from `gpu_usage_1m`): rows per job and hour, not
 per GPU or sample. Stalled GPU-hours and stragglers come from raw samples with the pipeline's own detectors
-(`pipeline/queries/job_signals.py`, thresholds from config `jobs` defaults); the throughput series from the
-tokens jobs report over OTLP. A job spans nodes, so the node variable does not apply here."""
+(`pipeline/queries/job_signals.py`, thresholds from config `jobs` defaults); the throughput series from
+`job_throughput_1m`, the tokens jobs report over OTLP. A job spans nodes, so the node variable does not apply here."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from gpufleet.dashboards.definitions import links
 from gpufleet.pipeline.queries import rollups
 
 _JOB_ROWS = "tenant != '' AND job != ''"
-_RAW = f.where("time", f.JOB_FILTERS)
 
 jobs = Panel(
     "Jobs",
@@ -151,21 +150,23 @@ throughput = Panel(
     (Query(
         sql(
             """
-            SELECT $__timeInterval(time) AS t, concat(tenant, '/', job) AS job,
-                sum(tokens_measured * claimed_ms / interval_ms) / $__interval_s AS tokens_per_s
-            FROM gpu_samples
-            WHERE {raw}
-                AND tenant != '' AND job != '' AND tokens_measured IS NOT NULL
+            SELECT $__timeInterval(minute) AS t, concat(tenant, '/', job) AS job,
+                sum(tokens_weighted) / $__interval_s AS tokens_per_s
+            FROM job_throughput_1m
+            WHERE {where}
+                AND tenant != '' AND job != ''
             GROUP BY t, job
+            HAVING sum(tokens_reports) > 0
             ORDER BY t, job
             """,
-            raw=_RAW,
+            where=f.where("minute", f.JOB_FILTERS),
         ),
         ("t", "job", "tokens_per_s"),
     ),),
     description=(
         "Tokens per second each job reported (`gpufleet.job.tokens` over OTLP, split over its GPUs by the "
-        "agents and added up here). A hung job's line drops to zero."
+        "agents and added up here, filed under the minute its claimed time starts, as every rollup files a "
+        "sample). A hung job's line drops to zero. Reads `job_throughput_1m`: a row per job and minute."
     ),
     w=12,
     min_interval=f.MINUTE,

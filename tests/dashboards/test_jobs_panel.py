@@ -128,3 +128,22 @@ def test_the_migration_backfills_what_was_stored_before_it(ch_store: Store, chdb
             client.command(stmt)
     for start, end in ((M, M + HOUR - 1000), (M, M + 10 * MIN)):
         _check(_jobs(ch_store, chdb_dsn, start, end), WHOLE)
+
+
+def test_throughput_series_reads_the_minute_rollup(ch_store: Store, chdb_dsn: str) -> None:
+    """Throughput by job, one-minute buckets over [M, M + 10 min): "train" reports 3 GPUs x 1000 tokens per
+    minute for the samples ending at M + 1..4 min (claims starting in minutes M..M + 3), then 0 tokens; "pair"
+    reports none (NULL), so it has no line. A replayed batch changes nothing."""
+    insert_reports(ch_store, _reports(), M + 11 * MIN)
+    insert_reports(ch_store, _reports()[:4], M + 12 * MIN)  # the first minute's batch again: a replay
+    client = connect(Target(chdb_dsn, ch_store.database))
+    client.database = ch_store.database
+    board = committed("gpufleet-jobs")
+    start, end = M, M + 10 * MIN - 1000
+    variables = resolve_variables(client, board, TimeRange(start, end, MIN))
+    (q,) = [q for q in panel_queries(board) if q.panel_title.startswith("Throughput by job")]
+    assert "gpu_samples" not in q.raw_sql
+    result = run(client, render(q.raw_sql, variables, panel_range(start, end, q.min_interval)))
+    got = [(t.strftime("%H:%M"), job, v) for t, job, v in result.rows]
+    # 3 x 1000 tokens per minute = 50 tokens/s in minutes 11:00..11:03; 0 after
+    assert got == [(f"11:{m:02d}", "acme/train", 50.0 if m < 4 else 0.0) for m in range(10)]
