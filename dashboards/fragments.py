@@ -259,12 +259,12 @@ def stalled_samples(names: tuple[str, ...] = JOB_FILTERS) -> str:
     filter spelled once more per read would grow the query by every selected value (a selection of many
     tenants would pass the server's `max_query_size`)."""
     pad_s = int(STALL.for_s + STALL.max_gap_s)
-    read = f"time > $__fromTime - INTERVAL {pad_s} SECOND AND time <= $__toTime + INTERVAL {pad_s} SECOND"
-    hours = (f"hour >= toStartOfHour($__fromTime - INTERVAL {pad_s} SECOND) "
-             f"AND hour <= $__toTime + INTERVAL {pad_s} SECOND")
+    start, end = f"$__fromTime - INTERVAL {pad_s} SECOND", f"$__toTime + INTERVAL {pad_s} SECOND"
+    read = f"time > {start} AND time <= {end}"
+    candidates = job_signals.candidates_between(start, end)
     return job_signals.stalled_samples("gpu_samples", read + filters(names), job_signals.stall_literal(STALL),
                                        str(int(STALL.for_s * 1000)), str(int(STALL.max_gap_s * 1000)),
-                                       f"stall_candidates_1h WHERE {hours}")
+                                       candidates)
 
 
 def stragglers(names: tuple[str, ...] = JOB_FILTERS) -> str:

@@ -266,8 +266,7 @@ def _job(rule: JobRule, now_ms: int, materialized_cte: bool = False) -> Query:
     params = sustained_params(rule, now_ms)
     table = "{db:Identifier}.gpu_samples"
     if isinstance(rule, JobStalled):
-        candidates = ("{db:Identifier}.stall_candidates_1h WHERE hour >= toStartOfHour("
-                      f"{_ms('from_ms')}) AND hour <= {_ms('now_ms')}")
+        candidates = job_signals.candidates_between(_ms("from_ms"), _ms("now_ms"), "{db:Identifier}.")
         return Query(job_signals.stalled_jobs(table, span, job_signals.STALL_BOUND, candidates),
                      {**params, **job_signals.stall_params(rule)})
     if isinstance(rule, JobStraggler):

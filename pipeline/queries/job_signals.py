@@ -136,9 +136,16 @@ def candidate_rows(terms: StallTerms) -> str:
     )
 
 
+def candidates_between(start: str, end: str, db: str = "") -> str:
+    """`<db>stall_candidates_1h WHERE <hours>`: the rows holding the samples whose time is in (`start`, `end`]
+    (SQL DateTime expressions), for `stalled_samples`/`stalled_jobs`' `candidates`. A sample is filed under
+    its time's hour (migration 0108); a caller may add `AND <filters>`."""
+    return f"{db}stall_candidates_1h WHERE hour >= toStartOfHour({start}) AND hour <= {end}"
+
+
 def _candidate_gpus(candidates: str | None, terms: StallTerms) -> str:
     """`AND (cluster, node, gpu_index) IN (...)`: the GPUs with a candidate row, or nothing without a rollup.
-    `candidates` is `<db.>stall_candidates_1h WHERE <its range and filters>`."""
+    `candidates` is `candidates_between(...)`, perhaps with filters."""
     if candidates is None:
         return ""
     return (f" AND (cluster, node, gpu_index) IN (SELECT DISTINCT cluster, node, gpu_index FROM {candidates} "

@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
 _READ: Final = ("time > fromUnixTimestamp64Milli({r_start:Int64}, 'UTC') "
                 "AND time <= fromUnixTimestamp64Milli({r_end:Int64}, 'UTC')")
-_CANDIDATES: Final = ("hour >= toStartOfHour(fromUnixTimestamp64Milli({r_start:Int64}, 'UTC')) "
-                      "AND hour <= fromUnixTimestamp64Milli({r_end:Int64}, 'UTC')")
-"""The hours of `stall_candidates_1h` holding the samples `_READ` reads (a sample is filed by its time's hour)."""
+_CANDIDATES: Final = job_signals.candidates_between("fromUnixTimestamp64Milli({r_start:Int64}, 'UTC')",
+                                                   "fromUnixTimestamp64Milli({r_end:Int64}, 'UTC')",
+                                                   "{db:Identifier}.")
+"""The rows of `stall_candidates_1h` holding the samples `_READ` reads."""
 _IN_WINDOW: Final = "claim_ms >= {w_start:Int64} AND claim_ms < {w_end:Int64}"
 BUSY_BY_POLICY: Final = (
     "NOT has({excl:Array(String)}, toString(health)) AND NOT ifNull(compute_processes = 0, 0) "
@@ -33,7 +34,7 @@ def samples_sql(where: str = "1") -> str:
     """The stalled samples read for a window (bind `params`), `where` filtering the raw rows too."""
     return job_signals.stalled_samples("{db:Identifier}.gpu_samples", f"{_READ} AND ({where})",
                                        job_signals.STALL_BOUND, "{st_for_ms:Int64}", "{st_gap_ms:Int64}",
-                                       f"{{db:Identifier}}.stall_candidates_1h WHERE {_CANDIDATES} AND ({where})")
+                                       f"{_CANDIDATES} AND ({where})")
 
 
 def params(window: Window, stall: StallConfig) -> dict[str, Any]:

@@ -224,8 +224,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/queries/job_signals.py", "span.where"): FRAGMENT_ARG,
     ("pipeline/queries/job_signals.py", "sustained"): FRAGMENT_ARG,
     # stall candidates (migration 0108): the rollup's pick, built from the same terms as the raw test
-    ("pipeline/alerts/queries.py", "_ms('from_ms')"): "a bound parameter placeholder {from_ms:Int64}",
-    ("pipeline/alerts/queries.py", "_ms('now_ms')"): "a bound parameter placeholder {now_ms:Int64}",
+    ("pipeline/queries/job_signals.py", "db"): "the bound `{db:Identifier}.` placeholder, or nothing (boards)",
+    ("pipeline/queries/job_signals.py", "start"): FRAGMENT_ARG,
+    ("pipeline/queries/job_signals.py", "end"): FRAGMENT_ARG,
     ("pipeline/queries/job_signals.py", "terms.util_above"): FRAGMENT_ARG,
     ("pipeline/queries/job_signals.py", "terms.tensor_below"): FRAGMENT_ARG,
     ("pipeline/queries/job_signals.py", "terms.sm_below"): FRAGMENT_ARG,
