@@ -314,6 +314,16 @@ def clickhouse_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[
     return out
 
 
+def stop_merges(client: Any, database: str) -> None:
+    """Stop background merges on every MergeTree table of `database`: chDB merges in this process, so a merge
+    of an earlier insert's parts (this schema's or another's) would land in the next insert's CPU figure. A view
+    does its work inside the insert; what its table's merges cost later is not in the insert figures."""
+    tables = client.query("SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'",
+                          parameters={"db": database}).result_rows
+    for (table,) in tables:
+        client.command(f"SYSTEM STOP MERGES {database}.{table}")
+
+
 def views_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[str, Any]:
     """The materialized views' share of the insert: the ingester's JSON staging insert per GPU row into
     the full schema, and into the same schema with every view fed by `gpu_samples` dropped (the raw
@@ -342,6 +352,7 @@ def views_cost(client: Any, msgs: list[Message], repeats: int = 3) -> dict[str, 
                 out["views"] = sorted(v[0] for v in views)
             batches = _batches(path, msgs, repeats)
             out["gpu_rows_per_insert"] = batches[0].rows
+            stop_merges(client, database)
             out[name] = _per_row(lambda b, p=path, s=store: staging.insert(s, p, memoryview(b.block)), batches)
             _stored(client, database, batches)
         finally:

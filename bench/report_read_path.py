@@ -67,7 +67,7 @@ def table_rows(r: dict[str, Any]) -> list[str]:
     if extra is not None:
         rows.append(
             f"| 7 | insert CPU the views issue 12 added cost ({', '.join(v['issue_12_views'])}) | "
-            f"+{extra:.0%} ({v['with_views']['cpu_us_per_row']:.1f} us per GPU row) | without them "
+            f"{extra:+.0%} ({v['with_views']['cpu_us_per_row']:.1f} us per GPU row) | without them "
             f"{v['without_issue_12_views']['cpu_us_per_row']:.1f} us | | <= +15 % | {_met(extra <= 0.15)} |")
     return rows
 
@@ -145,7 +145,7 @@ def _ingest_lines(ing: dict[str, Any]) -> list[str]:
     if v.get("issue_12_views_extra_cost") is not None:
         out[0] += (f" Before issue 12's views (without {', '.join(v['issue_12_views'])}): "
                    f"{v['without_issue_12_views']['cpu_us_per_row']:.1f} us; after: "
-                   f"{v['with_views']['cpu_us_per_row']:.1f} us (+{v['issue_12_views_extra_cost']:.0%}, budget +15 %).")
+                   f"{v['with_views']['cpu_us_per_row']:.1f} us ({v['issue_12_views_extra_cost']:+.0%}, budget +15 %).")
     if "gpu_samples_per_s" in ing:
         out.append("")
         out.append(f"One ingester process, Kafka to queryable rows ({ing['messages']:,} messages): "

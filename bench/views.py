@@ -69,6 +69,7 @@ def paired(admin: Any, msgs: list[Any], rounds: int, before: int | None) -> dict
             for view in views_of(admin, database):
                 if not view[2].endswith(".gpu_samples") and (drop is None or view[0] in drop):
                     admin.command(f"DROP VIEW {database}.{view[0]}")
+            item.stop_merges(admin, database)
             dbs[name] = (store, path)
             batches = batches or item._batches(path, msgs, rounds)
         for b in batches or []:
