@@ -64,6 +64,13 @@ def fleet_messages(count: int, *, nodes: int = 256, interval_ms: int = 1000, see
     return out
 
 
+def mergetree_tables(client: Any, database: str) -> list[str]:
+    """The names of `database`'s MergeTree-family tables (what merges, OPTIMIZE and parts apply to)."""
+    return [r[0] for r in client.query(
+        "SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'",
+        parameters={"db": database}).result_rows]
+
+
 def cpu_seconds() -> float:
     """CPU time of this process, all threads (user + system)."""
     r = resource.getrusage(resource.RUSAGE_SELF)

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bench.common import Message, cpu_seconds, fleet_messages, wait_until
+from bench.common import Message, cpu_seconds, fleet_messages, mergetree_tables, wait_until
 
 
 @dataclass
@@ -318,9 +318,7 @@ def stop_merges(client: Any, database: str) -> None:
     """Stop background merges on every MergeTree table of `database`: chDB merges in this process, so a merge
     of an earlier insert's parts (this schema's or another's) would land in the next insert's CPU figure. A view
     does its work inside the insert; what its table's merges cost later is not in the insert figures."""
-    tables = client.query("SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'",
-                          parameters={"db": database}).result_rows
-    for (table,) in tables:
+    for table in mergetree_tables(client, database):
         client.command(f"SYSTEM STOP MERGES {database}.{table}")
 
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.common import T0_MS
+from bench.common import T0_MS, mergetree_tables
 
 # gpufleet field -> dcgm-exporter metric (the names dcgm-exporter's default counters use).
 DCGM_NAMES: dict[str, str] = {
@@ -182,10 +182,7 @@ def clickhouse_bytes(client: Any, reports: list[Any]) -> dict[str, Any]:
                                   [True] * len(decoded), chunk[-1].time_ms + 500)
             staging.insert(store, path, block)
             insert_columns(store, "agent_reports", agent_columns(decoded, chunk[-1].time_ms + 500))
-        tables = [r[0] for r in client.query(
-            "SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'",
-            parameters={"db": database}).result_rows]
-        for table in tables:
+        for table in mergetree_tables(client, database):
             client.command(f"OPTIMIZE TABLE {database}.{table} FINAL")
         parts = dict(client.query(
             "SELECT table, sum(bytes_on_disk) FROM system.parts WHERE database = {db:String} AND active "
