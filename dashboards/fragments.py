@@ -23,7 +23,12 @@ from gpufleet.gpu_facts import (
     THROTTLE_SW_POWER_CAP,
     THROTTLE_THERMAL_MASK,
 )
+from gpufleet.pipeline.ingest.health import State
 from gpufleet.pipeline.queries import formulas, job_signals, rollups
+
+HEALTH_STATES: Final = "[" + ", ".join(f"'{s.name.lower()}'" for s in State) + "]"
+"""The health states as a ClickHouse array literal in `health` Enum8 code order: element code + 1 is that code's
+name, and `indexOf` over it orders states by severity."""
 
 HEALTH: Final = HealthConfig()
 BILLING: Final = BillingConfig()

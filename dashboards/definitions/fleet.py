@@ -46,9 +46,9 @@ health_now = Panel(
                 WHERE 1{filters}
             )
             GROUP BY state
-            ORDER BY indexOf(['ok', 'degraded', 'failing', 'unknown'], state)
+            ORDER BY indexOf({states}, state)
             """,
-            silent_ms=str(f.SILENT_MS), filters=f.filters(),
+            silent_ms=str(f.SILENT_MS), filters=f.filters(), states=f.HEALTH_STATES,
         ),
         ("state", "gpus"),
         TABLE,

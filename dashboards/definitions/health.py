@@ -36,7 +36,7 @@ PORT_ERRORS = ("ifNull(link_downed, 0) + ifNull(link_error_recovery, 0) + ifNull
 STATE_NAME = ("transform(ifNull(state, 0), [{codes}], [{names}], 'unknown')"
               .format(codes=", ".join(map(str, IB_STATES)), names=", ".join(f"'{n}'" for n in IB_STATES.values())))
 
-LAST_HEALTH = ("['ok', 'degraded', 'failing', 'unknown'][bitAnd(max(bitOr(bitShiftLeft("
+LAST_HEALTH = (f"{f.HEALTH_STATES}[bitAnd(max(bitOr(bitShiftLeft("
                "toUnixTimestamp64Milli(tupleElement(last, 1)), 2), toInt64(toInt8(tupleElement(last, 2))))), 3) + 1]")
 """The newest sample's state over rollup rows: the state of `max(last)`, from one Int64 maximum instead of a
 maximum of (time, state) tuples (ClickHouse compares tuples row by row, generically: on 96,000 hour rows, ~29 ms CPU
