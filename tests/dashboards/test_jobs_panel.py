@@ -12,11 +12,11 @@ from gpufleet.dashboards.macros import TimeRange, render
 from gpufleet.dashboards.queries import panel_queries, panel_range, resolve_variables, run
 from gpufleet.pipeline.ingest.rows import insert_reports
 from gpufleet.pipeline.store import Store
-from gpufleet.pipeline.store.client import Target, connect
+from gpufleet.pipeline.store.client import Target
 from gpufleet.pipeline.store.migrate import SchemaOptions, available, statements
 from gpufleet.wire import GpuSample
 from tests.builders import gpu, report
-from tests.dashboards.conftest import committed
+from tests.dashboards.conftest import board_client, committed
 
 M = 1_794_999_600_000  # 2026-11-18T11:00:00Z
 MIN = 60_000
@@ -42,13 +42,17 @@ def _reports() -> list[Any]:
     return out
 
 
-def _jobs(store: Store, chdb_dsn: str, start_ms: int, end_ms: int) -> list[tuple[Any, ...]]:
-    client = connect(Target(chdb_dsn, store.database))
-    client.database = store.database
+def _panel(store: Store, chdb_dsn: str, title: str, start_ms: int, end_ms: int) -> tuple[Any, Any]:
+    """The committed Jobs board's panel `title`: its query and its result over [start_ms, end_ms]."""
+    client = board_client(Target(chdb_dsn, store.database))
     board = committed("gpufleet-jobs")
     variables = resolve_variables(client, board, TimeRange(start_ms, end_ms, MIN))
-    (q,) = [q for q in panel_queries(board) if q.panel_title == "Jobs"]
-    result = run(client, render(q.raw_sql, variables, panel_range(start_ms, end_ms, q.min_interval)))
+    (q,) = [q for q in panel_queries(board) if q.panel_title == title]
+    return q, run(client, render(q.raw_sql, variables, panel_range(start_ms, end_ms, q.min_interval)))
+
+
+def _jobs(store: Store, chdb_dsn: str, start_ms: int, end_ms: int) -> list[tuple[Any, ...]]:
+    _, result = _panel(store, chdb_dsn, "Jobs", start_ms, end_ms)
     cols = ("tenant", "job", "gpus", "nodes", "gpu_hours", "tokens_per_s", "samples_per_s", "first_seen", "last_seen")
     idx = [result.columns.index(c) for c in cols]
     return [tuple(r[i] for i in idx) for r in result.rows]
@@ -136,14 +140,8 @@ def test_throughput_series_reads_the_minute_rollup(ch_store: Store, chdb_dsn: st
     reports none (NULL), so it has no line. A replayed batch changes nothing."""
     insert_reports(ch_store, _reports(), M + 11 * MIN)
     insert_reports(ch_store, _reports()[:4], M + 12 * MIN)  # the first minute's batch again: a replay
-    client = connect(Target(chdb_dsn, ch_store.database))
-    client.database = ch_store.database
-    board = committed("gpufleet-jobs")
-    start, end = M, M + 10 * MIN - 1000
-    variables = resolve_variables(client, board, TimeRange(start, end, MIN))
-    (q,) = [q for q in panel_queries(board) if q.panel_title.startswith("Throughput by job")]
+    q, result = _panel(ch_store, chdb_dsn, "Throughput by job (tokens/s reported over OTLP)", M, M + 10 * MIN - 1000)
     assert "gpu_samples" not in q.raw_sql
-    result = run(client, render(q.raw_sql, variables, panel_range(start, end, q.min_interval)))
     got = [(t.strftime("%H:%M"), job, v) for t, job, v in result.rows]
     # 3 x 1000 tokens per minute = 50 tokens/s in minutes 11:00..11:03; 0 after
     assert got == [(f"11:{m:02d}", "acme/train", 50.0 if m < 4 else 0.0) for m in range(10)]
